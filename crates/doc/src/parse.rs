@@ -1,0 +1,490 @@
+//! Splitting a document into front matter, steps and the result blocks that follow them.
+//!
+//! Parsing never changes text: every step records byte spans into the source, so rendering
+//! with no new results reproduces the source byte for byte.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use pulldown_cmark::{CodeBlockKind, Event, Options, Parser, Tag, TagEnd};
+
+use crate::error::{ErrorKind, Location, ParseError};
+use crate::front_matter::FrontMatter;
+
+pub(crate) const RESULT_START: &str = "<!-- upstream:result -->";
+pub(crate) const RESULT_END: &str = "<!-- /upstream:result -->";
+
+/// A parsed document.
+#[derive(Debug, Clone)]
+pub struct Document {
+    path: PathBuf,
+    source: String,
+    front_matter: FrontMatter,
+    steps: Vec<Step>,
+    crlf: bool,
+}
+
+/// The interpreter of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Bash,
+    Sh,
+    Python,
+}
+
+impl Language {
+    fn from_tag(tag: &str) -> Option<Language> {
+        match tag {
+            "bash" => Some(Language::Bash),
+            "sh" | "shell" => Some(Language::Sh),
+            "python" | "python3" | "py" => Some(Language::Python),
+            _ => None,
+        }
+    }
+}
+
+/// One step: a fenced code block to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// 1-based position among the document's steps.
+    pub number: usize,
+    /// Text of the nearest heading above the step.
+    pub heading: Option<String>,
+    pub language: Language,
+    /// The code, without fences and container prefixes.
+    pub code: String,
+    /// Later steps run even when this one fails.
+    pub continue_on_error: bool,
+    /// Where the step's fence opens.
+    pub location: Location,
+    /// The bytes after the closing fence (before its line break) through the end of the step's
+    /// existing result block; empty when it has none.
+    pub(crate) result_span: Range<usize>,
+    /// What precedes the closing fence on its line: block-quote markers, list indentation.
+    pub(crate) prefix: String,
+}
+
+impl Step {
+    /// The title shown in progress lines: the heading, or else the first line of code.
+    pub fn title(&self) -> String {
+        if let Some(h) = &self.heading {
+            return h.clone();
+        }
+        let first = self
+            .code
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
+        let mut title: String = first.chars().take(48).collect();
+        if first.chars().count() > 48 {
+            title.push('…');
+        }
+        title
+    }
+
+    /// Whether a result block from an earlier run follows the step.
+    pub fn has_result(&self) -> bool {
+        !self.result_span.is_empty()
+    }
+}
+
+impl Document {
+    /// Reads and parses the document at `path`.
+    pub fn read(path: &Path) -> Result<(Document, Vec<u8>), ParseError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ParseError::new(path.to_path_buf(), ErrorKind::Io(io_reason(&e))))?;
+        if meta.is_dir() {
+            return Err(ParseError::new(path.to_path_buf(), ErrorKind::IsDirectory));
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| ParseError::new(path.to_path_buf(), ErrorKind::Io(io_reason(&e))))?;
+        let doc = Document::parse(path, &bytes)?;
+        Ok((doc, bytes))
+    }
+
+    /// Parses the bytes of a document; `path` names it in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Document, ParseError> {
+        let path = path.to_path_buf();
+        let source = match std::str::from_utf8(bytes) {
+            Ok(s) => s.to_string(),
+            Err(e) => {
+                let valid = String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned();
+                let location = Location::of_offset(&valid, valid.len());
+                let lossy = String::from_utf8_lossy(bytes).into_owned();
+                return Err(ParseError::at_location(
+                    path,
+                    &lossy,
+                    location,
+                    ErrorKind::NotUtf8,
+                ));
+            }
+        };
+        if source.trim().is_empty() {
+            return Err(ParseError::new(path, ErrorKind::Empty));
+        }
+        let (front_matter, body_start) = split_front_matter(&path, &source)?;
+        let steps = find_steps(&path, &source, body_start)?;
+        if steps.is_empty() {
+            return Err(ParseError::new(path, ErrorKind::NoSteps));
+        }
+        let crlf = source.contains("\r\n");
+        Ok(Document {
+            path,
+            source,
+            front_matter,
+            steps,
+            crlf,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn front_matter(&self) -> &FrontMatter {
+        &self.front_matter
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The line break the document uses, for text written into it.
+    pub(crate) fn newline(&self) -> &'static str {
+        if self.crlf { "\r\n" } else { "\n" }
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Lines of `text` with the byte offset each starts at, line breaks included in the slice.
+fn lines_with_offsets(text: &str, from: usize) -> impl Iterator<Item = (usize, &str)> {
+    let mut pos = from;
+    std::iter::from_fn(move || {
+        if pos >= text.len() {
+            return None;
+        }
+        let end = text[pos..].find('\n').map_or(text.len(), |i| pos + i + 1);
+        let line = &text[pos..end];
+        let start = pos;
+        pos = end;
+        Some((start, line))
+    })
+}
+
+fn strip_newline(line: &str) -> &str {
+    line.strip_suffix('\n')
+        .map_or(line, |l| l.strip_suffix('\r').unwrap_or(l))
+}
+
+/// Returns the front matter and where the markdown body starts.
+fn split_front_matter(path: &Path, source: &str) -> Result<(FrontMatter, usize), ParseError> {
+    let start = if source.starts_with('\u{feff}') {
+        '\u{feff}'.len_utf8()
+    } else {
+        0
+    };
+    let mut lines = lines_with_offsets(source, start);
+    match lines.next() {
+        Some((_, first)) if strip_newline(first).trim_end() == "---" => {}
+        _ => return Ok((FrontMatter::default(), 0)),
+    }
+    let yaml_start = lines_with_offsets(source, start)
+        .nth(1)
+        .map_or(source.len(), |(o, _)| o);
+    for (offset, line) in lines {
+        let bare = strip_newline(line).trim_end();
+        if bare == "---" || bare == "..." {
+            let yaml = &source[yaml_start..offset];
+            let fm = parse_yaml(path, source, yaml, yaml_start)?;
+            return Ok((fm, offset + line.len()));
+        }
+    }
+    Err(ParseError::at(
+        path.to_path_buf(),
+        source,
+        start,
+        ErrorKind::UnclosedFrontMatter,
+    ))
+}
+
+fn parse_yaml(
+    path: &Path,
+    source: &str,
+    yaml: &str,
+    yaml_start: usize,
+) -> Result<FrontMatter, ParseError> {
+    let meaningful = yaml
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    if !meaningful {
+        return Ok(FrontMatter::default());
+    }
+    serde_yaml_ng::from_str::<FrontMatter>(yaml).map_err(|e| {
+        let message = clean_yaml_message(&e.to_string());
+        match e.location() {
+            Some(loc) => {
+                let first_line = Location::of_offset(source, yaml_start).line;
+                let location = Location {
+                    line: first_line + loc.line() - 1,
+                    column: loc.column(),
+                };
+                ParseError::at_location(
+                    path.to_path_buf(),
+                    source,
+                    location,
+                    ErrorKind::FrontMatter(message),
+                )
+            }
+            None => ParseError::at(
+                path.to_path_buf(),
+                source,
+                yaml_start,
+                ErrorKind::FrontMatter(message),
+            ),
+        }
+    })
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the error shows the place itself.
+fn clean_yaml_message(message: &str) -> String {
+    let cut = message.find(" at line ").unwrap_or(message.len());
+    let message = &message[..cut];
+    message.replace("unknown field", "unknown front matter key")
+}
+
+struct Block {
+    range: Range<usize>,
+    info: String,
+    code: String,
+    heading: Option<String>,
+}
+
+fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>, ParseError> {
+    let body = &source[body_start..];
+    let options = Options::ENABLE_TABLES
+        | Options::ENABLE_STRIKETHROUGH
+        | Options::ENABLE_TASKLISTS
+        | Options::ENABLE_FOOTNOTES;
+    let mut blocks: Vec<Block> = Vec::new();
+    let mut markers: Vec<(usize, bool)> = Vec::new();
+    let mut heading: Option<String> = None;
+    let mut heading_text: Option<String> = None;
+    let mut open_block: Option<Block> = None;
+    for (event, range) in Parser::new_ext(body, options).into_offset_iter() {
+        let range = range.start + body_start..range.end + body_start;
+        match event {
+            Event::Start(Tag::Heading { .. }) => heading_text = Some(String::new()),
+            Event::End(TagEnd::Heading(_)) => {
+                heading = heading_text
+                    .take()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty());
+            }
+            Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(info))) => {
+                open_block = Some(Block {
+                    range,
+                    info: info.to_string(),
+                    code: String::new(),
+                    heading: heading.clone(),
+                });
+            }
+            Event::End(TagEnd::CodeBlock) => {
+                if let Some(block) = open_block.take() {
+                    blocks.push(block);
+                }
+            }
+            Event::Text(text) | Event::Code(text) => {
+                if let Some(block) = open_block.as_mut() {
+                    block.code.push_str(&text);
+                } else if let Some(h) = heading_text.as_mut() {
+                    h.push_str(&text);
+                }
+            }
+            Event::Start(Tag::HtmlBlock) => {
+                let line = source[range.start..].lines().next().unwrap_or("").trim();
+                if line == RESULT_START {
+                    markers.push((range.start, true));
+                } else if line == RESULT_END {
+                    markers.push((range.start, false));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut steps = Vec::new();
+    let mut claimed_until = 0;
+    for block in blocks {
+        if block.range.start < claimed_until {
+            continue; // a code block inside an earlier step's result block
+        }
+        let mut words = block
+            .info
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty());
+        let tag = words.next().unwrap_or("").to_ascii_lowercase();
+        let Some(language) = Language::from_tag(&tag) else {
+            continue;
+        };
+        let mut continue_on_error = false;
+        for word in words {
+            match word {
+                "continue_on_error" | "continue-on-error" => continue_on_error = true,
+                other => {
+                    let at = info_offset(source, block.range.start, other);
+                    return Err(ParseError::at(
+                        path.to_path_buf(),
+                        source,
+                        at,
+                        ErrorKind::UnknownStepOption {
+                            option: other.to_string(),
+                        },
+                    ));
+                }
+            }
+        }
+        let fence = Fence::opening(source, block.range.start);
+        let (close_line_start, close_line) = last_line(source, block.range.clone());
+        let close_bare = strip_newline(close_line);
+        let Some(fence_pos) = fence.closes(close_bare) else {
+            return Err(ParseError::at(
+                path.to_path_buf(),
+                source,
+                block.range.start,
+                ErrorKind::UnclosedFence {
+                    fence: fence.text(),
+                },
+            ));
+        };
+        let is_opening_line = close_line_start <= block.range.start;
+        if is_opening_line {
+            return Err(ParseError::at(
+                path.to_path_buf(),
+                source,
+                block.range.start,
+                ErrorKind::UnclosedFence {
+                    fence: fence.text(),
+                },
+            ));
+        }
+        let prefix = close_bare[..fence_pos].to_string();
+        let insert_at = close_line_start + close_bare.len();
+        let result_end = existing_result(path, source, insert_at, &markers)?;
+        claimed_until = result_end.unwrap_or(insert_at);
+        steps.push(Step {
+            number: steps.len() + 1,
+            heading: block.heading,
+            language,
+            code: block.code,
+            continue_on_error,
+            location: Location::of_offset(source, block.range.start),
+            result_span: insert_at..result_end.unwrap_or(insert_at),
+            prefix,
+        });
+    }
+    Ok(steps)
+}
+
+fn info_offset(source: &str, fence_start: usize, word: &str) -> usize {
+    let line_end = source[fence_start..]
+        .find('\n')
+        .map_or(source.len(), |i| fence_start + i);
+    source[fence_start..line_end]
+        .find(word)
+        .map_or(fence_start, |i| fence_start + i)
+}
+
+/// The opening fence of a code block.
+struct Fence {
+    ch: char,
+    len: usize,
+}
+
+impl Fence {
+    fn opening(source: &str, start: usize) -> Fence {
+        let line = source[start..].trim_start_matches([' ', '\t']);
+        let ch = line.chars().next().unwrap_or('`');
+        let len = line.chars().take_while(|&c| c == ch).count();
+        Fence { ch, len }
+    }
+
+    fn text(&self) -> String {
+        std::iter::repeat_n(self.ch, self.len).collect()
+    }
+
+    /// Where the fence starts in `line`, if `line` closes a block this fence opened.
+    fn closes(&self, line: &str) -> Option<usize> {
+        let pos = line.find(self.ch)?;
+        if !line[..pos]
+            .chars()
+            .all(|c| c == ' ' || c == '\t' || c == '>')
+        {
+            return None;
+        }
+        let run = line[pos..].chars().take_while(|&c| c == self.ch).count();
+        let rest = &line[pos + run * self.ch.len_utf8()..];
+        (run >= self.len && rest.trim().is_empty()).then_some(pos)
+    }
+}
+
+/// The last non-empty line inside `range`, with its start offset.
+fn last_line(source: &str, range: Range<usize>) -> (usize, &str) {
+    let text = &source[range.clone()];
+    let trimmed = text.strip_suffix('\n').unwrap_or(text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    let start = trimmed.rfind('\n').map_or(0, |i| i + 1);
+    let line_start = range.start + start;
+    let line_end = source[line_start..]
+        .find('\n')
+        .map_or(source.len(), |i| line_start + i + 1);
+    // The range may begin after container markers; the line is taken whole from its start.
+    let real_start = source[..line_start].rfind('\n').map_or(0, |i| i + 1);
+    (real_start, &source[real_start..line_end])
+}
+
+/// If a result block follows `insert_at` with only blank lines between, where it ends.
+fn existing_result(
+    path: &Path,
+    source: &str,
+    insert_at: usize,
+    markers: &[(usize, bool)],
+) -> Result<Option<usize>, ParseError> {
+    let Some(pos) = markers.iter().position(|&(offset, _)| offset >= insert_at) else {
+        return Ok(None);
+    };
+    let (start, is_start) = markers[pos];
+    let between = &source[insert_at..start];
+    if !is_start || !between.chars().all(|c| c.is_whitespace() || c == '>') {
+        return Ok(None);
+    }
+    match markers.get(pos + 1) {
+        Some(&(end, false)) => {
+            let line_end = source[end..].find('\n').map_or(source.len(), |i| end + i);
+            let line_end = if source[..line_end].ends_with('\r') {
+                line_end - 1
+            } else {
+                line_end
+            };
+            Ok(Some(line_end))
+        }
+        _ => Err(ParseError::at(
+            path.to_path_buf(),
+            source,
+            start,
+            ErrorKind::UnclosedResult,
+        )),
+    }
+}
