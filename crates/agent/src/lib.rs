@@ -1,1 +1,10 @@
+//! The agent: the process that runs inside every sandbox as its init, whatever the backend.
+//!
+//! It speaks one framed protocol ([`protocol`]) over a byte stream — a Unix socket for the
+//! namespace backend, a virtio port for VMs — and does what the host asks: run a command and
+//! stream its output and exit status, signal it, read and write files, shut down.
 
+pub mod protocol;
+mod server;
+
+pub use server::{AgentError, serve};

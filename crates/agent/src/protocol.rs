@@ -1,0 +1,190 @@
+//! The agent protocol: length-prefixed frames, each one message encoded with postcard.
+//!
+//! A frame is a little-endian `u32` byte count followed by that many bytes. The host sends
+//! [`Request`]s; the agent answers each with one or more [`Response`]s. Frames above
+//! [`MAX_FRAME`] are refused, so a broken peer cannot make the other side allocate at will.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The largest frame either side accepts.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// The most output bytes one [`Response::Output`] carries.
+pub const OUTPUT_CHUNK: usize = 64 << 10;
+
+/// What the host asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Run a command; answered by `Started`, any number of `Output`, then `Exited` (or `Error`).
+    Exec(ExecRequest),
+    /// Read a file, up to `limit` bytes; answered by `File` or `Error`.
+    ReadFile { path: String, limit: u64 },
+    /// Create or replace a file (and its parent directories); answered by `Done` or `Error`.
+    WriteFile {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    /// Kill every process of the sandbox and exit; answered by `Done`.
+    Shutdown,
+}
+
+/// A command to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// The whole environment of the command.
+    pub env: Vec<(String, String)>,
+    /// Working directory, created when missing.
+    pub cwd: String,
+    /// Kill the command, and everything else in the sandbox, after this long.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Which stream output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+/// What the agent tells the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The sandbox is set up and the agent is serving.
+    Ready,
+    /// The sandbox could not be set up; the agent exits after sending this.
+    SetupFailed {
+        message: String,
+    },
+    /// The command started with this pid (as seen inside the sandbox).
+    Started {
+        pid: i32,
+    },
+    Output {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    Exited {
+        status: ExitStatus,
+        timed_out: bool,
+        micros: u64,
+    },
+    File {
+        data: Vec<u8>,
+    },
+    Done,
+    Error {
+        message: String,
+    },
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("agent connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("agent frame of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    #[error("agent frame is malformed: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Writes one message as a frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, message: &T) -> Result<(), FrameError> {
+    let body = postcard::to_stdvec(message)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    Ok(())
+}
+
+/// Reads one message; `None` when the peer closed the stream between frames.
+pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(postcard::from_bytes(&body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let messages = vec![
+            Response::Ready,
+            Response::Output {
+                stream: Stream::Stderr,
+                data: b"\x00\xffhello".to_vec(),
+            },
+            Response::Exited {
+                status: ExitStatus::Signal(9),
+                timed_out: true,
+                micros: 12,
+            },
+        ];
+        let mut wire = Vec::new();
+        for m in &messages {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let mut reader = &wire[..];
+        let mut got = Vec::new();
+        while let Some(m) = read_frame::<_, Response>(&mut reader).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, messages);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused() {
+        let mut wire = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[0; 16]);
+        let err = read_frame::<_, Response>(&mut &wire[..]).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error_not_eof() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &Request::Shutdown).unwrap();
+        wire.extend_from_slice(&100u32.to_le_bytes());
+        wire.extend_from_slice(&[1, 2, 3]);
+        let mut reader = &wire[..];
+        assert_eq!(
+            read_frame::<_, Request>(&mut reader).unwrap(),
+            Some(Request::Shutdown)
+        );
+        assert!(read_frame::<_, Request>(&mut reader).is_err());
+    }
+}

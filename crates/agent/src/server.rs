@@ -1,0 +1,568 @@
+//! The agent's serving loop: one request at a time, output streamed while a command runs.
+//!
+//! The agent is single-threaded. While a command runs it polls the command's stdout and
+//! stderr, a signalfd for SIGCHLD, and the host connection (so a host that goes away, or asks
+//! for shutdown mid-command, is noticed at once). When the agent is the sandbox's pid 1, a
+//! timeout or shutdown kills every other process of the sandbox with one `kill(-1, SIGKILL)`:
+//! nothing a step started, however it daemonised, survives.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, getpid};
+
+use crate::protocol::{
+    ExecRequest, ExitStatus, FrameError, OUTPUT_CHUNK, Request, Response, Stream, read_frame,
+    write_frame,
+};
+
+/// Why the agent stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("agent: {0}")]
+    Sys(#[from] Errno),
+    #[error("agent: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Serves requests on `conn` until the host asks for shutdown or goes away. Sends
+/// [`Response::Ready`] first.
+pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block()?;
+    let mut sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    write_frame(&mut conn, &Response::Ready)?;
+    loop {
+        reap(None);
+        let Some(request) = read_frame::<_, Request>(&mut conn)? else {
+            kill_everything(None);
+            return Ok(());
+        };
+        match request {
+            Request::Exec(exec) => match run(&mut conn, &mut sigchld, &exec)? {
+                Flow::Continue => {}
+                Flow::Stop => return Ok(()),
+            },
+            Request::ReadFile { path, limit } => {
+                let reply = match read_file(Path::new(&path), limit) {
+                    Ok(data) => Response::File { data },
+                    Err(message) => Response::Error { message },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
+            Request::WriteFile { path, data, mode } => {
+                let reply = match write_file(Path::new(&path), &data, mode) {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error {
+                        message: format!("cannot write {path}: {e}"),
+                    },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
+            Request::Shutdown => {
+                kill_everything(None);
+                write_frame(&mut conn, &Response::Done)?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+fn run(
+    conn: &mut UnixStream,
+    sigchld: &mut SignalFd,
+    req: &ExecRequest,
+) -> Result<Flow, AgentError> {
+    let start = Instant::now();
+    let mut child = match spawn(req) {
+        Ok(child) => child,
+        Err(message) => {
+            write_frame(conn, &Response::Error { message })?;
+            return Ok(Flow::Continue);
+        }
+    };
+    let pid = Pid::from_raw(child.id() as i32);
+    write_frame(conn, &Response::Started { pid: pid.as_raw() })?;
+    let mut stdout = child.stdout.take().map(Pipe::Out);
+    let mut stderr = child.stderr.take().map(Pipe::Err);
+    let deadline = req.timeout_ms.map(|ms| start + Duration::from_millis(ms));
+    let mut timed_out = false;
+    let mut status = None;
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+
+    while status.is_none() {
+        let timeout = match deadline {
+            Some(_) if timed_out => PollTimeout::from(100u16),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let (out_ready, err_ready, chld_ready, conn_ready) = {
+            let conn_fd = conn.as_fd();
+            let chld_fd = sigchld.as_fd();
+            let mut fds = vec![
+                PollFd::new(chld_fd, PollFlags::POLLIN),
+                PollFd::new(conn_fd, PollFlags::POLLIN),
+            ];
+            let out_at = stdout.as_ref().map(|p| {
+                fds.push(PollFd::new(p.fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let err_at = stderr.as_ref().map(|p| {
+                fds.push(PollFd::new(p.fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+            (
+                out_at.is_some_and(ready),
+                err_at.is_some_and(ready),
+                ready(0),
+                ready(1),
+            )
+        };
+        if out_ready && !forward(conn, &mut stdout, &mut buf)? {
+            stdout = None;
+        }
+        if err_ready && !forward(conn, &mut stderr, &mut buf)? {
+            stderr = None;
+        }
+        if conn_ready {
+            match read_frame::<_, Request>(conn)? {
+                Some(Request::Shutdown) => {
+                    kill_everything(Some(pid));
+                    reap(Some(pid));
+                    write_frame(conn, &Response::Done)?;
+                    return Ok(Flow::Stop);
+                }
+                None => {
+                    // The host went away: nobody is left to report to.
+                    kill_everything(Some(pid));
+                    return Ok(Flow::Stop);
+                }
+                Some(_) => write_frame(
+                    conn,
+                    &Response::Error {
+                        message: "the agent is busy running a command".into(),
+                    },
+                )?,
+            }
+        }
+        if chld_ready {
+            while let Ok(Some(_)) = sigchld.read_signal() {}
+        }
+        status = reap(Some(pid));
+        if status.is_none() && !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+            timed_out = true;
+            kill_everything(Some(pid));
+        }
+    }
+    // What the command wrote before it exited is in the pipes; take it, but do not wait for
+    // background processes that still hold them open.
+    for pipe in [&mut stdout, &mut stderr] {
+        if let Some(p) = pipe.as_ref() {
+            set_nonblocking(p.fd())?;
+        }
+        for _ in 0..64 {
+            match forward(conn, pipe, &mut buf) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(AgentError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    drop(child);
+    let micros = start.elapsed().as_micros() as u64;
+    let status = status.unwrap_or(ExitStatus::Signal(9));
+    write_frame(
+        conn,
+        &Response::Exited {
+            status,
+            timed_out,
+            micros,
+        },
+    )?;
+    Ok(Flow::Continue)
+}
+
+enum Pipe {
+    Out(ChildStdout),
+    Err(ChildStderr),
+}
+
+impl Pipe {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Pipe::Out(p) => p.as_fd(),
+            Pipe::Err(p) => p.as_fd(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Pipe::Out(p) => p.read(buf),
+            Pipe::Err(p) => p.read(buf),
+        }
+    }
+
+    fn stream(&self) -> Stream {
+        match self {
+            Pipe::Out(_) => Stream::Stdout,
+            Pipe::Err(_) => Stream::Stderr,
+        }
+    }
+}
+
+/// Moves one read's worth of a pipe to the host. `Ok(false)` when the pipe is done.
+fn forward(
+    conn: &mut UnixStream,
+    pipe: &mut Option<Pipe>,
+    buf: &mut [u8],
+) -> Result<bool, AgentError> {
+    let Some(p) = pipe.as_mut() else {
+        return Ok(false);
+    };
+    let n = loop {
+        match p.read(buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if n == 0 {
+        *pipe = None;
+        return Ok(false);
+    }
+    write_frame(
+        conn,
+        &Response::Output {
+            stream: p.stream(),
+            data: buf[..n].to_vec(),
+        },
+    )?;
+    Ok(true)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+fn spawn(req: &ExecRequest) -> Result<Child, String> {
+    let Some(program) = req.argv.first() else {
+        return Err("no command given".into());
+    };
+    if let Err(e) = fs::create_dir_all(&req.cwd) {
+        return Err(format!(
+            "cannot create the working directory {}: {e}",
+            req.cwd
+        ));
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&req.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the agent is single-threaded, so the forked child may allocate and call any
+    // function; the closure only resets the signal mask, starts a session and raises the
+    // child's OOM score.
+    unsafe {
+        cmd.pre_exec(|| {
+            SigSet::empty().thread_set_mask()?;
+            nix::unistd::setsid()?;
+            // The command, not the agent, is what the OOM killer should pick.
+            if let Ok(mut f) = fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/self/oom_score_adj")
+            {
+                let _ = f.write_all(b"1000");
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("`{program}` was not found in the sandbox"),
+        _ => format!("cannot start `{program}`: {e}"),
+    })
+}
+
+/// Reaps exited processes; returns the status of `main` if it is among them.
+fn reap(main: Option<Pid>) -> Option<ExitStatus> {
+    let mut found = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == main => {
+                found = Some(ExitStatus::Code(code))
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == main => {
+                found = Some(ExitStatus::Signal(sig as i32))
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Kills every process of the sandbox when the agent is its init, else the command's session.
+fn kill_everything(main: Option<Pid>) {
+    if getpid().as_raw() == 1 {
+        // As pid 1 of the sandbox's pid namespace, -1 means every other process in it.
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    } else if let Some(pid) = main {
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
+}
+
+fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let file = fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.is_dir() {
+        return Err(format!("{} is a directory", path.display()));
+    }
+    let mut data = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if data.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
+    }
+    Ok(data)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::thread;
+
+    fn request(conn: &mut UnixStream, req: &Request) -> Vec<Response> {
+        write_frame(conn, req).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let r: Response = read_frame(conn).unwrap().expect("agent answers");
+            let last = matches!(
+                r,
+                Response::Exited { .. }
+                    | Response::Done
+                    | Response::Error { .. }
+                    | Response::File { .. }
+            );
+            got.push(r);
+            if last {
+                return got;
+            }
+        }
+    }
+
+    fn exec(argv: &[&str], timeout_ms: Option<u64>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: std::env::temp_dir().display().to_string(),
+            timeout_ms,
+        }
+    }
+
+    /// The agent under test runs in a child process of its own: it changes the signal mask and
+    /// reaps children, which must not disturb the test harness's threads.
+    fn with_agent(f: impl FnOnce(&mut UnixStream)) {
+        let (mut host, agent) = UnixStream::pair().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        nix::fcntl::fcntl(
+            &agent,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let mut child = Command::new(exe)
+            .args([
+                "--exact",
+                "server::tests::agent_process",
+                "--nocapture",
+                "--ignored",
+            ])
+            .env("UPSTREAM_AGENT_TEST_FD", agent.as_raw_fd().to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(agent);
+        let ready: Response = read_frame(&mut host).unwrap().unwrap();
+        assert_eq!(ready, Response::Ready);
+        f(&mut host);
+        let _ = write_frame(&mut host, &Request::Shutdown);
+        let _ = child.wait();
+    }
+
+    #[test]
+    #[ignore = "runs only as the agent process of the other tests"]
+    fn agent_process() {
+        use std::os::fd::FromRawFd;
+        let Ok(fd) = std::env::var("UPSTREAM_AGENT_TEST_FD") else {
+            return;
+        };
+        let fd: i32 = fd.parse().unwrap();
+        // SAFETY: the parent passed this descriptor, open and owned by nobody else here.
+        let conn = unsafe { UnixStream::from_raw_fd(fd) };
+        serve(conn).unwrap();
+    }
+
+    #[test]
+    fn exec_streams_output_and_exit_code() {
+        with_agent(|conn| {
+            let got = request(
+                conn,
+                &Request::Exec(exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], None)),
+            );
+            assert!(matches!(got[0], Response::Started { .. }));
+            let out: Vec<u8> = got
+                .iter()
+                .filter_map(|r| match r {
+                    Response::Output {
+                        stream: Stream::Stdout,
+                        data,
+                    } => Some(data.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let err: Vec<u8> = got
+                .iter()
+                .filter_map(|r| match r {
+                    Response::Output {
+                        stream: Stream::Stderr,
+                        data,
+                    } => Some(data.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            assert_eq!(out, b"out\n");
+            assert_eq!(err, b"err\n");
+            assert!(matches!(
+                got.last(),
+                Some(Response::Exited {
+                    status: ExitStatus::Code(3),
+                    timed_out: false,
+                    ..
+                })
+            ));
+        });
+    }
+
+    #[test]
+    fn timeout_kills_the_command_and_says_so() {
+        with_agent(|conn| {
+            let start = Instant::now();
+            let got = request(conn, &Request::Exec(exec(&["sleep", "30"], Some(200))));
+            assert!(start.elapsed() < Duration::from_secs(10));
+            assert!(
+                matches!(
+                    got.last(),
+                    Some(Response::Exited {
+                        status: ExitStatus::Signal(9),
+                        timed_out: true,
+                        ..
+                    })
+                ),
+                "{got:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error() {
+        with_agent(|conn| {
+            let got = request(conn, &Request::Exec(exec(&["no-such-program-here"], None)));
+            assert!(
+                matches!(&got[0], Response::Error { message } if message.contains("not found")),
+                "{got:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn files_are_written_and_read_back_within_limits() {
+        let dir = std::env::temp_dir().join(format!("upstream-agent-test-{}", std::process::id()));
+        let path = dir.join("sub/file.txt").display().to_string();
+        with_agent(|conn| {
+            let got = request(
+                conn,
+                &Request::WriteFile {
+                    path: path.clone(),
+                    data: b"hello".to_vec(),
+                    mode: 0o644,
+                },
+            );
+            assert_eq!(got, [Response::Done]);
+            let got = request(
+                conn,
+                &Request::ReadFile {
+                    path: path.clone(),
+                    limit: 5,
+                },
+            );
+            assert_eq!(
+                got,
+                [Response::File {
+                    data: b"hello".to_vec()
+                }]
+            );
+            let got = request(
+                conn,
+                &Request::ReadFile {
+                    path: path.clone(),
+                    limit: 4,
+                },
+            );
+            assert!(matches!(&got[0], Response::Error { message } if message.contains("larger")));
+        });
+        let _ = fs::remove_dir_all(dir);
+        let _ = thread::yield_now();
+    }
+}
