@@ -1,1 +1,498 @@
+//! The namespace backend: sandboxes made of Linux namespaces, an overlay root, cgroups,
+//! dropped capabilities and a seccomp filter. It needs no daemon and no KVM: root, or a kernel
+//! that lets unprivileged users create user namespaces, is enough.
+//!
+//! The host side ([`NamespaceBackend`]) prepares the sandbox directory and cgroups and starts
+//! the upstream binary again as the sandbox's init ([`init::main`]), which builds the sandbox
+//! and becomes its agent. The host then talks to the agent over a socket pair.
 
+pub mod cgroup;
+pub mod init;
+mod mounts;
+mod net;
+pub mod probe;
+mod security;
+mod setup;
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, Uid};
+use upstream_agent::protocol::{read_frame, write_frame};
+use upstream_sandbox::{
+    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, Image, Interrupter, NetworkMode,
+    Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+};
+
+use crate::cgroup::{Cgroups, Layout};
+use crate::setup::{FromInit, IdMap, InitConfig, ToInit};
+
+/// The argument that makes the upstream binary run as a sandbox init.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+/// Sandbox root maps to this host uid (and gid) when upstream runs as root, so that what runs
+/// in a sandbox is nobody on the host.
+pub const SANDBOX_ID_BASE: u32 = 100_000;
+/// How many ids a sandbox has when upstream runs as root.
+pub const SANDBOX_ID_COUNT: u32 = 65_536;
+
+/// Makes namespace sandboxes.
+#[derive(Debug)]
+pub struct NamespaceBackend {
+    init_exe: PathBuf,
+    runtime_dir: PathBuf,
+    layout: Layout,
+    rootless: bool,
+}
+
+impl NamespaceBackend {
+    /// A backend that starts `init_exe` (an upstream binary) as the init of each sandbox.
+    pub fn new(init_exe: PathBuf) -> Result<NamespaceBackend, SandboxError> {
+        let runtime_dir = runtime_dir()?;
+        Ok(NamespaceBackend {
+            init_exe,
+            runtime_dir,
+            layout: Layout::detect(),
+            rootless: !Uid::effective().is_root(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        if self.rootless {
+            "namespaces, rootless".into()
+        } else {
+            "namespaces".into()
+        }
+    }
+}
+
+/// Where sandbox directories live: `$UPSTREAM_RUNTIME_DIR`, else `<tmp>/upstream-<uid>`.
+/// The directory is private to the user; one owned by anybody else is refused.
+fn runtime_dir() -> Result<PathBuf, SandboxError> {
+    let uid = Uid::effective();
+    let dir = match std::env::var_os("UPSTREAM_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::temp_dir().join(format!("upstream-{uid}")),
+    };
+    let sandboxes = dir.join("sandboxes");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&sandboxes)
+        .map_err(|e| {
+            SandboxError::setup(
+                format!("cannot create {}: {e}", sandboxes.display()),
+                Some("set UPSTREAM_RUNTIME_DIR to a directory you may write"),
+            )
+        })?;
+    let meta = fs::symlink_metadata(&dir)
+        .map_err(|e| SandboxError::setup(format!("cannot read {}: {e}", dir.display()), None))?;
+    if !meta.is_dir() || meta.uid() != uid.as_raw() {
+        return Err(SandboxError::setup(
+            format!("{} is not a directory owned by you", dir.display()),
+            Some("remove it, or set UPSTREAM_RUNTIME_DIR to a directory of your own"),
+        ));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+    }
+    Ok(sandboxes)
+}
+
+static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
+
+impl Backend for NamespaceBackend {
+    fn name(&self) -> &str {
+        "namespaces"
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let start = Instant::now();
+        let layers = match &spec.image {
+            Image::Host => Vec::new(),
+            Image::Layers { layers, .. } => {
+                layers.iter().map(|p| p.display().to_string()).collect()
+            }
+        };
+        let name = format!(
+            "upstream-{}-{}",
+            std::process::id(),
+            NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = SandboxDir::create(&self.runtime_dir.join(&name), self.rootless)?;
+        let (cgroups, mut unenforced) = Cgroups::create(&self.layout, &name, &spec.limits);
+        let id_map = if self.rootless {
+            IdMap::Own
+        } else {
+            IdMap::Range {
+                base: SANDBOX_ID_BASE,
+                count: SANDBOX_ID_COUNT,
+            }
+        };
+        let config = InitConfig {
+            sandbox_dir: dir.path.display().to_string(),
+            layers,
+            id_map,
+            new_net: spec.network == NetworkMode::None,
+            hostname: spec.hostname.clone(),
+        };
+        let (mut conn, child, stderr) = start_init(&self.init_exe)?;
+        let mut sandbox = NamespaceSandbox {
+            info: SandboxInfo {
+                backend: self.describe(),
+                setup: Duration::ZERO,
+                unenforced: Vec::new(),
+            },
+            child: Some(child),
+            stderr: Some(stderr),
+            client: None,
+            cgroups,
+            dir: Some(dir),
+            interrupter: Arc::new(NsInterrupter {
+                pid: 0,
+                interrupted: AtomicBool::new(false),
+            }),
+            memory_limit: spec.limits.memory,
+        };
+        let pid = sandbox.child.as_ref().map_or(0, Child::id);
+        sandbox.interrupter = Arc::new(NsInterrupter {
+            pid: pid as i32,
+            interrupted: AtomicBool::new(false),
+        });
+        if let Err(e) = sandbox.cgroups.add(pid) {
+            return Err(SandboxError::setup(
+                format!("cannot move the sandbox into its cgroups: {e}"),
+                None,
+            ));
+        }
+        let setup = (|| -> Result<Result<(), String>, ClientError> {
+            write_frame(&mut conn, &ToInit::Config(config.clone()))?;
+            if let Some((base, count)) = init::host_maps_ids(&config) {
+                match read_frame::<_, FromInit>(&mut conn)? {
+                    Some(FromInit::MapIds) => {}
+                    None => {
+                        return Ok(Err(
+                            "the sandbox init exited before its user namespace was ready".into(),
+                        ));
+                    }
+                }
+                if let Err(e) = write_id_maps(pid, base, count) {
+                    return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
+                }
+                write_frame(&mut conn, &ToInit::Mapped)?;
+            }
+            let mut client =
+                AgentClient::new(conn.try_clone().map_err(|e| ClientError::Frame(e.into()))?);
+            let ready = client.wait_ready();
+            sandbox.client = Some(client);
+            ready
+        })();
+        match setup {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => return Err(setup_error(message, self.rootless)),
+            Err(e) => {
+                let detail = sandbox.init_stderr();
+                let message = if detail.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}: {detail}")
+                };
+                return Err(setup_error(message, self.rootless));
+            }
+        }
+        unenforced.extend(sandbox.info.unenforced.drain(..));
+        sandbox.info.unenforced = unenforced;
+        sandbox.info.setup = start.elapsed();
+        Ok(Box::new(sandbox))
+    }
+}
+
+fn setup_error(message: String, rootless: bool) -> SandboxError {
+    let hint = if message.contains("user namespace") && rootless {
+        Some(
+            "this kernel does not let unprivileged users create user namespaces: run as root, or allow them (sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0); `upstream doctor` shows what this host supports",
+        )
+    } else {
+        Some("`upstream doctor` shows what this host supports")
+    };
+    SandboxError::setup(message, hint)
+}
+
+fn write_id_maps(pid: u32, base: u32, count: u32) -> io::Result<()> {
+    let map = format!("0 {base} {count}\n");
+    fs::write(format!("/proc/{pid}/uid_map"), &map)?;
+    fs::write(format!("/proc/{pid}/gid_map"), &map)
+}
+
+/// Starts the init; returns the host's end of the connection, the process and its stderr.
+fn start_init(exe: &Path) -> Result<(UnixStream, Child, OwnedFd), SandboxError> {
+    let (host, sandbox) = UnixStream::pair()
+        .map_err(|e| SandboxError::setup(format!("cannot create a socket pair: {e}"), None))?;
+    let sandbox_fd = sandbox.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(INIT_ARG)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs between fork and exec in a possibly multi-threaded process, so
+    // it makes only async-signal-safe system calls (setsid, prctl, dup2) and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A session of its own: a Ctrl-C at the terminal reaches upstream, which tears the
+            // sandbox down, not the sandbox's processes directly.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // If upstream dies, however it dies, the sandbox goes with it.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::dup2(sandbox_fd, init::CONN_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        SandboxError::setup(
+            format!("cannot start the sandbox init {}: {e}", exe.display()),
+            None,
+        )
+    })?;
+    drop(sandbox);
+    let stderr = child
+        .stderr
+        .take()
+        .map(OwnedFd::from)
+        .ok_or_else(|| SandboxError::setup("no stderr pipe", None))?;
+    Ok((host, child, stderr))
+}
+
+/// The sandbox's directory on the host.
+#[derive(Debug)]
+struct SandboxDir {
+    path: PathBuf,
+}
+
+impl SandboxDir {
+    fn create(path: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+        let fail = |e: io::Error| {
+            SandboxError::setup(format!("cannot create {}: {e}", path.display()), None)
+        };
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(path)
+            .map_err(fail)?;
+        let dir = SandboxDir {
+            path: path.to_path_buf(),
+        };
+        for sub in ["root", "lower", "upper", "work", "workspace"] {
+            let p = path.join(sub);
+            fs::DirBuilder::new().mode(0o755).create(&p).map_err(fail)?;
+            if !rootless {
+                std::os::unix::fs::chown(&p, Some(SANDBOX_ID_BASE), Some(SANDBOX_ID_BASE))
+                    .map_err(fail)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    fn remove(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(_) => {
+                // A sandbox can leave directories it made unreadable (overlayfs's work
+                // directory is one); open them up and try again.
+                make_removable(&self.path);
+                fs::remove_dir_all(&self.path)
+            }
+        }
+    }
+}
+
+fn make_removable(path: &Path) {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.is_dir() {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = fs::read_dir(path) {
+            for entry in entries.flatten() {
+                make_removable(&entry.path());
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NsInterrupter {
+    pid: i32,
+    interrupted: AtomicBool,
+}
+
+impl Interrupter for NsInterrupter {
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        if self.pid > 0 {
+            // Stage 1 dies; the kernel then kills stage 2 (parent-death signal) and, with the
+            // pid namespace's init gone, every process in the sandbox.
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A running namespace sandbox.
+pub struct NamespaceSandbox {
+    info: SandboxInfo,
+    child: Option<Child>,
+    stderr: Option<OwnedFd>,
+    client: Option<AgentClient<UnixStream>>,
+    cgroups: Cgroups,
+    dir: Option<SandboxDir>,
+    interrupter: Arc<NsInterrupter>,
+    memory_limit: Option<u64>,
+}
+
+impl NamespaceSandbox {
+    fn client(&mut self) -> Result<&mut AgentClient<UnixStream>, SandboxError> {
+        if self.interrupter.interrupted.load(Ordering::SeqCst) {
+            return Err(SandboxError::Interrupted);
+        }
+        self.client
+            .as_mut()
+            .ok_or(SandboxError::Agent(ClientError::Gone))
+    }
+
+    fn map_error(&self, e: ClientError) -> SandboxError {
+        if self.interrupter.interrupted.load(Ordering::SeqCst) {
+            SandboxError::Interrupted
+        } else {
+            SandboxError::Agent(e)
+        }
+    }
+
+    /// Whatever the init wrote to stderr, for setup errors.
+    fn init_stderr(&mut self) -> String {
+        let Some(fd) = self.stderr.take() else {
+            return String::new();
+        };
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut text = String::new();
+        let _ = fs::File::from(fd).take(4096).read_to_string(&mut text);
+        text.trim().to_string()
+    }
+
+    /// The sandbox's directory on the host (its /workspace is `workspace/` in it).
+    pub fn host_dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(|d| d.path.as_path())
+    }
+
+    fn teardown(&mut self) -> io::Result<()> {
+        if let Some(mut client) = self.client.take() {
+            if !self.interrupter.interrupted.load(Ordering::SeqCst) {
+                let _ = client
+                    .get_ref()
+                    .set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = client.shutdown();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.stderr = None;
+        let cgroups = self.cgroups.destroy();
+        let dir = match self.dir.take() {
+            Some(dir) => dir.remove(),
+            None => Ok(()),
+        };
+        cgroups.and(dir)
+    }
+}
+
+impl Sandbox for NamespaceSandbox {
+    fn info(&self) -> &SandboxInfo {
+        &self.info
+    }
+
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError> {
+        let oom_before = self.cgroups.oom_kills();
+        let result = self.client()?.exec(request, on_output);
+        let exited = result.map_err(|e| self.map_error(e))?;
+        let out_of_memory = self.cgroups.oom_kills() > oom_before;
+        let _ = self.memory_limit;
+        Ok(ExecOutcome {
+            status: exited.status,
+            timed_out: exited.timed_out,
+            out_of_memory,
+            duration: exited.duration,
+        })
+    }
+
+    fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError> {
+        let result = self.client()?.read_file(path, limit);
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError> {
+        let result = self.client()?.write_file(path, data, mode);
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn interrupter(&self) -> Arc<dyn Interrupter> {
+        self.interrupter.clone()
+    }
+
+    fn destroy(mut self: Box<Self>) -> Result<(), SandboxError> {
+        self.teardown().map_err(|e| {
+            SandboxError::setup(
+                format!("could not remove everything the sandbox left: {e}"),
+                None,
+            )
+        })
+    }
+}
+
+impl Drop for NamespaceSandbox {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}

@@ -1,1 +1,111 @@
+//! Sandboxes: what a turn runs in, whatever isolates it.
+//!
+//! A [`Backend`] turns a [`SandboxSpec`] into a running [`Sandbox`]; the turn engine sees only
+//! these types. Every backend runs the same agent inside the sandbox, and [`AgentClient`] is
+//! the host side of its protocol.
 
+mod client;
+mod spec;
+
+pub use client::{AgentClient, ClientError};
+pub use spec::{Image, Limits, NetworkMode, SandboxSpec};
+pub use upstream_agent::protocol::{ExecRequest, ExitStatus, Stream};
+
+use std::time::Duration;
+
+/// Errors from creating or using a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The host cannot provide this sandbox; `hint` says what would fix it.
+    #[error("cannot set up the sandbox: {reason}")]
+    Setup {
+        reason: String,
+        hint: Option<String>,
+    },
+    /// The image is not one this backend can run.
+    #[error("cannot run image `{image}`: {reason}")]
+    Image { image: String, reason: String },
+    /// The agent inside the sandbox failed or went away.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// The sandbox was torn down from outside (Ctrl-C).
+    #[error("the sandbox was stopped")]
+    Interrupted,
+}
+
+impl SandboxError {
+    pub fn setup(reason: impl Into<String>, hint: Option<&str>) -> SandboxError {
+        SandboxError::Setup {
+            reason: reason.into(),
+            hint: hint.map(str::to_string),
+        }
+    }
+
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            SandboxError::Setup { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// How a command in a sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub status: ExitStatus,
+    /// The command ran past its timeout and was killed.
+    pub timed_out: bool,
+    /// The kernel killed a process of the sandbox for going over its memory limit.
+    pub out_of_memory: bool,
+    pub duration: Duration,
+}
+
+/// What a sandbox is and how it came to be, for progress lines and `--json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxInfo {
+    /// `namespaces`, `namespaces (rootless)`, …
+    pub backend: String,
+    /// How long setting the sandbox up took.
+    pub setup: Duration,
+    /// Limits asked for that this host cannot enforce, each with why.
+    pub unenforced: Vec<String>,
+}
+
+/// A way to stop a sandbox from another thread, such as a Ctrl-C handler.
+pub trait Interrupter: Send + Sync {
+    /// Kills the sandbox's processes at once; its owner then sees [`SandboxError::Interrupted`].
+    fn interrupt(&self);
+}
+
+/// A running sandbox.
+pub trait Sandbox {
+    fn info(&self) -> &SandboxInfo;
+
+    /// Runs a command, passing its output to `on_output` as it arrives.
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError>;
+
+    /// Reads a file inside the sandbox, refusing files over `limit` bytes.
+    fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError>;
+
+    /// Writes a file inside the sandbox.
+    fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError>;
+
+    /// A handle that can stop this sandbox from elsewhere.
+    fn interrupter(&self) -> std::sync::Arc<dyn Interrupter>;
+
+    /// Stops every process and removes everything the sandbox left on the host. Dropping a
+    /// sandbox does the same; this reports what went wrong.
+    fn destroy(self: Box<Self>) -> Result<(), SandboxError>;
+}
+
+/// Something that makes sandboxes.
+pub trait Backend {
+    /// A short name: `namespaces`.
+    fn name(&self) -> &str;
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError>;
+}

@@ -1,0 +1,135 @@
+//! The sandbox side of the namespace backend: the binary re-executed as the sandbox's init.
+//!
+//! Stage 1 starts as a fresh, single-threaded exec of the upstream binary, in the sandbox's
+//! cgroups. It creates the user namespace, gets its id maps, then unshares the mount, pid,
+//! uts, ipc, cgroup and (by default) network namespaces and forks. The child is pid 1 of the
+//! new pid namespace (stage 2): it builds the root filesystem, pivots into it, locks itself
+//! down and becomes the agent. Stage 1 stays outside only to wait for it; if stage 1 dies, the
+//! kernel kills stage 2 (parent-death signal), and with it every process of the sandbox.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Uid, fork};
+use upstream_agent::protocol::{Response, read_frame, write_frame};
+
+use crate::setup::{FromInit, IdMap, InitConfig, ToInit};
+use crate::{mounts, security};
+
+/// The descriptor the host leaves the connection on.
+pub const CONN_FD: RawFd = 3;
+
+/// Exit code of an init that could not set the sandbox up.
+const SETUP_FAILED: i32 = 125;
+
+/// Runs the sandbox init; returns the process's exit code.
+pub fn main() -> i32 {
+    // SAFETY: the host placed its end of a socket pair at CONN_FD before exec; nothing else in
+    // this fresh process owns that descriptor.
+    let mut conn = unsafe { UnixStream::from_raw_fd(CONN_FD) };
+    // Commands run in the sandbox must not inherit the connection to the host.
+    let _ = nix::fcntl::fcntl(
+        &conn,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    match stage1(&mut conn) {
+        Ok(code) => code,
+        Err(message) => {
+            let _ = write_frame(&mut conn, &Response::SetupFailed { message });
+            SETUP_FAILED
+        }
+    }
+}
+
+fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
+    let config = match read_frame::<_, ToInit>(conn) {
+        Ok(Some(ToInit::Config(c))) => c,
+        Ok(_) => return Err("the host sent no configuration".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    // Paths below are relative to the sandbox directory, so nothing above it needs to be
+    // searchable by the sandbox's (unprivileged) root.
+    nix::unistd::chdir(config.sandbox_dir.as_str())
+        .map_err(|e| format!("cannot enter {}: {e}", config.sandbox_dir))?;
+    let (uid, gid) = (Uid::current(), Gid::current());
+    unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("cannot create a user namespace: {e}"))?;
+    match config.id_map {
+        IdMap::Range { .. } => {
+            write_frame(conn, &FromInit::MapIds).map_err(|e| e.to_string())?;
+            match read_frame::<_, ToInit>(conn) {
+                Ok(Some(ToInit::Mapped)) => {}
+                Ok(_) => return Err("the host did not map the sandbox's ids".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+            nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+        }
+        IdMap::Own => {
+            std::fs::write("/proc/self/setgroups", "deny")
+                .map_err(|e| format!("setgroups: {e}"))?;
+            std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+                .map_err(|e| format!("cannot write the uid map: {e}"))?;
+            std::fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
+                .map_err(|e| format!("cannot write the gid map: {e}"))?;
+        }
+    }
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root group: {e}"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root: {e}"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP;
+    if config.new_net {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
+    // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
+    // child may run any code after fork.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => std::process::exit(stage2(conn, &config)),
+        ForkResult::Parent { child } => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("waitpid: {e}")),
+            }
+        },
+    }
+}
+
+/// Pid 1 of the sandbox.
+fn stage2(conn: &mut UnixStream, config: &InitConfig) -> i32 {
+    // If stage 1 dies (the host killed it), so does the whole sandbox.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let setup = mounts::build_root(config)
+        .map_err(|e| e.to_string())
+        .and_then(|()| security::lock_down().map_err(|e| e.to_string()));
+    if let Err(message) = setup {
+        let _ = write_frame(conn, &Response::SetupFailed { message });
+        return SETUP_FAILED;
+    }
+    let conn = match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return SETUP_FAILED,
+    };
+    match upstream_agent::serve(conn) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// Whether `config` asks for ids the host must map.
+pub fn host_maps_ids(config: &InitConfig) -> Option<(u32, u32)> {
+    match config.id_map {
+        IdMap::Range { base, count } => Some((base, count)),
+        IdMap::Own => None,
+    }
+}

@@ -1,0 +1,328 @@
+//! The sandbox's root filesystem, built by its init inside the new mount namespace.
+//!
+//! The root is an overlay: the image's read-only layers below, the sandbox's own directory on
+//! the host above, so anything written outside the mounts below lands in the sandbox's layer
+//! and vanishes with it. For the host image the lower layer is a small skeleton of mount
+//! points, and the host's /usr and /etc (and any of /bin, /sbin, /lib* that are directories)
+//! are bind-mounted read-only over it. Nothing else of the host is reachable. /workspace is
+//! the sandbox's directory on the host, writable; /tmp, /run and /dev are fresh tmpfs; /proc
+//! shows only the sandbox's processes.
+//!
+//! Every path here is relative to the sandbox directory (the init's working directory) until
+//! the pivot.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::setup::InitConfig;
+
+/// Host directories shared, read-only, into a host-image sandbox.
+const HOST_DIRS: &[&str] = &["usr", "etc"];
+/// Top-level entries that are links into /usr on merged-/usr hosts, directories elsewhere.
+const USR_LINKS: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+/// Directories every sandbox root has.
+const SKELETON: &[&str] = &[
+    "usr",
+    "etc",
+    "proc",
+    "dev",
+    "sys",
+    "tmp",
+    "run",
+    "workspace",
+    "root",
+    "home",
+    "var",
+    "var/tmp",
+    "opt",
+    "mnt",
+];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Why the root could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct MountError {
+    what: String,
+    source: io::Error,
+}
+
+fn ctx<E: Into<io::Error>>(what: impl FnOnce() -> String) -> impl FnOnce(E) -> MountError {
+    move |e| MountError {
+        what: what(),
+        source: e.into(),
+    }
+}
+
+fn nix_io(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn do_mount(
+    source: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), MountError> {
+    mount(source, target, fstype, flags, data)
+        .map_err(nix_io)
+        .map_err(ctx(|| {
+            format!(
+                "cannot mount {} on /{}",
+                fstype.or(source).unwrap_or("?"),
+                target.trim_start_matches("root/")
+            )
+        }))
+}
+
+fn bind_read_only(source: &str, target: &str) -> Result<(), MountError> {
+    do_mount(
+        Some(source),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    do_mount(
+        None,
+        target,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None,
+    )
+}
+
+/// Builds the root and pivots into it; afterwards `/` is the sandbox's root.
+pub fn build_root(config: &InitConfig) -> Result<(), MountError> {
+    do_mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    let lower = if config.layers.is_empty() {
+        make_skeleton()?;
+        "lower".to_string()
+    } else {
+        // overlayfs lists the top layer first.
+        config
+            .layers
+            .iter()
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    mount_overlay(&lower)?;
+    for dir in SKELETON {
+        fs::create_dir_all(format!("root/{dir}"))
+            .map_err(ctx(|| format!("cannot create /{dir}")))?;
+    }
+    if config.layers.is_empty() {
+        for dir in HOST_DIRS {
+            bind_read_only(&format!("/{dir}"), &format!("root/{dir}"))?;
+        }
+        for name in USR_LINKS {
+            if fs::symlink_metadata(format!("/{name}")).is_ok_and(|m| m.is_dir()) {
+                fs::create_dir_all(format!("root/{name}"))
+                    .map_err(ctx(|| format!("cannot create /{name}")))?;
+                bind_read_only(&format!("/{name}"), &format!("root/{name}"))?;
+            }
+        }
+    }
+    do_mount(
+        Some("workspace"),
+        "root/workspace",
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    do_mount(
+        Some("tmpfs"),
+        "root/tmp",
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
+    do_mount(
+        Some("tmpfs"),
+        "root/run",
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some("mode=755"),
+    )?;
+    build_dev()?;
+    do_mount(
+        Some("proc"),
+        "root/proc",
+        Some("proc"),
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    if config.new_net {
+        // sysfs may be mounted only by the owner of the network namespace; without one of our
+        // own, /sys stays empty.
+        let _ = do_mount(
+            Some("sysfs"),
+            "root/sys",
+            Some("sysfs"),
+            nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+            None,
+        );
+        crate::net::loopback_up().map_err(ctx(|| "cannot bring up loopback".to_string()))?;
+    }
+    write_identity(config)?;
+    nix::unistd::sethostname(&config.hostname)
+        .map_err(nix_io)
+        .map_err(ctx(|| "cannot set the hostname".to_string()))?;
+    pivot()
+}
+
+fn make_skeleton() -> Result<(), MountError> {
+    for dir in SKELETON {
+        fs::create_dir_all(format!("lower/{dir}"))
+            .map_err(ctx(|| format!("cannot create lower/{dir}")))?;
+    }
+    fs::set_permissions("lower/root", fs::Permissions::from_mode(0o700))
+        .map_err(ctx(|| "chmod /root".to_string()))?;
+    fs::set_permissions("lower/tmp", fs::Permissions::from_mode(0o1777))
+        .map_err(ctx(|| "chmod /tmp".to_string()))?;
+    fs::set_permissions("lower/var/tmp", fs::Permissions::from_mode(0o1777))
+        .map_err(ctx(|| "chmod /var/tmp".to_string()))?;
+    for name in USR_LINKS {
+        if let Ok(target) = fs::read_link(format!("/{name}")) {
+            symlink(&target, format!("lower/{name}"))
+                .map_err(ctx(|| format!("cannot link /{name}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_overlay(lower: &str) -> Result<(), MountError> {
+    let options = format!("lowerdir={lower},upperdir=upper,workdir=work");
+    // Inside a user namespace overlayfs keeps its bookkeeping in user.* extended attributes.
+    let with_userxattr = format!("{options},userxattr");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    do_mount(
+        Some("overlay"),
+        "root",
+        Some("overlay"),
+        flags,
+        Some(&with_userxattr),
+    )
+    .or_else(|_| {
+        do_mount(
+            Some("overlay"),
+            "root",
+            Some("overlay"),
+            flags,
+            Some(&options),
+        )
+    })
+}
+
+fn build_dev() -> Result<(), MountError> {
+    do_mount(
+        Some("tmpfs"),
+        "root/dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=1m"),
+    )?;
+    for dev in DEVICES {
+        let target = format!("root/dev/{dev}");
+        fs::File::create(&target).map_err(ctx(|| format!("cannot create /dev/{dev}")))?;
+        do_mount(
+            Some(&format!("/dev/{dev}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        symlink(target, format!("root/dev/{link}"))
+            .map_err(ctx(|| format!("cannot link /dev/{link}")))?;
+    }
+    for dir in ["pts", "shm", "mqueue"] {
+        fs::create_dir(format!("root/dev/{dir}"))
+            .map_err(ctx(|| format!("cannot create /dev/{dir}")))?;
+    }
+    do_mount(
+        Some("devpts"),
+        "root/dev/pts",
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )?;
+    do_mount(
+        Some("tmpfs"),
+        "root/dev/shm",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    let _ = do_mount(
+        Some("mqueue"),
+        "root/dev/mqueue",
+        Some("mqueue"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    );
+    Ok(())
+}
+
+/// /etc/hostname and /etc/hosts naming the sandbox, bound over the image's.
+fn write_identity(config: &InitConfig) -> Result<(), MountError> {
+    fs::create_dir_all("root/run/upstream")
+        .map_err(ctx(|| "cannot create /run/upstream".to_string()))?;
+    let hosts = format!(
+        "127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n",
+        name = config.hostname
+    );
+    for (file, content) in [
+        ("hostname", format!("{}\n", config.hostname)),
+        ("hosts", hosts),
+    ] {
+        let source = format!("root/run/upstream/{file}");
+        fs::write(&source, content)
+            .map_err(ctx(|| format!("cannot write /run/upstream/{file}")))?;
+        let target = format!("root/etc/{file}");
+        if !Path::new(&target).exists() {
+            // An image without the file: create it in the sandbox's own layer.
+            if fs::write(&target, "").is_err() {
+                continue;
+            }
+        }
+        do_mount(Some(&source), &target, None, MsFlags::MS_BIND, None)?;
+    }
+    Ok(())
+}
+
+fn pivot() -> Result<(), MountError> {
+    nix::unistd::chdir("root")
+        .map_err(nix_io)
+        .map_err(ctx(|| "cannot enter the new root".to_string()))?;
+    // Pivoting onto "." stacks the old root over the new one; unmounting it leaves the new.
+    nix::unistd::pivot_root(".", ".")
+        .map_err(nix_io)
+        .map_err(ctx(|| "pivot_root".to_string()))?;
+    umount2(".", MntFlags::MNT_DETACH)
+        .map_err(nix_io)
+        .map_err(ctx(|| "cannot detach the host's root".to_string()))?;
+    nix::unistd::chdir("/")
+        .map_err(nix_io)
+        .map_err(ctx(|| "chdir /".to_string()))?;
+    Ok(())
+}

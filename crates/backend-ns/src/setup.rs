@@ -1,0 +1,41 @@
+//! Messages between the host and the sandbox init before the agent takes over the connection.
+
+use serde::{Deserialize, Serialize};
+
+/// How the sandbox's user namespace gets its uid and gid maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdMap {
+    /// The host (root) maps sandbox ids 0..count to host ids base..base+count.
+    Range { base: u32, count: u32 },
+    /// The init maps sandbox root to its own uid and gid: the only map an unprivileged user
+    /// may write.
+    Own,
+}
+
+/// What the init needs to build the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// The sandbox's directory on the host: `root`, `lower`, `upper`, `work`, `workspace`.
+    pub sandbox_dir: String,
+    /// Read-only image layers, lowest first; empty for the host image.
+    pub layers: Vec<String>,
+    pub id_map: IdMap,
+    /// A network namespace of its own (only loopback).
+    pub new_net: bool,
+    pub hostname: String,
+}
+
+/// Host to init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToInit {
+    Config(InitConfig),
+    /// The uid and gid maps are written.
+    Mapped,
+}
+
+/// Init to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromInit {
+    /// The user namespace exists; write its maps.
+    MapIds,
+}

@@ -1,0 +1,74 @@
+//! What a sandbox should be: its image, limits and network.
+
+use std::path::PathBuf;
+
+/// The root filesystem of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    /// The host's /usr, /etc and the links to them, behind a writable layer of the sandbox's own.
+    Host,
+    /// An unpacked image: read-only layers, lowest first.
+    Layers {
+        reference: String,
+        layers: Vec<PathBuf>,
+    },
+}
+
+impl Image {
+    pub fn name(&self) -> &str {
+        match self {
+            Image::Host => "host",
+            Image::Layers { reference, .. } => reference,
+        }
+    }
+}
+
+/// Resource limits. `None` leaves a resource unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    /// Bytes of memory.
+    pub memory: Option<u64>,
+    /// CPU time as a number of CPUs.
+    pub cpus: Option<f64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// The cap on processes every sandbox gets unless told otherwise: enough for builds, too
+    /// few for a fork bomb to hurt the host.
+    pub const DEFAULT_PIDS: u64 = 1024;
+}
+
+/// The network a sandbox sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A network namespace of its own with only loopback.
+    #[default]
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// Everything a backend needs to make a sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxSpec {
+    pub image: Image,
+    pub limits: Limits,
+    pub network: NetworkMode,
+    pub hostname: String,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        SandboxSpec {
+            image: Image::Host,
+            limits: Limits {
+                pids: Some(Limits::DEFAULT_PIDS),
+                ..Limits::default()
+            },
+            network: NetworkMode::None,
+            hostname: "sandbox".into(),
+        }
+    }
+}
