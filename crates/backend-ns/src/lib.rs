@@ -130,7 +130,7 @@ impl Backend for NamespaceBackend {
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
         let dir = SandboxDir::create(&self.runtime_dir.join(&name), self.rootless)?;
-        let (cgroups, mut unenforced) = Cgroups::create(&self.layout, &name, &spec.limits);
+        let (cgroups, unenforced) = Cgroups::create(&self.layout, &name, &spec.limits);
         let id_map = if self.rootless {
             IdMap::Own
         } else {
@@ -162,7 +162,6 @@ impl Backend for NamespaceBackend {
                 pid: 0,
                 interrupted: AtomicBool::new(false),
             }),
-            memory_limit: spec.limits.memory,
         };
         let pid = sandbox.child.as_ref().map_or(0, Child::id);
         sandbox.interrupter = Arc::new(NsInterrupter {
@@ -210,7 +209,6 @@ impl Backend for NamespaceBackend {
                 return Err(setup_error(message, self.rootless));
             }
         }
-        unenforced.extend(sandbox.info.unenforced.drain(..));
         sandbox.info.unenforced = unenforced;
         sandbox.info.setup = start.elapsed();
         Ok(Box::new(sandbox))
@@ -369,7 +367,6 @@ pub struct NamespaceSandbox {
     cgroups: Cgroups,
     dir: Option<SandboxDir>,
     interrupter: Arc<NsInterrupter>,
-    memory_limit: Option<u64>,
 }
 
 impl NamespaceSandbox {
@@ -458,7 +455,6 @@ impl Sandbox for NamespaceSandbox {
         let result = self.client()?.exec(request, on_output);
         let exited = result.map_err(|e| self.map_error(e))?;
         let out_of_memory = self.cgroups.oom_kills() > oom_before;
-        let _ = self.memory_limit;
         Ok(ExecOutcome {
             status: exited.status,
             timed_out: exited.timed_out,

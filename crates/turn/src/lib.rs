@@ -1,1 +1,612 @@
+//! Turns: running a document's steps in one sandbox and turning what happened into results.
+//!
+//! [`run`] takes a parsed document and a backend, runs the steps in order, streams progress to
+//! an [`Observer`], keeps each step's whole output in the turn's run directory, and returns the
+//! [`TurnRecord`] together with the result blocks to render into the document. It never writes
+//! the document itself: [`write_back`] does, and only if nobody changed the file meanwhile.
 
+mod record;
+pub mod state;
+mod writeback;
+
+pub use record::{SandboxRecord, StepRecord, StepStatus, TurnRecord, TurnStatus};
+pub use writeback::{WriteBack, write_back};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use upstream_doc::{
+    Captured, Document, FrontMatter, Language, Network, Outcome, OutputCapture, OutputLimits,
+    Redactor, ResultBlock, Step,
+};
+use upstream_sandbox::{
+    Backend, ExecRequest, ExitStatus, Image, Interrupter, Limits, NetworkMode, Sandbox,
+    SandboxError, SandboxInfo, SandboxSpec, Stream,
+};
+
+/// The most bytes a step may publish through `$UPSTREAM_OUTPUT`.
+pub const MAX_OUTPUTS_BYTES: u64 = 1 << 20;
+
+/// Errors that stop a turn before or outside its steps.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    /// The document names a secret the environment does not have.
+    #[error("{path}: secret `{name}` is not set in the environment")]
+    MissingSecret { path: PathBuf, name: String },
+    /// The sandbox could not be made or failed outside any step.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The turn's run directory could not be written.
+    #[error("cannot write the turn's logs in {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
+}
+
+/// What an observer is told while a turn runs.
+#[derive(Debug)]
+pub enum Event<'a> {
+    SandboxReady(&'a SandboxInfo),
+    StepStarted(&'a Step),
+    /// Output of the running step, secrets already redacted.
+    Output(Stream, &'a [u8]),
+    StepFinished(&'a Step, &'a StepRecord),
+}
+
+/// Receives progress as a turn runs.
+pub trait Observer {
+    fn event(&mut self, event: Event<'_>);
+}
+
+/// Stops a running turn from another thread (a Ctrl-C handler).
+#[derive(Default, Clone)]
+pub struct Cancel {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    sandbox: Mutex<Option<Arc<dyn Interrupter>>>,
+}
+
+impl Cancel {
+    /// Stops the turn: the running step's sandbox is killed at once.
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        if let Ok(guard) = self.inner.sandbox.lock() {
+            if let Some(sandbox) = guard.as_ref() {
+                sandbox.interrupt();
+            }
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn watch(&self, sandbox: Option<Arc<dyn Interrupter>>) {
+        if let Ok(mut guard) = self.inner.sandbox.lock() {
+            *guard = sandbox;
+        }
+        if self.is_cancelled() {
+            self.cancel();
+        }
+    }
+}
+
+/// Settings of a turn that do not come from the document.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOptions {
+    pub output_limits: OutputLimits,
+}
+
+/// A finished (or interrupted) turn.
+#[derive(Debug)]
+pub struct Turn {
+    pub record: TurnRecord,
+    /// One result block per step, to render into the document.
+    pub results: Vec<ResultBlock>,
+}
+
+impl Turn {
+    /// The document with this turn's results.
+    pub fn render(&self, document: &Document) -> String {
+        let results: Vec<Option<ResultBlock>> = self.results.iter().cloned().map(Some).collect();
+        document.render(&results)
+    }
+}
+
+/// The sandbox a document asks for.
+pub fn sandbox_spec(front_matter: &FrontMatter) -> SandboxSpec {
+    let image = match front_matter.image() {
+        upstream_doc::front_matter::HOST_IMAGE => Image::Host,
+        other => Image::Layers {
+            reference: other.to_string(),
+            layers: Vec::new(),
+        },
+    };
+    SandboxSpec {
+        image,
+        limits: Limits {
+            memory: front_matter.memory,
+            cpus: front_matter.cpus,
+            pids: Some(Limits::DEFAULT_PIDS),
+        },
+        network: match front_matter.network {
+            Network::None => NetworkMode::None,
+            Network::Host => NetworkMode::Host,
+        },
+        ..SandboxSpec::default()
+    }
+}
+
+/// Runs every step of `document` in one sandbox from `backend`.
+pub fn run(
+    document: &Document,
+    backend: &dyn Backend,
+    options: &TurnOptions,
+    observer: &mut dyn Observer,
+    cancel: &Cancel,
+) -> Result<Turn, TurnError> {
+    let started = Instant::now();
+    let started_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let fm = document.front_matter();
+    let secrets = resolve_secrets(document)?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let state_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TurnError::State { path, source }
+    };
+    let state = state::state_dir_for(document.path()).map_err(state_err(document.path()))?;
+    let run_dir = state::run_dir(&state, &id).map_err(state_err(&state))?;
+
+    let spec = sandbox_spec(fm);
+    if let Image::Layers { reference, .. } = &spec.image {
+        return Err(TurnError::Sandbox(SandboxError::Image {
+            image: reference.clone(),
+            reason: "only `image: host` can run on this version; OCI images are not available yet"
+                .into(),
+        }));
+    }
+    let mut sandbox = backend.create(&spec)?;
+    cancel.watch(Some(sandbox.interrupter()));
+    observer.event(Event::SandboxReady(sandbox.info()));
+    let sandbox_record = SandboxRecord {
+        backend: sandbox.info().backend.clone(),
+        image: spec.image.name().to_string(),
+        setup_ms: sandbox.info().setup.as_secs_f64() * 1000.0,
+        unenforced: sandbox.info().unenforced.clone(),
+    };
+
+    let mut runner = StepRunner {
+        document,
+        options,
+        secrets: &secrets,
+        run_dir: &run_dir,
+        turn_id: &id,
+        deadline: fm.timeout.map(|t| started + t),
+    };
+    let mut records = Vec::new();
+    let mut results = Vec::new();
+    let mut stopped = false;
+    let mut interrupted = false;
+    for step in document.steps() {
+        if stopped || interrupted || cancel.is_cancelled() {
+            interrupted |= cancel.is_cancelled();
+            let record = not_run_record(step);
+            observer.event(Event::StepFinished(step, &record));
+            records.push(record);
+            results.push(ResultBlock::not_run());
+            continue;
+        }
+        observer.event(Event::StepStarted(step));
+        match runner.run_step(sandbox.as_mut(), step, observer) {
+            Ok((record, result)) => {
+                if record.status.failed() && !step.continue_on_error {
+                    stopped = true;
+                }
+                observer.event(Event::StepFinished(step, &record));
+                records.push(record);
+                results.push(result);
+            }
+            Err(SandboxError::Interrupted) => {
+                interrupted = true;
+                let record = not_run_record(step);
+                records.push(record);
+                results.push(ResultBlock::not_run());
+            }
+            Err(e) => {
+                cancel.watch(None);
+                return Err(e.into());
+            }
+        }
+    }
+    cancel.watch(None);
+    let destroyed = sandbox.destroy();
+    let status = if interrupted || cancel.is_cancelled() {
+        TurnStatus::Interrupted
+    } else if records.iter().any(|r| r.status.failed()) {
+        TurnStatus::Failed
+    } else {
+        TurnStatus::Passed
+    };
+    let record = TurnRecord {
+        id,
+        document: document.path().to_path_buf(),
+        status,
+        started_at,
+        duration_ms: started.elapsed().as_millis() as u64,
+        sandbox: Some(sandbox_record),
+        steps: records,
+        run_dir: run_dir.clone(),
+    };
+    if let Ok(json) = serde_json::to_vec_pretty(&record) {
+        fs::write(run_dir.join("turn.json"), json).map_err(state_err(&run_dir))?;
+    }
+    destroyed?;
+    Ok(Turn { record, results })
+}
+
+fn resolve_secrets(document: &Document) -> Result<Vec<(String, String)>, TurnError> {
+    document
+        .front_matter()
+        .secrets
+        .iter()
+        .map(|name| match std::env::var(name) {
+            Ok(value) => Ok((name.clone(), value)),
+            Err(_) => Err(TurnError::MissingSecret {
+                path: document.path().to_path_buf(),
+                name: name.clone(),
+            }),
+        })
+        .collect()
+}
+
+fn not_run_record(step: &Step) -> StepRecord {
+    StepRecord {
+        number: step.number,
+        title: step.title(),
+        language: step.language,
+        status: StepStatus::NotRun,
+        exit_code: None,
+        signal: None,
+        duration_ms: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        outputs: BTreeMap::new(),
+        log: None,
+        message: None,
+    }
+}
+
+/// The environment every step starts from; the document's `env` and secrets come on top.
+const BASE_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("USER", "root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+    ("UPSTREAM", "1"),
+];
+
+/// Where steps' scripts and `$UPSTREAM_OUTPUT` files live inside the sandbox.
+const SANDBOX_RUN_DIR: &str = "/run/upstream";
+
+struct StepRunner<'a> {
+    document: &'a Document,
+    options: &'a TurnOptions,
+    secrets: &'a [(String, String)],
+    run_dir: &'a Path,
+    turn_id: &'a str,
+    deadline: Option<Instant>,
+}
+
+/// Everything one step's output goes to.
+struct OutputSinks {
+    redact_out: Redactor,
+    redact_err: Redactor,
+    stdout: OutputCapture,
+    stderr: OutputCapture,
+    combined: OutputCapture,
+    log: BufWriter<fs::File>,
+    log_error: Option<io::Error>,
+    scratch: Vec<u8>,
+}
+
+impl OutputSinks {
+    fn push(&mut self, stream: Stream, data: &[u8], observer: &mut dyn Observer) {
+        self.scratch.clear();
+        match stream {
+            Stream::Stdout => self.redact_out.push(data, &mut self.scratch),
+            Stream::Stderr => self.redact_err.push(data, &mut self.scratch),
+        }
+        self.deliver(stream, observer);
+    }
+
+    fn finish(&mut self, observer: &mut dyn Observer) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            self.scratch.clear();
+            match stream {
+                Stream::Stdout => self.redact_out.finish(&mut self.scratch),
+                Stream::Stderr => self.redact_err.finish(&mut self.scratch),
+            }
+            self.deliver(stream, observer);
+        }
+        if let Err(e) = self.log.flush() {
+            self.log_error.get_or_insert(e);
+        }
+    }
+
+    fn deliver(&mut self, stream: Stream, observer: &mut dyn Observer) {
+        let data = &self.scratch;
+        if data.is_empty() {
+            return;
+        }
+        match stream {
+            Stream::Stdout => self.stdout.push(data),
+            Stream::Stderr => self.stderr.push(data),
+        }
+        self.combined.push(data);
+        if self.log_error.is_none() {
+            if let Err(e) = self.log.write_all(data) {
+                self.log_error = Some(e);
+            }
+        }
+        observer.event(Event::Output(stream, data));
+    }
+}
+
+impl StepRunner<'_> {
+    fn env(&self, step: &Step) -> Vec<(String, String)> {
+        let fm = self.document.front_matter();
+        let mut env: BTreeMap<String, String> = BASE_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.insert("UPSTREAM_TURN".into(), self.turn_id.to_string());
+        env.insert("UPSTREAM_STEP".into(), step.number.to_string());
+        env.insert("UPSTREAM_OUTPUT".into(), output_path(step));
+        for (k, v) in &fm.env {
+            env.insert(k.clone(), v.clone());
+        }
+        for (k, v) in self.secrets {
+            env.insert(k.clone(), v.clone());
+        }
+        env.into_iter().collect()
+    }
+
+    fn run_step(
+        &mut self,
+        sandbox: &mut dyn Sandbox,
+        step: &Step,
+        observer: &mut dyn Observer,
+    ) -> Result<(StepRecord, ResultBlock), SandboxError> {
+        let fm = self.document.front_matter();
+        let (script, argv) = script_for(step);
+        sandbox.write_file(&script, step.code.as_bytes(), 0o755)?;
+        sandbox.write_file(&output_path(step), b"", 0o666)?;
+
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let (limit, limit_is_turn) = match (fm.step_timeout, left) {
+            (Some(s), Some(t)) if t < s => (Some(t), true),
+            (Some(s), _) => (Some(s), false),
+            (None, Some(t)) => (Some(t), true),
+            (None, None) => (None, false),
+        };
+        let log_path = self.run_dir.join(format!("step-{}.log", step.number));
+        let log = fs::File::create(&log_path).map_err(|e| {
+            SandboxError::setup(format!("cannot create {}: {e}", log_path.display()), None)
+        })?;
+        let limits = self.options.output_limits;
+        let secret_values = self.secrets.iter().map(|(_, v)| v.as_str());
+        let redactor = Redactor::new(secret_values);
+        let mut sinks = OutputSinks {
+            redact_out: redactor.clone(),
+            redact_err: redactor.clone(),
+            stdout: OutputCapture::new(limits),
+            stderr: OutputCapture::new(limits),
+            combined: OutputCapture::new(limits),
+            log: BufWriter::with_capacity(64 << 10, log),
+            log_error: None,
+            scratch: Vec::new(),
+        };
+        let request = ExecRequest {
+            argv,
+            env: self.env(step),
+            cwd: fm.workdir().to_string(),
+            timeout_ms: limit.map(|l| l.as_millis().max(1) as u64),
+        };
+        let exec = if limit.is_some_and(|l| l.is_zero()) {
+            None
+        } else {
+            Some(sandbox.exec(&request, &mut |stream, data| {
+                sinks.push(stream, data, observer)
+            }))
+        };
+        sinks.finish(observer);
+
+        let mut record = not_run_record(step);
+        record.log = Some(log_path.clone());
+        let mut outcome;
+        let mut duration = None;
+        match exec {
+            None => {
+                outcome = Outcome::TimedOut(fm.timeout.unwrap_or_default());
+                record.status = StepStatus::TimedOut;
+                record.message = Some("the turn's timeout ran out before this step".into());
+            }
+            Some(Err(SandboxError::Agent(upstream_sandbox::ClientError::Refused(why)))) => {
+                record.status = StepStatus::Error;
+                record.message = Some(why.clone());
+                outcome = Outcome::Failed(why);
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(done)) => {
+                duration = Some(done.duration);
+                record.duration_ms = Some(done.duration.as_millis() as u64);
+                match done.status {
+                    ExitStatus::Code(c) => record.exit_code = Some(c),
+                    ExitStatus::Signal(s) => record.signal = Some(s),
+                }
+                outcome = match done.status {
+                    ExitStatus::Code(c) => Outcome::Exited(c),
+                    ExitStatus::Signal(s) => Outcome::Signalled(s),
+                };
+                record.status = if done.status.success() {
+                    StepStatus::Passed
+                } else {
+                    StepStatus::Failed
+                };
+                if done.timed_out {
+                    let limit = limit.unwrap_or_default();
+                    outcome = Outcome::TimedOut(limit);
+                    record.status = StepStatus::TimedOut;
+                    record.message = Some(if limit_is_turn {
+                        "the turn's timeout ran out".into()
+                    } else {
+                        "the step ran past step_timeout".into()
+                    });
+                } else if done.out_of_memory && !done.status.success() {
+                    outcome = Outcome::OutOfMemory { limit: fm.memory };
+                    record.status = StepStatus::OutOfMemory;
+                    record.message =
+                        Some("killed for using more memory than the sandbox's limit".into());
+                }
+                let outputs = sandbox.read_file(&output_path(step), MAX_OUTPUTS_BYTES);
+                match outputs {
+                    Ok(bytes) => {
+                        let text = redactor.redact_str(&String::from_utf8_lossy(&bytes));
+                        record.outputs = parse_outputs(&text);
+                    }
+                    Err(SandboxError::Interrupted) => return Err(SandboxError::Interrupted),
+                    Err(e) => {
+                        record
+                            .message
+                            .get_or_insert(format!("outputs not read: {e}"));
+                    }
+                }
+            }
+        }
+        if let Some(e) = sinks.log_error.take() {
+            record
+                .message
+                .get_or_insert(format!("the log {} is incomplete: {e}", log_path.display()));
+        }
+        let combined = std::mem::replace(&mut sinks.combined, OutputCapture::new(limits)).finish();
+        let stdout = std::mem::replace(&mut sinks.stdout, OutputCapture::new(limits)).finish();
+        let stderr = std::mem::replace(&mut sinks.stderr, OutputCapture::new(limits)).finish();
+        record.stdout = captured_text(&stdout);
+        record.stderr = captured_text(&stderr);
+        record.stdout_bytes = stdout.total_bytes;
+        record.stderr_bytes = stderr.total_bytes;
+        let doc_dir = self.document.path().parent().unwrap_or(Path::new("."));
+        let full_output = combined
+            .omitted
+            .is_some()
+            .then(|| state::relative_to(&log_path, doc_dir).display().to_string());
+        let result = ResultBlock {
+            outcome,
+            duration,
+            output: combined,
+            outputs: record
+                .outputs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            full_output,
+        };
+        Ok((record, result))
+    }
+}
+
+fn output_path(step: &Step) -> String {
+    format!("{SANDBOX_RUN_DIR}/outputs/step-{}", step.number)
+}
+
+/// Where a step's code is written in the sandbox, and the command that runs it.
+fn script_for(step: &Step) -> (String, Vec<String>) {
+    let (ext, interpreter): (&str, &[&str]) = match step.language {
+        Language::Bash => ("sh", &["bash", "-e", "-o", "pipefail"]),
+        Language::Sh => ("sh", &["sh", "-e"]),
+        Language::Python => ("py", &["python3", "-u"]),
+    };
+    let path = format!("{SANDBOX_RUN_DIR}/steps/step-{}.{ext}", step.number);
+    let mut argv: Vec<String> = interpreter.iter().map(|s| s.to_string()).collect();
+    argv.push(path.clone());
+    (path, argv)
+}
+
+fn captured_text(c: &Captured) -> String {
+    let mut text = String::from_utf8_lossy(&c.head).into_owned();
+    if let Some(o) = c.omitted {
+        text.push_str(&format!(
+            "\n[… {} lines ({} bytes) not shown …]\n",
+            o.lines, o.bytes
+        ));
+        text.push_str(&String::from_utf8_lossy(&c.tail));
+    }
+    text
+}
+
+/// Parses `$UPSTREAM_OUTPUT`: `key=value` lines, and `key<<DELIM` … `DELIM` for values that
+/// span lines (as GitHub Actions reads `$GITHUB_OUTPUT`). Later values replace earlier ones.
+pub fn parse_outputs(text: &str) -> BTreeMap<String, String> {
+    let mut outputs = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some((key, delim)) = line.split_once("<<") {
+            if !key.contains('=') && !key.trim().is_empty() {
+                let mut value = Vec::new();
+                for l in lines.by_ref() {
+                    if l == delim {
+                        break;
+                    }
+                    value.push(l);
+                }
+                outputs.insert(key.trim().to_string(), value.join("\n"));
+                continue;
+            }
+        }
+        if let Some((key, value)) = line.split_once('=') {
+            if !key.trim().is_empty() {
+                outputs.insert(key.trim().to_string(), value.to_string());
+            }
+        }
+    }
+    outputs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_are_read_like_github_outputs() {
+        let got = parse_outputs(
+            "count=847\nsummary=14 results\nnotes<<EOF\nline 1\nline 2\nEOF\nempty=\ncount=848\n",
+        );
+        assert_eq!(got["count"], "848");
+        assert_eq!(got["summary"], "14 results");
+        assert_eq!(got["notes"], "line 1\nline 2");
+        assert_eq!(got["empty"], "");
+        assert_eq!(got.len(), 4);
+    }
+
+    #[test]
+    fn garbage_lines_are_ignored() {
+        assert!(parse_outputs("no equals sign\n=value\n").is_empty());
+    }
+}

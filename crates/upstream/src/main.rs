@@ -1,35 +1,46 @@
+//! The `upstream` binary: turns command lines into engine calls and shows the results.
+
+// The binary is where output is decided; the libraries below it never print.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod cli;
+mod doctor;
+mod exec;
+mod interrupt;
+mod progress;
+mod run;
+
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// Exit codes: what happened, for scripts.
+pub mod exit {
+    /// Every step passed.
+    pub const OK: u8 = 0;
+    /// A step failed, timed out or ran out of memory.
+    pub const STEP_FAILED: u8 = 1;
+    /// The input is bad: the document was not touched.
+    pub const BAD_INPUT: u8 = 2;
+    /// The sandbox could not be set up.
+    pub const SANDBOX: u8 = 3;
+    /// Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
+}
+
 fn main() -> ExitCode {
+    // The sandbox init is this same binary, started again inside the new namespaces.
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == upstream_backend_ns::INIT_ARG)
     {
-        return ExitCode::from(upstream_backend_ns::init::main() as u8);
+        return ExitCode::from(upstream_backend_ns::init::main().clamp(0, 255) as u8);
     }
-    let backend = upstream_backend_ns::NamespaceBackend::new("/proc/self/exe".into()).unwrap();
-    use upstream_sandbox::Backend;
-    let mut sb = match backend.create(&upstream_sandbox::SandboxSpec::default()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(3);
-        }
+    let cli = cli::Cli::parse();
+    let code = match cli.command {
+        cli::Command::Run(args) => run::run(args),
+        cli::Command::Exec(args) => exec::exec(args),
+        cli::Command::Doctor => doctor::doctor(),
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let req = upstream_sandbox::ExecRequest {
-        argv,
-        env: vec![(
-            "PATH".into(),
-            "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
-        )],
-        cwd: "/workspace".into(),
-        timeout_ms: None,
-    };
-    let out = sb.exec(&req, &mut |_, d| {
-        use std::io::Write;
-        let _ = std::io::stdout().write_all(d);
-    });
-    eprintln!("{:?} setup {:?}", out, sb.info());
-    ExitCode::SUCCESS
+    ExitCode::from(code)
 }

@@ -1,0 +1,165 @@
+//! `upstream doctor`: what this host supports, and what upstream will use on it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use upstream_backend_ns::{NamespaceBackend, probe};
+use upstream_sandbox::{Backend, ExecRequest, SandboxSpec};
+
+struct Line {
+    name: String,
+    ok: bool,
+    detail: String,
+    hint: Option<String>,
+}
+
+pub fn doctor() -> u8 {
+    let mut lines: Vec<Line> = probe::checks()
+        .into_iter()
+        .map(|c| Line {
+            name: c.name.into(),
+            ok: c.ok,
+            detail: c.detail,
+            hint: c.hint,
+        })
+        .collect();
+    lines.push(kvm());
+    lines.push(vmms());
+    let sandbox = try_sandbox();
+    let sandbox_ok = sandbox.ok;
+    lines.push(sandbox);
+    let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0);
+    for line in &lines {
+        let mark = if line.ok { "ok  " } else { "no  " };
+        println!("{mark}{:width$}  {}", line.name, line.detail);
+        if let (false, Some(hint)) = (line.ok, &line.hint) {
+            println!("    {:width$}  hint: {hint}", "");
+        }
+    }
+    println!();
+    if sandbox_ok {
+        println!("upstream will use: the namespace backend");
+        crate::exit::OK
+    } else {
+        println!("upstream cannot make sandboxes on this host; see the hints above");
+        crate::exit::SANDBOX
+    }
+}
+
+fn try_sandbox() -> Line {
+    let name = "sandbox".to_string();
+    let result = NamespaceBackend::new(PathBuf::from("/proc/self/exe")).and_then(|backend| {
+        let mut sandbox = backend.create(&SandboxSpec::default())?;
+        let request = ExecRequest {
+            argv: vec!["/bin/true".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+            timeout_ms: Some(10_000),
+        };
+        let outcome = sandbox.exec(&request, &mut |_, _| {})?;
+        let info = sandbox.info().clone();
+        sandbox.destroy()?;
+        Ok((outcome, info))
+    });
+    match result {
+        Ok((outcome, info)) if outcome.status.success() => Line {
+            name,
+            ok: true,
+            detail: format!(
+                "a {} sandbox ran /bin/true (set up in {:.1} ms){}",
+                info.backend,
+                info.setup.as_secs_f64() * 1000.0,
+                if info.unenforced.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", info.unenforced.join("; "))
+                }
+            ),
+            hint: None,
+        },
+        Ok((outcome, _)) => Line {
+            name,
+            ok: false,
+            detail: format!("/bin/true ended with {:?}", outcome.status),
+            hint: None,
+        },
+        Err(e) => Line {
+            name,
+            ok: false,
+            detail: e.to_string(),
+            hint: e.hint().map(str::to_string),
+        },
+    }
+}
+
+fn kvm() -> Line {
+    let name = "kvm".to_string();
+    if !Path::new("/dev/kvm").exists() {
+        return Line { name, ok: false, detail: "no /dev/kvm".into(), hint: Some("microVM backends need KVM: enable virtualization in the firmware and load kvm_intel or kvm_amd".into()) };
+    }
+    let modules = |m: &str| Path::new("/sys/module").join(m).exists();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_flags = cpuinfo.split_whitespace().any(|w| w == "vmx" || w == "svm");
+    let access = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if (modules("kvm_intel") || modules("kvm_amd")) && hw_flags {
+        Line {
+            name,
+            ok: access,
+            detail: format!(
+                "hardware KVM{}",
+                if access {
+                    ""
+                } else {
+                    " (no permission to open /dev/kvm)"
+                }
+            ),
+            hint: (!access).then(|| "add yourself to the kvm group".into()),
+        }
+    } else if modules("kvm_pvm") {
+        Line {
+            name,
+            ok: false,
+            detail: "/dev/kvm is PVM (paravirtualized), which cannot boot a stock guest kernel"
+                .into(),
+            hint: Some(
+                "microVMs need hardware KVM; QEMU under TCG works without it, slowly".into(),
+            ),
+        }
+    } else {
+        Line {
+            name,
+            ok: false,
+            detail: "/dev/kvm exists but no hardware virtualization was found".into(),
+            hint: Some("enable VT-x/AMD-V, or nested virtualization on a VM host".into()),
+        }
+    }
+}
+
+fn vmms() -> Line {
+    let found: Vec<String> = [
+        "firecracker",
+        "cloud-hypervisor",
+        "qemu-system-x86_64",
+        "qemu-system-aarch64",
+    ]
+    .iter()
+    .filter_map(|b| which(b).map(|p| format!("{b} ({})", p.display())))
+    .collect();
+    Line {
+        name: "vmms".into(),
+        ok: !found.is_empty(),
+        detail: if found.is_empty() { "none found".into() } else { found.join(", ") },
+        hint: Some("microVM isolation needs a VMM: install firecracker, or qemu-system-x86 (apt-get install qemu-system-x86)".into()),
+    }
+}
+
+fn which(binary: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+}

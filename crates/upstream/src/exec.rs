@@ -1,0 +1,120 @@
+//! `upstream exec`: one command in a fresh sandbox, its output streamed, its exit code passed on.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use upstream_backend_ns::NamespaceBackend;
+use upstream_sandbox::{
+    Backend, ExecRequest, ExitStatus, Image, Limits, NetworkMode, SandboxError, SandboxSpec, Stream,
+};
+use upstream_turn::Cancel;
+
+use crate::cli::ExecArgs;
+
+/// `upstream exec` could not run the command (as `docker run` answers 125).
+const EXEC_FAILED: u8 = 125;
+/// The command ran past `--timeout` (as `timeout(1)` answers).
+const TIMED_OUT: u8 = 124;
+
+pub fn exec(args: ExecArgs) -> u8 {
+    let image = if args.image == "host" {
+        Image::Host
+    } else {
+        eprintln!(
+            "error: cannot run image `{}`: only `host` can run on this version; OCI images are not available yet",
+            args.image
+        );
+        return EXEC_FAILED;
+    };
+    let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
+        Ok(b) => b,
+        Err(e) => return failed(&e),
+    };
+    let spec = SandboxSpec {
+        image,
+        limits: Limits {
+            memory: args.memory,
+            cpus: args.cpus,
+            pids: Some(Limits::DEFAULT_PIDS),
+        },
+        network: match args.network {
+            upstream_doc::Network::None => NetworkMode::None,
+            upstream_doc::Network::Host => NetworkMode::Host,
+        },
+        ..SandboxSpec::default()
+    };
+    let mut sandbox = match backend.create(&spec) {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    for warning in &sandbox.info().unenforced {
+        eprintln!("warning: {warning}");
+    }
+    let cancel = Cancel::default();
+    crate::interrupt::install(&cancel);
+    let interrupter = sandbox.interrupter();
+    let watcher = cancel.clone();
+    std::thread::spawn(move || {
+        while !watcher.is_cancelled() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        interrupter.interrupt();
+    });
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), "/root".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    env.extend(args.env);
+    let request = ExecRequest {
+        argv: args.command,
+        env,
+        cwd: args.workdir,
+        timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let outcome = sandbox.exec(&request, &mut |stream, data| {
+        // A reader that went away (`| head`) is not an error.
+        let _ = match stream {
+            Stream::Stdout => stdout.write_all(data).and_then(|()| stdout.flush()),
+            Stream::Stderr => stderr.write_all(data),
+        };
+    });
+    let code = match outcome {
+        Ok(o) if o.timed_out => {
+            eprintln!("upstream: the command ran past --timeout and was killed");
+            TIMED_OUT
+        }
+        Ok(o) => {
+            if o.out_of_memory && !o.status.success() {
+                eprintln!(
+                    "upstream: the command ran out of memory (limit {})",
+                    args.memory.map_or("none".into(), upstream_doc::format_size)
+                );
+            }
+            match o.status {
+                ExitStatus::Code(c) => c.clamp(0, 255) as u8,
+                ExitStatus::Signal(s) => (128 + s).clamp(0, 255) as u8,
+            }
+        }
+        Err(SandboxError::Interrupted) => crate::exit::INTERRUPTED,
+        Err(SandboxError::Agent(upstream_sandbox::ClientError::Refused(why))) => {
+            eprintln!("upstream: {why}");
+            127
+        }
+        Err(e) => return failed(&e),
+    };
+    if let Err(e) = sandbox.destroy() {
+        eprintln!("warning: {e}");
+    }
+    code
+}
+
+fn failed(e: &SandboxError) -> u8 {
+    crate::run::sandbox_failed(e);
+    EXEC_FAILED
+}

@@ -1,0 +1,23 @@
+//! Ctrl-C and termination signals: the running turn is cancelled and its sandbox torn down.
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use upstream_turn::Cancel;
+
+/// Cancels `cancel` on SIGINT, SIGTERM or SIGHUP. A second signal ends the process at once.
+pub fn install(cancel: &Cancel) {
+    let Ok(mut signals) = Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    let cancel = cancel.clone();
+    std::thread::spawn(move || {
+        let mut seen = false;
+        for _ in signals.forever() {
+            if seen {
+                std::process::exit(crate::exit::INTERRUPTED.into());
+            }
+            seen = true;
+            cancel.cancel();
+        }
+    });
+}

@@ -1,0 +1,145 @@
+//! Progress on stderr: a live spinner per step on a terminal, plain lines otherwise.
+
+use std::io::{self, IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use upstream_doc::{Step, format_duration, signal_name};
+use upstream_turn::{Event, Observer, StepRecord, StepStatus};
+
+/// Where the status column of a step line starts.
+const STATUS_COLUMN: usize = 36;
+
+pub struct Progress {
+    image: String,
+    verbose: bool,
+    tty: bool,
+    bar: Option<ProgressBar>,
+    stderr: io::Stderr,
+}
+
+impl Progress {
+    pub fn new(image: &str, verbose: bool) -> Progress {
+        let stderr = io::stderr();
+        Progress {
+            image: image.to_string(),
+            verbose,
+            tty: stderr.is_terminal(),
+            bar: None,
+            stderr,
+        }
+    }
+
+    fn line(&mut self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => {
+                let _ = writeln!(self.stderr, "{text}");
+            }
+        }
+    }
+}
+
+/// `Step 1: Count files ........`
+fn step_label(step: &Step) -> String {
+    let label = format!("Step {}: {}", step.number, step.title());
+    let width = label.chars().count();
+    let dots = STATUS_COLUMN.saturating_sub(width + 2).max(3);
+    format!("{label} {}", ".".repeat(dots))
+}
+
+/// `done (0.01s)`, `failed: exit 1 (0.2s)`, `timed out after 30s`, …
+pub fn status_text(record: &StepRecord) -> String {
+    let took = record
+        .duration_ms
+        .map(|ms| format_duration(Duration::from_millis(ms)));
+    let with_time = |s: String| match &took {
+        Some(t) => format!("{s} ({t})"),
+        None => s,
+    };
+    match record.status {
+        StepStatus::Passed => match (record.outputs.get("summary"), &took) {
+            (Some(summary), Some(t)) => format!("done ({summary}, {t})"),
+            (Some(summary), None) => format!("done ({summary})"),
+            (None, _) => with_time("done".into()),
+        },
+        StepStatus::Failed => match (record.exit_code, record.signal) {
+            (Some(code), _) => with_time(format!("failed: exit {code}")),
+            (None, Some(sig)) => with_time(format!("failed: killed by {}", signal_name(sig))),
+            _ => with_time("failed".into()),
+        },
+        StepStatus::TimedOut => match record.duration_ms {
+            Some(ms) => format!(
+                "timed out after {}",
+                format_duration(Duration::from_millis(ms))
+            ),
+            None => "timed out".into(),
+        },
+        StepStatus::OutOfMemory => with_time("out of memory".into()),
+        StepStatus::Error => format!(
+            "could not start: {}",
+            record.message.as_deref().unwrap_or("unknown error")
+        ),
+        StepStatus::NotRun => "not run".into(),
+    }
+}
+
+impl Observer for Progress {
+    fn event(&mut self, event: Event<'_>) {
+        match event {
+            Event::SandboxReady(info) => {
+                let ms = info.setup.as_secs_f64() * 1000.0;
+                let line = format!(
+                    "Sandbox: {} image, {} ({ms:.1} ms)",
+                    self.image, info.backend
+                );
+                self.line(&line);
+                for warning in &info.unenforced {
+                    self.line(&format!("warning: {warning}"));
+                }
+            }
+            Event::StepStarted(step) => {
+                let label = step_label(step);
+                if self.tty {
+                    let bar = ProgressBar::new_spinner();
+                    bar.set_style(
+                        ProgressStyle::with_template("{msg} {spinner} {elapsed}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.set_message(label);
+                    bar.enable_steady_tick(Duration::from_millis(100));
+                    self.bar = Some(bar);
+                } else if self.verbose {
+                    self.line(&format!("Step {}: {}", step.number, step.title()));
+                }
+            }
+            Event::Output(_, data) => {
+                if !self.verbose {
+                    return;
+                }
+                let stderr = &mut self.stderr;
+                match &self.bar {
+                    Some(bar) => bar.suspend(|| {
+                        let _ = stderr.write_all(data);
+                        let _ = stderr.flush();
+                    }),
+                    None => {
+                        let _ = stderr.write_all(data);
+                    }
+                }
+            }
+            Event::StepFinished(step, record) => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                let line = format!("{} {}", step_label(step), status_text(record));
+                self.line(&line);
+            }
+        }
+    }
+}
+
+/// A clock for the summary line.
+pub fn since(start: Instant) -> String {
+    format_duration(start.elapsed())
+}

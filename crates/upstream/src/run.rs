@@ -1,0 +1,184 @@
+//! `upstream run`: run documents, show progress, write results back.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use upstream_backend_ns::NamespaceBackend;
+use upstream_doc::Document;
+use upstream_sandbox::SandboxError;
+use upstream_turn::{Cancel, StepStatus, TurnError, TurnOptions, TurnStatus, WriteBack, state};
+
+use crate::cli::RunArgs;
+use crate::exit;
+use crate::progress::{self, Progress};
+
+pub fn run(args: RunArgs) -> u8 {
+    // Every document is read before any runs: bad input anywhere stops everything, untouched.
+    let mut documents = Vec::new();
+    let mut bad = false;
+    for path in &args.files {
+        match Document::read(path) {
+            Ok(parsed) => documents.push(parsed),
+            Err(e) => {
+                eprintln!("{}", e.report());
+                bad = true;
+            }
+        }
+    }
+    if bad {
+        return exit::BAD_INPUT;
+    }
+    let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
+        Ok(b) => b,
+        Err(e) => return sandbox_failed(&e),
+    };
+    let cancel = Cancel::default();
+    crate::interrupt::install(&cancel);
+    let mut worst = exit::OK;
+    for (document, original) in &documents {
+        let code = run_one(&args, &backend, document, original, &cancel);
+        worst = worst.max(code);
+        if code == exit::INTERRUPTED {
+            break;
+        }
+    }
+    worst
+}
+
+fn run_one(
+    args: &RunArgs,
+    backend: &NamespaceBackend,
+    document: &Document,
+    original: &[u8],
+    cancel: &Cancel,
+) -> u8 {
+    let start = Instant::now();
+    let mut progress = Progress::new(document.front_matter().image(), args.verbose);
+    let turn = match upstream_turn::run(
+        document,
+        backend,
+        &TurnOptions::default(),
+        &mut progress,
+        cancel,
+    ) {
+        Ok(turn) => turn,
+        Err(TurnError::MissingSecret { path, name }) => {
+            eprintln!(
+                "error: {}: secret `{name}` is not set in the environment",
+                path.display()
+            );
+            eprintln!("hint: export {name} before running, or remove it from `secrets`");
+            return exit::BAD_INPUT;
+        }
+        Err(TurnError::Sandbox(SandboxError::Interrupted)) => {
+            eprintln!(
+                "Interrupted: the sandbox was torn down; {} was not modified",
+                document.path().display()
+            );
+            return exit::INTERRUPTED;
+        }
+        Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
+        Err(e @ TurnError::State { .. }) => {
+            eprintln!("error: {e}");
+            return exit::SANDBOX;
+        }
+    };
+    let record = &turn.record;
+    if args.json {
+        if let Ok(line) = serde_json::to_string(record) {
+            let mut out = std::io::stdout().lock();
+            // A closed stdout (`| head`) is not an error worth reporting.
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let doc_dir = document.path().parent().unwrap_or(Path::new("."));
+    let run_dir = state::relative_to(&record.run_dir, doc_dir);
+    if record.status == TurnStatus::Interrupted {
+        eprintln!(
+            "Interrupted: the sandbox was torn down; {} was not modified (partial logs in {})",
+            document.path().display(),
+            record.run_dir.display()
+        );
+        let _ = run_dir;
+        return exit::INTERRUPTED;
+    }
+    let rendered = turn.render(document);
+    let fallback = record.run_dir.join("document.md");
+    let written = upstream_turn::write_back(document.path(), original, &rendered, &fallback);
+    let total = record.steps.len();
+    let passed = record.passed_steps();
+    let failed = record
+        .steps
+        .iter()
+        .find(|s| s.status.failed() && s.status != StepStatus::NotRun);
+    let mut summary = match (record.status, failed) {
+        (TurnStatus::Passed, _) => format!(
+            "{passed} step{} passed in {}",
+            if passed == 1 { "" } else { "s" },
+            progress::since(start)
+        ),
+        (_, Some(step)) => format!(
+            "Step {} {} · {passed} of {total} steps passed in {}",
+            step.number,
+            progress::status_text(step),
+            progress::since(start)
+        ),
+        (_, None) => format!(
+            "{passed} of {total} steps passed in {}",
+            progress::since(start)
+        ),
+    };
+    let code = if record.status == TurnStatus::Passed {
+        exit::OK
+    } else {
+        exit::STEP_FAILED
+    };
+    match written {
+        Ok(WriteBack::Written) => {
+            summary.push_str(&format!(
+                " · results written to {}",
+                document.path().display()
+            ));
+            eprintln!("{summary}");
+            code
+        }
+        Ok(WriteBack::Conflict { saved_to }) => {
+            eprintln!("{summary}");
+            eprintln!(
+                "warning: {} changed while the turn ran, so its results were not written into it",
+                document.path().display()
+            );
+            eprintln!(
+                "hint: the document with this turn's results is {}",
+                saved_to.display()
+            );
+            code
+        }
+        Err(e) => {
+            eprintln!("{summary}");
+            eprintln!(
+                "error: cannot write results to {}: {e}",
+                document.path().display()
+            );
+            eprintln!(
+                "hint: the turn's record and logs are in {}",
+                record.run_dir.display()
+            );
+            code.max(exit::STEP_FAILED)
+        }
+    }
+}
+
+pub fn sandbox_failed(e: &SandboxError) -> u8 {
+    eprintln!("error: {e}");
+    if let Some(hint) = e.hint() {
+        eprintln!("hint: {hint}");
+    }
+    if let SandboxError::Image { .. } = e {
+        eprintln!(
+            "hint: remove `image:` from the front matter (or set `image: host`) to run on the host's /usr and /etc"
+        );
+    }
+    exit::SANDBOX
+}
