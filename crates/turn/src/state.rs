@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 pub const STATE_DIR: &str = ".upstream";
 
 /// Finds the `.upstream/` directory for a document, creating one beside it if none exists
-/// above it.
+/// above it. `$UPSTREAM_STATE_DIR` names one outright.
 pub fn state_dir_for(document: &Path) -> io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("UPSTREAM_STATE_DIR") {
+        let dir = PathBuf::from(dir);
+        fs::create_dir_all(&dir)?;
+        return Ok(dir);
+    }
     let absolute = std::path::absolute(document)?;
     let start = absolute
         .parent()

@@ -7,7 +7,7 @@ use std::time::Instant;
 use upstream_backend_ns::NamespaceBackend;
 use upstream_doc::Document;
 use upstream_sandbox::SandboxError;
-use upstream_turn::{Cancel, StepStatus, TurnError, TurnOptions, TurnStatus, WriteBack, state};
+use upstream_turn::{Cancel, TurnError, TurnOptions, TurnStatus, WriteBack, state};
 
 use crate::cli::RunArgs;
 use crate::exit;
@@ -108,10 +108,13 @@ fn run_one(
     let written = upstream_turn::write_back(document.path(), original, &rendered, &fallback);
     let total = record.steps.len();
     let passed = record.passed_steps();
+    // The step that stopped the turn: the first failure not marked continue_on_error.
     let failed = record
         .steps
         .iter()
-        .find(|s| s.status.failed() && s.status != StepStatus::NotRun);
+        .zip(document.steps())
+        .find(|(r, s)| r.status.failed() && !s.continue_on_error)
+        .map(|(r, _)| r);
     let mut summary = match (record.status, failed) {
         (TurnStatus::Passed, _) => format!(
             "{passed} step{} passed in {}",

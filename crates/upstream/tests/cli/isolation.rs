@@ -1,0 +1,391 @@
+//! Each isolation promise, attacked from inside a sandbox. These run as root in CI.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, code, result_block, stderr};
+
+/// Runs a one-step document and returns the step's result block.
+fn run_step(env: &Env, front_matter: &str, script: &str) -> (i32, String, String) {
+    let text = format!("---\n{front_matter}\n---\n# Attack\n```bash\n{script}\n```\n");
+    let path = env.write("attack.md", text);
+    let out = env.upstream(&["run", "attack.md"]);
+    let doc = fs::read_to_string(path).unwrap();
+    (code(&out), result_block(&doc, 1), stderr(&out))
+}
+
+#[test]
+fn host_files_are_not_visible() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let name = format!("upstream-planted-{}", std::process::id());
+    let in_root = Path::new("/root").join(&name);
+    let in_home = Path::new("/home").join(&name);
+    fs::write(&in_root, "root secret").unwrap();
+    fs::create_dir_all(&in_home).unwrap();
+    fs::write(in_home.join("secret"), "home secret").unwrap();
+    let script = format!(
+        "for p in /root/{name} /home/{name}/secret /proc/1/root/root/{name} /proc/1/cwd/../root/{name}; do\n  if cat \"$p\" 2>/dev/null; then echo \"READ $p\"; else echo \"denied $p\"; fi\ndone\nls -a /root /home\ncat /etc/shadow >/dev/null 2>&1 && echo READ shadow || echo denied shadow"
+    );
+    let (code, block, err) = run_step(&env, "network: none", &script);
+    let _ = fs::remove_file(&in_root);
+    let _ = fs::remove_dir_all(&in_home);
+    assert_eq!(code, 0, "{err}\n{block}");
+    assert!(
+        !block.contains("READ") && !block.contains("root secret") && !block.contains("home secret"),
+        "{block}"
+    );
+    assert!(
+        !block.lines().any(|l| l.trim() == name),
+        "planted names are listed:\n{block}"
+    );
+    assert_eq!(block.matches("denied").count(), 5, "{block}");
+}
+
+#[test]
+fn only_the_sandbox_processes_are_visible() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let script = "ps -e -o pid=,comm=\necho \"count $(ls /proc | grep -c '^[0-9]*$')\"";
+    let (code, block, err) = run_step(&env, "image: host", script);
+    assert_eq!(code, 0, "{err}");
+    let count: usize = block
+        .lines()
+        .find_map(|l| l.strip_prefix("count "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(count <= 6, "{block}");
+    let test_pid = std::process::id().to_string();
+    let pids: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert!(pids.contains(&"1"), "the agent is pid 1: {block}");
+    assert!(
+        !pids.contains(&test_pid.as_str()) || test_pid.len() <= 2,
+        "{block}"
+    );
+    assert!(
+        !block.contains("cargo") && !block.contains("systemd"),
+        "{block}"
+    );
+}
+
+fn connect_script(port: u16) -> String {
+    format!(
+        "python3 - <<'EOF'\nimport socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=3).close()\n    print('CONNECTED')\nexcept OSError as e:\n    print('blocked', e)\nEOF"
+    )
+}
+
+#[test]
+fn no_network_means_the_host_loopback_is_unreachable() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let (code, block, err) = run_step(&env, "network: none", &connect_script(port));
+    assert_eq!(code, 0, "{err}");
+    assert!(block.contains("blocked"), "{block}");
+    assert!(listener.accept().is_err(), "the host listener was reached");
+    // The same probe does reach it with the host's network: the test can fail.
+    let (_, block, _) = run_step(&env, "network: host", &connect_script(port));
+    assert!(block.contains("CONNECTED"), "{block}");
+}
+
+#[test]
+fn writes_to_host_paths_fail_or_stay_inside() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let name = format!("upstream-probe-{}", std::process::id());
+    let targets = [
+        "/usr",
+        "/etc",
+        "/usr/local/bin",
+        "/",
+        "/tmp",
+        "/var/tmp",
+        "/root",
+        "/home",
+        "/opt",
+    ];
+    let script: String = targets
+        .iter()
+        .map(|d| {
+            format!(
+                "echo x > {d}/{name} 2>/dev/null && echo \"wrote {d}\" || echo \"refused {d}\"\n"
+            )
+        })
+        .collect();
+    let (code, block, err) = run_step(&env, "image: host", &script);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        block.contains("refused /usr") && block.contains("refused /etc"),
+        "{block}"
+    );
+    for dir in targets {
+        assert!(
+            !Path::new(dir).join(&name).exists(),
+            "{dir}/{name} appeared on the host"
+        );
+    }
+}
+
+#[test]
+fn fork_bomb_is_capped_and_the_host_stays_responsive() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    // The bomb's complaints go nowhere, so the count is not lost in cut output.
+    let script = "bomb() { bomb | bomb & }\nbomb 2>/dev/null\nwhile (( SECONDS < 4 )); do :; done\nn=0; for p in /proc/[0-9]*; do n=$((n+1)); done\necho \"processes=$n\" >> \"$UPSTREAM_OUTPUT\"";
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            while !done.load(Ordering::SeqCst) {
+                let start = Instant::now();
+                std::process::Command::new("/bin/true").status().unwrap();
+                worst = worst.max(start.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            worst
+        })
+    };
+    let (code, block, err) = run_step(&env, "step_timeout: 30s", script);
+    done.store(true, Ordering::SeqCst);
+    let worst = watcher.join().unwrap();
+    assert_eq!(code, 0, "{err}\n{block}");
+    let n: usize = block
+        .lines()
+        .find_map(|l| l.strip_prefix("**Outputs:** `processes` = `"))
+        .and_then(|n| n.trim_end_matches('`').parse().ok())
+        .unwrap_or_else(|| panic!("no process count in:\n{block}"));
+    assert!(n > 50, "the bomb did fork: {n}");
+    assert!(n <= 1024, "the pids cap held: {n}");
+    assert!(
+        worst < Duration::from_secs(2),
+        "the host answered within {worst:?}"
+    );
+    assert!(env.leftover_sandboxes().is_empty());
+}
+
+#[test]
+fn memory_limit_kills_and_reports_out_of_memory() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let script = "python3 -c \"x = b'x' * (512 << 20); print('survived', len(x))\"";
+    let (code, block, err) = run_step(&env, "memory: 64M", script);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        block.contains("**Result:** out of memory (limit 64.0 MiB)"),
+        "{block}"
+    );
+    assert!(!block.contains("survived 536870912"), "{block}");
+    assert!(err.contains("out of memory"), "{err}");
+}
+
+#[test]
+fn cpu_limit_is_applied() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let script = "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo none";
+    // The sandbox does not mount its cgroup tree; read the limit from the host side instead.
+    let _ = script;
+    let text = "---\ncpus: 0.5\n---\n```bash\npython3 - <<'EOF'\nimport time, os\nstart = time.time(); cpu0 = time.process_time()\nwhile time.time() - start < 2: pass\nprint('share', round((time.process_time() - cpu0) / (time.time() - start), 2))\nEOF\n```\n";
+    let path = env.write("cpu.md", text);
+    let out = env.upstream(&["run", "cpu.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&fs::read_to_string(path).unwrap(), 1);
+    let share: f64 = block
+        .lines()
+        .find_map(|l| l.strip_prefix("share "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(share < 0.75, "half a CPU was enforced: {share}");
+}
+
+#[test]
+fn huge_output_is_cut_and_memory_stays_bounded() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "big.md",
+        "```bash\nhead -c 100000000 /dev/zero | tr '\\0' x | fold -w 99\n```\n",
+    );
+    let mut child = env
+        .command()
+        .args(["run", "big.md"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; all zeroes is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes the status and usage of our own child into the two locals.
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(rc, child.id() as i32);
+    // wait4 above reaped it; this only marks the handle as done.
+    let _ = child.try_wait();
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    let doc = fs::read_to_string(path).unwrap();
+    assert!(
+        doc.len() < 200_000,
+        "the document holds a cut: {} bytes",
+        doc.len()
+    );
+    assert!(doc.contains("not shown"));
+    let peak_mib = usage.ru_maxrss as f64 / 1024.0;
+    assert!(
+        peak_mib < 128.0,
+        "peak memory {peak_mib:.1} MiB does not grow with output"
+    );
+    let mut log = String::new();
+    let logs: Vec<_> = fs::read_dir(env.path(".upstream/runs")).unwrap().collect();
+    let run = logs[0].as_ref().unwrap().path();
+    let size = fs::metadata(run.join("step-1.log")).unwrap().len();
+    assert_eq!(
+        size,
+        100_000_000 + 100_000_000 / 99,
+        "the log keeps all of it"
+    );
+    let _ = fs::File::open(run.join("turn.json"))
+        .unwrap()
+        .read_to_string(&mut log);
+    assert!(log.contains("\"stdout_bytes\": 101010101"), "{log}");
+}
+
+#[test]
+fn kernel_facilities_are_refused() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let script = r#"unshare -U true 2>/dev/null && echo "ALLOWED unshare" || echo "refused unshare"
+unshare -n true 2>/dev/null && echo "ALLOWED unshare-net" || echo "refused unshare-net"
+mount -t tmpfs none /mnt 2>/dev/null && echo "ALLOWED mount" || echo "refused mount"
+python3 - <<'EOF'
+import ctypes, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {"x86_64": {"bpf": 321, "kexec_load": 246, "init_module": 175, "finit_module": 313, "mount": 165, "unshare": 272, "keyctl": 250, "pivot_root": 155}}
+for name, nr in calls[platform.machine()].items():
+    r = libc.syscall(nr, 0, 0, 0, 0)
+    err = ctypes.get_errno()
+    print(("refused" if r == -1 and err == 1 else "ALLOWED"), name, os.strerror(err))
+# clone() with a namespace flag.
+CLONE_NEWUSER = 0x10000000
+r = libc.syscall(56, CLONE_NEWUSER | 17, 0, 0, 0, 0)
+print(("refused" if r == -1 else "ALLOWED"), "clone-newuser")
+EOF"#;
+    let (code, block, err) = run_step(&env, "image: host", script);
+    assert_eq!(code, 0, "{err}\n{block}");
+    assert!(!block.contains("ALLOWED"), "{block}");
+    for name in [
+        "unshare",
+        "mount",
+        "bpf",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "clone-newuser",
+    ] {
+        assert!(
+            block.contains(&format!("refused {name}")),
+            "{name}: {block}"
+        );
+    }
+}
+
+#[test]
+fn nothing_of_the_sandbox_remains_after_the_turn() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let marker = format!("5{}.75", std::process::id());
+    env.write("doc.md", format!("---\nmemory: 256M\n---\n```bash\nsleep {marker} &\nsetsid sleep {marker} &\necho started\n```\n"));
+    let child = env.command().args(["run", "doc.md"]).output().unwrap();
+    assert_eq!(code(&child), 0, "{}", stderr(&child));
+    // The turn's processes are gone…
+    assert!(
+        crate::util::processes_with(&marker).is_empty(),
+        "{:?}",
+        crate::util::processes_with(&marker)
+    );
+    // …its directories and mounts…
+    assert!(
+        env.leftover_sandboxes().is_empty(),
+        "{:?}",
+        env.leftover_sandboxes()
+    );
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(env.runtime.to_str().unwrap()),
+        "a mount remains"
+    );
+    // …and its cgroups. The upstream process's pid names them; find any that exist.
+    let out = env
+        .command()
+        .args(["run", "--json", "doc.md"])
+        .spawn()
+        .unwrap();
+    let pid = out.id();
+    let _ = out.wait_with_output().unwrap();
+    assert!(
+        crate::util::cgroups_of(pid).is_empty(),
+        "{:?}",
+        crate::util::cgroups_of(pid)
+    );
+}
+
+#[test]
+fn rootless_runs_as_an_unprivileged_user() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let nobody = 65534;
+    let work = env.path("nobody");
+    fs::create_dir(&work).unwrap();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+    let doc = work.join("doc.md");
+    fs::write(&doc, "---\nmemory: 64M\n---\n```bash\nid -u; ps -e -o comm= | wc -l; cat /etc/shadow > /dev/null 2>&1 && echo READ || echo denied\n```\n").unwrap();
+    std::os::unix::fs::chown(&doc, Some(nobody), Some(nobody)).unwrap();
+    let out = std::process::Command::new(crate::util::BIN)
+        .args(["run", doc.to_str().unwrap()])
+        .current_dir(&work)
+        .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+        .env("UPSTREAM_STATE_DIR", work.join(".upstream"))
+        .env("HOME", &work)
+        .uid(nobody)
+        .gid(nobody)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    if err.contains("cannot create a user namespace") {
+        eprintln!("SKIPPED: rootless: this kernel does not allow unprivileged user namespaces");
+        return;
+    }
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(err.contains("namespaces, rootless"), "{err}");
+    assert!(
+        err.contains("warning: memory limit is not enforced"),
+        "the run says which limits are not enforced: {err}"
+    );
+    let block = result_block(&fs::read_to_string(&doc).unwrap(), 1);
+    assert!(block.contains("\n0\n"), "root inside: {block}");
+    assert!(block.contains("denied"), "{block}");
+    assert!(
+        fs::read_dir(work.join("runtime/sandboxes"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "cleaned up"
+    );
+}

@@ -1,0 +1,14 @@
+//! End-to-end tests of the `upstream` binary: real sandboxes, real documents.
+//!
+//! Tests that need sandboxes skip loudly (a `SKIPPED:` line naming the reason) where the
+//! machine cannot make them; tests that attack isolation also need root, as CI runs them.
+
+// Tests report skips on stderr by design.
+#![allow(clippy::print_stderr)]
+
+mod util;
+
+mod bad_input;
+mod exec;
+mod isolation;
+mod run;

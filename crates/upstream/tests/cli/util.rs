@@ -1,0 +1,172 @@
+//! The harness: each test gets a fresh directory, its own runtime directory for sandboxes, and
+//! a builder for `upstream` commands.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_upstream");
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub runtime: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("upstream-test-")
+            .tempdir()
+            .unwrap();
+        let runtime = dir.path().join("runtime");
+        Env { dir, runtime }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).unwrap();
+        }
+        fs::write(&path, content).unwrap();
+        path
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(self.dir.path())
+            .env("UPSTREAM_RUNTIME_DIR", &self.runtime)
+            .env("UPSTREAM_STATE_DIR", self.path(".upstream"))
+            .env_remove("RUST_BACKTRACE");
+        cmd
+    }
+
+    pub fn upstream(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Sandbox directories still on the host.
+    pub fn leftover_sandboxes(&self) -> Vec<PathBuf> {
+        match fs::read_dir(self.runtime.join("sandboxes")) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Whether this machine can make sandboxes at all; prints why not once.
+pub fn sandboxes_available() -> bool {
+    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = AVAILABLE.get_or_init(|| {
+        let env = Env::new();
+        let out = env.upstream(&["exec", "--", "/bin/true"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(stderr(&out))
+        }
+    });
+    result.is_ok()
+}
+
+/// Skips the calling test, loudly, when sandboxes cannot be made here.
+#[macro_export]
+macro_rules! require_sandbox {
+    () => {
+        if !$crate::util::sandboxes_available() {
+            eprintln!(
+                "SKIPPED: {}: this machine cannot make sandboxes (see `upstream doctor`)",
+                module_path!()
+            );
+            return;
+        }
+    };
+}
+
+/// Skips the calling test, loudly, unless it runs as root with sandboxes available.
+#[macro_export]
+macro_rules! require_root_sandbox {
+    () => {
+        $crate::require_sandbox!();
+        if !$crate::util::is_root() {
+            eprintln!(
+                "SKIPPED: {}: needs root (cgroup limits and the uid-range sandbox)",
+                module_path!()
+            );
+            return;
+        }
+    };
+}
+
+/// Every process whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+/// cgroup directories named for sandboxes of the upstream process `pid`.
+pub fn cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("upstream-{pid}-");
+    let mut found = Vec::new();
+    fn walk(dir: &Path, prefix: &str, depth: usize, found: &mut Vec<PathBuf>) {
+        if depth > 6 {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name().to_string_lossy().starts_with(prefix) {
+                found.push(path.clone());
+            }
+            walk(&path, prefix, depth + 1, found);
+        }
+    }
+    walk(Path::new("/sys/fs/cgroup"), &prefix, 0, &mut found);
+    found
+}
+
+/// The document's result block for step `n` (1-based), as text.
+pub fn result_block(doc: &str, n: usize) -> String {
+    doc.split("<!-- upstream:result -->")
+        .nth(n)
+        .and_then(|rest| rest.split("<!-- /upstream:result -->").next())
+        .unwrap_or_else(|| panic!("no result block {n} in:\n{doc}"))
+        .to_string()
+}
