@@ -1,4 +1,5 @@
-//! Resource limits through cgroups, set up from the host side before the sandbox starts.
+//! Memory and CPU limits through cgroups, set up from the host side before the sandbox starts.
+//! (The process cap is not a cgroup: see `security`.)
 //!
 //! Each controller is placed where this host has it: cgroup v2 when the unified hierarchy
 //! offers the controller, else its v1 hierarchy (hybrid hosts mix the two). A sandbox's
@@ -20,17 +21,15 @@ use upstream_sandbox::Limits;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
     Memory,
-    Pids,
     Cpu,
 }
 
 impl Controller {
-    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+    pub const ALL: [Controller; 2] = [Controller::Memory, Controller::Cpu];
 
     pub fn name(self) -> &'static str {
         match self {
             Controller::Memory => "memory",
-            Controller::Pids => "pids",
             Controller::Cpu => "cpu",
         }
     }
@@ -179,13 +178,8 @@ impl Cgroups {
     pub fn create(layout: &Layout, name: &str, limits: &Limits) -> (Cgroups, Unenforced) {
         let mut cgroups = Cgroups::default();
         let mut unenforced = Vec::new();
-        let wanted: [(Controller, bool, String); 3] = [
+        let wanted: [(Controller, bool, String); 2] = [
             (Controller::Memory, limits.memory.is_some(), "memory".into()),
-            (
-                Controller::Pids,
-                limits.pids.is_some(),
-                "process count".into(),
-            ),
             (Controller::Cpu, limits.cpus.is_some(), "cpus".into()),
         ];
         for (controller, asked, what) in wanted {
@@ -326,10 +320,6 @@ fn apply(dir: &Path, version: Version, controller: Controller, limits: &Limits) 
             }
             Ok(())
         }
-        (Controller::Pids, _) => write(
-            "pids.max",
-            limits.pids.map_or("max".into(), |n| n.to_string()),
-        ),
         (Controller::Cpu, version) => {
             let period: u64 = 100_000;
             let quota = limits.cpus.map(|c| ((c * period as f64) as u64).max(1_000));
@@ -423,8 +413,8 @@ mod tests {
             PathBuf::from("/sys/fs/cgroup/memory/svc/abc")
         );
         assert_eq!(
-            layout.placement(Controller::Pids).unwrap().parent,
-            PathBuf::from("/sys/fs/cgroup/pids")
+            layout.placement(Controller::Cpu).unwrap().parent,
+            PathBuf::from("/sys/fs/cgroup/cpu")
         );
         assert_eq!(
             layout.unified,
@@ -450,7 +440,7 @@ mod tests {
     fn missing_controllers_are_named() {
         let layout = Layout::from_tables("", "", |_| None);
         assert!(layout.placements.is_empty());
-        assert_eq!(layout.missing.len(), 3);
+        assert_eq!(layout.missing.len(), 2);
     }
 
     #[test]

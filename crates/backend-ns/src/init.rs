@@ -7,7 +7,7 @@
 //! down and becomes the agent. Stage 1 stays outside only to wait for it; if stage 1 dies, the
 //! kernel kills stage 2 (parent-death signal), and with it every process of the sandbox.
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sched::{CloneFlags, unshare};
@@ -76,10 +76,6 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
                 .map_err(|e| format!("cannot write the gid map: {e}"))?;
         }
     }
-    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-        .map_err(|e| format!("cannot become the sandbox's root group: {e}"))?;
-    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-        .map_err(|e| format!("cannot become the sandbox's root: {e}"))?;
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
@@ -89,10 +85,35 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
+    // The shared skeleton is opened while this process still has its host ids (so the path to
+    // it need not be searchable by sandbox root) and is in the new mount namespace (so the
+    // overlay can use it); the mount reaches it through /proc/self/fd.
+    let skeleton = match &config.skeleton {
+        Some(path) => Some(
+            nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| format!("cannot open {path}: {e}"))?,
+        ),
+        None => None,
+    };
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root group: {e}"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root: {e}"))?;
     // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
     // child may run any code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => std::process::exit(stage2(conn, &config)),
+        ForkResult::Child => {
+            let lower = skeleton
+                .as_ref()
+                .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            std::process::exit(stage2(conn, &config, lower.as_deref()))
+        }
         ForkResult::Parent { child } => loop {
             match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -106,12 +127,12 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
 }
 
 /// Pid 1 of the sandbox.
-fn stage2(conn: &mut UnixStream, config: &InitConfig) -> i32 {
+fn stage2(conn: &mut UnixStream, config: &InitConfig, skeleton: Option<&str>) -> i32 {
     // If stage 1 dies (the host killed it), so does the whole sandbox.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let setup = mounts::build_root(config)
+    let setup = mounts::build_root(config, skeleton)
         .map_err(|e| e.to_string())
-        .and_then(|()| security::lock_down().map_err(|e| e.to_string()));
+        .and_then(|()| security::lock_down(config.max_processes).map_err(|e| e.to_string()));
     if let Err(message) = setup {
         let _ = write_frame(conn, &Response::SetupFailed { message });
         return SETUP_FAILED;

@@ -16,7 +16,7 @@ mod setup;
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -50,8 +50,12 @@ pub const SANDBOX_ID_COUNT: u32 = 65_536;
 #[derive(Debug)]
 pub struct NamespaceBackend {
     init_exe: PathBuf,
-    runtime_dir: PathBuf,
-    layout: Layout,
+    /// Where sandbox directories are made.
+    sandboxes: PathBuf,
+    /// The lower layer shared by host-image sandboxes.
+    skeleton: PathBuf,
+    /// Read on first use: only sandboxes with memory or cpu limits need it.
+    layout: std::sync::OnceLock<Layout>,
     rootless: bool,
 }
 
@@ -59,11 +63,34 @@ impl NamespaceBackend {
     /// A backend that starts `init_exe` (an upstream binary) as the init of each sandbox.
     pub fn new(init_exe: PathBuf) -> Result<NamespaceBackend, SandboxError> {
         let runtime_dir = runtime_dir()?;
+        let rootless = !Uid::effective().is_root();
+        let skeleton = runtime_dir.join(SKELETON_DIR);
+        if !skeleton.is_dir() {
+            let owner = (!rootless).then_some(SANDBOX_ID_BASE);
+            let temp = runtime_dir.join(format!("{SKELETON_DIR}.tmp-{}", std::process::id()));
+            let made =
+                mounts::make_skeleton(&temp, owner).and_then(|()| fs::rename(&temp, &skeleton));
+            if made.is_err() {
+                let _ = fs::remove_dir_all(&temp);
+                // Another upstream may have made it meanwhile; only its absence is an error.
+                if !skeleton.is_dir() {
+                    return Err(SandboxError::setup(
+                        format!(
+                            "cannot create {}: {}",
+                            skeleton.display(),
+                            made.err().map_or(String::new(), |e| e.to_string())
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
         Ok(NamespaceBackend {
             init_exe,
-            runtime_dir,
-            layout: Layout::detect(),
-            rootless: !Uid::effective().is_root(),
+            sandboxes: runtime_dir.join("sandboxes"),
+            skeleton,
+            layout: std::sync::OnceLock::new(),
+            rootless,
         })
     }
 
@@ -75,6 +102,9 @@ impl NamespaceBackend {
         }
     }
 }
+
+/// The versioned name of the shared skeleton: a change to its contents gets a new name.
+const SKELETON_DIR: &str = "skeleton-1";
 
 /// Where sandbox directories live: `$UPSTREAM_RUNTIME_DIR`, else `<tmp>/upstream-<uid>`.
 /// The directory is private to the user; one owned by anybody else is refused.
@@ -106,7 +136,7 @@ fn runtime_dir() -> Result<PathBuf, SandboxError> {
     if meta.permissions().mode() & 0o077 != 0 {
         let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
     }
-    Ok(sandboxes)
+    Ok(dir)
 }
 
 static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
@@ -129,8 +159,12 @@ impl Backend for NamespaceBackend {
             std::process::id(),
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = SandboxDir::create(&self.runtime_dir.join(&name), self.rootless)?;
-        let (cgroups, unenforced) = Cgroups::create(&self.layout, &name, &spec.limits);
+        let dir = SandboxDir::create(&self.sandboxes.join(&name), self.rootless)?;
+        let (cgroups, unenforced) = if spec.limits.memory.is_some() || spec.limits.cpus.is_some() {
+            Cgroups::create(self.layout.get_or_init(Layout::detect), &name, &spec.limits)
+        } else {
+            (Cgroups::default(), Vec::new())
+        };
         let id_map = if self.rootless {
             IdMap::Own
         } else {
@@ -141,10 +175,14 @@ impl Backend for NamespaceBackend {
         };
         let config = InitConfig {
             sandbox_dir: dir.path.display().to_string(),
+            skeleton: layers
+                .is_empty()
+                .then(|| self.skeleton.display().to_string()),
             layers,
             id_map,
             new_net: spec.network == NetworkMode::None,
             hostname: spec.hostname.clone(),
+            max_processes: spec.limits.pids,
         };
         let (mut conn, child, stderr) = start_init(&self.init_exe)?;
         let mut sandbox = NamespaceSandbox {
@@ -302,7 +340,7 @@ impl SandboxDir {
         let dir = SandboxDir {
             path: path.to_path_buf(),
         };
-        for sub in ["root", "lower", "upper", "work", "workspace"] {
+        for sub in ["root", "upper", "work", "workspace"] {
             let p = path.join(sub);
             fs::DirBuilder::new().mode(0o755).create(&p).map_err(fail)?;
             if !rootless {
@@ -339,6 +377,23 @@ fn make_removable(path: &Path) {
             }
         }
     }
+}
+
+/// Waits up to `timeout` for `child` to exit, without reaping it.
+fn exits_within(child: &Child, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)), Ok(n) if n > 0)
 }
 
 #[derive(Debug)]
@@ -416,20 +471,10 @@ impl NamespaceSandbox {
             }
         }
         if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(1))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+            if !exits_within(&child, Duration::from_secs(2)) {
+                let _ = child.kill();
             }
+            let _ = child.wait();
         }
         self.stderr = None;
         let cgroups = self.cgroups.destroy();

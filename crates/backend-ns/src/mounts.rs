@@ -101,12 +101,12 @@ fn bind_read_only(source: &str, target: &str) -> Result<(), MountError> {
     )
 }
 
-/// Builds the root and pivots into it; afterwards `/` is the sandbox's root.
-pub fn build_root(config: &InitConfig) -> Result<(), MountError> {
+/// Builds the root and pivots into it; afterwards `/` is the sandbox's root. `skeleton` is
+/// a path to the host image's lower layer that the init can reach.
+pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), MountError> {
     do_mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
     let lower = if config.layers.is_empty() {
-        make_skeleton()?;
-        "lower".to_string()
+        skeleton.unwrap_or("lower").to_string()
     } else {
         // overlayfs lists the top layer first.
         config
@@ -118,10 +118,6 @@ pub fn build_root(config: &InitConfig) -> Result<(), MountError> {
             .join(":")
     };
     mount_overlay(&lower)?;
-    for dir in SKELETON {
-        fs::create_dir_all(format!("root/{dir}"))
-            .map_err(ctx(|| format!("cannot create /{dir}")))?;
-    }
     if config.layers.is_empty() {
         for dir in HOST_DIRS {
             bind_read_only(&format!("/{dir}"), &format!("root/{dir}"))?;
@@ -132,6 +128,12 @@ pub fn build_root(config: &InitConfig) -> Result<(), MountError> {
                     .map_err(ctx(|| format!("cannot create /{name}")))?;
                 bind_read_only(&format!("/{name}"), &format!("root/{name}"))?;
             }
+        }
+    } else {
+        // An image may lack some mount points; they go into the sandbox's own layer.
+        for dir in SKELETON {
+            fs::create_dir_all(format!("root/{dir}"))
+                .map_err(ctx(|| format!("cannot create /{dir}")))?;
         }
     }
     do_mount(
@@ -183,21 +185,31 @@ pub fn build_root(config: &InitConfig) -> Result<(), MountError> {
     pivot()
 }
 
-fn make_skeleton() -> Result<(), MountError> {
-    for dir in SKELETON {
-        fs::create_dir_all(format!("lower/{dir}"))
-            .map_err(ctx(|| format!("cannot create lower/{dir}")))?;
+/// Makes the lower layer of host-image sandboxes: the mount points every root has, and the
+/// host's links into /usr. The host makes it once and every sandbox shares it read-only.
+/// `owner` is the host id of sandbox root, which should own the directories a sandbox writes
+/// into (such as /root).
+pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
+    for sub in SKELETON {
+        fs::create_dir_all(dir.join(sub))?;
     }
-    fs::set_permissions("lower/root", fs::Permissions::from_mode(0o700))
-        .map_err(ctx(|| "chmod /root".to_string()))?;
-    fs::set_permissions("lower/tmp", fs::Permissions::from_mode(0o1777))
-        .map_err(ctx(|| "chmod /tmp".to_string()))?;
-    fs::set_permissions("lower/var/tmp", fs::Permissions::from_mode(0o1777))
-        .map_err(ctx(|| "chmod /var/tmp".to_string()))?;
+    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    fs::set_permissions(dir.join("var/tmp"), fs::Permissions::from_mode(0o1777))?;
     for name in USR_LINKS {
         if let Ok(target) = fs::read_link(format!("/{name}")) {
-            symlink(&target, format!("lower/{name}"))
-                .map_err(ctx(|| format!("cannot link /{name}")))?;
+            symlink(&target, dir.join(name))?;
+        }
+    }
+    if let Some(id) = owner {
+        std::os::unix::fs::chown(dir, Some(id), Some(id))?;
+        for sub in SKELETON {
+            std::os::unix::fs::chown(dir.join(sub), Some(id), Some(id))?;
+        }
+        for name in USR_LINKS {
+            if dir.join(name).is_symlink() {
+                std::os::unix::fs::lchown(dir.join(name), Some(id), Some(id))?;
+            }
         }
     }
     Ok(())

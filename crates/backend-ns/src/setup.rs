@@ -15,14 +15,18 @@ pub enum IdMap {
 /// What the init needs to build the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitConfig {
-    /// The sandbox's directory on the host: `root`, `lower`, `upper`, `work`, `workspace`.
+    /// The sandbox's directory on the host: `root`, `upper`, `work`, `workspace`.
     pub sandbox_dir: String,
+    /// The shared lower layer of host-image sandboxes.
+    pub skeleton: Option<String>,
     /// Read-only image layers, lowest first; empty for the host image.
     pub layers: Vec<String>,
     pub id_map: IdMap,
     /// A network namespace of its own (only loopback).
     pub new_net: bool,
     pub hostname: String,
+    /// The most processes (and threads) the sandbox may have.
+    pub max_processes: Option<u64>,
 }
 
 /// Host to init.

@@ -88,7 +88,8 @@ impl Cancel {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
 
-    fn watch(&self, sandbox: Option<Arc<dyn Interrupter>>) {
+    /// Makes [`Cancel::cancel`] stop `sandbox` (or nothing, with `None`).
+    pub fn watch(&self, sandbox: Option<Arc<dyn Interrupter>>) {
         if let Ok(mut guard) = self.inner.sandbox.lock() {
             *guard = sandbox;
         }

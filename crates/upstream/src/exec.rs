@@ -52,14 +52,7 @@ pub fn exec(args: ExecArgs) -> u8 {
     }
     let cancel = Cancel::default();
     crate::interrupt::install(&cancel);
-    let interrupter = sandbox.interrupter();
-    let watcher = cancel.clone();
-    std::thread::spawn(move || {
-        while !watcher.is_cancelled() {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        interrupter.interrupt();
-    });
+    cancel.watch(Some(sandbox.interrupter()));
     let mut env: Vec<(String, String)> = vec![
         (
             "PATH".into(),
