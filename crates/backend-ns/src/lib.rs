@@ -85,6 +85,7 @@ impl NamespaceBackend {
                 }
             }
         }
+        remove_stale_sandboxes(&runtime_dir.join("sandboxes"));
         Ok(NamespaceBackend {
             init_exe,
             sandboxes: runtime_dir.join("sandboxes"),
@@ -99,6 +100,23 @@ impl NamespaceBackend {
             "namespaces, rootless".into()
         } else {
             "namespaces".into()
+        }
+    }
+}
+
+/// Removes the directories of sandboxes whose upstream process died without cleaning up
+/// (killed with SIGKILL, say); its processes died with it (parent-death signal).
+fn remove_stale_sandboxes(sandboxes: &Path) {
+    let Ok(entries) = fs::read_dir(sandboxes) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(cgroup::owner_pid) else {
+            continue;
+        };
+        if kill(Pid::from_raw(owner), None).is_err() {
+            let _ = SandboxDir { path: entry.path() }.remove();
         }
     }
 }

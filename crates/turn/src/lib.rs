@@ -159,14 +159,6 @@ pub fn run(
         .map_or(0.0, |d| d.as_secs_f64());
     let fm = document.front_matter();
     let secrets = resolve_secrets(document)?;
-    let id = uuid::Uuid::now_v7().to_string();
-    let state_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TurnError::State { path, source }
-    };
-    let state = state::state_dir_for(document.path()).map_err(state_err(document.path()))?;
-    let run_dir = state::run_dir(&state, &id).map_err(state_err(&state))?;
-
     let spec = sandbox_spec(fm);
     if let Image::Layers { reference, .. } = &spec.image {
         return Err(TurnError::Sandbox(SandboxError::Image {
@@ -175,6 +167,14 @@ pub fn run(
                 .into(),
         }));
     }
+    let id = uuid::Uuid::now_v7().to_string();
+    let state_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TurnError::State { path, source }
+    };
+    let state = state::state_dir_for(document.path()).map_err(state_err(document.path()))?;
+    let run_dir = state::run_dir(&state, &id).map_err(state_err(&state))?;
+
     let mut sandbox = backend.create(&spec)?;
     cancel.watch(Some(sandbox.interrupter()));
     observer.event(Event::SandboxReady(sandbox.info()));

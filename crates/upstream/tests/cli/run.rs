@@ -378,3 +378,53 @@ fn oci_image_is_refused_without_touching_the_document() {
     assert!(stderr(&out).contains("python:3.12"));
     assert_eq!(fs::read_to_string(path).unwrap(), text);
 }
+
+#[test]
+fn killing_upstream_kills_its_sandbox_and_the_next_run_cleans_up() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let marker = format!("6{}.25", std::process::id());
+    let text = format!("```bash\nsleep {marker} &\nsetsid sleep {marker}\n```\n");
+    let path = env.write("doc.md", &text);
+    let mut child = env
+        .command()
+        .args(["run", "doc.md"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::util::processes_with(&marker).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        crate::util::processes_with(&marker).len(),
+        2,
+        "the step is running"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !crate::util::processes_with(&marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        crate::util::processes_with(&marker).is_empty(),
+        "the sandbox died with upstream"
+    );
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        text,
+        "the document is untouched"
+    );
+    assert_eq!(
+        env.leftover_sandboxes().len(),
+        1,
+        "a killed upstream cannot clean up"
+    );
+    assert_eq!(code(&env.upstream(&["exec", "--", "true"])), 0);
+    assert!(
+        env.leftover_sandboxes().is_empty(),
+        "the next run removed it: {:?}",
+        env.leftover_sandboxes()
+    );
+}
