@@ -295,23 +295,9 @@ fn spawn(req: &ExecRequest) -> Result<Child, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the agent is single-threaded, so the forked child may allocate and call any
-    // function; the closure only resets the signal mask, starts a session and raises the
-    // child's OOM score.
-    unsafe {
-        cmd.pre_exec(|| {
-            SigSet::empty().thread_set_mask()?;
-            nix::unistd::setsid()?;
-            // The command, not the agent, is what the OOM killer should pick.
-            if let Ok(mut f) = fs::OpenOptions::new()
-                .write(true)
-                .open("/proc/self/oom_score_adj")
-            {
-                let _ = f.write_all(b"1000");
-            }
-            Ok(())
-        });
-    }
+    // A process group of its own, so the command can be signalled as a whole. Without a
+    // pre_exec hook the standard library spawns with posix_spawn (vfork speed).
+    cmd.process_group(0);
     cmd.spawn().map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!("`{program}` was not found in the sandbox"),
         _ => format!("cannot start `{program}`: {e}"),

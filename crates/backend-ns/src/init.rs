@@ -45,6 +45,10 @@ pub fn main() -> i32 {
 }
 
 fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
+    // Every process of the sandbox inherits this score, so under memory pressure the kernel
+    // kills the biggest of them, never the small agent. It is set now, while this process
+    // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     let config = match read_frame::<_, ToInit>(conn) {
         Ok(Some(ToInit::Config(c))) => c,
         Ok(_) => return Err("the host sent no configuration".into()),

@@ -177,32 +177,9 @@ impl Backend for NamespaceBackend {
             std::process::id(),
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = SandboxDir::create(&self.sandboxes.join(&name), self.rootless)?;
-        let (cgroups, unenforced) = if spec.limits.memory.is_some() || spec.limits.cpus.is_some() {
-            Cgroups::create(self.layout.get_or_init(Layout::detect), &name, &spec.limits)
-        } else {
-            (Cgroups::default(), Vec::new())
-        };
-        let id_map = if self.rootless {
-            IdMap::Own
-        } else {
-            IdMap::Range {
-                base: SANDBOX_ID_BASE,
-                count: SANDBOX_ID_COUNT,
-            }
-        };
-        let config = InitConfig {
-            sandbox_dir: dir.path.display().to_string(),
-            skeleton: layers
-                .is_empty()
-                .then(|| self.skeleton.display().to_string()),
-            layers,
-            id_map,
-            new_net: spec.network == NetworkMode::None,
-            hostname: spec.hostname.clone(),
-            max_processes: spec.limits.pids,
-        };
+        // The init starts first: it loads while the directory and cgroups are made.
         let (mut conn, child, stderr) = start_init(&self.init_exe)?;
+        let pid = child.id();
         let mut sandbox = NamespaceSandbox {
             info: SandboxInfo {
                 backend: self.describe(),
@@ -212,18 +189,41 @@ impl Backend for NamespaceBackend {
             child: Some(child),
             stderr: Some(stderr),
             client: None,
-            cgroups,
-            dir: Some(dir),
+            cgroups: Cgroups::default(),
+            dir: None,
             interrupter: Arc::new(NsInterrupter {
-                pid: 0,
+                pid: pid as i32,
                 interrupted: AtomicBool::new(false),
             }),
         };
-        let pid = sandbox.child.as_ref().map_or(0, Child::id);
-        sandbox.interrupter = Arc::new(NsInterrupter {
-            pid: pid as i32,
-            interrupted: AtomicBool::new(false),
-        });
+        let dir = sandbox.dir.insert(SandboxDir::create(
+            &self.sandboxes.join(&name),
+            self.rootless,
+        )?);
+        let config = InitConfig {
+            sandbox_dir: dir.path.display().to_string(),
+            skeleton: layers
+                .is_empty()
+                .then(|| self.skeleton.display().to_string()),
+            layers,
+            id_map: if self.rootless {
+                IdMap::Own
+            } else {
+                IdMap::Range {
+                    base: SANDBOX_ID_BASE,
+                    count: SANDBOX_ID_COUNT,
+                }
+            },
+            new_net: spec.network == NetworkMode::None,
+            hostname: spec.hostname.clone(),
+            max_processes: spec.limits.pids,
+        };
+        if spec.limits.memory.is_some() || spec.limits.cpus.is_some() {
+            let layout = self.layout.get_or_init(Layout::detect);
+            let (cgroups, unenforced) = Cgroups::create(layout, &name, &spec.limits);
+            sandbox.cgroups = cgroups;
+            sandbox.info.unenforced = unenforced;
+        }
         if let Err(e) = sandbox.cgroups.add(pid) {
             return Err(SandboxError::setup(
                 format!("cannot move the sandbox into its cgroups: {e}"),
@@ -265,7 +265,6 @@ impl Backend for NamespaceBackend {
                 return Err(setup_error(message, self.rootless));
             }
         }
-        sandbox.info.unenforced = unenforced;
         sandbox.info.setup = start.elapsed();
         Ok(Box::new(sandbox))
     }
@@ -480,6 +479,7 @@ impl NamespaceSandbox {
     }
 
     fn teardown(&mut self) -> io::Result<()> {
+        let agent_was_up = self.client.is_some();
         if let Some(mut client) = self.client.take() {
             if !self.interrupter.interrupted.load(Ordering::SeqCst) {
                 let _ = client
@@ -489,7 +489,8 @@ impl NamespaceSandbox {
             }
         }
         if let Some(mut child) = self.child.take() {
-            if !exits_within(&child, Duration::from_secs(2)) {
+            // An init that never became an agent may be waiting for its configuration.
+            if !agent_was_up || !exits_within(&child, Duration::from_secs(2)) {
                 let _ = child.kill();
             }
             let _ = child.wait();
