@@ -359,7 +359,11 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
         let fence = Fence::opening(source, block.range.start);
         let (close_line_start, close_line) = last_line(source, block.range.clone());
         let close_bare = strip_newline(close_line);
-        let Some(fence_pos) = fence.closes(close_bare) else {
+        // The last line must be a closing fence, and not the opening line itself.
+        let closing = fence
+            .closes(close_bare)
+            .filter(|_| close_line_start > block.range.start);
+        let Some(fence_pos) = closing else {
             return Err(ParseError::at(
                 path.to_path_buf(),
                 source,
@@ -369,17 +373,6 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
                 },
             ));
         };
-        let is_opening_line = close_line_start <= block.range.start;
-        if is_opening_line {
-            return Err(ParseError::at(
-                path.to_path_buf(),
-                source,
-                block.range.start,
-                ErrorKind::UnclosedFence {
-                    fence: fence.text(),
-                },
-            ));
-        }
         let prefix = close_bare[..fence_pos].to_string();
         let insert_at = close_line_start + close_bare.len();
         let result_end = existing_result(path, source, insert_at, &markers)?;
