@@ -369,7 +369,9 @@ fn rootless_runs_as_an_unprivileged_user() {
         .unwrap();
     let err = stderr(&out);
     if err.contains("cannot create a user namespace") {
-        eprintln!("SKIPPED: rootless: this kernel does not allow unprivileged user namespaces");
+        crate::util::skip(
+            "SKIPPED: rootless: this kernel does not allow unprivileged user namespaces".into(),
+        );
         return;
     }
     assert_eq!(code(&out), 0, "{err}");

@@ -89,15 +89,22 @@ pub fn sandboxes_available() -> bool {
     result.is_ok()
 }
 
+/// Says why a test is skipped, past the test harness's output capture, so a skip is seen in
+/// every run, not only when a test fails.
+pub fn skip(message: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{message}");
+}
+
 /// Skips the calling test, loudly, when sandboxes cannot be made here.
 #[macro_export]
 macro_rules! require_sandbox {
     () => {
         if !$crate::util::sandboxes_available() {
-            eprintln!(
+            $crate::util::skip(format!(
                 "SKIPPED: {}: this machine cannot make sandboxes (see `upstream doctor`)",
                 module_path!()
-            );
+            ));
             return;
         }
     };
@@ -109,10 +116,10 @@ macro_rules! require_root_sandbox {
     () => {
         $crate::require_sandbox!();
         if !$crate::util::is_root() {
-            eprintln!(
+            $crate::util::skip(format!(
                 "SKIPPED: {}: needs root (cgroup limits and the uid-range sandbox)",
                 module_path!()
-            );
+            ));
             return;
         }
     };
