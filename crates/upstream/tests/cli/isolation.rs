@@ -391,3 +391,27 @@ fn rootless_runs_as_an_unprivileged_user() {
         "cleaned up"
     );
 }
+
+#[test]
+fn the_agent_and_its_host_connection_are_out_of_reach() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let script = r#"for p in /proc/1/fd /proc/1/root/etc; do
+  ls "$p" >/dev/null 2>&1 && echo "OPENED $p" || echo "refused $p"
+done
+for p in /proc/1/environ /proc/1/maps; do
+  head -c 1 "$p" >/dev/null 2>&1 && echo "OPENED $p" || echo "refused $p"
+done
+python3 -c "open('/proc/1/mem', 'rb').read(1)" 2>/dev/null && echo "OPENED mem" || echo "refused mem"
+{ echo frame > /proc/1/fd/3; } 2>/dev/null && echo "OPENED socket" || echo "refused socket"
+python3 - <<'EOF'
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_ATTACH = 16
+print("OPENED ptrace" if libc.ptrace(PTRACE_ATTACH, 1, 0, 0) == 0 else "refused ptrace")
+EOF"#;
+    let (code, block, err) = run_step(&env, "image: host", script);
+    assert_eq!(code, 0, "{err}\n{block}");
+    assert!(!block.contains("OPENED"), "{block}");
+    assert_eq!(block.matches("refused").count(), 7, "{block}");
+}
