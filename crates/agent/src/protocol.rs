@@ -42,6 +42,17 @@ pub struct ExecRequest {
     pub cwd: String,
     /// Kill the command, and everything else in the sandbox, after this long.
     pub timeout_ms: Option<u64>,
+    /// Files written (with their parent directories) before the command starts, such as
+    /// the script it runs: one round trip instead of several.
+    pub files: Vec<FileSpec>,
+}
+
+/// A file to create or replace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
 }
 
 /// Which stream output came from.

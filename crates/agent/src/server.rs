@@ -281,6 +281,10 @@ fn spawn(req: &ExecRequest) -> Result<Child, String> {
     let Some(program) = req.argv.first() else {
         return Err("no command given".into());
     };
+    for file in &req.files {
+        write_file(Path::new(&file.path), &file.data, file.mode)
+            .map_err(|e| format!("cannot write {}: {e}", file.path))?;
+    }
     if let Err(e) = fs::create_dir_all(&req.cwd) {
         return Err(format!(
             "cannot create the working directory {}: {e}",
@@ -393,6 +397,7 @@ mod tests {
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             cwd: std::env::temp_dir().display().to_string(),
             timeout_ms,
+            files: Vec::new(),
         }
     }
 

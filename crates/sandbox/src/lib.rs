@@ -9,7 +9,7 @@ mod spec;
 
 pub use client::{AgentClient, ClientError};
 pub use spec::{Image, Limits, NetworkMode, SandboxSpec};
-pub use upstream_agent::protocol::{ExecRequest, ExitStatus, Stream};
+pub use upstream_agent::protocol::{ExecRequest, ExitStatus, FileSpec, Stream};
 
 use std::time::Duration;
 

@@ -25,7 +25,7 @@ use upstream_doc::{
     Redactor, ResultBlock, Step,
 };
 use upstream_sandbox::{
-    Backend, ExecRequest, ExitStatus, Image, Interrupter, Limits, NetworkMode, Sandbox,
+    Backend, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits, NetworkMode, Sandbox,
     SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 
@@ -395,8 +395,6 @@ impl StepRunner<'_> {
     ) -> Result<(StepRecord, ResultBlock), SandboxError> {
         let fm = self.document.front_matter();
         let (script, argv) = script_for(step);
-        sandbox.write_file(&script, step.code.as_bytes(), 0o755)?;
-        sandbox.write_file(&output_path(step), b"", 0o666)?;
 
         let left = self
             .deadline
@@ -429,6 +427,18 @@ impl StepRunner<'_> {
             env: self.env(step),
             cwd: fm.workdir().to_string(),
             timeout_ms: limit.map(|l| l.as_millis().max(1) as u64),
+            files: vec![
+                FileSpec {
+                    path: script,
+                    data: step.code.as_bytes().to_vec(),
+                    mode: 0o755,
+                },
+                FileSpec {
+                    path: output_path(step),
+                    data: Vec::new(),
+                    mode: 0o666,
+                },
+            ],
         };
         let exec = if limit.is_some_and(|l| l.is_zero()) {
             None

@@ -55,6 +55,7 @@ fn try_sandbox() -> Line {
             env: Vec::new(),
             cwd: "/".into(),
             timeout_ms: Some(10_000),
+            files: Vec::new(),
         };
         let outcome = sandbox.exec(&request, &mut |_, _| {})?;
         let info = sandbox.info().clone();
