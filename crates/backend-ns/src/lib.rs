@@ -275,6 +275,10 @@ fn setup_error(message: String, rootless: bool) -> SandboxError {
         Some(
             "this kernel does not let unprivileged users create user namespaces: run as root, or allow them (sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0); `upstream doctor` shows what this host supports",
         )
+    } else if message.contains("mount overlay") {
+        Some(
+            "the sandbox's writable layer must be on a filesystem overlayfs accepts as upper layer (ext4, xfs, btrfs, tmpfs; not overlayfs itself, as inside a container): set UPSTREAM_RUNTIME_DIR to a directory on one",
+        )
     } else {
         Some("`upstream doctor` shows what this host supports")
     };
