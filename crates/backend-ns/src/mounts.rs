@@ -72,10 +72,12 @@ fn do_mount(
     mount(source, target, fstype, flags, data)
         .map_err(nix_io)
         .map_err(ctx(|| {
+            // Targets are relative to the sandbox directory; name them as the sandbox sees them.
+            let inside = target.strip_prefix("root").unwrap_or(target);
+            let inside = if inside.is_empty() { "/" } else { inside };
             format!(
-                "cannot mount {} on /{}",
-                fstype.or(source).unwrap_or("?"),
-                target.trim_start_matches("root/")
+                "cannot mount {} on {inside}",
+                fstype.or(source).unwrap_or("?")
             )
         }))
 }
