@@ -10,7 +10,12 @@ use upstream_turn::{Event, Observer, StepRecord, StepStatus};
 /// Where the status column of a step line starts.
 const STATUS_COLUMN: usize = 36;
 
+/// Fault injection for tests: with `UPSTREAM_FAILPOINT=panic-on-output`, upstream panics on
+/// the first output of a step, to show that a crash still tears the sandbox down.
+const FAILPOINT: &str = "UPSTREAM_FAILPOINT";
+
 pub struct Progress {
+    panic_on_output: bool,
     image: String,
     verbose: bool,
     tty: bool,
@@ -22,6 +27,7 @@ impl Progress {
     pub fn new(image: &str, verbose: bool) -> Progress {
         let stderr = io::stderr();
         Progress {
+            panic_on_output: std::env::var_os(FAILPOINT).is_some_and(|v| v == "panic-on-output"),
             image: image.to_string(),
             verbose,
             tty: stderr.is_terminal(),
@@ -114,6 +120,7 @@ impl Observer for Progress {
                 }
             }
             Event::Output(_, data) => {
+                assert!(!self.panic_on_output, "{FAILPOINT}=panic-on-output");
                 if !self.verbose {
                     return;
                 }

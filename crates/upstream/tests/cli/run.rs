@@ -428,3 +428,35 @@ fn killing_upstream_kills_its_sandbox_and_the_next_run_cleans_up() {
         env.leftover_sandboxes()
     );
 }
+
+#[test]
+fn a_crash_of_upstream_still_tears_the_sandbox_down() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let marker = format!("7{}.25", std::process::id());
+    let text = format!("```bash\nsleep {marker} &\necho started\nsleep {marker}\n```\n");
+    let path = env.write("doc.md", &text);
+    let out = env
+        .command()
+        .args(["run", "doc.md"])
+        .env("UPSTREAM_FAILPOINT", "panic-on-output")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 101, "a panic: {}", stderr(&out));
+    assert!(stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert!(
+        crate::util::processes_with(&marker).is_empty(),
+        "{:?}",
+        crate::util::processes_with(&marker)
+    );
+    assert!(
+        env.leftover_sandboxes().is_empty(),
+        "{:?}",
+        env.leftover_sandboxes()
+    );
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        text,
+        "the document is untouched"
+    );
+}
