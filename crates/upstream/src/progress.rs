@@ -141,9 +141,31 @@ impl Observer for Progress {
                 }
                 let line = format!("{} {}", step_label(step), status_text(record));
                 self.line(&line);
+                // Without -v the output was not shown: show why a step failed.
+                if record.status.failed() && !self.verbose {
+                    for l in failure_excerpt(record) {
+                        self.line(&format!("  | {l}"));
+                    }
+                }
             }
         }
     }
+}
+
+/// The last lines a failed step printed, stderr first (where failures usually speak).
+fn failure_excerpt(record: &StepRecord) -> Vec<String> {
+    const LINES: usize = 10;
+    let text = if record.stderr.trim().is_empty() {
+        &record.stdout
+    } else {
+        &record.stderr
+    };
+    let cleaned = upstream_doc::clean_output(text.as_bytes());
+    let lines: Vec<&str> = cleaned.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(LINES)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 /// A clock for the summary line.
