@@ -84,6 +84,11 @@ fn failing_step_stops_the_turn_unless_told_to_continue() {
     );
     assert!(result_block(&doc, 3).contains("**Result:** not run"));
     assert!(
+        stderr(&out).contains("\n  | hard\n"),
+        "the failure's output is shown: {}",
+        stderr(&out)
+    );
+    assert!(
         stderr(&out).contains("Step 2 failed: exit 1"),
         "{}",
         stderr(&out)
