@@ -25,8 +25,8 @@ use upstream_doc::{
     Redactor, ResultBlock, Step,
 };
 use upstream_sandbox::{
-    Backend, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits, NetworkMode, Sandbox,
-    SandboxError, SandboxInfo, SandboxSpec, Stream,
+    Backend, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits,
+    NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 
 /// The most bytes a step may publish through `$UPSTREAM_OUTPUT`.
@@ -449,55 +449,35 @@ impl StepRunner<'_> {
         };
         sinks.finish(observer);
 
+        let OutputSinks {
+            stdout,
+            stderr,
+            combined,
+            log_error,
+            ..
+        } = sinks;
         let mut record = not_run_record(step);
         record.log = Some(log_path.clone());
-        let mut outcome;
-        let mut duration = None;
-        match exec {
+        let (outcome, duration) = match exec {
             None => {
-                outcome = Outcome::TimedOut(fm.timeout.unwrap_or_default());
                 record.status = StepStatus::TimedOut;
                 record.message = Some("the turn's timeout ran out before this step".into());
+                (Outcome::TimedOut(fm.timeout.unwrap_or_default()), None)
             }
             Some(Err(SandboxError::Agent(upstream_sandbox::ClientError::Refused(why)))) => {
                 record.status = StepStatus::Error;
                 record.message = Some(why.clone());
-                outcome = Outcome::Failed(why);
+                (Outcome::Failed(why), None)
             }
             Some(Err(e)) => return Err(e),
             Some(Ok(done)) => {
-                duration = Some(done.duration);
-                record.duration_ms = Some(done.duration.as_millis() as u64);
-                match done.status {
-                    ExitStatus::Code(c) => record.exit_code = Some(c),
-                    ExitStatus::Signal(s) => record.signal = Some(s),
-                }
-                outcome = match done.status {
-                    ExitStatus::Code(c) => Outcome::Exited(c),
-                    ExitStatus::Signal(s) => Outcome::Signalled(s),
+                let limit = StepLimit {
+                    limit,
+                    is_turn: limit_is_turn,
+                    memory: fm.memory,
                 };
-                record.status = if done.status.success() {
-                    StepStatus::Passed
-                } else {
-                    StepStatus::Failed
-                };
-                if done.timed_out {
-                    let limit = limit.unwrap_or_default();
-                    outcome = Outcome::TimedOut(limit);
-                    record.status = StepStatus::TimedOut;
-                    record.message = Some(if limit_is_turn {
-                        "the turn's timeout ran out".into()
-                    } else {
-                        "the step ran past step_timeout".into()
-                    });
-                } else if done.out_of_memory && !done.status.success() {
-                    outcome = Outcome::OutOfMemory { limit: fm.memory };
-                    record.status = StepStatus::OutOfMemory;
-                    record.message =
-                        Some("killed for using more memory than the sandbox's limit".into());
-                }
-                let outputs = sandbox.read_file(&output_path(step), MAX_OUTPUTS_BYTES);
-                match outputs {
+                let outcome = classify(&done, &limit, &mut record);
+                match sandbox.read_file(&output_path(step), MAX_OUTPUTS_BYTES) {
                     Ok(bytes) => {
                         let text = redactor.redact_str(&String::from_utf8_lossy(&bytes));
                         record.outputs = parse_outputs(&text);
@@ -509,16 +489,15 @@ impl StepRunner<'_> {
                             .get_or_insert(format!("outputs not read: {e}"));
                     }
                 }
+                (outcome, Some(done.duration))
             }
-        }
-        if let Some(e) = sinks.log_error.take() {
+        };
+        if let Some(e) = log_error {
             record
                 .message
                 .get_or_insert(format!("the log {} is incomplete: {e}", log_path.display()));
         }
-        let combined = std::mem::replace(&mut sinks.combined, OutputCapture::new(limits)).finish();
-        let stdout = std::mem::replace(&mut sinks.stdout, OutputCapture::new(limits)).finish();
-        let stderr = std::mem::replace(&mut sinks.stderr, OutputCapture::new(limits)).finish();
+        let (combined, stdout, stderr) = (combined.finish(), stdout.finish(), stderr.finish());
         record.stdout = captured_text(&stdout);
         record.stderr = captured_text(&stderr);
         record.stdout_bytes = stdout.total_bytes;
@@ -541,6 +520,52 @@ impl StepRunner<'_> {
         };
         Ok((record, result))
     }
+}
+
+/// The limits a step ran under, for telling how it ended.
+struct StepLimit {
+    /// The time it was given, if any.
+    limit: Option<std::time::Duration>,
+    /// Whether that time was what was left of the turn's timeout.
+    is_turn: bool,
+    memory: Option<u64>,
+}
+
+/// How a finished command's end reads as a step result; fills in the record's status, exit
+/// code or signal, duration and message.
+fn classify(done: &ExecOutcome, limits: &StepLimit, record: &mut StepRecord) -> Outcome {
+    record.duration_ms = Some(done.duration.as_millis() as u64);
+    let (mut outcome, passed) = match done.status {
+        ExitStatus::Code(c) => {
+            record.exit_code = Some(c);
+            (Outcome::Exited(c), c == 0)
+        }
+        ExitStatus::Signal(s) => {
+            record.signal = Some(s);
+            (Outcome::Signalled(s), false)
+        }
+    };
+    record.status = if passed {
+        StepStatus::Passed
+    } else {
+        StepStatus::Failed
+    };
+    if done.timed_out {
+        outcome = Outcome::TimedOut(limits.limit.unwrap_or_default());
+        record.status = StepStatus::TimedOut;
+        record.message = Some(if limits.is_turn {
+            "the turn's timeout ran out".into()
+        } else {
+            "the step ran past step_timeout".into()
+        });
+    } else if done.out_of_memory && !passed {
+        outcome = Outcome::OutOfMemory {
+            limit: limits.memory,
+        };
+        record.status = StepStatus::OutOfMemory;
+        record.message = Some("killed for using more memory than the sandbox's limit".into());
+    }
+    outcome
 }
 
 fn output_path(step: &Step) -> String {
@@ -614,6 +639,82 @@ mod tests {
         assert_eq!(got["notes"], "line 1\nline 2");
         assert_eq!(got["empty"], "");
         assert_eq!(got.len(), 4);
+    }
+
+    fn classified(
+        status: ExitStatus,
+        timed_out: bool,
+        out_of_memory: bool,
+    ) -> (Outcome, StepRecord) {
+        let done = ExecOutcome {
+            status,
+            timed_out,
+            out_of_memory,
+            duration: std::time::Duration::from_millis(1500),
+        };
+        let limits = StepLimit {
+            limit: Some(std::time::Duration::from_secs(30)),
+            is_turn: false,
+            memory: Some(64 << 20),
+        };
+        let mut record = StepRecord {
+            number: 1,
+            title: "t".into(),
+            language: Language::Bash,
+            status: StepStatus::NotRun,
+            exit_code: None,
+            signal: None,
+            duration_ms: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            outputs: BTreeMap::new(),
+            log: None,
+            message: None,
+        };
+        let outcome = classify(&done, &limits, &mut record);
+        (outcome, record)
+    }
+
+    #[test]
+    fn exit_codes_signals_timeouts_and_oom_are_told_apart() {
+        let (o, r) = classified(ExitStatus::Code(0), false, false);
+        assert_eq!(
+            (o, r.status, r.exit_code),
+            (Outcome::Exited(0), StepStatus::Passed, Some(0))
+        );
+        let (o, r) = classified(ExitStatus::Code(3), false, false);
+        assert_eq!((o, r.status), (Outcome::Exited(3), StepStatus::Failed));
+        let (o, r) = classified(ExitStatus::Signal(11), false, false);
+        assert_eq!(
+            (o, r.status, r.signal),
+            (Outcome::Signalled(11), StepStatus::Failed, Some(11))
+        );
+        let (o, r) = classified(ExitStatus::Signal(9), true, false);
+        assert_eq!(
+            (o, r.status),
+            (
+                Outcome::TimedOut(std::time::Duration::from_secs(30)),
+                StepStatus::TimedOut
+            )
+        );
+        assert_eq!(r.message.as_deref(), Some("the step ran past step_timeout"));
+        // A shell whose child was OOM-killed exits 137: still out of memory.
+        let (o, r) = classified(ExitStatus::Code(137), false, true);
+        assert_eq!(
+            (o, r.status),
+            (
+                Outcome::OutOfMemory {
+                    limit: Some(64 << 20)
+                },
+                StepStatus::OutOfMemory
+            )
+        );
+        // An OOM kill of some other process does not fail a step that passed.
+        let (_, r) = classified(ExitStatus::Code(0), false, true);
+        assert_eq!(r.status, StepStatus::Passed);
+        assert_eq!(r.duration_ms, Some(1500));
     }
 
     #[test]
