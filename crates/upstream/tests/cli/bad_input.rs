@@ -112,7 +112,7 @@ fn unreadable_file() {
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let dir_mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
         fs::set_permissions(env.dir.path(), dir_mode).unwrap();
-        let out = std::process::Command::new(crate::util::BIN)
+        let out = std::process::Command::new(crate::util::binary_for_nobody(&env))
             .args(["run", path.to_str().unwrap()])
             .current_dir("/")
             .env("UPSTREAM_RUNTIME_DIR", "/nonexistent")

@@ -357,7 +357,7 @@ fn rootless_runs_as_an_unprivileged_user() {
     let doc = work.join("doc.md");
     fs::write(&doc, "---\nmemory: 64M\n---\n```bash\nid -u; ps -e -o comm= | wc -l; cat /etc/shadow > /dev/null 2>&1 && echo READ || echo denied\n```\n").unwrap();
     std::os::unix::fs::chown(&doc, Some(nobody), Some(nobody)).unwrap();
-    let out = std::process::Command::new(crate::util::BIN)
+    let out = std::process::Command::new(crate::util::binary_for_nobody(&env))
         .args(["run", doc.to_str().unwrap()])
         .current_dir(&work)
         .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))

@@ -125,6 +125,17 @@ macro_rules! require_root_sandbox {
     };
 }
 
+/// A copy of the upstream binary that an unprivileged user can run, in the test's directory
+/// (made searchable): the build directory may be private to root.
+pub fn binary_for_nobody(env: &Env) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = env.path("upstream-bin");
+    fs::copy(BIN, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
 /// Every process whose command line contains `marker`.
 pub fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
