@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod init;
+mod launch;
 mod mounts;
 mod net;
 pub mod probe;
@@ -16,12 +17,10 @@ mod setup;
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -57,6 +56,7 @@ pub struct NamespaceBackend {
     /// Read on first use: only sandboxes with memory or cpu limits need it.
     layout: std::sync::OnceLock<Layout>,
     rootless: bool,
+    init_mode: launch::InitMode,
 }
 
 impl NamespaceBackend {
@@ -92,6 +92,7 @@ impl NamespaceBackend {
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
+            init_mode: launch::InitMode::from_env(),
         })
     }
 
@@ -178,7 +179,7 @@ impl Backend for NamespaceBackend {
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
         // The init starts first: it loads while the directory and cgroups are made.
-        let (mut conn, child, stderr) = start_init(&self.init_exe)?;
+        let (mut conn, child, stderr) = launch::start_init(&self.init_exe, self.init_mode)?;
         let pid = child.id();
         let mut sandbox = NamespaceSandbox {
             info: SandboxInfo {
@@ -291,58 +292,6 @@ fn write_id_maps(pid: u32, base: u32, count: u32) -> io::Result<()> {
     fs::write(format!("/proc/{pid}/gid_map"), &map)
 }
 
-/// Starts the init; returns the host's end of the connection, the process and its stderr.
-fn start_init(exe: &Path) -> Result<(UnixStream, Child, OwnedFd), SandboxError> {
-    let (host, sandbox) = UnixStream::pair()
-        .map_err(|e| SandboxError::setup(format!("cannot create a socket pair: {e}"), None))?;
-    let sandbox_fd = sandbox.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg(INIT_ARG)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs between fork and exec in a possibly multi-threaded process, so
-    // it makes only async-signal-safe system calls (setsid, prctl, dup2) and does not allocate.
-    unsafe {
-        cmd.pre_exec(move || {
-            // A session of its own: a Ctrl-C at the terminal reaches upstream, which tears the
-            // sandbox down, not the sandbox's processes directly.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // If upstream dies, however it dies, the sandbox goes with it.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::dup2(sandbox_fd, init::CONN_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        SandboxError::setup(
-            format!("cannot start the sandbox init {}: {e}", exe.display()),
-            None,
-        )
-    })?;
-    drop(sandbox);
-    let stderr = child
-        .stderr
-        .take()
-        .map(OwnedFd::from)
-        .ok_or_else(|| SandboxError::setup("no stderr pipe", None))?;
-    Ok((host, child, stderr))
-}
-
 /// The sandbox's directory on the host.
 #[derive(Debug)]
 struct SandboxDir {
@@ -400,23 +349,6 @@ fn make_removable(path: &Path) {
     }
 }
 
-/// Waits up to `timeout` for `child` to exit, without reaping it.
-fn exits_within(child: &Child, timeout: Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut fds = [nix::poll::PollFd::new(
-        pidfd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)), Ok(n) if n > 0)
-}
-
 #[derive(Debug)]
 struct NsInterrupter {
     pid: i32,
@@ -437,7 +369,7 @@ impl Interrupter for NsInterrupter {
 /// A running namespace sandbox.
 pub struct NamespaceSandbox {
     info: SandboxInfo,
-    child: Option<Child>,
+    child: Option<launch::InitProcess>,
     stderr: Option<OwnedFd>,
     client: Option<AgentClient<UnixStream>>,
     cgroups: Cgroups,
@@ -469,8 +401,8 @@ impl NamespaceSandbox {
             return String::new();
         };
         if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
+            child.wait();
         }
         let mut text = String::new();
         let _ = fs::File::from(fd).take(4096).read_to_string(&mut text);
@@ -494,10 +426,10 @@ impl NamespaceSandbox {
         }
         if let Some(mut child) = self.child.take() {
             // An init that never became an agent may be waiting for its configuration.
-            if !agent_was_up || !exits_within(&child, Duration::from_secs(2)) {
-                let _ = child.kill();
+            if !agent_was_up || !child.exits_within(Duration::from_secs(2)) {
+                child.kill();
             }
-            let _ = child.wait();
+            child.wait();
         }
         self.stderr = None;
         let cgroups = self.cgroups.destroy();

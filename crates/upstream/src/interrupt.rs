@@ -5,7 +5,17 @@ use signal_hook::iterator::Signals;
 use upstream_turn::Cancel;
 
 /// Cancels `cancel` on SIGINT, SIGTERM or SIGHUP. A second signal ends the process at once.
+/// Only the first call installs anything.
+///
+/// It starts a thread, so it is called once the first sandbox exists: a single-threaded
+/// process makes its sandbox init by a plain fork, which is faster than re-executing.
 pub fn install(cancel: &Cancel) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    INSTALLED.call_once(|| first = true);
+    if !first {
+        return;
+    }
     let Ok(mut signals) = Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
         return;
     };

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use upstream_doc::{Step, format_duration, signal_name};
-use upstream_turn::{Event, Observer, StepRecord, StepStatus};
+use upstream_turn::{Cancel, Event, Observer, StepRecord, StepStatus};
 
 /// Where the status column of a step line starts.
 const STATUS_COLUMN: usize = 36;
@@ -15,6 +15,8 @@ const STATUS_COLUMN: usize = 36;
 const FAILPOINT: &str = "UPSTREAM_FAILPOINT";
 
 pub struct Progress {
+    /// Ctrl-C handling, installed once the sandbox exists (see `interrupt::install`).
+    cancel: Cancel,
     panic_on_output: bool,
     image: String,
     verbose: bool,
@@ -24,9 +26,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(image: &str, verbose: bool) -> Progress {
+    pub fn new(image: &str, verbose: bool, cancel: &Cancel) -> Progress {
         let stderr = io::stderr();
         Progress {
+            cancel: cancel.clone(),
             panic_on_output: std::env::var_os(FAILPOINT).is_some_and(|v| v == "panic-on-output"),
             image: image.to_string(),
             verbose,
@@ -94,6 +97,7 @@ impl Observer for Progress {
     fn event(&mut self, event: Event<'_>) {
         match event {
             Event::SandboxReady(info) => {
+                crate::interrupt::install(&self.cancel);
                 let ms = info.setup.as_secs_f64() * 1000.0;
                 let line = format!(
                     "Sandbox: {} image, {} ({ms:.1} ms)",

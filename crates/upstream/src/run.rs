@@ -34,7 +34,6 @@ pub fn run(args: RunArgs) -> u8 {
         Err(e) => return sandbox_failed(&e),
     };
     let cancel = Cancel::default();
-    crate::interrupt::install(&cancel);
     let mut worst = exit::OK;
     for (document, original) in &documents {
         let code = run_one(&args, &backend, document, original, &cancel);
@@ -54,7 +53,7 @@ fn run_one(
     cancel: &Cancel,
 ) -> u8 {
     let start = Instant::now();
-    let mut progress = Progress::new(document.front_matter().image(), args.verbose);
+    let mut progress = Progress::new(document.front_matter().image(), args.verbose, cancel);
     let turn = match upstream_turn::run(
         document,
         backend,

@@ -1,0 +1,230 @@
+//! Starting the sandbox init, and the host's handle on it.
+//!
+//! The init is this same binary. When the calling process has a single thread (the CLI, at
+//! the moment it makes a sandbox), the init is a plain fork of it: no second exec, which on
+//! hosts where every exec pays for trapped CPUID instructions saves about half a millisecond.
+//! A process with more threads cannot safely run Rust code after fork (another thread may
+//! hold the allocator's lock), so then the binary is re-executed through `/proc/self/exe`,
+//! doing only async-signal-safe calls between fork and exec. Either way the init starts with
+//! the host's end of a socket pair at fd 3, in a session of its own, with SIGKILL as its
+//! parent-death signal.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use upstream_sandbox::SandboxError;
+
+use crate::init::CONN_FD;
+
+/// How the init is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitMode {
+    /// Fork when single-threaded, else re-exec.
+    Auto,
+    /// Always re-exec (`UPSTREAM_INIT=exec`).
+    Exec,
+}
+
+impl InitMode {
+    pub fn from_env() -> InitMode {
+        match std::env::var("UPSTREAM_INIT").as_deref() {
+            Ok("exec") => InitMode::Exec,
+            _ => InitMode::Auto,
+        }
+    }
+}
+
+/// The host's handle on a running init: a child process of the host.
+#[derive(Debug)]
+pub struct InitProcess {
+    pid: Pid,
+    reaped: bool,
+}
+
+impl InitProcess {
+    pub fn id(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    pub fn kill(&self) {
+        if !self.reaped {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+    }
+
+    pub fn wait(&mut self) {
+        if !self.reaped {
+            while let Err(nix::errno::Errno::EINTR) = waitpid(self.pid, None) {}
+            self.reaped = true;
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit, without reaping it.
+    pub fn exits_within(&self, timeout: Duration) -> bool {
+        if self.reaped {
+            return true;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid.as_raw(), 0) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut fds = [nix::poll::PollFd::new(
+            pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)), Ok(n) if n > 0)
+    }
+}
+
+impl Drop for InitProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            self.wait();
+        }
+    }
+}
+
+fn single_threaded() -> bool {
+    fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// Starts the init; returns the host's end of the connection, the process and its stderr.
+pub fn start_init(
+    exe: &Path,
+    mode: InitMode,
+) -> Result<(UnixStream, InitProcess, OwnedFd), SandboxError> {
+    let (host, sandbox) = UnixStream::pair()
+        .map_err(|e| SandboxError::setup(format!("cannot create a socket pair: {e}"), None))?;
+    let init = if mode == InitMode::Auto && single_threaded() {
+        fork_init(sandbox)?
+    } else {
+        exec_init(exe, sandbox)?
+    };
+    Ok((host, init.0, init.1))
+}
+
+fn setup_failed(what: &str, e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::setup(format!("cannot start the sandbox init: {what}: {e}"), None)
+}
+
+fn fork_init(sandbox: UnixStream) -> Result<(InitProcess, OwnedFd), SandboxError> {
+    let (stderr_read, stderr_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| setup_failed("pipe", e))?;
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| setup_failed("/dev/null", e))?;
+    // SAFETY: the caller checked that this process has one thread, so the child may run any
+    // code after fork, as a fresh process would.
+    match unsafe { nix::unistd::fork() }.map_err(|e| setup_failed("fork", e))? {
+        nix::unistd::ForkResult::Child => {
+            let code =
+                child_setup(&sandbox, &null, &stderr_write).map_or(127, |()| crate::init::main());
+            // SAFETY: _exit ends this process at once, running no destructors or exit hooks
+            // that belong to the host's copy of this program.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(sandbox);
+            Ok((
+                InitProcess {
+                    pid: child,
+                    reaped: false,
+                },
+                stderr_read,
+            ))
+        }
+    }
+}
+
+/// In a forked init: the descriptors and process attributes an exec'd init would have.
+fn child_setup(sandbox: &UnixStream, null: &fs::File, stderr: &OwnedFd) -> io::Result<()> {
+    let dup = |from: RawFd, to: RawFd| {
+        // SAFETY: dup2 on descriptors this process owns.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    dup(null.as_raw_fd(), 0)?;
+    dup(null.as_raw_fd(), 1)?;
+    dup(stderr.as_raw_fd(), 2)?;
+    dup(sandbox.as_raw_fd(), CONN_FD)?;
+    // Nothing else of the host's open files goes into the sandbox.
+    // SAFETY: close_range closes descriptors this process owns; none of them is used after.
+    unsafe { libc::syscall(libc::SYS_close_range, CONN_FD + 1, u32::MAX, 0) };
+    isolate_session()
+}
+
+/// A session of its own (Ctrl-C at the terminal reaches upstream, which tears the sandbox
+/// down, not the sandbox directly), and death with upstream, however upstream dies.
+fn isolate_session() -> io::Result<()> {
+    // SAFETY: setsid and prctl are async-signal-safe and take no pointers.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn exec_init(exe: &Path, sandbox: UnixStream) -> Result<(InitProcess, OwnedFd), SandboxError> {
+    let sandbox_fd = sandbox.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(crate::INIT_ARG)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs between fork and exec in a possibly multi-threaded process, so
+    // it makes only async-signal-safe system calls (setsid, prctl, dup2) and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            isolate_session()?;
+            if libc::dup2(sandbox_fd, CONN_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| setup_failed(&exe.display().to_string(), e))?;
+    drop(sandbox);
+    let stderr = child
+        .stderr
+        .take()
+        .map(OwnedFd::from)
+        .ok_or_else(|| setup_failed("stderr", "no pipe"))?;
+    // The handle takes over waiting for the process; std's Child neither kills nor waits when
+    // dropped.
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child);
+    Ok((InitProcess { pid, reaped: false }, stderr))
+}
