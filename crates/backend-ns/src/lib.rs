@@ -310,7 +310,7 @@ impl SandboxDir {
         let dir = SandboxDir {
             path: path.to_path_buf(),
         };
-        for sub in ["root", "upper", "work", "workspace"] {
+        for sub in ["root", "upper", "work"] {
             let p = path.join(sub);
             fs::DirBuilder::new().mode(0o755).create(&p).map_err(fail)?;
             if !rootless {
@@ -409,7 +409,7 @@ impl NamespaceSandbox {
         text.trim().to_string()
     }
 
-    /// The sandbox's directory on the host (its /workspace is `workspace/` in it).
+    /// The sandbox's directory on the host (its /workspace is `upper/workspace/` in it).
     pub fn host_dir(&self) -> Option<&Path> {
         self.dir.as_ref().map(|d| d.path.as_path())
     }

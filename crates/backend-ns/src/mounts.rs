@@ -5,8 +5,9 @@
 //! and vanishes with it. For the host image the lower layer is a small skeleton of mount
 //! points, and the host's /usr and /etc (and any of /bin, /sbin, /lib* that are directories)
 //! are bind-mounted read-only over it. Nothing else of the host is reachable. /workspace is
-//! the sandbox's directory on the host, writable; /tmp, /run and /dev are fresh tmpfs; /proc
-//! shows only the sandbox's processes.
+//! part of the writable layer (on the host: `upper/workspace`), so files move between it and
+//! the rest of the root without copying; /tmp, /run and /dev are fresh tmpfs; /proc shows only
+//! the sandbox's processes.
 //!
 //! Every path here is relative to the sandbox directory (the init's working directory) until
 //! the pivot.
@@ -138,13 +139,6 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
                 .map_err(ctx(|| format!("cannot create /{dir}")))?;
         }
     }
-    do_mount(
-        Some("workspace"),
-        "root/workspace",
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     do_mount(
         Some("tmpfs"),
@@ -269,7 +263,7 @@ fn build_dev() -> Result<(), MountError> {
         symlink(target, format!("root/dev/{link}"))
             .map_err(ctx(|| format!("cannot link /dev/{link}")))?;
     }
-    for dir in ["pts", "shm", "mqueue"] {
+    for dir in ["pts", "shm"] {
         fs::create_dir(format!("root/dev/{dir}"))
             .map_err(ctx(|| format!("cannot create /dev/{dir}")))?;
     }
@@ -287,13 +281,6 @@ fn build_dev() -> Result<(), MountError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=1777"),
     )?;
-    let _ = do_mount(
-        Some("mqueue"),
-        "root/dev/mqueue",
-        Some("mqueue"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None,
-    );
     Ok(())
 }
 
