@@ -1,11 +1,14 @@
-//! The sandbox side of the namespace backend: the binary re-executed as the sandbox's init.
+//! The sandbox side of the namespace backend: the sandbox's init, which builds the sandbox
+//! from the inside and becomes its agent.
 //!
-//! Stage 1 starts as a fresh, single-threaded exec of the upstream binary, in the sandbox's
-//! cgroups. It creates the user namespace, gets its id maps, then unshares the mount, pid,
-//! uts, ipc, cgroup and (by default) network namespaces and forks. The child is pid 1 of the
-//! new pid namespace (stage 2): it builds the root filesystem, pivots into it, locks itself
-//! down and becomes the agent. Stage 1 stays outside only to wait for it; if stage 1 dies, the
-//! kernel kills stage 2 (parent-death signal), and with it every process of the sandbox.
+//! The init starts in one of two ways (see `launch`). Cloned by a single-threaded host, it is
+//! already pid 1 of the sandbox's namespaces and the host has written its id maps. Re-executed
+//! by a multi-threaded host (stage 1), it creates the user namespace, gets its id maps,
+//! unshares the mount, pid, uts, ipc, cgroup and (by default) network namespaces and forks
+//! pid 1; stage 1 then only waits, and if it dies the kernel kills pid 1 (parent-death
+//! signal). Either way pid 1 (stage 2) builds the root filesystem, pivots into it, locks
+//! itself down and becomes the agent; when pid 1 dies the kernel kills every other process of
+//! the sandbox.
 
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -26,16 +29,36 @@ pub const CONN_FD: RawFd = 3;
 const SETUP_FAILED: i32 = 125;
 
 /// Runs the sandbox init; returns the process's exit code.
+/// How the init came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Re-executed by a multi-threaded host: it makes the namespaces itself and forks pid 1.
+    Exec,
+    /// Cloned by a single-threaded host straight into the namespaces: it is pid 1, and the
+    /// host wrote its id maps before sending the configuration.
+    Cloned,
+}
+
+/// Runs the init of a re-executed upstream; returns the process's exit code.
 pub fn main() -> i32 {
-    // SAFETY: the host placed its end of a socket pair at CONN_FD before exec; nothing else in
-    // this fresh process owns that descriptor.
+    run(Entry::Exec)
+}
+
+/// Runs the init in a process the host cloned into the sandbox's namespaces.
+pub fn cloned_main() -> i32 {
+    run(Entry::Cloned)
+}
+
+fn run(entry: Entry) -> i32 {
+    // SAFETY: the host placed its end of a socket pair at CONN_FD; nothing else in this
+    // process owns that descriptor.
     let mut conn = unsafe { UnixStream::from_raw_fd(CONN_FD) };
     // Commands run in the sandbox must not inherit the connection to the host.
     let _ = nix::fcntl::fcntl(
         &conn,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
-    match stage1(&mut conn) {
+    match prepare(&mut conn, entry) {
         Ok(code) => code,
         Err(message) => {
             let _ = write_frame(&mut conn, &Response::SetupFailed { message });
@@ -44,7 +67,7 @@ pub fn main() -> i32 {
     }
 }
 
-fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
+fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // Every process of the sandbox inherits this score, so under memory pressure the kernel
     // kills the biggest of them, never the small agent. It is set now, while this process
     // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
@@ -58,6 +81,61 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
     // searchable by the sandbox's (unprivileged) root.
     nix::unistd::chdir(config.sandbox_dir.as_str())
         .map_err(|e| format!("cannot enter {}: {e}", config.sandbox_dir))?;
+    match entry {
+        Entry::Exec => enter_namespaces(conn, &config)?,
+        // The host moved this process into its cgroups before sending the configuration: a
+        // cgroup namespace made now has them as its root.
+        Entry::Cloned => unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| format!("cannot create the sandbox's cgroup namespace: {e}"))?,
+    }
+    // The shared skeleton is opened while this process still has its host ids (so the path to
+    // it need not be searchable by sandbox root) and is in the new mount namespace (so the
+    // overlay can use it); the mount reaches it through /proc/self/fd.
+    let skeleton = match &config.skeleton {
+        Some(path) => Some(
+            nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| format!("cannot open {path}: {e}"))?,
+        ),
+        None => None,
+    };
+    if let IdMap::Range { .. } = config.id_map {
+        nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    }
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root group: {e}"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(|e| format!("cannot become the sandbox's root: {e}"))?;
+    let lower = skeleton
+        .as_ref()
+        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if entry == Entry::Cloned {
+        return Ok(stage2(conn, &config, lower.as_deref()));
+    }
+    // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
+    // child may run any code after fork.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => std::process::exit(stage2(conn, &config, lower.as_deref())),
+        ForkResult::Parent { child } => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("waitpid: {e}")),
+            }
+        },
+    }
+}
+
+/// Stage 1 of a re-executed init: the user namespace (and its maps), then the others. The
+/// caller then forks, so the child is pid 1 of the new pid namespace.
+fn enter_namespaces(conn: &mut UnixStream, config: &InitConfig) -> Result<(), String> {
     let (uid, gid) = (Uid::current(), Gid::current());
     unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| format!("cannot create a user namespace: {e}"))?;
@@ -69,7 +147,6 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
                 Ok(_) => return Err("the host did not map the sandbox's ids".into()),
                 Err(e) => return Err(e.to_string()),
             }
-            nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
         }
         IdMap::Own => {
             std::fs::write("/proc/self/setgroups", "deny")
@@ -88,51 +165,13 @@ fn stage1(conn: &mut UnixStream) -> Result<i32, String> {
     if config.new_net {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
-    // The shared skeleton is opened while this process still has its host ids (so the path to
-    // it need not be searchable by sandbox root) and is in the new mount namespace (so the
-    // overlay can use it); the mount reaches it through /proc/self/fd.
-    let skeleton = match &config.skeleton {
-        Some(path) => Some(
-            nix::fcntl::open(
-                path.as_str(),
-                nix::fcntl::OFlag::O_PATH
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .map_err(|e| format!("cannot open {path}: {e}"))?,
-        ),
-        None => None,
-    };
-    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-        .map_err(|e| format!("cannot become the sandbox's root group: {e}"))?;
-    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-        .map_err(|e| format!("cannot become the sandbox's root: {e}"))?;
-    // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
-    // child may run any code after fork.
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            let lower = skeleton
-                .as_ref()
-                .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
-            std::process::exit(stage2(conn, &config, lower.as_deref()))
-        }
-        ForkResult::Parent { child } => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(format!("waitpid: {e}")),
-            }
-        },
-    }
+    unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))
 }
 
 /// Pid 1 of the sandbox.
 fn stage2(conn: &mut UnixStream, config: &InitConfig, skeleton: Option<&str>) -> i32 {
-    // If stage 1 dies (the host killed it), so does the whole sandbox.
+    // If its parent dies (the host, or stage 1, killed), so does the whole sandbox. Set here,
+    // after the uid change, which clears it.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let setup = mounts::build_root(config, skeleton)
         .map_err(|e| e.to_string())
@@ -148,13 +187,5 @@ fn stage2(conn: &mut UnixStream, config: &InitConfig, skeleton: Option<&str>) ->
     match upstream_agent::serve(conn) {
         Ok(()) => 0,
         Err(_) => 1,
-    }
-}
-
-/// Whether `config` asks for ids the host must map.
-pub fn host_maps_ids(config: &InitConfig) -> Option<(u32, u32)> {
-    match config.id_map {
-        IdMap::Range { base, count } => Some((base, count)),
-        IdMap::Own => None,
     }
 }

@@ -179,7 +179,10 @@ impl Backend for NamespaceBackend {
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
         // The init starts first: it loads while the directory and cgroups are made.
-        let (mut conn, child, stderr) = launch::start_init(&self.init_exe, self.init_mode)?;
+        let new_net = spec.network == NetworkMode::None;
+        let (mut conn, child, stderr) =
+            launch::start_init(&self.init_exe, self.init_mode, new_net)?;
+        let cloned = child.cloned;
         let pid = child.id();
         let mut sandbox = NamespaceSandbox {
             info: SandboxInfo {
@@ -215,7 +218,7 @@ impl Backend for NamespaceBackend {
                     count: SANDBOX_ID_COUNT,
                 }
             },
-            new_net: spec.network == NetworkMode::None,
+            new_net,
             hostname: spec.hostname.clone(),
             max_processes: spec.limits.pids,
         };
@@ -232,20 +235,29 @@ impl Backend for NamespaceBackend {
             ));
         }
         let setup = (|| -> Result<Result<(), String>, ClientError> {
-            write_frame(&mut conn, &ToInit::Config(config.clone()))?;
-            if let Some((base, count)) = init::host_maps_ids(&config) {
-                match read_frame::<_, FromInit>(&mut conn)? {
-                    Some(FromInit::MapIds) => {}
-                    None => {
-                        return Ok(Err(
-                            "the sandbox init exited before its user namespace was ready".into(),
-                        ));
-                    }
-                }
-                if let Err(e) = write_id_maps(pid, base, count) {
+            if cloned {
+                // The init is already in its user namespace, waiting for its configuration.
+                if let Err(e) = write_id_maps(pid, config.id_map) {
                     return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
                 }
-                write_frame(&mut conn, &ToInit::Mapped)?;
+                write_frame(&mut conn, &ToInit::Config(config.clone()))?;
+            } else {
+                write_frame(&mut conn, &ToInit::Config(config.clone()))?;
+                if let IdMap::Range { .. } = config.id_map {
+                    match read_frame::<_, FromInit>(&mut conn)? {
+                        Some(FromInit::MapIds) => {}
+                        None => {
+                            return Ok(Err(
+                                "the sandbox init exited before its user namespace was ready"
+                                    .into(),
+                            ));
+                        }
+                    }
+                    if let Err(e) = write_id_maps(pid, config.id_map) {
+                        return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
+                    }
+                    write_frame(&mut conn, &ToInit::Mapped)?;
+                }
             }
             let mut client =
                 AgentClient::new(conn.try_clone().map_err(|e| ClientError::Frame(e.into()))?);
@@ -286,10 +298,25 @@ fn setup_error(message: String, rootless: bool) -> SandboxError {
     SandboxError::setup(message, hint)
 }
 
-fn write_id_maps(pid: u32, base: u32, count: u32) -> io::Result<()> {
-    let map = format!("0 {base} {count}\n");
-    fs::write(format!("/proc/{pid}/uid_map"), &map)?;
-    fs::write(format!("/proc/{pid}/gid_map"), &map)
+/// Writes the uid and gid maps of the init's user namespace: the sandbox's id range (as root),
+/// or sandbox root as this user (rootless: the only map an unprivileged user may write, and
+/// only with setgroups denied).
+fn write_id_maps(pid: u32, map: IdMap) -> io::Result<()> {
+    let (uid_map, gid_map) = match map {
+        IdMap::Range { base, count } => {
+            let line = format!("0 {base} {count}\n");
+            (line.clone(), line)
+        }
+        IdMap::Own => {
+            fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+            (
+                format!("0 {} 1\n", Uid::effective()),
+                format!("0 {} 1\n", nix::unistd::Gid::effective()),
+            )
+        }
+    };
+    fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
+    fs::write(format!("/proc/{pid}/gid_map"), gid_map)
 }
 
 /// The sandbox's directory on the host.

@@ -465,3 +465,28 @@ fn a_crash_of_upstream_still_tears_the_sandbox_down() {
         "the document is untouched"
     );
 }
+
+#[test]
+fn a_reexecuted_init_makes_the_same_sandbox() {
+    // A multi-threaded upstream re-executes itself as the init instead of cloning; force it.
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "doc.md",
+        "---\nmemory: 128M\n---\n```bash\ncat /proc/1/cmdline | tr '\\0' ' '; echo\nid -u\nmount -t tmpfs none /mnt 2>/dev/null && echo MOUNTED || echo refused\nls /proc | grep -c '^[0-9]'\n```\n",
+    );
+    let out = env
+        .command()
+        .args(["run", "doc.md"])
+        .env("UPSTREAM_INIT", "exec")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&fs::read_to_string(&path).unwrap(), 1);
+    assert!(
+        block.contains("__sandbox-init"),
+        "pid 1 is the re-executed init: {block}"
+    );
+    assert!(block.contains("\n0\nrefused\n"), "{block}");
+    assert!(env.leftover_sandboxes().is_empty());
+}
