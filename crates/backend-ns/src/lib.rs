@@ -51,6 +51,8 @@ pub struct NamespaceBackend {
     init_exe: PathBuf,
     /// Where sandbox directories are made.
     sandboxes: PathBuf,
+    /// Clean sandbox directories kept for reuse.
+    pool: PathBuf,
     /// The lower layer shared by host-image sandboxes.
     skeleton: PathBuf,
     /// Read on first use: only sandboxes with memory or cpu limits need it.
@@ -89,6 +91,7 @@ impl NamespaceBackend {
         Ok(NamespaceBackend {
             init_exe,
             sandboxes: runtime_dir.join("sandboxes"),
+            pool: runtime_dir.join("pool"),
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
@@ -133,17 +136,19 @@ fn runtime_dir() -> Result<PathBuf, SandboxError> {
         Some(d) => PathBuf::from(d),
         None => std::env::temp_dir().join(format!("upstream-{uid}")),
     };
-    let sandboxes = dir.join("sandboxes");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&sandboxes)
-        .map_err(|e| {
-            SandboxError::setup(
-                format!("cannot create {}: {e}", sandboxes.display()),
-                Some("set UPSTREAM_RUNTIME_DIR to a directory you may write"),
-            )
-        })?;
+    for sub in ["sandboxes", "pool"] {
+        let path = dir.join(sub);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| {
+                SandboxError::setup(
+                    format!("cannot create {}: {e}", path.display()),
+                    Some("set UPSTREAM_RUNTIME_DIR to a directory you may write"),
+                )
+            })?;
+    }
     let meta = fs::symlink_metadata(&dir)
         .map_err(|e| SandboxError::setup(format!("cannot read {}: {e}", dir.display()), None))?;
     if !meta.is_dir() || meta.uid() != uid.as_raw() {
@@ -195,6 +200,7 @@ impl Backend for NamespaceBackend {
             client: None,
             cgroups: Cgroups::default(),
             dir: None,
+            pool: self.pool.clone(),
             interrupter: Arc::new(NsInterrupter {
                 pid: pid as i32,
                 interrupted: AtomicBool::new(false),
@@ -202,6 +208,7 @@ impl Backend for NamespaceBackend {
         };
         let dir = sandbox.dir.insert(SandboxDir::create(
             &self.sandboxes.join(&name),
+            &self.pool,
             self.rootless,
         )?);
         let config = InitConfig {
@@ -325,8 +332,22 @@ struct SandboxDir {
     path: PathBuf,
 }
 
+/// How many clean sandbox directories are kept for reuse.
+const POOL_SIZE: usize = 4;
+
 impl SandboxDir {
-    fn create(path: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+    /// A directory for a new sandbox at `path`: a clean one from `pool` if there is one (a
+    /// rename instead of creating four directories), else a fresh one.
+    fn create(path: &Path, pool: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+        if let Ok(entries) = fs::read_dir(pool) {
+            for entry in entries.flatten() {
+                if fs::rename(entry.path(), path).is_ok() {
+                    return Ok(SandboxDir {
+                        path: path.to_path_buf(),
+                    });
+                }
+            }
+        }
         let fail = |e: io::Error| {
             SandboxError::setup(format!("cannot create {}: {e}", path.display()), None)
         };
@@ -346,6 +367,23 @@ impl SandboxDir {
             }
         }
         Ok(dir)
+    }
+
+    /// Done with the directory: keep it for the next sandbox if the sandbox wrote nothing
+    /// (its layer and mount point are empty; overlayfs empties its work directory itself when
+    /// it mounts), else remove it.
+    fn release(self, pool: &Path) -> io::Result<()> {
+        let empty = |sub: &str| {
+            fs::read_dir(self.path.join(sub)).is_ok_and(|mut entries| entries.next().is_none())
+        };
+        let room = fs::read_dir(pool).is_ok_and(|entries| entries.count() < POOL_SIZE);
+        if room && empty("upper") && empty("root") {
+            let name = self.path.file_name().unwrap_or_default();
+            if fs::rename(&self.path, pool.join(name)).is_ok() {
+                return Ok(());
+            }
+        }
+        self.remove()
     }
 
     fn remove(&self) -> io::Result<()> {
@@ -401,6 +439,7 @@ pub struct NamespaceSandbox {
     client: Option<AgentClient<UnixStream>>,
     cgroups: Cgroups,
     dir: Option<SandboxDir>,
+    pool: PathBuf,
     interrupter: Arc<NsInterrupter>,
 }
 
@@ -461,7 +500,7 @@ impl NamespaceSandbox {
         self.stderr = None;
         let cgroups = self.cgroups.destroy();
         let dir = match self.dir.take() {
-            Some(dir) => dir.remove(),
+            Some(dir) => dir.release(&self.pool),
             None => Ok(()),
         };
         cgroups.and(dir)

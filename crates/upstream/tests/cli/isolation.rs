@@ -415,3 +415,57 @@ EOF"#;
     assert!(!block.contains("OPENED"), "{block}");
     assert_eq!(block.matches("refused").count(), 7, "{block}");
 }
+
+#[test]
+fn a_later_sandbox_sees_nothing_of_an_earlier_one() {
+    // Directories of sandboxes that wrote nothing are reused; any that wrote are not.
+    crate::require_sandbox!();
+    let env = Env::new();
+    for _ in 0..3 {
+        let out = env.upstream(&["exec", "--", "true"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let pool = env.runtime.join("pool");
+    let pooled = fs::read_dir(&pool).unwrap().count();
+    assert!(
+        (1..=4).contains(&pooled),
+        "clean directories are kept: {pooled}"
+    );
+    let out = env.upstream(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo secret > /root/left; echo secret > /workspace/left; mkdir -p /opt/left",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for _ in 0..6 {
+        let out = env.upstream(&[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "ls -A /root /workspace /opt; cat /root/left /workspace/left 2>/dev/null; true",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            !listing.contains("left") && !listing.contains("secret"),
+            "{listing}"
+        );
+    }
+    assert!(
+        fs::read_dir(&pool).unwrap().count() <= 4,
+        "the pool is bounded"
+    );
+    for entry in fs::read_dir(&pool).unwrap() {
+        let upper = entry.unwrap().path().join("upper");
+        assert_eq!(
+            fs::read_dir(&upper).unwrap().count(),
+            0,
+            "{} is empty",
+            upper.display()
+        );
+    }
+    assert!(env.leftover_sandboxes().is_empty());
+}
