@@ -6,14 +6,13 @@
 //! timeout or shutdown kills every other process of the sandbox with one `kill(-1, SIGKILL)`:
 //! nothing a step started, however it daemonised, survives.
 
+use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -94,17 +93,22 @@ fn run(
     req: &ExecRequest,
 ) -> Result<Flow, AgentError> {
     let start = Instant::now();
-    let mut child = match spawn(req) {
-        Ok(child) => child,
+    let (pid, out, err) = match spawn(req) {
+        Ok(spawned) => spawned,
         Err(message) => {
             write_frame(conn, &Response::Error { message })?;
             return Ok(Flow::Continue);
         }
     };
-    let pid = Pid::from_raw(child.id() as i32);
     write_frame(conn, &Response::Started { pid: pid.as_raw() })?;
-    let mut stdout = child.stdout.take().map(Pipe::Out);
-    let mut stderr = child.stderr.take().map(Pipe::Err);
+    let mut stdout = Some(Pipe {
+        file: fs::File::from(out),
+        stream: Stream::Stdout,
+    });
+    let mut stderr = Some(Pipe {
+        file: fs::File::from(err),
+        stream: Stream::Stderr,
+    });
     let deadline = req.timeout_ms.map(|ms| start + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut status = None;
@@ -198,7 +202,6 @@ fn run(
             }
         }
     }
-    drop(child);
     let micros = start.elapsed().as_micros() as u64;
     let status = status.unwrap_or(ExitStatus::Signal(9));
     write_frame(
@@ -212,31 +215,23 @@ fn run(
     Ok(Flow::Continue)
 }
 
-enum Pipe {
-    Out(ChildStdout),
-    Err(ChildStderr),
+/// The read end of a command's stdout or stderr.
+struct Pipe {
+    file: fs::File,
+    stream: Stream,
 }
 
 impl Pipe {
     fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Pipe::Out(p) => p.as_fd(),
-            Pipe::Err(p) => p.as_fd(),
-        }
+        self.file.as_fd()
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Pipe::Out(p) => p.read(buf),
-            Pipe::Err(p) => p.read(buf),
-        }
+        self.file.read(buf)
     }
 
     fn stream(&self) -> Stream {
-        match self {
-            Pipe::Out(_) => Stream::Stdout,
-            Pipe::Err(_) => Stream::Stderr,
-        }
+        self.stream
     }
 }
 
@@ -277,7 +272,13 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     Ok(())
 }
 
-fn spawn(req: &ExecRequest) -> Result<Child, String> {
+/// Starts a command; returns its pid and the read ends of its stdout and stderr.
+///
+/// posix_spawn (a vfork: no page tables copied) starts it in a process group of its own, with
+/// an empty signal mask, default SIGPIPE handling, stdin from /dev/null, in the agent's
+/// working directory (the agent moves there first).
+fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
     let Some(program) = req.argv.first() else {
         return Err("no command given".into());
     };
@@ -285,27 +286,77 @@ fn spawn(req: &ExecRequest) -> Result<Child, String> {
         write_file(Path::new(&file.path), &file.data, file.mode)
             .map_err(|e| format!("cannot write {}: {e}", file.path))?;
     }
-    if let Err(e) = fs::create_dir_all(&req.cwd) {
+    if let Err(e) = fs::create_dir_all(&req.cwd).and_then(|()| std::env::set_current_dir(&req.cwd))
+    {
         return Err(format!(
             "cannot create the working directory {}: {e}",
             req.cwd
         ));
     }
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // A process group of its own, so the command can be signalled as a whole. Without a
-    // pre_exec hook the standard library spawns with posix_spawn (vfork speed).
-    cmd.process_group(0);
-    cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => format!("`{program}` was not found in the sandbox"),
-        _ => format!("cannot start `{program}`: {e}"),
-    })
+    let path_var = req
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let path = resolve(program, path_var)
+        .ok_or_else(|| format!("`{program}` was not found in the sandbox"))?;
+    let cstring =
+        |s: &[u8]| CString::new(s).map_err(|_| "an argument holds a NUL byte".to_string());
+    let argv = req
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = req
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sys = |what: &str, e: Errno| format!("cannot start `{program}`: {what}: {e}");
+    let (out_read, out_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e))?;
+    let (err_read, err_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e))?;
+    let null = fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+    let mut actions = PosixSpawnFileActions::init().map_err(|e| sys("spawn", e))?;
+    actions
+        .add_dup2(null.as_raw_fd(), 0)
+        .and_then(|()| actions.add_dup2(out_write.as_raw_fd(), 1))
+        .and_then(|()| actions.add_dup2(err_write.as_raw_fd(), 2))
+        .map_err(|e| sys("spawn", e))?;
+    let mut attr = PosixSpawnAttr::init().map_err(|e| sys("spawn", e))?;
+    let mut default = SigSet::empty();
+    default.add(Signal::SIGPIPE);
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .and_then(|()| attr.set_pgroup(Pid::from_raw(0)))
+    .and_then(|()| attr.set_sigmask(&SigSet::empty()))
+    .and_then(|()| attr.set_sigdefault(&default))
+    .map_err(|e| sys("spawn", e))?;
+    let pid = posix_spawn(path.as_path(), &actions, &attr, &argv, &envp).map_err(|e| match e {
+        Errno::ENOENT => format!("`{program}` was not found in the sandbox"),
+        Errno::EACCES => format!("cannot start `{program}`: permission denied"),
+        e => sys("spawn", e),
+    })?;
+    Ok((pid, out_read, err_read))
+}
+
+/// Where `program` is: itself when it names a path, else the first executable of that name
+/// in `path_var` (the command's PATH, not the agent's).
+fn resolve(program: &str, path_var: Option<&str>) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    let executable =
+        |p: &Path| p.is_file() && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok();
+    path_var?
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| executable(p))
 }
 
 /// Reaps exited processes; returns the status of `main` if it is among them.
@@ -369,6 +420,7 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::{Command, Stdio};
     use std::os::fd::AsRawFd;
     use std::thread;
 
