@@ -420,8 +420,8 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Command, Stdio};
     use std::os::fd::AsRawFd;
+    use std::process::{Command, Stdio};
     use std::thread;
 
     fn request(conn: &mut UnixStream, req: &Request) -> Vec<Response> {

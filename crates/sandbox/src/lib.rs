@@ -74,6 +74,9 @@ pub struct SandboxInfo {
 /// A way to stop a sandbox from another thread, such as a Ctrl-C handler.
 pub trait Interrupter: Send + Sync {
     /// Kills the sandbox's processes at once; its owner then sees [`SandboxError::Interrupted`].
+    ///
+    /// It may be called from a signal handler, so it must be async-signal-safe: atomics and
+    /// system calls such as kill(2) only, no allocation, no locks.
     fn interrupt(&self);
 }
 

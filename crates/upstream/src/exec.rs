@@ -7,7 +7,6 @@ use upstream_backend_ns::NamespaceBackend;
 use upstream_sandbox::{
     Backend, ExecRequest, ExitStatus, Image, Limits, NetworkMode, SandboxError, SandboxSpec, Stream,
 };
-use upstream_turn::Cancel;
 
 use crate::cli::ExecArgs;
 
@@ -50,9 +49,7 @@ pub fn exec(args: ExecArgs) -> u8 {
     for warning in &sandbox.info().unenforced {
         eprintln!("warning: {warning}");
     }
-    let cancel = Cancel::default();
-    crate::interrupt::install(&cancel);
-    cancel.watch(Some(sandbox.interrupter()));
+    crate::interrupt::stop_on_signal(sandbox.interrupter());
     let mut env: Vec<(String, String)> = vec![
         (
             "PATH".into(),

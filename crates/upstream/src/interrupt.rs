@@ -1,7 +1,11 @@
 //! Ctrl-C and termination signals: the running turn is cancelled and its sandbox torn down.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use upstream_sandbox::Interrupter;
 use upstream_turn::Cancel;
 
 /// Cancels `cancel` on SIGINT, SIGTERM or SIGHUP. A second signal ends the process at once.
@@ -30,4 +34,26 @@ pub fn install(cancel: &Cancel) {
             cancel.cancel();
         }
     });
+}
+
+/// Stops `sandbox` on SIGINT, SIGTERM or SIGHUP, from the signal handler itself: no thread
+/// (for `exec`, which runs one sandbox). A second signal ends the process at once.
+pub fn stop_on_signal(sandbox: Arc<dyn Interrupter>) {
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        let sandbox = sandbox.clone();
+        let seen = seen.clone();
+        // SAFETY: the handler only touches an atomic, calls `Interrupter::interrupt` (which
+        // promises to be async-signal-safe) and `_exit`; it allocates nothing and takes no lock.
+        let registered = unsafe {
+            signal_hook::low_level::register(signal, move || {
+                if seen.swap(true, Ordering::SeqCst) {
+                    libc::_exit(crate::exit::INTERRUPTED.into());
+                }
+                sandbox.interrupt();
+            })
+        };
+        // Without a handler, the default action ends upstream, and the sandbox dies with it.
+        let _ = registered;
+    }
 }

@@ -61,3 +61,39 @@ fn doctor_reports_each_facility() {
     assert_eq!(sandbox_ok, crate::util::sandboxes_available(), "{text}");
     assert_eq!(code(&out), if sandbox_ok { 0 } else { 3 });
 }
+
+#[test]
+fn ctrl_c_stops_exec_and_its_sandbox() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    crate::require_sandbox!();
+    let env = Env::new();
+    let marker = format!("8{}.5", std::process::id());
+    let script = format!("echo started; sleep {marker} & sleep {marker}");
+    let mut child = env
+        .command()
+        .args(["exec", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::util::processes_with(&marker).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        crate::util::processes_with(&marker).is_empty(),
+        "{:?}",
+        crate::util::processes_with(&marker)
+    );
+    assert!(
+        env.leftover_sandboxes().is_empty(),
+        "{:?}",
+        env.leftover_sandboxes()
+    );
+}
