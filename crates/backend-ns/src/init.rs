@@ -72,6 +72,8 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // kills the biggest of them, never the small agent. It is set now, while this process
     // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    // Compiled before the configuration arrives, while the host is still preparing.
+    let filters = security::filters().map_err(|e| e.to_string())?;
     let config = match read_frame::<_, ToInit>(conn) {
         Ok(Some(ToInit::Config(c))) => c,
         Ok(_) => return Err("the host sent no configuration".into()),
@@ -115,12 +117,12 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         .as_ref()
         .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
     if entry == Entry::Cloned {
-        return Ok(stage2(conn, &config, lower.as_deref()));
+        return Ok(stage2(conn, &config, lower.as_deref(), &filters));
     }
     // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
     // child may run any code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => std::process::exit(stage2(conn, &config, lower.as_deref())),
+        ForkResult::Child => std::process::exit(stage2(conn, &config, lower.as_deref(), &filters)),
         ForkResult::Parent { child } => loop {
             match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -169,13 +171,20 @@ fn enter_namespaces(conn: &mut UnixStream, config: &InitConfig) -> Result<(), St
 }
 
 /// Pid 1 of the sandbox.
-fn stage2(conn: &mut UnixStream, config: &InitConfig, skeleton: Option<&str>) -> i32 {
+fn stage2(
+    conn: &mut UnixStream,
+    config: &InitConfig,
+    skeleton: Option<&str>,
+    filters: &[seccompiler::BpfProgram],
+) -> i32 {
     // If its parent dies (the host, or stage 1, killed), so does the whole sandbox. Set here,
     // after the uid change, which clears it.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let setup = mounts::build_root(config, skeleton)
         .map_err(|e| e.to_string())
-        .and_then(|()| security::lock_down(config.max_processes).map_err(|e| e.to_string()));
+        .and_then(|()| {
+            security::lock_down(config.max_processes, filters).map_err(|e| e.to_string())
+        });
     if let Err(message) = setup {
         let _ = write_frame(conn, &Response::SetupFailed { message });
         return SETUP_FAILED;

@@ -138,6 +138,9 @@ fn runtime_dir() -> Result<PathBuf, SandboxError> {
     };
     for sub in ["sandboxes", "pool"] {
         let path = dir.join(sub);
+        if path.is_dir() {
+            continue;
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -484,10 +487,8 @@ impl NamespaceSandbox {
         let agent_was_up = self.client.is_some();
         if let Some(mut client) = self.client.take() {
             if !self.interrupter.interrupted.load(Ordering::SeqCst) {
-                let _ = client
-                    .get_ref()
-                    .set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = client.shutdown();
+                // The agent kills everything and exits; the wait below is for that exit.
+                let _ = client.request_shutdown();
             }
         }
         if let Some(mut child) = self.child.take() {

@@ -107,15 +107,17 @@ pub enum SecurityError {
 }
 
 /// Applies every restriction to the calling process; its children inherit them.
-pub fn lock_down(max_processes: Option<u64>) -> Result<(), SecurityError> {
+/// `filters` are the compiled seccomp filters ([`filters`]), made ahead of time: the init
+/// compiles them while it waits for its configuration.
+pub fn lock_down(max_processes: Option<u64>, filters: &[BpfProgram]) -> Result<(), SecurityError> {
     if let Some(max) = max_processes {
         use nix::sys::resource::{Resource, setrlimit};
         setrlimit(Resource::RLIMIT_NPROC, max, max).map_err(SecurityError::Rlimit)?;
     }
     drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(SecurityError::NoNewPrivs)?;
-    for filter in filters()? {
-        seccompiler::apply_filter(&filter)?;
+    for filter in filters {
+        seccompiler::apply_filter(filter)?;
     }
     Ok(())
 }
