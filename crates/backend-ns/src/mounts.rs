@@ -154,7 +154,7 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         nosuid_nodev,
         Some("mode=755"),
     )?;
-    build_dev()?;
+    build_dev(config.layers.is_empty())?;
     do_mount(
         Some("proc"),
         "root/proc",
@@ -189,6 +189,7 @@ pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
     for sub in SKELETON {
         fs::create_dir_all(dir.join(sub))?;
     }
+    populate_dev(&dir.join("dev"))?;
     fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     fs::set_permissions(dir.join("var/tmp"), fs::Permissions::from_mode(0o1777))?;
@@ -202,11 +203,29 @@ pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
         for sub in SKELETON {
             std::os::unix::fs::chown(dir.join(sub), Some(id), Some(id))?;
         }
+        for entry in fs::read_dir(dir.join("dev"))? {
+            std::os::unix::fs::lchown(entry?.path(), Some(id), Some(id))?;
+        }
         for name in USR_LINKS {
             if dir.join(name).is_symlink() {
                 std::os::unix::fs::lchown(dir.join(name), Some(id), Some(id))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The mount points and links of a /dev: empty files the devices are bound onto, `pts` and
+/// `shm`, and the standard links.
+fn populate_dev(dev: &Path) -> io::Result<()> {
+    for name in DEVICES {
+        fs::File::create(dev.join(name))?;
+    }
+    for name in ["pts", "shm"] {
+        fs::create_dir(dev.join(name))?;
+    }
+    for (link, target) in DEV_LINKS {
+        symlink(target, dev.join(link))?;
     }
     Ok(())
 }
@@ -234,17 +253,31 @@ fn mount_overlay(lower: &str) -> Result<(), MountError> {
     })
 }
 
-fn build_dev() -> Result<(), MountError> {
-    do_mount(
-        Some("tmpfs"),
-        "root/dev",
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755,size=1m"),
-    )?;
+/// Links every /dev has.
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// /dev: the host's harmless devices bound in, its own ptys and shared memory. In the host
+/// image's skeleton the mount points and links already exist (`prepared`); an image gets a
+/// fresh tmpfs with them.
+fn build_dev(prepared: bool) -> Result<(), MountError> {
+    if !prepared {
+        do_mount(
+            Some("tmpfs"),
+            "root/dev",
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=755,size=1m"),
+        )?;
+        populate_dev(Path::new("root/dev")).map_err(ctx(|| "cannot populate /dev".to_string()))?;
+    }
     for dev in DEVICES {
         let target = format!("root/dev/{dev}");
-        fs::File::create(&target).map_err(ctx(|| format!("cannot create /dev/{dev}")))?;
         do_mount(
             Some(&format!("/dev/{dev}")),
             &target,
@@ -252,20 +285,6 @@ fn build_dev() -> Result<(), MountError> {
             MsFlags::MS_BIND,
             None,
         )?;
-    }
-    for (link, target) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-        ("ptmx", "pts/ptmx"),
-    ] {
-        symlink(target, format!("root/dev/{link}"))
-            .map_err(ctx(|| format!("cannot link /dev/{link}")))?;
-    }
-    for dir in ["pts", "shm"] {
-        fs::create_dir(format!("root/dev/{dir}"))
-            .map_err(ctx(|| format!("cannot create /dev/{dir}")))?;
     }
     do_mount(
         Some("devpts"),
