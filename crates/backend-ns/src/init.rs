@@ -34,9 +34,9 @@ const SETUP_FAILED: i32 = 125;
 enum Entry {
     /// Re-executed by a multi-threaded host: it makes the namespaces itself and forks pid 1.
     Exec,
-    /// Cloned by a single-threaded host straight into the namespaces: it is pid 1, and the
-    /// host wrote its id maps before sending the configuration.
-    Cloned,
+    /// Cloned by a single-threaded host into new user and pid namespaces: it is pid 1, and the
+    /// host writes its id maps before sending the configuration.
+    Cloned { new_net: bool },
 }
 
 /// Runs the init of a re-executed upstream; returns the process's exit code.
@@ -44,9 +44,9 @@ pub fn main() -> i32 {
     run(Entry::Exec)
 }
 
-/// Runs the init in a process the host cloned into the sandbox's namespaces.
-pub fn cloned_main() -> i32 {
-    run(Entry::Cloned)
+/// Runs the init in a process the host cloned into new user and pid namespaces.
+pub fn cloned_main(new_net: bool) -> i32 {
+    run(Entry::Cloned { new_net })
 }
 
 fn run(entry: Entry) -> i32 {
@@ -72,7 +72,16 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // kills the biggest of them, never the small agent. It is set now, while this process
     // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
-    // Compiled before the configuration arrives, while the host is still preparing.
+    // Work that needs no configuration is done while the host is still preparing: the
+    // remaining namespaces, and the seccomp filters.
+    if let Entry::Cloned { new_net } = entry {
+        let mut flags =
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+        if new_net {
+            flags |= CloneFlags::CLONE_NEWNET;
+        }
+        unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
+    }
     let filters = security::filters().map_err(|e| e.to_string())?;
     let config = match read_frame::<_, ToInit>(conn) {
         Ok(Some(ToInit::Config(c))) => c,
@@ -87,7 +96,7 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         Entry::Exec => enter_namespaces(conn, &config)?,
         // The host moved this process into its cgroups before sending the configuration: a
         // cgroup namespace made now has them as its root.
-        Entry::Cloned => unshare(CloneFlags::CLONE_NEWCGROUP)
+        Entry::Cloned { .. } => unshare(CloneFlags::CLONE_NEWCGROUP)
             .map_err(|e| format!("cannot create the sandbox's cgroup namespace: {e}"))?,
     }
     // The shared skeleton is opened while this process still has its host ids (so the path to
@@ -116,7 +125,7 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     let lower = skeleton
         .as_ref()
         .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    if entry == Entry::Cloned {
+    if let Entry::Cloned { .. } = entry {
         return Ok(stage2(conn, &config, lower.as_deref(), &filters));
     }
     // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the

@@ -144,8 +144,8 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Clones the init into new user, mount, pid, uts, ipc (and network) namespaces. `None` when
-/// this kernel has no clone3, so the caller re-executes instead.
+/// Clones the init into new user and pid namespaces (it makes the others). `None` when this
+/// kernel has no clone3, so the caller re-executes instead.
 fn clone_init(
     sandbox: &UnixStream,
     new_net: bool,
@@ -157,14 +157,9 @@ fn clone_init(
         .write(true)
         .open("/dev/null")
         .map_err(|e| setup_failed("/dev/null", e))?;
-    let mut flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC;
-    if new_net {
-        flags |= libc::CLONE_NEWNET;
-    }
+    // Only the user and pid namespaces are made here; the init makes the others itself, in
+    // parallel with the host's remaining work (a network namespace takes a while).
+    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID;
     let args = CloneArgs {
         flags: flags as u64,
         exit_signal: libc::SIGCHLD as u64,
@@ -183,7 +178,7 @@ fn clone_init(
     match ret {
         0 => {
             let code = child_setup(sandbox, &null, &stderr_write)
-                .map_or(127, |()| crate::init::cloned_main());
+                .map_or(127, |()| crate::init::cloned_main(new_net));
             // SAFETY: _exit ends this process at once, running no destructors or exit hooks
             // that belong to the host's copy of this program.
             unsafe { libc::_exit(code) }
