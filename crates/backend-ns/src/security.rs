@@ -11,10 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::{Capability, CapsHashSet};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompRule, TargetArch, sock_filter,
 };
 
 /// Capabilities the sandbox root keeps (the set container runtimes grant by default). They act
@@ -99,7 +99,7 @@ pub enum SecurityError {
     #[error("cannot set the process cap: {0}")]
     Rlimit(nix::Error),
     #[error("cannot drop capabilities: {0}")]
-    Caps(#[from] caps::errors::CapsError),
+    Capset(std::io::Error),
     #[error("cannot build the seccomp filter: {0}")]
     Filter(#[from] seccompiler::BackendError),
     #[error("cannot install the seccomp filter: {0}")]
@@ -122,6 +122,23 @@ pub fn lock_down(max_processes: Option<u64>, filters: &[BpfProgram]) -> Result<(
     Ok(())
 }
 
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The kernel's `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// The kernel's `struct __user_cap_data_struct`.
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 fn drop_capabilities() -> Result<(), SecurityError> {
     let kept: CapsHashSet = KEPT.iter().copied().collect();
     for cap in caps::all() {
@@ -131,10 +148,39 @@ fn drop_capabilities() -> Result<(), SecurityError> {
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap.index() as libc::c_ulong, 0, 0, 0) };
         }
     }
-    caps::clear(None, CapSet::Ambient)?;
-    caps::clear(None, CapSet::Inheritable)?;
-    caps::set(None, CapSet::Effective, &kept)?;
-    caps::set(None, CapSet::Permitted, &kept)?;
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // Effective and permitted to the kept set, inheritable empty, in one capset.
+    let mask = KEPT.iter().fold(0u64, |m, c| m | (1u64 << c.index()));
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if rc < 0 {
+        return Err(SecurityError::Capset(std::io::Error::last_os_error()));
+    }
     Ok(())
 }
 
@@ -145,6 +191,20 @@ fn arch() -> TargetArch {
     return TargetArch::riscv64;
     #[cfg(not(any(target_arch = "aarch64", target_arch = "riscv64")))]
     TargetArch::x86_64
+}
+
+const BPF_LD: u16 = 0x00;
+const BPF_W: u16 = 0x00;
+const BPF_ABS: u16 = 0x20;
+const BPF_JMP: u16 = 0x05;
+const BPF_JEQ: u16 = 0x10;
+const BPF_JGE: u16 = 0x30;
+const BPF_K: u16 = 0x00;
+const BPF_RET: u16 = 0x06;
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+    sock_filter { code, jt, jf, k }
 }
 
 /// The filters, in the order they are installed.
@@ -181,15 +241,20 @@ pub fn filters() -> Result<Vec<BpfProgram>, SecurityError> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch(),
     )?;
-    // clone3 passes its flags in memory, where a filter cannot look: answering ENOSYS makes
-    // the C library fall back to clone(), which the filter above checks.
-    let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch(),
-    )?;
-    Ok(vec![deny.try_into()?, clone3.try_into()?])
+    let mut program: BpfProgram = deny.try_into()?;
+    // Two checks run first, answering ENOSYS. clone3 passes its flags in memory, where a
+    // filter cannot look: ENOSYS makes the C library fall back to clone(), which the rules
+    // above check. And system calls of the x32 ABI carry bit 30 in their number, which would
+    // get them past rules written for x86-64 numbers.
+    let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    let first = [
+        bpf(BPF_LD | BPF_W | BPF_ABS, 0, 0, 0), // the system call number
+        bpf(BPF_JMP | BPF_JGE | BPF_K, 1, 0, X32_SYSCALL_BIT),
+        bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, libc::SYS_clone3 as u32),
+        bpf(BPF_RET | BPF_K, 0, 0, enosys),
+    ];
+    program.splice(0..0, first);
+    Ok(vec![program])
 }
 
 #[cfg(test)]
@@ -197,7 +262,14 @@ mod tests {
     #[test]
     fn filters_compile() {
         let filters = super::filters().expect("filters build");
-        assert_eq!(filters.len(), 2);
-        assert!(filters.iter().all(|f| !f.is_empty()));
+        assert_eq!(
+            filters.len(),
+            1,
+            "one filter: each installed filter runs on every syscall"
+        );
+        let first = &filters[0][..4];
+        assert_eq!(first[1].k, super::X32_SYSCALL_BIT);
+        assert_eq!(first[2].k, libc::SYS_clone3 as u32);
+        assert_eq!(first[3].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
     }
 }
