@@ -342,13 +342,11 @@ impl SandboxDir {
     /// A directory for a new sandbox at `path`: a clean one from `pool` if there is one (a
     /// rename instead of creating four directories), else a fresh one.
     fn create(path: &Path, pool: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
-        if let Ok(entries) = fs::read_dir(pool) {
-            for entry in entries.flatten() {
-                if fs::rename(entry.path(), path).is_ok() {
-                    return Ok(SandboxDir {
-                        path: path.to_path_buf(),
-                    });
-                }
+        for slot in 0..POOL_SIZE {
+            if fs::rename(pool.join(format!("slot-{slot}")), path).is_ok() {
+                return Ok(SandboxDir {
+                    path: path.to_path_buf(),
+                });
             }
         }
         let fail = |e: io::Error| {
@@ -379,14 +377,27 @@ impl SandboxDir {
         let empty = |sub: &str| {
             fs::read_dir(self.path.join(sub)).is_ok_and(|mut entries| entries.next().is_none())
         };
-        let room = fs::read_dir(pool).is_ok_and(|entries| entries.count() < POOL_SIZE);
         // A volatile overlay leaves a marker that stops it being mounted again; a reused
         // directory must lose it.
-        let unmarked = || fs::remove_dir_all(self.path.join("work/work/incompat")).is_ok();
-        if room && empty("upper") && empty("root") && unmarked() {
-            let name = self.path.file_name().unwrap_or_default();
-            if fs::rename(&self.path, pool.join(name)).is_ok() {
-                return Ok(());
+        let incompat = self.path.join("work/work/incompat");
+        let unmarked = || {
+            let quick = fs::remove_file(incompat.join("volatile/dirty"))
+                .and_then(|()| fs::remove_dir(incompat.join("volatile")))
+                .and_then(|()| fs::remove_dir(&incompat));
+            quick.is_ok() || fs::remove_dir_all(&incompat).is_ok()
+        };
+        if empty("upper") && empty("root") && unmarked() {
+            for slot in 0..POOL_SIZE {
+                let taken = nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &self.path,
+                    nix::fcntl::AT_FDCWD,
+                    &pool.join(format!("slot-{slot}")),
+                    nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+                );
+                if taken.is_ok() {
+                    return Ok(());
+                }
             }
         }
         self.remove()
