@@ -499,19 +499,26 @@ impl NamespaceSandbox {
 
     fn teardown(&mut self) -> io::Result<()> {
         let agent_was_up = self.client.is_some();
-        if let Some(mut client) = self.client.take() {
-            if !self.interrupter.interrupted.load(Ordering::SeqCst) {
-                // The agent kills everything and exits; the wait below is for that exit.
-                let _ = client.request_shutdown();
-            }
-        }
         if let Some(mut child) = self.child.take() {
+            if child.cloned {
+                // The init is pid 1 of the sandbox and our child: when it dies the kernel
+                // kills everything else in the sandbox before its exit completes, so
+                // reaping it means the sandbox is gone.
+                child.kill();
+            } else if let Some(mut client) = self.client.take() {
+                // A re-executed init's pid 1 is not our child: the agent kills everything
+                // and exits, and stage 1 exits after it.
+                if !self.interrupter.interrupted.load(Ordering::SeqCst) {
+                    let _ = client.request_shutdown();
+                }
+            }
             // An init that never became an agent may be waiting for its configuration.
             if !agent_was_up || !child.exits_within(Duration::from_secs(2)) {
                 child.kill();
             }
             child.wait();
         }
+        self.client = None;
         self.stderr = None;
         let cgroups = self.cgroups.destroy();
         let dir = match self.dir.take() {
