@@ -657,22 +657,8 @@ mod tests {
             is_turn: false,
             memory: Some(64 << 20),
         };
-        let mut record = StepRecord {
-            number: 1,
-            title: "t".into(),
-            language: Language::Bash,
-            status: StepStatus::NotRun,
-            exit_code: None,
-            signal: None,
-            duration_ms: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            outputs: BTreeMap::new(),
-            log: None,
-            message: None,
-        };
+        let doc = Document::parse(std::path::Path::new("t.md"), b"```bash\ntrue\n```\n").unwrap();
+        let mut record = not_run_record(&doc.steps()[0]);
         let outcome = classify(&done, &limits, &mut record);
         (outcome, record)
     }

@@ -65,7 +65,6 @@ fn doctor_reports_each_facility() {
 #[test]
 fn ctrl_c_stops_exec_and_its_sandbox() {
     use std::io::{BufRead, BufReader};
-    use std::time::{Duration, Instant};
     crate::require_sandbox!();
     let env = Env::new();
     let marker = format!("8{}.5", std::process::id());
@@ -78,9 +77,9 @@ fn ctrl_c_stops_exec_and_its_sandbox() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "started");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::util::processes_with(&marker).len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    if !crate::util::wait_for_processes(&marker, 2, 10) {
+        let _ = child.kill();
+        panic!("the command never started");
     }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();

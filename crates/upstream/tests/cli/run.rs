@@ -304,11 +304,7 @@ fn ctrl_c_tears_the_sandbox_down_and_leaves_the_document_alone() {
             break;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::util::processes_with(&marker).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if crate::util::processes_with(&marker).is_empty() {
+    if !crate::util::wait_for_processes(&marker, 2, 10) {
         let _ = child.kill();
         panic!("the step never started");
     }
@@ -326,10 +322,7 @@ fn ctrl_c_tears_the_sandbox_down_and_leaves_the_document_alone() {
         "{rest:?}"
     );
     assert_eq!(fs::read_to_string(&path).unwrap(), text);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !crate::util::processes_with(&marker).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::util::wait_for_processes(&marker, 0, 5);
     assert!(
         crate::util::processes_with(&marker).is_empty(),
         "sandbox processes remain"
@@ -397,9 +390,9 @@ fn killing_upstream_kills_its_sandbox_and_the_next_run_cleans_up() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::util::processes_with(&marker).len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    if !crate::util::wait_for_processes(&marker, 2, 10) {
+        let _ = child.kill();
+        panic!("the step never started");
     }
     assert_eq!(
         crate::util::processes_with(&marker).len(),
@@ -408,10 +401,7 @@ fn killing_upstream_kills_its_sandbox_and_the_next_run_cleans_up() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !crate::util::processes_with(&marker).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::util::wait_for_processes(&marker, 0, 5);
     assert!(
         crate::util::processes_with(&marker).is_empty(),
         "the sandbox died with upstream"

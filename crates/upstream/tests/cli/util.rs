@@ -136,6 +136,22 @@ pub fn binary_for_nobody(env: &Env) -> PathBuf {
     copy
 }
 
+/// Waits, up to `seconds`, until at least `count` processes carry `marker` in their command
+/// line (or, for 0, until none does); returns whether that happened.
+pub fn wait_for_processes(marker: &str, count: usize, seconds: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        let found = processes_with(marker).len();
+        if (count == 0 && found == 0) || (count > 0 && found >= count) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Every process whose command line contains `marker`.
 pub fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
