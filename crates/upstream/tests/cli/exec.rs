@@ -85,14 +85,5 @@ fn ctrl_c_stops_exec_and_its_sandbox() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert!(
-        crate::util::processes_with(&marker).is_empty(),
-        "{:?}",
-        crate::util::processes_with(&marker)
-    );
-    assert!(
-        env.leftover_sandboxes().is_empty(),
-        "{:?}",
-        env.leftover_sandboxes()
-    );
+    env.assert_gone(&marker);
 }

@@ -318,17 +318,7 @@ fn nothing_of_the_sandbox_remains_after_the_turn() {
     let child = env.command().args(["run", "doc.md"]).output().unwrap();
     assert_eq!(code(&child), 0, "{}", stderr(&child));
     // The turn's processes are gone…
-    assert!(
-        crate::util::processes_with(&marker).is_empty(),
-        "{:?}",
-        crate::util::processes_with(&marker)
-    );
-    // …its directories and mounts…
-    assert!(
-        env.leftover_sandboxes().is_empty(),
-        "{:?}",
-        env.leftover_sandboxes()
-    );
+    env.assert_gone(&marker);
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mountinfo.contains(env.runtime.to_str().unwrap()),

@@ -439,16 +439,7 @@ fn a_crash_of_upstream_still_tears_the_sandbox_down() {
         .unwrap();
     assert_eq!(code(&out), 101, "a panic: {}", stderr(&out));
     assert!(stderr(&out).contains("panicked"), "{}", stderr(&out));
-    assert!(
-        crate::util::processes_with(&marker).is_empty(),
-        "{:?}",
-        crate::util::processes_with(&marker)
-    );
-    assert!(
-        env.leftover_sandboxes().is_empty(),
-        "{:?}",
-        env.leftover_sandboxes()
-    );
+    env.assert_gone(&marker);
     assert_eq!(
         fs::read_to_string(&path).unwrap(),
         text,

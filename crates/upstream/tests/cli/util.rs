@@ -49,6 +49,18 @@ impl Env {
         self.command().args(args).output().unwrap()
     }
 
+    /// Asserts that nothing is left of a sandbox whose processes carry `marker` in their
+    /// command line: no process, no sandbox directory.
+    pub fn assert_gone(&self, marker: &str) {
+        let processes = processes_with(marker);
+        assert!(
+            processes.is_empty(),
+            "sandbox processes remain: {processes:?}"
+        );
+        let dirs = self.leftover_sandboxes();
+        assert!(dirs.is_empty(), "sandbox directories remain: {dirs:?}");
+    }
+
     /// Sandbox directories still on the host.
     pub fn leftover_sandboxes(&self) -> Vec<PathBuf> {
         match fs::read_dir(self.runtime.join("sandboxes")) {
