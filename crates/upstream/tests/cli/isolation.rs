@@ -317,7 +317,7 @@ fn nothing_of_the_sandbox_remains_after_the_turn() {
     env.write("doc.md", format!("---\nmemory: 256M\n---\n```bash\nsleep {marker} &\nsetsid sleep {marker} &\necho started\n```\n"));
     let child = env.command().args(["run", "doc.md"]).output().unwrap();
     assert_eq!(code(&child), 0, "{}", stderr(&child));
-    // The turn's processes are gone…
+    // Its processes and directories are gone, and so are its mounts and cgroups.
     env.assert_gone(&marker);
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
