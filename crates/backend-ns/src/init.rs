@@ -1,8 +1,9 @@
 //! The sandbox side of the namespace backend: the sandbox's init, which builds the sandbox
 //! from the inside and becomes its agent.
 //!
-//! The init starts in one of two ways (see `launch`). Cloned by a single-threaded host, it is
-//! already pid 1 of the sandbox's namespaces and the host has written its id maps. Re-executed
+//! The init starts in one of two ways (see `launch`). Cloned by a single-threaded host into new
+//! user and pid namespaces, it is pid 1 at once, makes the other namespaces itself while the
+//! host writes its id maps, then waits for its configuration. Re-executed
 //! by a multi-threaded host (stage 1), it creates the user namespace, gets its id maps,
 //! unshares the mount, pid, uts, ipc, cgroup and (by default) network namespaces and forks
 //! pid 1; stage 1 then only waits, and if it dies the kernel kills pid 1 (parent-death
@@ -28,7 +29,6 @@ pub const CONN_FD: RawFd = 3;
 /// Exit code of an init that could not set the sandbox up.
 const SETUP_FAILED: i32 = 125;
 
-/// Runs the sandbox init; returns the process's exit code.
 /// How the init came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
