@@ -1,8 +1,8 @@
 //! Starting the sandbox init, and the host's handle on it.
 //!
 //! The init is this same binary. When the calling process has a single thread (the CLI, at
-//! the moment it makes a sandbox), the init is a clone of it made straight into the sandbox's
-//! namespaces (`clone3`): no second exec, which on hosts where every exec pays for trapped
+//! the moment it makes a sandbox), the init is a clone of it made straight into new user and
+//! pid namespaces (`clone3`): no second exec, which on hosts where every exec pays for trapped
 //! CPUID instructions saves about half a millisecond, and no intermediate process. A process
 //! with more threads cannot safely run Rust code after fork (another thread may hold the
 //! allocator's lock), so then the binary is re-executed through `/proc/self/exe`, doing only
@@ -29,7 +29,7 @@ use crate::init::CONN_FD;
 /// How the init is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InitMode {
-    /// Fork when single-threaded, else re-exec.
+    /// Clone when single-threaded, else re-exec.
     Auto,
     /// Always re-exec (`UPSTREAM_INIT=exec`).
     Exec,
