@@ -204,6 +204,8 @@ impl Backend for NamespaceBackend {
             cgroups: Cgroups::default(),
             dir: None,
             pool: self.pool.clone(),
+            started: start,
+            rootless: self.rootless,
             interrupter: Arc::new(NsInterrupter {
                 pid: pid as i32,
                 interrupted: AtomicBool::new(false),
@@ -269,11 +271,7 @@ impl Backend for NamespaceBackend {
                     write_frame(&mut conn, &ToInit::Mapped)?;
                 }
             }
-            let mut client =
-                AgentClient::new(conn.try_clone().map_err(|e| ClientError::Frame(e.into()))?);
-            let ready = client.wait_ready();
-            sandbox.client = Some(client);
-            ready
+            Ok(Ok(()))
         })();
         match setup {
             Ok(Ok(())) => {}
@@ -288,7 +286,8 @@ impl Backend for NamespaceBackend {
                 return Err(setup_error(message, self.rootless));
             }
         }
-        sandbox.info.setup = start.elapsed();
+        // The agent says it is ready when it is; the first request may go before that.
+        sandbox.client = Some(AgentClient::new(conn));
         Ok(Box::new(sandbox))
     }
 }
@@ -458,6 +457,9 @@ pub struct NamespaceSandbox {
     dir: Option<SandboxDir>,
     pool: PathBuf,
     interrupter: Arc<NsInterrupter>,
+    /// When making the sandbox began, for its setup time.
+    started: Instant,
+    rootless: bool,
 }
 
 impl NamespaceSandbox {
@@ -470,11 +472,34 @@ impl NamespaceSandbox {
             .ok_or(SandboxError::Agent(ClientError::Gone))
     }
 
-    fn map_error(&self, e: ClientError) -> SandboxError {
+    /// What went wrong, in the user's terms: an agent that failed or vanished before saying it
+    /// was ready means the sandbox could not be set up.
+    fn map_error(&mut self, e: ClientError) -> SandboxError {
         if self.interrupter.interrupted.load(Ordering::SeqCst) {
-            SandboxError::Interrupted
-        } else {
-            SandboxError::Agent(e)
+            return SandboxError::Interrupted;
+        }
+        let ready = self.client.as_ref().is_some_and(|c| c.ready_at().is_some());
+        match e {
+            ClientError::SetupFailed(message) => setup_error(message, self.rootless),
+            e if !ready => {
+                let detail = self.init_stderr();
+                let message = if detail.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}: {detail}")
+                };
+                setup_error(message, self.rootless)
+            }
+            e => SandboxError::Agent(e),
+        }
+    }
+
+    /// Records how long setup took, once the agent has said it is ready.
+    fn note_ready(&mut self) {
+        if let Some(at) = self.client.as_ref().and_then(AgentClient::ready_at) {
+            if self.info.setup.is_zero() {
+                self.info.setup = at.duration_since(self.started);
+            }
         }
     }
 
@@ -498,7 +523,7 @@ impl NamespaceSandbox {
     }
 
     fn teardown(&mut self) -> io::Result<()> {
-        let agent_was_up = self.client.is_some();
+        let agent_was_up = self.client.as_ref().is_some_and(|c| c.ready_at().is_some());
         if let Some(mut child) = self.child.take() {
             if child.cloned {
                 // The init is pid 1 of the sandbox and our child: when it dies the kernel
@@ -541,6 +566,7 @@ impl Sandbox for NamespaceSandbox {
     ) -> Result<ExecOutcome, SandboxError> {
         let oom_before = self.cgroups.oom_kills();
         let result = self.client()?.exec(request, on_output);
+        self.note_ready();
         let exited = result.map_err(|e| self.map_error(e))?;
         let out_of_memory = self.cgroups.oom_kills() > oom_before;
         Ok(ExecOutcome {
@@ -553,11 +579,19 @@ impl Sandbox for NamespaceSandbox {
 
     fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError> {
         let result = self.client()?.read_file(path, limit);
+        self.note_ready();
         result.map_err(|e| self.map_error(e))
     }
 
     fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError> {
         let result = self.client()?.write_file(path, data, mode);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn wait_ready(&mut self) -> Result<(), SandboxError> {
+        let result = self.client()?.wait_ready();
+        self.note_ready();
         result.map_err(|e| self.map_error(e))
     }
 

@@ -1,7 +1,7 @@
 //! The host side of the agent protocol, over any byte stream.
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use upstream_agent::protocol::{
     ExecRequest, ExitStatus, FrameError, Request, Response, Stream, read_frame, write_frame,
@@ -18,6 +18,9 @@ pub enum ClientError {
     Refused(String),
     #[error("the agent sent an unexpected answer: {0}")]
     Unexpected(String),
+    /// The sandbox could not be set up: the agent's first word was why.
+    #[error("{0}")]
+    SetupFailed(String),
 }
 
 /// How the agent reported a command's end.
@@ -29,25 +32,47 @@ pub struct Exited {
 }
 
 /// A connection to a sandbox's agent.
+///
+/// The agent's first word is `Ready` (or why setup failed). A client may send its first
+/// request before that word arrives: requests queue in the connection, and every operation
+/// reads the first word before its own answer. That saves a round trip when a sandbox is
+/// made to run one command.
 #[derive(Debug)]
 pub struct AgentClient<S> {
     conn: S,
+    /// When the agent said it was ready; `None` until then.
+    ready_at: Option<Instant>,
 }
 
 impl<S: Read + Write> AgentClient<S> {
+    /// A client of an agent that is still starting.
     pub fn new(conn: S) -> AgentClient<S> {
-        AgentClient { conn }
+        AgentClient {
+            conn,
+            ready_at: None,
+        }
     }
 
     fn receive(&mut self) -> Result<Response, ClientError> {
         read_frame(&mut self.conn)?.ok_or(ClientError::Gone)
     }
 
-    /// Waits for the agent's first word: ready, or why setup failed.
-    pub fn wait_ready(&mut self) -> Result<Result<(), String>, ClientError> {
+    /// When the agent said it was ready, if it has.
+    pub fn ready_at(&self) -> Option<Instant> {
+        self.ready_at
+    }
+
+    /// Waits for the agent's first word, unless it came already.
+    pub fn wait_ready(&mut self) -> Result<(), ClientError> {
+        if self.ready_at.is_some() {
+            return Ok(());
+        }
         match self.receive()? {
-            Response::Ready => Ok(Ok(())),
-            Response::SetupFailed { message } => Ok(Err(message)),
+            Response::Ready => {
+                self.ready_at = Some(Instant::now());
+                Ok(())
+            }
+            Response::SetupFailed { message } => Err(ClientError::SetupFailed(message)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -59,6 +84,7 @@ impl<S: Read + Write> AgentClient<S> {
         on_output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<Exited, ClientError> {
         write_frame(&mut self.conn, &Request::Exec(request.clone()))?;
+        self.wait_ready()?;
         loop {
             match self.receive()? {
                 Response::Started { .. } => {}
@@ -88,6 +114,7 @@ impl<S: Read + Write> AgentClient<S> {
                 limit,
             },
         )?;
+        self.wait_ready()?;
         match self.receive()? {
             Response::File { data } => Ok(data),
             Response::Error { message } => Err(ClientError::Refused(message)),
@@ -102,6 +129,7 @@ impl<S: Read + Write> AgentClient<S> {
             mode,
         };
         write_frame(&mut self.conn, &request)?;
+        self.wait_ready()?;
         match self.receive()? {
             Response::Done => Ok(()),
             Response::Error { message } => Err(ClientError::Refused(message)),

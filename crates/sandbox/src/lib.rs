@@ -82,7 +82,12 @@ pub trait Interrupter: Send + Sync {
 
 /// A running sandbox.
 pub trait Sandbox {
+    /// What the sandbox is; its setup time is known once it is ready.
     fn info(&self) -> &SandboxInfo;
+
+    /// Waits until the sandbox is set up, or says why it could not be. Every other operation
+    /// waits for this itself; calling it first only makes setup errors come first.
+    fn wait_ready(&mut self) -> Result<(), SandboxError>;
 
     /// Runs a command, passing its output to `on_output` as it arrives.
     fn exec(

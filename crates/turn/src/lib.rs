@@ -176,6 +176,7 @@ pub fn run(
     let run_dir = state::run_dir(&state, &id).map_err(state_err(&state))?;
 
     let mut sandbox = backend.create(&spec)?;
+    sandbox.wait_ready()?;
     cancel.watch(Some(sandbox.interrupter()));
     observer.event(Event::SandboxReady(sandbox.info()));
     let sandbox_record = SandboxRecord {

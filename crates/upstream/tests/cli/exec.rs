@@ -87,3 +87,60 @@ fn ctrl_c_stops_exec_and_its_sandbox() {
     assert_eq!(status.code(), Some(130));
     env.assert_gone(&marker);
 }
+
+#[test]
+fn a_sandbox_that_cannot_be_set_up_says_why_and_what_to_do() {
+    // overlayfs refuses an upper layer on overlayfs, as in a runtime directory inside a
+    // container: make one and point upstream at it.
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    for dir in ["l", "u", "w", "m"] {
+        std::fs::create_dir(env.path(dir)).unwrap();
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        env.path("l").display(),
+        env.path("u").display(),
+        env.path("w").display()
+    );
+    let merged = env.path("m");
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .unwrap();
+    let doc = env.write("doc.md", "```bash\ntrue\n```\n");
+    let runtime = merged.join("runtime");
+    let exec = env
+        .command()
+        .env("UPSTREAM_RUNTIME_DIR", &runtime)
+        .args(["exec", "--", "true"])
+        .output()
+        .unwrap();
+    let run = env
+        .command()
+        .env("UPSTREAM_RUNTIME_DIR", &runtime)
+        .args(["run", "doc.md"])
+        .output()
+        .unwrap();
+    let _ = nix::mount::umount(&merged);
+    for (out, expected) in [(&exec, 125), (&run, 3)] {
+        let err = stderr(out);
+        assert_eq!(code(out), expected, "{err}");
+        assert!(
+            err.contains("cannot set up the sandbox: cannot mount overlay on /"),
+            "{err}"
+        );
+        assert!(
+            err.contains("hint: ") && err.contains("UPSTREAM_RUNTIME_DIR"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(doc).unwrap(),
+        "```bash\ntrue\n```\n"
+    );
+}
