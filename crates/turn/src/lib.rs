@@ -321,7 +321,9 @@ struct OutputSinks {
     stdout: OutputCapture,
     stderr: OutputCapture,
     combined: OutputCapture,
-    log: BufWriter<fs::File>,
+    /// The step's whole output, created when the step first prints.
+    log: Option<BufWriter<fs::File>>,
+    log_path: PathBuf,
     log_error: Option<io::Error>,
     scratch: Vec<u8>,
 }
@@ -345,7 +347,7 @@ impl OutputSinks {
             }
             self.deliver(stream, observer);
         }
-        if let Err(e) = self.log.flush() {
+        if let Some(Err(e)) = self.log.as_mut().map(Write::flush) {
             self.log_error.get_or_insert(e);
         }
     }
@@ -361,7 +363,13 @@ impl OutputSinks {
         }
         self.combined.push(data);
         if self.log_error.is_none() {
-            if let Err(e) = self.log.write_all(data) {
+            if self.log.is_none() {
+                match fs::File::create(&self.log_path) {
+                    Ok(file) => self.log = Some(BufWriter::with_capacity(64 << 10, file)),
+                    Err(e) => self.log_error = Some(e),
+                }
+            }
+            if let Some(Err(e)) = self.log.as_mut().map(|log| log.write_all(data)) {
                 self.log_error = Some(e);
             }
         }
@@ -407,9 +415,6 @@ impl StepRunner<'_> {
             (None, None) => (None, false),
         };
         let log_path = self.run_dir.join(format!("step-{}.log", step.number));
-        let log = fs::File::create(&log_path).map_err(|e| {
-            SandboxError::setup(format!("cannot create {}: {e}", log_path.display()), None)
-        })?;
         let limits = self.options.output_limits;
         let secret_values = self.secrets.iter().map(|(_, v)| v.as_str());
         let redactor = Redactor::new(secret_values);
@@ -419,7 +424,8 @@ impl StepRunner<'_> {
             stdout: OutputCapture::new(limits),
             stderr: OutputCapture::new(limits),
             combined: OutputCapture::new(limits),
-            log: BufWriter::with_capacity(64 << 10, log),
+            log: None,
+            log_path: log_path.clone(),
             log_error: None,
             scratch: Vec::new(),
         };
@@ -454,11 +460,14 @@ impl StepRunner<'_> {
             stdout,
             stderr,
             combined,
+            log,
             log_error,
             ..
         } = sinks;
         let mut record = not_run_record(step);
-        record.log = Some(log_path.clone());
+        // A step that printed nothing has no log.
+        record.log = log.is_some().then(|| log_path.clone());
+        drop(log);
         let (outcome, duration) = match exec {
             None => {
                 record.status = StepStatus::TimedOut;

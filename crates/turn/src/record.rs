@@ -60,7 +60,8 @@ pub struct StepRecord {
     pub stderr_bytes: u64,
     /// Values published through `$UPSTREAM_OUTPUT`.
     pub outputs: BTreeMap<String, String>,
-    /// The step's whole output (stdout and stderr as they arrived), on the host.
+    /// The step's whole output (stdout and stderr as they arrived), on the host; `None` when
+    /// it printed nothing.
     pub log: Option<PathBuf>,
     /// Why the step could not run, or what limit stopped it.
     pub message: Option<String>,
