@@ -45,6 +45,16 @@ pub struct ExecRequest {
     /// Files written (with their parent directories) before the command starts, such as
     /// the script it runs: one round trip instead of several.
     pub files: Vec<FileSpec>,
+    /// A file read after the command ends (such as the outputs it published), answered in
+    /// `Exited`: another round trip saved.
+    pub collect: Option<Collect>,
+}
+
+/// A file to read back after a command, up to `limit` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collect {
+    pub path: String,
+    pub limit: u64,
 }
 
 /// A file to create or replace.
@@ -96,6 +106,8 @@ pub enum Response {
         status: ExitStatus,
         timed_out: bool,
         micros: u64,
+        /// The file the request asked to collect: its bytes, or why it could not be read.
+        collected: Option<Result<Vec<u8>, String>>,
     },
     File {
         data: Vec<u8>,
@@ -163,6 +175,7 @@ mod tests {
                 status: ExitStatus::Signal(9),
                 timed_out: true,
                 micros: 12,
+                collected: Some(Ok(b"k=v".to_vec())),
             },
         ];
         let mut wire = Vec::new();

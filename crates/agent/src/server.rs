@@ -210,6 +210,10 @@ fn run(
             status,
             timed_out,
             micros,
+            collected: req
+                .collect
+                .as_ref()
+                .map(|c| read_file(Path::new(&c.path), c.limit)),
         },
     )?;
     Ok(Flow::Continue)
@@ -450,6 +454,7 @@ mod tests {
             cwd: std::env::temp_dir().display().to_string(),
             timeout_ms,
             files: Vec::new(),
+            collect: None,
         }
     }
 
@@ -536,6 +541,46 @@ mod tests {
                 })
             ));
         });
+    }
+
+    #[test]
+    fn files_go_in_before_and_come_back_after_a_command() {
+        let dir =
+            std::env::temp_dir().join(format!("upstream-agent-collect-{}", std::process::id()));
+        let script = dir.join("step.sh").display().to_string();
+        let out = dir.join("out").display().to_string();
+        let mut req = exec(&["sh", &script], None);
+        req.env.push(("OUT".into(), out.clone()));
+        req.files = vec![
+            crate::protocol::FileSpec {
+                path: script.clone(),
+                data: b"echo count=3 >> \"$OUT\"".to_vec(),
+                mode: 0o755,
+            },
+            crate::protocol::FileSpec {
+                path: out.clone(),
+                data: Vec::new(),
+                mode: 0o644,
+            },
+        ];
+        req.collect = Some(crate::protocol::Collect {
+            path: out.clone(),
+            limit: 100,
+        });
+        with_agent(|conn| {
+            let got = request(conn, &Request::Exec(req.clone()));
+            match got.last() {
+                Some(Response::Exited {
+                    status: ExitStatus::Code(0),
+                    collected: Some(Ok(data)),
+                    ..
+                }) => {
+                    assert_eq!(data, b"count=3\n");
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

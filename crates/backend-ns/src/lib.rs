@@ -574,6 +574,7 @@ impl Sandbox for NamespaceSandbox {
             timed_out: exited.timed_out,
             out_of_memory,
             duration: exited.duration,
+            collected: exited.collected,
         })
     }
 

@@ -24,11 +24,13 @@ pub enum ClientError {
 }
 
 /// How the agent reported a command's end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exited {
     pub status: ExitStatus,
     pub timed_out: bool,
     pub duration: Duration,
+    /// The file the request asked to collect.
+    pub collected: Option<Result<Vec<u8>, String>>,
 }
 
 /// A connection to a sandbox's agent.
@@ -93,11 +95,13 @@ impl<S: Read + Write> AgentClient<S> {
                     status,
                     timed_out,
                     micros,
+                    collected,
                 } => {
                     return Ok(Exited {
                         status,
                         timed_out,
                         duration: Duration::from_micros(micros),
+                        collected,
                     });
                 }
                 Response::Error { message } => return Err(ClientError::Refused(message)),

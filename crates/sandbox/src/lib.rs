@@ -9,7 +9,7 @@ mod spec;
 
 pub use client::{AgentClient, ClientError};
 pub use spec::{Image, Limits, NetworkMode, SandboxSpec};
-pub use upstream_agent::protocol::{ExecRequest, ExitStatus, FileSpec, Stream};
+pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Stream};
 
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ impl SandboxError {
 }
 
 /// How a command in a sandbox ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutcome {
     pub status: ExitStatus,
     /// The command ran past its timeout and was killed.
@@ -58,6 +58,8 @@ pub struct ExecOutcome {
     /// The kernel killed a process of the sandbox for going over its memory limit.
     pub out_of_memory: bool,
     pub duration: Duration,
+    /// The file the request asked to collect: its bytes, or why it could not be read.
+    pub collected: Option<Result<Vec<u8>, String>>,
 }
 
 /// What a sandbox is and how it came to be, for progress lines and `--json`.

@@ -25,7 +25,7 @@ use upstream_doc::{
     Redactor, ResultBlock, Step,
 };
 use upstream_sandbox::{
-    Backend, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits,
+    Backend, Collect, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits,
     NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 
@@ -446,6 +446,10 @@ impl StepRunner<'_> {
                     mode: 0o666,
                 },
             ],
+            collect: Some(Collect {
+                path: output_path(step),
+                limit: MAX_OUTPUTS_BYTES,
+            }),
         };
         let exec = if limit.is_some_and(|l| l.is_zero()) {
             None
@@ -487,17 +491,17 @@ impl StepRunner<'_> {
                     memory: fm.memory,
                 };
                 let outcome = classify(&done, &limit, &mut record);
-                match sandbox.read_file(&output_path(step), MAX_OUTPUTS_BYTES) {
-                    Ok(bytes) => {
-                        let text = redactor.redact_str(&String::from_utf8_lossy(&bytes));
+                match &done.collected {
+                    Some(Ok(bytes)) => {
+                        let text = redactor.redact_str(&String::from_utf8_lossy(bytes));
                         record.outputs = parse_outputs(&text);
                     }
-                    Err(SandboxError::Interrupted) => return Err(SandboxError::Interrupted),
-                    Err(e) => {
+                    Some(Err(e)) => {
                         record
                             .message
                             .get_or_insert(format!("outputs not read: {e}"));
                     }
+                    None => {}
                 }
                 (outcome, Some(done.duration))
             }
@@ -661,6 +665,7 @@ mod tests {
             timed_out,
             out_of_memory,
             duration: std::time::Duration::from_millis(1500),
+            collected: None,
         };
         let limits = StepLimit {
             limit: Some(std::time::Duration::from_secs(30)),

@@ -56,6 +56,7 @@ fn try_sandbox() -> Line {
             cwd: "/".into(),
             timeout_ms: Some(10_000),
             files: Vec::new(),
+            collect: None,
         };
         let outcome = sandbox.exec(&request, &mut |_, _| {})?;
         let info = sandbox.info().clone();

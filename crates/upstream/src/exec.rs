@@ -65,6 +65,7 @@ pub fn exec(args: ExecArgs) -> u8 {
         cwd: args.workdir,
         timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
         files: Vec::new(),
+        collect: None,
     };
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
