@@ -126,7 +126,7 @@ fn remove_stale_sandboxes(sandboxes: &Path) {
 }
 
 /// The versioned name of the shared skeleton: a change to its contents gets a new name.
-const SKELETON_DIR: &str = "skeleton-2";
+const SKELETON_DIR: &str = "skeleton-3";
 
 /// Where sandbox directories live: `$UPSTREAM_RUNTIME_DIR`, else `<tmp>/upstream-<uid>`.
 /// The directory is private to the user; one owned by anybody else is refused.

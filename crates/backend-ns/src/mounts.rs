@@ -147,6 +147,13 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         nosuid_nodev,
         Some("mode=1777"),
     )?;
+    // The skeleton holds the identity files of a sandbox with the default name: bind them
+    // before /run gets its tmpfs, which then hides them.
+    let ready_identity =
+        config.layers.is_empty() && config.hostname == upstream_sandbox::DEFAULT_HOSTNAME;
+    if ready_identity {
+        bind_identity()?;
+    }
     do_mount(
         Some("tmpfs"),
         "root/run",
@@ -174,7 +181,9 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         );
         crate::net::loopback_up().map_err(ctx(|| "cannot bring up loopback".to_string()))?;
     }
-    write_identity(config)?;
+    if !ready_identity {
+        write_identity(config)?;
+    }
     nix::unistd::sethostname(&config.hostname)
         .map_err(nix_io)
         .map_err(ctx(|| "cannot set the hostname".to_string()))?;
@@ -190,6 +199,12 @@ pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
         fs::create_dir_all(dir.join(sub))?;
     }
     populate_dev(&dir.join("dev"))?;
+    // The identity of a sandbox with the default name is ready-made; build_root binds it
+    // before /run gets its tmpfs.
+    fs::create_dir_all(dir.join("run/upstream"))?;
+    for (file, content) in identity_files(upstream_sandbox::DEFAULT_HOSTNAME) {
+        fs::write(dir.join("run/upstream").join(file), content)?;
+    }
     fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     fs::set_permissions(dir.join("var/tmp"), fs::Permissions::from_mode(0o1777))?;
@@ -206,6 +221,7 @@ pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
         for entry in fs::read_dir(dir.join("dev"))? {
             std::os::unix::fs::lchown(entry?.path(), Some(id), Some(id))?;
         }
+        std::os::unix::fs::chown(dir.join("run/upstream"), Some(id), Some(id))?;
         for name in USR_LINKS {
             if dir.join(name).is_symlink() {
                 std::os::unix::fs::lchown(dir.join(name), Some(id), Some(id))?;
@@ -305,21 +321,19 @@ fn build_dev(prepared: bool) -> Result<(), MountError> {
     Ok(())
 }
 
-/// /etc/hostname and /etc/hosts naming the sandbox, bound over the image's.
-fn write_identity(config: &InitConfig) -> Result<(), MountError> {
-    fs::create_dir_all("root/run/upstream")
-        .map_err(ctx(|| "cannot create /run/upstream".to_string()))?;
+/// The contents of /etc/hostname and /etc/hosts for a sandbox named `hostname`.
+fn identity_files(hostname: &str) -> [(&'static str, String); 2] {
     let hosts = format!(
-        "127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n",
-        name = config.hostname
+        "127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback {hostname}\n"
     );
-    for (file, content) in [
-        ("hostname", format!("{}\n", config.hostname)),
-        ("hosts", hosts),
-    ] {
+    [("hostname", format!("{hostname}\n")), ("hosts", hosts)]
+}
+
+/// Binds `root/run/upstream/{hostname,hosts}` over the image's /etc files (made when an image
+/// lacks them).
+fn bind_identity() -> Result<(), MountError> {
+    for file in ["hostname", "hosts"] {
         let source = format!("root/run/upstream/{file}");
-        fs::write(&source, content)
-            .map_err(ctx(|| format!("cannot write /run/upstream/{file}")))?;
         let target = format!("root/etc/{file}");
         if !Path::new(&target).exists() {
             // An image without the file: create it in the sandbox's own layer.
@@ -330,6 +344,18 @@ fn write_identity(config: &InitConfig) -> Result<(), MountError> {
         do_mount(Some(&source), &target, None, MsFlags::MS_BIND, None)?;
     }
     Ok(())
+}
+
+/// /etc/hostname and /etc/hosts naming the sandbox, written to its /run and bound over the
+/// image's.
+fn write_identity(config: &InitConfig) -> Result<(), MountError> {
+    fs::create_dir_all("root/run/upstream")
+        .map_err(ctx(|| "cannot create /run/upstream".to_string()))?;
+    for (file, content) in identity_files(&config.hostname) {
+        fs::write(format!("root/run/upstream/{file}"), content)
+            .map_err(ctx(|| format!("cannot write /run/upstream/{file}")))?;
+    }
+    bind_identity()
 }
 
 fn pivot() -> Result<(), MountError> {

@@ -8,7 +8,7 @@ mod client;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
-pub use spec::{Image, Limits, NetworkMode, SandboxSpec};
+pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Stream};
 
 use std::time::Duration;

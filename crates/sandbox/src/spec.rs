@@ -50,6 +50,9 @@ pub enum NetworkMode {
     Host,
 }
 
+/// The hostname of a sandbox unless told otherwise.
+pub const DEFAULT_HOSTNAME: &str = "sandbox";
+
 /// Everything a backend needs to make a sandbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxSpec {
@@ -68,7 +71,7 @@ impl Default for SandboxSpec {
                 ..Limits::default()
             },
             network: NetworkMode::None,
-            hostname: "sandbox".into(),
+            hostname: DEFAULT_HOSTNAME.into(),
         }
     }
 }
