@@ -447,6 +447,19 @@ mod tests {
         }
     }
 
+    /// Everything a command wrote to one stream, from the agent's answers.
+    fn output_of(responses: &[Response], which: Stream) -> Vec<u8> {
+        responses
+            .iter()
+            .filter_map(|r| match r {
+                Response::Output { stream, data } if *stream == which => Some(data.as_slice()),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect()
+    }
+
     fn exec(argv: &[&str], timeout_ms: Option<u64>) -> ExecRequest {
         ExecRequest {
             argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -508,28 +521,8 @@ mod tests {
                 &Request::Exec(exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], None)),
             );
             assert!(matches!(got[0], Response::Started { .. }));
-            let out: Vec<u8> = got
-                .iter()
-                .filter_map(|r| match r {
-                    Response::Output {
-                        stream: Stream::Stdout,
-                        data,
-                    } => Some(data.clone()),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            let err: Vec<u8> = got
-                .iter()
-                .filter_map(|r| match r {
-                    Response::Output {
-                        stream: Stream::Stderr,
-                        data,
-                    } => Some(data.clone()),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
+            let out = output_of(&got, Stream::Stdout);
+            let err = output_of(&got, Stream::Stderr);
             assert_eq!(out, b"out\n");
             assert_eq!(err, b"err\n");
             assert!(matches!(

@@ -517,11 +517,6 @@ impl NamespaceSandbox {
         text.trim().to_string()
     }
 
-    /// The sandbox's directory on the host (its /workspace is `upper/workspace/` in it).
-    pub fn host_dir(&self) -> Option<&Path> {
-        self.dir.as_ref().map(|d| d.path.as_path())
-    }
-
     fn teardown(&mut self) -> io::Result<()> {
         let agent_was_up = self.client.as_ref().is_some_and(|c| c.ready_at().is_some());
         if let Some(mut child) = self.child.take() {

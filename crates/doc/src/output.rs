@@ -54,16 +54,9 @@ pub struct Omitted {
 }
 
 impl Captured {
-    /// The kept bytes: head, then tail.
+    /// Whether the step printed nothing at all.
     pub fn is_empty(&self) -> bool {
         self.total_bytes == 0
-    }
-
-    /// All of the output as text, when nothing was cut.
-    pub fn whole_text(&self) -> Option<String> {
-        self.omitted
-            .is_none()
-            .then(|| String::from_utf8_lossy(&self.head).into_owned())
     }
 }
 
