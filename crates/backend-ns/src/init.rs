@@ -73,7 +73,7 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     // Work that needs no configuration is done while the host is still preparing: the
-    // remaining namespaces, and the seccomp filters.
+    // remaining namespaces, and the seccomp filter.
     if let Entry::Cloned { new_net } = entry {
         let mut flags =
             CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
@@ -82,7 +82,7 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         }
         unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
     }
-    let filters = security::filters().map_err(|e| e.to_string())?;
+    let filter = security::filter().map_err(|e| e.to_string())?;
     let config = match read_frame::<_, ToInit>(conn) {
         Ok(Some(ToInit::Config(c))) => c,
         Ok(_) => return Err("the host sent no configuration".into()),
@@ -126,12 +126,12 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         .as_ref()
         .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
     if let Entry::Cloned { .. } = entry {
-        return Ok(stage2(conn, &config, lower.as_deref(), &filters));
+        return Ok(stage2(conn, &config, lower.as_deref(), &filter));
     }
     // SAFETY: this process is single-threaded (a fresh exec that started no threads), so the
     // child may run any code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => std::process::exit(stage2(conn, &config, lower.as_deref(), &filters)),
+        ForkResult::Child => std::process::exit(stage2(conn, &config, lower.as_deref(), &filter)),
         ForkResult::Parent { child } => loop {
             match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -184,7 +184,7 @@ fn stage2(
     conn: &mut UnixStream,
     config: &InitConfig,
     skeleton: Option<&str>,
-    filters: &[seccompiler::BpfProgram],
+    filter: &seccompiler::BpfProgram,
 ) -> i32 {
     // If its parent dies (the host, or stage 1, killed), so does the whole sandbox. Set here,
     // after the uid change, which clears it.
@@ -192,7 +192,7 @@ fn stage2(
     let setup = mounts::build_root(config, skeleton)
         .map_err(|e| e.to_string())
         .and_then(|()| {
-            security::lock_down(config.max_processes, filters).map_err(|e| e.to_string())
+            security::lock_down(config.max_processes, filter).map_err(|e| e.to_string())
         });
     if let Err(message) = setup {
         let _ = write_frame(conn, &Response::SetupFailed { message });

@@ -51,7 +51,7 @@ pub struct NamespaceBackend {
     init_exe: PathBuf,
     /// Where sandbox directories are made.
     sandboxes: PathBuf,
-    /// Clean sandbox directories kept for reuse.
+    /// Sandbox directories kept for reuse.
     pool: PathBuf,
     /// The lower layer shared by host-image sandboxes.
     skeleton: PathBuf,
@@ -91,7 +91,7 @@ impl NamespaceBackend {
         Ok(NamespaceBackend {
             init_exe,
             sandboxes: runtime_dir.join("sandboxes"),
-            pool: runtime_dir.join("pool"),
+            pool: runtime_dir.join(POOL_DIR),
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
@@ -120,7 +120,11 @@ fn remove_stale_sandboxes(sandboxes: &Path) {
             continue;
         };
         if kill(Pid::from_raw(owner), None).is_err() {
-            let _ = SandboxDir { path: entry.path() }.remove();
+            let dir = SandboxDir {
+                path: entry.path(),
+                reused: false,
+            };
+            let _ = dir.remove();
         }
     }
 }
@@ -136,7 +140,7 @@ fn runtime_dir() -> Result<PathBuf, SandboxError> {
         Some(d) => PathBuf::from(d),
         None => std::env::temp_dir().join(format!("upstream-{uid}")),
     };
-    for sub in ["sandboxes", "pool"] {
+    for sub in ["sandboxes", POOL_DIR] {
         let path = dir.join(sub);
         if path.is_dir() {
             continue;
@@ -211,7 +215,7 @@ impl Backend for NamespaceBackend {
                 interrupted: AtomicBool::new(false),
             }),
         };
-        let dir = sandbox.dir.insert(SandboxDir::create(
+        let dir = sandbox.dir.insert(SandboxDir::claim(
             &self.sandboxes.join(&name),
             &self.pool,
             self.rootless,
@@ -246,14 +250,22 @@ impl Backend for NamespaceBackend {
                 None,
             ));
         }
+        let rootless = self.rootless;
         let setup = (|| -> Result<Result<(), String>, ClientError> {
             if cloned {
-                // The init is already in its user namespace, waiting for its configuration.
+                // The init is already in its user namespace, making the others; then it
+                // waits for its configuration.
                 if let Err(e) = write_id_maps(pid, config.id_map) {
                     return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
                 }
+                if let Err(e) = dir.prepare(rootless) {
+                    return Ok(Err(e.to_string()));
+                }
                 write_frame(&mut conn, &ToInit::Config(config.clone()))?;
             } else {
+                if let Err(e) = dir.prepare(rootless) {
+                    return Ok(Err(e.to_string()));
+                }
                 write_frame(&mut conn, &ToInit::Config(config.clone()))?;
                 if let IdMap::Range { .. } = config.id_map {
                     match read_frame::<_, FromInit>(&mut conn)? {
@@ -332,22 +344,33 @@ fn write_id_maps(pid: u32, map: IdMap) -> io::Result<()> {
 #[derive(Debug)]
 struct SandboxDir {
     path: PathBuf,
+    /// Taken from the pool: overlayfs's work directory from its last use is still there.
+    reused: bool,
 }
 
-/// How many clean sandbox directories are kept for reuse.
+/// The versioned name of the pool directory: a change to what a pooled directory may hold
+/// gets a new name, so that another version of upstream never takes one it cannot use.
+const POOL_DIR: &str = "pool-2";
+
+/// How many sandbox directories are kept for reuse.
 const POOL_SIZE: usize = 4;
 
 impl SandboxDir {
-    /// A directory for a new sandbox at `path`: a clean one from `pool` if there is one (a
-    /// rename instead of creating four directories), else a fresh one.
-    fn create(path: &Path, pool: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+    /// A directory for a new sandbox at `path`: one from `pool` if there is one (a rename
+    /// instead of creating four directories), else a fresh one.
+    fn claim(path: &Path, pool: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
         for slot in 0..POOL_SIZE {
             if fs::rename(pool.join(format!("slot-{slot}")), path).is_ok() {
                 return Ok(SandboxDir {
                     path: path.to_path_buf(),
+                    reused: true,
                 });
             }
         }
+        SandboxDir::fresh(path, rootless)
+    }
+
+    fn fresh(path: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
         let fail = |e: io::Error| {
             SandboxError::setup(format!("cannot create {}: {e}", path.display()), None)
         };
@@ -357,6 +380,7 @@ impl SandboxDir {
             .map_err(fail)?;
         let dir = SandboxDir {
             path: path.to_path_buf(),
+            reused: false,
         };
         for sub in ["root", "upper", "work"] {
             let p = path.join(sub);
@@ -369,23 +393,39 @@ impl SandboxDir {
         Ok(dir)
     }
 
+    /// Makes a reused directory mountable: removes the work directory overlayfs left in it,
+    /// with the marker a volatile overlay leaves to stop it being mounted again. This is
+    /// done while the init creates its namespaces, so that neither the end of the last
+    /// sandbox nor the overlay mount of this one waits for it. A directory that cannot be
+    /// cleaned is replaced by a fresh one.
+    fn prepare(&mut self, rootless: bool) -> Result<(), SandboxError> {
+        if !self.reused {
+            return Ok(());
+        }
+        let work = self.path.join("work/work");
+        let remove = || match fs::remove_dir_all(&work) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            done => done,
+        };
+        if remove().is_ok() {
+            return Ok(());
+        }
+        make_removable(&work);
+        if remove().is_ok() {
+            return Ok(());
+        }
+        let _ = self.remove();
+        *self = SandboxDir::fresh(&self.path, rootless)?;
+        Ok(())
+    }
+
     /// Done with the directory: keep it for the next sandbox if the sandbox wrote nothing
-    /// (its layer and mount point are empty; overlayfs empties its work directory itself when
-    /// it mounts), else remove it.
+    /// (its layer and mount point are empty), else remove it.
     fn release(self, pool: &Path) -> io::Result<()> {
         let empty = |sub: &str| {
             fs::read_dir(self.path.join(sub)).is_ok_and(|mut entries| entries.next().is_none())
         };
-        // A volatile overlay leaves a marker that stops it being mounted again; a reused
-        // directory must lose it.
-        let incompat = self.path.join("work/work/incompat");
-        let unmarked = || {
-            let quick = fs::remove_file(incompat.join("volatile/dirty"))
-                .and_then(|()| fs::remove_dir(incompat.join("volatile")))
-                .and_then(|()| fs::remove_dir(&incompat));
-            quick.is_ok() || fs::remove_dir_all(&incompat).is_ok()
-        };
-        if empty("upper") && empty("root") && unmarked() {
+        if empty("upper") && empty("root") {
             for slot in 0..POOL_SIZE {
                 let taken = nix::fcntl::renameat2(
                     nix::fcntl::AT_FDCWD,

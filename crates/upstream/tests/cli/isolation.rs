@@ -419,11 +419,11 @@ fn a_later_sandbox_sees_nothing_of_an_earlier_one() {
         let out = env.upstream(&["exec", "--", "true"]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let pool = env.runtime.join("pool");
+    let pool = env.runtime.join("pool-2");
     let pooled = fs::read_dir(&pool).unwrap().count();
     assert!(
         (1..=4).contains(&pooled),
-        "clean directories are kept: {pooled}"
+        "directories are kept for reuse: {pooled}"
     );
     let out = env.upstream(&[
         "exec",
