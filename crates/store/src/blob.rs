@@ -1,0 +1,465 @@
+//! Content-addressed blobs: files named by the BLAKE3 hash of their bytes.
+//!
+//! A blob is written to a temporary name in `tmp/`, hashed as it is written, made durable,
+//! then renamed to `blobs/<first two hex digits>/<the rest>`; only then may a record point
+//! to it. Identical content is stored once: a blob already present is not written again.
+//! Reading a blob hashes it again, so a blob damaged on disk is reported, with its path,
+//! instead of being handed on.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The BLAKE3 hash naming a blob, as 64 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct BlobId(String);
+
+impl BlobId {
+    /// Parses 64 hex digits.
+    pub fn parse(text: &str) -> Option<BlobId> {
+        let ok = text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit());
+        ok.then(|| BlobId(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn from_hash(hash: blake3::Hash) -> BlobId {
+        BlobId(hash.to_hex().to_string())
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Errors reading a blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob {path} is missing from the store")]
+    Missing { path: PathBuf },
+    #[error(
+        "blob {path} is corrupt: its content hashes to {actual}, not to its name; the store's copy of this data is damaged"
+    )]
+    Corrupt { path: PathBuf, actual: String },
+    #[error("cannot read blob {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// The blob directory of a store.
+#[derive(Debug, Clone)]
+pub struct Blobs {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+impl Blobs {
+    pub(crate) fn new(dir: PathBuf, tmp: PathBuf) -> Blobs {
+        Blobs { dir, tmp }
+    }
+
+    /// Where blob `id` lives.
+    pub fn path(&self, id: &BlobId) -> PathBuf {
+        self.dir.join(&id.0[..2]).join(&id.0[2..])
+    }
+
+    pub fn contains(&self, id: &BlobId) -> bool {
+        self.path(id).is_file()
+    }
+
+    /// Starts a new blob; its name is known when it is finished.
+    pub fn writer(&self) -> io::Result<BlobWriter> {
+        let name = format!(
+            "{}-{}-{:08x}",
+            std::process::id(),
+            NEXT_TEMP.fetch_add(1, Ordering::Relaxed),
+            rand_u32()
+        );
+        let path = self.tmp.join(name);
+        let file = File::options().write(true).create_new(true).open(&path)?;
+        Ok(BlobWriter {
+            file: io::BufWriter::with_capacity(256 << 10, file),
+            hasher: blake3::Hasher::new(),
+            path,
+            size: 0,
+        })
+    }
+
+    /// Stores `data` as a blob, durably.
+    pub fn put(&self, data: &[u8]) -> io::Result<BlobId> {
+        let mut writer = self.writer()?;
+        writer.write_all(data)?;
+        let pending = writer.finish()?;
+        let id = pending.id.clone();
+        self.commit(vec![pending])?;
+        Ok(id)
+    }
+
+    /// Makes finished blobs durable and puts them in place: the temporary files reach the
+    /// disk, are renamed to their names (or dropped where that blob already exists), and the
+    /// renames reach the disk. After this, records may point to them.
+    pub fn commit(&self, mut pending: Vec<PendingBlob>) -> io::Result<()> {
+        pending.retain(|p| p.temp.is_some());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // One flush of the filesystem costs far less than a flush per file when there are
+        // many; for one or two files the per-file flush is the smaller.
+        if pending.len() > 2 {
+            syncfs(&self.tmp)?;
+        } else {
+            for p in &pending {
+                File::open(p.temp.as_ref().expect("kept above"))?.sync_data()?;
+            }
+        }
+        let mut shards = BTreeSet::new();
+        for p in &mut pending {
+            let temp = p.temp.take().expect("kept above");
+            let target = self.path(&p.id);
+            let shard = target
+                .parent()
+                .expect("blob paths have a shard")
+                .to_path_buf();
+            if target.exists() {
+                fs::remove_file(&temp)?;
+                continue;
+            }
+            if let Err(e) = fs::rename(&temp, &target) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    p.temp = Some(temp);
+                    return Err(e);
+                }
+                fs::create_dir_all(&shard)?;
+                File::open(&self.dir)?.sync_all()?;
+                fs::rename(&temp, &target)?;
+            }
+            shards.insert(shard);
+        }
+        for shard in shards {
+            File::open(shard)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Opens blob `id` for reading; the reader fails at the end if the bytes do not hash to
+    /// `id`, so nothing read from a damaged blob passes unnoticed.
+    pub fn open(&self, id: &BlobId) -> Result<BlobReader, BlobError> {
+        let path = self.path(id);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => BlobError::Missing { path: path.clone() },
+            _ => BlobError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        Ok(BlobReader {
+            inner: BufReader::with_capacity(256 << 10, file),
+            hasher: blake3::Hasher::new(),
+            expected: id.clone(),
+            path,
+            checked: false,
+        })
+    }
+
+    /// Reads a whole blob, checked.
+    pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, BlobError> {
+        let mut reader = self.open(id)?;
+        let mut data = Vec::new();
+        reader.read_to_end(&mut data).map_err(|e| reader.error(e))?;
+        Ok(data)
+    }
+
+    /// Checks blob `id` against its name without keeping its bytes.
+    pub fn verify(&self, id: &BlobId) -> Result<u64, BlobError> {
+        let mut reader = self.open(id)?;
+        io::copy(&mut reader, &mut io::sink()).map_err(|e| reader.error(e))
+    }
+
+    /// Every blob on disk.
+    pub fn list(&self) -> io::Result<Vec<(BlobId, u64)>> {
+        let mut all = Vec::new();
+        let shards = match fs::read_dir(&self.dir) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(all),
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            let shard = shard?;
+            let prefix = shard.file_name().to_string_lossy().into_owned();
+            if prefix.len() != 2 || !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+                if let Some(id) = BlobId::parse(&name) {
+                    all.push((id, entry.metadata()?.len()));
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Removes blob `id`.
+    pub(crate) fn remove(&self, id: &BlobId) -> io::Result<()> {
+        match fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes temporary files left by processes that died while writing them.
+    pub(crate) fn remove_abandoned_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|pid| pid.parse::<i32>().ok());
+            let alive = owner.is_some_and(|pid| {
+                pid as u32 == std::process::id()
+                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            });
+            if !alive {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn syncfs(dir: &Path) -> io::Result<()> {
+    let file = File::open(dir)?;
+    nix::unistd::syncfs(file.as_fd()).map_err(io::Error::from)
+}
+
+/// Sets temporary names of processes with a reused pid apart; a clash only makes
+/// `create_new` fail, which the caller reports.
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// A blob being written: bytes go to a temporary file and into the hash.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: io::BufWriter<File>,
+    hasher: blake3::Hasher,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Ends the blob. It is not durable until [`Blobs::commit`].
+    pub fn finish(mut self) -> io::Result<PendingBlob> {
+        self.file.flush()?;
+        let id = BlobId::from_hash(self.hasher.finalize());
+        let temp = std::mem::take(&mut self.path);
+        Ok(PendingBlob {
+            id,
+            size: self.size,
+            temp: Some(temp),
+        })
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Abandoned before `finish`: the temporary file goes.
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A finished blob waiting for [`Blobs::commit`].
+#[derive(Debug)]
+pub struct PendingBlob {
+    pub id: BlobId,
+    pub size: u64,
+    /// The temporary file; `None` for a blob the store already holds.
+    temp: Option<PathBuf>,
+}
+
+impl PendingBlob {
+    /// A blob already in the store, to commit alongside new ones.
+    pub fn existing(id: BlobId, size: u64) -> PendingBlob {
+        PendingBlob {
+            id,
+            size,
+            temp: None,
+        }
+    }
+}
+
+impl Drop for PendingBlob {
+    fn drop(&mut self) {
+        // Never committed: its temporary file goes (a committed one was renamed away).
+        if let Some(temp) = &self.temp {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// Reads a blob and checks it against its name at the end.
+#[derive(Debug)]
+pub struct BlobReader {
+    inner: BufReader<File>,
+    hasher: blake3::Hasher,
+    expected: BlobId,
+    path: PathBuf,
+    checked: bool,
+}
+
+impl BlobReader {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The error to report for an I/O error `e` from this reader: a corrupt blob is named as
+    /// such.
+    pub fn error(&self, e: io::Error) -> BlobError {
+        if let Some(actual) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<Mismatch>())
+        {
+            return BlobError::Corrupt {
+                path: self.path.clone(),
+                actual: actual.0.clone(),
+            };
+        }
+        BlobError::Io {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+}
+
+/// The hash a corrupt blob's content actually has.
+#[derive(Debug)]
+struct Mismatch(String);
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "content hashes to {}", self.0)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.hasher.update(&buf[..n]);
+        } else if !buf.is_empty() && !self.checked {
+            self.checked = true;
+            let actual = BlobId::from_hash(self.hasher.finalize());
+            if actual != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    Mismatch(actual.0),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blobs() -> (tempfile::TempDir, Blobs) {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("blobs")).unwrap();
+        fs::create_dir_all(tmp.path().join("tmp")).unwrap();
+        let blobs = Blobs::new(tmp.path().join("blobs"), tmp.path().join("tmp"));
+        (tmp, blobs)
+    }
+
+    #[test]
+    fn identical_content_is_stored_once_under_its_hash() {
+        let (_tmp, blobs) = blobs();
+        let a = blobs.put(b"hello").unwrap();
+        let b = blobs.put(b"hello").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), blake3::hash(b"hello").to_hex().as_str());
+        assert_eq!(blobs.list().unwrap(), vec![(a.clone(), 5)]);
+        assert_eq!(blobs.read(&a).unwrap(), b"hello");
+        assert_eq!(fs::read_dir(&blobs.tmp).unwrap().count(), 0, "no temp left");
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_with_the_path() {
+        let (_tmp, blobs) = blobs();
+        let id = blobs.put(b"important data").unwrap();
+        let path = blobs.path(&id);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[3] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        match blobs.read(&id) {
+            Err(BlobError::Corrupt { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        assert!(matches!(blobs.verify(&id), Err(BlobError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn many_blobs_commit_together() {
+        let (_tmp, blobs) = blobs();
+        let mut pending = Vec::new();
+        for i in 0..10 {
+            let mut w = blobs.writer().unwrap();
+            write!(w, "blob {i}").unwrap();
+            pending.push(w.finish().unwrap());
+        }
+        let ids: Vec<BlobId> = pending.iter().map(|p| p.id.clone()).collect();
+        blobs.commit(pending).unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(blobs.read(id).unwrap(), format!("blob {i}").as_bytes());
+        }
+    }
+
+    #[test]
+    fn an_uncommitted_blob_leaves_nothing() {
+        let (_tmp, blobs) = blobs();
+        let mut w = blobs.writer().unwrap();
+        w.write_all(b"never committed").unwrap();
+        let pending = w.finish().unwrap();
+        let id = pending.id.clone();
+        drop(pending);
+        assert!(!blobs.contains(&id));
+        assert_eq!(fs::read_dir(&blobs.tmp).unwrap().count(), 0);
+    }
+}

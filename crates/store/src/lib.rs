@@ -1,0 +1,572 @@
+//! The context store: everything turns produced, kept so the next turn can start where the
+//! last one ended.
+//!
+//! A store is a directory, `.upstream/` beside the documents (found by walking up from a
+//! document, as git finds `.git`):
+//!
+//! ```text
+//! .upstream/store.db      SQLite (WAL): contexts, turns, steps, outputs, artifacts
+//! .upstream/blobs/ab/cd…  content named by its BLAKE3 hash
+//! .upstream/tmp/          blobs being written
+//! .upstream/lock          held shared by writers, exclusively by `gc`
+//! ```
+//!
+//! Content is made durable before any record points to it ([`blob`]), so whatever point a
+//! process is killed at, no record names a missing blob; a turn whose process died shows as
+//! interrupted.
+
+pub mod blob;
+pub mod log;
+mod query;
+pub mod schema;
+
+pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, PendingBlob};
+pub use query::{
+    ArtifactKind, ArtifactRow, ContextSummary, GcReport, OutputRow, StepRow, TurnDetail, TurnState,
+    TurnSummary,
+};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// The name of a store directory.
+pub const STORE_DIR: &str = ".upstream";
+/// The context of a document that names none.
+pub const DEFAULT_CONTEXT: &str = "default";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use the store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the store database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Schema {
+        path: PathBuf,
+        source: schema::MigrationError,
+    },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("no turn {0} in this store")]
+    NoTurn(String),
+    #[error("no context `{0}` in this store")]
+    NoContext(String),
+    #[error("turns are running on this store; try again when they have finished")]
+    Busy,
+}
+
+/// Where the store for a document is: `explicit` (`--store`), else `$UPSTREAM_STORE`, else the
+/// nearest `.upstream/` above the document's directory, else a new one beside the document.
+pub fn locate(document_dir: &Path, explicit: Option<&Path>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("UPSTREAM_STORE") {
+        return PathBuf::from(dir);
+    }
+    let start = std::path::absolute(document_dir).unwrap_or_else(|_| document_dir.to_path_buf());
+    let mut dir = Some(start.as_path());
+    while let Some(d) = dir {
+        let candidate = d.join(STORE_DIR);
+        if candidate.is_dir() {
+            return candidate;
+        }
+        dir = d.parent();
+    }
+    start.join(STORE_DIR)
+}
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db_path: PathBuf,
+    conn: Connection,
+    blobs: Blobs,
+    /// The shared lock of a store being written to, once taken.
+    writing: Option<fs::File>,
+}
+
+impl Store {
+    /// Opens the store at `dir`, creating it if it does not exist, and brings its schema up
+    /// to date.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_at_version(dir, schema::VERSION)
+    }
+
+    /// Opens the store with its schema at `version` (or newer, if it already is): for tests
+    /// of migrations.
+    #[doc(hidden)]
+    pub fn open_at_version(dir: &Path, version: i64) -> Result<Store, StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let fresh = !dir.join("store.db").exists();
+        for sub in ["blobs", "tmp"] {
+            fs::create_dir_all(dir.join(sub)).map_err(io_err)?;
+        }
+        if fresh {
+            // The store holds logs that may contain anything a step printed: not for git.
+            let _ = fs::write(dir.join(".gitignore"), "*\n");
+        }
+        let db_path = dir.join("store.db");
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&db_path).map_err(db_err)?;
+        // Concurrent runs wait for one another's short write transactions.
+        conn.busy_timeout(Duration::from_secs(60)).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        // In WAL mode NORMAL keeps the database consistent through any crash; a power loss
+        // can lose the last commits, never make a record point to a missing blob (blobs are
+        // flushed before their records are written).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        schema::migrate_to(&mut conn, version).map_err(|source| StoreError::Schema {
+            path: db_path.clone(),
+            source,
+        })?;
+        let blobs = Blobs::new(dir.join("blobs"), dir.join("tmp"));
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            db_path,
+            conn,
+            blobs,
+            writing: None,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// The schema version of the open store.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.db_err(e))
+    }
+
+    fn db_err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Db {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    fn io_err(&self, source: io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Declares this process a writer for as long as the store is open: `gc` waits for
+    /// writers, so it never removes a blob a turn is about to record.
+    fn hold_for_writing(&mut self) -> Result<(), StoreError> {
+        if self.writing.is_some() {
+            return Ok(());
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))
+            .map_err(|e| self.io_err(e))?;
+        // Blocks only while a `gc` runs, which is short.
+        flock(&file, libc::LOCK_SH).map_err(|e| self.io_err(e))?;
+        self.writing = Some(file);
+        Ok(())
+    }
+
+    /// Starts a turn: records it as running in `context` (created if new) and returns its
+    /// number. `source` is the document as it was read.
+    pub fn begin_turn(&mut self, turn: &NewTurn<'_>) -> Result<i64, StoreError> {
+        self.hold_for_writing()?;
+        self.blobs.remove_abandoned_temps();
+        let source = self.blobs.put(turn.source).map_err(|e| self.io_err(e))?;
+        let owner = owner_token(std::process::id());
+        let db_path = self.db_path.clone();
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        mark_dead_turns_interrupted(&tx).map_err(db_err)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO contexts (name, created_at) VALUES (?1, ?2)",
+            params![turn.context, turn.started_at],
+        )
+        .map_err(db_err)?;
+        let context_id: i64 = tx
+            .query_row(
+                "SELECT id FROM contexts WHERE name = ?1",
+                [turn.context],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO turns (id, context_id, document, source_blob, status, owner, started_at)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+            params![
+                turn.id,
+                context_id,
+                turn.document,
+                source.as_str(),
+                owner,
+                turn.started_at
+            ],
+        )
+        .map_err(db_err)?;
+        let number = tx.last_insert_rowid();
+        tx.commit().map_err(db_err)?;
+        Ok(number)
+    }
+
+    /// Records a finished step of a running turn. `log` must be committed already.
+    pub fn record_step(&mut self, turn: i64, step: &NewStep) -> Result<(), StoreError> {
+        let db_path = self.db_path.clone();
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO steps (turn, number, title, language, status, exit_code,
+                signal, duration_ms, message, stdout_bytes, stderr_bytes, log_blob)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                turn,
+                step.number,
+                step.title,
+                step.language,
+                step.status,
+                step.exit_code,
+                step.signal,
+                step.duration_ms.map(|d| d as i64),
+                step.message,
+                step.stdout_bytes as i64,
+                step.stderr_bytes as i64,
+                step.log.as_ref().map(BlobId::as_str),
+            ],
+        )
+        .map_err(db_err)?;
+        tx.execute(
+            "DELETE FROM outputs WHERE turn = ?1 AND step = ?2",
+            params![turn, step.number],
+        )
+        .map_err(db_err)?;
+        for (key, value) in &step.outputs {
+            tx.execute(
+                "INSERT INTO outputs (turn, step, key, value) VALUES (?1, ?2, ?3, ?4)",
+                params![turn, step.number, key, value],
+            )
+            .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Ends a turn: its status, the document with its results, and its artifacts, in one
+    /// transaction. Every blob named must be committed already.
+    pub fn finish_turn(&mut self, turn: i64, finish: &FinishTurn) -> Result<(), StoreError> {
+        let db_path = self.db_path.clone();
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO artifacts (turn, path, kind, mode, size, mtime_ns,
+                        blob, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(db_err)?;
+            for a in &finish.artifacts {
+                insert
+                    .execute(params![
+                        turn,
+                        a.path,
+                        a.kind.as_str(),
+                        a.mode,
+                        a.size as i64,
+                        a.mtime_ns,
+                        a.blob.as_ref().map(BlobId::as_str),
+                        a.target,
+                    ])
+                    .map_err(db_err)?;
+            }
+        }
+        tx.execute(
+            "UPDATE turns SET status = ?2, owner = NULL, finished_at = ?3, duration_ms = ?4,
+                sandbox = ?5, result_blob = ?6 WHERE number = ?1",
+            params![
+                turn,
+                finish.status.as_str(),
+                finish.finished_at,
+                finish.duration_ms as i64,
+                finish.sandbox.as_ref().map(|v| v.to_string()),
+                finish.result.as_ref().map(BlobId::as_str),
+            ],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Removes a context and its turns' records. Their blobs stay until [`Store::gc`].
+    pub fn remove_context(&mut self, name: &str) -> Result<usize, StoreError> {
+        let db_path = self.db_path.clone();
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let id: Option<i64> = tx
+            .query_row("SELECT id FROM contexts WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)?;
+        let Some(id) = id else {
+            return Err(StoreError::NoContext(name.to_string()));
+        };
+        let turns = tx
+            .execute("DELETE FROM turns WHERE context_id = ?1", [id])
+            .map_err(db_err)?;
+        tx.execute("DELETE FROM contexts WHERE id = ?1", [id])
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(turns)
+    }
+
+    /// Removes every blob no record refers to (and temporary files of dead writers). Waits
+    /// for no one: with a turn running it refuses, because that turn may be about to record
+    /// a blob it has just written.
+    pub fn gc(&mut self) -> Result<GcReport, StoreError> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))
+            .map_err(|e| self.io_err(e))?;
+        if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            return Err(StoreError::Busy);
+        }
+        self.blobs.remove_abandoned_temps();
+        let referenced = self.referenced_blobs()?;
+        let mut report = GcReport::default();
+        for (id, size) in self.blobs.list().map_err(|e| self.io_err(e))? {
+            if referenced.contains(id.as_str()) {
+                report.kept += 1;
+                report.kept_bytes += size;
+            } else {
+                self.blobs.remove(&id).map_err(|e| self.io_err(e))?;
+                report.removed += 1;
+                report.removed_bytes += size;
+            }
+        }
+        drop(file);
+        Ok(report)
+    }
+
+    fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT source_blob FROM turns WHERE source_blob IS NOT NULL
+                 UNION SELECT result_blob FROM turns WHERE result_blob IS NOT NULL
+                 UNION SELECT log_blob FROM steps WHERE log_blob IS NOT NULL
+                 UNION SELECT blob FROM artifacts WHERE blob IS NOT NULL",
+            )
+            .map_err(|e| self.db_err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.db_err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.db_err(e))
+    }
+
+    /// Every record that points to a blob the store does not hold: should always be empty.
+    pub fn dangling_blobs(&self) -> Result<Vec<String>, StoreError> {
+        let mut missing: Vec<String> = self
+            .referenced_blobs()?
+            .into_iter()
+            .filter(|id| BlobId::parse(id).is_none_or(|id| !self.blobs.contains(&id)))
+            .collect();
+        missing.sort();
+        Ok(missing)
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// A turn about to start.
+#[derive(Debug)]
+pub struct NewTurn<'a> {
+    /// Its unique id (a UUID).
+    pub id: &'a str,
+    pub context: &'a str,
+    /// The document's path, as shown to people.
+    pub document: &'a str,
+    /// The document's bytes as read.
+    pub source: &'a [u8],
+    /// Seconds since the Unix epoch.
+    pub started_at: f64,
+}
+
+/// A finished step.
+#[derive(Debug, Clone, Default)]
+pub struct NewStep {
+    pub number: i64,
+    pub title: String,
+    pub language: String,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: Option<u64>,
+    pub message: Option<String>,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// Its stdout and stderr ([`log`]); `None` when it printed nothing.
+    pub log: Option<BlobId>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// One saved artifact (or the record that a restored one was deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewArtifact {
+    /// Relative to the workspace, `/`-separated.
+    pub path: String,
+    pub kind: ArtifactKind,
+    pub mode: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub blob: Option<BlobId>,
+    /// A symlink's target.
+    pub target: Option<String>,
+}
+
+/// How a turn ends.
+#[derive(Debug)]
+pub struct FinishTurn {
+    pub status: TurnState,
+    pub finished_at: f64,
+    pub duration_ms: u64,
+    pub sandbox: Option<serde_json::Value>,
+    /// The document with this turn's results.
+    pub result: Option<BlobId>,
+    pub artifacts: Vec<NewArtifact>,
+}
+
+fn flock(file: &fs::File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function borrows; no memory is involved.
+    let ret = unsafe { libc::flock(file.as_fd().as_raw_fd(), op) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A token naming process `pid` for as long as it lives: its pid and start time, so a pid
+/// reused by another process does not pass for it.
+pub fn owner_token(pid: u32) -> String {
+    format!("{pid}:{}", start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process an [`owner_token`] names is still running.
+pub fn owner_alive(token: &str) -> bool {
+    let Some((pid, start)) = token.split_once(':') else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    start_time(pid) == Some(start)
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Turns left `running` by processes that died are marked interrupted.
+fn mark_dead_turns_interrupted(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT number, owner FROM turns WHERE status = 'running'")?;
+    let dead: Vec<i64> = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+        })?
+        .filter_map(Result::ok)
+        .filter(|(_, owner)| !owner.as_deref().is_some_and(owner_alive))
+        .map(|(n, _)| n)
+        .collect();
+    for number in dead {
+        conn.execute(
+            "UPDATE turns SET status = 'interrupted', owner = NULL WHERE number = ?1",
+            [number],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nearest_store_above_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let nested = tmp.path().join("a/b");
+        fs::create_dir_all(&nested).unwrap();
+        assert_eq!(locate(&nested, None), nested.join(STORE_DIR));
+        fs::create_dir(tmp.path().join(STORE_DIR)).unwrap();
+        assert_eq!(locate(&nested, None), tmp.path().join(STORE_DIR));
+        let explicit = tmp.path().join("elsewhere");
+        assert_eq!(locate(&nested, Some(&explicit)), explicit);
+    }
+
+    #[test]
+    fn owner_tokens_tell_live_processes_from_dead_ones() {
+        assert!(owner_alive(&owner_token(std::process::id())));
+        assert!(!owner_alive("999999999:1"));
+        assert!(!owner_alive(&format!("{}:1", std::process::id())));
+        assert!(!owner_alive("garbage"));
+    }
+}
