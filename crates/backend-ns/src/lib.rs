@@ -29,8 +29,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Uid};
 use upstream_agent::protocol::{read_frame, write_frame};
 use upstream_sandbox::{
-    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, Image, Interrupter, NetworkMode,
-    Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, HostRoot, Image, Interrupter,
+    NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 
 use crate::cgroup::{Cgroups, Layout};
@@ -629,6 +629,51 @@ impl Sandbox for NamespaceSandbox {
         let result = self.client()?.wait_ready();
         self.note_ready();
         result.map_err(|e| self.map_error(e))
+    }
+
+    fn host_root(&self) -> Result<HostRoot, SandboxError> {
+        let fail =
+            |e: String| SandboxError::setup(format!("cannot reach the sandbox's files: {e}"), None);
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| fail("it has ended".into()))?;
+        // Before the agent is ready, pid 1 may not have its own root yet: its /proc root
+        // would be the host's.
+        if !self.client.as_ref().is_some_and(|c| c.ready_at().is_some()) {
+            return Err(fail("it is not ready yet".into()));
+        }
+        // A cloned init is pid 1 itself; a re-executed one (stage 1) has pid 1 as its only
+        // child.
+        let pid1 = if child.cloned {
+            child.id()
+        } else {
+            let path = format!("/proc/{0}/task/{0}/children", child.id());
+            let children = fs::read_to_string(&path).map_err(|e| fail(format!("{path}: {e}")))?;
+            children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| fail("its pid 1 is not running".into()))?
+        };
+        let path = format!("/proc/{pid1}/root");
+        let dir = nix::fcntl::open(
+            path.as_str(),
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| fail(format!("{path}: {e}")))?;
+        let (uid, gid) = if self.rootless {
+            (
+                Uid::effective().as_raw(),
+                nix::unistd::Gid::effective().as_raw(),
+            )
+        } else {
+            (SANDBOX_ID_BASE, SANDBOX_ID_BASE)
+        };
+        Ok(HostRoot { dir, uid, gid })
     }
 
     fn interrupter(&self) -> Arc<dyn Interrupter> {

@@ -37,7 +37,7 @@ pub struct FrontMatter {
     #[serde(default)]
     pub image: Option<String>,
     /// The named chain of turns this one belongs to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "context_name")]
     pub context: Option<String>,
     /// Environment variables for every step.
     #[serde(default, deserialize_with = "env_map")]
@@ -60,11 +60,11 @@ pub struct FrontMatter {
     /// `none` (only loopback) or `host`.
     #[serde(default)]
     pub network: Network,
-    /// Paths or globs under the workspace saved after the turn.
-    #[serde(default)]
+    /// Paths or globs under the working directory saved after the turn.
+    #[serde(default, deserialize_with = "artifact_patterns")]
     pub artifacts: Vec<String>,
     /// Working directory of every step.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "workdir")]
     pub workdir: Option<String>,
 }
 
@@ -109,6 +109,78 @@ impl std::str::FromStr for Network {
             other => Err(format!("unknown network `{other}`: use `none` or `host`")),
         }
     }
+}
+
+fn context_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let name = String::deserialize(d)?;
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if !ok {
+        return Err(de::Error::custom(format!(
+            "`{name}` is not a context name: use letters, digits, `-`, `_` and `.` (up to 100), such as `research-pipeline`"
+        )));
+    }
+    Ok(Some(name))
+}
+
+fn artifact_patterns<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let patterns = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(p) => p,
+    };
+    for p in &patterns {
+        check_artifact_pattern(p).map_err(de::Error::custom)?;
+    }
+    Ok(patterns)
+}
+
+/// Checks an `artifacts:` entry: a path or glob relative to the working directory that does
+/// not leave it.
+pub fn check_artifact_pattern(raw: &str) -> Result<(), String> {
+    let text: Vec<&str> = raw
+        .trim()
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if text.is_empty() {
+        return Err("an artifact path is empty: name a file, directory or glob such as `out/*.csv`".into());
+    }
+    if raw.trim_start().starts_with('/') {
+        return Err(format!(
+            "artifact `{raw}` is absolute: artifact paths are relative to the working directory (`workdir`)"
+        ));
+    }
+    if text.contains(&"..") {
+        return Err(format!(
+            "artifact `{raw}` leaves the working directory: artifacts must be inside it"
+        ));
+    }
+    let joined = text.join("/");
+    if joined.contains(['*', '?', '[', '{']) {
+        globset::Glob::new(&joined)
+            .map_err(|e| format!("artifact `{raw}` is not a valid glob: {}", e.kind()))?;
+    }
+    Ok(())
+}
+
+fn workdir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let dir = String::deserialize(d)?;
+    if !dir.starts_with('/') || dir.split('/').any(|c| c == "..") {
+        return Err(de::Error::custom(format!(
+            "workdir `{dir}` must be an absolute path inside the sandbox, such as `/workspace`"
+        )));
+    }
+    Ok(Some(dir))
 }
 
 #[derive(Deserialize)]
@@ -254,6 +326,18 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn artifact_patterns_stay_inside_the_working_directory() {
+        assert!(check_artifact_pattern("out/report.md").is_ok());
+        assert!(check_artifact_pattern("./out/").is_ok());
+        assert!(check_artifact_pattern("data/**/*.csv").is_ok());
+        assert!(check_artifact_pattern("/etc/passwd").unwrap_err().contains("absolute"));
+        assert!(check_artifact_pattern("../secret").unwrap_err().contains("leaves"));
+        assert!(check_artifact_pattern("a/../../b").unwrap_err().contains("leaves"));
+        assert!(check_artifact_pattern("[unclosed").unwrap_err().contains("glob"));
+        assert!(check_artifact_pattern(" ").is_err());
     }
 
     #[test]

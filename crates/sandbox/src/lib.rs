@@ -11,6 +11,7 @@ pub use client::{AgentClient, ClientError};
 pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Stream};
 
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 /// Errors from creating or using a sandbox.
@@ -73,6 +74,19 @@ pub struct SandboxInfo {
     pub unenforced: Vec<String>,
 }
 
+/// The sandbox's root directory as the host reaches it, for moving files in and out without
+/// the agent: resolve paths under it with `openat2(RESOLVE_IN_ROOT)` (or `RESOLVE_BENEATH`
+/// from a directory opened that way), so that no path or link inside leads out of the
+/// sandbox. Drop it before destroying the sandbox: it keeps the sandbox's root mounted.
+#[derive(Debug)]
+pub struct HostRoot {
+    pub dir: OwnedFd,
+    /// The host uid and gid of the sandbox's root user: files the host creates in the
+    /// sandbox must be made as them (`setfsuid`), or sandbox root does not own them.
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// A way to stop a sandbox from another thread, such as a Ctrl-C handler.
 pub trait Interrupter: Send + Sync {
     /// Kills the sandbox's processes at once; its owner then sees [`SandboxError::Interrupted`].
@@ -103,6 +117,9 @@ pub trait Sandbox {
 
     /// Writes a file inside the sandbox.
     fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError>;
+
+    /// The sandbox's root directory, reachable from the host.
+    fn host_root(&self) -> Result<HostRoot, SandboxError>;
 
     /// A handle that can stop this sandbox from elsewhere.
     fn interrupter(&self) -> std::sync::Arc<dyn Interrupter>;
