@@ -153,7 +153,9 @@ pub fn check_artifact_pattern(raw: &str) -> Result<(), String> {
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
     if text.is_empty() {
-        return Err("an artifact path is empty: name a file, directory or glob such as `out/*.csv`".into());
+        return Err(
+            "an artifact path is empty: name a file, directory or glob such as `out/*.csv`".into(),
+        );
     }
     if raw.trim_start().starts_with('/') {
         return Err(format!(
@@ -333,10 +335,26 @@ mod tests {
         assert!(check_artifact_pattern("out/report.md").is_ok());
         assert!(check_artifact_pattern("./out/").is_ok());
         assert!(check_artifact_pattern("data/**/*.csv").is_ok());
-        assert!(check_artifact_pattern("/etc/passwd").unwrap_err().contains("absolute"));
-        assert!(check_artifact_pattern("../secret").unwrap_err().contains("leaves"));
-        assert!(check_artifact_pattern("a/../../b").unwrap_err().contains("leaves"));
-        assert!(check_artifact_pattern("[unclosed").unwrap_err().contains("glob"));
+        assert!(
+            check_artifact_pattern("/etc/passwd")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            check_artifact_pattern("../secret")
+                .unwrap_err()
+                .contains("leaves")
+        );
+        assert!(
+            check_artifact_pattern("a/../../b")
+                .unwrap_err()
+                .contains("leaves")
+        );
+        assert!(
+            check_artifact_pattern("[unclosed")
+                .unwrap_err()
+                .contains("glob")
+        );
         assert!(check_artifact_pattern(" ").is_err());
     }
 

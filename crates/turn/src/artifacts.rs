@@ -438,8 +438,7 @@ pub fn restore(
             ArtifactKind::Symlink => {
                 remove_entry(&parent, name).map_err(fail)?;
                 let target = a.target.as_deref().unwrap_or("");
-                nix::unistd::symlinkat(target, &parent, name)
-                    .map_err(|e| fail(e.into()))?;
+                nix::unistd::symlinkat(target, &parent, name).map_err(|e| fail(e.into()))?;
                 set_mtime(&parent, name, a.mtime_ns, true).map_err(fail)?;
             }
             ArtifactKind::File => {
@@ -529,9 +528,9 @@ fn set_mtime(parent: &OwnedFd, name: &str, mtime_ns: i64, no_follow: bool) -> io
         mtime_ns.rem_euclid(1_000_000_000),
     );
     let flag = if no_follow {
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink
     } else {
-        nix::fcntl::AtFlags::empty()
+        nix::sys::stat::UtimensatFlags::FollowSymlink
     };
     nix::sys::stat::utimensat(parent, name, &TimeSpec::UTIME_OMIT, &mtime, flag)
         .map_err(io::Error::from)
@@ -558,8 +557,8 @@ mod tests {
 
     #[test]
     fn patterns_cover_what_they_would_save() {
-        let p = Patterns::new(&["results/".into(), "*.csv".into(), "logs/**/*.txt".into()])
-            .unwrap();
+        let p =
+            Patterns::new(&["results/".into(), "*.csv".into(), "logs/**/*.txt".into()]).unwrap();
         assert!(p.covers("results"));
         assert!(p.covers("results/a/b"));
         assert!(!p.covers("results2"));

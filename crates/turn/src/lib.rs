@@ -1,20 +1,23 @@
 //! Turns: running a document's steps in one sandbox and turning what happened into results.
 //!
 //! [`run`] takes a parsed document and a backend, runs the steps in order, streams progress to
-//! an [`Observer`], keeps each step's whole output in the turn's run directory, and returns the
-//! [`TurnRecord`] together with the result blocks to render into the document. It never writes
-//! the document itself: [`write_back`] does, and only if nobody changed the file meanwhile.
+//! an [`Observer`], and records everything in the context store: the document as run, each
+//! step's whole output, outputs, artifacts and the document with its results. Before the first
+//! step, the sandbox gets what the document's context left: the latest artifacts, the earlier
+//! turns' outputs as `UPSTREAM_CTX_*` variables and their history at `/context/turns.json`.
+//! It never writes the document itself: [`write_back`] does, and only if nobody changed the
+//! file meanwhile.
 
+pub mod artifacts;
+mod context;
 mod record;
-pub mod state;
 mod writeback;
 
 pub use record::{SandboxRecord, StepRecord, StepStatus, TurnRecord, TurnStatus};
 pub use writeback::{WriteBack, write_back};
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,10 @@ use upstream_doc::{
 use upstream_sandbox::{
     Backend, Collect, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits,
     NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+};
+use upstream_store::log::{LogStream, LogWriter};
+use upstream_store::{
+    BlobId, BlobWriter, FinishTurn, NewArtifact, NewStep, NewTurn, Store, StoreError, TurnState,
 };
 
 /// The most bytes a step may publish through `$UPSTREAM_OUTPUT`.
@@ -41,9 +48,15 @@ pub enum TurnError {
     /// The sandbox could not be made or failed outside any step.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
-    /// The turn's run directory could not be written.
-    #[error("cannot write the turn's logs in {path}: {source}")]
-    State { path: PathBuf, source: io::Error },
+    /// The context store could not be opened or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The context's artifacts could not be restored into the sandbox.
+    #[error("cannot restore the context's artifacts: {0}")]
+    Restore(#[from] artifacts::RestoreError),
+    /// The turn's artifacts could not be saved.
+    #[error("cannot save the turn's artifacts: {0}")]
+    SaveArtifacts(io::Error),
 }
 
 /// What an observer is told while a turn runs.
@@ -54,6 +67,32 @@ pub enum Event<'a> {
     /// Output of the running step, secrets already redacted.
     Output(Stream, &'a [u8]),
     StepFinished(&'a Step, &'a StepRecord),
+    /// The sandbox got what earlier turns of the context left.
+    ContextLoaded(&'a ContextLoaded),
+    /// The turn's artifacts are in the store.
+    ContextSaved(&'a ContextSaved),
+}
+
+/// What a turn started with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextLoaded {
+    pub context: String,
+    pub artifacts: usize,
+    pub outputs: usize,
+    /// The context's latest passed turn.
+    pub turn: i64,
+}
+
+/// What a turn left for the next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextSaved {
+    pub context: String,
+    /// Artifacts (files, directories, symlinks) saved.
+    pub artifacts: usize,
+    pub bytes: u64,
+    /// Restored artifacts the turn deleted.
+    pub deleted: usize,
+    pub turn: i64,
 }
 
 /// Receives progress as a turn runs.
@@ -103,6 +142,8 @@ impl Cancel {
 #[derive(Debug, Clone, Default)]
 pub struct TurnOptions {
     pub output_limits: OutputLimits,
+    /// The store to use (`--store`); else found from the document ([`upstream_store::locate`]).
+    pub store: Option<PathBuf>,
 }
 
 /// A finished (or interrupted) turn.
@@ -145,18 +186,18 @@ pub fn sandbox_spec(front_matter: &FrontMatter) -> SandboxSpec {
     }
 }
 
-/// Runs every step of `document` in one sandbox from `backend`.
+/// Runs every step of `document` in one sandbox from `backend`, recording the turn in the
+/// document's context store. `source` is the document's bytes as read.
 pub fn run(
     document: &Document,
+    source: &[u8],
     backend: &dyn Backend,
     options: &TurnOptions,
     observer: &mut dyn Observer,
     cancel: &Cancel,
 ) -> Result<Turn, TurnError> {
     let started = Instant::now();
-    let started_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let started_at = now();
     let fm = document.front_matter();
     let secrets = resolve_secrets(document)?;
     let spec = sandbox_spec(fm);
@@ -167,15 +208,195 @@ pub fn run(
                 .into(),
         }));
     }
+    let doc_dir = document
+        .path()
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let store_dir = upstream_store::locate(doc_dir, options.store.as_deref());
+    let mut store = Store::open(&store_dir)?;
+    let context_name = fm
+        .context
+        .clone()
+        .unwrap_or_else(|| upstream_store::DEFAULT_CONTEXT.to_string());
+    let context = context::Context::load(&store, &context_name)?;
     let id = uuid::Uuid::now_v7().to_string();
-    let state_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TurnError::State { path, source }
+    let shown_path = shown_path(document.path(), &store_dir);
+    let number = store.begin_turn(&NewTurn {
+        id: &id,
+        context: &context_name,
+        document: &shown_path,
+        source,
+        started_at,
+    })?;
+    let mut turn = TurnInStore {
+        store,
+        number,
+        done: false,
     };
-    let state = state::state_dir_for(document.path()).map_err(state_err(document.path()))?;
-    let run_dir = state::run_dir(&state, &id).map_err(state_err(&state))?;
+    let outcome = run_in_sandbox(
+        document, backend, options, observer, cancel, &mut turn, &context, &secrets, &spec,
+        started, &id,
+    );
+    let (records, results, sandbox_record, saved, status) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            let status = match e {
+                TurnError::Sandbox(SandboxError::Interrupted) => TurnState::Interrupted,
+                _ => TurnState::Failed,
+            };
+            turn.finish(status, started, None, None, Vec::new());
+            return Err(e);
+        }
+    };
+    let record = TurnRecord {
+        id,
+        number,
+        context: context_name.clone(),
+        document: document.path().to_path_buf(),
+        status,
+        started_at,
+        duration_ms: started.elapsed().as_millis() as u64,
+        sandbox: Some(sandbox_record),
+        steps: records,
+        store: store_dir.clone(),
+    };
+    let result = Turn { record, results };
+    let rendered = (status != TurnStatus::Interrupted).then(|| result.render(document));
+    let state = match status {
+        TurnStatus::Passed => TurnState::Passed,
+        TurnStatus::Failed => TurnState::Failed,
+        TurnStatus::Interrupted => TurnState::Interrupted,
+    };
+    let sandbox_json = serde_json::to_value(&result.record.sandbox).ok();
+    let result_blob = match &rendered {
+        Some(text) => Some(
+            turn.store
+                .blobs()
+                .put(text.as_bytes())
+                .map_err(|e| TurnError::Store(store_io(&store_dir, e)))?,
+        ),
+        None => None,
+    };
+    let (artifacts, summary) = match saved {
+        Some((artifacts, summary)) => (artifacts, Some(summary)),
+        None => (Vec::new(), None),
+    };
+    turn.finish_checked(state, started, sandbox_json, result_blob, artifacts)?;
+    if let Some(summary) = summary {
+        observer.event(Event::ContextSaved(&ContextSaved {
+            context: context_name,
+            turn: number,
+            ..summary
+        }));
+    }
+    Ok(result)
+}
 
-    let mut sandbox = backend.create(&spec)?;
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn store_io(dir: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    }
+}
+
+/// The document's path as the store shows it: relative to the directory the store is in when
+/// it is below it.
+fn shown_path(document: &Path, store_dir: &Path) -> String {
+    let absolute = std::path::absolute(document).unwrap_or_else(|_| document.to_path_buf());
+    let base = store_dir
+        .parent()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    match base.as_deref().and_then(|b| absolute.strip_prefix(b).ok()) {
+        Some(relative) => relative.display().to_string(),
+        None => absolute.display().to_string(),
+    }
+}
+
+/// A turn recorded as running; if it is dropped unfinished (a panic), it is recorded as
+/// interrupted.
+struct TurnInStore {
+    store: Store,
+    number: i64,
+    done: bool,
+}
+
+impl TurnInStore {
+    fn finish_checked(
+        &mut self,
+        status: TurnState,
+        started: Instant,
+        sandbox: Option<serde_json::Value>,
+        result: Option<BlobId>,
+        artifacts: Vec<NewArtifact>,
+    ) -> Result<(), StoreError> {
+        self.done = true;
+        self.store.finish_turn(
+            self.number,
+            &FinishTurn {
+                status,
+                finished_at: now(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                sandbox,
+                result,
+                artifacts,
+            },
+        )
+    }
+
+    /// Records the end of a turn that already failed for another reason, which is the one
+    /// reported.
+    fn finish(
+        &mut self,
+        status: TurnState,
+        started: Instant,
+        sandbox: Option<serde_json::Value>,
+        result: Option<BlobId>,
+        artifacts: Vec<NewArtifact>,
+    ) {
+        let _ = self.finish_checked(status, started, sandbox, result, artifacts);
+    }
+}
+
+impl Drop for TurnInStore {
+    fn drop(&mut self) {
+        if !self.done {
+            let started = Instant::now();
+            self.finish(TurnState::Interrupted, started, None, None, Vec::new());
+        }
+    }
+}
+
+type Ran = (
+    Vec<StepRecord>,
+    Vec<ResultBlock>,
+    SandboxRecord,
+    Option<(Vec<NewArtifact>, ContextSaved)>,
+    TurnStatus,
+);
+
+#[allow(clippy::too_many_arguments)]
+fn run_in_sandbox(
+    document: &Document,
+    backend: &dyn Backend,
+    options: &TurnOptions,
+    observer: &mut dyn Observer,
+    cancel: &Cancel,
+    turn: &mut TurnInStore,
+    context: &context::Context,
+    secrets: &[(String, String)],
+    spec: &SandboxSpec,
+    started: Instant,
+    id: &str,
+) -> Result<Ran, TurnError> {
+    let fm = document.front_matter();
+    let mut sandbox = backend.create(spec)?;
     sandbox.wait_ready()?;
     cancel.watch(Some(sandbox.interrupter()));
     observer.event(Event::SandboxReady(sandbox.info()));
@@ -185,14 +406,23 @@ pub fn run(
         setup_ms: sandbox.info().setup.as_secs_f64() * 1000.0,
         unenforced: sandbox.info().unenforced.clone(),
     };
+    let known = {
+        let root = sandbox.host_root()?;
+        context.prepare(root, fm.workdir())?
+    };
+    if let Some(loaded) = context.loaded() {
+        observer.event(Event::ContextLoaded(&loaded));
+    }
 
     let mut runner = StepRunner {
         document,
         options,
-        secrets: &secrets,
-        run_dir: &run_dir,
-        turn_id: &id,
+        secrets,
+        turn_id: id,
+        turn_number: turn.number,
         deadline: fm.timeout.map(|t| started + t),
+        context_env: context.env(),
+        store: &mut turn.store,
     };
     let mut records = Vec::new();
     let mut results = Vec::new();
@@ -203,17 +433,20 @@ pub fn run(
             interrupted |= cancel.is_cancelled();
             let record = not_run_record(step);
             observer.event(Event::StepFinished(step, &record));
+            runner.record(&record, None)?;
             records.push(record);
             results.push(ResultBlock::not_run());
             continue;
         }
         observer.event(Event::StepStarted(step));
         match runner.run_step(sandbox.as_mut(), step, observer) {
-            Ok((record, result)) => {
+            Ok((record, result, log)) => {
                 if record.status.failed() && !step.continue_on_error {
                     stopped = true;
                 }
                 observer.event(Event::StepFinished(step, &record));
+                runner.record(&record, log)?;
+                runner.publish(&record);
                 records.push(record);
                 results.push(result);
             }
@@ -230,29 +463,24 @@ pub fn run(
         }
     }
     cancel.watch(None);
-    let destroyed = sandbox.destroy();
-    let status = if interrupted || cancel.is_cancelled() {
+    interrupted |= cancel.is_cancelled();
+    let status = if interrupted {
         TurnStatus::Interrupted
     } else if records.iter().any(|r| r.status.failed()) {
         TurnStatus::Failed
     } else {
         TurnStatus::Passed
     };
-    let record = TurnRecord {
-        id,
-        document: document.path().to_path_buf(),
-        status,
-        started_at,
-        duration_ms: started.elapsed().as_millis() as u64,
-        sandbox: Some(sandbox_record),
-        steps: records,
-        run_dir: run_dir.clone(),
+    let saved = if interrupted {
+        None
+    } else {
+        let root = sandbox.host_root()?;
+        context
+            .save(root, fm, turn.store.blobs(), &known)
+            .map_err(TurnError::SaveArtifacts)?
     };
-    if let Ok(json) = serde_json::to_vec_pretty(&record) {
-        fs::write(run_dir.join("turn.json"), json).map_err(state_err(&run_dir))?;
-    }
-    destroyed?;
-    Ok(Turn { record, results })
+    sandbox.destroy()?;
+    Ok((records, results, sandbox_record, saved, status))
 }
 
 fn resolve_secrets(document: &Document) -> Result<Vec<(String, String)>, TurnError> {
@@ -309,26 +537,29 @@ struct StepRunner<'a> {
     document: &'a Document,
     options: &'a TurnOptions,
     secrets: &'a [(String, String)],
-    run_dir: &'a Path,
     turn_id: &'a str,
+    turn_number: i64,
     deadline: Option<Instant>,
+    /// `UPSTREAM_CTX_*`: outputs of earlier turns, then of earlier steps of this one.
+    context_env: BTreeMap<String, String>,
+    store: &'a mut Store,
 }
 
 /// Everything one step's output goes to.
-struct OutputSinks {
+struct OutputSinks<'s> {
     redact_out: Redactor,
     redact_err: Redactor,
     stdout: OutputCapture,
     stderr: OutputCapture,
     combined: OutputCapture,
-    /// The step's whole output, created when the step first prints.
-    log: Option<BufWriter<fs::File>>,
-    log_path: PathBuf,
+    /// The step's whole output, a blob started when the step first prints.
+    store: &'s Store,
+    log: Option<LogWriter<BlobWriter>>,
     log_error: Option<io::Error>,
     scratch: Vec<u8>,
 }
 
-impl OutputSinks {
+impl OutputSinks<'_> {
     fn push(&mut self, stream: Stream, data: &[u8], observer: &mut dyn Observer) {
         self.scratch.clear();
         match stream {
@@ -347,9 +578,6 @@ impl OutputSinks {
             }
             self.deliver(stream, observer);
         }
-        if let Some(Err(e)) = self.log.as_mut().map(Write::flush) {
-            self.log_error.get_or_insert(e);
-        }
     }
 
     fn deliver(&mut self, stream: Stream, observer: &mut dyn Observer) {
@@ -364,17 +592,51 @@ impl OutputSinks {
         self.combined.push(data);
         if self.log_error.is_none() {
             if self.log.is_none() {
-                match fs::File::create(&self.log_path) {
-                    Ok(file) => self.log = Some(BufWriter::with_capacity(64 << 10, file)),
+                match self.store.blobs().writer() {
+                    Ok(w) => self.log = Some(LogWriter::new(w)),
                     Err(e) => self.log_error = Some(e),
                 }
             }
-            if let Some(Err(e)) = self.log.as_mut().map(|log| log.write_all(data)) {
+            let which = match stream {
+                Stream::Stdout => LogStream::Stdout,
+                Stream::Stderr => LogStream::Stderr,
+            };
+            if let Some(Err(e)) = self.log.as_mut().map(|log| log.chunk(which, data)) {
                 self.log_error = Some(e);
+                self.log = None;
             }
         }
         observer.event(Event::Output(stream, data));
     }
+
+    /// Puts the log in the store.
+    fn commit_log(&mut self) -> Result<Option<BlobId>, io::Error> {
+        if let Some(e) = self.log_error.take() {
+            return Err(e);
+        }
+        let Some(log) = self.log.take() else {
+            return Ok(None);
+        };
+        let pending = log.into_inner().finish()?;
+        let id = pending.id.clone();
+        self.store.blobs().commit(vec![pending])?;
+        Ok(Some(id))
+    }
+}
+
+/// `UPSTREAM_CTX_<KEY>` for output `key`: upper case, anything but letters and digits `_`.
+pub fn context_variable(key: &str) -> String {
+    let name: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("UPSTREAM_CTX_{name}")
 }
 
 impl StepRunner<'_> {
@@ -387,6 +649,9 @@ impl StepRunner<'_> {
         env.insert("UPSTREAM_TURN".into(), self.turn_id.to_string());
         env.insert("UPSTREAM_STEP".into(), step.number.to_string());
         env.insert("UPSTREAM_OUTPUT".into(), output_path(step));
+        for (k, v) in &self.context_env {
+            env.insert(k.clone(), v.clone());
+        }
         for (k, v) in &fm.env {
             env.insert(k.clone(), v.clone());
         }
@@ -396,12 +661,50 @@ impl StepRunner<'_> {
         env.into_iter().collect()
     }
 
+    /// Makes a step's outputs visible to the steps after it.
+    fn publish(&mut self, record: &StepRecord) {
+        for (key, value) in &record.outputs {
+            self.context_env
+                .insert(context_variable(key), value.clone());
+        }
+    }
+
+    /// Records a step in the store.
+    fn record(&mut self, record: &StepRecord, log: Option<BlobId>) -> Result<(), StoreError> {
+        let language = match record.language {
+            Language::Bash => "bash",
+            Language::Sh => "sh",
+            Language::Python => "python",
+        };
+        let status = serde_json::to_value(record.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.store.record_step(
+            self.turn_number,
+            &NewStep {
+                number: record.number as i64,
+                title: record.title.clone(),
+                language: language.into(),
+                status,
+                exit_code: record.exit_code,
+                signal: record.signal,
+                duration_ms: record.duration_ms,
+                message: record.message.clone(),
+                stdout_bytes: record.stdout_bytes,
+                stderr_bytes: record.stderr_bytes,
+                log,
+                outputs: record.outputs.clone(),
+            },
+        )
+    }
+
     fn run_step(
         &mut self,
         sandbox: &mut dyn Sandbox,
         step: &Step,
         observer: &mut dyn Observer,
-    ) -> Result<(StepRecord, ResultBlock), SandboxError> {
+    ) -> Result<(StepRecord, ResultBlock, Option<BlobId>), SandboxError> {
         let fm = self.document.front_matter();
         let (script, argv) = script_for(step);
 
@@ -414,21 +717,9 @@ impl StepRunner<'_> {
             (None, Some(t)) => (Some(t), true),
             (None, None) => (None, false),
         };
-        let log_path = self.run_dir.join(format!("step-{}.log", step.number));
         let limits = self.options.output_limits;
         let secret_values = self.secrets.iter().map(|(_, v)| v.as_str());
         let redactor = Redactor::new(secret_values);
-        let mut sinks = OutputSinks {
-            redact_out: redactor.clone(),
-            redact_err: redactor.clone(),
-            stdout: OutputCapture::new(limits),
-            stderr: OutputCapture::new(limits),
-            combined: OutputCapture::new(limits),
-            log: None,
-            log_path: log_path.clone(),
-            log_error: None,
-            scratch: Vec::new(),
-        };
         let request = ExecRequest {
             argv,
             env: self.env(step),
@@ -451,6 +742,17 @@ impl StepRunner<'_> {
                 limit: MAX_OUTPUTS_BYTES,
             }),
         };
+        let mut sinks = OutputSinks {
+            redact_out: redactor.clone(),
+            redact_err: redactor.clone(),
+            stdout: OutputCapture::new(limits),
+            stderr: OutputCapture::new(limits),
+            combined: OutputCapture::new(limits),
+            store: self.store,
+            log: None,
+            log_error: None,
+            scratch: Vec::new(),
+        };
         let exec = if limit.is_some_and(|l| l.is_zero()) {
             None
         } else {
@@ -459,19 +761,15 @@ impl StepRunner<'_> {
             }))
         };
         sinks.finish(observer);
+        let log = sinks.commit_log();
 
         let OutputSinks {
             stdout,
             stderr,
             combined,
-            log,
-            log_error,
             ..
         } = sinks;
         let mut record = not_run_record(step);
-        // A step that printed nothing has no log.
-        record.log = log.is_some().then(|| log_path.clone());
-        drop(log);
         let (outcome, duration) = match exec {
             None => {
                 record.status = StepStatus::TimedOut;
@@ -506,21 +804,23 @@ impl StepRunner<'_> {
                 (outcome, Some(done.duration))
             }
         };
-        if let Some(e) = log_error {
-            record
-                .message
-                .get_or_insert(format!("the log {} is incomplete: {e}", log_path.display()));
-        }
+        let log = match log {
+            Ok(log) => log,
+            Err(e) => {
+                record
+                    .message
+                    .get_or_insert(format!("the step's whole output could not be kept: {e}"));
+                None
+            }
+        };
+        record.log = log.as_ref().map(|id| id.to_string());
         let (combined, stdout, stderr) = (combined.finish(), stdout.finish(), stderr.finish());
         record.stdout = captured_text(&stdout);
         record.stderr = captured_text(&stderr);
         record.stdout_bytes = stdout.total_bytes;
         record.stderr_bytes = stderr.total_bytes;
-        let doc_dir = self.document.path().parent().unwrap_or(Path::new("."));
-        let full_output = combined
-            .omitted
-            .is_some()
-            .then(|| state::relative_to(&log_path, doc_dir).display().to_string());
+        let full_output = (combined.omitted.is_some() && log.is_some())
+            .then(|| format!("upstream show {} --step {}", self.turn_number, step.number));
         let result = ResultBlock {
             outcome,
             duration,
@@ -532,7 +832,7 @@ impl StepRunner<'_> {
                 .collect(),
             full_output,
         };
-        Ok((record, result))
+        Ok((record, result, log))
     }
 }
 

@@ -60,9 +60,9 @@ pub struct StepRecord {
     pub stderr_bytes: u64,
     /// Values published through `$UPSTREAM_OUTPUT`.
     pub outputs: BTreeMap<String, String>,
-    /// The step's whole output (stdout and stderr as they arrived), on the host; `None` when
-    /// it printed nothing.
-    pub log: Option<PathBuf>,
+    /// The blob holding the step's whole output (stdout and stderr as they arrived); `None`
+    /// when it printed nothing.
+    pub log: Option<String>,
     /// Why the step could not run, or what limit stopped it.
     pub message: Option<String>,
 }
@@ -81,6 +81,9 @@ pub struct SandboxRecord {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TurnRecord {
     pub id: String,
+    /// Its number in the store.
+    pub number: i64,
+    pub context: String,
     pub document: PathBuf,
     pub status: TurnStatus,
     /// Seconds since the Unix epoch when the turn started.
@@ -88,8 +91,8 @@ pub struct TurnRecord {
     pub duration_ms: u64,
     pub sandbox: Option<SandboxRecord>,
     pub steps: Vec<StepRecord>,
-    /// Where the turn's logs and record are kept.
-    pub run_dir: PathBuf,
+    /// The store the turn is recorded in.
+    pub store: PathBuf,
 }
 
 impl TurnRecord {

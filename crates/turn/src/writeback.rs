@@ -9,25 +9,17 @@ use std::path::{Path, PathBuf};
 pub enum WriteBack {
     /// The document now holds the results.
     Written,
-    /// The document changed while the turn ran; the results were saved here instead.
-    Conflict { saved_to: PathBuf },
+    /// The document changed while the turn ran; it was left as it is (the results are in
+    /// the store).
+    Conflict,
 }
 
-/// Replaces `path` with `rendered` if it still holds `original`; otherwise saves `rendered` to
-/// `fallback`. The replacement is a rename of a fully written, synced file, so the document is
-/// never seen half-written.
-pub fn write_back(
-    path: &Path,
-    original: &[u8],
-    rendered: &str,
-    fallback: &Path,
-) -> io::Result<WriteBack> {
+/// Replaces `path` with `rendered` if it still holds `original`. The replacement is a rename
+/// of a fully written, synced file, so the document is never seen half-written.
+pub fn write_back(path: &Path, original: &[u8], rendered: &str) -> io::Result<WriteBack> {
     let current = fs::read(path)?;
     if current != original {
-        fs::write(fallback, rendered)?;
-        return Ok(WriteBack::Conflict {
-            saved_to: fallback.to_path_buf(),
-        });
+        return Ok(WriteBack::Conflict);
     }
     if rendered.as_bytes() == original {
         return Ok(WriteBack::Written);
@@ -48,10 +40,7 @@ pub fn write_back(
         file.sync_all()?;
         // A last look: an edit that landed while we wrote wins.
         if fs::read(path)? != original {
-            fs::write(fallback, rendered)?;
-            return Ok(WriteBack::Conflict {
-                saved_to: fallback.to_path_buf(),
-            });
+            return Ok(WriteBack::Conflict);
         }
         fs::rename(&temp, path)?;
         if let Ok(d) = fs::File::open(&dir) {
@@ -72,13 +61,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let doc = tmp.path().join("doc.md");
         fs::write(&doc, "before").unwrap();
-        let fallback = tmp.path().join("saved.md");
         assert_eq!(
-            write_back(&doc, b"before", "after", &fallback).unwrap(),
+            write_back(&doc, b"before", "after").unwrap(),
             WriteBack::Written
         );
         assert_eq!(fs::read_to_string(&doc).unwrap(), "after");
-        assert!(!fallback.exists());
         let leftovers: Vec<_> = fs::read_dir(tmp.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }
@@ -88,15 +75,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let doc = tmp.path().join("doc.md");
         fs::write(&doc, "edited by someone").unwrap();
-        let fallback = tmp.path().join("saved.md");
-        let got = write_back(&doc, b"before", "after", &fallback).unwrap();
-        assert_eq!(
-            got,
-            WriteBack::Conflict {
-                saved_to: fallback.clone()
-            }
-        );
+        let got = write_back(&doc, b"before", "after").unwrap();
+        assert_eq!(got, WriteBack::Conflict);
         assert_eq!(fs::read_to_string(&doc).unwrap(), "edited by someone");
-        assert_eq!(fs::read_to_string(&fallback).unwrap(), "after");
     }
 }

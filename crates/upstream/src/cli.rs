@@ -18,8 +18,125 @@ pub enum Command {
     Run(RunArgs),
     /// Run one command in a fresh sandbox, like `docker run --rm`.
     Exec(ExecArgs),
+    /// List the turns in the store: number, start, context, document, status, duration.
+    Log(LogArgs),
+    /// Show a turn: its steps, outputs and artifacts, or the whole output of one step.
+    Show(ShowArgs),
+    /// List artifacts (of a context, as its next turn gets them, or of one turn), or get one.
+    Artifacts(ArtifactsArgs),
+    /// List or remove contexts.
+    #[command(subcommand)]
+    Context(ContextCommand),
+    /// Remove stored content that no record refers to any more.
+    Gc(GcArgs),
     /// Show what this host supports and what upstream will use.
     Doctor,
+}
+
+/// Which store: `--store`, else `$UPSTREAM_STORE`, else the nearest `.upstream/` above.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArg {
+    /// The store directory (default: `$UPSTREAM_STORE`, else the nearest `.upstream/` above
+    /// the document, or above the current directory).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Only turns of this context.
+    #[arg(long, short)]
+    pub context: Option<String>,
+    /// Only the last N turns.
+    #[arg(short = 'n', long = "last", value_name = "N")]
+    pub last: Option<u64>,
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The turn's number (or its id, or the start of it).
+    #[arg(value_name = "TURN")]
+    pub turn: String,
+    /// Print this step's whole output: stdout to stdout, stderr to stderr, as printed.
+    #[arg(long, value_name = "N")]
+    pub step: Option<i64>,
+    /// Print the document as the turn left it, with its results.
+    #[arg(long, conflicts_with = "step")]
+    pub document: bool,
+    /// Print JSON.
+    #[arg(long, conflicts_with = "document")]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsArgs {
+    #[command(subcommand)]
+    pub get: Option<ArtifactsCommand>,
+    #[command(flatten)]
+    pub scope: ArtifactScope,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+/// Whose artifacts: a context's latest (the default: the context of the last turn), or what
+/// one turn saved.
+#[derive(Debug, Args, Clone)]
+pub struct ArtifactScope {
+    /// The artifacts a new turn of this context would start with.
+    #[arg(long, short, global = true, conflicts_with = "turn")]
+    pub context: Option<String>,
+    /// The artifacts this turn saved.
+    #[arg(long, global = true, value_name = "TURN")]
+    pub turn: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// Write an artifact's content to a file or stdout.
+    Get {
+        /// Its path in the workspace.
+        path: String,
+        /// Write here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCommand {
+    /// List contexts: turns, the last one, the artifacts a new turn would get.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Remove a context and the records of its turns (`upstream gc` then frees their content).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 #[derive(Debug, Args)]
@@ -33,6 +150,8 @@ pub struct RunArgs {
     /// Print each turn's record as one line of JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,8 @@ mod exec;
 mod interrupt;
 mod progress;
 mod run;
+mod store_cmd;
+mod table;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,11 @@ fn main() -> ExitCode {
     let code = match cli.command {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Exec(args) => exec::exec(args),
+        cli::Command::Log(args) => store_cmd::log(args),
+        cli::Command::Show(args) => store_cmd::show(args),
+        cli::Command::Artifacts(args) => store_cmd::artifacts(args),
+        cli::Command::Context(command) => store_cmd::context(command),
+        cli::Command::Gc(args) => store_cmd::gc(args),
         cli::Command::Doctor => doctor::doctor(),
     };
     ExitCode::from(code)

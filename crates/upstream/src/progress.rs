@@ -139,6 +139,27 @@ impl Observer for Progress {
                     }
                 }
             }
+            Event::ContextLoaded(loaded) => {
+                let mut what = vec![plural(loaded.artifacts, "artifact")];
+                if loaded.outputs > 0 {
+                    what.push(plural(loaded.outputs, "output"));
+                }
+                let line = format!(
+                    "Context loaded: {} from previous turns ({}, turn {})",
+                    what.join(", "),
+                    loaded.context,
+                    loaded.turn
+                );
+                self.line(&line);
+            }
+            Event::ContextSaved(saved) => {
+                let mut line = format!("Context: {} saved", plural(saved.artifacts, "artifact"));
+                if saved.deleted > 0 {
+                    line.push_str(&format!(", {} deleted", saved.deleted));
+                }
+                line.push_str(&format!(" ({}, turn {})", saved.context, saved.turn));
+                self.line(&line);
+            }
             Event::StepFinished(step, record) => {
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();
@@ -170,6 +191,15 @@ fn failure_excerpt(record: &StepRecord) -> Vec<String> {
         .iter()
         .map(|l| l.to_string())
         .collect()
+}
+
+/// `1 artifact`, `2 artifacts`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// A clock for the summary line.

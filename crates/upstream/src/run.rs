@@ -1,13 +1,13 @@
 //! `upstream run`: run documents, show progress, write results back.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use upstream_backend_ns::NamespaceBackend;
 use upstream_doc::Document;
 use upstream_sandbox::SandboxError;
-use upstream_turn::{Cancel, TurnError, TurnOptions, TurnStatus, WriteBack, state};
+use upstream_turn::{Cancel, TurnError, TurnOptions, TurnStatus, WriteBack};
 
 use crate::cli::RunArgs;
 use crate::exit;
@@ -54,35 +54,40 @@ fn run_one(
 ) -> u8 {
     let start = Instant::now();
     let mut progress = Progress::new(document.front_matter().image(), args.verbose, cancel);
-    let turn = match upstream_turn::run(
-        document,
-        backend,
-        &TurnOptions::default(),
-        &mut progress,
-        cancel,
-    ) {
-        Ok(turn) => turn,
-        Err(TurnError::MissingSecret { path, name }) => {
-            eprintln!(
-                "error: {}: secret `{name}` is not set in the environment",
-                path.display()
-            );
-            eprintln!("hint: export {name} before running, or remove it from `secrets`");
-            return exit::BAD_INPUT;
-        }
-        Err(TurnError::Sandbox(SandboxError::Interrupted)) => {
-            eprintln!(
-                "Interrupted: the sandbox was torn down; {} was not modified",
-                document.path().display()
-            );
-            return exit::INTERRUPTED;
-        }
-        Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
-        Err(e @ TurnError::State { .. }) => {
-            eprintln!("error: {e}");
-            return exit::SANDBOX;
-        }
+    let options = TurnOptions {
+        store: args.store.store.clone(),
+        ..TurnOptions::default()
     };
+    let turn =
+        match upstream_turn::run(document, original, backend, &options, &mut progress, cancel) {
+            Ok(turn) => turn,
+            Err(TurnError::MissingSecret { path, name }) => {
+                eprintln!(
+                    "error: {}: secret `{name}` is not set in the environment",
+                    path.display()
+                );
+                eprintln!("hint: export {name} before running, or remove it from `secrets`");
+                return exit::BAD_INPUT;
+            }
+            Err(TurnError::Sandbox(SandboxError::Interrupted)) => {
+                eprintln!(
+                    "Interrupted: the sandbox was torn down; {} was not modified",
+                    document.path().display()
+                );
+                return exit::INTERRUPTED;
+            }
+            Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
+            Err(
+                e @ (TurnError::Store(_) | TurnError::Restore(_) | TurnError::SaveArtifacts(_)),
+            ) => {
+                eprintln!("error: {e}");
+                eprintln!(
+                    "hint: {} was not modified; `upstream log` shows what the store holds",
+                    document.path().display()
+                );
+                return exit::SANDBOX;
+            }
+        };
     let record = &turn.record;
     if args.json {
         if let Ok(line) = serde_json::to_string(record) {
@@ -91,20 +96,17 @@ fn run_one(
             let _ = writeln!(out, "{line}");
         }
     }
-    let doc_dir = document.path().parent().unwrap_or(Path::new("."));
-    let run_dir = state::relative_to(&record.run_dir, doc_dir);
     if record.status == TurnStatus::Interrupted {
         eprintln!(
-            "Interrupted: the sandbox was torn down; {} was not modified (partial logs in {})",
+            "Interrupted: the sandbox was torn down; {} was not modified (what ran is turn {}: `upstream show {}`)",
             document.path().display(),
-            record.run_dir.display()
+            record.number,
+            record.number
         );
-        let _ = run_dir;
         return exit::INTERRUPTED;
     }
     let rendered = turn.render(document);
-    let fallback = record.run_dir.join("document.md");
-    let written = upstream_turn::write_back(document.path(), original, &rendered, &fallback);
+    let written = upstream_turn::write_back(document.path(), original, &rendered);
     let total = record.steps.len();
     let passed = record.passed_steps();
     // The step that stopped the turn: the first failure not marked continue_on_error.
@@ -145,15 +147,15 @@ fn run_one(
             eprintln!("{summary}");
             code
         }
-        Ok(WriteBack::Conflict { saved_to }) => {
+        Ok(WriteBack::Conflict) => {
             eprintln!("{summary}");
             eprintln!(
                 "warning: {} changed while the turn ran, so its results were not written into it",
                 document.path().display()
             );
             eprintln!(
-                "hint: the document with this turn's results is {}",
-                saved_to.display()
+                "hint: the document with this turn's results: `upstream show {} --document`",
+                record.number
             );
             code
         }
@@ -164,8 +166,8 @@ fn run_one(
                 document.path().display()
             );
             eprintln!(
-                "hint: the turn's record and logs are in {}",
-                record.run_dir.display()
+                "hint: the document with this turn's results: `upstream show {} --document`",
+                record.number
             );
             code.max(exit::STEP_FAILED)
         }

@@ -1,0 +1,237 @@
+//! A turn's context: what earlier turns of the same chain left for it, and what it leaves for
+//! the next.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+
+use serde::Serialize;
+use upstream_doc::FrontMatter;
+use upstream_sandbox::HostRoot;
+use upstream_store::{
+    ArtifactKind, ArtifactRow, Blobs, NewArtifact, OutputRow, Store, StoreError, TurnDetail,
+    TurnState,
+};
+
+use crate::artifacts::{self, Known, Patterns};
+use crate::{ContextLoaded, ContextSaved, TurnError, context_variable};
+
+/// Where a sandbox finds its context's history.
+pub const HISTORY_PATH: &str = "/context/turns.json";
+
+pub(crate) struct Context {
+    name: String,
+    artifacts: Vec<ArtifactRow>,
+    outputs: Vec<OutputRow>,
+    history: History,
+    last_passed: Option<i64>,
+    blobs: Blobs,
+}
+
+/// `/context/turns.json`.
+#[derive(Debug, Serialize)]
+struct History {
+    context: String,
+    turns: Vec<HistoryTurn>,
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryTurn {
+    number: i64,
+    id: String,
+    document: String,
+    status: TurnState,
+    started_at: f64,
+    duration_ms: Option<u64>,
+    steps: Vec<HistoryStep>,
+    artifacts: Vec<HistoryArtifact>,
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryStep {
+    number: i64,
+    title: String,
+    status: String,
+    exit_code: Option<i32>,
+    outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryArtifact {
+    path: String,
+    kind: ArtifactKind,
+    size: u64,
+    mode: u32,
+    blake3: Option<String>,
+}
+
+impl HistoryTurn {
+    fn new(turn: TurnDetail) -> HistoryTurn {
+        HistoryTurn {
+            number: turn.summary.number,
+            id: turn.summary.id,
+            document: turn.summary.document,
+            status: turn.summary.status,
+            started_at: turn.summary.started_at,
+            duration_ms: turn.summary.duration_ms,
+            steps: turn
+                .steps
+                .into_iter()
+                .map(|s| HistoryStep {
+                    number: s.number,
+                    title: s.title,
+                    status: s.status,
+                    exit_code: s.exit_code,
+                    outputs: s.outputs,
+                })
+                .collect(),
+            artifacts: turn
+                .artifact_list
+                .into_iter()
+                .map(|a| HistoryArtifact {
+                    path: a.path,
+                    kind: a.kind,
+                    size: a.size,
+                    mode: a.mode,
+                    blake3: a.blob.map(|b| b.to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Context {
+    pub(crate) fn load(store: &Store, name: &str) -> Result<Context, StoreError> {
+        let chain = store.chain(name)?;
+        let last_passed = chain
+            .iter()
+            .rev()
+            .find(|t| t.summary.status == TurnState::Passed)
+            .map(|t| t.summary.number);
+        Ok(Context {
+            name: name.to_string(),
+            artifacts: store.context_artifacts(name)?,
+            outputs: store.context_outputs(name)?,
+            history: History {
+                context: name.to_string(),
+                turns: chain.into_iter().map(HistoryTurn::new).collect(),
+            },
+            last_passed,
+            blobs: store.blobs().clone(),
+        })
+    }
+
+    /// What to tell the user the turn starts with, if anything.
+    pub(crate) fn loaded(&self) -> Option<ContextLoaded> {
+        let turn = self.last_passed?;
+        Some(ContextLoaded {
+            context: self.name.clone(),
+            artifacts: self.artifacts.len(),
+            outputs: self.outputs.len(),
+            turn,
+        })
+    }
+
+    /// `UPSTREAM_CTX_<KEY>` for every output of the context's earlier turns.
+    pub(crate) fn env(&self) -> BTreeMap<String, String> {
+        self.outputs
+            .iter()
+            .map(|o| (context_variable(&o.key), o.value.clone()))
+            .collect()
+    }
+
+    /// Puts the history at [`HISTORY_PATH`] and the artifacts in the workspace. Returns the
+    /// restored files, so the save at the end need not read the unchanged ones.
+    pub(crate) fn prepare(&self, root: HostRoot, workdir: &str) -> Result<Known, TurnError> {
+        let history = serde_json::to_vec_pretty(&self.history).unwrap_or_default();
+        let fail = |path: &str, e: io::Error| {
+            TurnError::Restore(artifacts::RestoreError::Io {
+                path: path.to_string(),
+                source: e,
+            })
+        };
+        artifacts::as_owner(root.uid, root.gid, || {
+            let context_dir = artifacts::open_workspace(root.dir.as_fd(), "/context", true)
+                .map_err(|e| fail("/context", e))?;
+            write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
+            if self.artifacts.is_empty() {
+                return Ok(Known::new());
+            }
+            let workspace = artifacts::open_workspace(root.dir.as_fd(), workdir, true)
+                .map_err(|e| fail(workdir, e))?;
+            Ok(artifacts::restore(
+                workspace.as_fd(),
+                &self.artifacts,
+                &self.blobs,
+            )?)
+        })
+    }
+
+    /// Saves the artifacts the document names (and records restored ones it deleted).
+    pub(crate) fn save(
+        &self,
+        root: HostRoot,
+        fm: &FrontMatter,
+        blobs: &Blobs,
+        known: &Known,
+    ) -> io::Result<Option<(Vec<NewArtifact>, ContextSaved)>> {
+        let patterns = Patterns::new(&fm.artifacts)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let workspace = match artifacts::open_workspace(root.dir.as_fd(), fm.workdir(), false) {
+            Ok(w) => Some(w),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let saved = match &workspace {
+            Some(w) => artifacts::save(w.as_fd(), &patterns, blobs, known)?,
+            None => artifacts::Saved::default(),
+        };
+        let mut list = saved.artifacts;
+        let bytes = list.iter().map(|a| a.size).sum();
+        let count = list.len();
+        let present: std::collections::HashSet<&str> =
+            list.iter().map(|a| a.path.as_str()).collect();
+        let deleted: Vec<NewArtifact> = self
+            .artifacts
+            .iter()
+            .filter(|a| patterns.covers(&a.path) && !present.contains(a.path.as_str()))
+            .map(|a| NewArtifact {
+                path: a.path.clone(),
+                kind: ArtifactKind::Deleted,
+                mode: 0,
+                size: 0,
+                mtime_ns: 0,
+                blob: None,
+                target: None,
+            })
+            .collect();
+        let summary = ContextSaved {
+            context: self.name.clone(),
+            artifacts: count,
+            bytes,
+            deleted: deleted.len(),
+            turn: 0,
+        };
+        list.extend(deleted);
+        blobs.commit(saved.pending)?;
+        Ok(Some((list, summary)))
+    }
+}
+
+/// Writes a new file `name` in `dir` (replacing what is there).
+fn write_new(dir: &std::os::fd::OwnedFd, name: &str, data: &[u8]) -> io::Result<()> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use nix::sys::stat::Mode;
+    let _ = nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        )
+        .mode(Mode::from_bits_truncate(0o644))
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = openat2(dir, name, how).map_err(io::Error::from)?;
+    std::fs::File::from(fd).write_all(data)
+}
