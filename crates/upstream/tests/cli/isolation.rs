@@ -1,7 +1,6 @@
 //! Each isolation promise, attacked from inside a sandbox. These run as root in CI.
 
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -10,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::util::{Env, code, result_block, stderr};
+use crate::util::{Env, code, result_block, stderr, stdout};
 
 /// Runs a one-step document and returns the step's result block.
 fn run_step(env: &Env, front_matter: &str, script: &str) -> (i32, String, String) {
@@ -251,19 +250,19 @@ fn huge_output_is_cut_and_memory_stays_bounded() {
         peak_mib < 128.0,
         "peak memory {peak_mib:.1} MiB does not grow with output"
     );
-    let mut log = String::new();
-    let logs: Vec<_> = fs::read_dir(env.path(".upstream/runs")).unwrap().collect();
-    let run = logs[0].as_ref().unwrap().path();
-    let size = fs::metadata(run.join("step-1.log")).unwrap().len();
+    let whole = env.upstream(&["show", "1", "--step", "1"]);
+    assert_eq!(code(&whole), 0, "{}", stderr(&whole));
     assert_eq!(
-        size,
+        whole.stdout.len(),
         100_000_000 + 100_000_000 / 99,
-        "the log keeps all of it"
+        "the store keeps all of it"
     );
-    let _ = fs::File::open(run.join("turn.json"))
-        .unwrap()
-        .read_to_string(&mut log);
-    assert!(log.contains("\"stdout_bytes\": 101010101"), "{log}");
+    let record = env.upstream(&["show", "1", "--json"]);
+    assert!(
+        stdout(&record).contains("\"stdout_bytes\": 101010101"),
+        "{}",
+        stdout(&record)
+    );
 }
 
 #[test]
@@ -355,7 +354,7 @@ fn rootless_runs_as_an_unprivileged_user() {
         .args(["run", doc.to_str().unwrap()])
         .current_dir(&work)
         .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
-        .env("UPSTREAM_STATE_DIR", work.join(".upstream"))
+        .env("UPSTREAM_STORE", work.join(".upstream"))
         .env("HOME", &work)
         .uid(nobody)
         .gid(nobody)

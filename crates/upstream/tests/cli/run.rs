@@ -208,12 +208,26 @@ fn secrets_are_redacted_everywhere() {
         );
     }
     assert!(doc.contains("token=***"), "{doc}");
-    for log in fs::read_dir(env.path(".upstream/runs")).unwrap() {
-        for file in fs::read_dir(log.unwrap().path()).unwrap() {
-            let text = fs::read_to_string(file.unwrap().path()).unwrap();
-            assert!(!text.contains("s3cr3t-value"), "a log leaks the secret");
+    // Nothing in the store holds it: not the logs, not the records.
+    let mut files = 0;
+    let mut pending = vec![env.path(".upstream")];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            files += 1;
+            let bytes = fs::read(&path).unwrap();
+            let leaked = bytes.windows(12).any(|w| w == b"s3cr3t-value");
+            assert!(!leaked, "{} leaks the secret", path.display());
         }
     }
+    assert!(files >= 3, "the store holds the document, the log and the records");
+    let log = env.upstream(&["show", "1", "--step", "1"]);
+    assert!(stdout(&log).contains("token=***"), "{}", stdout(&log));
+    assert!(stderr(&log).contains("***"), "{}", stderr(&log));
 }
 
 #[test]
@@ -233,13 +247,16 @@ fn long_output_is_cut_in_the_document_and_kept_whole_in_the_log() {
         .find(|l| l.contains("not shown"))
         .expect("a line says output was cut");
     assert!(notice.contains("99800 lines"), "{notice}");
-    let log = notice
+    let command = notice
         .split("the whole output: ")
         .nth(1)
         .unwrap()
         .trim_end_matches(" …]");
-    let whole = fs::read_to_string(env.dir.path().join(log)).unwrap();
-    assert_eq!(whole.lines().count(), 100000);
+    assert_eq!(command, "upstream show 1 --step 1");
+    let args: Vec<&str> = command.split(' ').skip(1).collect();
+    let whole = env.upstream(&args);
+    assert_eq!(code(&whole), 0, "{}", stderr(&whole));
+    assert_eq!(stdout(&whole).lines().count(), 100000);
     assert!(block.lines().count() < 220);
 }
 
@@ -276,11 +293,12 @@ fn document_edited_during_the_turn_is_not_overwritten() {
         "the edit survives"
     );
     assert!(err.contains("changed while the turn ran"), "{err}");
-    let saved = err
-        .lines()
-        .find_map(|l| l.strip_prefix("hint: the document with this turn's results is "))
-        .unwrap();
-    assert!(fs::read_to_string(saved).unwrap().contains("ready\ndone"));
+    assert!(
+        err.contains("hint: the document with this turn's results: `upstream show 1 --document`"),
+        "{err}"
+    );
+    let saved = env.upstream(&["show", "1", "--document"]);
+    assert!(stdout(&saved).contains("ready\ndone"), "{}", stdout(&saved));
 }
 
 #[test]

@@ -40,7 +40,7 @@ impl Env {
         let mut cmd = Command::new(BIN);
         cmd.current_dir(self.dir.path())
             .env("UPSTREAM_RUNTIME_DIR", &self.runtime)
-            .env("UPSTREAM_STATE_DIR", self.path(".upstream"))
+            .env("UPSTREAM_STORE", self.path(".upstream"))
             .env_remove("RUST_BACKTRACE");
         cmd
     }
