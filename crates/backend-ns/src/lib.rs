@@ -640,7 +640,7 @@ impl Sandbox for NamespaceSandbox {
             .ok_or_else(|| fail("it has ended".into()))?;
         // Before the agent is ready, pid 1 may not have its own root yet: its /proc root
         // would be the host's.
-        if !self.client.as_ref().is_some_and(|c| c.ready_at().is_some()) {
+        if self.client.as_ref().is_none_or(|c| c.ready_at().is_none()) {
             return Err(fail("it is not ready yet".into()));
         }
         // A cloned init is pid 1 itself; a re-executed one (stage 1) has pid 1 as its only

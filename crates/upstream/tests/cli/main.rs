@@ -9,6 +9,7 @@
 mod util;
 
 mod bad_input;
+mod context;
 mod exec;
 mod isolation;
 mod run;

@@ -224,7 +224,10 @@ fn secrets_are_redacted_everywhere() {
             assert!(!leaked, "{} leaks the secret", path.display());
         }
     }
-    assert!(files >= 3, "the store holds the document, the log and the records");
+    assert!(
+        files >= 3,
+        "the store holds the document, the log and the records"
+    );
     let log = env.upstream(&["show", "1", "--step", "1"]);
     assert!(stdout(&log).contains("token=***"), "{}", stdout(&log));
     assert!(stderr(&log).contains("***"), "{}", stderr(&log));

@@ -1,0 +1,448 @@
+//! Contexts: turns that start where the last one ended, and the commands that read the store.
+
+use std::fs;
+
+use crate::util::{Env, code, result_block, stderr, stdout};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
+}
+
+const RESEARCH: &str = r#"---
+context: research-pipeline
+artifacts:
+  - results/
+  - notes.md
+  - "*.csv"
+---
+## Search papers
+
+```bash
+mkdir -p results/deep
+for i in 1 2 3; do echo "paper $i" > results/paper-$i.txt; done
+echo deep > results/deep/file
+ln -s paper-1.txt results/latest
+printf 'a,b\n1,2\n' > table.csv
+chmod 0750 results/deep
+chmod 0600 results/paper-3.txt
+echo "summary=14 results" >> $UPSTREAM_OUTPUT
+echo "paper_count=3" >> $UPSTREAM_OUTPUT
+```
+
+## Summarize findings
+
+```python
+import os
+assert os.environ["UPSTREAM_CTX_PAPER_COUNT"] == "3", "an earlier step's output"
+open("notes.md", "w").write("notes\n")
+```
+"#;
+
+const ANALYSIS: &str = r#"---
+context: research-pipeline
+artifacts: [report.md, results/]
+---
+## Cross-reference
+
+```bash
+set -x
+test "$(cat results/paper-2.txt)" = "paper 2"
+test "$(cat results/deep/file)" = deep
+test "$(readlink results/latest)" = paper-1.txt
+test "$(stat -c %a results/deep)" = 750
+test "$(stat -c %a results/paper-3.txt)" = 600
+test "$(cat notes.md)" = notes
+test -f table.csv
+test "$UPSTREAM_CTX_PAPER_COUNT" = 3
+test "$UPSTREAM_CTX_SUMMARY" = "14 results"
+python3 -c '
+import json
+h = json.load(open("/context/turns.json"))
+assert h["context"] == "research-pipeline", h
+[t] = h["turns"]
+assert t["number"] == 1 and t["status"] == "passed" and t["document"] == "research.md", t
+assert t["steps"][0]["outputs"]["paper_count"] == "3", t
+paths = {a["path"]: a for a in t["artifacts"]}
+assert paths["notes.md"]["size"] == 6 and len(paths["notes.md"]["blake3"]) == 64, paths
+'
+rm results/paper-2.txt
+echo "report" > report.md
+```
+"#;
+
+#[test]
+fn a_turn_starts_where_the_last_one_of_its_context_ended() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("research.md", RESEARCH);
+    env.write("analysis.md", ANALYSIS);
+    let out = env.upstream(&["run", "research.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Context: 9 artifacts saved (research-pipeline, turn 1)"),
+        "{err}"
+    );
+
+    let out = env.upstream(&["run", "analysis.md"]);
+    let err = stderr(&out);
+    assert_eq!(
+        code(&out),
+        0,
+        "{err}\n{}",
+        result_block(&fs::read_to_string(env.path("analysis.md")).unwrap(), 1)
+    );
+    assert!(
+        err.contains(
+            "Context loaded: 9 artifacts, 2 outputs from previous turns (research-pipeline, turn 1)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("Context: 7 artifacts saved, 1 deleted (research-pipeline, turn 2)"),
+        "{err}"
+    );
+
+    // The third turn gets the latest of each, without what the second deleted.
+    env.write(
+        "check.md",
+        "---\ncontext: research-pipeline\n---\n```bash\ntest ! -e results/paper-2.txt\ncat report.md notes.md results/paper-1.txt\n```\n",
+    );
+    let out = env.upstream(&["run", "check.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&fs::read_to_string(env.path("check.md")).unwrap(), 1);
+    assert!(block.contains("report\nnotes\npaper 1"), "{block}");
+
+    // Another context starts empty.
+    env.write(
+        "other.md",
+        "---\ncontext: other\n---\n```bash\ntest ! -e notes.md && test -z \"$UPSTREAM_CTX_PAPER_COUNT\"\npython3 -c 'import json; assert json.load(open(\"/context/turns.json\"))[\"turns\"] == []'\n```\n",
+    );
+    let out = env.upstream(&["run", "other.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("Context loaded"), "{}", stderr(&out));
+}
+
+#[test]
+fn log_show_artifacts_and_contexts_read_the_store() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("research.md", RESEARCH);
+    assert_eq!(code(&env.upstream(&["run", "research.md"])), 0);
+    env.write(
+        "fail.md",
+        "---\ncontext: scratch\n---\n# Fails\n```bash\necho out; echo err >&2; exit 3\n```\n",
+    );
+    assert_eq!(code(&env.upstream(&["run", "fail.md"])), 1);
+
+    let log = env.upstream(&["log"]);
+    assert_eq!(code(&log), 0, "{}", stderr(&log));
+    let text = stdout(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TURN  STARTED"), "{text}");
+    assert!(
+        lines[1].contains("research-pipeline  research.md  passed"),
+        "{text}"
+    );
+    assert!(lines[1].contains("2/2"), "{text}");
+    assert!(
+        lines[2].contains("scratch") && lines[2].contains("failed"),
+        "{text}"
+    );
+    let columns: Vec<usize> = lines
+        .iter()
+        .map(|l| l.find("STATUS").unwrap_or(0))
+        .collect();
+    assert!(columns[0] > 0);
+
+    let log = json(&env.upstream(&["log", "--context", "scratch", "--json"]));
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    assert_eq!(log[0]["number"], 2);
+    assert_eq!(log[0]["status"], "failed");
+
+    let show = env.upstream(&["show", "2"]);
+    assert!(stdout(&show).contains("Fails"), "{}", stdout(&show));
+    let step = env.upstream(&["show", "2", "--step", "1"]);
+    assert_eq!(stdout(&step), "out\n");
+    assert_eq!(stderr(&step), "err\n");
+    let step = json(&env.upstream(&["show", "2", "--step", "1", "--json"]));
+    assert_eq!(step["exit_code"], 3);
+    assert_eq!(step["stdout"], "out\n");
+    let turn = json(&env.upstream(&["show", "1", "--json"]));
+    assert_eq!(turn["steps"][0]["outputs"]["paper_count"], "3");
+    assert_eq!(turn["artifact_list"].as_array().unwrap().len(), 9);
+    let missing = env.upstream(&["show", "99"]);
+    assert_eq!(code(&missing), 1);
+    assert!(
+        stderr(&missing).contains("no turn 99"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let list = env.upstream(&["artifacts", "--context", "research-pipeline"]);
+    assert!(
+        stdout(&list).contains("results/latest"),
+        "{}",
+        stdout(&list)
+    );
+    assert!(
+        stdout(&list).contains("-> paper-1.txt"),
+        "{}",
+        stdout(&list)
+    );
+    let list = json(&env.upstream(&["artifacts", "--turn", "1", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 9);
+    let got = env.upstream(&[
+        "artifacts",
+        "get",
+        "notes.md",
+        "--context",
+        "research-pipeline",
+    ]);
+    assert_eq!(stdout(&got), "notes\n");
+    let out = env.upstream(&[
+        "artifacts",
+        "get",
+        "results/paper-3.txt",
+        "--turn",
+        "1",
+        "-o",
+        "copy.txt",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        fs::read_to_string(env.path("copy.txt")).unwrap(),
+        "paper 3\n"
+    );
+    let dir = env.upstream(&["artifacts", "get", "results", "--turn", "1"]);
+    assert_eq!(code(&dir), 1);
+    assert!(stderr(&dir).contains("is a dir"), "{}", stderr(&dir));
+
+    let contexts = stdout(&env.upstream(&["context", "ls"]));
+    assert!(contexts.contains("research-pipeline"), "{contexts}");
+    assert!(contexts.contains("scratch"), "{contexts}");
+    let out = env.upstream(&["context", "rm", "scratch"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let contexts = json(&env.upstream(&["context", "ls", "--json"]));
+    assert_eq!(contexts.as_array().unwrap().len(), 1);
+
+    // The removed turn's log is now unreferenced: gc takes it, and nothing referenced.
+    let gc = json(&env.upstream(&["gc", "--json"]));
+    assert!(gc["removed"].as_u64().unwrap() >= 1, "{gc}");
+    let got = env.upstream(&["artifacts", "get", "notes.md"]);
+    assert_eq!(stdout(&got), "notes\n", "{}", stderr(&got));
+}
+
+#[test]
+fn artifacts_never_follow_links_out_of_the_workspace() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "escape.md",
+        "---\nartifacts: [leak, escape/etc/hostname, up]\n---\n```bash\nln -s /etc/hostname leak\nln -s / escape\nln -s .. up\n```\n",
+    );
+    let out = env.upstream(&["run", "escape.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let list = json(&env.upstream(&["artifacts", "--json"]));
+    let list = list.as_array().unwrap();
+    assert_eq!(
+        list.len(),
+        2,
+        "the two links, nothing through them: {list:?}"
+    );
+    assert!(
+        list.iter()
+            .all(|a| a["kind"] == "symlink" && a["blob"].is_null())
+    );
+    // Restored, they are links again, pointing where they did inside the sandbox.
+    env.write(
+        "next.md",
+        "```bash\ntest \"$(readlink leak)\" = /etc/hostname\ntest \"$(readlink up)\" = ..\n```\n",
+    );
+    let out = env.upstream(&["run", "next.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn a_failed_turn_keeps_its_artifacts_but_does_not_pass_them_on() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "one.md",
+        "---\nartifacts: [state]\n---\n```bash\necho good > state\n```\n",
+    );
+    assert_eq!(code(&env.upstream(&["run", "one.md"])), 0);
+    env.write(
+        "two.md",
+        "---\nartifacts: [state]\n---\n```bash\necho broken > state\nexit 1\n```\n",
+    );
+    assert_eq!(code(&env.upstream(&["run", "two.md"])), 1);
+    let two = json(&env.upstream(&["artifacts", "--turn", "2", "--json"]));
+    assert_eq!(two[0]["path"], "state");
+    env.write("three.md", "```bash\ncat state\n```\n");
+    assert_eq!(code(&env.upstream(&["run", "three.md"])), 0);
+    let block = result_block(&fs::read_to_string(env.path("three.md")).unwrap(), 1);
+    assert!(block.contains("good"), "{block}");
+}
+
+#[test]
+fn a_damaged_blob_is_reported_and_never_reaches_a_sandbox() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "one.md",
+        "---\nartifacts: [data.txt]\n---\n```bash\necho precious > data.txt\n```\n",
+    );
+    assert_eq!(code(&env.upstream(&["run", "one.md"])), 0);
+    let list = json(&env.upstream(&["artifacts", "--json"]));
+    let hash = list[0]["blob"].as_str().unwrap().to_string();
+    let path = env.path(&format!(".upstream/blobs/{}/{}", &hash[..2], &hash[2..]));
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[0] ^= 0x20;
+    fs::write(&path, &bytes).unwrap();
+
+    let original = "```bash\ncat data.txt\n```\n";
+    env.write("two.md", original);
+    let out = env.upstream(&["run", "two.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains("corrupt") && err.contains(path.to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(env.path("two.md")).unwrap(), original);
+    let get = env.upstream(&["artifacts", "get", "data.txt"]);
+    assert_ne!(code(&get), 0);
+    assert!(stderr(&get).contains("corrupt"), "{}", stderr(&get));
+}
+
+#[test]
+fn two_runs_at_once_on_one_store_are_both_recorded() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    for name in ["a", "b"] {
+        env.write(
+            &format!("{name}.md"),
+            format!(
+                "---\ncontext: shared\nartifacts: [{name}.txt]\n---\n```bash\nfor i in $(seq 20); do echo $i >> {name}.txt; done\n```\n```bash\ntrue\n```\n"
+            ),
+        );
+    }
+    let runs: Vec<_> = (0..6)
+        .map(|i| {
+            let name = if i % 2 == 0 { "a.md" } else { "b.md" };
+            env.command()
+                .args(["run", name])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut run in runs {
+        assert!(run.wait().unwrap().success());
+    }
+    let log = json(&env.upstream(&["log", "--json"]));
+    let turns = log.as_array().unwrap();
+    assert_eq!(turns.len(), 6, "{log}");
+    let mut numbers: Vec<i64> = turns
+        .iter()
+        .map(|t| t["number"].as_i64().unwrap())
+        .collect();
+    numbers.dedup();
+    assert_eq!(numbers, vec![1, 2, 3, 4, 5, 6]);
+    assert!(
+        turns
+            .iter()
+            .all(|t| t["status"] == "passed" && t["steps"] == 2)
+    );
+}
+
+/// A document whose turn saves many fresh files, all stamped with `iter`.
+fn stamped(iter: usize) -> String {
+    format!(
+        "---\ncontext: crash\nartifacts: [files/, marker]\nenv:\n  ITER: \"{iter}\"\n---\n# Write\n```bash\nrm -rf files; mkdir files\nfor i in $(seq 150); do {{ echo $ITER; head -c 32768 /dev/urandom; }} > files/$i; done\necho $ITER > marker\necho iter=$ITER >> $UPSTREAM_OUTPUT\n```\n"
+    )
+}
+
+const CHECK: &str = "---\ncontext: crash\n---\n```bash\nm=$(cat marker)\nfor f in files/*; do test \"$(head -n1 $f)\" = \"$m\" || { echo torn: $f; exit 1; }; done\ntest $(ls files | wc -l) = 150\necho seen=$m >> $UPSTREAM_OUTPUT\n```\n";
+
+#[test]
+fn kill_9_while_saving_artifacts_loses_nothing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    crate::require_sandbox!();
+    let env = Env::new();
+    // How long a whole save takes here, to spread the kills over it.
+    env.write("doc.md", stamped(0));
+    let started = Instant::now();
+    assert_eq!(code(&env.upstream(&["run", "doc.md"])), 0);
+    let whole = started.elapsed();
+    let mut last_passed = 0;
+    let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut random = move |below: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % below.max(1)
+    };
+    let mut interrupted = 0;
+    for iter in 1..=50 {
+        env.write("doc.md", stamped(iter));
+        let mut child = env
+            .command()
+            .args(["run", "doc.md"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        // The step is done when its line is printed; the save follows.
+        for line in lines.by_ref() {
+            if line.unwrap().starts_with("Step 1: Write") {
+                break;
+            }
+        }
+        let delay = random(whole.as_micros() as u64);
+        std::thread::sleep(Duration::from_micros(delay));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        drop(lines);
+
+        let store = upstream_store::Store::open(&env.path(".upstream")).unwrap();
+        assert!(
+            store.dangling_blobs().unwrap().is_empty(),
+            "iteration {iter}: a record names a missing blob"
+        );
+        let turn = store.turns(Some("crash"), Some(1)).unwrap().pop().unwrap();
+        match turn.status {
+            upstream_store::TurnState::Passed => last_passed = iter,
+            upstream_store::TurnState::Interrupted => interrupted += 1,
+            other => panic!("iteration {iter}: turn is {other:?} after kill ({status:?})"),
+        }
+        drop(store);
+        let log = env.upstream(&["log", "--json"]);
+        assert_eq!(code(&log), 0, "iteration {iter}: {}", stderr(&log));
+        if iter % 10 == 0 {
+            env.write("check.md", CHECK);
+            let out = env.upstream(&["run", "check.md"]);
+            let block = result_block(&fs::read_to_string(env.path("check.md")).unwrap(), 1);
+            assert_eq!(code(&out), 0, "iteration {iter}: {}\n{block}", stderr(&out));
+            let check =
+                json(&env.upstream(&["log", "--context", "crash", "--last", "1", "--json"]));
+            let number = check[0]["number"].to_string();
+            let check = json(&env.upstream(&["show", &number, "--json"]));
+            assert_eq!(
+                check["steps"][0]["outputs"]["seen"],
+                last_passed.to_string(),
+                "iteration {iter}: the next turn sees the last complete turn's artifacts"
+            );
+        }
+    }
+    eprintln!("kill -9: {interrupted} of 50 turns killed before they finished saving");
+    assert!(
+        (5..50).contains(&interrupted),
+        "the kills should land both mid-save and after it: {interrupted} of 50 interrupted"
+    );
+}
