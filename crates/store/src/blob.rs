@@ -95,8 +95,12 @@ impl Blobs {
         })
     }
 
-    /// Stores `data` as a blob, durably.
+    /// Stores `data` as a blob, durably; content the store holds already is not written.
     pub fn put(&self, data: &[u8]) -> io::Result<BlobId> {
+        let id = BlobId::from_hash(blake3::hash(data));
+        if self.contains(&id) {
+            return Ok(id);
+        }
         let mut writer = self.writer()?;
         writer.write_all(data)?;
         let pending = writer.finish()?;
@@ -113,9 +117,11 @@ impl Blobs {
         if pending.is_empty() {
             return Ok(());
         }
-        // One flush of the filesystem costs far less than a flush per file when there are
-        // many; for one or two files the per-file flush is the smaller.
-        if pending.len() > 2 {
+        // Few files: a flush of each file and directory. Many: one flush of the whole
+        // filesystem for the contents and one for the renames, which costs far less than a
+        // journal commit per file and per directory.
+        let many = pending.len() > 2;
+        if many {
             syncfs(&self.tmp)?;
         } else {
             for p in &pending {
@@ -140,13 +146,19 @@ impl Blobs {
                     return Err(e);
                 }
                 fs::create_dir_all(&shard)?;
-                File::open(&self.dir)?.sync_all()?;
+                if !many {
+                    File::open(&self.dir)?.sync_all()?;
+                }
                 fs::rename(&temp, &target)?;
             }
             shards.insert(shard);
         }
-        for shard in shards {
-            File::open(shard)?.sync_all()?;
+        if many {
+            syncfs(&self.dir)?;
+        } else {
+            for shard in shards {
+                File::open(shard)?.sync_all()?;
+            }
         }
         Ok(())
     }

@@ -288,6 +288,14 @@ impl Store {
             )
             .map_err(db_err)?;
         }
+        tx.execute(
+            "UPDATE turns SET
+                steps = (SELECT count(*) FROM steps WHERE turn = ?1),
+                steps_passed = (SELECT count(*) FROM steps WHERE turn = ?1 AND status = 'passed')
+             WHERE number = ?1",
+            [turn],
+        )
+        .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -325,6 +333,15 @@ impl Store {
                     .map_err(db_err)?;
             }
         }
+        tx.execute(
+            "UPDATE turns SET
+                artifacts = (SELECT count(*) FROM artifacts WHERE turn = ?1 AND kind != 'deleted'),
+                artifact_bytes = (SELECT coalesce(sum(size), 0) FROM artifacts
+                    WHERE turn = ?1 AND kind = 'file')
+             WHERE number = ?1",
+            [turn],
+        )
+        .map_err(db_err)?;
         tx.execute(
             "UPDATE turns SET status = ?2, owner = NULL, finished_at = ?3, duration_ms = ?4,
                 sandbox = ?5, result_blob = ?6 WHERE number = ?1",

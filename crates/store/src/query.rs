@@ -165,11 +165,8 @@ pub struct GcReport {
 }
 
 const SUMMARY_COLUMNS: &str = "t.number, t.id, c.name, t.document, t.status, t.owner,
-    t.started_at, t.finished_at, t.duration_ms,
-    (SELECT count(*) FROM steps s WHERE s.turn = t.number),
-    (SELECT count(*) FROM steps s WHERE s.turn = t.number AND s.status = 'passed'),
-    (SELECT count(*) FROM artifacts a WHERE a.turn = t.number AND a.kind != 'deleted'),
-    (SELECT coalesce(sum(a.size), 0) FROM artifacts a WHERE a.turn = t.number AND a.kind = 'file')";
+    t.started_at, t.finished_at, t.duration_ms, t.steps, t.steps_passed, t.artifacts,
+    t.artifact_bytes";
 
 fn summary(row: &Row<'_>) -> rusqlite::Result<TurnSummary> {
     let status: String = row.get(4)?;

@@ -65,6 +65,22 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX artifacts_by_path ON artifacts(path, turn);
     "#,
+    // 2: each turn's step and artifact counts kept on its row, so listing turns reads one
+    // table; existing turns are counted.
+    r#"
+    ALTER TABLE turns ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN steps_passed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN artifacts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN artifact_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE turns SET
+        steps = (SELECT count(*) FROM steps s WHERE s.turn = turns.number),
+        steps_passed = (SELECT count(*) FROM steps s
+            WHERE s.turn = turns.number AND s.status = 'passed'),
+        artifacts = (SELECT count(*) FROM artifacts a
+            WHERE a.turn = turns.number AND a.kind != 'deleted'),
+        artifact_bytes = (SELECT coalesce(sum(a.size), 0) FROM artifacts a
+            WHERE a.turn = turns.number AND a.kind = 'file');
+    "#,
 ];
 
 /// The schema version this build writes.

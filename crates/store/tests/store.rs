@@ -261,3 +261,96 @@ fn concurrent_writers_lose_no_turn() {
     assert_eq!(store.context_artifacts("ctx-0").unwrap().len(), 50);
     assert!(store.dangling_blobs().unwrap().is_empty());
 }
+
+#[test]
+fn a_store_made_by_an_older_schema_is_migrated_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A store as version 1 of the schema made it, with a turn in it.
+    let old = Store::open_at_version(tmp.path(), 1).unwrap();
+    assert_eq!(old.schema_version().unwrap(), 1);
+    let conn = rusqlite_open(tmp.path());
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('turns')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        !columns.contains(&"steps".to_string()),
+        "version 1 has no counts"
+    );
+    drop(conn);
+    // Version-1 code wrote its rows without counts: write them as it did.
+    let turn = {
+        let conn = rusqlite_open(tmp.path());
+        conn.execute(
+            "INSERT INTO contexts (name, created_at) VALUES ('old', 1.0)",
+            [],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO turns (id, context_id, document, status, started_at)
+             VALUES ('old-turn', 1, 'old.md', 'passed', 1.0)",
+            [],
+        )
+        .unwrap();
+        let turn = conn.last_insert_rowid();
+        for (n, status) in [(1, "passed"), (2, "failed")] {
+            conn.execute(
+                "INSERT INTO steps (turn, number, title, language, status, stdout_bytes, stderr_bytes)
+                 VALUES (?1, ?2, 'a step', 'bash', ?3, 0, 0)",
+                rusqlite::params![turn, n, status],
+            )
+            .unwrap();
+        }
+        let blob = old.blobs().put(b"old artifact").unwrap();
+        conn.execute(
+            "INSERT INTO artifacts (turn, path, kind, mode, size, mtime_ns, blob)
+             VALUES (?1, 'a.txt', 'file', 420, 12, 0, ?2)",
+            rusqlite::params![turn, blob.as_str()],
+        )
+        .unwrap();
+        turn
+    };
+    drop(old);
+
+    let mut store = Store::open(tmp.path()).unwrap();
+    assert_eq!(
+        store.schema_version().unwrap(),
+        upstream_store::schema::VERSION
+    );
+    let turns = store.turns(None, None).unwrap();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(
+        (turns[0].steps, turns[0].steps_passed),
+        (2, 1),
+        "counted by the migration"
+    );
+    assert_eq!((turns[0].artifacts, turns[0].artifact_bytes), (1, 12));
+    assert_eq!(store.context_artifacts("old").unwrap()[0].turn, turn);
+    // And it keeps working: a new turn is counted as it goes.
+    let next = begin(&mut store, "old");
+    store.record_step(next, &step(1, &[])).unwrap();
+    let a = file(&store, "b.txt", b"new");
+    finish(&mut store, next, TurnState::Passed, vec![a]);
+    let turns = store.turns(None, None).unwrap();
+    assert_eq!((turns[1].steps, turns[1].artifacts), (1, 1));
+    // Opening again migrates nothing more.
+    drop(store);
+    assert_eq!(
+        Store::open(tmp.path()).unwrap().schema_version().unwrap(),
+        2
+    );
+}
+
+#[test]
+fn a_store_from_a_newer_upstream_is_refused_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    Store::open(tmp.path()).unwrap();
+    let conn = rusqlite_open(tmp.path());
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Store::open(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("newer than this upstream knows"), "{err}");
+}

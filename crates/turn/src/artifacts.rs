@@ -229,8 +229,9 @@ pub fn save(
         }
     }
     let mut saved = Saved::default();
+    // Files to read, by index into `saved.artifacts`.
+    let mut reads: Vec<(usize, String)> = Vec::new();
     for (path, st) in found {
-        let kind = kind_of(&st);
         let mut artifact = NewArtifact {
             path: path.clone(),
             kind: ArtifactKind::File,
@@ -240,7 +241,7 @@ pub fn save(
             blob: None,
             target: None,
         };
-        match kind {
+        match kind_of(&st) {
             Some(ArtifactKind::Dir) => artifact.kind = ArtifactKind::Dir,
             Some(ArtifactKind::Symlink) => {
                 artifact.kind = ArtifactKind::Symlink;
@@ -254,21 +255,14 @@ pub fn save(
                 let unchanged = known.get(&path).filter(|k| {
                     k.ino == st.st_ino && k.ctime_ns == ctime_ns(&st) && k.size == artifact.size
                 });
-                if let Some(k) = unchanged {
-                    artifact.blob = Some(k.blob.clone());
-                    saved
-                        .pending
-                        .push(PendingBlob::existing(k.blob.clone(), k.size));
-                } else {
-                    let file = File::from(open_beneath(dir, &path, OFlag::O_RDONLY)?);
-                    let mut writer = blobs.writer()?;
-                    let copied = copy(file, &mut writer)?;
-                    let pending = writer.finish()?;
-                    artifact.size = copied;
-                    artifact.blob = Some(pending.id.clone());
-                    saved.files_read += 1;
-                    saved.bytes_read += copied;
-                    saved.pending.push(pending);
+                match unchanged {
+                    Some(k) => {
+                        artifact.blob = Some(k.blob.clone());
+                        saved
+                            .pending
+                            .push(PendingBlob::existing(k.blob.clone(), k.size));
+                    }
+                    None => reads.push((saved.artifacts.len(), path)),
                 }
             }
             None => {
@@ -278,7 +272,59 @@ pub fn save(
         }
         saved.artifacts.push(artifact);
     }
+    // Reading and hashing are spread over the CPUs.
+    let results = parallel(reads.len(), |i| read_into_blob(dir, &reads[i].1, blobs));
+    for ((index, _), result) in reads.iter().zip(results) {
+        let pending = result?;
+        let artifact = &mut saved.artifacts[*index];
+        artifact.size = pending.size;
+        artifact.blob = Some(pending.id.clone());
+        saved.files_read += 1;
+        saved.bytes_read += pending.size;
+        saved.pending.push(pending);
+    }
     Ok(saved)
+}
+
+/// Runs `job(0..count)` on up to one thread per CPU; the results in order.
+fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+        .min(count);
+    if workers <= 1 {
+        return (0..count).map(job).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<T>>> =
+        (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let result = job(i);
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| s.into_inner().ok().flatten().expect("every job ran"))
+        .collect()
+}
+
+fn read_into_blob(dir: BorrowedFd<'_>, path: &str, blobs: &Blobs) -> io::Result<PendingBlob> {
+    let file = File::from(open_beneath(dir, path, OFlag::O_RDONLY)?);
+    let mut writer = blobs.writer()?;
+    copy(file, &mut writer)?;
+    writer.finish()
 }
 
 fn copy(mut from: File, to: &mut impl Write) -> io::Result<u64> {
@@ -410,91 +456,116 @@ pub enum RestoreError {
 
 /// Restores `artifacts` under the workspace `dir`: files from their blobs (each checked
 /// against its hash; a damaged one fails the restore), directories, symlinks, modes and
-/// modification times. Returns the restored files, to recognise them at the next save.
+/// modification times. What is created is made as `owner` (uid, gid; see [`as_owner`]).
+/// Returns the restored files, to recognise them at the next save.
 pub fn restore(
     dir: BorrowedFd<'_>,
     artifacts: &[ArtifactRow],
     blobs: &Blobs,
+    owner: Option<(u32, u32)>,
 ) -> Result<Known, RestoreError> {
-    let mut known = Known::new();
-    // Parents first (paths sort that way); directory modes last, so that a read-only
-    // directory does not stop what goes inside it.
-    let mut dir_modes = Vec::new();
-    for a in artifacts {
-        let fail = |source: io::Error| RestoreError::Io {
-            path: a.path.clone(),
-            source,
-        };
-        let (parent, name) = split(&a.path);
-        let parent = make_parents(dir, parent).map_err(fail)?;
-        match a.kind {
-            ArtifactKind::Dir => {
-                match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
-                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                    Err(e) => return Err(fail(e.into())),
-                }
-                dir_modes.push(a);
+    let as_owner_do = |f: &mut dyn FnMut() -> Result<(), RestoreError>| match owner {
+        Some((uid, gid)) => as_owner(uid, gid, f),
+        None => f(),
+    };
+    let fail = |a: &ArtifactRow, source: io::Error| RestoreError::Io {
+        path: a.path.clone(),
+        source,
+    };
+    // Directories first (parents sort before children), made writable for what goes inside;
+    // their modes are set last.
+    let mut dirs = Vec::new();
+    as_owner_do(&mut || {
+        for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Dir) {
+            let (parent, name) = split(&a.path);
+            let parent = make_parents(dir, parent).map_err(|e| fail(a, e))?;
+            match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(fail(a, e.into())),
             }
-            ArtifactKind::Symlink => {
-                remove_entry(&parent, name).map_err(fail)?;
-                let target = a.target.as_deref().unwrap_or("");
-                nix::unistd::symlinkat(target, &parent, name).map_err(|e| fail(e.into()))?;
-                set_mtime(&parent, name, a.mtime_ns, true).map_err(fail)?;
-            }
-            ArtifactKind::File => {
-                let Some(blob) = &a.blob else { continue };
-                remove_entry(&parent, name).map_err(fail)?;
-                let how = OpenHow::new()
-                    .flags(
-                        OFlag::O_WRONLY
-                            | OFlag::O_CREAT
-                            | OFlag::O_EXCL
-                            | OFlag::O_NOFOLLOW
-                            | OFlag::O_CLOEXEC,
-                    )
-                    .mode(Mode::from_bits_truncate(0o600))
-                    .resolve(beneath());
-                let fd = openat2(&parent, name, how).map_err(|e| fail(e.into()))?;
-                let mut file = File::from(fd);
-                let mut reader = blobs.open(blob)?;
-                io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
-                    upstream_store::BlobError::Io { source, .. } => fail(source),
-                    other => RestoreError::Blob(other),
-                })?;
-                nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode))
-                    .map_err(|e| fail(e.into()))?;
-                set_mtime(&parent, name, a.mtime_ns, false).map_err(fail)?;
-                let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
-                known.insert(
-                    a.path.clone(),
-                    KnownFile {
-                        ino: st.st_ino,
-                        ctime_ns: ctime_ns(&st),
-                        size: st.st_size as u64,
-                        blob: blob.clone(),
-                    },
-                );
-            }
-            ArtifactKind::Deleted => {}
+            dirs.push(a);
         }
+        Ok(())
+    })?;
+    let files: Vec<&ArtifactRow> = artifacts
+        .iter()
+        .filter(|a| a.kind == ArtifactKind::File && a.blob.is_some())
+        .collect();
+    let restored = parallel(files.len(), |i| {
+        let mut result = None;
+        let _ = as_owner_do(&mut || {
+            result = Some(restore_file(dir, files[i], blobs));
+            Ok(())
+        });
+        result.expect("ran")
+    });
+    let mut known = Known::new();
+    for (a, r) in files.iter().zip(restored) {
+        known.insert(a.path.clone(), r?);
     }
-    for a in dir_modes.into_iter().rev() {
-        let fail = |source: io::Error| RestoreError::Io {
-            path: a.path.clone(),
-            source,
-        };
-        let (parent, name) = split(&a.path);
-        let parent = open_parent(dir, parent).map_err(fail)?;
-        nix::sys::stat::fchmodat(
-            &parent,
-            name,
-            Mode::from_bits_truncate(a.mode),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| fail(e.into()))?;
-        set_mtime(&parent, name, a.mtime_ns, true).map_err(fail)?;
-    }
+    as_owner_do(&mut || {
+        for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Symlink) {
+            let (parent, name) = split(&a.path);
+            let parent = make_parents(dir, parent).map_err(|e| fail(a, e))?;
+            remove_entry(&parent, name).map_err(|e| fail(a, e))?;
+            let target = a.target.as_deref().unwrap_or("");
+            nix::unistd::symlinkat(target, &parent, name).map_err(|e| fail(a, e.into()))?;
+            set_mtime(&parent, name, a.mtime_ns, true).map_err(|e| fail(a, e))?;
+        }
+        for a in dirs.iter().rev() {
+            let (parent, name) = split(&a.path);
+            let parent = open_parent(dir, parent).map_err(|e| fail(a, e))?;
+            // Restores run before any step: nothing in the sandbox can have swapped the
+            // directory for a link.
+            nix::sys::stat::fchmodat(
+                &parent,
+                name,
+                Mode::from_bits_truncate(a.mode),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| fail(a, e.into()))?;
+            set_mtime(&parent, name, a.mtime_ns, true).map_err(|e| fail(a, e))?;
+        }
+        Ok(())
+    })?;
     Ok(known)
+}
+
+fn restore_file(
+    dir: BorrowedFd<'_>,
+    a: &ArtifactRow,
+    blobs: &Blobs,
+) -> Result<KnownFile, RestoreError> {
+    let fail = |source: io::Error| RestoreError::Io {
+        path: a.path.clone(),
+        source,
+    };
+    let blob = a.blob.as_ref().expect("files have blobs");
+    let (parent, name) = split(&a.path);
+    let parent = make_parents(dir, parent).map_err(fail)?;
+    remove_entry(&parent, name).map_err(fail)?;
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        )
+        .mode(Mode::from_bits_truncate(0o600))
+        .resolve(beneath());
+    let fd = openat2(&parent, name, how).map_err(|e| fail(e.into()))?;
+    let mut file = File::from(fd);
+    let mut reader = blobs.open(blob)?;
+    io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
+        upstream_store::BlobError::Io { source, .. } => fail(source),
+        other => RestoreError::Blob(other),
+    })?;
+    nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode)).map_err(|e| fail(e.into()))?;
+    set_mtime(&parent, name, a.mtime_ns, false).map_err(fail)?;
+    let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
+    Ok(KnownFile {
+        ino: st.st_ino,
+        ctime_ns: ctime_ns(&st),
+        size: st.st_size as u64,
+        blob: blob.clone(),
+    })
 }
 
 /// Opens directory `path` below `dir`, making any part of it that is missing.

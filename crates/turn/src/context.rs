@@ -163,6 +163,7 @@ impl Context {
                 workspace.as_fd(),
                 &self.artifacts,
                 &self.blobs,
+                Some((root.uid, root.gid)),
             )?)
         })
     }

@@ -1,0 +1,254 @@
+//! The context store's speed, against `cp -a` of the same files in the same run.
+//!
+//! `cargo bench -p upstream-turn --bench store` saves an artifact set of 1,000 files / 200 MB
+//! into a store and restores it, each against `cp -a` of the tree; then saves the restored,
+//! unchanged set again. `-- --make-log-store DIR N` instead fills a store with N turns, for
+//! timing `upstream log` on it (bench/run does).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use upstream_store::{FinishTurn, NewArtifact, NewStep, NewTurn, Store, TurnState};
+use upstream_turn::artifacts::{self, Patterns};
+
+const FILES: usize = 1000;
+const FILE_SIZE: usize = 200 * 1024;
+const ROUNDS: usize = 3;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--make-log-store") {
+        let dir = Path::new(&args[i + 1]);
+        let turns: usize = args[i + 2].parse().expect("a number of turns");
+        make_log_store(dir, turns);
+        return;
+    }
+    artifacts_bench();
+}
+
+/// Fills `dir` with files of pseudo-random bytes (no two alike, so nothing dedupes).
+fn make_tree(dir: &Path) {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut buf = vec![0u8; FILE_SIZE];
+    for i in 0..FILES {
+        let sub = dir.join(format!("d{:02}", i % 20));
+        fs::create_dir_all(&sub).unwrap();
+        for chunk in buf.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        fs::File::create(sub.join(format!("f{i:04}.bin")))
+            .unwrap()
+            .write_all(&buf)
+            .unwrap();
+    }
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
+fn open_dir(path: &Path) -> fs::File {
+    fs::File::open(path).unwrap()
+}
+
+fn artifacts_bench() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let ws = tree.join("ws");
+    fs::create_dir(&ws).unwrap();
+    make_tree(&ws.join("data"));
+    // Everything read below comes from the page cache, for cp as for upstream.
+    Command::new("sync").status().unwrap();
+    let patterns = Patterns::new(&["data/".to_string()]).unwrap();
+
+    let (mut cp, mut cp_sync, mut save, mut restore, mut again) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut again_read = 0;
+    let mut again_new_blobs = 0;
+    for round in 0..ROUNDS {
+        let copy = work.path().join(format!("copy-{round}"));
+        cp.push(timed(|| {
+            assert!(
+                Command::new("cp")
+                    .arg("-a")
+                    .arg(&ws)
+                    .arg(&copy)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }));
+        fs::remove_dir_all(&copy).unwrap();
+        cp_sync.push(timed(|| {
+            assert!(
+                Command::new("cp")
+                    .arg("-a")
+                    .arg(&ws)
+                    .arg(&copy)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            Command::new("sync").status().unwrap();
+        }));
+        fs::remove_dir_all(&copy).unwrap();
+
+        let store_dir = work.path().join(format!("store-{round}"));
+        let store = Store::open(&store_dir).unwrap();
+        let mut saved = None;
+        save.push(timed(|| {
+            let dir = open_dir(&ws);
+            let s = artifacts::save(dir.as_fd(), &patterns, store.blobs(), &Default::default())
+                .unwrap();
+            let list = s.artifacts.clone();
+            store.blobs().commit(s.pending).unwrap();
+            saved = Some(list);
+        }));
+        let saved = saved.unwrap();
+        assert_eq!(saved.iter().filter(|a| a.blob.is_some()).count(), FILES);
+
+        let rows: Vec<upstream_store::ArtifactRow> = saved
+            .iter()
+            .map(|a: &NewArtifact| upstream_store::ArtifactRow {
+                turn: 1,
+                path: a.path.clone(),
+                kind: a.kind,
+                mode: a.mode,
+                size: a.size,
+                mtime_ns: a.mtime_ns,
+                blob: a.blob.clone(),
+                target: a.target.clone(),
+            })
+            .collect();
+        let target = work.path().join(format!("restored-{round}"));
+        fs::create_dir(&target).unwrap();
+        let mut known = None;
+        restore.push(timed(|| {
+            let dir = open_dir(&target);
+            known = Some(artifacts::restore(dir.as_fd(), &rows, store.blobs(), None).unwrap());
+        }));
+        let known = known.unwrap();
+
+        let blobs_before = store.blobs().list().unwrap().len();
+        again.push(timed(|| {
+            let dir = open_dir(&target);
+            let s = artifacts::save(dir.as_fd(), &patterns, store.blobs(), &known).unwrap();
+            again_read += s.files_read;
+            store.blobs().commit(s.pending).unwrap();
+        }));
+        again_new_blobs += store.blobs().list().unwrap().len() - blobs_before;
+        drop(store);
+        fs::remove_dir_all(&store_dir).unwrap();
+        fs::remove_dir_all(&target).unwrap();
+    }
+    let (cp, cp_sync) = (median(cp), median(cp_sync));
+    let (save, restore, again) = (median(save), median(restore), median(again));
+    let verdict = |ok: bool| if ok { "meets target" } else { "MISSES target" };
+    let mb = (FILES * FILE_SIZE) as f64 / 1e6;
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    println!("artifact set: {FILES} files, {mb:.0} MB (medians of {ROUNDS})");
+    println!(
+        "  cp -a           {:8.1} ms  {:7.0} MB/s   (cp -a; sync: {:.1} ms)",
+        cp.as_secs_f64() * 1e3,
+        rate(cp),
+        cp_sync.as_secs_f64() * 1e3
+    );
+    println!(
+        "  save            {:8.1} ms  {:7.0} MB/s   {:.2}x cp's throughput (target >= 0.5) {}; {:.2}x cp -a; sync",
+        save.as_secs_f64() * 1e3,
+        rate(save),
+        cp.as_secs_f64() / save.as_secs_f64(),
+        verdict(cp.as_secs_f64() / save.as_secs_f64() >= 0.5),
+        cp_sync.as_secs_f64() / save.as_secs_f64()
+    );
+    println!(
+        "  restore         {:8.1} ms  {:7.0} MB/s   {:.2}x cp's throughput (target >= 0.8) {}",
+        restore.as_secs_f64() * 1e3,
+        rate(restore),
+        cp.as_secs_f64() / restore.as_secs_f64(),
+        verdict(cp.as_secs_f64() / restore.as_secs_f64() >= 0.8)
+    );
+    println!(
+        "  save unchanged  {:8.1} ms  {:5.1}% of the first save (target <= 10%) {}; files read {again_read}, new blobs {again_new_blobs}",
+        again.as_secs_f64() * 1e3,
+        100.0 * again.as_secs_f64() / save.as_secs_f64(),
+        verdict(again.as_secs_f64() <= 0.1 * save.as_secs_f64() && again_new_blobs == 0)
+    );
+}
+
+/// A store of `turns` turns of two steps and a few artifacts each, across five contexts.
+fn make_log_store(dir: &Path, turns: usize) {
+    let mut store = Store::open(dir).unwrap();
+    for i in 0..turns {
+        let context = format!("context-{}", i % 5);
+        let id = format!("bench-{i:08}");
+        let number = store
+            .begin_turn(&NewTurn {
+                id: &id,
+                context: &context,
+                document: "pipeline.md",
+                source: b"# pipeline\n",
+                started_at: 1.7e9 + i as f64,
+            })
+            .unwrap();
+        for step in 1..=2 {
+            store
+                .record_step(
+                    number,
+                    &NewStep {
+                        number: step,
+                        title: format!("Step {step}"),
+                        language: "bash".into(),
+                        status: "passed".into(),
+                        exit_code: Some(0),
+                        duration_ms: Some(10),
+                        outputs: [("n".to_string(), i.to_string())].into(),
+                        ..NewStep::default()
+                    },
+                )
+                .unwrap();
+        }
+        let blob = store
+            .blobs()
+            .put(format!("artifact {}", i % 100).as_bytes())
+            .unwrap();
+        store
+            .finish_turn(
+                number,
+                &FinishTurn {
+                    status: TurnState::Passed,
+                    finished_at: 1.7e9 + i as f64 + 1.0,
+                    duration_ms: 1000,
+                    sandbox: None,
+                    result: None,
+                    artifacts: vec![NewArtifact {
+                        path: "out.txt".into(),
+                        kind: upstream_store::ArtifactKind::File,
+                        mode: 0o644,
+                        size: 12,
+                        mtime_ns: 0,
+                        blob: Some(blob),
+                        target: None,
+                    }],
+                },
+            )
+            .unwrap();
+    }
+}
