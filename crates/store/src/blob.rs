@@ -63,9 +63,35 @@ pub struct Blobs {
 
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 
+/// Temporary files are spread over this many directories, one per writing thread, so that
+/// threads writing blobs at once do not queue on one directory's lock.
+const TEMP_DIRS: usize = 8;
+
+thread_local! {
+    static TEMP_DIR: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) as usize % TEMP_DIRS
+    };
+}
+
 impl Blobs {
     pub(crate) fn new(dir: PathBuf, tmp: PathBuf) -> Blobs {
         Blobs { dir, tmp }
+    }
+
+    /// Makes the 256 shard directories and the temporary directories, once per store: a
+    /// save then never pays for making directories.
+    pub(crate) fn prepare(&self) -> io::Result<()> {
+        if self.dir.join("ff").is_dir() && self.tmp.join((TEMP_DIRS - 1).to_string()).is_dir() {
+            return Ok(());
+        }
+        for shard in 0..=255u8 {
+            fs::create_dir_all(self.dir.join(format!("{shard:02x}")))?;
+        }
+        for i in 0..TEMP_DIRS {
+            fs::create_dir_all(self.tmp.join(i.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Where blob `id` lives.
@@ -85,7 +111,7 @@ impl Blobs {
             NEXT_TEMP.fetch_add(1, Ordering::Relaxed),
             rand_u32()
         );
-        let path = self.tmp.join(name);
+        let path = self.tmp.join(TEMP_DIR.with(|d| d.to_string())).join(name);
         let file = File::options().write(true).create_new(true).open(&path)?;
         Ok(BlobWriter {
             file: io::BufWriter::with_capacity(256 << 10, file),
@@ -232,10 +258,12 @@ impl Blobs {
 
     /// Removes temporary files left by processes that died while writing them.
     pub(crate) fn remove_abandoned_temps(&self) {
-        let Ok(entries) = fs::read_dir(&self.tmp) else {
-            return;
-        };
-        for entry in entries.flatten() {
+        let dirs = (0..TEMP_DIRS).map(|i| self.tmp.join(i.to_string()));
+        let entries = dirs
+            .filter_map(|d| fs::read_dir(d).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()));
+        for entry in entries {
             let name = entry.file_name();
             let owner = name
                 .to_str()
@@ -414,10 +442,15 @@ mod tests {
 
     fn blobs() -> (tempfile::TempDir, Blobs) {
         let tmp = tempfile::tempdir().unwrap();
-        fs::create_dir_all(tmp.path().join("blobs")).unwrap();
-        fs::create_dir_all(tmp.path().join("tmp")).unwrap();
         let blobs = Blobs::new(tmp.path().join("blobs"), tmp.path().join("tmp"));
+        blobs.prepare().unwrap();
         (tmp, blobs)
+    }
+
+    fn temps(blobs: &Blobs) -> usize {
+        (0..TEMP_DIRS)
+            .map(|i| fs::read_dir(blobs.tmp.join(i.to_string())).unwrap().count())
+            .sum()
     }
 
     #[test]
@@ -429,7 +462,7 @@ mod tests {
         assert_eq!(a.as_str(), blake3::hash(b"hello").to_hex().as_str());
         assert_eq!(blobs.list().unwrap(), vec![(a.clone(), 5)]);
         assert_eq!(blobs.read(&a).unwrap(), b"hello");
-        assert_eq!(fs::read_dir(&blobs.tmp).unwrap().count(), 0, "no temp left");
+        assert_eq!(temps(&blobs), 0, "no temp left");
     }
 
     #[test]
@@ -472,6 +505,6 @@ mod tests {
         let id = pending.id.clone();
         drop(pending);
         assert!(!blobs.contains(&id));
-        assert_eq!(fs::read_dir(&blobs.tmp).unwrap().count(), 0);
+        assert_eq!(temps(&blobs), 0);
     }
 }

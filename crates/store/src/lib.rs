@@ -142,6 +142,7 @@ impl Store {
             source,
         })?;
         let blobs = Blobs::new(dir.join("blobs"), dir.join("tmp"));
+        blobs.prepare().map_err(io_err)?;
         Ok(Store {
             dir: dir.to_path_buf(),
             db_path,
