@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod init;
 mod launch;
+mod layers;
 mod mounts;
 mod net;
 pub mod probe;
@@ -34,7 +35,7 @@ use upstream_sandbox::{
 };
 
 use crate::cgroup::{Cgroups, Layout};
-use crate::setup::{FromInit, IdMap, InitConfig, ToInit};
+use crate::setup::{FromInit, IdMap, InitConfig, ToInit, WorkspaceLayers};
 
 /// The argument that makes the upstream binary run as a sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";
@@ -55,6 +56,8 @@ pub struct NamespaceBackend {
     pool: PathBuf,
     /// The lower layer shared by host-image sandboxes.
     skeleton: PathBuf,
+    /// Layers kept for resuming turns.
+    kept: PathBuf,
     /// Read on first use: only sandboxes with memory or cpu limits need it.
     layout: std::sync::OnceLock<Layout>,
     rootless: bool,
@@ -92,6 +95,7 @@ impl NamespaceBackend {
             init_exe,
             sandboxes: runtime_dir.join("sandboxes"),
             pool: runtime_dir.join(POOL_DIR),
+            kept: runtime_dir.join("kept"),
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
@@ -120,6 +124,7 @@ fn remove_stale_sandboxes(sandboxes: &Path) {
             continue;
         };
         if kill(Pid::from_raw(owner), None).is_err() {
+            layers::return_resumed(&entry.path());
             let dir = SandboxDir {
                 path: entry.path(),
                 reused: false,
@@ -177,6 +182,17 @@ impl Backend for NamespaceBackend {
         "namespaces"
     }
 
+    fn discard_kept(&self, kept: &Path) {
+        // Only what this backend kept.
+        if kept.parent() != Some(self.kept.as_path()) {
+            return;
+        }
+        if fs::remove_dir_all(kept).is_err() {
+            make_removable(kept);
+            let _ = fs::remove_dir_all(kept);
+        }
+    }
+
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
         let start = Instant::now();
         let layers = match &spec.image {
@@ -210,6 +226,8 @@ impl Backend for NamespaceBackend {
             pool: self.pool.clone(),
             started: start,
             rootless: self.rootless,
+            layers: None,
+            kept: self.kept.clone(),
             interrupter: Arc::new(NsInterrupter {
                 pid: pid as i32,
                 interrupted: AtomicBool::new(false),
@@ -220,7 +238,30 @@ impl Backend for NamespaceBackend {
             &self.pool,
             self.rootless,
         )?);
+        let owner = (!self.rootless).then_some(SANDBOX_ID_BASE);
+        let mut root_layers = 0;
+        let mut workspace = None;
+        if let Some(ws) = &spec.workspace {
+            let (prepared, roots) =
+                layers::Layers::prepare(&dir.path, &ws.dir, ws.resume.as_deref(), owner).map_err(
+                    |e| {
+                        SandboxError::setup(
+                            format!("cannot prepare the workspace's layers: {e}"),
+                            None,
+                        )
+                    },
+                )?;
+            root_layers = roots;
+            workspace = Some(WorkspaceLayers {
+                dir: ws.dir.clone(),
+                below: prepared.below(),
+            });
+            sandbox.layers = Some(prepared);
+        }
+        let dir = sandbox.dir.as_mut().expect("claimed above");
         let config = InitConfig {
+            root_layers,
+            workspace,
             sandbox_dir: dir.path.display().to_string(),
             skeleton: layers
                 .is_empty()
@@ -456,7 +497,7 @@ impl SandboxDir {
     }
 }
 
-fn make_removable(path: &Path) {
+pub(crate) fn make_removable(path: &Path) {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return;
     };
@@ -500,6 +541,10 @@ pub struct NamespaceSandbox {
     /// When making the sandbox began, for its setup time.
     started: Instant,
     rootless: bool,
+    /// The workspace's layers, when it is layered.
+    layers: Option<layers::Layers>,
+    /// Where kept layers go: `<runtime>/kept`.
+    kept: PathBuf,
 }
 
 impl NamespaceSandbox {
@@ -558,6 +603,12 @@ impl NamespaceSandbox {
     }
 
     fn teardown(&mut self) -> io::Result<()> {
+        self.teardown_keeping(false).map(|_| ())
+    }
+
+    /// Ends the sandbox; with `keep`, first moves its workspace layers below the top one and
+    /// its root's writable layer to `<runtime>/kept/<sandbox>` and returns that.
+    fn teardown_keeping(&mut self, keep: bool) -> io::Result<Option<PathBuf>> {
         let agent_was_up = self.client.as_ref().is_some_and(|c| c.ready_at().is_some());
         if let Some(mut child) = self.child.take() {
             if child.cloned {
@@ -581,11 +632,43 @@ impl NamespaceSandbox {
         self.client = None;
         self.stderr = None;
         let cgroups = self.cgroups.destroy();
+        let mut kept = None;
+        let mut layers_result = Ok(());
+        if let (Some(layers), Some(dir)) = (self.layers.take(), self.dir.as_ref()) {
+            if keep {
+                let name = dir.path.file_name().unwrap_or_default();
+                let target = self.kept.join(name);
+                layers_result = fs::create_dir_all(&self.kept)
+                    .and_then(|()| layers.keep(&dir.path, &target));
+                if layers_result.is_ok() {
+                    kept = Some(target);
+                }
+            } else {
+                layers.forget_resume(&dir.path);
+            }
+            layers.remove(&dir.path);
+        }
         let dir = match self.dir.take() {
             Some(dir) => dir.release(&self.pool),
             None => Ok(()),
         };
-        cgroups.and(dir)
+        cgroups.and(layers_result).and(dir).map(|()| kept)
+    }
+
+    /// The host pid of the sandbox's pid 1.
+    fn pid1(&self) -> Result<i32, String> {
+        let child = self.child.as_ref().ok_or("it has ended")?;
+        if child.cloned {
+            return Ok(child.id() as i32);
+        }
+        // A re-executed init (stage 1) has pid 1 as its only child.
+        let path = format!("/proc/{0}/task/{0}/children", child.id());
+        let children = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| "its pid 1 is not running".into())
     }
 }
 
@@ -643,19 +726,8 @@ impl Sandbox for NamespaceSandbox {
         if self.client.as_ref().is_none_or(|c| c.ready_at().is_none()) {
             return Err(fail("it is not ready yet".into()));
         }
-        // A cloned init is pid 1 itself; a re-executed one (stage 1) has pid 1 as its only
-        // child.
-        let pid1 = if child.cloned {
-            child.id()
-        } else {
-            let path = format!("/proc/{0}/task/{0}/children", child.id());
-            let children = fs::read_to_string(&path).map_err(|e| fail(format!("{path}: {e}")))?;
-            children
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| fail("its pid 1 is not running".into()))?
-        };
+        let _ = child;
+        let pid1 = self.pid1().map_err(fail)?;
         let path = format!("/proc/{pid1}/root");
         let dir = nix::fcntl::open(
             path.as_str(),
@@ -687,6 +759,43 @@ impl Sandbox for NamespaceSandbox {
                 None,
             )
         })
+    }
+
+    fn checkpoint(&mut self) -> Result<(), SandboxError> {
+        let Some(layers) = self.layers.as_ref() else {
+            return Ok(());
+        };
+        if layers.broken.is_some() {
+            return Ok(());
+        }
+        let pid1 = self
+            .pid1()
+            .map_err(|e| SandboxError::setup(format!("cannot layer the workspace: {e}"), None))?;
+        let layers = self.layers.as_mut().expect("checked above");
+        layers.checkpoint(pid1).map(|_| ()).map_err(|e| {
+            SandboxError::setup(
+                format!("cannot stack a new layer on the workspace: {e}"),
+                Some("this needs Linux 6.8 or later; the turn can still run, but `--resume` would see what the failed step wrote"),
+            )
+        })
+    }
+
+    fn destroy_keeping(mut self: Box<Self>) -> Result<PathBuf, SandboxError> {
+        if self.layers.is_none() {
+            self.teardown().ok();
+            return Err(SandboxError::setup(
+                "this sandbox has no layered workspace to keep",
+                None,
+            ));
+        }
+        match self.teardown_keeping(true) {
+            Ok(Some(kept)) => Ok(kept),
+            Ok(None) => Err(SandboxError::setup("the workspace was not kept", None)),
+            Err(e) => Err(SandboxError::setup(
+                format!("could not keep the sandbox's workspace: {e}"),
+                None,
+            )),
+        }
     }
 }
 

@@ -27,6 +27,21 @@ pub struct InitConfig {
     pub hostname: String,
     /// The most processes (and threads) the sandbox may have.
     pub max_processes: Option<u64>,
+    /// Read-only layers of the root kept from an earlier turn, `rootlayers/0` (bottom) to
+    /// `rootlayers/<n-1>`, stacked on the image.
+    pub root_layers: u32,
+    /// The workspace as an overlay of its own, one layer per step (see `layers`).
+    pub workspace: Option<WorkspaceLayers>,
+}
+
+/// The workspace's layers: `layers/0` (bottom) .. `layers/<below-1>` read-only, the writable
+/// one `layers/<below>` (with `layers/<below>.work`), all in the sandbox directory, over what
+/// the root has at `dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceLayers {
+    /// The workspace, inside the sandbox.
+    pub dir: String,
+    pub below: u32,
 }
 
 /// Host to init.

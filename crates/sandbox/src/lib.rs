@@ -8,10 +8,11 @@ mod client;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
-pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec};
+pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Stream};
 
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Errors from creating or using a sandbox.
@@ -124,9 +125,19 @@ pub trait Sandbox {
     /// A handle that can stop this sandbox from elsewhere.
     fn interrupter(&self) -> std::sync::Arc<dyn Interrupter>;
 
+    /// With a layered workspace: makes what the steps so far wrote a read-only layer, so
+    /// that what the next step writes can be told apart. Does nothing otherwise, or when
+    /// nothing was written since the last time.
+    fn checkpoint(&mut self) -> Result<(), SandboxError>;
+
     /// Stops every process and removes everything the sandbox left on the host. Dropping a
     /// sandbox does the same; this reports what went wrong.
     fn destroy(self: Box<Self>) -> Result<(), SandboxError>;
+
+    /// Like [`Sandbox::destroy`], but first keeps the layered workspace below its top layer
+    /// (what the steps before the last checkpoint wrote) and the root's writable layer, for a
+    /// later sandbox to start from ([`WorkspaceSpec::resume`]). Returns where they are.
+    fn destroy_keeping(self: Box<Self>) -> Result<PathBuf, SandboxError>;
 }
 
 /// Something that makes sandboxes.
@@ -135,4 +146,7 @@ pub trait Backend {
     fn name(&self) -> &str;
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError>;
+
+    /// Removes layers kept by [`Sandbox::destroy_keeping`] that nothing will resume from.
+    fn discard_kept(&self, kept: &Path);
 }

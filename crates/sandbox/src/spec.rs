@@ -53,6 +53,16 @@ pub enum NetworkMode {
 /// The hostname of a sandbox unless told otherwise.
 pub const DEFAULT_HOSTNAME: &str = "sandbox";
 
+/// A workspace kept in layers, one per step, so that a turn that fails can be resumed from
+/// the state the steps before the failure left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceSpec {
+    /// The workspace, inside the sandbox (`/workspace`).
+    pub dir: String,
+    /// Layers an earlier sandbox kept ([`crate::Sandbox::destroy_keeping`]) to start from.
+    pub resume: Option<PathBuf>,
+}
+
 /// Everything a backend needs to make a sandbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxSpec {
@@ -60,6 +70,8 @@ pub struct SandboxSpec {
     pub limits: Limits,
     pub network: NetworkMode,
     pub hostname: String,
+    /// A layered workspace; `None` for a plain one.
+    pub workspace: Option<WorkspaceSpec>,
 }
 
 impl Default for SandboxSpec {
@@ -72,6 +84,7 @@ impl Default for SandboxSpec {
             },
             network: NetworkMode::None,
             hostname: DEFAULT_HOSTNAME.into(),
+            workspace: None,
         }
     }
 }
