@@ -302,8 +302,10 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str());
-    let path = resolve(program, path_var)
-        .ok_or_else(|| format!("`{program}` was not found in the sandbox"))?;
+    let Some(path) = resolve(program, path_var) else {
+        let _ = std::env::set_current_dir("/");
+        return Err(format!("`{program}` was not found in the sandbox"));
+    };
     let cstring =
         |s: &[u8]| CString::new(s).map_err(|_| "an argument holds a NUL byte".to_string());
     let argv = req
@@ -340,7 +342,11 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     .and_then(|()| attr.set_sigmask(&SigSet::empty()))
     .and_then(|()| attr.set_sigdefault(&default))
     .map_err(|e| sys("spawn", e))?;
-    let pid = posix_spawn(path.as_path(), &actions, &attr, &argv, &envp).map_err(|e| match e {
+    let spawned = posix_spawn(path.as_path(), &actions, &attr, &argv, &envp);
+    // The agent does not stay in the working directory: it would keep the workspace's
+    // overlay in use, and the host replaces that between steps.
+    let _ = std::env::set_current_dir("/");
+    let pid = spawned.map_err(|e| match e {
         Errno::ENOENT => format!("`{program}` was not found in the sandbox"),
         Errno::EACCES => format!("cannot start `{program}`: permission denied"),
         e => sys("spawn", e),

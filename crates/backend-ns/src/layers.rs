@@ -150,7 +150,8 @@ impl Layers {
 
     /// Runs the child that swaps the workspace's overlay for one with a new top layer.
     fn stack(&self, pid1: i32) -> io::Result<()> {
-        let cstr = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+        let cstr =
+            |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
         let names: Vec<CString> = (0..=self.top)
             .map(|i| cstr(&i.to_string()))
             .collect::<io::Result<_>>()?;
@@ -210,11 +211,16 @@ impl Layers {
         } else {
             (0, 0)
         };
-        let what = STAGES.get(stage as usize).copied().unwrap_or("stack the layer");
-        Err(io::Error::other(format!(
-            "cannot {what}: {}",
-            io::Error::from_raw_os_error(errno)
-        )))
+        let what = STAGES
+            .get(stage as usize)
+            .copied()
+            .unwrap_or("stack the layer");
+        let message = format!("cannot {what}: {}", io::Error::from_raw_os_error(errno));
+        if stage >= DETACHED_STAGE || stage == 0 {
+            // The workspace may be gone: nothing more can run in this sandbox.
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, message));
+        }
+        Err(io::Error::other(message))
     }
 
     /// After the sandbox has ended: moves every workspace layer below the top one, the kept
@@ -223,7 +229,10 @@ impl Layers {
         fs::create_dir_all(kept.join("layers"))?;
         fs::create_dir_all(kept.join("rootlayers"))?;
         for i in 0..self.top {
-            fs::rename(self.dir.join(i.to_string()), kept.join(format!("layers/{i}")))?;
+            fs::rename(
+                self.dir.join(i.to_string()),
+                kept.join(format!("layers/{i}")),
+            )?;
         }
         let roots = count(&sandbox_dir.join("rootlayers"));
         for i in 0..roots {
@@ -232,7 +241,10 @@ impl Layers {
                 kept.join(format!("rootlayers/{i}")),
             )?;
         }
-        fs::rename(sandbox_dir.join("upper"), kept.join(format!("rootlayers/{roots}")))?;
+        fs::rename(
+            sandbox_dir.join("upper"),
+            kept.join(format!("rootlayers/{roots}")),
+        )?;
         make_dir(&sandbox_dir.join("upper"), self.owner)?;
         self.forget_resume(sandbox_dir);
         Ok(())
@@ -259,11 +271,13 @@ impl Layers {
     }
 }
 
-/// Puts the kept set a dead upstream's sandbox directory had moved in back where it was.
+/// Puts the kept set a sandbox directory had moved in back where it was (its upstream died,
+/// or the resumed turn ended in an error).
 pub fn return_resumed(sandbox_dir: &Path) {
     let Some((kept, below, roots)) = resume_marker(sandbox_dir) else {
         return;
     };
+    let _ = fs::remove_file(sandbox_dir.join(RESUME_FROM));
     let _ = fs::create_dir_all(kept.join("layers"));
     let _ = fs::create_dir_all(kept.join("rootlayers"));
     for i in 0..below {
@@ -291,7 +305,9 @@ fn resume_marker(sandbox_dir: &Path) -> Option<(PathBuf, u32, u32)> {
 
 /// How many numbered layers `dir` holds (`0`, `1`, … with no gap).
 fn count(dir: &Path) -> u32 {
-    (0..).take_while(|i| dir.join(i.to_string()).is_dir()).count() as u32
+    (0..)
+        .take_while(|i| dir.join(i.to_string()).is_dir())
+        .count() as u32
 }
 
 fn make_dir(path: &Path, owner: Option<u32>) -> io::Result<()> {
@@ -317,6 +333,10 @@ struct StackPlan<'a> {
     target: &'a CString,
     report: RawFd,
 }
+
+/// Stages from this one on come after the old workspace was detached: failing there leaves
+/// the sandbox without its workspace.
+pub const DETACHED_STAGE: i32 = 9;
 
 /// What the child was doing, by the number it reports.
 const STAGES: &[&str] = &[
@@ -427,6 +447,12 @@ unsafe fn stack_in_child(plan: &StackPlan<'_>) -> ! {
                 0,
             );
         }
+        // The old overlay goes first: while it is mounted its top layer, a lower layer of
+        // the new one, counts as in use. Nothing holds it (the agent leaves the workspace
+        // after starting each step), so it is gone once detached.
+        if libc::umount2(plan.target.as_ptr(), libc::MNT_DETACH) != 0 {
+            fail(11);
+        }
         if libc::syscall(
             libc::SYS_fsconfig,
             fs,
@@ -446,9 +472,6 @@ unsafe fn stack_in_child(plan: &StackPlan<'_>) -> ! {
         ) as RawFd;
         if mount < 0 {
             fail(10);
-        }
-        if libc::umount2(plan.target.as_ptr(), libc::MNT_DETACH) != 0 {
-            fail(11);
         }
         if libc::syscall(
             libc::SYS_move_mount,

@@ -242,15 +242,15 @@ impl Backend for NamespaceBackend {
         let mut root_layers = 0;
         let mut workspace = None;
         if let Some(ws) = &spec.workspace {
-            let (prepared, roots) =
-                layers::Layers::prepare(&dir.path, &ws.dir, ws.resume.as_deref(), owner).map_err(
-                    |e| {
-                        SandboxError::setup(
-                            format!("cannot prepare the workspace's layers: {e}"),
-                            None,
-                        )
-                    },
-                )?;
+            let (prepared, roots) = layers::Layers::prepare(
+                &dir.path,
+                &ws.dir,
+                ws.resume.as_deref(),
+                owner,
+            )
+            .map_err(|e| {
+                SandboxError::setup(format!("cannot prepare the workspace's layers: {e}"), None)
+            })?;
             root_layers = roots;
             workspace = Some(WorkspaceLayers {
                 dir: ws.dir.clone(),
@@ -603,12 +603,12 @@ impl NamespaceSandbox {
     }
 
     fn teardown(&mut self) -> io::Result<()> {
-        self.teardown_keeping(false).map(|_| ())
+        self.teardown_keeping(Ending::Discard).map(|_| ())
     }
 
-    /// Ends the sandbox; with `keep`, first moves its workspace layers below the top one and
-    /// its root's writable layer to `<runtime>/kept/<sandbox>` and returns that.
-    fn teardown_keeping(&mut self, keep: bool) -> io::Result<Option<PathBuf>> {
+    /// Ends the sandbox, doing with its layered workspace what `ending` says; returns where
+    /// it was kept.
+    fn teardown_keeping(&mut self, ending: Ending) -> io::Result<Option<PathBuf>> {
         let agent_was_up = self.client.as_ref().is_some_and(|c| c.ready_at().is_some());
         if let Some(mut child) = self.child.take() {
             if child.cloned {
@@ -635,16 +635,18 @@ impl NamespaceSandbox {
         let mut kept = None;
         let mut layers_result = Ok(());
         if let (Some(layers), Some(dir)) = (self.layers.take(), self.dir.as_ref()) {
-            if keep {
-                let name = dir.path.file_name().unwrap_or_default();
-                let target = self.kept.join(name);
-                layers_result = fs::create_dir_all(&self.kept)
-                    .and_then(|()| layers.keep(&dir.path, &target));
-                if layers_result.is_ok() {
-                    kept = Some(target);
+            match ending {
+                Ending::Keep => {
+                    let name = dir.path.file_name().unwrap_or_default();
+                    let target = self.kept.join(name);
+                    layers_result = fs::create_dir_all(&self.kept)
+                        .and_then(|()| layers.keep(&dir.path, &target));
+                    if layers_result.is_ok() {
+                        kept = Some(target);
+                    }
                 }
-            } else {
-                layers.forget_resume(&dir.path);
+                Ending::Discard => layers.forget_resume(&dir.path),
+                Ending::Return => layers::return_resumed(&dir.path),
             }
             layers.remove(&dir.path);
         }
@@ -773,6 +775,11 @@ impl Sandbox for NamespaceSandbox {
             .map_err(|e| SandboxError::setup(format!("cannot layer the workspace: {e}"), None))?;
         let layers = self.layers.as_mut().expect("checked above");
         layers.checkpoint(pid1).map(|_| ()).map_err(|e| {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                return SandboxError::Workspace(format!(
+                    "the workspace could not be put back after stacking a layer on it: {e}"
+                ));
+            }
             SandboxError::setup(
                 format!("cannot stack a new layer on the workspace: {e}"),
                 Some("this needs Linux 6.8 or later; the turn can still run, but `--resume` would see what the failed step wrote"),
@@ -788,7 +795,7 @@ impl Sandbox for NamespaceSandbox {
                 None,
             ));
         }
-        match self.teardown_keeping(true) {
+        match self.teardown_keeping(Ending::Keep) {
             Ok(Some(kept)) => Ok(kept),
             Ok(None) => Err(SandboxError::setup("the workspace was not kept", None)),
             Err(e) => Err(SandboxError::setup(
@@ -801,6 +808,19 @@ impl Sandbox for NamespaceSandbox {
 
 impl Drop for NamespaceSandbox {
     fn drop(&mut self) {
-        let _ = self.teardown();
+        // Dropped without a decision (an error or a panic mid-turn): a resumed workspace
+        // goes back where it came from, to be resumed again.
+        let _ = self.teardown_keeping(Ending::Return);
     }
+}
+
+/// What becomes of a layered workspace when its sandbox ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Thrown away, with any kept set it was resumed from.
+    Discard,
+    /// Kept for resuming (`destroy_keeping`).
+    Keep,
+    /// A kept set it was resumed from goes back; the rest is thrown away.
+    Return,
 }

@@ -33,6 +33,9 @@ pub enum SandboxError {
     /// The sandbox was torn down from outside (Ctrl-C).
     #[error("the sandbox was stopped")]
     Interrupted,
+    /// The sandbox lost its workspace: nothing more can run in it.
+    #[error("{0}")]
+    Workspace(String),
 }
 
 impl SandboxError {

@@ -229,15 +229,17 @@ impl Store {
             )
             .map_err(db_err)?;
         tx.execute(
-            "INSERT INTO turns (id, context_id, document, source_blob, status, owner, started_at)
-             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+            "INSERT INTO turns (id, context_id, document, source_blob, status, owner, started_at,
+                resumed_from)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)",
             params![
                 turn.id,
                 context_id,
                 turn.document,
                 source.as_str(),
                 owner,
-                turn.started_at
+                turn.started_at,
+                turn.resumed_from,
             ],
         )
         .map_err(db_err)?;
@@ -345,7 +347,7 @@ impl Store {
         .map_err(db_err)?;
         tx.execute(
             "UPDATE turns SET status = ?2, owner = NULL, finished_at = ?3, duration_ms = ?4,
-                sandbox = ?5, result_blob = ?6 WHERE number = ?1",
+                sandbox = ?5, result_blob = ?6, kept = ?7, resume_step = ?8 WHERE number = ?1",
             params![
                 turn,
                 finish.status.as_str(),
@@ -353,10 +355,102 @@ impl Store {
                 finish.duration_ms as i64,
                 finish.sandbox.as_ref().map(|v| v.to_string()),
                 finish.result.as_ref().map(BlobId::as_str),
+                finish.kept,
+                finish.resume_step,
             ],
         )
         .map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    /// The turn a `--resume` of `document` in `context` would resume: the document's latest
+    /// turn there, if it did not pass and kept its workspace.
+    pub fn resumable(
+        &self,
+        document: &str,
+        context: &str,
+    ) -> Result<Option<Resumable>, StoreError> {
+        let found = self
+            .conn
+            .query_row(
+                "SELECT t.number, t.status, t.kept, t.resume_step, t.source_blob
+                 FROM turns t JOIN contexts c ON c.id = t.context_id
+                 WHERE t.document = ?1 AND c.name = ?2 AND t.status != 'running'
+                 ORDER BY t.number DESC LIMIT 1",
+                params![document, context],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.db_err(e))?;
+        let Some((number, status, kept, step, source)) = found else {
+            return Ok(None);
+        };
+        let (Some(kept), Some(step), Some(source)) =
+            (kept, step, source.as_deref().and_then(BlobId::parse))
+        else {
+            return Ok(Some(Resumable {
+                number,
+                status,
+                kept: None,
+                step: 0,
+                source: None,
+            }));
+        };
+        Ok(Some(Resumable {
+            number,
+            status,
+            kept: Some(PathBuf::from(kept)),
+            step,
+            source: Some(source),
+        }))
+    }
+
+    /// Takes the kept workspaces of `document`'s turns in `context` other than `turn` off
+    /// the records (a newer turn supersedes them) and returns where they are, to remove.
+    pub fn take_superseded(
+        &mut self,
+        document: &str,
+        context: &str,
+        turn: i64,
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        let db_path = self.db_path.clone();
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let kept: Vec<(i64, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT t.number, t.kept FROM turns t JOIN contexts c ON c.id = t.context_id
+                     WHERE t.document = ?1 AND c.name = ?2 AND t.number != ?3
+                        AND t.kept IS NOT NULL",
+                )
+                .map_err(db_err)?;
+            stmt.query_map(params![document, context, turn], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(db_err)?
+            .collect::<Result<_, _>>()
+            .map_err(db_err)?
+        };
+        for (number, _) in &kept {
+            tx.execute("UPDATE turns SET kept = NULL WHERE number = ?1", [number])
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(kept.into_iter().map(|(_, k)| PathBuf::from(k)).collect())
     }
 
     /// Removes a context and its turns' records. Their blobs stay until [`Store::gc`].
@@ -462,6 +556,21 @@ pub struct NewTurn<'a> {
     pub source: &'a [u8],
     /// Seconds since the Unix epoch.
     pub started_at: f64,
+    /// The turn this one resumes.
+    pub resumed_from: Option<i64>,
+}
+
+/// A turn that a `--resume` would start from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resumable {
+    pub number: i64,
+    pub status: String,
+    /// Where its workspace was kept; `None` when it was not (it passed, or keeping failed).
+    pub kept: Option<PathBuf>,
+    /// The step to resume at.
+    pub step: i64,
+    /// The document as it ran.
+    pub source: Option<BlobId>,
 }
 
 /// A finished step.
@@ -506,6 +615,9 @@ pub struct FinishTurn {
     /// The document with this turn's results.
     pub result: Option<BlobId>,
     pub artifacts: Vec<NewArtifact>,
+    /// Where its workspace was kept for resuming, and the step to resume at.
+    pub kept: Option<String>,
+    pub resume_step: Option<i64>,
 }
 
 fn flock(file: &fs::File, op: libc::c_int) -> io::Result<()> {

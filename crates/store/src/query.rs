@@ -86,6 +86,8 @@ pub struct TurnSummary {
     /// Artifacts saved by this turn (files, directories and symlinks).
     pub artifacts: u64,
     pub artifact_bytes: u64,
+    /// The turn this one resumed.
+    pub resumed_from: Option<i64>,
 }
 
 /// A step of a turn.
@@ -166,7 +168,7 @@ pub struct GcReport {
 
 const SUMMARY_COLUMNS: &str = "t.number, t.id, c.name, t.document, t.status, t.owner,
     t.started_at, t.finished_at, t.duration_ms, t.steps, t.steps_passed, t.artifacts,
-    t.artifact_bytes";
+    t.artifact_bytes, t.resumed_from";
 
 fn summary(row: &Row<'_>) -> rusqlite::Result<TurnSummary> {
     let status: String = row.get(4)?;
@@ -184,6 +186,7 @@ fn summary(row: &Row<'_>) -> rusqlite::Result<TurnSummary> {
         steps_passed: row.get::<_, i64>(10)? as u64,
         artifacts: row.get::<_, i64>(11)? as u64,
         artifact_bytes: row.get::<_, i64>(12)? as u64,
+        resumed_from: row.get(13)?,
     })
 }
 
@@ -225,28 +228,29 @@ impl Store {
 
     /// A turn by number, or by its id or a prefix of it (at least 4 characters).
     pub fn turn(&self, selector: &str) -> Result<TurnDetail, StoreError> {
-        let number: Option<i64> = match selector.parse::<i64>() {
-            Ok(n) => Some(n),
-            Err(_) if selector.len() >= 4 => {
-                let pattern = format!("{}%", selector.replace(['%', '_'], ""));
-                let mut stmt = self
-                    .conn()
-                    .prepare("SELECT number FROM turns WHERE id LIKE ?1 LIMIT 2")
-                    .map_err(|e| self.db_err(e))?;
-                let found: Vec<i64> = stmt
-                    .query_map([pattern], |r| r.get(0))
-                    .map_err(|e| self.db_err(e))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.db_err(e))?;
-                (found.len() == 1).then(|| found[0])
+        if let Ok(number) = selector.parse::<i64>() {
+            if let Some(turn) = self.turn_by_number(number)? {
+                return Ok(turn);
             }
-            Err(_) => None,
-        };
-        let Some(number) = number else {
-            return Err(StoreError::NoTurn(selector.to_string()));
-        };
-        self.turn_by_number(number)?
-            .ok_or_else(|| StoreError::NoTurn(selector.to_string()))
+        }
+        if selector.len() >= 4 {
+            let pattern = format!("{}%", selector.replace(['%', '_'], ""));
+            let mut stmt = self
+                .conn()
+                .prepare("SELECT number FROM turns WHERE id LIKE ?1 LIMIT 2")
+                .map_err(|e| self.db_err(e))?;
+            let found: Vec<i64> = stmt
+                .query_map([pattern], |r| r.get(0))
+                .map_err(|e| self.db_err(e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.db_err(e))?;
+            if let [number] = found[..] {
+                if let Some(turn) = self.turn_by_number(number)? {
+                    return Ok(turn);
+                }
+            }
+        }
+        Err(StoreError::NoTurn(selector.to_string()))
     }
 
     fn turn_by_number(&self, number: i64) -> Result<Option<TurnDetail>, StoreError> {
@@ -257,12 +261,12 @@ impl Store {
         let found = self
             .conn()
             .query_row(&sql, [number], |row| {
-                let sandbox: Option<String> = row.get(13)?;
+                let sandbox: Option<String> = row.get(14)?;
                 Ok((
                     summary(row)?,
                     sandbox.and_then(|s| serde_json::from_str(&s).ok()),
-                    blob_id(row.get(14)?),
                     blob_id(row.get(15)?),
+                    blob_id(row.get(16)?),
                 ))
             })
             .optional()

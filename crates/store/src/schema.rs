@@ -81,6 +81,14 @@ pub const MIGRATIONS: &[&str] = &[
         artifact_bytes = (SELECT coalesce(sum(a.size), 0) FROM artifacts a
             WHERE a.turn = turns.number AND a.kind = 'file');
     "#,
+    // 3: resuming: where a turn that did not pass kept its workspace, the step to resume
+    // at, and which turn a turn resumed.
+    r#"
+    ALTER TABLE turns ADD COLUMN kept TEXT;
+    ALTER TABLE turns ADD COLUMN resume_step INTEGER;
+    ALTER TABLE turns ADD COLUMN resumed_from INTEGER;
+    CREATE INDEX turns_by_document ON turns(document, context_id, number);
+    "#,
 ];
 
 /// The schema version this build writes.

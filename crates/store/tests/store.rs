@@ -15,6 +15,7 @@ fn begin(store: &mut Store, context: &str) -> i64 {
             document: "doc.md",
             source: b"# doc\n",
             started_at: 1.0,
+            resumed_from: None,
         })
         .unwrap()
 }
@@ -55,6 +56,8 @@ fn finish(store: &mut Store, turn: i64, status: TurnState, artifacts: Vec<NewArt
                 sandbox: None,
                 result: None,
                 artifacts,
+                kept: None,
+                resume_step: None,
             },
         )
         .unwrap();
@@ -340,7 +343,7 @@ fn a_store_made_by_an_older_schema_is_migrated_on_open() {
     drop(store);
     assert_eq!(
         Store::open(tmp.path()).unwrap().schema_version().unwrap(),
-        2
+        upstream_store::schema::VERSION
     );
 }
 

@@ -206,6 +206,7 @@ fn make_log_store(dir: &Path, turns: usize) {
                 document: "pipeline.md",
                 source: b"# pipeline\n",
                 started_at: 1.7e9 + i as f64,
+                resumed_from: None,
             })
             .unwrap();
         for step in 1..=2 {
@@ -247,6 +248,8 @@ fn make_log_store(dir: &Path, turns: usize) {
                         blob: Some(blob),
                         target: None,
                     }],
+                    kept: None,
+                    resume_step: None,
                 },
             )
             .unwrap();

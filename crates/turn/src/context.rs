@@ -142,7 +142,12 @@ impl Context {
 
     /// Puts the history at [`HISTORY_PATH`] and the artifacts in the workspace. Returns the
     /// restored files, so the save at the end need not read the unchanged ones.
-    pub(crate) fn prepare(&self, root: HostRoot, workdir: &str) -> Result<Known, TurnError> {
+    pub(crate) fn prepare(
+        &self,
+        root: HostRoot,
+        workdir: &str,
+        restore: bool,
+    ) -> Result<Known, TurnError> {
         let history = serde_json::to_vec_pretty(&self.history).unwrap_or_default();
         let fail = |path: &str, e: io::Error| {
             TurnError::Restore(artifacts::RestoreError::Io {
@@ -154,7 +159,7 @@ impl Context {
             let context_dir = artifacts::open_workspace(root.dir.as_fd(), "/context", true)
                 .map_err(|e| fail("/context", e))?;
             write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
-            if self.artifacts.is_empty() {
+            if self.artifacts.is_empty() || !restore {
                 return Ok(Known::new());
             }
             let workspace = artifacts::open_workspace(root.dir.as_fd(), workdir, true)

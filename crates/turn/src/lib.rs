@@ -57,6 +57,9 @@ pub enum TurnError {
     /// The turn's artifacts could not be saved.
     #[error("cannot save the turn's artifacts: {0}")]
     SaveArtifacts(io::Error),
+    /// `--resume` has nothing to resume, or the document changed too much to resume.
+    #[error("{0}")]
+    Resume(String),
 }
 
 /// What an observer is told while a turn runs.
@@ -71,6 +74,13 @@ pub enum Event<'a> {
     ContextLoaded(&'a ContextLoaded),
     /// The turn's artifacts are in the store.
     ContextSaved(&'a ContextSaved),
+    /// The turn resumes an earlier one, at this step.
+    Resuming {
+        turn: i64,
+        step: usize,
+    },
+    /// Something the user should know that does not stop the turn.
+    Warning(&'a str),
 }
 
 /// What a turn started with.
@@ -144,22 +154,105 @@ pub struct TurnOptions {
     pub output_limits: OutputLimits,
     /// The store to use (`--store`); else found from the document ([`upstream_store::locate`]).
     pub store: Option<PathBuf>,
+    /// Resume the document's last turn, which did not pass, at the step that stopped it.
+    pub resume: bool,
 }
 
 /// A finished (or interrupted) turn.
 #[derive(Debug)]
 pub struct Turn {
     pub record: TurnRecord,
-    /// One result block per step, to render into the document.
-    pub results: Vec<ResultBlock>,
+    /// One result block per step, to render into the document; `None` keeps the block the
+    /// document has (a step a resume did not run again).
+    pub results: Vec<Option<ResultBlock>>,
 }
 
 impl Turn {
     /// The document with this turn's results.
     pub fn render(&self, document: &Document) -> String {
-        let results: Vec<Option<ResultBlock>> = self.results.iter().cloned().map(Some).collect();
-        document.render(&results)
+        document.render(&self.results)
     }
+}
+
+/// What a `--resume` starts from.
+#[derive(Debug, Clone)]
+struct Resume {
+    turn: i64,
+    kept: PathBuf,
+    /// The first step to run again (1-based).
+    step: usize,
+    /// The kept steps' outputs, by step number.
+    outputs: BTreeMap<usize, BTreeMap<String, String>>,
+}
+
+/// Finds what `--resume` of `document` resumes, and checks the steps before the one to run
+/// again are those that ran.
+fn find_resume(
+    store: &Store,
+    document: &Document,
+    shown: &str,
+    context: &str,
+) -> Result<Resume, TurnError> {
+    let path = document.path().display();
+    let found = store.resumable(shown, context)?;
+    let Some(last) = found else {
+        return Err(TurnError::Resume(format!(
+            "{path}: nothing to resume: no turn of it has run in context `{context}`; run it without --resume"
+        )));
+    };
+    let (Some(kept), Some(source)) = (&last.kept, &last.source) else {
+        return Err(TurnError::Resume(format!(
+            "{path}: nothing to resume: its last turn ({}) {}; run it without --resume",
+            last.number,
+            if last.status == "passed" {
+                "passed"
+            } else {
+                "kept no workspace"
+            }
+        )));
+    };
+    if !kept.is_dir() {
+        return Err(TurnError::Resume(format!(
+            "{path}: the workspace turn {} kept at {} is gone (a reboot clears it); run it without --resume",
+            last.number,
+            kept.display()
+        )));
+    }
+    let step = last.step.max(1) as usize;
+    let bytes = store.blobs().read(source).map_err(StoreError::from)?;
+    let before = Document::parse(document.path(), &bytes).map_err(|e| {
+        TurnError::Resume(format!(
+            "{path}: cannot read the document turn {} ran: {e}",
+            last.number
+        ))
+    })?;
+    if document.steps().len() < step {
+        return Err(TurnError::Resume(format!(
+            "{path}: turn {} stopped at step {step}, but the document now has {} steps; run it without --resume",
+            last.number,
+            document.steps().len()
+        )));
+    }
+    for (now, then) in document.steps().iter().zip(before.steps()).take(step - 1) {
+        if now.code != then.code || now.language != then.language {
+            return Err(TurnError::Resume(format!(
+                "{path}: step {} changed since turn {} ran it, so its workspace no longer matches; run it without --resume",
+                now.number, last.number
+            )));
+        }
+    }
+    let outputs = store
+        .steps(last.number)?
+        .into_iter()
+        .filter(|s| (s.number as usize) < step)
+        .map(|s| (s.number as usize, s.outputs))
+        .collect();
+    Ok(Resume {
+        turn: last.number,
+        kept: kept.clone(),
+        step,
+        outputs,
+    })
 }
 
 /// The sandbox a document asks for.
@@ -222,23 +315,51 @@ pub fn run(
     let context = context::Context::load(&store, &context_name)?;
     let id = uuid::Uuid::now_v7().to_string();
     let shown_path = shown_path(document.path(), &store_dir);
+    let resume = match options.resume {
+        true => Some(find_resume(&store, document, &shown_path, &context_name)?),
+        false => None,
+    };
+    let mut spec = spec;
+    spec.workspace = Some(upstream_sandbox::WorkspaceSpec {
+        dir: fm.workdir().to_string(),
+        resume: resume.as_ref().map(|r| r.kept.clone()),
+    });
     let number = store.begin_turn(&NewTurn {
         id: &id,
         context: &context_name,
         document: &shown_path,
         source,
         started_at,
+        resumed_from: resume.as_ref().map(|r| r.turn),
     })?;
     let mut turn = TurnInStore {
         store,
         number,
         done: false,
+        kept: None,
     };
     let outcome = run_in_sandbox(
-        document, backend, options, observer, cancel, &mut turn, &context, &secrets, &spec,
-        started, &id,
+        document,
+        backend,
+        options,
+        observer,
+        cancel,
+        &mut turn,
+        &context,
+        &secrets,
+        &spec,
+        started,
+        &id,
+        resume.as_ref(),
     );
-    let (records, results, sandbox_record, saved, status) = match outcome {
+    let Ran {
+        records,
+        results,
+        sandbox: sandbox_record,
+        saved,
+        status,
+        kept,
+    } = match outcome {
         Ok(done) => done,
         Err(e) => {
             let status = match e {
@@ -259,6 +380,7 @@ pub fn run(
         duration_ms: started.elapsed().as_millis() as u64,
         sandbox: Some(sandbox_record),
         steps: records,
+        resumed_from: resume.as_ref().map(|r| r.turn),
         store: store_dir.clone(),
     };
     let result = Turn { record, results };
@@ -282,7 +404,15 @@ pub fn run(
         Some((artifacts, summary)) => (artifacts, Some(summary)),
         None => (Vec::new(), None),
     };
+    turn.kept = kept;
     turn.finish_checked(state, started, sandbox_json, result_blob, artifacts)?;
+    // This turn supersedes what earlier turns of the document kept for resuming.
+    for old in turn
+        .store
+        .take_superseded(&shown_path, &context_name, number)?
+    {
+        backend.discard_kept(&old);
+    }
     if let Some(summary) = summary {
         observer.event(Event::ContextSaved(&ContextSaved {
             context: context_name,
@@ -325,6 +455,8 @@ struct TurnInStore {
     store: Store,
     number: i64,
     done: bool,
+    /// Where the workspace was kept for resuming, and the step to resume at.
+    kept: Option<(PathBuf, usize)>,
 }
 
 impl TurnInStore {
@@ -346,6 +478,8 @@ impl TurnInStore {
                 sandbox,
                 result,
                 artifacts,
+                kept: self.kept.as_ref().map(|(p, _)| p.display().to_string()),
+                resume_step: self.kept.as_ref().map(|(_, s)| *s as i64),
             },
         )
     }
@@ -373,13 +507,16 @@ impl Drop for TurnInStore {
     }
 }
 
-type Ran = (
-    Vec<StepRecord>,
-    Vec<ResultBlock>,
-    SandboxRecord,
-    Option<(Vec<NewArtifact>, ContextSaved)>,
-    TurnStatus,
-);
+/// What running the steps gave.
+struct Ran {
+    records: Vec<StepRecord>,
+    results: Vec<Option<ResultBlock>>,
+    sandbox: SandboxRecord,
+    saved: Option<(Vec<NewArtifact>, ContextSaved)>,
+    status: TurnStatus,
+    /// Where the workspace was kept for resuming, and the step to resume at.
+    kept: Option<(PathBuf, usize)>,
+}
 
 #[allow(clippy::too_many_arguments)]
 fn run_in_sandbox(
@@ -394,6 +531,7 @@ fn run_in_sandbox(
     spec: &SandboxSpec,
     started: Instant,
     id: &str,
+    resume: Option<&Resume>,
 ) -> Result<Ran, TurnError> {
     let fm = document.front_matter();
     let mut sandbox = backend.create(spec)?;
@@ -406,13 +544,40 @@ fn run_in_sandbox(
         setup_ms: sandbox.info().setup.as_secs_f64() * 1000.0,
         unenforced: sandbox.info().unenforced.clone(),
     };
+    // A resumed turn's workspace is the one kept, artifacts and all.
     let known = {
         let root = sandbox.host_root()?;
-        context.prepare(root, fm.workdir())?
+        context.prepare(root, fm.workdir(), resume.is_none())?
     };
-    if let Some(loaded) = context.loaded() {
+    if let Some(r) = resume {
+        observer.event(Event::Resuming {
+            turn: r.turn,
+            step: r.step,
+        });
+    } else if let Some(loaded) = context.loaded() {
         observer.event(Event::ContextLoaded(&loaded));
     }
+    // What the restore wrote becomes a layer of its own, kept if the first step fails.
+    let mut layering = true;
+    let mut checkpoint =
+        |sandbox: &mut dyn Sandbox, observer: &mut dyn Observer| -> Result<(), SandboxError> {
+            if layering {
+                match sandbox.checkpoint() {
+                    Ok(()) => {}
+                    Err(e @ SandboxError::Workspace(_)) => return Err(e),
+                    Err(e) => {
+                        layering = false;
+                        let text = match e.hint() {
+                            Some(hint) => format!("{e} ({hint})"),
+                            None => e.to_string(),
+                        };
+                        observer.event(Event::Warning(&text));
+                    }
+                }
+            }
+            Ok(())
+        };
+    checkpoint(sandbox.as_mut(), observer)?;
 
     let mut runner = StepRunner {
         document,
@@ -428,33 +593,58 @@ fn run_in_sandbox(
     let mut results = Vec::new();
     let mut stopped = false;
     let mut interrupted = false;
+    // The step a later --resume starts at: the one that stopped this turn.
+    let mut stopped_at = None;
     for step in document.steps() {
+        if let Some(r) = resume.filter(|r| step.number < r.step) {
+            let mut record = not_run_record(step);
+            record.status = StepStatus::Kept;
+            record.message = Some(format!("kept from turn {}", r.turn));
+            record.outputs = r.outputs.get(&step.number).cloned().unwrap_or_default();
+            observer.event(Event::StepFinished(step, &record));
+            runner.record(&record, None)?;
+            runner.publish(&record);
+            records.push(record);
+            results.push(None);
+            continue;
+        }
         if stopped || interrupted || cancel.is_cancelled() {
             interrupted |= cancel.is_cancelled();
+            if interrupted {
+                stopped_at.get_or_insert(step.number);
+            }
             let record = not_run_record(step);
             observer.event(Event::StepFinished(step, &record));
             runner.record(&record, None)?;
             records.push(record);
-            results.push(ResultBlock::not_run());
+            results.push(Some(ResultBlock::not_run()));
             continue;
+        }
+        if !records.is_empty() && resume.is_none_or(|r| step.number > r.step) {
+            if let Err(e) = checkpoint(sandbox.as_mut(), observer) {
+                cancel.watch(None);
+                return Err(e.into());
+            }
         }
         observer.event(Event::StepStarted(step));
         match runner.run_step(sandbox.as_mut(), step, observer) {
             Ok((record, result, log)) => {
                 if record.status.failed() && !step.continue_on_error {
                     stopped = true;
+                    stopped_at = Some(step.number);
                 }
                 observer.event(Event::StepFinished(step, &record));
                 runner.record(&record, log)?;
                 runner.publish(&record);
                 records.push(record);
-                results.push(result);
+                results.push(Some(result));
             }
             Err(SandboxError::Interrupted) => {
                 interrupted = true;
+                stopped_at = Some(step.number);
                 let record = not_run_record(step);
                 records.push(record);
-                results.push(ResultBlock::not_run());
+                results.push(Some(ResultBlock::not_run()));
             }
             Err(e) => {
                 cancel.watch(None);
@@ -479,8 +669,31 @@ fn run_in_sandbox(
             .save(root, fm, turn.store.blobs(), &known)
             .map_err(TurnError::SaveArtifacts)?
     };
-    sandbox.destroy()?;
-    Ok((records, results, sandbox_record, saved, status))
+    // A turn that did not pass keeps its workspace as the steps before the one that stopped
+    // it left it, for `--resume`.
+    let kept = match (status, stopped_at, layering) {
+        (TurnStatus::Passed, _, _) | (_, None, _) | (_, _, false) => {
+            sandbox.destroy()?;
+            None
+        }
+        (_, Some(step), true) => match sandbox.destroy_keeping() {
+            Ok(path) => Some((path, step)),
+            Err(e) => {
+                observer.event(Event::Warning(&format!(
+                    "the workspace could not be kept for --resume: {e}"
+                )));
+                None
+            }
+        },
+    };
+    Ok(Ran {
+        records,
+        results,
+        sandbox: sandbox_record,
+        saved,
+        status,
+        kept,
+    })
 }
 
 fn resolve_secrets(document: &Document) -> Result<Vec<(String, String)>, TurnError> {

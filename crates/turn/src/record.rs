@@ -30,6 +30,8 @@ pub enum StepStatus {
     /// The step's command could not be started.
     Error,
     NotRun,
+    /// Not run again by `--resume`: the turn it resumed ran it, and its result stands.
+    Kept,
 }
 
 impl StepStatus {
@@ -91,6 +93,8 @@ pub struct TurnRecord {
     pub duration_ms: u64,
     pub sandbox: Option<SandboxRecord>,
     pub steps: Vec<StepRecord>,
+    /// The turn this one resumed.
+    pub resumed_from: Option<i64>,
     /// The store the turn is recorded in.
     pub store: PathBuf,
 }

@@ -150,6 +150,10 @@ pub struct RunArgs {
     /// Print each turn's record as one line of JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Run again from the step that stopped the document's last turn, with the workspace as
+    /// the steps before it left it; their result blocks stay as they are.
+    #[arg(long)]
+    pub resume: bool,
     #[command(flatten)]
     pub store: StoreArg,
 }

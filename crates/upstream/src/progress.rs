@@ -90,6 +90,7 @@ pub fn status_text(record: &StepRecord) -> String {
             record.message.as_deref().unwrap_or("unknown error")
         ),
         StepStatus::NotRun => "not run".into(),
+        StepStatus::Kept => record.message.clone().unwrap_or_else(|| "kept".into()),
     }
 }
 
@@ -139,6 +140,12 @@ impl Observer for Progress {
                     }
                 }
             }
+            Event::Resuming { turn, step } => {
+                self.line(&format!(
+                    "Resuming turn {turn} at step {step}, with the workspace as the steps before it left it"
+                ));
+            }
+            Event::Warning(text) => self.line(&format!("warning: {text}")),
             Event::ContextLoaded(loaded) => {
                 let mut what = vec![plural(loaded.artifacts, "artifact")];
                 if loaded.outputs > 0 {

@@ -56,6 +56,7 @@ fn run_one(
     let mut progress = Progress::new(document.front_matter().image(), args.verbose, cancel);
     let options = TurnOptions {
         store: args.store.store.clone(),
+        resume: args.resume,
         ..TurnOptions::default()
     };
     let turn =
@@ -77,6 +78,10 @@ fn run_one(
                 return exit::INTERRUPTED;
             }
             Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
+            Err(TurnError::Resume(why)) => {
+                eprintln!("error: {why}");
+                return exit::BAD_INPUT;
+            }
             Err(
                 e @ (TurnError::Store(_) | TurnError::Restore(_) | TurnError::SaveArtifacts(_)),
             ) => {

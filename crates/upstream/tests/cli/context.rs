@@ -446,3 +446,131 @@ fn kill_9_while_saving_artifacts_loses_nothing() {
         "the kills should land both mid-save and after it: {interrupted} of 50 interrupted"
     );
 }
+
+const PIPELINE: &str = "# Pipeline\n\n## Fetch\n\n```bash\necho one > data.txt\nmkdir -p /root/tool && echo made > /root/tool/mark\necho n=1 >> $UPSTREAM_OUTPUT\n```\n\n## Transform\n\n```bash\necho two >> data.txt\necho junk > junk.txt\nexit 1\n```\n\n## Report\n\n```bash\ncat data.txt\n```\n";
+
+const FIXED_STEP: &str = "```bash\ncat data.txt; test ! -e junk.txt\ntest \"$UPSTREAM_CTX_N\" = 1\ncat /root/tool/mark\necho two >> data.txt\n```";
+
+fn fix(doc: &str) -> String {
+    doc.replace(
+        "```bash\necho two >> data.txt\necho junk > junk.txt\nexit 1\n```",
+        FIXED_STEP,
+    )
+}
+
+#[test]
+fn resume_runs_from_the_failed_step_with_the_workspace_before_it() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write("pipe.md", PIPELINE);
+    assert_eq!(code(&env.upstream(&["run", "pipe.md"])), 1);
+    let failed = fs::read_to_string(&path).unwrap();
+    let step_one = result_block(&failed, 1);
+
+    fs::write(&path, fix(&failed)).unwrap();
+    let out = env.upstream(&["run", "--resume", "pipe.md"]);
+    let doc = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}\n{doc}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Resuming turn 1 at step 2"), "{err}");
+    assert!(
+        err.contains("Step 1: Fetch ..................... kept from turn 1"),
+        "{err}"
+    );
+    // The failed attempt's writes are gone; what step 1 wrote, inside and outside the
+    // workspace, is there.
+    assert!(result_block(&doc, 2).contains("one\nmade"), "{doc}");
+    assert!(result_block(&doc, 3).contains("one\ntwo"), "{doc}");
+    assert_eq!(
+        result_block(&doc, 1),
+        step_one,
+        "step 1's result is left as it was"
+    );
+
+    let log = json(&env.upstream(&["log", "--json"]));
+    assert_eq!(log[1]["resumed_from"], 1);
+    assert_eq!(log[1]["status"], "passed");
+    let kept: Vec<_> = fs::read_dir(env.runtime.join("kept"))
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(
+        kept.is_empty(),
+        "a resumed turn that passed leaves nothing kept: {kept:?}"
+    );
+
+    let again = env.upstream(&["run", "--resume", "pipe.md"]);
+    assert_eq!(code(&again), 2);
+    assert!(
+        stderr(&again).contains("nothing to resume"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        doc,
+        "a refused resume touches nothing"
+    );
+}
+
+#[test]
+fn resume_refuses_when_an_earlier_step_changed() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write("pipe.md", PIPELINE);
+    assert_eq!(code(&env.upstream(&["run", "pipe.md"])), 1);
+    let edited = fix(&fs::read_to_string(&path).unwrap()).replace("echo one", "echo uno");
+    fs::write(&path, &edited).unwrap();
+    let out = env.upstream(&["run", "--resume", "pipe.md"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("step 1 changed since turn 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), edited);
+    // A plain run supersedes the kept workspace.
+    assert_eq!(code(&env.upstream(&["run", "pipe.md"])), 0);
+    let kept: Vec<_> = fs::read_dir(env.runtime.join("kept")).unwrap().collect();
+    assert!(kept.is_empty(), "{kept:?}");
+}
+
+#[test]
+fn a_resume_killed_midway_can_be_resumed_again() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write("pipe.md", PIPELINE);
+    assert_eq!(code(&env.upstream(&["run", "pipe.md"])), 1);
+    let slow = fix(&fs::read_to_string(&path).unwrap()).replace(
+        "echo two >> data.txt\n```",
+        "echo two >> data.txt\necho waiting; sleep 30\n```",
+    );
+    fs::write(&path, &slow).unwrap();
+    let mut child = env
+        .command()
+        .args(["run", "-v", "--resume", "pipe.md"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines {
+        if line.unwrap() == "waiting" {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The killed attempt wrote to data.txt; the kept workspace must not show it.
+    fs::write(&path, fix(&slow.replace("echo waiting; sleep 30\n", ""))).unwrap();
+    let out = env.upstream(&["run", "--resume", "pipe.md"]);
+    let doc = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}\n{doc}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Resuming turn 1 at step 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(result_block(&doc, 3).contains("one\ntwo\n"), "{doc}");
+}
