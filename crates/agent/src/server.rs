@@ -112,8 +112,6 @@ fn run(
     let deadline = req.timeout_ms.map(|ms| start + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut status = None;
-    let mut buf = vec![0u8; OUTPUT_CHUNK];
-
     while status.is_none() {
         let timeout = match deadline {
             Some(_) if timed_out => PollTimeout::from(100u16),
@@ -151,10 +149,10 @@ fn run(
                 ready(1),
             )
         };
-        if out_ready && !forward(conn, &mut stdout, &mut buf)? {
+        if out_ready && !forward(conn, &mut stdout)? {
             stdout = None;
         }
-        if err_ready && !forward(conn, &mut stderr, &mut buf)? {
+        if err_ready && !forward(conn, &mut stderr)? {
             stderr = None;
         }
         if conn_ready {
@@ -194,7 +192,7 @@ fn run(
             set_nonblocking(p.fd())?;
         }
         for _ in 0..64 {
-            match forward(conn, pipe, &mut buf) {
+            match forward(conn, pipe) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(AgentError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -230,40 +228,48 @@ impl Pipe {
         self.file.as_fd()
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
-    }
-
     fn stream(&self) -> Stream {
         self.stream
     }
 }
 
 /// Moves one read's worth of a pipe to the host. `Ok(false)` when the pipe is done.
-fn forward(
-    conn: &mut UnixStream,
-    pipe: &mut Option<Pipe>,
-    buf: &mut [u8],
-) -> Result<bool, AgentError> {
+fn forward(conn: &mut UnixStream, pipe: &mut Option<Pipe>) -> Result<bool, AgentError> {
     let Some(p) = pipe.as_mut() else {
         return Ok(false);
     };
+    // Read straight into the frame's buffer, which is not zeroed first: the pages a chunk
+    // does not fill are never touched (a command that prints nothing costs none).
+    let mut data: Vec<u8> = Vec::with_capacity(OUTPUT_CHUNK);
     let n = loop {
-        match p.read(buf) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
+        // SAFETY: read(2) writes at most `capacity` bytes into the vector's spare capacity,
+        // which is allocated and owned by `data`.
+        let n = unsafe {
+            libc::read(
+                p.fd().as_raw_fd(),
+                data.as_mut_ptr().cast(),
+                data.capacity(),
+            )
+        };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e.into());
         }
     };
     if n == 0 {
         *pipe = None;
         return Ok(false);
     }
+    // SAFETY: the kernel initialised the first `n` bytes.
+    unsafe { data.set_len(n) };
     write_frame(
         conn,
         &Response::Output {
             stream: p.stream(),
-            data: buf[..n].to_vec(),
+            data,
         },
     )?;
     Ok(true)
