@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -209,6 +209,37 @@ impl Blobs {
         })
     }
 
+    /// Maps blob `id` into `arena` and checks it against its name before handing it out:
+    /// the caller sees exactly what the name promises, without a copy. `None` when the blob
+    /// does not fit in the arena (read it with [`Blobs::open`] instead).
+    pub fn map<'a>(
+        &self,
+        id: &BlobId,
+        arena: &'a mut MapArena,
+    ) -> Result<Option<&'a [u8]>, BlobError> {
+        let path = self.path(id);
+        let fail = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => BlobError::Missing { path: path.clone() },
+            _ => BlobError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        };
+        let file = File::open(&path).map_err(fail)?;
+        let len = file.metadata().map_err(fail)?.len() as usize;
+        let Some(bytes) = arena.map(&file, len).map_err(fail)? else {
+            return Ok(None);
+        };
+        let actual = BlobId::from_hash(blake3::hash(bytes));
+        if &actual != id {
+            return Err(BlobError::Corrupt {
+                path,
+                actual: actual.0,
+            });
+        }
+        Ok(Some(bytes))
+    }
+
     /// Reads a whole blob, checked.
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, BlobError> {
         let mut reader = self.open(id)?;
@@ -368,6 +399,106 @@ impl Drop for PendingBlob {
         if let Some(temp) = &self.temp {
             let _ = fs::remove_file(temp);
         }
+    }
+}
+
+/// Address space reserved for mapping many blobs one after another. Each blob is mapped at
+/// fresh addresses and nothing is unmapped until the arena is full or dropped: unmapping
+/// makes the kernel flush the TLB of every CPU running the process's threads, which per file
+/// would cost more than reading the file.
+#[derive(Debug)]
+pub struct MapArena {
+    base: *mut libc::c_void,
+    size: usize,
+    used: usize,
+}
+
+// SAFETY: the arena owns its reservation; it is used by one thread at a time (`&mut self`).
+unsafe impl Send for MapArena {}
+
+impl MapArena {
+    /// Reserves `size` bytes of address space (no memory).
+    pub fn new(size: usize) -> io::Result<MapArena> {
+        let mut arena = MapArena {
+            base: std::ptr::null_mut(),
+            size,
+            used: 0,
+        };
+        arena.reserve()?;
+        Ok(arena)
+    }
+
+    fn reserve(&mut self) -> io::Result<()> {
+        // SAFETY: an anonymous, inaccessible reservation; nothing refers to it yet.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.base = base;
+        self.used = 0;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: unmaps exactly the reservation made in `reserve`.
+            unsafe { libc::munmap(self.base, self.size) };
+            self.base = std::ptr::null_mut();
+        }
+    }
+
+    /// Maps `len` bytes of `file` read-only; `None` when it can never fit.
+    fn map(&mut self, file: &File, len: usize) -> io::Result<Option<&[u8]>> {
+        if len == 0 {
+            return Ok(Some(&[]));
+        }
+        let pages = len.div_ceil(4096) * 4096;
+        if pages > self.size {
+            return Ok(None);
+        }
+        if self.used + pages > self.size {
+            // Full: one unmap for everything mapped so far, and start again.
+            self.release();
+            self.reserve()?;
+        }
+        // SAFETY: `used + pages <= size`, so the address is inside the reservation.
+        let at = unsafe { self.base.cast::<u8>().add(self.used) }.cast::<libc::c_void>();
+        // SAFETY: maps the file over unused addresses inside this arena's reservation
+        // (MAP_FIXED replaces only the reservation there). The slice handed out lives no
+        // longer than the `&mut self` borrow, before which nothing is unmapped.
+        let ptr = unsafe {
+            libc::mmap(
+                at,
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.used += pages;
+        // SAFETY: `ptr` maps `len` readable bytes until the arena is released.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+        }))
+    }
+}
+
+impl Drop for MapArena {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -20,7 +20,7 @@ pub mod log;
 mod query;
 pub mod schema;
 
-pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, PendingBlob};
+pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, PendingBlob};
 pub use query::{
     ArtifactKind, ArtifactRow, ContextSummary, GcReport, OutputRow, StepRow, TurnDetail, TurnState,
     TurnSummary,

@@ -499,6 +499,9 @@ pub fn restore(
         });
         result.expect("ran")
     });
+    // The worker threads let their arenas go as they end; this one (which works alone when
+    // there is one file) does it now.
+    ARENA.with_borrow_mut(|arena| *arena = None);
     let mut known = Known::new();
     for (a, r) in files.iter().zip(restored) {
         known.insert(a.path.clone(), r?);
@@ -531,6 +534,13 @@ pub fn restore(
     Ok(known)
 }
 
+thread_local! {
+    /// Each restoring thread's address space for blobs (1 GiB, reserved, not memory), made
+    /// on first use and let go when a restore ends.
+    static ARENA: std::cell::RefCell<Option<upstream_store::MapArena>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn restore_file(
     dir: BorrowedFd<'_>,
     a: &ArtifactRow,
@@ -552,11 +562,30 @@ fn restore_file(
         .resolve(beneath());
     let fd = openat2(&parent, name, how).map_err(|e| fail(e.into()))?;
     let mut file = File::from(fd);
-    let mut reader = blobs.open(blob)?;
-    io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
-        upstream_store::BlobError::Io { source, .. } => fail(source),
-        other => RestoreError::Blob(other),
+    // Mapped and checked before a byte is written, so a damaged blob leaves nothing; one
+    // too big for the arena is streamed and checked at its end (the turn then fails).
+    let mapped = ARENA.with_borrow_mut(|arena| -> Result<bool, RestoreError> {
+        if arena.is_none() {
+            *arena = upstream_store::MapArena::new(1 << 30).ok();
+        }
+        let Some(arena) = arena.as_mut() else {
+            return Ok(false);
+        };
+        match blobs.map(blob, arena)? {
+            Some(bytes) => {
+                file.write_all(bytes).map_err(fail)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     })?;
+    if !mapped {
+        let mut reader = blobs.open(blob)?;
+        io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
+            upstream_store::BlobError::Io { source, .. } => fail(source),
+            other => RestoreError::Blob(other),
+        })?;
+    }
     nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode)).map_err(|e| fail(e.into()))?;
     set_mtime(&parent, name, a.mtime_ns, false).map_err(fail)?;
     let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
