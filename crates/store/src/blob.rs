@@ -209,14 +209,16 @@ impl Blobs {
         })
     }
 
-    /// Maps blob `id` into `arena` and checks it against its name before handing it out:
-    /// the caller sees exactly what the name promises, without a copy. `None` when the blob
-    /// does not fit in the arena (read it with [`Blobs::open`] instead).
-    pub fn map<'a>(
+    /// Copies blob `id` to the end of `target`, checked against its name before a byte is
+    /// copied: the blob is hashed through a mapping in `arena` (no copy), then copied inside
+    /// the kernel (`sendfile`, as `cp` does). `Ok(false)` when the blob does not fit in the
+    /// arena (copy it with [`Blobs::open`] instead).
+    pub fn copy_checked(
         &self,
         id: &BlobId,
-        arena: &'a mut MapArena,
-    ) -> Result<Option<&'a [u8]>, BlobError> {
+        arena: &mut MapArena,
+        target: &File,
+    ) -> Result<bool, BlobError> {
         let path = self.path(id);
         let fail = |e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => BlobError::Missing { path: path.clone() },
@@ -228,7 +230,7 @@ impl Blobs {
         let file = File::open(&path).map_err(fail)?;
         let len = file.metadata().map_err(fail)?.len() as usize;
         let Some(bytes) = arena.map(&file, len).map_err(fail)? else {
-            return Ok(None);
+            return Ok(false);
         };
         let actual = BlobId::from_hash(blake3::hash(bytes));
         if &actual != id {
@@ -237,7 +239,33 @@ impl Blobs {
                 actual: actual.0,
             });
         }
-        Ok(Some(bytes))
+        let mut offset: libc::off_t = 0;
+        while (offset as usize) < len {
+            // SAFETY: sendfile between two descriptors this function holds; `offset` is a
+            // local the kernel advances.
+            let n = unsafe {
+                libc::sendfile(
+                    target.as_raw_fd(),
+                    file.as_raw_fd(),
+                    &mut offset,
+                    len - offset as usize,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(BlobError::Io {
+                    path: path.clone(),
+                    source: e,
+                });
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(true)
     }
 
     /// Reads a whole blob, checked.

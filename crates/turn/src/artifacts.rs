@@ -571,13 +571,7 @@ fn restore_file(
         let Some(arena) = arena.as_mut() else {
             return Ok(false);
         };
-        match blobs.map(blob, arena)? {
-            Some(bytes) => {
-                file.write_all(bytes).map_err(fail)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(blobs.copy_checked(blob, arena, &file)?)
     })?;
     if !mapped {
         let mut reader = blobs.open(blob)?;
