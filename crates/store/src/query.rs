@@ -393,25 +393,111 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.db_err(e))
     }
 
-    /// Every turn of `context`, whole, in order.
+    /// Every turn of `context`, whole, in order: four queries whatever the number of turns.
     pub fn chain(&self, context: &str) -> Result<Vec<TurnDetail>, StoreError> {
-        let numbers: Vec<i64> = {
-            let mut stmt = self
-                .conn()
-                .prepare(
-                    "SELECT t.number FROM turns t JOIN contexts c ON c.id = t.context_id
-                     WHERE c.name = ?1 ORDER BY t.number",
-                )
-                .map_err(|e| self.db_err(e))?;
-            stmt.query_map([context], |r| r.get(0))
-                .map_err(|e| self.db_err(e))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| self.db_err(e))?
-        };
-        let mut chain = Vec::with_capacity(numbers.len());
-        for number in numbers {
-            if let Some(turn) = self.turn_by_number(number)? {
-                chain.push(turn);
+        let e = |e| self.db_err(e);
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS}, t.sandbox, t.source_blob, t.result_blob
+             FROM turns t JOIN contexts c ON c.id = t.context_id
+             WHERE c.name = ?1 ORDER BY t.number"
+        );
+        let mut stmt = self.conn().prepare(&sql).map_err(e)?;
+        let mut chain: Vec<TurnDetail> = stmt
+            .query_map([context], |row| {
+                let sandbox: Option<String> = row.get(14)?;
+                Ok(TurnDetail {
+                    summary: summary(row)?,
+                    sandbox: sandbox.and_then(|s| serde_json::from_str(&s).ok()),
+                    source: blob_id(row.get(15)?),
+                    result: blob_id(row.get(16)?),
+                    steps: Vec::new(),
+                    artifact_list: Vec::new(),
+                })
+            })
+            .map_err(e)?
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        let index: std::collections::HashMap<i64, usize> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.summary.number, i))
+            .collect();
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT s.turn, s.number, s.title, s.language, s.status, s.exit_code, s.signal,
+                    s.duration_ms, s.message, s.stdout_bytes, s.stderr_bytes, s.log_blob
+                 FROM steps s JOIN turns t ON t.number = s.turn
+                 JOIN contexts c ON c.id = t.context_id
+                 WHERE c.name = ?1 ORDER BY s.turn, s.number",
+            )
+            .map_err(e)?;
+        let steps = stmt
+            .query_map([context], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    StepRow {
+                        number: r.get(1)?,
+                        title: r.get(2)?,
+                        language: r.get(3)?,
+                        status: r.get(4)?,
+                        exit_code: r.get(5)?,
+                        signal: r.get(6)?,
+                        duration_ms: r.get::<_, Option<i64>>(7)?.map(|d| d as u64),
+                        message: r.get(8)?,
+                        stdout_bytes: r.get::<_, i64>(9)? as u64,
+                        stderr_bytes: r.get::<_, i64>(10)? as u64,
+                        log: blob_id(r.get(11)?),
+                        outputs: BTreeMap::new(),
+                    },
+                ))
+            })
+            .map_err(e)?;
+        for step in steps {
+            let (turn, step) = step.map_err(e)?;
+            if let Some(&i) = index.get(&turn) {
+                chain[i].steps.push(step);
+            }
+        }
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT o.turn, o.step, o.key, o.value FROM outputs o
+                 JOIN turns t ON t.number = o.turn JOIN contexts c ON c.id = t.context_id
+                 WHERE c.name = ?1",
+            )
+            .map_err(e)?;
+        let outputs = stmt
+            .query_map([context], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(e)?;
+        for output in outputs {
+            let (turn, step, key, value) = output.map_err(e)?;
+            let Some(&i) = index.get(&turn) else { continue };
+            if let Some(s) = chain[i].steps.iter_mut().find(|s| s.number == step) {
+                s.outputs.insert(key, value);
+            }
+        }
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT a.turn, a.path, a.kind, a.mode, a.size, a.mtime_ns, a.blob, a.target
+                 FROM artifacts a JOIN turns t ON t.number = a.turn
+                 JOIN contexts c ON c.id = t.context_id
+                 WHERE c.name = ?1 ORDER BY a.turn, a.path",
+            )
+            .map_err(e)?;
+        let artifacts = stmt.query_map([context], artifact).map_err(e)?;
+        for a in artifacts {
+            let a = a.map_err(e)?;
+            if let Some(&i) = index.get(&a.turn) {
+                chain[i].artifact_list.push(a);
             }
         }
         Ok(chain)
