@@ -199,6 +199,26 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `f` in a write transaction, taken at once (concurrent writers queue for it instead
+    /// of failing midway), and commits it.
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let db_path = self.db_path.clone();
+        let fail = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let value = f(&tx).map_err(fail)?;
+        tx.commit().map_err(fail)?;
+        Ok(value)
+    }
+
     /// Starts a turn: records it as running in `context` (created if new) and returns its
     /// number. `source` is the document as it was read.
     pub fn begin_turn(&mut self, turn: &NewTurn<'_>) -> Result<i64, StoreError> {
@@ -206,161 +226,128 @@ impl Store {
         self.blobs.remove_abandoned_temps();
         let source = self.blobs.put(turn.source).map_err(|e| self.io_err(e))?;
         let owner = owner_token(std::process::id());
-        let db_path = self.db_path.clone();
-        let db_err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        mark_dead_turns_interrupted(&tx).map_err(db_err)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO contexts (name, created_at) VALUES (?1, ?2)",
-            params![turn.context, turn.started_at],
-        )
-        .map_err(db_err)?;
-        let context_id: i64 = tx
-            .query_row(
-                "SELECT id FROM contexts WHERE name = ?1",
-                [turn.context],
-                |r| r.get(0),
-            )
-            .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO turns (id, context_id, document, source_blob, status, owner, started_at,
-                resumed_from)
-             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)",
-            params![
-                turn.id,
-                context_id,
-                turn.document,
-                source.as_str(),
-                owner,
-                turn.started_at,
-                turn.resumed_from,
-            ],
-        )
-        .map_err(db_err)?;
-        let number = tx.last_insert_rowid();
-        tx.commit().map_err(db_err)?;
-        Ok(number)
+        self.write(|tx| {
+            mark_dead_turns_interrupted(tx)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO contexts (name, created_at) VALUES (?1, ?2)",
+                params![turn.context, turn.started_at],
+            )?;
+            let context_id: i64 = tx
+                .query_row(
+                    "SELECT id FROM contexts WHERE name = ?1",
+                    [turn.context],
+                    |r| r.get(0),
+                )?;
+            tx.execute(
+                "INSERT INTO turns (id, context_id, document, source_blob, status, owner, started_at,
+                    resumed_from)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)",
+                params![
+                    turn.id,
+                    context_id,
+                    turn.document,
+                    source.as_str(),
+                    owner,
+                    turn.started_at,
+                    turn.resumed_from,
+                ],
+            )?;
+            let number = tx.last_insert_rowid();
+            Ok(number)
+        })
     }
 
     /// Records a finished step of a running turn. `log` must be committed already.
     pub fn record_step(&mut self, turn: i64, step: &NewStep) -> Result<(), StoreError> {
-        let db_path = self.db_path.clone();
-        let db_err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO steps (turn, number, title, language, status, exit_code,
-                signal, duration_ms, message, stdout_bytes, stderr_bytes, log_blob)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                turn,
-                step.number,
-                step.title,
-                step.language,
-                step.status,
-                step.exit_code,
-                step.signal,
-                step.duration_ms.map(|d| d as i64),
-                step.message,
-                step.stdout_bytes as i64,
-                step.stderr_bytes as i64,
-                step.log.as_ref().map(BlobId::as_str),
-            ],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "DELETE FROM outputs WHERE turn = ?1 AND step = ?2",
-            params![turn, step.number],
-        )
-        .map_err(db_err)?;
-        for (key, value) in &step.outputs {
+        self.write(|tx| {
             tx.execute(
-                "INSERT INTO outputs (turn, step, key, value) VALUES (?1, ?2, ?3, ?4)",
-                params![turn, step.number, key, value],
-            )
-            .map_err(db_err)?;
-        }
-        tx.execute(
-            "UPDATE turns SET
-                steps = (SELECT count(*) FROM steps WHERE turn = ?1),
-                steps_passed = (SELECT count(*) FROM steps WHERE turn = ?1 AND status = 'passed')
-             WHERE number = ?1",
-            [turn],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+                "INSERT OR REPLACE INTO steps (turn, number, title, language, status, exit_code,
+                    signal, duration_ms, message, stdout_bytes, stderr_bytes, log_blob)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    turn,
+                    step.number,
+                    step.title,
+                    step.language,
+                    step.status,
+                    step.exit_code,
+                    step.signal,
+                    step.duration_ms.map(|d| d as i64),
+                    step.message,
+                    step.stdout_bytes as i64,
+                    step.stderr_bytes as i64,
+                    step.log.as_ref().map(BlobId::as_str),
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM outputs WHERE turn = ?1 AND step = ?2",
+                params![turn, step.number],
+            )?;
+            for (key, value) in &step.outputs {
+                tx.execute(
+                    "INSERT INTO outputs (turn, step, key, value) VALUES (?1, ?2, ?3, ?4)",
+                    params![turn, step.number, key, value],
+                )?;
+            }
+            tx.execute(
+                "UPDATE turns SET
+                    steps = (SELECT count(*) FROM steps WHERE turn = ?1),
+                    steps_passed = (SELECT count(*) FROM steps WHERE turn = ?1 AND status = 'passed')
+                 WHERE number = ?1",
+                [turn],
+            )?;
+            Ok(())
+        })
     }
 
     /// Ends a turn: its status, the document with its results, and its artifacts, in one
     /// transaction. Every blob named must be committed already.
     pub fn finish_turn(&mut self, turn: i64, finish: &FinishTurn) -> Result<(), StoreError> {
-        let db_path = self.db_path.clone();
-        let db_err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        {
-            let mut insert = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO artifacts (turn, path, kind, mode, size, mtime_ns,
-                        blob, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(db_err)?;
-            for a in &finish.artifacts {
-                insert
-                    .execute(params![
-                        turn,
-                        a.path,
-                        a.kind.as_str(),
-                        a.mode,
-                        a.size as i64,
-                        a.mtime_ns,
-                        a.blob.as_ref().map(BlobId::as_str),
-                        a.target,
-                    ])
-                    .map_err(db_err)?;
+        self.write(|tx| {
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT OR REPLACE INTO artifacts (turn, path, kind, mode, size, mtime_ns,
+                            blob, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?;
+                for a in &finish.artifacts {
+                    insert
+                        .execute(params![
+                            turn,
+                            a.path,
+                            a.kind.as_str(),
+                            a.mode,
+                            a.size as i64,
+                            a.mtime_ns,
+                            a.blob.as_ref().map(BlobId::as_str),
+                            a.target,
+                        ])?;
+                }
             }
-        }
-        tx.execute(
-            "UPDATE turns SET
-                artifacts = (SELECT count(*) FROM artifacts WHERE turn = ?1 AND kind != 'deleted'),
-                artifact_bytes = (SELECT coalesce(sum(size), 0) FROM artifacts
-                    WHERE turn = ?1 AND kind = 'file')
-             WHERE number = ?1",
-            [turn],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "UPDATE turns SET status = ?2, owner = NULL, finished_at = ?3, duration_ms = ?4,
-                sandbox = ?5, result_blob = ?6, kept = ?7, resume_step = ?8 WHERE number = ?1",
-            params![
-                turn,
-                finish.status.as_str(),
-                finish.finished_at,
-                finish.duration_ms as i64,
-                finish.sandbox.as_ref().map(|v| v.to_string()),
-                finish.result.as_ref().map(BlobId::as_str),
-                finish.kept,
-                finish.resume_step,
-            ],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+            tx.execute(
+                "UPDATE turns SET
+                    artifacts = (SELECT count(*) FROM artifacts WHERE turn = ?1 AND kind != 'deleted'),
+                    artifact_bytes = (SELECT coalesce(sum(size), 0) FROM artifacts
+                        WHERE turn = ?1 AND kind = 'file')
+                 WHERE number = ?1",
+                [turn],
+            )?;
+            tx.execute(
+                "UPDATE turns SET status = ?2, owner = NULL, finished_at = ?3, duration_ms = ?4,
+                    sandbox = ?5, result_blob = ?6, kept = ?7, resume_step = ?8 WHERE number = ?1",
+                params![
+                    turn,
+                    finish.status.as_str(),
+                    finish.finished_at,
+                    finish.duration_ms as i64,
+                    finish.sandbox.as_ref().map(|v| v.to_string()),
+                    finish.result.as_ref().map(BlobId::as_str),
+                    finish.kept,
+                    finish.resume_step,
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     /// The turn a `--resume` of `document` in `context` would resume: the document's latest
@@ -421,65 +408,41 @@ impl Store {
         context: &str,
         turn: i64,
     ) -> Result<Vec<PathBuf>, StoreError> {
-        let db_path = self.db_path.clone();
-        let db_err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        let kept: Vec<(i64, String)> = {
-            let mut stmt = tx
-                .prepare(
+        self.write(|tx| {
+            let kept: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare(
                     "SELECT t.number, t.kept FROM turns t JOIN contexts c ON c.id = t.context_id
-                     WHERE t.document = ?1 AND c.name = ?2 AND t.number != ?3
-                        AND t.kept IS NOT NULL",
-                )
-                .map_err(db_err)?;
-            stmt.query_map(params![document, context, turn], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(db_err)?
-            .collect::<Result<_, _>>()
-            .map_err(db_err)?
-        };
-        for (number, _) in &kept {
-            tx.execute("UPDATE turns SET kept = NULL WHERE number = ?1", [number])
-                .map_err(db_err)?;
-        }
-        tx.commit().map_err(db_err)?;
-        Ok(kept.into_iter().map(|(_, k)| PathBuf::from(k)).collect())
+                         WHERE t.document = ?1 AND c.name = ?2 AND t.number != ?3
+                            AND t.kept IS NOT NULL",
+                )?;
+                stmt.query_map(params![document, context, turn], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            for (number, _) in &kept {
+                tx.execute("UPDATE turns SET kept = NULL WHERE number = ?1", [number])?;
+            }
+            Ok(kept.into_iter().map(|(_, k)| PathBuf::from(k)).collect())
+        })
     }
 
     /// Removes a context and its turns' records. Their blobs stay until [`Store::gc`].
     pub fn remove_context(&mut self, name: &str) -> Result<usize, StoreError> {
-        let db_path = self.db_path.clone();
-        let db_err = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        let id: Option<i64> = tx
-            .query_row("SELECT id FROM contexts WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(db_err)?;
-        let Some(id) = id else {
-            return Err(StoreError::NoContext(name.to_string()));
-        };
-        let turns = tx
-            .execute("DELETE FROM turns WHERE context_id = ?1", [id])
-            .map_err(db_err)?;
-        tx.execute("DELETE FROM contexts WHERE id = ?1", [id])
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(turns)
+        let removed = self.write(|tx| {
+            let id: Option<i64> = tx
+                .query_row("SELECT id FROM contexts WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            let turns = tx.execute("DELETE FROM turns WHERE context_id = ?1", [id])?;
+            tx.execute("DELETE FROM contexts WHERE id = ?1", [id])?;
+            Ok(Some(turns))
+        })?;
+        removed.ok_or_else(|| StoreError::NoContext(name.to_string()))
     }
 
     /// Removes every blob no record refers to (and temporary files of dead writers). Waits
