@@ -215,7 +215,10 @@ impl Layers {
             .get(stage as usize)
             .copied()
             .unwrap_or("stack the layer");
-        let message = format!("cannot {what}: {}", io::Error::from_raw_os_error(errno));
+        let mut message = format!("cannot {what}: {}", io::Error::from_raw_os_error(errno));
+        if matches!(errno, libc::EINVAL | libc::ENOSYS) && (6..=10).contains(&stage) {
+            message.push_str(" (layers from descriptors need Linux 6.8 or later)");
+        }
         if stage >= DETACHED_STAGE || stage == 0 {
             // The workspace may be gone: nothing more can run in this sandbox.
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, message));
@@ -390,11 +393,13 @@ unsafe fn stack_in_child(plan: &StackPlan<'_>) -> ! {
         if base < 0 {
             fail(2);
         }
-        if libc::setns(plan.mnt, libc::CLONE_NEWNS) != 0 {
-            fail(3);
-        }
+        // The user namespace first: in it this process has the capabilities that entering
+        // the mount namespace (and, rootless, anything else here) asks for.
         if libc::setns(plan.user, libc::CLONE_NEWUSER) != 0 {
             fail(4);
+        }
+        if libc::setns(plan.mnt, libc::CLONE_NEWNS) != 0 {
+            fail(3);
         }
         if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
             fail(5);

@@ -782,7 +782,7 @@ impl Sandbox for NamespaceSandbox {
             }
             SandboxError::setup(
                 format!("cannot stack a new layer on the workspace: {e}"),
-                Some("this needs Linux 6.8 or later; the turn can still run, but `--resume` would see what the failed step wrote"),
+                Some("the turn goes on in the layer it has, so `--resume` would see what a failed step wrote"),
             )
         })
     }

@@ -574,3 +574,63 @@ fn a_resume_killed_midway_can_be_resumed_again() {
     );
     assert!(result_block(&doc, 3).contains("one\ntwo\n"), "{doc}");
 }
+
+#[test]
+fn an_unprivileged_user_saves_restores_and_resumes_too() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let nobody = 65534;
+    let work = env.path("nobody");
+    fs::create_dir(&work).unwrap();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+    let bin = crate::util::binary_for_nobody(&env);
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(args)
+            .current_dir(&work)
+            .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+            .env("UPSTREAM_STORE", work.join(".upstream"))
+            .env("HOME", &work)
+            .uid(nobody)
+            .gid(nobody)
+            .output()
+            .unwrap()
+    };
+    let write = |name: &str, text: &str| {
+        let path = work.join(name);
+        fs::write(&path, text).unwrap();
+        std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).unwrap();
+        path
+    };
+    write(
+        "one.md",
+        "---\nartifacts: [kept.txt]\n---\n```bash\necho saved > kept.txt\n```\n",
+    );
+    let out = run(&["run", "one.md"]);
+    if stderr(&out).contains("cannot create a user namespace") {
+        crate::util::skip(
+            "SKIPPED: rootless: this kernel does not allow unprivileged user namespaces".into(),
+        );
+        return;
+    }
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let path = write(
+        "two.md",
+        "```bash\ncat kept.txt > seen.txt\n```\n```bash\necho more >> seen.txt; exit 1\n```\n",
+    );
+    let out = run(&["run", "two.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    let fixed = fs::read_to_string(&path)
+        .unwrap()
+        .replace("echo more >> seen.txt; exit 1", "cat seen.txt");
+    write("two.md", &fixed);
+    let out = run(&["run", "--resume", "two.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&fs::read_to_string(&path).unwrap(), 2);
+    assert!(block.contains("```text\nsaved\n```"), "{block}");
+}
