@@ -187,10 +187,7 @@ impl Backend for NamespaceBackend {
         if kept.parent() != Some(self.kept.as_path()) {
             return;
         }
-        if fs::remove_dir_all(kept).is_err() {
-            make_removable(kept);
-            let _ = fs::remove_dir_all(kept);
-        }
+        discard_kept_dir(kept);
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
@@ -494,6 +491,18 @@ impl SandboxDir {
                 fs::remove_dir_all(&self.path)
             }
         }
+    }
+}
+
+/// Removes a workspace kept for resuming (`Sandbox::destroy_keeping`), whatever modes the
+/// sandbox left on what is inside. Only directories under a `kept` directory are touched.
+pub fn discard_kept_dir(kept: &Path) {
+    if kept.parent().and_then(Path::file_name) != Some(std::ffi::OsStr::new("kept")) {
+        return;
+    }
+    if fs::remove_dir_all(kept).is_err() {
+        make_removable(kept);
+        let _ = fs::remove_dir_all(kept);
     }
 }
 

@@ -428,7 +428,9 @@ impl Store {
     }
 
     /// Removes a context and its turns' records. Their blobs stay until [`Store::gc`].
-    pub fn remove_context(&mut self, name: &str) -> Result<usize, StoreError> {
+    /// Returns how many turns went, and the workspaces they kept for resuming, for the
+    /// caller to remove.
+    pub fn remove_context(&mut self, name: &str) -> Result<(usize, Vec<PathBuf>), StoreError> {
         let removed = self.write(|tx| {
             let id: Option<i64> = tx
                 .query_row("SELECT id FROM contexts WHERE name = ?1", [name], |r| {
@@ -438,9 +440,13 @@ impl Store {
             let Some(id) = id else {
                 return Ok(None);
             };
+            let kept: Vec<String> = tx
+                .prepare("SELECT kept FROM turns WHERE context_id = ?1 AND kept IS NOT NULL")?
+                .query_map([id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
             let turns = tx.execute("DELETE FROM turns WHERE context_id = ?1", [id])?;
             tx.execute("DELETE FROM contexts WHERE id = ?1", [id])?;
-            Ok(Some(turns))
+            Ok(Some((turns, kept.into_iter().map(PathBuf::from).collect())))
         })?;
         removed.ok_or_else(|| StoreError::NoContext(name.to_string()))
     }

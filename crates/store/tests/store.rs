@@ -215,7 +215,7 @@ fn removing_a_context_removes_its_turns() {
     let a = file(&store, "a", b"a");
     finish(&mut store, t, TurnState::Passed, vec![a]);
     begin(&mut store, "keep");
-    assert_eq!(store.remove_context("scratch").unwrap(), 1);
+    assert_eq!(store.remove_context("scratch").unwrap().0, 1);
     assert!(matches!(
         store.remove_context("scratch"),
         Err(StoreError::NoContext(_))

@@ -463,7 +463,10 @@ pub fn context(command: ContextCommand) -> u8 {
                 Err(code) => return code,
             };
             match store.remove_context(&name) {
-                Ok(turns) => {
+                Ok((turns, kept)) => {
+                    for dir in kept {
+                        upstream_backend_ns::discard_kept_dir(&dir);
+                    }
                     eprintln!(
                         "Removed context {name} and its {turns} turn{}; `upstream gc` frees their stored content",
                         if turns == 1 { "" } else { "s" }

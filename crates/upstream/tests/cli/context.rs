@@ -222,8 +222,11 @@ fn log_show_artifacts_and_contexts_read_the_store() {
     let contexts = stdout(&env.upstream(&["context", "ls"]));
     assert!(contexts.contains("research-pipeline"), "{contexts}");
     assert!(contexts.contains("scratch"), "{contexts}");
+    let kept = || fs::read_dir(env.runtime.join("kept")).map_or(0, |d| d.count());
+    assert_eq!(kept(), 1, "the failed turn kept its workspace");
     let out = env.upstream(&["context", "rm", "scratch"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(kept(), 0, "removing its context removes what it kept");
     let contexts = json(&env.upstream(&["context", "ls", "--json"]));
     assert_eq!(contexts.as_array().unwrap().len(), 1);
 
