@@ -378,11 +378,25 @@ fn kill_9_while_saving_artifacts_loses_nothing() {
 
     crate::require_sandbox!();
     let env = Env::new();
-    // How long a whole save takes here, to spread the kills over it.
+    // How long the save (and the rest after the step) takes here, to spread the kills over
+    // it and a little past it.
     env.write("doc.md", stamped(0));
-    let started = Instant::now();
-    assert_eq!(code(&env.upstream(&["run", "doc.md"])), 0);
-    let whole = started.elapsed();
+    let mut child = env
+        .command()
+        .args(["run", "doc.md"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("Step 1: Write") {
+            break;
+        }
+    }
+    let step_done = Instant::now();
+    lines.for_each(drop);
+    assert!(child.wait().unwrap().success());
+    let whole = step_done.elapsed() * 13 / 10;
     let mut last_passed = 0;
     let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let mut random = move |below: u64| {
@@ -425,8 +439,17 @@ fn kill_9_while_saving_artifacts_loses_nothing() {
             other => panic!("iteration {iter}: turn is {other:?} after kill ({status:?})"),
         }
         drop(store);
-        let log = env.upstream(&["log", "--json"]);
+        let log = env.upstream(&["log", "--context", "crash", "--last", "1", "--json"]);
         assert_eq!(code(&log), 0, "iteration {iter}: {}", stderr(&log));
+        let shown = json(&log)[0]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            shown,
+            turn.status.as_str(),
+            "iteration {iter}: `upstream log` shows the turn as the store has it"
+        );
         if iter % 10 == 0 {
             env.write("check.md", CHECK);
             let out = env.upstream(&["run", "check.md"]);
