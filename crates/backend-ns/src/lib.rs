@@ -259,6 +259,8 @@ impl Backend for NamespaceBackend {
         let config = InitConfig {
             root_layers,
             workspace,
+            upper_in_memory: spec.scratch_in_memory,
+            memory: spec.limits.memory,
             sandbox_dir: dir.path.display().to_string(),
             skeleton: layers
                 .is_empty()

@@ -125,7 +125,29 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         .rev()
         .map(|i| format!("rootlayers/{i}"));
     let lower = kept.chain([image]).collect::<Vec<_>>().join(":");
-    mount_overlay(&lower, "upper", "work", "root")?;
+    if config.upper_in_memory {
+        // A tmpfs over `work/` in this mount namespace only: the host's directory is not
+        // touched, and the layer is gone with the namespace.
+        // Its pages count against the memory limit and cannot be reclaimed: it gets three
+        // quarters of the limit, so that a write past it fails with "no space" instead of
+        // the sandbox running out of memory (where the kernel might kill the agent).
+        let size = config
+            .memory
+            .map_or_else(|| "size=50%".to_string(), |m| format!("size={}", m / 4 * 3));
+        do_mount(
+            Some("tmpfs"),
+            "work",
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(&format!("mode=755,{size}")),
+        )?;
+        for dir in ["work/upper", "work/work"] {
+            fs::create_dir(dir).map_err(ctx(|| "cannot make the in-memory layer".to_string()))?;
+        }
+        mount_overlay(&lower, "work/upper", "work/work", "root")?;
+    } else {
+        mount_overlay(&lower, "upper", "work", "root")?;
+    }
     if let Some(workspace) = &config.workspace {
         mount_workspace(workspace)?;
     }

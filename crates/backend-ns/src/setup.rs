@@ -32,6 +32,10 @@ pub struct InitConfig {
     pub root_layers: u32,
     /// The workspace as an overlay of its own, one layer per step (see `layers`).
     pub workspace: Option<WorkspaceLayers>,
+    /// The root's writable layer on a tmpfs of the sandbox's own, not in `upper/`.
+    pub upper_in_memory: bool,
+    /// The tmpfs's size, when there is a memory limit.
+    pub memory: Option<u64>,
 }
 
 /// The workspace's layers: `layers/0` (bottom) .. `layers/<below-1>` read-only, the writable

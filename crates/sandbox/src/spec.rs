@@ -72,6 +72,9 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// A layered workspace; `None` for a plain one.
     pub workspace: Option<WorkspaceSpec>,
+    /// Keep the root's writable layer in memory (a tmpfs, charged to the sandbox's memory)
+    /// rather than on disk: for short-lived sandboxes whose writes are thrown away.
+    pub scratch_in_memory: bool,
 }
 
 impl Default for SandboxSpec {
@@ -85,6 +88,7 @@ impl Default for SandboxSpec {
             network: NetworkMode::None,
             hostname: DEFAULT_HOSTNAME.into(),
             workspace: None,
+            scratch_in_memory: false,
         }
     }
 }

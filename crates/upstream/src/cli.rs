@@ -178,6 +178,10 @@ pub struct ExecArgs {
     /// Working directory inside the sandbox.
     #[arg(long, default_value = upstream_doc::front_matter::DEFAULT_WORKDIR)]
     pub workdir: String,
+    /// Keep what the command writes on disk rather than in memory (for commands that write
+    /// more than the sandbox's memory should hold).
+    #[arg(long)]
+    pub disk: bool,
     /// Set an environment variable (KEY=VALUE); may be repeated.
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,

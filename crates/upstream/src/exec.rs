@@ -40,6 +40,7 @@ pub fn exec(args: ExecArgs) -> u8 {
             upstream_doc::Network::None => NetworkMode::None,
             upstream_doc::Network::Host => NetworkMode::Host,
         },
+        scratch_in_memory: !args.disk,
         ..SandboxSpec::default()
     };
     let mut sandbox = match backend.create(&spec) {

@@ -117,7 +117,7 @@ fn a_sandbox_that_cannot_be_set_up_says_why_and_what_to_do() {
     let exec = env
         .command()
         .env("UPSTREAM_RUNTIME_DIR", &runtime)
-        .args(["exec", "--", "true"])
+        .args(["exec", "--disk", "--", "true"])
         .output()
         .unwrap();
     let run = env
@@ -143,4 +143,52 @@ fn a_sandbox_that_cannot_be_set_up_says_why_and_what_to_do() {
         std::fs::read_to_string(doc).unwrap(),
         "```bash\ntrue\n```\n"
     );
+}
+
+#[test]
+fn exec_writes_go_to_memory_within_the_memory_limit() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let out = env.upstream(&[
+        "exec",
+        "--memory",
+        "64M",
+        "--",
+        "sh",
+        "-c",
+        "head -c 32M /dev/zero > /workspace/fits && echo fits; head -c 100M /dev/zero > /workspace/big || echo refused",
+    ]);
+    let text = stdout(&out);
+    assert!(text.contains("fits"), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("refused"),
+        "a layer in memory holds no more than the limit allows: {text}"
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Nothing of it reached the host's runtime directory.
+    let mut pending = vec![env.runtime.clone()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                assert!(
+                    meta.len() < 1 << 20,
+                    "{} is on the host",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    // With --disk the same write lands in the sandbox's directory on disk and fits.
+    let out = env.upstream(&[
+        "exec",
+        "--disk",
+        "--",
+        "sh",
+        "-c",
+        "head -c 100M /dev/zero > /workspace/big && echo written",
+    ]);
+    assert!(stdout(&out).contains("written"), "{}", stderr(&out));
 }
