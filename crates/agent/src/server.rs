@@ -486,6 +486,10 @@ mod tests {
     /// The agent under test runs in a child process of its own: it changes the signal mask and
     /// reaps children, which must not disturb the test harness's threads.
     fn with_agent(f: impl FnOnce(&mut UnixStream)) {
+        // Tests run on parallel threads: while one test's agent end is inheritable, no other
+        // test may start a child, or that child would hold the socket open too.
+        static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let spawning = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
         let (mut host, agent) = UnixStream::pair().unwrap();
         let exe = std::env::current_exe().unwrap();
         nix::fcntl::fcntl(
@@ -505,6 +509,7 @@ mod tests {
             .spawn()
             .unwrap();
         drop(agent);
+        drop(spawning);
         let ready: Response = read_frame(&mut host).unwrap().unwrap();
         assert_eq!(ready, Response::Ready);
         f(&mut host);
