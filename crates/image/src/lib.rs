@@ -1,0 +1,8 @@
+//! OCI images for sandboxes: references as people write them, and layers unpacked into a
+//! rootfs without anything in them reaching outside it.
+
+pub mod reference;
+pub mod unpack;
+
+pub use reference::{Reference, ReferenceError};
+pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};
