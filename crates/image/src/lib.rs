@@ -1,8 +1,10 @@
 //! OCI images for sandboxes: references as people write them, and layers unpacked into a
 //! rootfs without anything in them reaching outside it.
 
+pub mod pull;
 pub mod reference;
 pub mod unpack;
 
+pub use pull::{Cache, ImageConfig, PullError, PullOptions, PullProgress, Pulled, pull};
 pub use reference::{Reference, ReferenceError};
 pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};

@@ -1,0 +1,387 @@
+//! Pulling images into the local cache.
+//!
+//! ```text
+//! <cache>/blobs/sha256/<hex>        layers as downloaded, each checked against its digest
+//! <cache>/images/<hex>/rootfs/      an image's layers unpacked, in order (<hex>: manifest)
+//! <cache>/images/<hex>/config.json  its configuration
+//! <cache>/refs/<registry>/<repo>/<tag>   the manifest digest a tag last resolved to
+//! <cache>/locks/<hex>               held while an image is being made
+//! ```
+//!
+//! A layer is downloaded to a temporary name and renamed only once the registry client has
+//! checked it against its digest, so an interrupted pull keeps the layers it finished and
+//! never a partial one. An image's rootfs is made under a temporary name and renamed whole;
+//! two pulls of one image wait for each other on its lock. A tag in the cache is used
+//! without the network unless asked to re-resolve it.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+
+use crate::reference::Reference;
+use crate::unpack::{Compression, Owners, UnpackError, unpack_layer};
+
+/// The parts of an image's configuration a sandbox uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+impl ImageConfig {
+    fn parse(json: &str) -> Result<ImageConfig, PullError> {
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| PullError::Config(format!("the image's configuration: {e}")))?;
+        let config = &value["config"];
+        let env = config["Env"]
+            .as_array()
+            .map(|vars| {
+                vars.iter()
+                    .filter_map(|v| v.as_str()?.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text = |key: &str| {
+            config[key]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        Ok(ImageConfig {
+            env,
+            working_dir: text("WorkingDir"),
+            user: text("User"),
+        })
+    }
+}
+
+/// An image ready in the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pulled {
+    /// `sha256:<hex>` of its manifest.
+    pub digest: String,
+    pub rootfs: PathBuf,
+    pub config: ImageConfig,
+    pub layers: usize,
+    /// Bytes downloaded by this pull (0 when the cache had everything).
+    pub downloaded: u64,
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("the registry {registry}: {message}")]
+    Registry { registry: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("layer {digest}: {source}")]
+    Unpack { digest: String, source: UnpackError },
+    #[error("layer {digest} has media type `{media_type}`, which upstream cannot unpack")]
+    UnknownLayer { digest: String, media_type: String },
+}
+
+/// How to pull.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Registries reached over plain HTTP (`localhost:5000`); any other uses HTTPS.
+    pub insecure: Vec<String>,
+    /// Credentials: `None` pulls anonymously.
+    pub basic_auth: Option<(String, String)>,
+    /// Resolve the tag at the registry even if the cache knows it.
+    pub refresh: bool,
+    /// Who owns the unpacked files.
+    pub owners: Owners,
+}
+
+/// The image cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+impl Cache {
+    pub fn new(dir: impl Into<PathBuf>) -> Cache {
+        Cache { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn blob(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.join("blobs/sha256").join(hex)
+    }
+
+    fn image(&self, digest: &str) -> PathBuf {
+        self.dir
+            .join("images")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    fn tag_file(&self, reference: &Reference) -> Option<PathBuf> {
+        let tag = reference.tag.as_ref()?;
+        Some(
+            self.dir
+                .join("refs")
+                .join(reference.registry.replace(':', "_"))
+                .join(&reference.repository)
+                .join(tag),
+        )
+    }
+
+    /// The image `reference` names, if the cache has it (by digest, or by the tag's last
+    /// resolution).
+    pub fn lookup(&self, reference: &Reference) -> Option<Pulled> {
+        let digest = match &reference.digest {
+            Some(d) => d.clone(),
+            None => fs::read_to_string(self.tag_file(reference)?)
+                .ok()?
+                .trim()
+                .to_string(),
+        };
+        self.load(&digest)
+    }
+
+    fn load(&self, digest: &str) -> Option<Pulled> {
+        let dir = self.image(digest);
+        let config = fs::read_to_string(dir.join("config.json")).ok()?;
+        let layers = fs::read_to_string(dir.join("layers")).ok()?;
+        Some(Pulled {
+            digest: digest.to_string(),
+            rootfs: dir.join("rootfs"),
+            config: ImageConfig::parse(&config).ok()?,
+            layers: layers.trim().parse().unwrap_or(0),
+            downloaded: 0,
+        })
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(io::Error) -> PullError {
+        let path = path.to_path_buf();
+        move |source| PullError::Io {
+            path: path.clone(),
+            source,
+        }
+    }
+}
+
+/// Reports a pull as it goes.
+pub trait PullProgress {
+    /// A layer of `size` bytes starts downloading (`cached`: it needs no download).
+    fn layer(&mut self, digest: &str, size: u64, cached: bool);
+}
+
+/// Makes `reference` ready in `cache`: from the cache alone when it can, else from the
+/// registry.
+pub fn pull(
+    reference: &Reference,
+    cache: &Cache,
+    options: &PullOptions,
+    progress: &mut dyn PullProgress,
+) -> Result<Pulled, PullError> {
+    if !options.refresh || reference.digest.is_some() {
+        if let Some(found) = cache.lookup(reference) {
+            return Ok(found);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(cache.io(cache.dir()))?;
+    runtime.block_on(pull_async(reference, cache, options, progress))
+}
+
+async fn pull_async(
+    reference: &Reference,
+    cache: &Cache,
+    options: &PullOptions,
+    progress: &mut dyn PullProgress,
+) -> Result<Pulled, PullError> {
+    let registry_error = |e: oci_client::errors::OciDistributionError| PullError::Registry {
+        registry: reference.registry.clone(),
+        message: e.to_string(),
+    };
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
+        ..ClientConfig::default()
+    });
+    let oci_ref: oci_client::Reference = reference
+        .to_string()
+        .parse()
+        .map_err(|e| PullError::Config(format!("{reference}: {e}")))?;
+    let auth = match &options.basic_auth {
+        Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let (manifest, digest, config) = client
+        .pull_manifest_and_config(&oci_ref, &auth)
+        .await
+        .map_err(registry_error)?;
+    let image_config = ImageConfig::parse(&config)?;
+
+    for dir in ["blobs/sha256", "images", "locks", "tmp"] {
+        let path = cache.dir.join(dir);
+        fs::create_dir_all(&path).map_err(cache.io(&path))?;
+    }
+    // Pulls of the same image wait for one another here.
+    let lock_path = cache
+        .dir
+        .join("locks")
+        .join(digest.trim_start_matches("sha256:"));
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(cache.io(&lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| cache.io(&lock_path)(e.into()))?;
+
+    if let Some(mut found) = cache.load(&digest) {
+        found.downloaded = 0;
+        remember_tag(cache, reference, &digest)?;
+        return Ok(found);
+    }
+
+    // Layers not in the cache, downloaded side by side.
+    let mut downloaded = 0;
+    let mut downloads = Vec::new();
+    for layer in &manifest.layers {
+        let cached = cache.blob(&layer.digest).is_file();
+        progress.layer(&layer.digest, layer.size.max(0) as u64, cached);
+        if !cached {
+            downloaded += layer.size.max(0) as u64;
+            downloads.push(download(&client, &oci_ref, layer, cache));
+        }
+    }
+    for result in futures::future::join_all(downloads).await {
+        result.map_err(|e| match e {
+            Fetch::Registry(e) => registry_error(e),
+            Fetch::Io(e) => e,
+        })?;
+    }
+
+    // The rootfs, made aside and renamed whole.
+    let target = cache.image(&digest);
+    let temp = cache
+        .dir
+        .join("tmp")
+        .join(format!("image-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&temp);
+    let rootfs = temp.join("rootfs");
+    fs::create_dir_all(&rootfs).map_err(cache.io(&rootfs))?;
+    for layer in &manifest.layers {
+        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+            PullError::UnknownLayer {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+            }
+        })?;
+        let path = cache.blob(&layer.digest);
+        let file = fs::File::open(&path).map_err(cache.io(&path))?;
+        unpack_layer(
+            io::BufReader::new(file),
+            compression,
+            &rootfs,
+            options.owners,
+        )
+        .map_err(|source| PullError::Unpack {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    }
+    let write = |name: &str, text: &str| {
+        let path = temp.join(name);
+        fs::write(&path, text).map_err(cache.io(&path))
+    };
+    write("config.json", &config)?;
+    write("layers", &manifest.layers.len().to_string())?;
+    if let Err(e) = fs::rename(&temp, &target) {
+        let _ = fs::remove_dir_all(&temp);
+        return Err(cache.io(&target)(e));
+    }
+    remember_tag(cache, reference, &digest)?;
+    Ok(Pulled {
+        digest,
+        rootfs: target.join("rootfs"),
+        config: image_config,
+        layers: manifest.layers.len(),
+        downloaded,
+    })
+}
+
+enum Fetch {
+    Registry(oci_client::errors::OciDistributionError),
+    Io(PullError),
+}
+
+/// Downloads one layer into the cache: to a temporary file, checked against its digest by
+/// the client, then renamed to its name.
+async fn download(
+    client: &oci_client::Client,
+    reference: &oci_client::Reference,
+    layer: &oci_client::manifest::OciDescriptor,
+    cache: &Cache,
+) -> Result<(), Fetch> {
+    let target = cache.blob(&layer.digest);
+    let temp = cache.dir.join("tmp").join(format!(
+        "{}-{}",
+        layer.digest.trim_start_matches("sha256:"),
+        std::process::id()
+    ));
+    let file = tokio::fs::File::create(&temp)
+        .await
+        .map_err(|e| Fetch::Io(cache.io(&temp)(e)))?;
+    let mut file = tokio::io::BufWriter::new(file);
+    if let Err(e) = client.pull_blob(reference, layer, &mut file).await {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(Fetch::Registry(e));
+    }
+    use tokio::io::AsyncWriteExt;
+    file.flush()
+        .await
+        .map_err(|e| Fetch::Io(cache.io(&temp)(e)))?;
+    drop(file);
+    tokio::fs::rename(&temp, &target)
+        .await
+        .map_err(|e| Fetch::Io(cache.io(&target)(e)))
+}
+
+fn remember_tag(cache: &Cache, reference: &Reference, digest: &str) -> Result<(), PullError> {
+    let Some(path) = cache.tag_file(reference) else {
+        return Ok(());
+    };
+    let parent = path.parent().expect("tag files have a parent");
+    fs::create_dir_all(parent).map_err(cache.io(parent))?;
+    let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&temp, digest).map_err(cache.io(&temp))?;
+    fs::rename(&temp, &path).map_err(cache.io(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_a_sandbox_needs_is_read() {
+        let config = ImageConfig::parse(
+            r#"{"config":{"Env":["PATH=/usr/local/bin:/usr/bin","LANG=C.UTF-8"],"WorkingDir":"/app","User":"1000:1000"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.env[0],
+            ("PATH".into(), "/usr/local/bin:/usr/bin".into())
+        );
+        assert_eq!(config.working_dir.as_deref(), Some("/app"));
+        assert_eq!(config.user.as_deref(), Some("1000:1000"));
+        assert_eq!(ImageConfig::parse("{}").unwrap(), ImageConfig::default());
+        assert!(ImageConfig::parse("not json").is_err());
+    }
+}
