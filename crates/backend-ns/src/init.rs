@@ -115,6 +115,26 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         ),
         None => None,
     };
+    // An image's layers likewise: its cache need not be searchable by sandbox root.
+    let mut config = config;
+    let image_layers = config
+        .layers
+        .iter()
+        .map(|path| {
+            nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| format!("cannot open the image layer {path}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    config.layers = image_layers
+        .iter()
+        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .collect();
     if let IdMap::Range { .. } = config.id_map {
         nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     }

@@ -3,6 +3,8 @@
 
 pub mod pull;
 pub mod reference;
+#[doc(hidden)]
+pub mod testing;
 pub mod unpack;
 
 pub use pull::{Cache, ImageConfig, PullError, PullOptions, PullProgress, Pulled, pull};

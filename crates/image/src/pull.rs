@@ -90,7 +90,8 @@ pub enum PullError {
 /// How to pull.
 #[derive(Debug, Clone)]
 pub struct PullOptions {
-    /// Registries reached over plain HTTP (`localhost:5000`); any other uses HTTPS.
+    /// Registries reached over plain HTTP, with or without their port (`localhost`,
+    /// `build:5000`); any other uses HTTPS.
     pub insecure: Vec<String>,
     /// Credentials: `None` pulls anonymously.
     pub basic_auth: Option<(String, String)>,
@@ -208,8 +209,21 @@ async fn pull_async(
         registry: reference.registry.clone(),
         message: e.to_string(),
     };
+    let host = reference
+        .registry
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(reference.registry.as_str(), |(host, _)| host);
+    let plain = options
+        .insecure
+        .iter()
+        .any(|e| *e == reference.registry || e == host);
     let client = oci_client::Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
+        protocol: if plain {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
         ..ClientConfig::default()
     });
     let oci_ref: oci_client::Reference = reference

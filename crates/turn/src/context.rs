@@ -178,6 +178,7 @@ impl Context {
         &self,
         root: HostRoot,
         fm: &FrontMatter,
+        workdir: &str,
         blobs: &Blobs,
         known: &Known,
     ) -> io::Result<Option<(Vec<NewArtifact>, ContextSaved)>> {
@@ -186,7 +187,7 @@ impl Context {
         if patterns.is_empty() {
             return Ok(None);
         }
-        let workspace = match artifacts::open_workspace(root.dir.as_fd(), fm.workdir(), false) {
+        let workspace = match artifacts::open_workspace(root.dir.as_fd(), workdir, false) {
             Ok(w) => Some(w),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),

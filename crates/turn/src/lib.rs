@@ -79,6 +79,11 @@ pub enum Event<'a> {
         turn: i64,
         step: usize,
     },
+    /// The image is being pulled (`None`) or is ready (`Some`).
+    Image {
+        reference: &'a str,
+        pulled: Option<&'a upstream_image::Pulled>,
+    },
     /// Something the user should know that does not stop the turn.
     Warning(&'a str),
 }
@@ -156,6 +161,15 @@ pub struct TurnOptions {
     pub store: Option<PathBuf>,
     /// Resume the document's last turn, which did not pass, at the step that stopped it.
     pub resume: bool,
+    /// Where images come from; `None` allows only `image: host`.
+    pub images: Option<ImageSource>,
+}
+
+/// The image cache and how to pull into it.
+#[derive(Debug, Clone)]
+pub struct ImageSource {
+    pub cache: upstream_image::Cache,
+    pub pull: upstream_image::PullOptions,
 }
 
 /// A finished (or interrupted) turn.
@@ -172,6 +186,13 @@ impl Turn {
     pub fn render(&self, document: &Document) -> String {
         document.render(&self.results)
     }
+}
+
+/// A pull reports nothing a turn shows beyond its start and end.
+struct NoPullProgress;
+
+impl upstream_image::PullProgress for NoPullProgress {
+    fn layer(&mut self, _digest: &str, _size: u64, _cached: bool) {}
 }
 
 /// What a `--resume` starts from.
@@ -293,14 +314,39 @@ pub fn run(
     let started_at = now();
     let fm = document.front_matter();
     let secrets = resolve_secrets(document)?;
-    let spec = sandbox_spec(fm);
-    if let Image::Layers { reference, .. } = &spec.image {
-        return Err(TurnError::Sandbox(SandboxError::Image {
-            image: reference.clone(),
-            reason: "only `image: host` can run on this version; OCI images are not available yet"
-                .into(),
-        }));
+    let mut spec = sandbox_spec(fm);
+    // An image is pulled (or found in the cache) before anything is recorded.
+    let mut image_config = upstream_image::ImageConfig::default();
+    if let Image::Layers { reference, layers } = &mut spec.image {
+        let fail = |reason: String| {
+            TurnError::Sandbox(SandboxError::Image {
+                image: reference.clone(),
+                reason,
+            })
+        };
+        let Some(source) = &options.images else {
+            return Err(fail("this upstream has no image cache configured".into()));
+        };
+        let parsed = upstream_image::Reference::parse(reference).map_err(|e| fail(e.why))?;
+        observer.event(Event::Image {
+            reference,
+            pulled: None,
+        });
+        let pulled =
+            upstream_image::pull(&parsed, &source.cache, &source.pull, &mut NoPullProgress)
+                .map_err(|e| fail(e.to_string()))?;
+        observer.event(Event::Image {
+            reference,
+            pulled: Some(&pulled),
+        });
+        *layers = vec![pulled.rootfs.clone()];
+        image_config = pulled.config;
     }
+    let workdir = fm
+        .workdir
+        .clone()
+        .or_else(|| image_config.working_dir.clone())
+        .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
     let doc_dir = document
         .path()
         .parent()
@@ -319,9 +365,8 @@ pub fn run(
         true => Some(find_resume(&store, document, &shown_path, &context_name)?),
         false => None,
     };
-    let mut spec = spec;
     spec.workspace = Some(upstream_sandbox::WorkspaceSpec {
-        dir: fm.workdir().to_string(),
+        dir: workdir.clone(),
         resume: resume.as_ref().map(|r| r.kept.clone()),
     });
     let number = store.begin_turn(&NewTurn {
@@ -351,6 +396,7 @@ pub fn run(
         started,
         &id,
         resume.as_ref(),
+        &image_config.env,
     );
     let Ran {
         records,
@@ -532,8 +578,13 @@ fn run_in_sandbox(
     started: Instant,
     id: &str,
     resume: Option<&Resume>,
+    image_env: &[(String, String)],
 ) -> Result<Ran, TurnError> {
     let fm = document.front_matter();
+    let workdir = spec
+        .workspace
+        .as_ref()
+        .map_or_else(|| fm.workdir().to_string(), |w| w.dir.clone());
     let mut sandbox = backend.create(spec)?;
     sandbox.wait_ready()?;
     cancel.watch(Some(sandbox.interrupter()));
@@ -547,7 +598,7 @@ fn run_in_sandbox(
     // A resumed turn's workspace is the one kept, artifacts and all.
     let known = {
         let root = sandbox.host_root()?;
-        context.prepare(root, fm.workdir(), resume.is_none())?
+        context.prepare(root, &workdir, resume.is_none())?
     };
     if let Some(r) = resume {
         observer.event(Event::Resuming {
@@ -587,6 +638,8 @@ fn run_in_sandbox(
         turn_number: turn.number,
         deadline: fm.timeout.map(|t| started + t),
         context_env: context.env(),
+        image_env: image_env.to_vec(),
+        workdir: workdir.clone(),
         store: &mut turn.store,
     };
     let mut records = Vec::new();
@@ -666,7 +719,7 @@ fn run_in_sandbox(
     } else {
         let root = sandbox.host_root()?;
         context
-            .save(root, fm, turn.store.blobs(), &known)
+            .save(root, fm, &workdir, turn.store.blobs(), &known)
             .map_err(TurnError::SaveArtifacts)?
     };
     // A turn that did not pass keeps its workspace as the steps before the one that stopped
@@ -755,6 +808,10 @@ struct StepRunner<'a> {
     deadline: Option<Instant>,
     /// `UPSTREAM_CTX_*`: outputs of earlier turns, then of earlier steps of this one.
     context_env: BTreeMap<String, String>,
+    /// The image's environment, under the document's.
+    image_env: Vec<(String, String)>,
+    /// Where steps start.
+    workdir: String,
     store: &'a mut Store,
 }
 
@@ -859,6 +916,9 @@ impl StepRunner<'_> {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        for (k, v) in &self.image_env {
+            env.insert(k.clone(), v.clone());
+        }
         env.insert("UPSTREAM_TURN".into(), self.turn_id.to_string());
         env.insert("UPSTREAM_STEP".into(), step.number.to_string());
         env.insert("UPSTREAM_OUTPUT".into(), output_path(step));
@@ -936,7 +996,7 @@ impl StepRunner<'_> {
         let request = ExecRequest {
             argv,
             env: self.env(step),
-            cwd: fm.workdir().to_string(),
+            cwd: self.workdir.clone(),
             timeout_ms: limit.map(|l| l.as_millis().max(1) as u64),
             files: vec![
                 FileSpec {

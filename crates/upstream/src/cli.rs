@@ -154,6 +154,12 @@ pub struct RunArgs {
     /// the steps before it left it; their result blocks stay as they are.
     #[arg(long)]
     pub resume: bool,
+    /// Resolve the image's tag at its registry even if the cache has it.
+    #[arg(long)]
+    pub pull: bool,
+    /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
     #[command(flatten)]
     pub store: StoreArg,
 }

@@ -146,6 +146,25 @@ impl Observer for Progress {
                 ));
             }
             Event::Warning(text) => self.line(&format!("warning: {text}")),
+            Event::Image {
+                reference,
+                pulled: None,
+            } => self.line(&format!("Image: {reference} ...")),
+            Event::Image {
+                reference,
+                pulled: Some(p),
+            } => {
+                let how = if p.downloaded > 0 {
+                    format!("pulled {}", upstream_doc::format_size(p.downloaded))
+                } else {
+                    "cached".to_string()
+                };
+                self.line(&format!(
+                    "Image: {reference} ({} layer{}, {how})",
+                    p.layers,
+                    if p.layers == 1 { "" } else { "s" }
+                ));
+            }
             Event::ContextLoaded(loaded) => {
                 let mut what = vec![plural(loaded.artifacts, "artifact")];
                 if loaded.outputs > 0 {

@@ -57,6 +57,7 @@ fn run_one(
     let options = TurnOptions {
         store: args.store.store.clone(),
         resume: args.resume,
+        images: Some(image_source(args)),
         ..TurnOptions::default()
     };
     let turn =
@@ -190,4 +191,42 @@ pub fn sandbox_failed(e: &SandboxError) -> u8 {
         );
     }
     exit::SANDBOX
+}
+
+/// Where images are cached and how they are pulled: `$UPSTREAM_CACHE_DIR`, else
+/// `/var/cache/upstream` as root and `~/.cache/upstream` otherwise; plain HTTP for loopback
+/// registries and those named with --insecure-registry; credentials from
+/// `$UPSTREAM_REGISTRY_AUTH` (`user:password`).
+fn image_source(args: &RunArgs) -> upstream_turn::ImageSource {
+    let root = nix::unistd::Uid::effective().is_root();
+    let dir = match std::env::var_os("UPSTREAM_CACHE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None if root => PathBuf::from("/var/cache/upstream"),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("upstream"),
+    };
+    let mut insecure = args.insecure_registry.clone();
+    for host in ["localhost", "127.0.0.1", "[::1]"] {
+        insecure.push(host.to_string());
+    }
+    let basic_auth = std::env::var("UPSTREAM_REGISTRY_AUTH").ok().and_then(|v| {
+        v.split_once(':')
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+    });
+    upstream_turn::ImageSource {
+        cache: upstream_image::Cache::new(dir),
+        pull: upstream_image::PullOptions {
+            insecure,
+            basic_auth,
+            refresh: args.pull,
+            owners: if root {
+                upstream_image::Owners::Shifted(upstream_backend_ns::SANDBOX_ID_BASE)
+            } else {
+                upstream_image::Owners::Unpacker
+            },
+        },
+    }
 }

@@ -11,5 +11,6 @@ mod util;
 mod bad_input;
 mod context;
 mod exec;
+mod image;
 mod isolation;
 mod run;

@@ -1,0 +1,219 @@
+//! What tests of upstream need to exercise images: a registry of their own on a free port of
+//! 127.0.0.1 (Debian's docker-registry) and a way to push images to it. Not for use outside
+//! tests.
+
+#![allow(clippy::print_stderr, clippy::unwrap_used)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A registry started for a test, stopped when dropped.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    /// Where it stores what is pushed.
+    pub data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Starts a registry, or says why not (SKIPPED).
+    pub fn start() -> Option<Registry> {
+        let Ok(binary) = which("docker-registry") else {
+            eprintln!("SKIPPED: no docker-registry on this machine (scripts/test installs it)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.path().join("data");
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = Registry {
+            child,
+            port,
+            data,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if registry.get("/v2/").starts_with("HTTP/1.1 200") {
+                return Some(registry);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the registry did not start on port {port}");
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    }
+
+    /// Pushes an image of `layers` (tar bytes, each with its media type) as `name:tag`.
+    pub fn push(&self, name: &str, layers: Vec<(Vec<u8>, &str)>, env: &[&str]) {
+        let client = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        });
+        let reference: oci_client::Reference = format!("{}/{name}", self.host()).parse().unwrap();
+        let layers: Vec<oci_client::client::ImageLayer> = layers
+            .into_iter()
+            .map(|(data, media_type)| {
+                oci_client::client::ImageLayer::new(data, media_type.to_string(), None)
+            })
+            .collect();
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": env, "WorkingDir": "/app" },
+            "rootfs": { "type": "layers", "diff_ids": [] }
+        });
+        let config = oci_client::client::Config::new(
+            serde_json::to_vec(&config).unwrap(),
+            "application/vnd.oci.image.config.v1+json".into(),
+            None,
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(client.push(
+                &reference,
+                &layers,
+                config,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                None,
+            ))
+            .unwrap();
+    }
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
+/// A gzipped layer holding `programs` from the host (with the libraries they load, at their
+/// real paths, and links from where they are named) in a merged-/usr tree, plus `files`.
+pub fn layer_of_host_programs(programs: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut paths = std::collections::BTreeSet::new();
+    for program in programs {
+        paths.insert(PathBuf::from(program));
+        let out = Command::new("ldd").arg(program).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let lib = line.split("=>").last().unwrap_or("").trim();
+            let lib = lib.split(' ').next().unwrap_or("");
+            if lib.starts_with('/') {
+                paths.insert(PathBuf::from(lib));
+            }
+        }
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    for d in ["usr/", "usr/bin/", "usr/lib/", "usr/lib64/", "etc/", "tmp/"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        builder.append_data(&mut h, d, &[][..]).unwrap();
+    }
+    let link = |builder: &mut tar::Builder<Vec<u8>>, name: &str, target: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        builder.append_link(&mut h, name, target).unwrap();
+    };
+    for (name, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        link(&mut builder, name, target);
+    }
+    let merged = |p: &str| {
+        for (from, to) in [
+            ("/lib64/", "/usr/lib64/"),
+            ("/lib/", "/usr/lib/"),
+            ("/bin/", "/usr/bin/"),
+        ] {
+            if let Some(rest) = p.strip_prefix(from) {
+                return format!("{to}{rest}");
+            }
+        }
+        p.to_string()
+    };
+    let mut added = std::collections::BTreeSet::new();
+    for path in paths {
+        let real = fs::canonicalize(&path).unwrap();
+        let real_name = merged(real.to_str().unwrap());
+        if added.insert(real_name.clone()) {
+            builder
+                .append_path_with_name(&real, real_name.trim_start_matches('/'))
+                .unwrap();
+        }
+        let named = merged(path.to_str().unwrap());
+        if named != real_name && added.insert(named.clone()) {
+            link(&mut builder, named.trim_start_matches('/'), &real_name);
+        }
+    }
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
