@@ -7,6 +7,8 @@ pub mod reference;
 pub mod testing;
 pub mod unpack;
 
-pub use pull::{Cache, ImageConfig, PullError, PullOptions, PullProgress, Pulled, pull};
+pub use pull::{
+    Cache, CachedImage, ImageConfig, Pruned, PullError, PullOptions, PullProgress, Pulled, pull,
+};
 pub use reference::{Reference, ReferenceError};
 pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};

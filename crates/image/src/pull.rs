@@ -173,6 +173,221 @@ impl Cache {
     }
 }
 
+/// An image in the cache, for `upstream images ls`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CachedImage {
+    /// `sha256:<hex>` of its manifest.
+    pub digest: String,
+    /// The references that resolve to it (`registry/repository:tag`).
+    pub tags: Vec<String>,
+    pub layers: usize,
+    /// Bytes its rootfs takes on disk.
+    pub rootfs_bytes: u64,
+}
+
+/// What `prune` removed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Pruned {
+    pub images: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+impl Cache {
+    /// Every tag the cache knows, with the digest it resolves to.
+    fn tags(&self) -> Vec<(String, String)> {
+        let refs = self.dir.join("refs");
+        let mut found = Vec::new();
+        let mut pending = vec![refs.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                if path
+                    .extension()
+                    .is_some_and(|e| e.to_string_lossy().starts_with("tmp-"))
+                {
+                    continue;
+                }
+                let Ok(relative) = path.strip_prefix(&refs) else {
+                    continue;
+                };
+                let parts: Vec<String> = relative
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                if parts.len() < 3 {
+                    continue;
+                }
+                let registry = parts[0].replacen('_', ":", 1);
+                let repository = parts[1..parts.len() - 1].join("/");
+                let tag = &parts[parts.len() - 1];
+                if let Ok(digest) = fs::read_to_string(&path) {
+                    found.push((
+                        format!("{registry}/{repository}:{tag}"),
+                        digest.trim().to_string(),
+                    ));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Every image in the cache.
+    pub fn list(&self) -> Vec<CachedImage> {
+        let tags = self.tags();
+        let mut images = Vec::new();
+        for entry in fs::read_dir(self.dir.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let hex = entry.file_name().to_string_lossy().into_owned();
+            if hex.len() != 64 {
+                continue;
+            }
+            let digest = format!("sha256:{hex}");
+            let Some(image) = self.load(&digest) else {
+                continue;
+            };
+            images.push(CachedImage {
+                tags: tags
+                    .iter()
+                    .filter(|(_, d)| *d == digest)
+                    .map(|(t, _)| t.clone())
+                    .collect(),
+                layers: image.layers,
+                rootfs_bytes: disk_use(&image.rootfs),
+                digest,
+            });
+        }
+        images.sort_by(|a, b| a.tags.cmp(&b.tags).then(a.digest.cmp(&b.digest)));
+        images
+    }
+
+    /// Forgets `reference` (a tag, or the image a digest names); the image itself goes once
+    /// no tag refers to it. Returns whether the cache knew it.
+    pub fn remove(&self, reference: &Reference) -> Result<bool, PullError> {
+        let digest = match &reference.digest {
+            Some(d) => Some(d.clone()),
+            None => self
+                .tag_file(reference)
+                .and_then(|f| fs::read_to_string(f).ok())
+                .map(|d| d.trim().to_string()),
+        };
+        let Some(digest) = digest else {
+            return Ok(false);
+        };
+        if reference.digest.is_some() {
+            for (tag, d) in self.tags() {
+                if d == digest {
+                    if let Ok(r) = Reference::parse(&tag) {
+                        if let Some(f) = self.tag_file(&r) {
+                            let _ = fs::remove_file(f);
+                        }
+                    }
+                }
+            }
+        } else if let Some(f) = self.tag_file(reference) {
+            fs::remove_file(&f).map_err(self.io(&f))?;
+        }
+        if !self.tags().iter().any(|(_, d)| *d == digest) {
+            self.remove_image(&digest)?;
+        }
+        Ok(true)
+    }
+
+    fn remove_image(&self, digest: &str) -> Result<(), PullError> {
+        let dir = self.image(digest);
+        if !dir.exists() {
+            return Ok(());
+        }
+        // Away from its name first, so that no sandbox starts on a half-removed rootfs.
+        let trash = self.dir.join("tmp").join(format!(
+            "removed-{}-{}",
+            digest.trim_start_matches("sha256:"),
+            std::process::id()
+        ));
+        fs::create_dir_all(self.dir.join("tmp")).map_err(self.io(&self.dir))?;
+        fs::rename(&dir, &trash).map_err(self.io(&dir))?;
+        remove_all(&trash).map_err(self.io(&trash))
+    }
+
+    /// Removes images no tag refers to, and downloaded layers no cached image uses.
+    pub fn prune(&self) -> Result<Pruned, PullError> {
+        let mut pruned = Pruned::default();
+        let tagged: std::collections::HashSet<String> =
+            self.tags().into_iter().map(|(_, d)| d).collect();
+        for image in self.list() {
+            if !tagged.contains(&image.digest) {
+                pruned.bytes += image.rootfs_bytes;
+                self.remove_image(&image.digest)?;
+                pruned.images += 1;
+            }
+        }
+        let mut used = std::collections::HashSet::new();
+        for entry in fs::read_dir(self.dir.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(text) = fs::read_to_string(entry.path().join("blobs")) {
+                used.extend(
+                    text.lines()
+                        .map(|l| l.trim_start_matches("sha256:").to_string()),
+                );
+            }
+        }
+        let blobs = self.dir.join("blobs/sha256");
+        for entry in fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !used.contains(&name) {
+                pruned.bytes += entry.metadata().map_or(0, |m| m.len());
+                fs::remove_file(entry.path()).map_err(self.io(&entry.path()))?;
+                pruned.blobs += 1;
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+/// Bytes a tree takes on disk, links not followed.
+fn disk_use(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).into_iter().flatten().flatten() {
+            total += disk_use(&entry.path());
+        }
+    }
+    total
+}
+
+/// Removes a tree whatever modes an image gave what is inside.
+fn remove_all(path: &Path) -> io::Result<()> {
+    if fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    fs::remove_dir_all(path)
+}
+
 /// Reports a pull as it goes.
 pub trait PullProgress {
     /// A layer of `size` bytes starts downloading (`cached`: it needs no download).
@@ -317,6 +532,9 @@ async fn pull_async(
     };
     write("config.json", &config)?;
     write("layers", &manifest.layers.len().to_string())?;
+    // The layers' digests, one a line: what `prune` keeps while the image is cached.
+    let digests: Vec<&str> = manifest.layers.iter().map(|l| l.digest.as_str()).collect();
+    write("blobs", &digests.join("\n"))?;
     if let Err(e) = fs::rename(&temp, &target) {
         let _ = fs::remove_dir_all(&temp);
         return Err(cache.io(&target)(e));

@@ -29,6 +29,9 @@ pub enum Command {
     Context(ContextCommand),
     /// Remove stored content that no record refers to any more.
     Gc(GcArgs),
+    /// List, pull or remove cached images.
+    #[command(subcommand)]
+    Images(ImagesCommand),
     /// Show what this host supports and what upstream will use.
     Doctor,
 }
@@ -127,6 +130,32 @@ pub enum ContextCommand {
         name: String,
         #[command(flatten)]
         store: StoreArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// The cached images: tags, digest, layers, disk use.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image (again: its tag is resolved at the registry).
+    Pull {
+        /// `python:3.12`, `ghcr.io/org/tool@sha256:…`
+        reference: String,
+        /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
+    },
+    /// Forget a tag; the image goes once no tag names it.
+    Rm { reference: String },
+    /// Remove images no tag names, and layers no image uses.
+    Prune {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -6,6 +6,7 @@
 mod cli;
 mod doctor;
 mod exec;
+mod images;
 mod interrupt;
 mod progress;
 mod run;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         cli::Command::Artifacts(args) => store_cmd::artifacts(args),
         cli::Command::Context(command) => store_cmd::context(command),
         cli::Command::Gc(args) => store_cmd::gc(args),
+        cli::Command::Images(command) => images::images(command),
         cli::Command::Doctor => doctor::doctor(),
     };
     ExitCode::from(code)

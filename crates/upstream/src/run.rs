@@ -57,7 +57,7 @@ fn run_one(
     let options = TurnOptions {
         store: args.store.store.clone(),
         resume: args.resume,
-        images: Some(image_source(args)),
+        images: Some(image_source(&args.insecure_registry, args.pull)),
         ..TurnOptions::default()
     };
     let turn =
@@ -197,7 +197,7 @@ pub fn sandbox_failed(e: &SandboxError) -> u8 {
 /// `/var/cache/upstream` as root and `~/.cache/upstream` otherwise; plain HTTP for loopback
 /// registries and those named with --insecure-registry; credentials from
 /// `$UPSTREAM_REGISTRY_AUTH` (`user:password`).
-fn image_source(args: &RunArgs) -> upstream_turn::ImageSource {
+pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_turn::ImageSource {
     let root = nix::unistd::Uid::effective().is_root();
     let dir = match std::env::var_os("UPSTREAM_CACHE_DIR") {
         Some(d) => PathBuf::from(d),
@@ -208,7 +208,7 @@ fn image_source(args: &RunArgs) -> upstream_turn::ImageSource {
             .unwrap_or_else(std::env::temp_dir)
             .join("upstream"),
     };
-    let mut insecure = args.insecure_registry.clone();
+    let mut insecure = insecure_registry.to_vec();
     for host in ["localhost", "127.0.0.1", "[::1]"] {
         insecure.push(host.to_string());
     }
@@ -221,7 +221,7 @@ fn image_source(args: &RunArgs) -> upstream_turn::ImageSource {
         pull: upstream_image::PullOptions {
             insecure,
             basic_auth,
-            refresh: args.pull,
+            refresh,
             owners: if root {
                 upstream_image::Owners::Shifted(upstream_backend_ns::SANDBOX_ID_BASE)
             } else {

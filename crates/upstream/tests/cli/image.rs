@@ -57,3 +57,54 @@ fn a_step_runs_in_the_image_pulled_from_the_registry() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(stderr(&out).contains("cached"), "{}", stderr(&out));
 }
+
+#[test]
+fn images_are_listed_pulled_removed_and_pruned() {
+    let Some(registry) = Registry::start() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let layer = layer_of_host_programs(&["/usr/bin/cat"], &[("etc/marker", b"x")]);
+    registry.push(
+        "test/cat:1",
+        vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        &[],
+    );
+    let env = Env::new();
+    let cache = env.path("cache");
+    let images = |args: &[&str]| {
+        env.command()
+            .env("UPSTREAM_CACHE_DIR", &cache)
+            .arg("images")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let reference = format!("{}/test/cat:1", registry.host());
+    let out = images(&["pull", &reference]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(crate::util::stdout(&out).starts_with("sha256:"));
+    let list = images(&["ls"]);
+    let text = crate::util::stdout(&list);
+    assert!(text.contains(&reference), "{text}");
+    assert!(text.lines().next().unwrap().starts_with("IMAGE"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&images(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(json[0]["layers"], 1);
+    assert!(json[0]["rootfs_bytes"].as_u64().unwrap() > 0);
+
+    let out = images(&["rm", &reference]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(code(&images(&["rm", &reference])), 1, "gone already");
+    let json: serde_json::Value =
+        serde_json::from_slice(&images(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 0);
+    let pruned: serde_json::Value =
+        serde_json::from_slice(&images(&["prune", "--json"]).stdout).unwrap();
+    assert_eq!(pruned["blobs"], 1, "the layer no image uses: {pruned}");
+    assert_eq!(fs::read_dir(cache.join("blobs/sha256")).unwrap().count(), 0);
+    let bad = images(&["pull", "Not A Reference"]);
+    assert_eq!(code(&bad), 2);
+}
