@@ -169,3 +169,52 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_the_cache_untouched() {
         "no image made"
     );
 }
+
+#[test]
+fn concurrent_pulls_of_one_image_wait_for_each_other() {
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let files: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| (format!("data/{i}"), vec![i as u8; 64 << 10]))
+        .collect();
+    let entries: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    registry.push(
+        "test/shared:1",
+        vec![(
+            gzip(&tar_of(&entries)),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+        &[],
+    );
+    let cache_dir = tempfile::tempdir().unwrap();
+    let reference = Reference::parse(&format!("{}/test/shared:1", registry.host())).unwrap();
+    let pulls: Vec<_> = (0..4)
+        .map(|_| {
+            let cache = Cache::new(cache_dir.path());
+            let reference = reference.clone();
+            let options = options(&registry);
+            std::thread::spawn(move || pull(&reference, &cache, &options, &mut Seen::default()))
+        })
+        .collect();
+    let digests: Vec<String> = pulls
+        .into_iter()
+        .map(|p| p.join().unwrap().unwrap().digest)
+        .collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    let images: Vec<_> = fs::read_dir(cache_dir.path().join("images"))
+        .unwrap()
+        .collect();
+    assert_eq!(images.len(), 1, "one image, made once");
+    let cache = Cache::new(cache_dir.path());
+    let pulled = cache.lookup(&reference).unwrap();
+    assert_eq!(
+        fs::read_dir(pulled.rootfs.join("data")).unwrap().count(),
+        50
+    );
+    let leftovers = fs::read_dir(cache_dir.path().join("tmp")).unwrap().count();
+    assert_eq!(leftovers, 0, "no temporary file or rootfs left behind");
+}
