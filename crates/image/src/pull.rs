@@ -93,12 +93,91 @@ pub struct PullOptions {
     /// Registries reached over plain HTTP, with or without their port (`localhost`,
     /// `build:5000`); any other uses HTTPS.
     pub insecure: Vec<String>,
-    /// Credentials: `None` pulls anonymously.
-    pub basic_auth: Option<(String, String)>,
+    /// Who to log in to registries as; a registry without credentials is pulled from
+    /// anonymously.
+    pub credentials: Credentials,
     /// Resolve the tag at the registry even if the cache knows it.
     pub refresh: bool,
     /// Who owns the unpacked files.
     pub owners: Owners,
+}
+
+/// Registry credentials, by registry.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    by_registry: std::collections::BTreeMap<String, (String, String)>,
+    /// For a registry not named.
+    fallback: Option<(String, String)>,
+}
+
+impl Credentials {
+    /// Credentials from `$UPSTREAM_REGISTRY_AUTH` (`user:password` for every registry, or
+    /// `registry=user:password,…`), then from Docker's `config.json` (`auths`, base64
+    /// `user:password`) under `docker_config`.
+    pub fn load(env: Option<&str>, docker_config: Option<&Path>) -> Credentials {
+        let mut credentials = Credentials::default();
+        if let Some(text) = env.filter(|t| !t.is_empty()) {
+            for item in text.split(',') {
+                match item.split_once('=') {
+                    Some((registry, pair)) if !registry.contains(':') || !pair.is_empty() => {
+                        if let Some((u, p)) = pair.split_once(':') {
+                            credentials
+                                .by_registry
+                                .insert(normal_registry(registry), (u.to_string(), p.to_string()));
+                        }
+                    }
+                    _ => {
+                        if let Some((u, p)) = item.split_once(':') {
+                            credentials.fallback = Some((u.to_string(), p.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let docker = docker_config
+            .and_then(|path| fs::read_to_string(path).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        if let Some(auths) = docker.as_ref().and_then(|d| d["auths"].as_object()) {
+            use base64::Engine;
+            for (registry, entry) in auths {
+                let Some(encoded) = entry["auth"].as_str() else {
+                    continue;
+                };
+                let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+                    continue;
+                };
+                let decoded = String::from_utf8_lossy(&decoded).into_owned();
+                if let Some((u, p)) = decoded.split_once(':') {
+                    credentials
+                        .by_registry
+                        .entry(normal_registry(registry))
+                        .or_insert((u.to_string(), p.to_string()));
+                }
+            }
+        }
+        credentials
+    }
+
+    pub fn for_registry(&self, registry: &str) -> Option<&(String, String)> {
+        self.by_registry
+            .get(&normal_registry(registry))
+            .or(self.fallback.as_ref())
+    }
+}
+
+/// A registry as the credential files name it: no scheme, no path, Docker Hub as
+/// `docker.io`.
+fn normal_registry(text: &str) -> String {
+    let text = text
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = text.split('/').next().unwrap_or(text);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The image cache.
@@ -445,7 +524,7 @@ async fn pull_async(
         .to_string()
         .parse()
         .map_err(|e| PullError::Config(format!("{reference}: {e}")))?;
-    let auth = match &options.basic_auth {
+    let auth = match options.credentials.for_registry(&reference.registry) {
         Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
         None => RegistryAuth::Anonymous,
     };
@@ -600,6 +679,34 @@ fn remember_tag(cache: &Cache, reference: &Reference, digest: &str) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_come_from_the_environment_then_docker_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        // base64("hub:secret") and base64("me:pw")
+        fs::write(
+            &config,
+            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"aHViOnNlY3JldA=="},"ghcr.io":{"auth":"bWU6cHc="}}}"#,
+        )
+        .unwrap();
+        let c = Credentials::load(Some("localhost:5000=ci:token"), Some(&config));
+        assert_eq!(
+            c.for_registry("docker.io"),
+            Some(&("hub".into(), "secret".into()))
+        );
+        assert_eq!(c.for_registry("ghcr.io"), Some(&("me".into(), "pw".into())));
+        assert_eq!(
+            c.for_registry("localhost:5000"),
+            Some(&("ci".into(), "token".into()))
+        );
+        assert_eq!(c.for_registry("quay.io"), None);
+        let every = Credentials::load(Some("user:pass"), None);
+        assert_eq!(
+            every.for_registry("quay.io"),
+            Some(&("user".into(), "pass".into()))
+        );
+    }
 
     #[test]
     fn the_config_a_sandbox_needs_is_read() {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 /// A registry started for a test, stopped when dropped.
 pub struct Registry {
     child: Child,
+    /// Credentials it asks for, if it asks.
+    login: Option<(String, String)>,
     pub port: u16,
     /// Where it stores what is pushed.
     pub data: PathBuf,
@@ -30,6 +32,12 @@ impl Drop for Registry {
 impl Registry {
     /// Starts a registry, or says why not (SKIPPED).
     pub fn start() -> Option<Registry> {
+        Registry::start_with_login(None)
+    }
+
+    /// Starts a registry that asks for a login: `login` is the user, the password and the
+    /// bcrypt hash of the password (the registry's htpasswd file takes only bcrypt).
+    pub fn start_with_login(login: Option<(&str, &str, &str)>) -> Option<Registry> {
         let Ok(binary) = which("docker-registry") else {
             eprintln!("SKIPPED: no docker-registry on this machine (scripts/test installs it)");
             return None;
@@ -42,14 +50,19 @@ impl Registry {
             .port();
         let data = dir.path().join("data");
         let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                data.display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            data.display()
+        );
+        if let Some((user, _, hash)) = login {
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        fs::write(&config, text).unwrap();
         let child = Command::new(binary)
             .arg("serve")
             .arg(&config)
@@ -59,13 +72,15 @@ impl Registry {
             .unwrap();
         let registry = Registry {
             child,
+            login: login.map(|(u, p, _)| (u.to_string(), p.to_string())),
             port,
             data,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if registry.get("/v2/").starts_with("HTTP/1.1 200") {
+            let answer = registry.get("/v2/");
+            if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 401") {
                 return Some(registry);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -123,7 +138,10 @@ impl Registry {
                 &reference,
                 &layers,
                 config,
-                &oci_client::secrets::RegistryAuth::Anonymous,
+                &match &self.login {
+                    Some((u, p)) => oci_client::secrets::RegistryAuth::Basic(u.clone(), p.clone()),
+                    None => oci_client::secrets::RegistryAuth::Anonymous,
+                },
                 None,
             ))
             .unwrap();

@@ -42,7 +42,7 @@ impl PullProgress for Seen {
 fn options(registry: &Registry) -> PullOptions {
     PullOptions {
         insecure: vec![registry.host()],
-        basic_auth: None,
+        credentials: Default::default(),
         refresh: false,
         owners: Owners::Unpacker,
     }
@@ -112,7 +112,7 @@ fn a_two_layer_image_with_whiteouts_is_pulled_then_used_from_the_cache() {
         &cache,
         &PullOptions {
             insecure: Vec::new(),
-            basic_auth: None,
+            credentials: Default::default(),
             refresh: false,
             owners: Owners::Unpacker,
         },
@@ -217,4 +217,39 @@ fn concurrent_pulls_of_one_image_wait_for_each_other() {
     );
     let leftovers = fs::read_dir(cache_dir.path().join("tmp")).unwrap().count();
     assert_eq!(leftovers, 0, "no temporary file or rootfs left behind");
+}
+
+#[test]
+fn a_registry_that_asks_for_a_login_gets_the_credentials_given() {
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let Some(registry) = Registry::start_with_login(Some(("ci", "s3cret", &hash))) else {
+        return;
+    };
+    registry.push(
+        "private/app:1",
+        vec![(
+            gzip(&tar_of(&[("secret.txt", b"behind a login")])),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+        &[],
+    );
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/private/app:1", registry.host())).unwrap();
+    let anonymous = pull(
+        &reference,
+        &cache,
+        &options(&registry),
+        &mut Seen::default(),
+    );
+    let err = anonymous.unwrap_err().to_string();
+    assert!(err.contains("the registry"), "{err}");
+    let mut with_login = options(&registry);
+    with_login.credentials =
+        upstream_image::Credentials::load(Some(&format!("{}=ci:s3cret", registry.host())), None);
+    let pulled = pull(&reference, &cache, &with_login, &mut Seen::default()).unwrap();
+    assert_eq!(
+        fs::read(pulled.rootfs.join("secret.txt")).unwrap(),
+        b"behind a login"
+    );
 }

@@ -196,7 +196,8 @@ pub fn sandbox_failed(e: &SandboxError) -> u8 {
 /// Where images are cached and how they are pulled: `$UPSTREAM_CACHE_DIR`, else
 /// `/var/cache/upstream` as root and `~/.cache/upstream` otherwise; plain HTTP for loopback
 /// registries and those named with --insecure-registry; credentials from
-/// `$UPSTREAM_REGISTRY_AUTH` (`user:password`).
+/// `$UPSTREAM_REGISTRY_AUTH` (`user:password`, or `registry=user:password,…`), then from
+/// Docker's `config.json` (`$DOCKER_CONFIG`, else `~/.docker`).
 pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_turn::ImageSource {
     let root = nix::unistd::Uid::effective().is_root();
     let dir = match std::env::var_os("UPSTREAM_CACHE_DIR") {
@@ -212,15 +213,18 @@ pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_tur
     for host in ["localhost", "127.0.0.1", "[::1]"] {
         insecure.push(host.to_string());
     }
-    let basic_auth = std::env::var("UPSTREAM_REGISTRY_AUTH").ok().and_then(|v| {
-        v.split_once(':')
-            .map(|(u, p)| (u.to_string(), p.to_string()))
-    });
+    let docker_config = std::env::var_os("DOCKER_CONFIG")
+        .map(|d| PathBuf::from(d).join("config.json"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")));
+    let credentials = upstream_image::Credentials::load(
+        std::env::var("UPSTREAM_REGISTRY_AUTH").ok().as_deref(),
+        docker_config.as_deref(),
+    );
     upstream_turn::ImageSource {
         cache: upstream_image::Cache::new(dir),
         pull: upstream_image::PullOptions {
             insecure,
-            basic_auth,
+            credentials,
             refresh,
             owners: if root {
                 upstream_image::Owners::Shifted(upstream_backend_ns::SANDBOX_ID_BASE)
