@@ -88,6 +88,33 @@ impl Registry {
         panic!("the registry did not start on port {port}");
     }
 
+    /// Stops the registry (what was pushed stays on disk).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, with what was pushed.
+    pub fn restart(&mut self) {
+        self.stop();
+        let config = self.data.parent().unwrap().join("config.yml");
+        self.child = Command::new(which("docker-registry").unwrap())
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !self.get("/v2/").is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the registry did not come back on port {}", self.port);
+    }
+
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

@@ -253,3 +253,73 @@ fn a_registry_that_asks_for_a_login_gets_the_credentials_given() {
         b"behind a login"
     );
 }
+
+#[test]
+fn a_registry_gone_mid_pull_gives_a_clear_error_and_a_retry_keeps_what_was_fetched() {
+    let Some(mut registry) = Registry::start() else {
+        return;
+    };
+    let layers: Vec<(Vec<u8>, &str)> = (0..3)
+        .map(|i| {
+            let name = format!("layer-{i}");
+            (
+                gzip(&tar_of(&[(name.as_str(), name.as_bytes())])),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        })
+        .collect();
+    registry.push("test/flaky:1", layers, &[]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/test/flaky:1", registry.host())).unwrap();
+    // A first pull that got two of the three layers before the registry went away: the
+    // image and one layer are removed from a complete pull.
+    let done = pull(
+        &reference,
+        &cache,
+        &options(&registry),
+        &mut Seen::default(),
+    )
+    .unwrap();
+    fs::remove_dir_all(done.rootfs.parent().unwrap()).unwrap();
+    fs::remove_dir_all(cache_dir.path().join("refs")).unwrap();
+    let blobs = cache_dir.path().join("blobs/sha256");
+    let first = fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    fs::remove_file(&first).unwrap();
+
+    registry.stop();
+    let err = pull(
+        &reference,
+        &cache,
+        &options(&registry),
+        &mut Seen::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&registry.host()),
+        "the error names the registry: {text}"
+    );
+    assert_eq!(
+        fs::read_dir(&blobs).unwrap().count(),
+        2,
+        "what was fetched is kept"
+    );
+
+    registry.restart();
+    let mut seen = Seen::default();
+    let again = pull(&reference, &cache, &options(&registry), &mut seen).unwrap();
+    assert_eq!(again.digest, done.digest);
+    let fetched: Vec<bool> = seen.layers.iter().map(|(_, cached)| *cached).collect();
+    assert_eq!(
+        fetched.iter().filter(|c| !**c).count(),
+        1,
+        "only the missing layer: {fetched:?}"
+    );
+    assert!(again.rootfs.join("layer-2").exists());
+}
