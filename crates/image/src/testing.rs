@@ -88,6 +88,51 @@ impl Registry {
         panic!("the registry did not start on port {port}");
     }
 
+    /// Pushes a multi-platform index `name` whose entries are images already pushed under
+    /// the given tags of the same repository, each with its architecture.
+    pub fn push_index(&self, name: &str, entries: &[(&str, &str)]) {
+        let client = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        });
+        let auth = oci_client::secrets::RegistryAuth::Anonymous;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let repository = name.split(':').next().unwrap();
+        let mut manifests = Vec::new();
+        for (tag, arch) in entries {
+            let reference: oci_client::Reference = format!("{}/{repository}:{tag}", self.host())
+                .parse()
+                .unwrap();
+            let (raw, digest) = runtime
+                .block_on(client.pull_manifest_raw(
+                    &reference,
+                    &auth,
+                    &["application/vnd.oci.image.manifest.v1+json"],
+                ))
+                .unwrap();
+            manifests.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": raw.len(),
+                "platform": { "architecture": arch, "os": "linux" }
+            }));
+        }
+        let index: oci_client::manifest::OciImageIndex =
+            serde_json::from_value(serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": manifests
+            }))
+            .unwrap();
+        let reference: oci_client::Reference = format!("{}/{name}", self.host()).parse().unwrap();
+        runtime
+            .block_on(client.push_manifest_list(&reference, &auth, index))
+            .unwrap();
+    }
+
     /// Stops the registry (what was pushed stays on disk).
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -323,3 +323,48 @@ fn a_registry_gone_mid_pull_gives_a_clear_error_and_a_retry_keeps_what_was_fetch
     );
     assert!(again.rootfs.join("layer-2").exists());
 }
+
+#[test]
+fn a_multi_platform_index_resolves_to_this_host() {
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let host_arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let other_arch = if host_arch == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    for arch in [host_arch, other_arch] {
+        registry.push(
+            &format!("test/multi:{arch}"),
+            vec![(
+                gzip(&tar_of(&[("arch", arch.as_bytes())])),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )],
+            &[],
+        );
+    }
+    registry.push_index(
+        "test/multi:1",
+        &[(other_arch, other_arch), (host_arch, host_arch)],
+    );
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/test/multi:1", registry.host())).unwrap();
+    let pulled = pull(
+        &reference,
+        &cache,
+        &options(&registry),
+        &mut Seen::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read(pulled.rootfs.join("arch")).unwrap(),
+        host_arch.as_bytes()
+    );
+}
