@@ -19,11 +19,29 @@ pub fn exec(args: ExecArgs) -> u8 {
     let image = if args.image == "host" {
         Image::Host
     } else {
-        eprintln!(
-            "error: cannot run image `{}`: only `host` can run on this version; OCI images are not available yet",
-            args.image
-        );
-        return EXEC_FAILED;
+        // From the cache when it has the image; pulled otherwise.
+        let reference = match upstream_image::Reference::parse(&args.image) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXEC_FAILED;
+            }
+        };
+        let source = crate::run::image_source(&[], false);
+        struct Quiet;
+        impl upstream_image::PullProgress for Quiet {
+            fn layer(&mut self, _: &str, _: u64, _: bool) {}
+        }
+        match upstream_image::pull(&reference, &source.cache, &source.pull, &mut Quiet) {
+            Ok(pulled) => Image::Layers {
+                reference: args.image.clone(),
+                layers: vec![pulled.rootfs],
+            },
+            Err(e) => {
+                eprintln!("error: cannot run image `{}`: {e}", args.image);
+                return EXEC_FAILED;
+            }
+        }
     };
     let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
         Ok(b) => b,
