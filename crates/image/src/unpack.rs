@@ -372,19 +372,7 @@ impl Unpacker<'_> {
     }
 
     fn set_xattrs<R: Read>(&self, file: &File, entry: &mut tar::Entry<'_, R>) {
-        for (name, value) in xattrs(entry) {
-            // SAFETY: fsetxattr on a descriptor we own with valid C strings; a filesystem
-            // or a namespace that refuses one (security.*, trusted.*) is not an error.
-            unsafe {
-                libc::fsetxattr(
-                    file.as_raw_fd(),
-                    name.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                );
-            }
-        }
+        apply_xattrs(file, &xattrs(entry));
     }
 
     fn set_xattrs_at<R: Read>(&self, dir: &OwnedFd, name: &OsStr, entry: &mut tar::Entry<'_, R>) {
@@ -396,19 +384,7 @@ impl Unpacker<'_> {
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
         if let Ok(fd) = openat2(dir, name, how) {
-            let file = File::from(fd);
-            for (name, value) in attrs {
-                // SAFETY: as in `set_xattrs`.
-                unsafe {
-                    libc::fsetxattr(
-                        file.as_raw_fd(),
-                        name.as_ptr(),
-                        value.as_ptr().cast(),
-                        value.len(),
-                        0,
-                    );
-                }
-            }
+            apply_xattrs(&File::from(fd), &attrs);
         }
     }
 
@@ -439,6 +415,24 @@ impl Unpacker<'_> {
             nix::sys::stat::futimens(&fd, &times[0], &times[1]).map_err(|e| fail(e.into()))?;
         }
         Ok(self.stats)
+    }
+}
+
+/// Sets extended attributes on an open file; a filesystem or a namespace that refuses one
+/// (`security.*`, `trusted.*` unprivileged) is not an error.
+fn apply_xattrs(file: &File, attrs: &[(CString, Vec<u8>)]) {
+    for (name, value) in attrs {
+        // SAFETY: fsetxattr on a descriptor the caller holds, with a valid C string and a
+        // buffer of the length given.
+        unsafe {
+            libc::fsetxattr(
+                file.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            );
+        }
     }
 }
 
