@@ -321,3 +321,33 @@ fn owners_are_shifted_into_the_sandbox_range() {
         "an id past the sandbox's range is nobody"
     );
 }
+
+#[test]
+fn extended_attributes_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    fs::create_dir(&root).unwrap();
+    let mut layer = Layer::new();
+    layer
+        .builder
+        .append_pax_extensions([("SCHILY.xattr.user.upstream", &b"kept"[..])])
+        .unwrap();
+    let layer = layer.file("tagged", 0o644, b"x");
+    apply(&root, layer).unwrap();
+    let path = std::ffi::CString::new(root.join("tagged").to_str().unwrap()).unwrap();
+    let mut value = [0u8; 16];
+    // SAFETY: getxattr into a local buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.upstream".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSUP) {
+        eprintln!("SKIPPED: this filesystem keeps no user.* extended attributes");
+        return;
+    }
+    assert_eq!(&value[..n.max(0) as usize], b"kept");
+}
