@@ -108,3 +108,76 @@ fn images_are_listed_pulled_removed_and_pruned() {
     let bad = images(&["pull", "Not A Reference"]);
     assert_eq!(code(&bad), 2);
 }
+
+/// A Debian rootfs with python3, made by mmdebstrap from Debian's mirror, as a tar; `None`
+/// (with the reason said) where that cannot be done here.
+fn debian_with_python(dir: &std::path::Path) -> Option<Vec<u8>> {
+    let tar = dir.join("debian.tar");
+    let out = std::process::Command::new("mmdebstrap")
+        .args([
+            "--quiet",
+            "--variant=essential",
+            "--include=python3-minimal",
+            "--aptopt=Acquire::Check-Valid-Until \"false\"",
+            "--customize-hook=echo from-the-image > \"$1/etc/image-marker\"",
+            "bookworm",
+        ])
+        .arg(&tar)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => fs::read(&tar).ok(),
+        Ok(o) => {
+            crate::util::skip(format!(
+                "SKIPPED: mmdebstrap could not build a Debian rootfs here (no mirror?): {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ));
+            None
+        }
+        Err(_) => {
+            crate::util::skip(
+                "SKIPPED: no mmdebstrap on this machine (scripts/test installs it)".into(),
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn python_steps_run_the_images_python() {
+    crate::require_root_sandbox!();
+    let Some(registry) = Registry::start() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let env = Env::new();
+    let Some(rootfs) = debian_with_python(env.dir.path()) else {
+        return;
+    };
+    registry.push(
+        "debian/python:1",
+        vec![(rootfs, "application/vnd.oci.image.layer.v1.tar")],
+        &["PATH=/usr/local/bin:/usr/bin:/bin"],
+    );
+    let doc = format!(
+        "---\nimage: {}/debian/python:1\nworkdir: /work\n---\n```python\nimport os, sys\nprint(sys.executable, open('/etc/image-marker').read().strip())\nprint(os.getcwd())\n```\n",
+        registry.host()
+    );
+    let path = env.write("py.md", &doc);
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args(["run", "py.md"])
+        .output()
+        .unwrap();
+    let block = result_block(&fs::read_to_string(&path).unwrap(), 1);
+    assert_eq!(code(&out), 0, "{}\n{block}", stderr(&out));
+    assert!(
+        block.contains("/usr/bin/python3 from-the-image\n/work"),
+        "{block}"
+    );
+}
