@@ -578,10 +578,7 @@ async fn pull_async(
 
     // The rootfs, made aside and renamed whole.
     let target = cache.image(&digest);
-    let temp = cache
-        .dir
-        .join("tmp")
-        .join(format!("image-{}", std::process::id()));
+    let temp = cache.dir.join("tmp").join(format!("image-{}", unique()));
     let _ = fs::remove_dir_all(&temp);
     let rootfs = temp.join("rootfs");
     fs::create_dir_all(&rootfs).map_err(cache.io(&rootfs))?;
@@ -645,7 +642,7 @@ async fn download(
     let temp = cache.dir.join("tmp").join(format!(
         "{}-{}",
         layer.digest.trim_start_matches("sha256:"),
-        std::process::id()
+        unique()
     ));
     let file = tokio::fs::File::create(&temp)
         .await
@@ -665,13 +662,25 @@ async fn download(
         .map_err(|e| Fetch::Io(cache.io(&target)(e)))
 }
 
+/// A name part no other pull, in this process or another, is using: the pid and a counter
+/// (threads of one process pull different images at once).
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 fn remember_tag(cache: &Cache, reference: &Reference, digest: &str) -> Result<(), PullError> {
     let Some(path) = cache.tag_file(reference) else {
         return Ok(());
     };
     let parent = path.parent().expect("tag files have a parent");
     fs::create_dir_all(parent).map_err(cache.io(parent))?;
-    let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let temp = path.with_extension(format!("tmp-{}", unique()));
     fs::write(&temp, digest).map_err(cache.io(&temp))?;
     fs::rename(&temp, &path).map_err(cache.io(&path))
 }

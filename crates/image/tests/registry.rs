@@ -368,3 +368,62 @@ fn a_multi_platform_index_resolves_to_this_host() {
         host_arch.as_bytes()
     );
 }
+
+#[test]
+fn two_images_sharing_a_layer_pull_at_once_in_one_process() {
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let shared = gzip(&tar_of(&[("shared", &[7u8; 256 << 10][..])]));
+    for name in ["a", "b"] {
+        registry.push(
+            &format!("test/{name}:1"),
+            vec![
+                (
+                    shared.clone(),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                ),
+                (
+                    gzip(&tar_of(&[(name, name.as_bytes())])),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                ),
+            ],
+            &[],
+        );
+    }
+    let cache_dir = tempfile::tempdir().unwrap();
+    let pulls: Vec<_> = ["a", "b", "a", "b"]
+        .iter()
+        .map(|name| {
+            let cache = Cache::new(cache_dir.path());
+            let reference =
+                Reference::parse(&format!("{}/test/{name}:1", registry.host())).unwrap();
+            let options = options(&registry);
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                let pulled = pull(&reference, &cache, &options, &mut Seen::default()).unwrap();
+                assert_eq!(
+                    fs::read(pulled.rootfs.join(&name)).unwrap(),
+                    name.as_bytes()
+                );
+                assert_eq!(
+                    fs::read(pulled.rootfs.join("shared")).unwrap().len(),
+                    256 << 10
+                );
+            })
+        })
+        .collect();
+    for p in pulls {
+        p.join().unwrap();
+    }
+    assert_eq!(
+        fs::read_dir(cache_dir.path().join("images"))
+            .unwrap()
+            .count(),
+        2
+    );
+    assert_eq!(
+        fs::read_dir(cache_dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}
