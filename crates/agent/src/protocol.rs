@@ -48,6 +48,9 @@ pub struct ExecRequest {
     /// A file read after the command ends (such as the outputs it published), answered in
     /// `Exited`: another round trip saved.
     pub collect: Option<Collect>,
+    /// Run the command as this uid and gid of the sandbox instead of its root; the working
+    /// directory is given to them.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A file to read back after a command, up to `limit` bytes.

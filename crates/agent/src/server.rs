@@ -330,6 +330,32 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     let (err_read, err_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e))?;
     let null = fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+    if let Some((uid, gid)) = req.user {
+        // A working directory root owns (the workspace upstream made) is given to the user,
+        // so the command can write where it starts; one the image gave someone is left.
+        let given = nix::sys::stat::stat(req.cwd.as_str()).and_then(|st| {
+            if st.st_uid != 0 {
+                return Ok(());
+            }
+            nix::unistd::chown(
+                req.cwd.as_str(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+        });
+        if let Err(e) = given {
+            let _ = std::env::set_current_dir("/");
+            return Err(format!(
+                "cannot give the working directory {} to uid {uid}: {e}",
+                req.cwd
+            ));
+        }
+        let spawned = spawn_as(uid, gid, &path, &argv, &envp, &null, &out_write, &err_write);
+        let _ = std::env::set_current_dir("/");
+        return spawned
+            .map(|pid| (pid, out_read, err_read))
+            .map_err(|e| sys("fork", e));
+    }
     let mut actions = PosixSpawnFileActions::init().map_err(|e| sys("spawn", e))?;
     actions
         .add_dup2(null.as_raw_fd(), 0)
@@ -358,6 +384,60 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
         e => sys("spawn", e),
     })?;
     Ok((pid, out_read, err_read))
+}
+
+/// Starts a command as `uid`/`gid` of the sandbox: fork (the agent is single-threaded, so
+/// the child may run any code), drop to the user, then exec. The child loses every
+/// capability when it leaves uid 0.
+#[allow(clippy::too_many_arguments)]
+fn spawn_as(
+    uid: u32,
+    gid: u32,
+    path: &Path,
+    argv: &[CString],
+    envp: &[CString],
+    null: &fs::File,
+    out: &OwnedFd,
+    err: &OwnedFd,
+) -> Result<Pid, Errno> {
+    use nix::unistd::{ForkResult, Gid, Uid, dup2_raw, fork};
+    let program = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: the agent runs a single thread: nothing in the child can find a lock held by
+    // another thread.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            let setup = (|| -> Result<(), Errno> {
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))?;
+                nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))?;
+                for (fd, target) in [(null.as_fd(), 0), (out.as_fd(), 1), (err.as_fd(), 2)] {
+                    // SAFETY: the descriptors are open; dup2 onto 0, 1 and 2 of this child.
+                    // The returned owner is forgotten: dropping it would close what it made.
+                    std::mem::forget(unsafe { dup2_raw(fd, target) }?);
+                }
+                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&SigSet::empty()),
+                    None,
+                )?;
+                // SAFETY: back to the default action in this child only.
+                unsafe {
+                    nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+                }?;
+                nix::unistd::execve(&program, argv, envp)?;
+                Ok(())
+            })();
+            if let Err(e) = setup {
+                let text = format!("upstream: cannot run as uid {uid} gid {gid}: {e}\n");
+                // SAFETY: writes a buffer that outlives the call to this child's stderr.
+                let _ = unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+            }
+            // SAFETY: leaves the child without running the agent's destructors.
+            unsafe { libc::_exit(127) }
+        }
+    }
 }
 
 /// Where `program` is: itself when it names a path, else the first executable of that name
@@ -480,6 +560,7 @@ mod tests {
             timeout_ms,
             files: Vec::new(),
             collect: None,
+            user: None,
         }
     }
 

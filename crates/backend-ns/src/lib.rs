@@ -214,6 +214,7 @@ impl Backend for NamespaceBackend {
                 backend: self.describe(),
                 setup: Duration::ZERO,
                 unenforced: Vec::new(),
+                ids: if self.rootless { 1 } else { SANDBOX_ID_COUNT },
             },
             child: Some(child),
             stderr: Some(stderr),

@@ -3,11 +3,13 @@
 //! needs, and a seccomp filter refusing the system calls a sandbox never needs.
 //!
 //! The process cap is `RLIMIT_NPROC`, which the kernel counts per user (uid) per user
-//! namespace, and every sandbox has a user namespace of its own. Sandbox processes cannot change
-//! uid (CAP_SETUID and CAP_SETGID are dropped, set-uid binaries are inert under no_new_privs),
-//! so every process of the sandbox counts against the one cap. Unlike a pids cgroup it needs no
-//! cgroup migration, which on cgroup v1 hosts waits for an RCU grace period (~13 ms), and it
-//! holds for rootless sandboxes too.
+//! namespace, and every sandbox has a user namespace of its own. Commands cannot change uid
+//! (CAP_SETUID and CAP_SETGID are out of the bounding set, set-uid binaries are inert under
+//! no_new_privs), so every process a command starts counts against its uid's cap. The agent
+//! alone keeps CAP_SETUID/CAP_SETGID, to start commands as an image's user: their processes
+//! then count against that uid's cap, with the agent itself the only other process. Unlike a
+//! pids cgroup the cap needs no cgroup migration, which on cgroup v1 hosts waits for an RCU
+//! grace period (~13 ms), and it holds for rootless sandboxes too.
 
 use caps::{Capability, CapsHashSet};
 use seccompiler::{BpfProgram, sock_filter};
@@ -151,8 +153,14 @@ fn drop_capabilities() -> Result<(), SecurityError> {
             0,
         )
     };
-    // Effective and permitted to the kept set, inheritable empty, in one capset.
-    let mask = KEPT.iter().fold(0u64, |m, c| m | (1u64 << c.index()));
+    // Effective and permitted to the kept set, inheritable empty, in one capset. The agent
+    // also keeps CAP_SETUID and CAP_SETGID, to start steps as an image's user; they are not
+    // in the bounding set, so no command it starts can have them (a command run as root
+    // gets the bounding set when it execs, one run as another user gets nothing).
+    let mask = KEPT
+        .iter()
+        .chain([&Capability::CAP_SETUID, &Capability::CAP_SETGID])
+        .fold(0u64, |m, c| m | (1u64 << c.index()));
     let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,

@@ -159,7 +159,14 @@ pub fn clean_output(bytes: &[u8]) -> String {
             .unwrap_or(b"");
         redrawn.extend_from_slice(shown);
     }
-    let stripped = strip_ansi_escapes::strip(&redrawn);
+    // The escape stripper drops tabs with the other control characters: strip between them.
+    let mut stripped = Vec::with_capacity(redrawn.len());
+    for (i, part) in redrawn.split(|&b| b == b'\t').enumerate() {
+        if i > 0 {
+            stripped.push(b'\t');
+        }
+        stripped.extend_from_slice(&strip_ansi_escapes::strip(part));
+    }
     String::from_utf8_lossy(&stripped)
         .chars()
         .filter(|&c| c == '\t' || c == '\n' || !c.is_control())
@@ -274,6 +281,7 @@ mod tests {
         assert_eq!(clean_output(b"\x1b[31mred\x1b[0m\n"), "red\n");
         assert_eq!(clean_output(b"10%\r50%\r100%\ndone\r\n"), "100%\ndone\n");
         assert_eq!(clean_output(b"bell\x07 \xff"), "bell \u{fffd}");
+        assert_eq!(clean_output(b"a\tb\t\x1b[1mc\x1b[0m\n"), "a\tb\tc\n");
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub mod testing;
 pub mod unpack;
 
 pub use pull::{
-    Cache, CachedImage, Credentials, ImageConfig, Pruned, PullError, PullOptions, PullProgress,
-    Pulled, pull,
+    Cache, CachedImage, Credentials, ImageConfig, ImageUser, Pruned, PullError, PullOptions,
+    PullProgress, Pulled, pull,
 };
 pub use reference::{Reference, ReferenceError};
 pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};

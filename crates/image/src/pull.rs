@@ -32,7 +32,82 @@ pub struct ImageConfig {
     pub user: Option<String>,
 }
 
+/// The user an image's steps run as, when it is not root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// The name in the image's /etc/passwd, else the uid.
+    pub name: String,
+    /// The home directory in the image's /etc/passwd, else `/`.
+    pub home: String,
+}
+
 impl ImageConfig {
+    /// Who the image's `User` names (`1000`, `1000:100`, `app`, `app:staff`), names looked
+    /// up in the image's `/etc/passwd` and `/etc/group`; `None` for root.
+    pub fn user(&self, rootfs: &Path) -> Result<Option<ImageUser>, String> {
+        let Some(user) = self.user.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let (name, group) = match user.split_once(':') {
+            Some((n, g)) => (n, Some(g)),
+            None => (user, None),
+        };
+        let table = |file: &str| fs::read_to_string(rootfs.join(file)).unwrap_or_default();
+        let entries = |table: &str| -> Vec<Vec<String>> {
+            table
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(':').map(str::to_string).collect())
+                .collect()
+        };
+        let passwd = entries(&table("etc/passwd"));
+        let id = |entry: &[String], field: usize| entry.get(field)?.parse::<u32>().ok();
+        let (uid, entry) = match name.parse::<u32>() {
+            Ok(uid) => (uid, passwd.iter().find(|e| id(e, 2) == Some(uid))),
+            Err(_) => {
+                let entry = passwd
+                    .iter()
+                    .find(|e| e.first().map(String::as_str) == Some(name))
+                    .ok_or_else(|| {
+                        format!("the image's user `{name}` is not in its /etc/passwd")
+                    })?;
+                let uid = id(entry, 2).ok_or_else(|| {
+                    format!("the image's user `{name}` has no uid in its /etc/passwd")
+                })?;
+                (uid, Some(entry))
+            }
+        };
+        let gid = match group {
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => entries(&table("etc/group"))
+                    .iter()
+                    .find(|e| e.first().map(String::as_str) == Some(g))
+                    .and_then(|e| id(e, 2))
+                    .ok_or_else(|| format!("the image's group `{g}` is not in its /etc/group"))?,
+            },
+            // The user's own group, else the gid equal to the uid.
+            None => entry.and_then(|e| id(e, 3)).unwrap_or(uid),
+        };
+        if uid > 65_535 || gid > 65_535 {
+            return Err(format!(
+                "the image's user `{user}` is outside the sandbox's ids (0–65535)"
+            ));
+        }
+        if uid == 0 && gid == 0 {
+            return Ok(None);
+        }
+        let field = |n: usize| entry.and_then(|e| e.get(n)).filter(|v| !v.is_empty());
+        Ok(Some(ImageUser {
+            uid,
+            gid,
+            name: field(0).cloned().unwrap_or_else(|| uid.to_string()),
+            home: field(5).cloned().unwrap_or_else(|| "/".to_string()),
+        }))
+    }
+
     fn parse(json: &str) -> Result<ImageConfig, PullError> {
         let value: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| PullError::Config(format!("the image's configuration: {e}")))?;

@@ -179,6 +179,20 @@ impl Registry {
 
     /// Pushes an image of `layers` (tar bytes, each with its media type) as `name:tag`.
     pub fn push(&self, name: &str, layers: Vec<(Vec<u8>, &str)>, env: &[&str]) {
+        self.push_with_config(
+            name,
+            layers,
+            serde_json::json!({ "Env": env, "WorkingDir": "/app" }),
+        );
+    }
+
+    /// Pushes an image of `layers` whose configuration's `config` object is `config`.
+    pub fn push_with_config(
+        &self,
+        name: &str,
+        layers: Vec<(Vec<u8>, &str)>,
+        config: serde_json::Value,
+    ) {
         let client = oci_client::Client::new(oci_client::client::ClientConfig {
             protocol: oci_client::client::ClientProtocol::Http,
             ..Default::default()
@@ -193,7 +207,7 @@ impl Registry {
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": { "Env": env, "WorkingDir": "/app" },
+            "config": config,
             "rootfs": { "type": "layers", "diff_ids": [] }
         });
         let config = oci_client::client::Config::new(

@@ -76,6 +76,9 @@ pub struct SandboxInfo {
     pub setup: Duration,
     /// Limits asked for that this host cannot enforce, each with why.
     pub unenforced: Vec<String>,
+    /// How many user and group ids exist in the sandbox, from 0: 1 when only its root is
+    /// mapped (rootless), so a command can run as uid `n` only when `n < ids`.
+    pub ids: u32,
 }
 
 /// The sandbox's root directory as the host reaches it, for moving files in and out without

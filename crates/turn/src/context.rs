@@ -141,12 +141,14 @@ impl Context {
     }
 
     /// Puts the history at [`HISTORY_PATH`] and the artifacts in the workspace. Returns the
-    /// restored files, so the save at the end need not read the unchanged ones.
+    /// restored files, so the save at the end need not read the unchanged ones. Restored
+    /// files belong to `user` (ids in the sandbox) when steps run as one, else to root.
     pub(crate) fn prepare(
         &self,
         root: HostRoot,
         workdir: &str,
         restore: bool,
+        user: Option<(u32, u32)>,
     ) -> Result<Known, TurnError> {
         let history = serde_json::to_vec_pretty(&self.history).unwrap_or_default();
         let fail = |path: &str, e: io::Error| {
@@ -155,22 +157,42 @@ impl Context {
                 source: e,
             })
         };
-        artifacts::as_owner(root.uid, root.gid, || {
+        let workspace = artifacts::as_owner(root.uid, root.gid, || {
             let context_dir = artifacts::open_workspace(root.dir.as_fd(), "/context", true)
                 .map_err(|e| fail("/context", e))?;
             write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
             if self.artifacts.is_empty() || !restore {
-                return Ok(Known::new());
+                return Ok(None);
             }
-            let workspace = artifacts::open_workspace(root.dir.as_fd(), workdir, true)
-                .map_err(|e| fail(workdir, e))?;
-            Ok(artifacts::restore(
-                workspace.as_fd(),
-                &self.artifacts,
-                &self.blobs,
-                Some((root.uid, root.gid)),
-            )?)
-        })
+            artifacts::open_workspace(root.dir.as_fd(), workdir, true)
+                .map(Some)
+                .map_err(|e| fail(workdir, e))
+        })?;
+        let Some(workspace) = workspace else {
+            return Ok(Known::new());
+        };
+        // Restored files belong to whom the steps run as, and so does the workspace, as the
+        // agent would make it (changing an owner needs the capabilities `setfsuid` drops).
+        let (uid, gid) = user.unwrap_or((0, 0));
+        let owner = (root.uid + uid, root.gid + gid);
+        if user.is_some() {
+            let st =
+                nix::sys::stat::fstat(workspace.as_fd()).map_err(|e| fail(workdir, e.into()))?;
+            if st.st_uid == root.uid {
+                nix::unistd::fchown(
+                    workspace.as_fd(),
+                    Some(nix::unistd::Uid::from_raw(owner.0)),
+                    Some(nix::unistd::Gid::from_raw(owner.1)),
+                )
+                .map_err(|e| fail(workdir, e.into()))?;
+            }
+        }
+        Ok(artifacts::restore(
+            workspace.as_fd(),
+            &self.artifacts,
+            &self.blobs,
+            Some(owner),
+        )?)
     }
 
     /// Saves the artifacts the document names (and records restored ones it deleted).

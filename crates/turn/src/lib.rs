@@ -317,6 +317,7 @@ pub fn run(
     let mut spec = sandbox_spec(fm);
     // An image is pulled (or found in the cache) before anything is recorded.
     let mut image_config = upstream_image::ImageConfig::default();
+    let mut image_user = None;
     if let Image::Layers { reference, layers } = &mut spec.image {
         let fail = |reason: String| {
             TurnError::Sandbox(SandboxError::Image {
@@ -340,6 +341,7 @@ pub fn run(
             pulled: Some(&pulled),
         });
         *layers = vec![pulled.rootfs.clone()];
+        image_user = pulled.config.user(&pulled.rootfs).map_err(fail)?;
         image_config = pulled.config;
     }
     let workdir = fm
@@ -397,6 +399,7 @@ pub fn run(
         &id,
         resume.as_ref(),
         &image_config.env,
+        image_user,
     );
     let Ran {
         records,
@@ -579,6 +582,7 @@ fn run_in_sandbox(
     id: &str,
     resume: Option<&Resume>,
     image_env: &[(String, String)],
+    user: Option<upstream_image::ImageUser>,
 ) -> Result<Ran, TurnError> {
     let fm = document.front_matter();
     let workdir = spec
@@ -595,10 +599,25 @@ fn run_in_sandbox(
         setup_ms: sandbox.info().setup.as_secs_f64() * 1000.0,
         unenforced: sandbox.info().unenforced.clone(),
     };
+    // The image's user runs the steps when the sandbox has its ids (a rootless one maps
+    // only its root).
+    let ids = sandbox.info().ids;
+    let user = match user {
+        Some(u) if u.uid >= ids || u.gid >= ids => {
+            observer.event(Event::Warning(&format!(
+                "the image's user {} ({}:{}) does not exist in a rootless sandbox, which maps \
+                 only its root; steps run as root",
+                u.name, u.uid, u.gid
+            )));
+            None
+        }
+        user => user,
+    };
     // A resumed turn's workspace is the one kept, artifacts and all.
     let known = {
         let root = sandbox.host_root()?;
-        context.prepare(root, &workdir, resume.is_none())?
+        let owner = user.as_ref().map(|u| (u.uid, u.gid));
+        context.prepare(root, &workdir, resume.is_none(), owner)?
     };
     if let Some(r) = resume {
         observer.event(Event::Resuming {
@@ -640,6 +659,7 @@ fn run_in_sandbox(
         context_env: context.env(),
         image_env: image_env.to_vec(),
         workdir: workdir.clone(),
+        user,
         store: &mut turn.store,
     };
     let mut records = Vec::new();
@@ -812,6 +832,8 @@ struct StepRunner<'a> {
     image_env: Vec<(String, String)>,
     /// Where steps start.
     workdir: String,
+    /// The image's user, whom steps run as (root when `None`).
+    user: Option<upstream_image::ImageUser>,
     store: &'a mut Store,
 }
 
@@ -916,6 +938,10 @@ impl StepRunner<'_> {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if let Some(user) = &self.user {
+            env.insert("HOME".into(), user.home.clone());
+            env.insert("USER".into(), user.name.clone());
+        }
         for (k, v) in &self.image_env {
             env.insert(k.clone(), v.clone());
         }
@@ -1014,6 +1040,7 @@ impl StepRunner<'_> {
                 path: output_path(step),
                 limit: MAX_OUTPUTS_BYTES,
             }),
+            user: self.user.as_ref().map(|u| (u.uid, u.gid)),
         };
         let mut sinks = OutputSinks {
             redact_out: redactor.clone(),

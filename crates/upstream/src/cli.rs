@@ -210,9 +210,9 @@ pub struct ExecArgs {
     /// Kill the command after this long, such as 30s.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<std::time::Duration>,
-    /// Working directory inside the sandbox.
-    #[arg(long, default_value = upstream_doc::front_matter::DEFAULT_WORKDIR)]
-    pub workdir: String,
+    /// Working directory inside the sandbox [default: the image's, else /workspace].
+    #[arg(long)]
+    pub workdir: Option<String>,
     /// Keep what the command writes on disk rather than in memory (for commands that write
     /// more than the sandbox's memory should hold).
     #[arg(long)]

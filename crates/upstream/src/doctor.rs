@@ -57,6 +57,7 @@ fn try_sandbox() -> Line {
             timeout_ms: Some(10_000),
             files: Vec::new(),
             collect: None,
+            user: None,
         };
         let outcome = sandbox.exec(&request, &mut |_, _| {})?;
         let info = sandbox.info().clone();

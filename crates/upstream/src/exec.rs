@@ -16,6 +16,8 @@ const EXEC_FAILED: u8 = 125;
 const TIMED_OUT: u8 = 124;
 
 pub fn exec(args: ExecArgs) -> u8 {
+    let mut config = upstream_image::ImageConfig::default();
+    let mut user = None;
     let image = if args.image == "host" {
         Image::Host
     } else {
@@ -32,11 +34,20 @@ pub fn exec(args: ExecArgs) -> u8 {
         impl upstream_image::PullProgress for Quiet {
             fn layer(&mut self, _: &str, _: u64, _: bool) {}
         }
-        match upstream_image::pull(&reference, &source.cache, &source.pull, &mut Quiet) {
-            Ok(pulled) => Image::Layers {
-                reference: args.image.clone(),
-                layers: vec![pulled.rootfs],
-            },
+        let pulled = upstream_image::pull(&reference, &source.cache, &source.pull, &mut Quiet)
+            .map_err(|e| e.to_string())
+            .and_then(|pulled| {
+                user = pulled.config.user(&pulled.rootfs)?;
+                Ok(pulled)
+            });
+        match pulled {
+            Ok(pulled) => {
+                config = pulled.config;
+                Image::Layers {
+                    reference: args.image.clone(),
+                    layers: vec![pulled.rootfs],
+                }
+            }
             Err(e) => {
                 eprintln!("error: cannot run image `{}`: {e}", args.image);
                 return EXEC_FAILED;
@@ -69,6 +80,15 @@ pub fn exec(args: ExecArgs) -> u8 {
         eprintln!("warning: {warning}");
     }
     crate::interrupt::stop_on_signal(sandbox.interrupter());
+    // The image's user, when the sandbox has its ids (a rootless one maps only its root).
+    let ids = sandbox.info().ids;
+    if let Some(u) = user.take_if(|u| u.uid >= ids || u.gid >= ids) {
+        eprintln!(
+            "warning: the image's user {} ({}:{}) does not exist in a rootless sandbox; \
+             the command runs as root",
+            u.name, u.uid, u.gid
+        );
+    }
     let mut env: Vec<(String, String)> = vec![
         (
             "PATH".into(),
@@ -77,14 +97,27 @@ pub fn exec(args: ExecArgs) -> u8 {
         ("HOME".into(), "/root".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
-    env.extend(args.env);
+    if let Some(u) = &user {
+        env[1].1 = u.home.clone();
+        env.push(("USER".into(), u.name.clone()));
+    }
+    // Later settings win: the image's over the defaults, `--env` over the image's.
+    for (key, value) in config.env.into_iter().chain(args.env) {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+    let cwd = args
+        .workdir
+        .or(config.working_dir)
+        .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
     let request = ExecRequest {
         argv: args.command,
         env,
-        cwd: args.workdir,
+        cwd,
         timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
         files: Vec::new(),
         collect: None,
+        user: user.map(|u| (u.uid, u.gid)),
     };
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();

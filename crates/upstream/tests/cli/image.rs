@@ -181,3 +181,83 @@ fn python_steps_run_the_images_python() {
         "{block}"
     );
 }
+
+#[test]
+fn steps_run_as_the_images_user_and_cannot_act_as_root() {
+    crate::require_root_sandbox!();
+    let Some(registry) = Registry::start() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let layer = layer_of_host_programs(
+        &[
+            "/usr/bin/bash",
+            "/usr/bin/id",
+            "/usr/bin/stat",
+            "/usr/bin/cat",
+            "/usr/bin/grep",
+        ],
+        &[
+            (
+                "etc/passwd",
+                b"root:x:0:0:root:/root:/bin/bash\napp:x:1000:1000::/home/app:/bin/bash\n",
+            ),
+            ("etc/group", b"root:x:0:\napp:x:1000:\nstaff:x:50:\n"),
+        ],
+    );
+    registry.push_with_config(
+        "test/user:1",
+        vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        serde_json::json!({ "Env": ["PATH=/usr/bin"], "User": "app:staff" }),
+    );
+    let env = Env::new();
+    let cache = env.path("cache");
+    let reference = format!("{}/test/user:1", registry.host());
+    let doc = |n: u32| {
+        format!(
+            "---\nimage: {reference}\ncontext: as-app\nartifacts: [made.txt]\n---\n\
+             ```bash\n\
+             echo \"ids $(id -u):$(id -g) $USER $HOME $PWD\"\n\
+             grep CapEff /proc/self/status\n\
+             test -f made.txt && echo \"restored owner $(stat -c %u:%g made.txt)\"\n\
+             echo turn {n} > made.txt\n\
+             if echo x > /etc/owned 2>/dev/null; then echo WROTE-ETC; fi\n\
+             if echo x > /root/owned 2>/dev/null; then echo WROTE-ROOT; fi\n\
+             ```\n"
+        )
+    };
+    let run = |name: &str, n: u32| {
+        let path = env.write(name, doc(n));
+        let out = env
+            .command()
+            .env("UPSTREAM_CACHE_DIR", &cache)
+            .args(["run", name])
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        result_block(&fs::read_to_string(&path).unwrap(), 1)
+    };
+    let first = run("one.md", 1);
+    assert!(
+        first.contains("ids 1000:50 app /home/app /workspace"),
+        "{first}"
+    );
+    assert!(first.contains("CapEff:\t0000000000000000"), "{first}");
+    assert!(!first.contains("WROTE"), "{first}");
+    assert!(!first.contains("restored"), "{first}");
+    // The next turn finds the artifact where it was left, still the user's own.
+    let second = run("two.md", 2);
+    assert!(second.contains("restored owner 1000:50"), "{second}");
+
+    // `exec` on the image runs as its user too.
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", &cache)
+        .args(["exec", "--image", &reference, "--", "id", "-u"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(crate::util::stdout(&out).trim(), "1000");
+}
