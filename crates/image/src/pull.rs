@@ -17,6 +17,8 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -546,6 +548,13 @@ fn remove_all(path: &Path) -> io::Result<()> {
 pub trait PullProgress {
     /// A layer of `size` bytes starts downloading (`cached`: it needs no download).
     fn layer(&mut self, digest: &str, size: u64, cached: bool);
+
+    /// `bytes` of the layer have arrived so far (told a few times a second while layers
+    /// download, and once at the end of each).
+    fn downloaded(&mut self, _digest: &str, _bytes: u64) {}
+
+    /// Every layer is in the cache; the rootfs is being made from them.
+    fn unpacking(&mut self) {}
 }
 
 /// Makes `reference` ready in `cache`: from the cache alone when it can, else from the
@@ -641,15 +650,44 @@ async fn pull_async(
         progress.layer(&layer.digest, layer.size.max(0) as u64, cached);
         if !cached {
             downloaded += layer.size.max(0) as u64;
-            downloads.push(download(&client, &oci_ref, layer, cache));
+            let counter = Arc::new(AtomicU64::new(0));
+            downloads.push((
+                layer.digest.clone(),
+                counter.clone(),
+                download(&client, &oci_ref, layer, cache, counter),
+            ));
         }
     }
-    for result in futures::future::join_all(downloads).await {
+    // While they run, what has arrived is reported a few times a second.
+    let counters: Vec<(String, Arc<AtomicU64>)> = downloads
+        .iter()
+        .map(|(digest, counter, _)| (digest.clone(), counter.clone()))
+        .collect();
+    let report = |progress: &mut dyn PullProgress| {
+        for (digest, counter) in &counters {
+            progress.downloaded(digest, counter.load(Ordering::Relaxed));
+        }
+    };
+    let all = futures::future::join_all(downloads.into_iter().map(|(_, _, f)| f));
+    futures::pin_mut!(all);
+    let results = loop {
+        let tick = Box::pin(tokio::time::sleep(PROGRESS_EVERY));
+        match futures::future::select(all, tick).await {
+            futures::future::Either::Left((results, _)) => break results,
+            futures::future::Either::Right(((), pending)) => {
+                report(progress);
+                all = pending;
+            }
+        }
+    };
+    report(progress);
+    for result in results {
         result.map_err(|e| match e {
             Fetch::Registry(e) => registry_error(e),
             Fetch::Io(e) => e,
         })?;
     }
+    progress.unpacking();
 
     // The rootfs, made aside and renamed whole.
     let target = cache.image(&digest);
@@ -712,6 +750,7 @@ async fn download(
     reference: &oci_client::Reference,
     layer: &oci_client::manifest::OciDescriptor,
     cache: &Cache,
+    arrived: Arc<AtomicU64>,
 ) -> Result<(), Fetch> {
     let target = cache.blob(&layer.digest);
     let temp = cache.dir.join("tmp").join(format!(
@@ -722,7 +761,10 @@ async fn download(
     let file = tokio::fs::File::create(&temp)
         .await
         .map_err(|e| Fetch::Io(cache.io(&temp)(e)))?;
-    let mut file = tokio::io::BufWriter::new(file);
+    let mut file = Counting {
+        inner: tokio::io::BufWriter::new(file),
+        count: arrived,
+    };
     if let Err(e) = client.pull_blob(reference, layer, &mut file).await {
         let _ = tokio::fs::remove_file(&temp).await;
         return Err(Fetch::Registry(e));
@@ -735,6 +777,43 @@ async fn download(
     tokio::fs::rename(&temp, &target)
         .await
         .map_err(|e| Fetch::Io(cache.io(&target)(e)))
+}
+
+/// How often a pull reports the bytes that have arrived.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A writer that counts what goes through it.
+struct Counting<W> {
+    inner: W,
+    count: Arc<AtomicU64>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.count.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A name part no other pull, in this process or another, is using: the pid and a counter

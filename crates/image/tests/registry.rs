@@ -31,11 +31,26 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[derive(Default)]
 struct Seen {
     layers: Vec<(String, bool)>,
+    sizes: std::collections::HashMap<String, u64>,
+    /// The last byte count told of each layer.
+    arrived: std::collections::HashMap<String, u64>,
+    unpacking: bool,
 }
 
 impl PullProgress for Seen {
-    fn layer(&mut self, digest: &str, _size: u64, cached: bool) {
+    fn layer(&mut self, digest: &str, size: u64, cached: bool) {
         self.layers.push((digest.to_string(), cached));
+        self.sizes.insert(digest.to_string(), size);
+    }
+
+    fn downloaded(&mut self, digest: &str, bytes: u64) {
+        let last = self.arrived.insert(digest.to_string(), bytes).unwrap_or(0);
+        assert!(bytes >= last, "a layer's count never goes back");
+        assert!(!self.unpacking, "downloads are told before the unpack");
+    }
+
+    fn unpacking(&mut self) {
+        self.unpacking = true;
     }
 }
 
@@ -92,6 +107,10 @@ fn a_two_layer_image_with_whiteouts_is_pulled_then_used_from_the_cache() {
     assert!(pulled.downloaded > 0);
     assert_eq!(seen.layers.len(), 2);
     assert!(seen.layers.iter().all(|(_, cached)| !cached));
+    // Each layer's progress ended at its whole size, and the sizes add up to the download.
+    assert_eq!(seen.arrived, seen.sizes);
+    assert_eq!(seen.arrived.values().sum::<u64>(), pulled.downloaded);
+    assert!(seen.unpacking);
     let rootfs = &pulled.rootfs;
     assert_eq!(fs::read(rootfs.join("etc/keep")).unwrap(), b"keep");
     assert!(!rootfs.join("etc/old").exists(), "the whiteout removed it");

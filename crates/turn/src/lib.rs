@@ -84,6 +84,20 @@ pub enum Event<'a> {
         reference: &'a str,
         pulled: Option<&'a upstream_image::Pulled>,
     },
+    /// A layer of the image being pulled, of `size` bytes; `cached` when it needs no
+    /// download.
+    ImageLayer {
+        digest: &'a str,
+        size: u64,
+        cached: bool,
+    },
+    /// `bytes` of a layer have arrived.
+    ImageDownloaded {
+        digest: &'a str,
+        bytes: u64,
+    },
+    /// Every layer has arrived; the rootfs is being made.
+    ImageUnpacking,
     /// Something the user should know that does not stop the turn.
     Warning(&'a str),
 }
@@ -188,11 +202,25 @@ impl Turn {
     }
 }
 
-/// A pull reports nothing a turn shows beyond its start and end.
-struct NoPullProgress;
+/// Passes a pull's progress on to the turn's observer.
+struct PullEvents<'a>(&'a mut dyn Observer);
 
-impl upstream_image::PullProgress for NoPullProgress {
-    fn layer(&mut self, _digest: &str, _size: u64, _cached: bool) {}
+impl upstream_image::PullProgress for PullEvents<'_> {
+    fn layer(&mut self, digest: &str, size: u64, cached: bool) {
+        self.0.event(Event::ImageLayer {
+            digest,
+            size,
+            cached,
+        });
+    }
+
+    fn downloaded(&mut self, digest: &str, bytes: u64) {
+        self.0.event(Event::ImageDownloaded { digest, bytes });
+    }
+
+    fn unpacking(&mut self) {
+        self.0.event(Event::ImageUnpacking);
+    }
 }
 
 /// What a `--resume` starts from.
@@ -333,9 +361,13 @@ pub fn run(
             reference,
             pulled: None,
         });
-        let pulled =
-            upstream_image::pull(&parsed, &source.cache, &source.pull, &mut NoPullProgress)
-                .map_err(|e| fail(e.to_string()))?;
+        let pulled = upstream_image::pull(
+            &parsed,
+            &source.cache,
+            &source.pull,
+            &mut PullEvents(observer),
+        )
+        .map_err(|e| fail(e.to_string()))?;
         observer.event(Event::Image {
             reference,
             pulled: Some(&pulled),

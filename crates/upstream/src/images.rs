@@ -1,6 +1,6 @@
 //! `upstream images`: the image cache.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use upstream_doc::format_size;
 use upstream_image::{Reference, pull};
@@ -9,17 +9,39 @@ use crate::cli::ImagesCommand;
 use crate::exit;
 use crate::table::{Align, Table};
 
-struct Lines;
+/// A pull's layers: bars on a terminal, a line each otherwise.
+enum PullView {
+    Bars(crate::layer_bars::LayerBars),
+    Lines,
+}
 
-impl upstream_image::PullProgress for Lines {
+impl upstream_image::PullProgress for PullView {
     fn layer(&mut self, digest: &str, size: u64, cached: bool) {
-        let short = digest.trim_start_matches("sha256:");
-        let state = if cached { "cached" } else { "pulling" };
-        eprintln!(
-            "  layer {} {} ({state})",
-            &short[..12.min(short.len())],
-            format_size(size)
-        );
+        match self {
+            PullView::Bars(bars) => bars.layer(digest, size, cached),
+            PullView::Lines => {
+                let short = digest.trim_start_matches("sha256:");
+                let state = if cached { "cached" } else { "pulling" };
+                eprintln!(
+                    "  layer {} {} ({state})",
+                    &short[..12.min(short.len())],
+                    format_size(size)
+                );
+            }
+        }
+    }
+
+    fn downloaded(&mut self, digest: &str, bytes: u64) {
+        if let PullView::Bars(bars) = self {
+            bars.downloaded(digest, bytes);
+        }
+    }
+
+    fn unpacking(&mut self) {
+        match self {
+            PullView::Bars(bars) => bars.unpacking(),
+            PullView::Lines => eprintln!("  unpacking"),
+        }
     }
 }
 
@@ -76,7 +98,14 @@ pub fn images(command: ImagesCommand) -> u8 {
             };
             let source = crate::run::image_source(&insecure_registry, true);
             eprintln!("Pulling {parsed}");
-            match pull(&parsed, &source.cache, &source.pull, &mut Lines) {
+            let mut view = if io::stderr().is_terminal() {
+                PullView::Bars(crate::layer_bars::LayerBars::new())
+            } else {
+                PullView::Lines
+            };
+            let pulled = pull(&parsed, &source.cache, &source.pull, &mut view);
+            drop(view);
+            match pulled {
                 Ok(pulled) => {
                     let _ = writeln!(io::stdout().lock(), "{}", pulled.digest);
                     eprintln!(

@@ -8,6 +8,7 @@ mod doctor;
 mod exec;
 mod images;
 mod interrupt;
+mod layer_bars;
 mod progress;
 mod run;
 mod store_cmd;

@@ -22,6 +22,8 @@ pub struct Progress {
     verbose: bool,
     tty: bool,
     bar: Option<ProgressBar>,
+    /// A pull's layers, while it runs on a terminal.
+    layers: Option<crate::layer_bars::LayerBars>,
     stderr: io::Stderr,
 }
 
@@ -35,6 +37,7 @@ impl Progress {
             verbose,
             tty: stderr.is_terminal(),
             bar: None,
+            layers: None,
             stderr,
         }
     }
@@ -150,10 +153,32 @@ impl Observer for Progress {
                 reference,
                 pulled: None,
             } => self.line(&format!("Image: {reference} ...")),
+            Event::ImageLayer {
+                digest,
+                size,
+                cached,
+            } => {
+                if self.tty {
+                    self.layers
+                        .get_or_insert_with(crate::layer_bars::LayerBars::new)
+                        .layer(digest, size, cached);
+                }
+            }
+            Event::ImageDownloaded { digest, bytes } => {
+                if let Some(layers) = &mut self.layers {
+                    layers.downloaded(digest, bytes);
+                }
+            }
+            Event::ImageUnpacking => {
+                if let Some(layers) = &mut self.layers {
+                    layers.unpacking();
+                }
+            }
             Event::Image {
                 reference,
                 pulled: Some(p),
             } => {
+                self.layers = None;
                 let how = if p.downloaded > 0 {
                     format!("pulled {}", upstream_doc::format_size(p.downloaded))
                 } else {
