@@ -28,12 +28,34 @@ pub enum Request {
         data: Vec<u8>,
         mode: u32,
     },
+    /// Start a command in the background, its stdout and stderr appended to these files of
+    /// the sandbox; answered by `Started` (or `Error`) at once. Its end is kept for `Wait`.
+    Spawn {
+        exec: ExecRequest,
+        stdout: String,
+        stderr: String,
+    },
+    /// Wait up to `timeout_ms` (`None`: for ever, `Some(0)`: not at all) for a background
+    /// command to end; answered by `Waited` (or `Error` for a pid never spawned).
+    Wait { pid: i32, timeout_ms: Option<u64> },
+    /// Send `signal` to a background command's process group; answered by `Done` or `Error`.
+    Signal { pid: i32, signal: i32 },
     /// Kill every process of the sandbox and exit; answered by `Done`.
     Shutdown,
 }
 
+/// What a command's timeout kills.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    /// Every process of the sandbox (a turn's step: nothing it started outlives it).
+    #[default]
+    Sandbox,
+    /// The command's process group only; background commands keep running.
+    Command,
+}
+
 /// A command to run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub argv: Vec<String>,
     /// The whole environment of the command.
@@ -51,6 +73,10 @@ pub struct ExecRequest {
     /// Run the command as this uid and gid of the sandbox instead of its root; the working
     /// directory is given to them.
     pub user: Option<(u32, u32)>,
+    /// The command's standard input; empty: `/dev/null`.
+    pub stdin: Vec<u8>,
+    /// What the timeout kills.
+    pub timeout_kills: Scope,
 }
 
 /// A file to read back after a command, up to `limit` bytes.
@@ -114,6 +140,10 @@ pub enum Response {
     },
     File {
         data: Vec<u8>,
+    },
+    /// How a background command ended, or `None` while it still runs.
+    Waited {
+        status: Option<ExitStatus>,
     },
     Done,
     Error {

@@ -23,8 +23,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, getpid};
 
 use crate::protocol::{
-    ExecRequest, ExitStatus, FrameError, OUTPUT_CHUNK, Request, Response, Stream, read_frame,
-    write_frame,
+    ExecRequest, ExitStatus, FrameError, OUTPUT_CHUNK, Request, Response, Scope, Stream,
+    read_frame, write_frame,
 };
 
 /// Why the agent stopped serving.
@@ -46,17 +46,59 @@ pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
     mask.thread_block()?;
     let mut sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
     write_frame(&mut conn, &Response::Ready)?;
+    let mut background = Background::default();
     loop {
-        reap(None);
+        reap(None, &mut background);
         let Some(request) = read_frame::<_, Request>(&mut conn)? else {
             kill_everything(None);
             return Ok(());
         };
         match request {
-            Request::Exec(exec) => match run(&mut conn, &mut sigchld, &exec)? {
+            Request::Exec(exec) => match run(&mut conn, &mut sigchld, &exec, &mut background)? {
                 Flow::Continue => {}
                 Flow::Stop => return Ok(()),
             },
+            Request::Spawn {
+                exec,
+                stdout,
+                stderr,
+            } => {
+                let started = output_file(&stdout, exec.user)
+                    .and_then(|out| Ok((out, output_file(&stderr, exec.user)?)))
+                    .and_then(|(out, err)| spawn(&exec, &out, &err));
+                let reply = match started {
+                    Ok(pid) => {
+                        background.started(pid.as_raw());
+                        Response::Started { pid: pid.as_raw() }
+                    }
+                    Err(message) => Response::Error { message },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
+            Request::Wait { pid, timeout_ms } => {
+                match wait(&mut conn, &mut sigchld, pid, timeout_ms, &mut background)? {
+                    Flow::Continue => {}
+                    Flow::Stop => return Ok(()),
+                }
+            }
+            Request::Signal { pid, signal } => {
+                let reply = match (background.status(pid), Signal::try_from(signal)) {
+                    (None, _) => Response::Error {
+                        message: format!("no background command has pid {pid}"),
+                    },
+                    (_, Err(_)) => Response::Error {
+                        message: format!("{signal} is not a signal"),
+                    },
+                    (Some(Some(_)), _) => Response::Done,
+                    (Some(None), Ok(sig)) => match killpg(Pid::from_raw(pid), sig) {
+                        Ok(()) | Err(Errno::ESRCH) => Response::Done,
+                        Err(e) => Response::Error {
+                            message: format!("cannot signal {pid}: {e}"),
+                        },
+                    },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
             Request::ReadFile { path, limit } => {
                 let reply = match read_file(Path::new(&path), limit) {
                     Ok(data) => Response::File { data },
@@ -87,17 +129,133 @@ enum Flow {
     Stop,
 }
 
+/// Commands started in the background, with how each ended once it has.
+#[derive(Default)]
+struct Background {
+    commands: std::collections::BTreeMap<i32, Option<ExitStatus>>,
+}
+
+impl Background {
+    /// The most ended commands remembered; the oldest are forgotten past it.
+    const KEEP_ENDED: usize = 4096;
+
+    fn started(&mut self, pid: i32) {
+        // A pid is reused only after its last holder was reaped, so an ended entry under
+        // the same number is stale.
+        self.commands.insert(pid, None);
+        let ended: Vec<i32> = self
+            .commands
+            .iter()
+            .filter(|(_, status)| status.is_some())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in ended
+            .iter()
+            .take(ended.len().saturating_sub(Self::KEEP_ENDED))
+        {
+            self.commands.remove(pid);
+        }
+    }
+
+    /// `None`: never spawned; `Some(None)`: still running.
+    fn status(&self, pid: i32) -> Option<Option<ExitStatus>> {
+        self.commands.get(&pid).copied()
+    }
+
+    fn ended(&mut self, pid: Pid, status: ExitStatus) {
+        if let Some(entry) = self.commands.get_mut(&pid.as_raw()) {
+            *entry = Some(status);
+        }
+    }
+}
+
+/// Waits for a background command to end, or for the timeout; answers `Waited`.
+fn wait(
+    conn: &mut UnixStream,
+    sigchld: &mut SignalFd,
+    pid: i32,
+    timeout_ms: Option<u64>,
+    background: &mut Background,
+) -> Result<Flow, AgentError> {
+    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    loop {
+        reap(None, background);
+        let status = match background.status(pid) {
+            None => {
+                let message = format!("no background command has pid {pid}");
+                write_frame(conn, &Response::Error { message })?;
+                return Ok(Flow::Continue);
+            }
+            Some(status) => status,
+        };
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if status.is_some() || left == Some(Duration::ZERO) {
+            write_frame(conn, &Response::Waited { status })?;
+            return Ok(Flow::Continue);
+        }
+        let timeout = match left {
+            Some(left) => PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        let (chld_ready, conn_ready) = {
+            let mut fds = [
+                PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+            (ready(0), ready(1))
+        };
+        if chld_ready {
+            while let Ok(Some(_)) = sigchld.read_signal() {}
+        }
+        if conn_ready {
+            match read_frame::<_, Request>(conn)? {
+                Some(Request::Shutdown) => {
+                    kill_everything(None);
+                    write_frame(conn, &Response::Done)?;
+                    return Ok(Flow::Stop);
+                }
+                None => {
+                    kill_everything(None);
+                    return Ok(Flow::Stop);
+                }
+                Some(_) => write_frame(
+                    conn,
+                    &Response::Error {
+                        message: "the agent is busy waiting for a command".into(),
+                    },
+                )?,
+            }
+        }
+    }
+}
+
 fn run(
     conn: &mut UnixStream,
     sigchld: &mut SignalFd,
     req: &ExecRequest,
+    background: &mut Background,
 ) -> Result<Flow, AgentError> {
     let start = Instant::now();
-    let (pid, out, err) = match spawn(req) {
-        Ok(spawned) => spawned,
+    let started = output_pipes().and_then(|(readers, (out_write, err_write))| {
+        spawn(req, &out_write, &err_write).map(|pid| (pid, readers))
+    });
+    let (pid, (out, err)) = match started {
+        Ok(started) => started,
         Err(message) => {
             write_frame(conn, &Response::Error { message })?;
             return Ok(Flow::Continue);
+        }
+    };
+    let kill = |pid: Pid| match req.timeout_kills {
+        Scope::Sandbox => kill_everything(Some(pid)),
+        Scope::Command => {
+            let _ = killpg(pid, Signal::SIGKILL);
         }
     };
     write_frame(conn, &Response::Started { pid: pid.as_raw() })?;
@@ -159,7 +317,7 @@ fn run(
             match read_frame::<_, Request>(conn)? {
                 Some(Request::Shutdown) => {
                     kill_everything(Some(pid));
-                    reap(Some(pid));
+                    reap(Some(pid), background);
                     write_frame(conn, &Response::Done)?;
                     return Ok(Flow::Stop);
                 }
@@ -179,10 +337,10 @@ fn run(
         if chld_ready {
             while let Ok(Some(_)) = sigchld.read_signal() {}
         }
-        status = reap(Some(pid));
+        status = reap(Some(pid), background);
         if status.is_none() && !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
             timed_out = true;
-            kill_everything(Some(pid));
+            kill(pid);
         }
     }
     // What the command wrote before it exited is in the pipes; take it, but do not wait for
@@ -282,15 +440,28 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Starts a command; returns its pid and the read ends of its stdout and stderr.
+/// Starts a command writing to `out` and `err`; returns its pid.
 ///
 /// posix_spawn (a vfork: no page tables copied) starts it in a process group of its own, with
-/// an empty signal mask, default SIGPIPE handling, stdin from /dev/null, in the agent's
-/// working directory (the agent moves there first).
-fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
+/// an empty signal mask, default SIGPIPE handling, stdin from the request (else /dev/null),
+/// in the agent's working directory (the agent moves there first).
+fn spawn(req: &ExecRequest, out_write: &OwnedFd, err_write: &OwnedFd) -> Result<Pid, String> {
     use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
     let Some(program) = req.argv.first() else {
         return Err("no command given".into());
+    };
+    // Standard input: the request's bytes in a memory file, else /dev/null.
+    let stdin = if req.stdin.is_empty() {
+        fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?
+    } else {
+        use std::io::Seek;
+        let fail = |e: io::Error| format!("cannot start `{program}`: stdin: {e}");
+        let memfd = nix::sys::memfd::memfd_create(c"stdin", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| fail(e.into()))?;
+        let mut file = fs::File::from(memfd);
+        file.write_all(&req.stdin).map_err(fail)?;
+        file.seek(io::SeekFrom::Start(0)).map_err(fail)?;
+        file
     };
     for file in &req.files {
         write_file(Path::new(&file.path), &file.data, file.mode)
@@ -325,11 +496,6 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
         .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
     let sys = |what: &str, e: Errno| format!("cannot start `{program}`: {what}: {e}");
-    let (out_read, out_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e))?;
-    let (err_read, err_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e))?;
-    let null = fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
     if let Some((uid, gid)) = req.user {
         // A working directory root owns (the workspace upstream made) is given to the user,
         // so the command can write where it starts; one the image gave someone is left.
@@ -350,15 +516,13 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
                 req.cwd
             ));
         }
-        let spawned = spawn_as(uid, gid, &path, &argv, &envp, &null, &out_write, &err_write);
+        let spawned = spawn_as(uid, gid, &path, &argv, &envp, &stdin, out_write, err_write);
         let _ = std::env::set_current_dir("/");
-        return spawned
-            .map(|pid| (pid, out_read, err_read))
-            .map_err(|e| sys("fork", e));
+        return spawned.map_err(|e| sys("fork", e));
     }
     let mut actions = PosixSpawnFileActions::init().map_err(|e| sys("spawn", e))?;
     actions
-        .add_dup2(null.as_raw_fd(), 0)
+        .add_dup2(stdin.as_raw_fd(), 0)
         .and_then(|()| actions.add_dup2(out_write.as_raw_fd(), 1))
         .and_then(|()| actions.add_dup2(err_write.as_raw_fd(), 2))
         .map_err(|e| sys("spawn", e))?;
@@ -383,7 +547,46 @@ fn spawn(req: &ExecRequest) -> Result<(Pid, OwnedFd, OwnedFd), String> {
         Errno::EACCES => format!("cannot start `{program}`: permission denied"),
         e => sys("spawn", e),
     })?;
-    Ok((pid, out_read, err_read))
+    Ok(pid)
+}
+
+/// Two descriptors: for stdout and for stderr.
+type Pair = (OwnedFd, OwnedFd);
+
+/// A pipe for each of a command's stdout and stderr: (read ends, write ends).
+fn output_pipes() -> Result<(Pair, Pair), String> {
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot make a pipe: {e}"))
+    };
+    let (out_read, out_write) = pipe()?;
+    let (err_read, err_write) = pipe()?;
+    Ok(((out_read, err_read), (out_write, err_write)))
+}
+
+/// Opens a background command's output file for appending (made with its parents when
+/// missing), owned by the command's user.
+fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> {
+    if let Some(parent) = Path::new(path).parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    if let Some((uid, gid)) = user {
+        nix::unistd::fchown(
+            &file,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| format!("cannot give {path} to uid {uid}: {e}"))?;
+    }
+    Ok(file.into())
 }
 
 /// Starts a command as `uid`/`gid` of the sandbox: fork (the agent is single-threaded, so
@@ -455,19 +658,21 @@ fn resolve(program: &str, path_var: Option<&str>) -> Option<std::path::PathBuf> 
         .find(|p| executable(p))
 }
 
-/// Reaps exited processes; returns the status of `main` if it is among them.
-fn reap(main: Option<Pid>) -> Option<ExitStatus> {
+/// Reaps exited processes, noting how background commands ended; returns the status of
+/// `main` if it is among them.
+fn reap(main: Option<Pid>, background: &mut Background) -> Option<ExitStatus> {
     let mut found = None;
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == main => {
-                found = Some(ExitStatus::Code(code))
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == main => {
-                found = Some(ExitStatus::Signal(sig as i32))
-            }
+        let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig as i32)),
             Ok(WaitStatus::StillAlive) | Err(_) => return found,
-            Ok(_) => {}
+            Ok(_) => continue,
+        };
+        if Some(pid) == main {
+            found = Some(status);
+        } else {
+            background.ended(pid, status);
         }
     }
 }
@@ -539,6 +744,12 @@ mod tests {
         }
     }
 
+    /// Sends a request that has one answer, and returns it.
+    fn one(conn: &mut UnixStream, req: &Request) -> Response {
+        write_frame(conn, req).unwrap();
+        read_frame(conn).unwrap().expect("agent answers")
+    }
+
     /// Everything a command wrote to one stream, from the agent's answers.
     fn output_of(responses: &[Response], which: Stream) -> Vec<u8> {
         responses
@@ -561,6 +772,7 @@ mod tests {
             files: Vec::new(),
             collect: None,
             user: None,
+            ..Default::default()
         }
     }
 
@@ -672,6 +884,96 @@ mod tests {
             }
         });
         let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stdin_reaches_the_command() {
+        with_agent(|conn| {
+            let mut req = exec(&["sh", "-c", "tr a-z A-Z; echo end"], None);
+            req.stdin = b"three\nlines\nhere".to_vec();
+            let got = request(conn, &Request::Exec(req));
+            let out = output_of(&got, Stream::Stdout);
+            assert_eq!(String::from_utf8_lossy(&out), "THREE\nLINES\nHEREend\n");
+        });
+    }
+
+    #[test]
+    fn background_commands_run_on_and_are_waited_for_and_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        with_agent(|conn| {
+            let spawn = |conn: &mut UnixStream, script: &str, name: &str| {
+                let req = Request::Spawn {
+                    exec: exec(&["sh", "-c", script], None),
+                    stdout: path(&format!("{name}.out")),
+                    stderr: path(&format!("{name}.err")),
+                };
+                match one(conn, &req) {
+                    Response::Started { pid } => pid,
+                    other => panic!("{other:?}"),
+                }
+            };
+            let quick = spawn(conn, "echo done; echo oops >&2; exit 4", "quick");
+            let slow = spawn(conn, "echo started; exec sleep 30", "slow");
+            // A foreground command meanwhile, whose timeout kills only itself.
+            let mut fg = exec(&["sleep", "30"], Some(100));
+            fg.timeout_kills = Scope::Command;
+            let got = request(conn, &Request::Exec(fg));
+            assert!(matches!(
+                got.last(),
+                Some(Response::Exited {
+                    timed_out: true,
+                    ..
+                })
+            ));
+
+            let wait = |conn: &mut UnixStream, pid, timeout_ms| {
+                one(conn, &Request::Wait { pid, timeout_ms })
+            };
+            assert_eq!(
+                wait(conn, quick, None),
+                Response::Waited {
+                    status: Some(ExitStatus::Code(4))
+                }
+            );
+            assert_eq!(fs::read_to_string(path("quick.out")).unwrap(), "done\n");
+            assert_eq!(fs::read_to_string(path("quick.err")).unwrap(), "oops\n");
+            // Still running: the foreground timeout left it alone.
+            assert_eq!(wait(conn, slow, Some(0)), Response::Waited { status: None });
+            assert_eq!(
+                wait(conn, slow, Some(50)),
+                Response::Waited { status: None }
+            );
+            assert_eq!(
+                one(
+                    conn,
+                    &Request::Signal {
+                        pid: slow,
+                        signal: 15
+                    }
+                ),
+                Response::Done
+            );
+            assert_eq!(
+                wait(conn, slow, Some(10_000)),
+                Response::Waited {
+                    status: Some(ExitStatus::Signal(15))
+                }
+            );
+            assert_eq!(fs::read_to_string(path("slow.out")).unwrap(), "started\n");
+            // A pid it never started is refused.
+            assert!(matches!(wait(conn, 999_999, None), Response::Error { .. }));
+            assert!(matches!(
+                one(
+                    conn,
+                    &Request::Signal {
+                        pid: 999_999,
+                        signal: 9
+                    }
+                ),
+                Response::Error { .. }
+            ));
+        });
     }
 
     #[test]

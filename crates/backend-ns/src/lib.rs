@@ -30,8 +30,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Uid};
 use upstream_agent::protocol::{read_frame, write_frame};
 use upstream_sandbox::{
-    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, HostRoot, Image, Interrupter,
-    NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, HostRoot, Image,
+    Interrupter, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 
 use crate::cgroup::{Cgroups, Layout};
@@ -708,6 +708,33 @@ impl Sandbox for NamespaceSandbox {
             duration: exited.duration,
             collected: exited.collected,
         })
+    }
+
+    fn spawn(
+        &mut self,
+        request: &ExecRequest,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<i32, SandboxError> {
+        let result = self.client()?.spawn(request, stdout, stderr);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn wait(
+        &mut self,
+        pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, SandboxError> {
+        let result = self.client()?.wait(pid, timeout);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), SandboxError> {
+        let result = self.client()?.signal(pid, signal);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
     }
 
     fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError> {

@@ -141,6 +141,59 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// Starts a command in the background, its stdout and stderr appended to these files of
+    /// the sandbox; returns its pid.
+    pub fn spawn(
+        &mut self,
+        request: &ExecRequest,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<i32, ClientError> {
+        let request = Request::Spawn {
+            exec: request.clone(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        };
+        write_frame(&mut self.conn, &request)?;
+        self.wait_ready()?;
+        match self.receive()? {
+            Response::Started { pid } => Ok(pid),
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Waits up to `timeout` (`None`: for ever) for a background command to end; `None` when
+    /// it still runs.
+    pub fn wait(
+        &mut self,
+        pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, ClientError> {
+        let request = Request::Wait {
+            pid,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        };
+        write_frame(&mut self.conn, &request)?;
+        self.wait_ready()?;
+        match self.receive()? {
+            Response::Waited { status } => Ok(status),
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `signal` to a background command's process group.
+    pub fn signal(&mut self, pid: i32, signal: i32) -> Result<(), ClientError> {
+        write_frame(&mut self.conn, &Request::Signal { pid, signal })?;
+        self.wait_ready()?;
+        match self.receive()? {
+            Response::Done => Ok(()),
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the agent to kill everything and exit, without waiting for its answer (the
     /// caller waits for the process instead).
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {

@@ -103,8 +103,9 @@ pub trait Interrupter: Send + Sync {
     fn interrupt(&self);
 }
 
-/// A running sandbox.
-pub trait Sandbox {
+/// A running sandbox. It may move between threads (a server keeps many), but is used by one
+/// at a time.
+pub trait Sandbox: Send {
     /// What the sandbox is; its setup time is known once it is ready.
     fn info(&self) -> &SandboxInfo;
 
@@ -118,6 +119,26 @@ pub trait Sandbox {
         request: &ExecRequest,
         on_output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome, SandboxError>;
+
+    /// Starts a command in the background, its stdout and stderr appended to these files of
+    /// the sandbox; returns its pid in the sandbox.
+    fn spawn(
+        &mut self,
+        request: &ExecRequest,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<i32, SandboxError>;
+
+    /// Waits up to `timeout` (`None`: for ever) for a background command to end; `None`
+    /// while it still runs.
+    fn wait(
+        &mut self,
+        pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, SandboxError>;
+
+    /// Sends `signal` to a background command's process group.
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), SandboxError>;
 
     /// Reads a file inside the sandbox, refusing files over `limit` bytes.
     fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError>;

@@ -1073,6 +1073,7 @@ impl StepRunner<'_> {
                 limit: MAX_OUTPUTS_BYTES,
             }),
             user: self.user.as_ref().map(|u| (u.uid, u.gid)),
+            ..Default::default()
         };
         let mut sinks = OutputSinks {
             redact_out: redactor.clone(),

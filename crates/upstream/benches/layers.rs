@@ -123,6 +123,7 @@ fn main() {
                     files: Vec::new(),
                     collect: None,
                     user: None,
+                    ..Default::default()
                 },
                 &mut |_, _| {},
             )

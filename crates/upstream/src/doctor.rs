@@ -58,6 +58,7 @@ fn try_sandbox() -> Line {
             files: Vec::new(),
             collect: None,
             user: None,
+            ..Default::default()
         };
         let outcome = sandbox.exec(&request, &mut |_, _| {})?;
         let info = sandbox.info().clone();

@@ -118,6 +118,7 @@ pub fn exec(args: ExecArgs) -> u8 {
         files: Vec::new(),
         collect: None,
         user: user.map(|u| (u.uid, u.gid)),
+        ..Default::default()
     };
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
