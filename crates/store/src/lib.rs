@@ -16,11 +16,13 @@
 //! interrupted.
 
 pub mod blob;
+pub mod keys;
 pub mod log;
 mod query;
 pub mod schema;
 
 pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, PendingBlob};
+pub use keys::{ApiKey, KeyOwner, NewKey};
 pub use query::{
     ArtifactKind, ArtifactRow, ContextSummary, GcReport, OutputRow, StepRow, TurnDetail, TurnState,
     TurnSummary,
@@ -84,6 +86,13 @@ pub fn locate(document_dir: &Path, explicit: Option<&Path>) -> PathBuf {
         dir = d.parent();
     }
     start.join(STORE_DIR)
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// An open store.

@@ -89,6 +89,18 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE turns ADD COLUMN resumed_from INTEGER;
     CREATE INDEX turns_by_document ON turns(document, context_id, number);
     "#,
+    // 4: API keys of `upstream serve`: only a hash of each is kept.
+    r#"
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
