@@ -9,7 +9,7 @@ mod spec;
 
 pub use client::{AgentClient, ClientError};
 pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
-pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Stream};
+pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -177,6 +177,9 @@ pub struct TurnOptions {
     pub resume: bool,
     /// Where images come from; `None` allows only `image: host`.
     pub images: Option<ImageSource>,
+    /// The values of the document's `secrets`; `None` takes them from this process's
+    /// environment (a daemon running turns for others must never do that).
+    pub secrets: Option<BTreeMap<String, String>>,
 }
 
 /// The image cache and how to pull into it.
@@ -341,7 +344,7 @@ pub fn run(
     let started = Instant::now();
     let started_at = now();
     let fm = document.front_matter();
-    let secrets = resolve_secrets(document)?;
+    let secrets = resolve_secrets(document, options.secrets.as_ref())?;
     let mut spec = sandbox_spec(fm);
     // An image is pulled (or found in the cache) before anything is recorded.
     let mut image_config = upstream_image::ImageConfig::default();
@@ -801,14 +804,21 @@ fn run_in_sandbox(
     })
 }
 
-fn resolve_secrets(document: &Document) -> Result<Vec<(String, String)>, TurnError> {
+fn resolve_secrets(
+    document: &Document,
+    given: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<(String, String)>, TurnError> {
+    let value = |name: &str| match given {
+        Some(values) => values.get(name).cloned(),
+        None => std::env::var(name).ok(),
+    };
     document
         .front_matter()
         .secrets
         .iter()
-        .map(|name| match std::env::var(name) {
-            Ok(value) => Ok((name.clone(), value)),
-            Err(_) => Err(TurnError::MissingSecret {
+        .map(|name| match value(name) {
+            Some(value) => Ok((name.clone(), value)),
+            None => Err(TurnError::MissingSecret {
                 path: document.path().to_path_buf(),
                 name: name.clone(),
             }),

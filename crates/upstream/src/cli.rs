@@ -32,8 +32,103 @@ pub enum Command {
     /// List, pull or remove cached images.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Serve the HTTP API (sandboxes, exec, files, turns) with warm pools of sandboxes.
+    Serve(ServeArgs),
+    /// Make, list or revoke the API keys of `upstream serve`.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Show what this host supports and what upstream will use.
     Doctor,
+}
+
+/// Where `serve` keeps its keys and the tenants' stores.
+#[derive(Debug, Args, Clone)]
+pub struct StateArg {
+    /// The daemon's state directory (default: `$UPSTREAM_STATE_DIR`, else
+    /// /var/lib/upstream as root, ~/.local/share/upstream otherwise).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// An address to serve the API on, with API keys; may be repeated.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// The local socket, served without keys to this user only (default: the state
+    /// directory's `upstream.sock`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Keep N sandboxes of IMAGE ready (`host=8`, `python:3.12=4`); may be repeated.
+    #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
+    pub pool: Vec<(String, usize)>,
+    /// Most sandboxes handed out at once.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_sandboxes: usize,
+    /// Most sandboxes one tenant may have at once.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_per_tenant: usize,
+    /// Tear down a sandbox unused this long, unless it asks otherwise (`0`: never).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_or_zero)]
+    pub idle_timeout: std::time::Duration,
+    /// Largest request body outside file uploads (which stream, unlimited).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub max_body: u64,
+    /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    #[command(flatten)]
+    pub state: StateArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key; it is printed once, on stdout, and only its hash is kept.
+    Create {
+        /// What the key is for (`ci`, `laptop`).
+        #[arg(long)]
+        name: String,
+        /// The tenant it acts for: sandboxes, turns and contexts are kept apart by tenant.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// The keys: id, name, tenant, prefix, made, revoked.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Revoke a key (by id, or every key of a name); it stops working at once.
+    Revoke {
+        #[arg(value_name = "ID|NAME")]
+        key: String,
+        #[command(flatten)]
+        state: StateArg,
+    },
+}
+
+fn parse_pool(s: &str) -> Result<(String, usize), String> {
+    let (image, n) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("`{s}`: write IMAGE=N, such as host=8"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("`{s}`: N must be a whole number"))?;
+    if image.is_empty() {
+        return Err(format!("`{s}`: name an image, such as host=8"));
+    }
+    Ok((image.to_string(), n))
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 /// Which store: `--store`, else `$UPSTREAM_STORE`, else the nearest `.upstream/` above.

@@ -11,6 +11,7 @@ mod interrupt;
 mod layer_bars;
 mod progress;
 mod run;
+mod serve;
 mod store_cmd;
 mod table;
 
@@ -50,6 +51,8 @@ fn main() -> ExitCode {
         cli::Command::Context(command) => store_cmd::context(command),
         cli::Command::Gc(args) => store_cmd::gc(args),
         cli::Command::Images(command) => images::images(command),
+        cli::Command::Serve(args) => serve::serve(args),
+        cli::Command::Keys(command) => serve::keys(command),
         cli::Command::Doctor => doctor::doctor(),
     };
     ExitCode::from(code)

@@ -1,0 +1,746 @@
+//! Handlers of `/v1/sandboxes`: create, read, list, delete, extend; exec (whole or streamed
+//! as NDJSON); background processes.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use upstream_sandbox::{ExecRequest, ExitStatus, Limits, NetworkMode, Scope, Stream};
+
+use crate::auth::Tenant;
+use crate::daemon::{CreateRequest, Daemon, Live, Process, Shape, unix_ms};
+use crate::error::{ApiError, ErrorBody};
+
+/// The JSON body extractor whose errors are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+/// Limits of a sandbox.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    /// Bytes of memory, or a size such as `512M`, `2G`.
+    #[schema(value_type = Option<String>, example = "512M")]
+    pub memory: Option<serde_json::Value>,
+    /// CPUs (fractions allowed).
+    pub cpus: Option<f64>,
+    /// Processes and threads (default 1024).
+    pub pids: Option<u64>,
+}
+
+/// What to make a sandbox of.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// An OCI image (`python:3.12`, `ghcr.io/org/tool@sha256:…`) or `host` (the default).
+    pub image: Option<String>,
+    /// Environment of every command, over the image's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: LimitsBody,
+    /// `none` (only loopback, the default) or `host`.
+    pub network: Option<String>,
+    /// Seconds without use after which the sandbox is torn down; 0: never. Default: the
+    /// daemon's `--idle-timeout`.
+    pub timeout: Option<f64>,
+    /// Seconds after which the sandbox is torn down whatever it does; 0 or absent: never.
+    pub lifetime: Option<f64>,
+    /// Labels to find it by (`GET /v1/sandboxes?metadata.key=value`).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SandboxBody {
+    pub id: String,
+    pub image: String,
+    pub limits: LimitsOut,
+    pub network: String,
+    pub metadata: BTreeMap<String, String>,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+    /// Milliseconds it took to hand out.
+    pub created_ms: f64,
+    /// Whether it came from the warm pool.
+    pub from_pool: bool,
+    /// Idle timeout in seconds; absent: none.
+    pub timeout: Option<f64>,
+    /// Seconds until it is torn down if unused; absent: never.
+    pub expires_in: Option<f64>,
+    /// Where commands start.
+    pub workdir: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LimitsOut {
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+impl SandboxBody {
+    fn of(live: &Live) -> SandboxBody {
+        SandboxBody {
+            id: live.id.clone(),
+            image: live.shape.image.clone(),
+            limits: LimitsOut {
+                memory: live.shape.limits.memory,
+                cpus: live.shape.limits.cpus,
+                pids: live.shape.limits.pids,
+            },
+            network: match live.shape.network {
+                NetworkMode::None => "none".into(),
+                NetworkMode::Host => "host".into(),
+            },
+            metadata: live.metadata.clone(),
+            created_at: live.created_at,
+            created_ms: live.claim_ms,
+            from_pool: live.from_pool,
+            timeout: live.idle_timeout().map(|t| t.as_secs_f64()),
+            expires_in: live.expires_in(),
+            workdir: live.prepared.workdir.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxBody>,
+}
+
+fn seconds(value: Option<f64>, what: &str) -> Result<Option<Option<Duration>>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => {
+            Ok(Some((s > 0.0).then(|| Duration::from_secs_f64(s))))
+        }
+        Some(s) => Err(ApiError::bad_request(format!(
+            "`{what}` is {s}; give a number of seconds, 0 for none"
+        ))),
+    }
+}
+
+fn memory(value: &Option<serde_json::Value>) -> Result<Option<u64>, ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            ApiError::bad_request("`limits.memory` must be a whole number of bytes")
+        }),
+        Some(serde_json::Value::String(s)) => upstream_doc::front_matter::parse_size(s)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(format!("`limits.memory`: {e}"))),
+        Some(_) => Err(ApiError::bad_request(
+            "`limits.memory` must be bytes or a size such as `512M`",
+        )),
+    }
+}
+
+impl CreateSandbox {
+    fn into_request(self) -> Result<(CreateRequest, BTreeMap<String, String>), ApiError> {
+        let image = self.image.unwrap_or_else(|| "host".into());
+        let network = match self.network.as_deref() {
+            None | Some("none") => NetworkMode::None,
+            Some("host") => NetworkMode::Host,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "`network` is `{other}`; use `none` or `host`"
+                )));
+            }
+        };
+        if let Some(c) = self.limits.cpus.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(ApiError::bad_request(format!(
+                "`limits.cpus` is {c}; give a number above 0"
+            )));
+        }
+        let shape = Shape {
+            image,
+            limits: Limits {
+                memory: memory(&self.limits.memory)?,
+                cpus: self.limits.cpus,
+                pids: Some(self.limits.pids.unwrap_or(Limits::DEFAULT_PIDS)),
+            },
+            network,
+        };
+        let idle = seconds(self.timeout, "timeout")?;
+        let lifetime = seconds(self.lifetime, "lifetime")?.flatten();
+        Ok((
+            CreateRequest {
+                shape,
+                metadata: self.metadata,
+                idle_timeout: idle,
+                lifetime,
+            },
+            self.env,
+        ))
+    }
+}
+
+/// Make a sandbox (from the warm pool when one of its shape is ready).
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+    request_body = CreateSandbox,
+    responses(
+        (status = 201, body = SandboxBody),
+        (status = 400, body = ErrorBody), (status = 429, body = ErrorBody),
+    ))]
+pub async fn create_sandbox(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody<CreateSandbox>,
+) -> Result<(StatusCode, Json<SandboxBody>), ApiError> {
+    let (request, env) = body.into_request()?;
+    let live = daemon.create(&tenant.0, request, env).await?;
+    Ok((StatusCode::CREATED, Json(SandboxBody::of(&live))))
+}
+
+/// Filters of a listing: `metadata.KEY=VALUE`, any number.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    #[serde(flatten)]
+    #[param(value_type = Object)]
+    pub filters: BTreeMap<String, String>,
+}
+
+/// The tenant's sandboxes, oldest first.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(ListQuery),
+    responses((status = 200, body = SandboxList)))]
+pub async fn list_sandboxes(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<SandboxList>, ApiError> {
+    let mut wanted = Vec::new();
+    for (key, value) in &query.filters {
+        match key.strip_prefix("metadata.") {
+            Some(k) if !k.is_empty() => wanted.push((k.to_string(), value.clone())),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown filter `{key}`; filter with `metadata.KEY=VALUE`"
+                )));
+            }
+        }
+    }
+    let sandboxes = daemon
+        .list(&tenant.0)
+        .iter()
+        .filter(|l| {
+            wanted
+                .iter()
+                .all(|(k, v)| l.metadata.get(k).is_some_and(|m| m == v))
+        })
+        .map(|l| SandboxBody::of(l.as_ref()))
+        .collect();
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// A sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody)))]
+pub async fn get_sandbox(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    Ok(Json(SandboxBody::of(&live)))
+}
+
+/// Tear a sandbox down, with everything running in it.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_sandbox(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    daemon.delete(&tenant.0, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new idle timeout.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Seconds without use before the sandbox is torn down, counted from now; 0: never.
+    pub timeout: f64,
+}
+
+/// Set a sandbox's idle timeout, counted from now.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes",
+    params(("id" = String, Path)), request_body = SetTimeout,
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody)))]
+pub async fn set_timeout(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<SetTimeout>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let timeout = seconds(Some(body.timeout), "timeout")?.flatten();
+    live.set_idle_timeout(timeout);
+    Ok(Json(SandboxBody::of(&live)))
+}
+
+/// A command to run.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// The program and its arguments; the program is looked up in `PATH`.
+    pub cmd: Vec<String>,
+    /// Text given to the command on its standard input.
+    pub stdin: Option<String>,
+    /// Environment over the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the sandbox's workdir).
+    pub cwd: Option<String>,
+    /// Seconds after which the command (its process group) is killed.
+    pub timeout: Option<f64>,
+    /// Answer with the output as it comes, as NDJSON (also with `Accept: application/x-ndjson`).
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// How a command ended, with all it wrote.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ExecResult {
+    /// Its exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub duration_ms: f64,
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    pub stderr: String,
+    /// Output past the first 16 MiB of a stream was dropped (stream it to get it all).
+    pub truncated: bool,
+}
+
+/// The most output of one stream a whole (not streamed) exec answer carries.
+const MAX_EXEC_OUTPUT: usize = 16 << 20;
+
+/// Builds the agent request: the sandbox's environment under the request's.
+fn exec_request(live: &Live, body: &ExecBody) -> Result<ExecRequest, ApiError> {
+    if body.cmd.is_empty() {
+        return Err(ApiError::bad_request(
+            "`cmd` is empty; give the program and its arguments",
+        ));
+    }
+    let timeout_ms = match seconds(body.timeout, "timeout")? {
+        Some(Some(t)) => Some(t.as_millis().max(1) as u64),
+        _ => None,
+    };
+    let mut env: BTreeMap<String, String> = [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("LANG", "C.UTF-8"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    if let Some((_, _, home)) = &live.prepared.user {
+        env.insert("HOME".into(), home.clone());
+    }
+    env.extend(live.prepared.env.iter().cloned());
+    env.extend(live.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(body.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(ExecRequest {
+        argv: body.cmd.clone(),
+        env: env.into_iter().collect(),
+        cwd: body
+            .cwd
+            .clone()
+            .unwrap_or_else(|| live.prepared.workdir.clone()),
+        timeout_ms,
+        user: live.prepared.user.as_ref().map(|(u, g, _)| (*u, *g)),
+        stdin: body.stdin.clone().unwrap_or_default().into_bytes(),
+        timeout_kills: Scope::Command,
+        ..ExecRequest::default()
+    })
+}
+
+fn status_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
+    match status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    }
+}
+
+/// Run a command in a sandbox: the whole output at the end, or streamed as NDJSON lines
+/// (`{"stdout": "…"}`, `{"stderr": "…"}`, then `{"exit": {…}}`).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec",
+    params(("id" = String, Path)), request_body = ExecBody,
+    responses(
+        (status = 200, body = ExecResult, description = "the command's end and output"),
+        (status = 200, content_type = "application/x-ndjson", description = "output as it comes"),
+        (status = 404, body = ErrorBody),
+    ))]
+pub async fn exec(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ExecBody>,
+) -> Result<Response, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let request = exec_request(&live, &body)?;
+    let streamed = body.stream
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/x-ndjson"));
+    let start = Instant::now();
+    if !streamed {
+        let result = live
+            .with(move |sandbox| {
+                let mut out = Capture::default();
+                let mut err = Capture::default();
+                let outcome = sandbox.exec(&request, &mut |stream, data| match stream {
+                    Stream::Stdout => out.push(data),
+                    Stream::Stderr => err.push(data),
+                })?;
+                let (exit_code, signal) = status_parts(outcome.status);
+                Ok(ExecResult {
+                    exit_code,
+                    signal,
+                    timed_out: outcome.timed_out,
+                    duration_ms: outcome.duration.as_secs_f64() * 1000.0,
+                    truncated: out.truncated || err.truncated,
+                    stdout: String::from_utf8_lossy(&out.data).into_owned(),
+                    stderr: String::from_utf8_lossy(&err.data).into_owned(),
+                })
+            })
+            .await?;
+        crate::metrics::exec(start.elapsed());
+        return Ok(Json(result).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    let line = |value: serde_json::Value| {
+        let mut text = value.to_string();
+        text.push('\n');
+        bytes::Bytes::from(text)
+    };
+    tokio::spawn(async move {
+        let sender = tx.clone();
+        let ran = live
+            .with(move |sandbox| {
+                let outcome = sandbox.exec(&request, &mut |stream, data| {
+                    let key = match stream {
+                        Stream::Stdout => "stdout",
+                        Stream::Stderr => "stderr",
+                    };
+                    let text = String::from_utf8_lossy(data);
+                    // A client that went away stops receiving; the command runs on to its
+                    // end or timeout.
+                    let _ = sender.blocking_send(line(serde_json::json!({ key: text })));
+                })?;
+                Ok(outcome)
+            })
+            .await;
+        crate::metrics::exec(start.elapsed());
+        let last = match ran {
+            Ok(outcome) => {
+                let (exit_code, signal) = status_parts(outcome.status);
+                serde_json::json!({ "exit": {
+                    "exit_code": exit_code,
+                    "signal": signal,
+                    "timed_out": outcome.timed_out,
+                    "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
+                }})
+            }
+            Err(e) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
+        };
+        let _ = tx.send(line(last)).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Output kept up to [`MAX_EXEC_OUTPUT`].
+#[derive(Default)]
+struct Capture {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+impl Capture {
+    fn push(&mut self, data: &[u8]) {
+        let room = MAX_EXEC_OUTPUT.saturating_sub(self.data.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.data.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// A command to start in the background.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartProcess {
+    pub cmd: Vec<String>,
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+}
+
+/// A background command.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProcessBody {
+    /// Its pid in the sandbox: the handle for its output, signals and wait.
+    pub pid: i32,
+    pub cmd: Vec<String>,
+    /// `running` or `exited`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Unix time in milliseconds.
+    pub started_at: u64,
+    /// Where its output goes in the sandbox (also readable as files).
+    pub stdout_path: String,
+    pub stderr_path: String,
+}
+
+impl ProcessBody {
+    fn of(p: &Process, status: Option<ExitStatus>) -> ProcessBody {
+        let (exit_code, signal) = status.map_or((None, None), status_parts);
+        ProcessBody {
+            pid: p.pid,
+            cmd: p.cmd.clone(),
+            state: if status.is_some() {
+                "exited"
+            } else {
+                "running"
+            }
+            .into(),
+            exit_code,
+            signal,
+            started_at: p.started_at,
+            stdout_path: p.stdout.clone(),
+            stderr_path: p.stderr.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProcessList {
+    pub processes: Vec<ProcessBody>,
+}
+
+/// Where background commands' output goes in a sandbox.
+const PROCESS_DIR: &str = "/run/upstream/processes";
+
+/// Start a command in the background; its output is kept for reading later.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes", tag = "processes",
+    params(("id" = String, Path)), request_body = StartProcess,
+    responses((status = 201, body = ProcessBody), (status = 404, body = ErrorBody)))]
+pub async fn start_process(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<StartProcess>,
+) -> Result<(StatusCode, Json<ProcessBody>), ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let exec = ExecBody {
+        cmd: body.cmd,
+        stdin: body.stdin,
+        env: body.env,
+        cwd: body.cwd,
+        timeout: None,
+        stream: false,
+    };
+    let request = exec_request(&live, &exec)?;
+    let n = unix_ms();
+    let stdout = format!("{PROCESS_DIR}/{n}-{}.stdout", live.processes_started());
+    let stderr = stdout.replace(".stdout", ".stderr");
+    let (out, err) = (stdout.clone(), stderr.clone());
+    let pid = live
+        .with(move |sandbox| Ok(sandbox.spawn(&request, &out, &err)?))
+        .await?;
+    let process = Process {
+        pid,
+        cmd: exec.cmd,
+        stdout,
+        stderr,
+        started_at: n,
+    };
+    live.processes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pid, process.clone());
+    Ok((StatusCode::CREATED, Json(ProcessBody::of(&process, None))))
+}
+
+fn process_of(live: &Live, pid: i32) -> Result<Process, ApiError> {
+    live.processes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&pid)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("process", &pid.to_string()))
+}
+
+/// The sandbox's background commands.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", tag = "processes",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ProcessList), (status = 404, body = ErrorBody)))]
+pub async fn list_processes(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<ProcessList>, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let processes: Vec<Process> = live
+        .processes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let processes = live
+        .with(move |sandbox| {
+            processes
+                .iter()
+                .map(|p| {
+                    let status = sandbox.wait(p.pid, Some(Duration::ZERO))?;
+                    Ok(ProcessBody::of(p, status))
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await?;
+    Ok(Json(ProcessList { processes }))
+}
+
+/// How long to wait.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct WaitQuery {
+    /// Seconds to wait at most (default: 0, just look; the sandbox serves nothing else
+    /// meanwhile).
+    pub timeout: Option<f64>,
+}
+
+/// A background command's state; with `timeout`, waits up to that long for it to end.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}", tag = "processes",
+    params(("id" = String, Path), ("pid" = i32, Path), WaitQuery),
+    responses((status = 200, body = ProcessBody), (status = 404, body = ErrorBody)))]
+pub async fn get_process(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path((id, pid)): Path<(String, i32)>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<ProcessBody>, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let process = process_of(&live, pid)?;
+    let timeout = seconds(query.timeout, "timeout")?
+        .flatten()
+        .unwrap_or(Duration::ZERO);
+    let status = live
+        .with(move |sandbox| Ok(sandbox.wait(pid, Some(timeout))?))
+        .await?;
+    Ok(Json(ProcessBody::of(&process, status)))
+}
+
+/// A signal to send.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// A name (`TERM`, `SIGKILL`, `INT`) or a number.
+    #[schema(value_type = String, example = "TERM")]
+    pub signal: serde_json::Value,
+}
+
+fn signal_number(value: &serde_json::Value) -> Result<i32, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "`signal` is {value}; give a name such as `TERM` or `KILL`, or a number"
+        ))
+    };
+    match value {
+        serde_json::Value::Number(n) => n.as_i64().map(|n| n as i32).ok_or_else(bad),
+        serde_json::Value::String(s) => {
+            let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+            format!("SIG{name}")
+                .parse::<nix::sys::signal::Signal>()
+                .map(|s| s as i32)
+                .map_err(|_| bad())
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Send a signal to a background command (its process group).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{pid}/signal", tag = "processes",
+    params(("id" = String, Path), ("pid" = i32, Path)), request_body = SignalBody,
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn signal_process(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path((id, pid)): Path<(String, i32)>,
+    JsonBody(body): JsonBody<SignalBody>,
+) -> Result<StatusCode, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    process_of(&live, pid)?;
+    let signal = signal_number(&body.signal)?;
+    live.with(move |sandbox| Ok(sandbox.signal(pid, signal)?))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Which output and from where.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct OutputQuery {
+    /// `stdout` (default) or `stderr`.
+    pub stream: Option<String>,
+    /// Bytes to skip: what was read before.
+    pub offset: Option<u64>,
+}
+
+/// A background command's output from `offset` on, as raw bytes.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}/output", tag = "processes",
+    params(("id" = String, Path), ("pid" = i32, Path), OutputQuery),
+    responses(
+        (status = 200, content_type = "application/octet-stream", description = "the bytes"),
+        (status = 404, body = ErrorBody)))]
+pub async fn process_output(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path((id, pid)): Path<(String, i32)>,
+    Query(query): Query<OutputQuery>,
+) -> Result<Response, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let process = process_of(&live, pid)?;
+    let path = match query.stream.as_deref() {
+        None | Some("stdout") => process.stdout,
+        Some("stderr") => process.stderr,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`stream` is `{other}`; use `stdout` or `stderr`"
+            )));
+        }
+    };
+    crate::files::download(&live, &path, query.offset.unwrap_or(0)).await
+}

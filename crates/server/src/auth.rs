@@ -1,0 +1,73 @@
+//! Who is asking: a bearer API key on TCP (each key belongs to a tenant), nobody on the
+//! local socket (whose 0600 mode admits only the daemon's user) — that is the local tenant.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::daemon::{Daemon, LOCAL_TENANT};
+use crate::error::ApiError;
+
+/// The tenant a request acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Tenant, ApiError> {
+        parts
+            .extensions
+            .get::<Tenant>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("this request has no tenant"))
+    }
+}
+
+/// Admits requests with a valid key, as the key's tenant.
+pub async fn require_key(
+    State(daemon): State<Arc<Daemon>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_string);
+    let Some(secret) = presented else {
+        return ApiError::unauthorized(
+            "send an API key as `Authorization: Bearer <key>`; `upstream keys create` makes one",
+        )
+        .into_response();
+    };
+    let owner = {
+        let keys = daemon.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.key_owner(&secret)
+    };
+    match owner {
+        Ok(Some(owner)) => {
+            request.extensions_mut().insert(Tenant(owner.tenant));
+            next.run(request).await
+        }
+        Ok(None) => ApiError::unauthorized(
+            "the API key is not valid (revoked, or not of this daemon); `upstream keys ls` lists the keys",
+        )
+        .into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// Marks requests on the local socket as the local tenant's.
+pub async fn local(mut request: Request, next: Next) -> Response {
+    request
+        .extensions_mut()
+        .insert(Tenant(LOCAL_TENANT.to_string()));
+    next.run(request).await
+}

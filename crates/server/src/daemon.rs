@@ -1,0 +1,700 @@
+//! The daemon's state: live sandboxes, warm pools, the image cache, the key store.
+//!
+//! A sandbox is driven through blocking calls (its agent speaks over a socket), so every
+//! operation on one runs on tokio's blocking threads, one at a time per sandbox (a mutex);
+//! the async side only hands requests over and streams what comes back.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use upstream_backend_ns::NamespaceBackend;
+use upstream_sandbox::{
+    Backend, Image, Interrupter, Limits, NetworkMode, Sandbox, SandboxError, SandboxSpec,
+    WorkspaceSpec,
+};
+use upstream_store::Store;
+use upstream_turn::ImageSource;
+
+use crate::error::ApiError;
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCP addresses to listen on (API keys required).
+    pub listen: Vec<std::net::SocketAddr>,
+    /// The local socket (mode 0600, no key: its requests act as tenant [`LOCAL_TENANT`]).
+    pub socket: PathBuf,
+    /// Where the daemon keeps its key store and the tenants' context stores.
+    pub state_dir: PathBuf,
+    /// The upstream binary, which sandboxes run as their init.
+    pub init_exe: PathBuf,
+    /// Warm pools: image and how many ready sandboxes to keep.
+    pub pools: Vec<(String, usize)>,
+    /// Most sandboxes handed out at once, all tenants together.
+    pub max_sandboxes: usize,
+    /// Most sandboxes one tenant may have at once.
+    pub max_per_tenant: usize,
+    /// Idle timeout of a sandbox that asks for none; `None`: never.
+    pub default_idle_timeout: Option<Duration>,
+    /// Largest request body accepted outside file uploads.
+    pub max_body: usize,
+    pub images: ImageSource,
+}
+
+/// The tenant of requests on the local socket.
+pub const LOCAL_TENANT: &str = "local";
+
+/// The image, limits and network a sandbox is made with: what a warm pool is keyed by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub image: String,
+    pub limits: Limits,
+    pub network: NetworkMode,
+}
+
+impl Shape {
+    pub fn new(image: &str) -> Shape {
+        Shape {
+            image: image.to_string(),
+            limits: Limits {
+                pids: Some(Limits::DEFAULT_PIDS),
+                ..Limits::default()
+            },
+            network: NetworkMode::None,
+        }
+    }
+
+    /// `python:3.12 memory=… cpus=… pids=… network=none`: a pool's name in metrics.
+    pub fn key(&self) -> String {
+        let mut key = self.image.clone();
+        if let Some(m) = self.limits.memory {
+            key.push_str(&format!(" memory={m}"));
+        }
+        if let Some(c) = self.limits.cpus {
+            key.push_str(&format!(" cpus={c}"));
+        }
+        if let Some(p) = self.limits.pids.filter(|p| *p != Limits::DEFAULT_PIDS) {
+            key.push_str(&format!(" pids={p}"));
+        }
+        if self.network == NetworkMode::Host {
+            key.push_str(" network=host");
+        }
+        key
+    }
+}
+
+/// An image made ready for sandboxes: the spec to make them with and what commands in them
+/// start with.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub spec: SandboxSpec,
+    /// The image's environment (over the defaults).
+    pub env: Vec<(String, String)>,
+    pub workdir: String,
+    /// The image's user (uid, gid, home), whom commands run as; `None`: root.
+    pub user: Option<(u32, u32, String)>,
+}
+
+/// A sandbox handed out to a tenant.
+pub struct Live {
+    pub id: String,
+    pub tenant: String,
+    pub shape: Shape,
+    pub prepared: Prepared,
+    pub metadata: BTreeMap<String, String>,
+    /// Environment of every command, over the image's.
+    pub env: BTreeMap<String, String>,
+    /// Background commands started so far.
+    started: AtomicUsize,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+    /// How long it took to hand out, in milliseconds.
+    pub claim_ms: f64,
+    pub from_pool: bool,
+    times: Mutex<Times>,
+    /// Operations in flight: a busy sandbox is never idle.
+    busy: AtomicUsize,
+    sandbox: Mutex<Option<Box<dyn Sandbox>>>,
+    interrupter: Arc<dyn Interrupter>,
+    /// Background commands started through the API, by pid.
+    pub processes: Mutex<BTreeMap<i32, Process>>,
+}
+
+/// A background command.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub pid: i32,
+    pub cmd: Vec<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub started_at: u64,
+}
+
+struct Times {
+    last_used: Instant,
+    idle_timeout: Option<Duration>,
+    /// When the sandbox is torn down whatever it is doing; `None`: never.
+    deadline: Option<Instant>,
+}
+
+impl Live {
+    /// Runs `f` on the sandbox on a blocking thread, after any operation already running.
+    pub async fn with<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut dyn Sandbox) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let live = self.clone();
+        live.busy.fetch_add(1, Ordering::SeqCst);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+            let result = match guard.as_mut() {
+                Some(sandbox) => f(sandbox.as_mut()),
+                None => Err(gone(&live.id)),
+            };
+            drop(guard);
+            live.touch();
+            live.busy.fetch_sub(1, Ordering::SeqCst);
+            result
+        })
+        .await;
+        result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
+    }
+
+    /// A number for the next background command's output files.
+    pub fn processes_started(&self) -> usize {
+        self.started.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn touch(&self) {
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_used = Instant::now();
+    }
+
+    /// Seconds of idleness after which it is torn down (`None`: never).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .idle_timeout
+    }
+
+    /// Sets the idle timeout (`None`: never) and starts it afresh.
+    pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times.idle_timeout = timeout;
+        times.last_used = Instant::now();
+    }
+
+    /// When it will be torn down if nothing uses it, as seconds from now.
+    pub fn expires_in(&self) -> Option<f64> {
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = times
+            .idle_timeout
+            .map(|t| (times.last_used + t).saturating_duration_since(Instant::now()));
+        let lifetime = times
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match (idle, lifetime) {
+            (Some(a), Some(b)) => Some(a.min(b).as_secs_f64()),
+            (a, b) => a.or(b).map(|d| d.as_secs_f64()),
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = self.busy.load(Ordering::SeqCst) == 0
+            && times
+                .idle_timeout
+                .is_some_and(|t| now >= times.last_used + t);
+        idle || times.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// Stops everything in it at once (from any thread); the sandbox is then torn down by
+    /// whoever holds it.
+    fn interrupt(&self) {
+        self.interrupter.interrupt();
+    }
+
+    /// Tears it down (waiting for an operation in flight, which the interrupt ends).
+    fn destroy_blocking(&self) {
+        let taken = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(sandbox) = taken {
+            let _ = sandbox.destroy();
+        }
+    }
+}
+
+fn gone(id: &str) -> ApiError {
+    ApiError::not_found("sandbox", id)
+}
+
+/// Ready sandboxes of one shape.
+pub struct Pool {
+    pub shape: Shape,
+    pub target: usize,
+    prepared: Mutex<Option<Prepared>>,
+    ready: Mutex<VecDeque<Box<dyn Sandbox>>>,
+    /// Sandboxes being made for it.
+    filling: AtomicUsize,
+    wake: tokio::sync::Notify,
+    /// Why the last refill failed, if it did.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Pool {
+    pub fn ready(&self) -> usize {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Everything the daemon holds.
+pub struct Daemon {
+    pub config: Config,
+    backend: Arc<NamespaceBackend>,
+    sandboxes: Mutex<HashMap<String, Arc<Live>>>,
+    pub pools: Vec<Arc<Pool>>,
+    /// The daemon's own store: API keys.
+    pub keys: Mutex<Store>,
+    stopping: AtomicBool,
+}
+
+/// What a create asks for.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub shape: Shape,
+    pub metadata: BTreeMap<String, String>,
+    /// `None`: the daemon's default; `Some(None)`: never.
+    pub idle_timeout: Option<Option<Duration>>,
+    pub lifetime: Option<Duration>,
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Result<Daemon, String> {
+        let backend = NamespaceBackend::new(config.init_exe.clone()).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
+        let keys = Store::open(&config.state_dir.join("keys"))
+            .map_err(|e| format!("cannot open the key store: {e}"))?;
+        let pools = config
+            .pools
+            .iter()
+            .map(|(image, target)| {
+                Arc::new(Pool {
+                    shape: Shape::new(image),
+                    target: *target,
+                    prepared: Mutex::new(None),
+                    ready: Mutex::new(VecDeque::new()),
+                    filling: AtomicUsize::new(0),
+                    wake: tokio::sync::Notify::new(),
+                    last_error: Mutex::new(None),
+                })
+            })
+            .collect();
+        Ok(Daemon {
+            config,
+            backend: Arc::new(backend),
+            sandboxes: Mutex::new(HashMap::new()),
+            pools,
+            keys: Mutex::new(keys),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn backend(&self) -> Arc<NamespaceBackend> {
+        self.backend.clone()
+    }
+
+    /// The context store of a tenant.
+    pub fn tenant_store(&self, tenant: &str) -> PathBuf {
+        self.config.state_dir.join("tenants").join(tenant)
+    }
+
+    /// Makes an image ready (pulling it unless cached): blocking.
+    pub fn prepare(&self, shape: &Shape) -> Result<Prepared, ApiError> {
+        let base = SandboxSpec {
+            limits: shape.limits,
+            network: shape.network,
+            ..SandboxSpec::default()
+        };
+        if shape.image == "host" {
+            let workdir = upstream_doc::front_matter::DEFAULT_WORKDIR.to_string();
+            return Ok(Prepared {
+                spec: SandboxSpec {
+                    image: Image::Host,
+                    workspace: Some(WorkspaceSpec {
+                        dir: workdir.clone(),
+                        resume: None,
+                    }),
+                    ..base
+                },
+                env: Vec::new(),
+                workdir,
+                user: None,
+            });
+        }
+        let reference = upstream_image::Reference::parse(&shape.image)
+            .map_err(|e| ApiError::bad_request(format!("image `{}`: {}", shape.image, e.why)))?;
+        struct Quiet;
+        impl upstream_image::PullProgress for Quiet {
+            fn layer(&mut self, _: &str, _: u64, _: bool) {}
+        }
+        let images = &self.config.images;
+        let pulled = upstream_image::pull(&reference, &images.cache, &images.pull, &mut Quiet)
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "image",
+                    format!("cannot pull image `{}`: {e}", shape.image),
+                )
+            })?;
+        let user = pulled
+            .config
+            .user(&pulled.rootfs)
+            .map_err(|e| ApiError::bad_request(format!("image `{}`: {e}", shape.image)))?
+            // A rootless daemon's sandboxes map only their root.
+            .filter(|_| nix::unistd::Uid::effective().is_root())
+            .map(|u| (u.uid, u.gid, u.home));
+        let workdir = pulled
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
+        Ok(Prepared {
+            spec: SandboxSpec {
+                image: Image::Layers {
+                    reference: shape.image.clone(),
+                    layers: vec![pulled.rootfs],
+                },
+                workspace: Some(WorkspaceSpec {
+                    dir: workdir.clone(),
+                    resume: None,
+                }),
+                ..base
+            },
+            env: pulled.config.env,
+            workdir,
+            user,
+        })
+    }
+
+    /// Makes a sandbox and waits until it is ready: blocking.
+    fn make(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let mut sandbox = self.backend.create(spec)?;
+        sandbox.wait_ready()?;
+        Ok(sandbox)
+    }
+
+    fn pool_for(&self, shape: &Shape) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.shape == *shape)
+    }
+
+    /// Takes a ready sandbox of `spec` from a pool, if one matches and has one.
+    pub fn take_pooled(&self, spec: &SandboxSpec) -> Option<Box<dyn Sandbox>> {
+        let pool = self.pools.iter().find(|p| {
+            p.prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|prep| prep.spec == *spec)
+        })?;
+        let taken = pool
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        pool.wake.notify_one();
+        taken
+    }
+
+    fn check_room(&self, tenant: &str) -> Result<(), ApiError> {
+        let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if sandboxes.len() >= self.config.max_sandboxes {
+            return Err(ApiError::too_many(format!(
+                "the daemon has {} sandboxes, its limit (--max-sandboxes); delete some first",
+                sandboxes.len()
+            )));
+        }
+        let mine = sandboxes.values().filter(|l| l.tenant == tenant).count();
+        if mine >= self.config.max_per_tenant {
+            return Err(ApiError::too_many(format!(
+                "this tenant has {mine} sandboxes, its limit (--max-per-tenant); delete some first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hands a sandbox to `tenant`: from the warm pool when one of its shape is ready, else
+    /// made on the spot.
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        request: CreateRequest,
+        env: BTreeMap<String, String>,
+    ) -> Result<Arc<Live>, ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
+        self.check_room(tenant)?;
+        let start = Instant::now();
+        let pooled = self.pool_for(&request.shape).and_then(|pool| {
+            let prepared = pool
+                .prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()?;
+            let sandbox = pool
+                .ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            pool.wake.notify_one();
+            Some((prepared, sandbox?))
+        });
+        let from_pool = pooled.is_some();
+        let (prepared, sandbox) = match pooled {
+            Some(found) => found,
+            None => {
+                let daemon = self.clone();
+                let shape = request.shape.clone();
+                tokio::task::spawn_blocking(move || {
+                    let prepared = daemon.prepare(&shape)?;
+                    let sandbox = daemon.make(&prepared.spec)?;
+                    Ok::<_, ApiError>((prepared, sandbox))
+                })
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))??
+            }
+        };
+        let took = start.elapsed();
+        crate::metrics::claim(took);
+        let now = Instant::now();
+        let live = Arc::new(Live {
+            id: new_id(),
+            tenant: tenant.to_string(),
+            shape: request.shape,
+            prepared,
+            metadata: request.metadata,
+            env,
+            started: AtomicUsize::new(0),
+            created_at: unix_ms(),
+            claim_ms: took.as_secs_f64() * 1000.0,
+            from_pool,
+            times: Mutex::new(Times {
+                last_used: now,
+                idle_timeout: request
+                    .idle_timeout
+                    .unwrap_or(self.config.default_idle_timeout),
+                deadline: request.lifetime.map(|l| now + l),
+            }),
+            busy: AtomicUsize::new(0),
+            interrupter: sandbox.interrupter(),
+            sandbox: Mutex::new(Some(sandbox)),
+            processes: Mutex::new(BTreeMap::new()),
+        });
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(live.id.clone(), live.clone());
+        Ok(live)
+    }
+
+    /// The tenant's sandbox `id`; another tenant's answers as missing.
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Live>, ApiError> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|l| l.tenant == tenant)
+            .cloned()
+            .ok_or_else(|| gone(id))
+    }
+
+    /// The tenant's sandboxes, oldest first.
+    pub fn list(&self, tenant: &str) -> Vec<Arc<Live>> {
+        let mut all: Vec<Arc<Live>> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|l| l.tenant == tenant)
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// Sandboxes handed out, by tenant.
+    pub fn active(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for live in self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *counts.entry(live.tenant.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Tears the tenant's sandbox `id` down.
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        let live = {
+            let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            match sandboxes.get(id) {
+                Some(l) if l.tenant == tenant => sandboxes.remove(id),
+                _ => None,
+            }
+        }
+        .ok_or_else(|| gone(id))?;
+        teardown(live).await;
+        Ok(())
+    }
+
+    /// Tears down sandboxes past their idle timeout or lifetime; returns how many.
+    pub async fn reap(&self) -> usize {
+        let now = Instant::now();
+        let expired: Vec<Arc<Live>> = {
+            let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<String> = sandboxes
+                .values()
+                .filter(|l| l.expired(now))
+                .map(|l| l.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| sandboxes.remove(id)).collect()
+        };
+        let n = expired.len();
+        futures::future::join_all(expired.into_iter().map(teardown)).await;
+        n
+    }
+
+    /// Keeps `pool` at its target, for as long as the daemon runs.
+    pub async fn fill(self: Arc<Self>, pool: Arc<Pool>) {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let prepared = pool
+                .prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let prepared = match prepared {
+                Some(p) => p,
+                None => {
+                    let daemon = self.clone();
+                    let shape = pool.shape.clone();
+                    match tokio::task::spawn_blocking(move || daemon.prepare(&shape)).await {
+                        Ok(Ok(p)) => {
+                            *pool.prepared.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(p.clone());
+                            p
+                        }
+                        Ok(Err(e)) => {
+                            *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(e.message);
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            // Two at a time: sandbox setup is mostly waiting on the kernel.
+            let missing = pool
+                .target
+                .saturating_sub(pool.ready() + pool.filling.load(Ordering::SeqCst));
+            let batch = missing.min(2);
+            if batch == 0 {
+                let _ = tokio::time::timeout(Duration::from_secs(1), pool.wake.notified()).await;
+                continue;
+            }
+            let mut made = Vec::new();
+            for _ in 0..batch {
+                pool.filling.fetch_add(1, Ordering::SeqCst);
+                let daemon = self.clone();
+                let spec = prepared.spec.clone();
+                made.push(tokio::task::spawn_blocking(move || daemon.make(&spec)));
+            }
+            for handle in made {
+                let result = handle.await;
+                pool.filling.fetch_sub(1, Ordering::SeqCst);
+                match result {
+                    Ok(Ok(sandbox)) => {
+                        if self.stopping.load(Ordering::SeqCst) {
+                            let _ = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
+                            continue;
+                        }
+                        pool.ready
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_back(sandbox);
+                        *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    Ok(Err(e)) => {
+                        *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(e.to_string());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Tears every sandbox down, handed out or pooled: the daemon is stopping.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let live: Vec<Arc<Live>> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        futures::future::join_all(live.into_iter().map(teardown)).await;
+        let mut pooled = Vec::new();
+        for pool in &self.pools {
+            pooled.extend(
+                pool.ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain(..),
+            );
+            pool.wake.notify_one();
+        }
+        let destroyed = pooled
+            .into_iter()
+            .map(|s| tokio::task::spawn_blocking(move || s.destroy()));
+        futures::future::join_all(destroyed).await;
+    }
+}
+
+/// Tears a sandbox down, interrupting what runs in it.
+async fn teardown(live: Arc<Live>) {
+    live.interrupt();
+    let _ = tokio::task::spawn_blocking(move || live.destroy_blocking()).await;
+}
+
+/// `sbx_` and 16 random hex digits.
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    crate::random(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sbx_{hex}")
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,393 @@
+//! Files of a sandbox, moved by the host without the agent: the sandbox's root is reached
+//! through its init's `/proc/<pid>/root`, every path resolved with
+//! `openat2(RESOLVE_IN_ROOT)` so that no link inside leads out, and files made with the
+//! sandbox's ids (`setfsuid`, whose loss of capabilities also makes the host obey the
+//! sandbox's permissions). Bodies stream both ways: memory stays flat whatever the size.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use utoipa::{IntoParams, ToSchema};
+
+use upstream_sandbox::HostRoot;
+use upstream_turn::artifacts::as_owner;
+
+use crate::auth::Tenant;
+use crate::daemon::{Daemon, Live};
+use crate::error::{ApiError, ErrorBody};
+
+/// Which file.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct FileQuery {
+    /// Absolute, or relative to the sandbox's workdir.
+    pub path: String,
+    /// For delete: remove a directory with everything in it.
+    #[serde(default)]
+    pub recursive: bool,
+    /// For download: bytes to skip.
+    pub offset: Option<u64>,
+}
+
+/// A file written.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Written {
+    pub path: String,
+    pub size: u64,
+}
+
+/// An entry of a directory.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Entry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    /// Unix time in seconds.
+    pub modified: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<Entry>,
+}
+
+/// The path inside the sandbox: absolute as given, or under the workdir.
+fn full_path(live: &Live, path: &str) -> Result<String, ApiError> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(ApiError::bad_request(
+            "`path` is empty; name a file of the sandbox",
+        ));
+    }
+    Ok(if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", live.prepared.workdir.trim_end_matches('/'))
+    })
+}
+
+/// The sandbox's root and whom its files belong to (the image's user, else its root).
+async fn root_of(live: &Arc<Live>) -> Result<(HostRoot, (u32, u32)), ApiError> {
+    let root = live.with(|sandbox| Ok(sandbox.host_root()?)).await?;
+    let (uid, gid) = live
+        .prepared
+        .user
+        .as_ref()
+        .map_or((0, 0), |(u, g, _)| (*u, *g));
+    let owner = (root.uid + uid, root.gid + gid);
+    Ok((root, owner))
+}
+
+fn in_root() -> ResolveFlag {
+    ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS
+}
+
+fn open_in(root: BorrowedFd<'_>, path: &str, flags: OFlag, mode: u32) -> io::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .mode(Mode::from_bits_truncate(mode))
+        .resolve(in_root());
+    openat2(root, path, how).map_err(io::Error::from)
+}
+
+fn split(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some(("", name)) => ("/", name),
+        Some((parent, name)) => (parent, name),
+        None => ("/", trimmed),
+    }
+}
+
+fn file_error(path: &str, e: io::Error) -> ApiError {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{path} does not exist in the sandbox"),
+        ),
+        Some(libc::EACCES) | Some(libc::EPERM) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{path}: permission denied in the sandbox"),
+        ),
+        Some(libc::EISDIR) => ApiError::bad_request(format!(
+            "{path} is a directory; list it with GET /v1/sandboxes/{{id}}/files/list"
+        )),
+        Some(libc::ENOTDIR) => {
+            ApiError::bad_request(format!("{path}: a part of the path is not a directory"))
+        }
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "no_space",
+            format!("{path}: no space left"),
+        ),
+        _ => ApiError::internal(format!("{path}: {e}")),
+    }
+}
+
+/// Write a file (made with its parent directories, replaced if it exists) from the raw
+/// request body.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path), FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = Written), (status = 404, body = ErrorBody)))]
+pub async fn upload(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<Written>), ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let path = full_path(&live, &query.path)?;
+    let (root, owner) = root_of(&live).await?;
+    let target = path.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        as_owner(owner.0, owner.1, || {
+            let (parent, name) = split(&target);
+            let dir = upstream_turn::artifacts::open_workspace(root.dir.as_fd(), parent, true)?;
+            let how = OpenHow::new()
+                .flags(
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_TRUNC
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                )
+                .mode(Mode::from_bits_truncate(0o644))
+                .resolve(
+                    ResolveFlag::RESOLVE_BENEATH
+                        | ResolveFlag::RESOLVE_NO_SYMLINKS
+                        | ResolveFlag::RESOLVE_NO_XDEV,
+                );
+            openat2(dir.as_fd(), name, how).map_err(io::Error::from)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| file_error(&path, e))?;
+    let mut file = tokio::fs::File::from_std(std::fs::File::from(file));
+    let mut stream = body.into_data_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("the upload of {path} broke off: {e}")))?;
+        size += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| file_error(&path, e))?;
+    }
+    file.flush().await.map_err(|e| file_error(&path, e))?;
+    Ok((StatusCode::CREATED, Json(Written { path, size })))
+}
+
+/// Streams a file of the sandbox from `offset` on.
+pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Response, ApiError> {
+    let path = full_path(live, path)?;
+    let (root, owner) = root_of(live).await?;
+    let target = path.clone();
+    let (file, size) = tokio::task::spawn_blocking(move || {
+        as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
+            let fd = open_in(root.dir.as_fd(), &target, OFlag::O_RDONLY, 0)?;
+            let file = std::fs::File::from(fd);
+            let meta = file.metadata()?;
+            if meta.is_dir() {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+            Ok((file, meta.len()))
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| file_error(&path, e))?;
+    let mut file = tokio::fs::File::from_std(file);
+    if offset > 0 {
+        use tokio::io::AsyncSeekExt;
+        file.seek(io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| file_error(&path, e))?;
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_LENGTH,
+                size.saturating_sub(offset).to_string(),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Read a file, as raw bytes.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path), FileQuery),
+    responses(
+        (status = 200, content_type = "application/octet-stream", description = "the bytes"),
+        (status = 404, body = ErrorBody)))]
+pub async fn get_file(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+) -> Result<Response, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    download(&live, &query.path, query.offset.unwrap_or(0)).await
+}
+
+/// List a directory.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",
+    params(("id" = String, Path), FileQuery),
+    responses((status = 200, body = Listing), (status = 404, body = ErrorBody)))]
+pub async fn list(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+) -> Result<Json<Listing>, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let path = full_path(&live, &query.path)?;
+    let (root, owner) = root_of(&live).await?;
+    let target = path.clone();
+    let entries = tokio::task::spawn_blocking(move || {
+        as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
+            let fd = open_in(
+                root.dir.as_fd(),
+                &target,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                0,
+            )?;
+            let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
+            let dir_fd = dir.as_fd().try_clone_to_owned()?;
+            let mut entries = Vec::new();
+            for entry in dir.iter() {
+                let entry = entry.map_err(io::Error::from)?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name == "." || name == ".." {
+                    continue;
+                }
+                let Ok(st) = nix::sys::stat::fstatat(
+                    &dir_fd,
+                    entry.file_name(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) else {
+                    continue;
+                };
+                let kind = match st.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => "file",
+                    libc::S_IFDIR => "dir",
+                    libc::S_IFLNK => "symlink",
+                    _ => "other",
+                };
+                entries.push(Entry {
+                    name,
+                    kind: kind.into(),
+                    size: st.st_size as u64,
+                    mode: st.st_mode & 0o7777,
+                    modified: st.st_mtime,
+                });
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(entries)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTDIR) => ApiError::bad_request(format!(
+            "{path} is not a directory; read it with GET /v1/sandboxes/{{id}}/files"
+        )),
+        _ => file_error(&path, e),
+    })?;
+    Ok(Json(Listing { path, entries }))
+}
+
+/// Delete a file, or a directory (empty, or with `recursive`).
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path), FileQuery),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+) -> Result<StatusCode, ApiError> {
+    let live = daemon.get(&tenant.0, &id)?;
+    let path = full_path(&live, &query.path)?;
+    if split(&path).1.is_empty() {
+        return Err(ApiError::bad_request(
+            "the sandbox's root cannot be deleted",
+        ));
+    }
+    let (root, owner) = root_of(&live).await?;
+    let target = path.clone();
+    let recursive = query.recursive;
+    tokio::task::spawn_blocking(move || {
+        as_owner(owner.0, owner.1, || -> io::Result<()> {
+            let (parent, name) = split(&target);
+            let dir = open_in(
+                root.dir.as_fd(),
+                parent,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                0,
+            )?;
+            remove(dir.as_fd(), name, recursive)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTEMPTY) => ApiError::conflict(format!(
+            "{path} is a directory that is not empty; delete with `recursive=true`"
+        )),
+        _ => file_error(&path, e),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes `name` in `dir`, never following a link; directories' contents first when
+/// `recursive`.
+fn remove(dir: BorrowedFd<'_>, name: &str, recursive: bool) -> io::Result<()> {
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from);
+    }
+    if recursive {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        let sub = openat2(dir, name, how).map_err(io::Error::from)?;
+        let mut listing = nix::dir::Dir::from_fd(sub.try_clone()?).map_err(io::Error::from)?;
+        let names: Vec<String> = listing
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        for child in names {
+            remove(sub.as_fd(), &child, true)?;
+        }
+    }
+    unlinkat(dir, name, UnlinkatFlags::RemoveDir).map_err(io::Error::from)
+}

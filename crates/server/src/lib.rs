@@ -1,0 +1,249 @@
+//! `upstream serve`: the engine over HTTP — sandboxes (create, exec, files, background
+//! processes), turns, and the context store's records — with a warm pool of ready sandboxes
+//! and API keys per tenant.
+//!
+//! Every route is declared once, with its OpenAPI description beside the handler
+//! (`utoipa`); the router and the document at `/v1/openapi.json` come from the same list,
+//! so they cannot disagree.
+
+mod api;
+mod auth;
+pub mod daemon;
+mod error;
+mod files;
+pub mod metrics;
+mod turns;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use daemon::{Config, Daemon, LOCAL_TENANT};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "upstream",
+        description = "Sandboxes, exec, files, turns and their records. Send an API key as \
+                       `Authorization: Bearer <key>`; errors are `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    tags(
+        (name = "sandboxes", description = "Make, find and tear down sandboxes"),
+        (name = "exec", description = "Run commands"),
+        (name = "processes", description = "Background commands"),
+        (name = "files", description = "Files of a sandbox, as raw bodies"),
+        (name = "turns", description = "Markdown turns and the context store"),
+    )
+)]
+struct ApiDoc;
+
+/// The API's routes and their OpenAPI document.
+fn api(daemon: &Arc<Daemon>) -> (Router<Arc<Daemon>>, utoipa::openapi::OpenApi) {
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(files::upload, files::get_file, files::delete))
+        .layer(DefaultBodyLimit::disable());
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(api::create_sandbox, api::list_sandboxes))
+        .routes(routes!(api::get_sandbox, api::delete_sandbox))
+        .routes(routes!(api::set_timeout))
+        .routes(routes!(api::exec))
+        .routes(routes!(api::start_process, api::list_processes))
+        .routes(routes!(api::get_process))
+        .routes(routes!(api::signal_process))
+        .routes(routes!(api::process_output))
+        .routes(routes!(files::list))
+        .routes(routes!(turns::run_turn, turns::list_turns))
+        .routes(routes!(turns::get_turn))
+        .routes(routes!(turns::list_contexts))
+        .routes(routes!(turns::list_artifacts))
+        .layer(DefaultBodyLimit::max(daemon.config.max_body))
+        .merge(uploads)
+        .split_for_parts();
+    (router, doc)
+}
+
+/// The whole application: `/v1` behind `guard` (key or local), `/healthz` open.
+fn app(daemon: &Arc<Daemon>, local: bool) -> (Router, utoipa::openapi::OpenApi) {
+    let (api, doc) = api(daemon);
+    let doc_json = doc.to_pretty_json().unwrap_or_default();
+    let guarded = api.route("/metrics", get(metrics_text));
+    let guarded = if local {
+        guarded.layer(axum::middleware::from_fn(auth::local))
+    } else {
+        guarded.layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            auth::require_key,
+        ))
+    };
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc_json) }),
+        )
+        .merge(guarded)
+        .fallback(|| async {
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; the API is described at /v1/openapi.json",
+            )
+        })
+        .with_state(daemon.clone());
+    (router, doc)
+}
+
+/// The OpenAPI document of this build, as served at `/v1/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+async fn metrics_text(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    let gauges = metrics::Gauges {
+        active: daemon.active(),
+        pools: daemon
+            .pools
+            .iter()
+            .map(|p| (p.shape.key(), (p.ready(), p.target)))
+            .collect(),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(&gauges),
+    )
+}
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; then tears every sandbox down. `ready` is
+/// told the addresses once it listens.
+pub fn serve(
+    config: Config,
+    ready: impl FnOnce(&[std::net::SocketAddr]),
+) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(1024)
+        .build()
+        .map_err(|e| ServeError::Setup(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(serve_async(config, ready))
+}
+
+async fn serve_async(
+    config: Config,
+    ready: impl FnOnce(&[std::net::SocketAddr]),
+) -> Result<(), ServeError> {
+    let daemon = Arc::new(Daemon::new(config).map_err(ServeError::Setup)?);
+    let mut bound = Vec::new();
+    let mut tcp = Vec::new();
+    for address in &daemon.config.listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::Listen {
+                address: address.to_string(),
+                source,
+            })?;
+        bound.push(listener.local_addr().unwrap_or(*address));
+        tcp.push(listener);
+    }
+    let socket_path = daemon.config.socket.clone();
+    if let Some(parent) = socket_path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    // A socket left by a daemon that died is in the way; a live daemon's is not ours to take.
+    if std::os::unix::net::UnixStream::connect(&socket_path).is_ok() {
+        return Err(ServeError::Setup(format!(
+            "another daemon is serving {}; stop it first",
+            socket_path.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let unix = {
+        // Made 0600 from the start: no moment where another user could connect.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = tokio::net::UnixListener::bind(&socket_path);
+        nix::sys::stat::umask(old);
+        bound.map_err(|source| ServeError::Listen {
+            address: socket_path.display().to_string(),
+            source,
+        })?
+    };
+    ready(&bound);
+
+    for pool in &daemon.pools {
+        tokio::spawn(daemon.clone().fill(pool.clone()));
+    }
+    let reaper = daemon.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            reaper.reap().await;
+        }
+    });
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut servers = Vec::new();
+    for listener in tcp {
+        let (router, _) = app(&daemon, false);
+        let stop = stop.clone();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }));
+    }
+    {
+        let (router, _) = app(&daemon, true);
+        let stop = stop.clone();
+        servers.push(tokio::spawn(async move {
+            let _ = axum::serve(unix, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }));
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ServeError::Setup(format!("cannot handle SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    stop.cancel();
+    daemon.shutdown().await;
+    // Requests still running end with their sandboxes; give them a moment to answer.
+    let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(servers)).await;
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// Fills `buf` with random bytes from the kernel.
+pub(crate) fn random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom(2) writes at most `len - filled` bytes into `buf` from `filled`
+        // on, memory `buf` owns.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+}

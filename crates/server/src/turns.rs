@@ -1,0 +1,262 @@
+//! Turns over HTTP: run a document (its sandbox from the warm pool when one fits) and read
+//! the tenant's contexts, turns and artifacts. Each tenant has a context store of its own.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use upstream_sandbox::{Backend, Sandbox, SandboxError, SandboxSpec};
+use upstream_store::Store;
+use upstream_turn::{Cancel, Event, Observer, TurnError, TurnOptions};
+
+use crate::auth::Tenant;
+use crate::daemon::Daemon;
+use crate::error::{ApiError, ErrorBody};
+
+/// A document to run.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunTurn {
+    /// The markdown document.
+    pub document: String,
+    /// Its name, in the records and in error messages (default `turn.md`).
+    pub name: Option<String>,
+    /// Values of the secrets its front matter names.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// A turn that ran.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnResult {
+    /// The document with its results written in.
+    pub document: String,
+    /// The turn's record: status, steps with exit codes, output, outputs, timings.
+    #[schema(value_type = Object)]
+    pub turn: upstream_turn::TurnRecord,
+}
+
+/// Sandboxes for turns: from a warm pool when one holds the spec, else made.
+struct Pooled(Arc<Daemon>);
+
+impl Backend for Pooled {
+    fn name(&self) -> &str {
+        "namespaces"
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        match self.0.take_pooled(spec) {
+            Some(sandbox) => Ok(sandbox),
+            None => self.0.backend().create(spec),
+        }
+    }
+
+    fn discard_kept(&self, kept: &std::path::Path) {
+        self.0.backend().discard_kept(kept);
+    }
+}
+
+struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&mut self, _: Event<'_>) {}
+}
+
+/// Run a markdown document as a turn; answers with the document, results written in, and
+/// the turn's record. The body is JSON (`RunTurn`) or the document itself
+/// (`Content-Type: text/markdown`).
+#[utoipa::path(post, path = "/v1/turns", tag = "turns",
+    request_body(content = RunTurn, description = "JSON, or the markdown itself as text/markdown"),
+    responses((status = 200, body = TurnResult), (status = 400, body = ErrorBody)))]
+pub async fn run_turn(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<TurnResult>, ApiError> {
+    let markdown = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/markdown") || v.starts_with("text/plain"));
+    let request = if markdown {
+        RunTurn {
+            document: String::from_utf8(body.to_vec())
+                .map_err(|_| ApiError::bad_request("the document is not UTF-8"))?,
+            name: None,
+            secrets: BTreeMap::new(),
+        }
+    } else {
+        serde_json::from_slice::<RunTurn>(&body)
+            .map_err(|e| ApiError::bad_request(format!("the request body: {e}")))?
+    };
+    let name = request.name.unwrap_or_else(|| "turn.md".into());
+    if name.contains('/') || name.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "`name` is `{name}`; give a file name without a directory"
+        )));
+    }
+    let store = daemon.tenant_store(&tenant.0);
+    let images = daemon.config.images.clone();
+    let daemon = daemon.clone();
+    let ran = tokio::task::spawn_blocking(move || {
+        let path = PathBuf::from(&name);
+        let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let options = TurnOptions {
+            store: Some(store),
+            images: Some(images),
+            secrets: Some(request.secrets),
+            ..TurnOptions::default()
+        };
+        let turn = upstream_turn::run(
+            &document,
+            request.document.as_bytes(),
+            &Pooled(daemon),
+            &options,
+            &mut Quiet,
+            &Cancel::default(),
+        )
+        .map_err(|e| match e {
+            TurnError::MissingSecret { name, .. } => ApiError::bad_request(format!(
+                "the document names secret `{name}`; give its value in `secrets`"
+            )),
+            TurnError::Resume(why) => ApiError::bad_request(why),
+            TurnError::Sandbox(e) => ApiError::from(e),
+            e => ApiError::internal(e.to_string()),
+        })?;
+        Ok::<_, ApiError>(TurnResult {
+            document: turn.render(&document),
+            turn: turn.record,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(ran))
+}
+
+/// Opens the tenant's store, on a blocking thread.
+async fn with_store<T: Send + 'static>(
+    daemon: &Arc<Daemon>,
+    tenant: &Tenant,
+    f: impl FnOnce(&Store) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let dir = daemon.tenant_store(&tenant.0);
+    tokio::task::spawn_blocking(move || {
+        let store = Store::open(&dir)?;
+        f(&store)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContextList {
+    #[schema(value_type = Vec<Object>)]
+    pub contexts: Vec<upstream_store::ContextSummary>,
+}
+
+/// The tenant's contexts.
+#[utoipa::path(get, path = "/v1/contexts", tag = "turns",
+    responses((status = 200, body = ContextList)))]
+pub async fn list_contexts(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+) -> Result<Json<ContextList>, ApiError> {
+    let contexts = with_store(&daemon, &tenant, |s| Ok(s.contexts()?)).await?;
+    Ok(Json(ContextList { contexts }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct TurnsQuery {
+    /// Only this context's turns.
+    pub context: Option<String>,
+    /// Only the last this many.
+    pub last: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnList {
+    #[schema(value_type = Vec<Object>)]
+    pub turns: Vec<upstream_store::TurnSummary>,
+}
+
+/// The tenant's turns, in order.
+#[utoipa::path(get, path = "/v1/turns", tag = "turns", params(TurnsQuery),
+    responses((status = 200, body = TurnList)))]
+pub async fn list_turns(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Query(query): Query<TurnsQuery>,
+) -> Result<Json<TurnList>, ApiError> {
+    let turns = with_store(&daemon, &tenant, move |s| {
+        Ok(s.turns(query.context.as_deref(), query.last)?)
+    })
+    .await?;
+    Ok(Json(TurnList { turns }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnBody {
+    /// The turn and its steps.
+    #[schema(value_type = Object)]
+    pub turn: upstream_store::TurnDetail,
+    #[schema(value_type = Vec<Object>)]
+    pub artifacts: Vec<upstream_store::ArtifactRow>,
+}
+
+/// A turn (by number or id), with its steps and artifacts.
+#[utoipa::path(get, path = "/v1/turns/{turn}", tag = "turns",
+    params(("turn" = String, Path)),
+    responses((status = 200, body = TurnBody), (status = 404, body = ErrorBody)))]
+pub async fn get_turn(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(selector): Path<String>,
+) -> Result<Json<TurnBody>, ApiError> {
+    let body = with_store(&daemon, &tenant, move |s| {
+        let turn = s.turn(&selector)?;
+        let artifacts = s.artifacts_of(turn.summary.number)?;
+        Ok(TurnBody { turn, artifacts })
+    })
+    .await?;
+    Ok(Json(body))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ArtifactsQuery {
+    /// The context (default `default`).
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ArtifactList {
+    #[schema(value_type = Vec<Object>)]
+    pub artifacts: Vec<upstream_store::ArtifactRow>,
+}
+
+/// The latest version of each artifact of a context.
+#[utoipa::path(get, path = "/v1/artifacts", tag = "turns", params(ArtifactsQuery),
+    responses((status = 200, body = ArtifactList)))]
+pub async fn list_artifacts(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Query(query): Query<ArtifactsQuery>,
+) -> Result<Json<ArtifactList>, ApiError> {
+    let context = query
+        .context
+        .unwrap_or_else(|| upstream_store::DEFAULT_CONTEXT.to_string());
+    let artifacts = with_store(
+        &daemon,
+        &tenant,
+        move |s| Ok(s.context_artifacts(&context)?),
+    )
+    .await?;
+    Ok(Json(ArtifactList { artifacts }))
+}

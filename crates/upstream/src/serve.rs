@@ -1,0 +1,186 @@
+//! `upstream serve` and `upstream keys`.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use upstream_store::Store;
+
+use crate::cli::{KeysCommand, ServeArgs, StateArg};
+use crate::exit;
+use crate::table::{Align, Table};
+
+/// The daemon's state directory: `--state-dir`, else `$UPSTREAM_STATE_DIR`, else the
+/// system's or the user's data directory.
+pub fn state_dir(arg: &StateArg) -> PathBuf {
+    if let Some(dir) = &arg.state_dir {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os("UPSTREAM_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/var/lib/upstream");
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("upstream")
+}
+
+pub fn serve(args: ServeArgs) -> u8 {
+    let state = state_dir(&args.state);
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| state.join("upstream.sock"));
+    let init_exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find this program's path: {e}");
+            return exit::SANDBOX;
+        }
+    };
+    let pools: Vec<String> = args.pool.iter().map(|(i, n)| format!("{i}={n}")).collect();
+    let config = upstream_server::Config {
+        listen: args.listen,
+        socket: socket.clone(),
+        state_dir: state,
+        init_exe,
+        pools: args.pool,
+        max_sandboxes: args.max_sandboxes,
+        max_per_tenant: args.max_per_tenant,
+        default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+        max_body: args.max_body.min(usize::MAX as u64) as usize,
+        images: crate::run::image_source(&args.insecure_registry, false),
+    };
+    let served = upstream_server::serve(config, |addresses| {
+        let listening: Vec<String> = addresses.iter().map(|a| format!("http://{a}")).collect();
+        let pools = if pools.is_empty() {
+            "no warm pools".to_string()
+        } else {
+            format!("warm pools {}", pools.join(", "))
+        };
+        eprintln!(
+            "upstream serve: listening on {} and unix:{} ({pools})",
+            listening.join(", "),
+            socket.display()
+        );
+    });
+    match served {
+        Ok(()) => {
+            eprintln!("upstream serve: stopped; every sandbox was torn down");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::SANDBOX
+        }
+    }
+}
+
+fn open_keys(state: &StateArg) -> Result<Store, u8> {
+    let dir = state_dir(state).join("keys");
+    Store::open(&dir).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::SANDBOX
+    })
+}
+
+pub fn keys(command: KeysCommand) -> u8 {
+    match command {
+        KeysCommand::Create {
+            name,
+            tenant,
+            state,
+        } => {
+            if tenant.is_empty()
+                || !tenant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                eprintln!("error: tenant `{tenant}`: use letters, digits, `-` and `_`");
+                return exit::BAD_INPUT;
+            }
+            let mut store = match open_keys(&state) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match store.create_key(&name, &tenant) {
+                Ok(made) => {
+                    let _ = writeln!(io::stdout().lock(), "{}", made.secret);
+                    eprintln!(
+                        "Key {} ({name}, tenant {tenant}) made; it is shown only this once",
+                        made.key.id
+                    );
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::SANDBOX
+                }
+            }
+        }
+        KeysCommand::Ls { json, state } => {
+            let store = match open_keys(&state) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let keys = match store.keys() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::SANDBOX;
+                }
+            };
+            if json {
+                let _ = serde_json::to_writer_pretty(io::stdout().lock(), &keys);
+                let _ = writeln!(io::stdout());
+                return exit::OK;
+            }
+            let mut table = Table::new(&[
+                ("ID", Align::Right),
+                ("NAME", Align::Left),
+                ("TENANT", Align::Left),
+                ("KEY", Align::Left),
+                ("CREATED", Align::Left),
+                ("REVOKED", Align::Left),
+            ]);
+            for key in keys {
+                table.row(vec![
+                    key.id.to_string(),
+                    key.name,
+                    key.tenant,
+                    format!("{}…", key.prefix),
+                    crate::table::time(key.created_at as f64 / 1000.0),
+                    key.revoked_at
+                        .map_or("-".into(), |t| crate::table::time(t as f64 / 1000.0)),
+                ]);
+            }
+            let _ = table.print(&mut io::stdout().lock());
+            exit::OK
+        }
+        KeysCommand::Revoke { key, state } => {
+            let mut store = match open_keys(&state) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match store.revoke_key(&key) {
+                Ok(0) => {
+                    eprintln!(
+                        "error: no key `{key}` that is not revoked; `upstream keys ls` lists them"
+                    );
+                    exit::STEP_FAILED
+                }
+                Ok(n) => {
+                    eprintln!("Revoked {n} key{}", if n == 1 { "" } else { "s" });
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::SANDBOX
+                }
+            }
+        }
+    }
+}
