@@ -476,6 +476,7 @@ impl Daemon {
         };
         let took = start.elapsed();
         crate::metrics::claim(took);
+        crate::metrics::handed_out(from_pool);
         let now = Instant::now();
         let live = Arc::new(Live {
             id: new_id(),

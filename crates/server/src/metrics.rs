@@ -59,6 +59,14 @@ impl Histogram {
 static EXEC: Histogram = Histogram::new();
 static CLAIM: Histogram = Histogram::new();
 static ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+static FROM_POOL: AtomicU64 = AtomicU64::new(0);
+static MADE: AtomicU64 = AtomicU64::new(0);
+
+/// A sandbox was handed out (to the API or a turn): from a warm pool or made for it.
+pub fn handed_out(from_pool: bool) {
+    let counter = if from_pool { &FROM_POOL } else { &MADE };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
 
 /// An exec ended after `took`.
 pub fn exec(took: Duration) {
@@ -137,6 +145,16 @@ pub fn render(gauges: &Gauges) -> String {
         "upstream_sandbox_claim_seconds",
         "Time to hand out a sandbox, from the pool or made on the spot.",
         &mut out,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP upstream_sandboxes_handed_out_total Sandboxes handed out, by where they came from.\n# TYPE upstream_sandboxes_handed_out_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "upstream_sandboxes_handed_out_total{{source=\"pool\"}} {}\nupstream_sandboxes_handed_out_total{{source=\"made\"}} {}",
+        FROM_POOL.load(Ordering::Relaxed),
+        MADE.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         out,

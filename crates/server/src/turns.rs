@@ -52,7 +52,9 @@ impl Backend for Pooled {
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
-        match self.0.take_pooled(spec) {
+        let pooled = self.0.take_pooled(spec);
+        crate::metrics::handed_out(pooled.is_some());
+        match pooled {
             Some(sandbox) => Ok(sandbox),
             None => self.0.backend().create(spec),
         }

@@ -14,3 +14,4 @@ mod exec;
 mod image;
 mod isolation;
 mod run;
+mod serve;

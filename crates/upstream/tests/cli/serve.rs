@@ -1,0 +1,929 @@
+//! `upstream serve` driven over real HTTP: a daemon per test on a free port of 127.0.0.1
+//! and its own local socket, stopped (SIGTERM) at the end.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::util::{BIN, Env};
+
+/// A running daemon.
+struct Daemon {
+    child: Child,
+    url: String,
+    socket: PathBuf,
+    state: PathBuf,
+    runtime: PathBuf,
+}
+
+impl Daemon {
+    fn start(env: &Env, args: &[&str]) -> Daemon {
+        let state = env.path("state");
+        let socket = env.path("state/upstream.sock");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .args(args)
+            .env("UPSTREAM_RUNTIME_DIR", &env.runtime)
+            .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        lines.read_line(&mut first).unwrap();
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("the daemon did not start: {first}"))
+            .trim_end_matches(',')
+            .to_string();
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = lines.read_to_string(&mut rest);
+        });
+        Daemon {
+            child,
+            url,
+            socket,
+            state,
+            runtime: env.runtime.clone(),
+        }
+    }
+
+    fn key(&self, name: &str, tenant: &str) -> String {
+        let out = Command::new(BIN)
+            .args([
+                "keys",
+                "create",
+                "--name",
+                name,
+                "--tenant",
+                tenant,
+                "--state-dir",
+            ])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn client(&self, key: &str) -> Api {
+        Api {
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            base: self.url.clone(),
+            key: Some(key.to_string()),
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+
+    fn sandbox_dirs(&self) -> usize {
+        std::fs::read_dir(self.runtime.join("sandboxes")).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A client of the API with one key.
+struct Api {
+    http: reqwest::blocking::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Api {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(k) => builder.bearer_auth(k),
+            None => builder,
+        }
+    }
+
+    fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body))
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None)
+    }
+
+    fn delete(&self, path: &str) -> u16 {
+        self.send(reqwest::Method::DELETE, path, None).0
+    }
+
+    fn create(&self, body: Value) -> Value {
+        let (status, sandbox) = self.post("/v1/sandboxes", body);
+        assert_eq!(status, 201, "{sandbox}");
+        sandbox
+    }
+
+    fn exec(&self, id: &str, cmd: &[&str]) -> Value {
+        let (status, result) =
+            self.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "cmd": cmd }));
+        assert_eq!(status, 200, "{result}");
+        result
+    }
+}
+
+fn id(sandbox: &Value) -> String {
+    sandbox["id"].as_str().unwrap().to_string()
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+#[test]
+fn a_sandbox_is_made_used_listed_and_torn_down() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "acme"));
+    let sandbox = api.create(json!({
+        "env": { "GREETING": "hello" },
+        "metadata": { "job": "build-7" },
+        "limits": { "memory": "256M" },
+    }));
+    let sid = id(&sandbox);
+    assert!(sid.starts_with("sbx_"));
+    assert_eq!(sandbox["limits"]["memory"], 256 << 20);
+    assert_eq!(sandbox["network"], "none");
+    let ran = api.exec(
+        &sid,
+        &["sh", "-c", "echo $GREETING; pwd; echo oops >&2; exit 7"],
+    );
+    assert_eq!(ran["exit_code"], 7);
+    assert_eq!(ran["stdout"], "hello\n/workspace\n");
+    assert_eq!(ran["stderr"], "oops\n");
+    // State carries from one exec to the next, and stdin reaches the command.
+    let (_, wrote) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": ["sh", "-c", "cat > kept.txt"], "stdin": "piped in" }),
+    );
+    assert_eq!(wrote["exit_code"], 0, "{wrote}");
+    assert_eq!(api.exec(&sid, &["cat", "kept.txt"])["stdout"], "piped in");
+    // A timeout kills the command, not the sandbox.
+    let (_, slow) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": ["sleep", "30"], "timeout": 0.3 }),
+    );
+    assert_eq!(slow["timed_out"], true, "{slow}");
+    assert_eq!(api.exec(&sid, &["true"])["exit_code"], 0);
+
+    let other = api.create(json!({ "metadata": { "job": "other" } }));
+    let (_, listed) = api.get("/v1/sandboxes?metadata.job=build-7");
+    let ids: Vec<&str> = listed["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![sid.as_str()]);
+    let (_, all) = api.get("/v1/sandboxes");
+    assert_eq!(all["sandboxes"].as_array().unwrap().len(), 2);
+    let (status, got) = api.get(&format!("/v1/sandboxes/{sid}"));
+    assert_eq!((status, got["id"].clone()), (200, json!(sid)));
+
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
+    let (status, gone) = api.get(&format!("/v1/sandboxes/{sid}"));
+    assert_eq!((status, error_code(&gone)), (404, "not_found"));
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 404);
+    assert_eq!(daemon.sandbox_dirs(), 1, "only the other sandbox is left");
+    drop(other);
+    // Stopping the daemon tears the rest down.
+    assert!(daemon.stop().success());
+    env.assert_gone("upstream-init");
+}
+
+#[test]
+fn keys_and_tenants_keep_sandboxes_apart() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let alice = daemon.client(&daemon.key("a", "alice"));
+    let bob = daemon.client(&daemon.key("b", "bob"));
+    let sandbox = id(&alice.create(json!({})));
+
+    // Bob cannot see, use, read or delete it: it does not exist for him.
+    for (status, body) in [
+        bob.get(&format!("/v1/sandboxes/{sandbox}")),
+        bob.post(
+            &format!("/v1/sandboxes/{sandbox}/exec"),
+            json!({ "cmd": ["true"] }),
+        ),
+        bob.get(&format!("/v1/sandboxes/{sandbox}/files?path=/etc/hostname")),
+        bob.post(
+            &format!("/v1/sandboxes/{sandbox}/timeout"),
+            json!({ "timeout": 5 }),
+        ),
+    ] {
+        assert_eq!((status, error_code(&body)), (404, "not_found"), "{body}");
+    }
+    assert_eq!(bob.delete(&format!("/v1/sandboxes/{sandbox}")), 404);
+    let (_, listed) = bob.get("/v1/sandboxes");
+    assert_eq!(listed["sandboxes"], json!([]));
+    assert_eq!(alice.exec(&sandbox, &["true"])["exit_code"], 0);
+
+    // No key, a made-up key, a revoked key: 401 with a JSON error that says what to do.
+    let anonymous = Api {
+        key: None,
+        ..daemon.client("")
+    };
+    let (status, body) = anonymous.get("/v1/sandboxes");
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Bearer")
+    );
+    let forged = daemon.client("ups_0000000000000000000000000000000000000000000000000");
+    assert_eq!(forged.get("/v1/sandboxes").0, 401);
+    let out = Command::new(BIN)
+        .args(["keys", "revoke", "b", "--state-dir"])
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (status, _) = bob.get("/v1/sandboxes");
+    assert_eq!(status, 401, "a revoked key stops working at once");
+    // The keys file never holds a key.
+    let listed = Command::new(BIN)
+        .args(["keys", "ls", "--json", "--state-dir"])
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    let keys: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(keys[1]["revoked_at"].is_number());
+
+    // The local socket needs no key, and is its own tenant; it is the daemon user's only.
+    let mode = std::fs::metadata(&daemon.socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    let (status, local) = unix_request(&daemon.socket, "GET", "/v1/sandboxes", "");
+    assert_eq!(status, 200, "{local}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&local).unwrap()["sandboxes"],
+        json!([])
+    );
+}
+
+/// One HTTP/1.1 request over a Unix socket; (status, body).
+fn unix_request(socket: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: local\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn streamed_output_comes_in_order_and_ends_with_the_exit() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    let started = Instant::now();
+    let response = api
+        .request(reqwest::Method::POST, &format!("/v1/sandboxes/{sid}/exec"))
+        .header("Accept", "application/x-ndjson")
+        .json(&json!({ "cmd": ["sh", "-c",
+            "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; sleep 0.2; done; exit 2"] }))
+        .send()
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let mut lines = Vec::new();
+    let mut first_at = None;
+    for line in BufReader::new(response).lines() {
+        let line = line.unwrap();
+        first_at.get_or_insert_with(|| started.elapsed());
+        lines.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    // The first line arrived while the command still ran (it takes a second).
+    assert!(
+        first_at.unwrap() < Duration::from_millis(800),
+        "{first_at:?}"
+    );
+    let out: Vec<&str> = lines.iter().filter_map(|l| l["stdout"].as_str()).collect();
+    assert_eq!(out.concat(), "out1\nout2\nout3\nout4\nout5\n");
+    let err: Vec<&str> = lines.iter().filter_map(|l| l["stderr"].as_str()).collect();
+    assert_eq!(err.concat(), "err1\nerr2\nerr3\nerr4\nerr5\n");
+    // out1 comes before err2 comes before out3: the streams interleave as written.
+    let position = |key: &str, text: &str| {
+        lines
+            .iter()
+            .position(|l| l[key].as_str().is_some_and(|s| s.contains(text)))
+            .unwrap()
+    };
+    assert!(position("stdout", "out1") < position("stderr", "err2"));
+    assert!(position("stderr", "err2") < position("stdout", "out3"));
+    let last = lines.last().unwrap();
+    assert_eq!(last["exit"]["exit_code"], 2, "{last}");
+}
+
+#[test]
+fn background_processes_run_on_and_are_read_signalled_and_waited_for() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    let (status, process) = api.post(
+        &format!("/v1/sandboxes/{sid}/processes"),
+        json!({ "cmd": ["sh", "-c", "echo ready; echo warn >&2; exec sleep 60"] }),
+    );
+    assert_eq!(status, 201, "{process}");
+    let pid = process["pid"].as_i64().unwrap();
+    // Other commands run meanwhile.
+    assert_eq!(
+        api.exec(&sid, &["echo", "meanwhile"])["stdout"],
+        "meanwhile\n"
+    );
+    let read = |stream: &str, offset: u64| {
+        api.request(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{sid}/processes/{pid}/output?stream={stream}&offset={offset}"),
+        )
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read("stdout", 0).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(read("stdout", 0), "ready\n");
+    assert_eq!(read("stdout", 2), "ady\n");
+    assert_eq!(read("stderr", 0), "warn\n");
+    let (_, state) = api.get(&format!("/v1/sandboxes/{sid}/processes/{pid}"));
+    assert_eq!(state["state"], "running");
+    let (status, _) = api.post(
+        &format!("/v1/sandboxes/{sid}/processes/{pid}/signal"),
+        json!({ "signal": "TERM" }),
+    );
+    assert_eq!(status, 204);
+    let (_, ended) = api.get(&format!("/v1/sandboxes/{sid}/processes/{pid}?timeout=10"));
+    assert_eq!(ended["state"], "exited", "{ended}");
+    assert_eq!(ended["signal"], 15);
+    let (_, listed) = api.get(&format!("/v1/sandboxes/{sid}/processes"));
+    assert_eq!(listed["processes"][0]["pid"], pid);
+    let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/processes/99999"));
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.post(
+        &format!("/v1/sandboxes/{sid}/processes/{pid}/signal"),
+        json!({ "signal": "NOPE" }),
+    );
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+}
+
+/// A body of `len` bytes made as it is read: nothing of it is held in memory.
+struct Pattern {
+    left: u64,
+    hasher: blake3::Hasher,
+}
+
+impl Read for Pattern {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = ((self.left as usize - i) % 251) as u8;
+        }
+        self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_gigabyte_file_goes_in_and_out_streamed_with_memory_flat() {
+    crate::require_root_sandbox!();
+    const SIZE: u64 = 1 << 30;
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    let mut pattern = Pattern {
+        left: SIZE,
+        hasher: blake3::Hasher::new(),
+    };
+    let sent_hash = {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let mut writer = writer;
+            std::io::copy(&mut pattern, &mut writer).unwrap();
+            pattern.hasher.finalize()
+        });
+        let response = api
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"),
+            )
+            .body(reqwest::blocking::Body::new(reader))
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+        let written: Value = response.json().unwrap();
+        assert_eq!(written["size"], SIZE);
+        feeder.join().unwrap()
+    };
+    // The command in the sandbox sees it whole.
+    let size = api.exec(&sid, &["stat", "-c", "%s", "big/blob.bin"]);
+    assert_eq!(size["stdout"], format!("{SIZE}\n"));
+    let mut response = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{sid}/files?path=/workspace/big/blob.bin"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = response.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    assert_eq!(got, SIZE);
+    assert_eq!(hasher.finalize(), sent_hash);
+    let peak = peak_rss_kib(daemon.child.id());
+    assert!(
+        peak < 128 * 1024,
+        "the daemon peaked at {peak} KiB moving 1 GiB"
+    );
+
+    // Listing, deleting, and what cannot be done.
+    let (_, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=big"));
+    assert_eq!(listing["entries"][0]["name"], "blob.bin");
+    assert_eq!(listing["entries"][0]["size"], SIZE);
+    let (status, body) = api.send(
+        reqwest::Method::DELETE,
+        &format!("/v1/sandboxes/{sid}/files?path=big"),
+        None,
+    );
+    assert_eq!((status, error_code(&body)), (409, "conflict"));
+    assert_eq!(
+        api.delete(&format!(
+            "/v1/sandboxes/{sid}/files?path=big&recursive=true"
+        )),
+        204
+    );
+    let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"));
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+}
+
+#[test]
+fn files_never_lead_out_of_the_sandbox() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let secret = env.write("host-secret.txt", "host only\n");
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    // Links planted in the sandbox, pointing at the host's file and at the host's root.
+    let plant = format!(
+        "ln -s {} /workspace/escape && ln -s / /workspace/root && ln -s ../../../../.. /workspace/up",
+        secret.display()
+    );
+    assert_eq!(api.exec(&sid, &["sh", "-c", &plant])["exit_code"], 0);
+    for path in [
+        "escape".to_string(),
+        format!("root{}", secret.display()),
+        format!("up{}", secret.display()),
+        format!("../../..{}", secret.display()),
+        secret.display().to_string(),
+    ] {
+        let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path={path}"));
+        assert_ne!(status, 200, "{path} read the host's file: {body}");
+    }
+    // Writes through them land inside the sandbox, if anywhere.
+    for path in ["escape", "root/tmp/planted", "up/tmp/planted2"] {
+        let _ = api
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/sandboxes/{sid}/files?path={path}"),
+            )
+            .body("overwritten")
+            .send()
+            .unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host only\n");
+    assert!(!std::path::Path::new("/tmp/planted").exists());
+    assert!(!std::path::Path::new("/tmp/planted2").exists());
+}
+
+#[test]
+fn the_warm_pool_hands_out_ready_sandboxes_and_refills() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &["--pool", "host=2"]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let pool_ready = |api: &Api| {
+        let text = api
+            .request(reqwest::Method::GET, "/metrics")
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("upstream_pool_ready{pool=\"host\"} "))
+            .map(|n| n.parse::<usize>().unwrap())
+            .unwrap()
+    };
+    let wait_full = |api: &Api| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool_ready(api) < 2 {
+            assert!(Instant::now() < deadline, "the pool never filled");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_full(&api);
+    let first = api.create(json!({}));
+    let second = api.create(json!({}));
+    assert_eq!(first["from_pool"], true, "{first}");
+    assert_eq!(second["from_pool"], true, "{second}");
+    // A sandbox of another shape is made on the spot.
+    let other = api.create(json!({ "limits": { "memory": "128M" } }));
+    assert_eq!(other["from_pool"], false);
+    // The pool refills by itself, and pooled sandboxes work.
+    wait_full(&api);
+    let third = api.create(json!({}));
+    assert_eq!(third["from_pool"], true);
+    assert_eq!(api.exec(&id(&third), &["echo", "ok"])["stdout"], "ok\n");
+    // A turn takes its sandbox from the pool too.
+    wait_full(&api);
+    let (status, turn) = api.post(
+        "/v1/turns",
+        json!({ "document": "# T\n```bash\necho turn-ran\n```\n" }),
+    );
+    assert_eq!(status, 200, "{turn}");
+    assert!(turn["document"].as_str().unwrap().contains("turn-ran"));
+    let metrics = api
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    // Three API sandboxes and the turn's from the pool; one made on the spot.
+    assert!(
+        metrics.contains("upstream_sandboxes_handed_out_total{source=\"pool\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("upstream_sandboxes_handed_out_total{source=\"made\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("upstream_sandboxes{state=\"active\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("upstream_sandbox_claim_seconds_count 4"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn idle_sandboxes_and_ones_past_their_lifetime_are_reaped() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let idle = id(&api.create(json!({ "timeout": 0.5 })));
+    let busy = id(&api.create(json!({ "timeout": 0.5 })));
+    let lifetime = id(&api.create(json!({ "timeout": 0, "lifetime": 1 })));
+    let forever = id(&api.create(json!({ "timeout": 0 })));
+    // A command longer than the idle timeout keeps its sandbox.
+    assert_eq!(api.exec(&busy, &["sleep", "1.2"])["exit_code"], 0);
+    let (status, _) = api.get(&format!("/v1/sandboxes/{idle}"));
+    assert_eq!(status, 404, "idle past its timeout");
+    let (status, _) = api.get(&format!("/v1/sandboxes/{busy}"));
+    assert_eq!(status, 200, "in use until a moment ago");
+    // Extending the timeout.
+    let (status, extended) = api.post(
+        &format!("/v1/sandboxes/{busy}/timeout"),
+        json!({ "timeout": 60 }),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(extended["timeout"], 60.0);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(api.get(&format!("/v1/sandboxes/{lifetime}")).0, 404);
+    assert_eq!(api.get(&format!("/v1/sandboxes/{busy}")).0, 200);
+    assert_eq!(api.get(&format!("/v1/sandboxes/{forever}")).0, 200);
+    assert_eq!(
+        daemon.sandbox_dirs(),
+        2,
+        "the reaped ones left nothing behind"
+    );
+}
+
+#[test]
+fn limits_on_sandboxes_answer_429() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &["--max-per-tenant", "2", "--max-sandboxes", "3"]);
+    let a = daemon.client(&daemon.key("a", "a"));
+    let b = daemon.client(&daemon.key("b", "b"));
+    a.create(json!({}));
+    a.create(json!({}));
+    let (status, body) = a.post("/v1/sandboxes", json!({}));
+    assert_eq!((status, error_code(&body)), (429, "limit_reached"));
+    b.create(json!({}));
+    let (status, body) = b.post("/v1/sandboxes", json!({}));
+    assert_eq!((status, error_code(&body)), (429, "limit_reached"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-sandboxes")
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_4xx_and_the_server_carries_on() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &["--max-body", "1M"]);
+    let key = daemon.key("t", "t");
+    let api = daemon.client(&key);
+    let raw = |body: &str, content_type: &str| {
+        let response = api
+            .request(reqwest::Method::POST, "/v1/sandboxes")
+            .header("Content-Type", content_type)
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().unwrap())
+    };
+    let (status, body) = raw("{not json", "application/json");
+    assert_eq!((status, error_code(&body)), (400, "bad_request"), "{body}");
+    let (status, body) = raw(r#"{"imag": "host"}"#, "application/json");
+    assert!(status == 400 || status == 422, "{status}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("imag"),
+        "names the unknown field: {body}"
+    );
+    let (status, body) = raw("{}", "text/plain");
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = raw(r#"{"network": "wifi"}"#, "application/json");
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+    let (status, body) = raw(r#"{"limits": {"cpus": -1}}"#, "application/json");
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+    let huge = format!(r#"{{"metadata": {{"x": "{}"}}}}"#, "a".repeat(2 << 20));
+    let (status, body) = raw(&huge, "application/json");
+    assert_eq!((status, error_code(&body)), (413, "too_large"), "{body}");
+    let (status, body) = api.get("/v1/nothing-here");
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let sid = id(&api.create(json!({})));
+    let (status, body) = api.post(&format!("/v1/sandboxes/{sid}/exec"), json!({ "cmd": [] }));
+    assert_eq!((status, error_code(&body)), (400, "bad_request"));
+    let (status, body) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": ["no-such-program"] }),
+    );
+    assert!(status >= 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-program")
+    );
+
+    // Slow clients: connections that send half a request and wait do not hold others up.
+    let host = daemon.url.trim_start_matches("http://").to_string();
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(&host).unwrap();
+        s.write_all(b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .unwrap();
+        stalled.push(s);
+    }
+    let started = Instant::now();
+    assert_eq!(api.exec(&sid, &["true"])["exit_code"], 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(stalled);
+    let (status, _) = api.get("/v1/sandboxes");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let alice = daemon.client(&daemon.key("a", "alice"));
+    let bob = daemon.client(&daemon.key("b", "bob"));
+    let doc = "---\ncontext: research\nsecrets: [TOKEN]\nartifacts: [notes.txt]\n---\n# Fetch\n```bash\necho \"token $TOKEN\" > notes.txt; cat notes.txt\n```\n";
+    // A secret the request does not give is missing, even if the daemon's environment has
+    // one of that name (HOME, here): a tenant never reads the daemon's environment.
+    let leaky = doc.replace("TOKEN", "HOME");
+    let (status, body) = alice.post("/v1/turns", json!({ "document": leaky }));
+    assert_eq!((status, error_code(&body)), (400, "bad_request"), "{body}");
+    let (status, ran) = alice.post(
+        "/v1/turns",
+        json!({ "document": doc, "secrets": { "TOKEN": "s3cret" }, "name": "fetch.md" }),
+    );
+    assert_eq!(status, 200, "{ran}");
+    let written = ran["document"].as_str().unwrap();
+    assert!(
+        written.starts_with(doc),
+        "the document comes back with results after it"
+    );
+    assert!(
+        written.contains("token [redacted]") || !written.contains("s3cret"),
+        "{written}"
+    );
+    assert_eq!(ran["turn"]["status"], "passed");
+    let (_, turns) = alice.get("/v1/turns?context=research");
+    assert_eq!(turns["turns"].as_array().unwrap().len(), 1);
+    let (_, artifacts) = alice.get("/v1/artifacts?context=research");
+    assert_eq!(
+        artifacts["artifacts"][0]["path"], "notes.txt",
+        "{artifacts}"
+    );
+    let (status, one) = alice.get("/v1/turns/1");
+    assert_eq!(status, 200, "{one}");
+    let (_, contexts) = alice.get("/v1/contexts");
+    assert_eq!(contexts["contexts"][0]["name"], "research", "{contexts}");
+    // Bob's store is his own.
+    let (_, none) = bob.get("/v1/turns");
+    assert_eq!(none["turns"], json!([]));
+    let (status, _) = bob.get("/v1/turns/1");
+    assert_eq!(status, 404);
+    // A bad document is a 400 naming the line.
+    let (status, bad) = alice.post("/v1/turns", json!({ "document": "---\nimage: [\n---\n" }));
+    assert_eq!((status, error_code(&bad)), (400, "bad_request"));
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("turn.md:"),
+        "{bad}"
+    );
+}
+
+#[test]
+fn a_daemon_killed_hard_leaves_nothing_after_its_restart() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let mut daemon = Daemon::start(&env, &["--pool", "host=2"]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    for _ in 0..3 {
+        let sid = id(&api.create(json!({ "timeout": 0 })));
+        let (status, _) = api.post(
+            &format!("/v1/sandboxes/{sid}/processes"),
+            json!({ "cmd": ["sleep", "600"] }),
+        );
+        assert_eq!(status, 201);
+    }
+    assert!(daemon.sandbox_dirs() >= 3);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    // The sandboxes' processes die with the daemon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !crate::util::processes_with("sleep 600").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "sandbox processes outlived the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::mem::forget(daemon);
+    // The next daemon, on the same socket and state, cleans what is left and serves.
+    let daemon = Daemon::start(&env, &[]);
+    assert_eq!(daemon.sandbox_dirs(), 0, "leftovers removed at start");
+    let api = daemon.client(&daemon.key("t2", "t"));
+    let sid = id(&api.create(json!({})));
+    assert_eq!(api.exec(&sid, &["true"])["exit_code"], 0);
+    drop(api);
+    assert!(daemon.stop().success());
+    env.assert_gone("upstream-init");
+}
+
+#[test]
+fn the_openapi_document_describes_every_route_and_is_checked_in() {
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let served: Value = reqwest::blocking::get(format!("{}/v1/openapi.json", daemon.url))
+        .unwrap()
+        .json()
+        .unwrap();
+    let paths = served["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/v1/sandboxes", "post"),
+        ("/v1/sandboxes", "get"),
+        ("/v1/sandboxes/{id}", "get"),
+        ("/v1/sandboxes/{id}", "delete"),
+        ("/v1/sandboxes/{id}/timeout", "post"),
+        ("/v1/sandboxes/{id}/exec", "post"),
+        ("/v1/sandboxes/{id}/processes", "post"),
+        ("/v1/sandboxes/{id}/processes/{pid}", "get"),
+        ("/v1/sandboxes/{id}/processes/{pid}/signal", "post"),
+        ("/v1/sandboxes/{id}/processes/{pid}/output", "get"),
+        ("/v1/sandboxes/{id}/files", "put"),
+        ("/v1/sandboxes/{id}/files", "get"),
+        ("/v1/sandboxes/{id}/files", "delete"),
+        ("/v1/sandboxes/{id}/files/list", "get"),
+        ("/v1/turns", "post"),
+        ("/v1/turns", "get"),
+        ("/v1/turns/{turn}", "get"),
+        ("/v1/contexts", "get"),
+        ("/v1/artifacts", "get"),
+    ] {
+        assert!(
+            paths.get(path).is_some_and(|p| p.get(method).is_some()),
+            "{method} {path} is not described"
+        );
+    }
+    // docs/openapi.json is the served document: a change to the API shows in review.
+    let checked_in =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let text = std::fs::read_to_string(&checked_in).unwrap_or_default();
+    let expected = serde_json::to_string_pretty(&served).unwrap() + "\n";
+    if text != expected {
+        if std::env::var_os("UPSTREAM_BLESS").is_some() {
+            std::fs::write(&checked_in, &expected).unwrap();
+        } else {
+            panic!(
+                "docs/openapi.json differs from the served document; run the test with \
+                 UPSTREAM_BLESS=1 to update it"
+            );
+        }
+    }
+}
