@@ -601,7 +601,13 @@ fn process_of(live: &Live, pid: i32) -> Result<Process, ApiError> {
         .unwrap_or_else(|e| e.into_inner())
         .get(&pid)
         .cloned()
-        .ok_or_else(|| ApiError::not_found("process", &pid.to_string()))
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "process",
+                &pid.to_string(),
+                &format!("GET /v1/sandboxes/{}/processes", live.id),
+            )
+        })
 }
 
 /// The sandbox's background commands.

@@ -234,7 +234,7 @@ impl Live {
 }
 
 fn gone(id: &str) -> ApiError {
-    ApiError::not_found("sandbox", id)
+    ApiError::not_found("sandbox", id, "GET /v1/sandboxes")
 }
 
 /// Ready sandboxes of one shape.

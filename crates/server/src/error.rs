@@ -42,11 +42,13 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    pub fn not_found(what: &str, id: &str) -> ApiError {
+    /// `what` of this id does not exist (for this tenant); `listed` says where to find
+    /// the ones that do.
+    pub fn not_found(what: &str, id: &str, listed: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no {what} `{id}`; list them with GET /v1/{what}s"),
+            format!("no {what} `{id}`; {listed} lists them"),
         )
     }
 
@@ -97,8 +99,12 @@ impl From<upstream_sandbox::SandboxError> for ApiError {
 impl From<upstream_store::StoreError> for ApiError {
     fn from(e: upstream_store::StoreError) -> ApiError {
         match e {
-            upstream_store::StoreError::NoTurn(t) => ApiError::not_found("turn", &t),
-            upstream_store::StoreError::NoContext(c) => ApiError::not_found("context", &c),
+            upstream_store::StoreError::NoTurn(t) => {
+                ApiError::not_found("turn", &t, "GET /v1/turns")
+            }
+            upstream_store::StoreError::NoContext(c) => {
+                ApiError::not_found("context", &c, "GET /v1/contexts")
+            }
             e => ApiError::internal(e.to_string()),
         }
     }

@@ -37,6 +37,9 @@ pub enum Command {
     /// Make, list or revoke the API keys of `upstream serve`.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Use sandboxes of a running `upstream serve` (`$UPSTREAM_URL` and `$UPSTREAM_API_KEY`,
+    /// else its local socket).
+    Sandbox(SandboxArgs),
     /// Show what this host supports and what upstream will use.
     Doctor,
 }
@@ -109,6 +112,78 @@ pub enum KeysCommand {
         #[command(flatten)]
         state: StateArg,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    #[command(subcommand)]
+    pub command: SandboxCommand,
+    #[command(flatten)]
+    pub state: StateArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Make a sandbox (from the warm pool when one fits); prints its id.
+    Create {
+        /// `host` or an OCI image.
+        #[arg(long, default_value = "host")]
+        image: String,
+        /// Memory limit, such as 512M or 2G.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// CPU limit, in CPUs.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// `none` (only loopback) or `host`.
+        #[arg(long, default_value = "none")]
+        network: String,
+        /// Tear it down when unused this long (`0`: never; default: the daemon's).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_or_zero)]
+        timeout: Option<std::time::Duration>,
+        /// Tear it down after this long whatever it does.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        lifetime: Option<std::time::Duration>,
+        /// Environment of its commands (KEY=VALUE); may be repeated.
+        #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// A label to find it by (KEY=VALUE); may be repeated.
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_env)]
+        metadata: Vec<(String, String)>,
+        /// Print the sandbox as JSON instead of its id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a sandbox; its output streams back, its exit code is upstream's.
+    Exec {
+        id: String,
+        /// Environment over the sandbox's (KEY=VALUE); may be repeated.
+        #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Kill the command after this long.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// The sandboxes: id, image, age, idle timeout, labels.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tear sandboxes down.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Copy a file into or out of a sandbox: `cp data.csv ID:/workspace/` or
+    /// `cp ID:/workspace/out.json .` (`-` is stdin or stdout).
+    Cp { source: String, target: String },
 }
 
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
@@ -284,8 +359,13 @@ pub struct RunArgs {
     /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
+    /// Run here even when a daemon is reachable (`$UPSTREAM_URL`, or its local socket).
+    #[arg(long)]
+    pub local: bool,
     #[command(flatten)]
     pub store: StoreArg,
+    #[command(flatten)]
+    pub state: StateArg,
 }
 
 #[derive(Debug, Args)]

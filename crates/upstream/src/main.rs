@@ -11,6 +11,7 @@ mod interrupt;
 mod layer_bars;
 mod progress;
 mod run;
+mod sandbox;
 mod serve;
 mod store_cmd;
 mod table;
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         cli::Command::Images(command) => images::images(command),
         cli::Command::Serve(args) => serve::serve(args),
         cli::Command::Keys(command) => serve::keys(command),
+        cli::Command::Sandbox(command) => sandbox::sandbox(command),
         cli::Command::Doctor => doctor::doctor(),
     };
     ExitCode::from(code)

@@ -29,6 +29,25 @@ pub fn run(args: RunArgs) -> u8 {
     if bad {
         return exit::BAD_INPUT;
     }
+    // A daemon runs the turns when one is reachable, unless told otherwise or asked for what
+    // only a local run does.
+    if !args.local && !args.resume && args.store.store.is_none() {
+        let socket = crate::serve::state_dir(&args.state).join("upstream.sock");
+        match upstream_client::Client::from_env(&socket) {
+            Ok(Some(client)) => {
+                let mut worst = exit::OK;
+                for (document, original) in &documents {
+                    worst = worst.max(run_remote(&args, &client, document, original));
+                }
+                return worst;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::SANDBOX;
+            }
+        }
+    }
     let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
         Ok(b) => b,
         Err(e) => return sandbox_failed(&e),
@@ -178,6 +197,113 @@ fn run_one(
             code.max(exit::STEP_FAILED)
         }
     }
+}
+
+/// Runs a document on the daemon and writes its results back here.
+fn run_remote(
+    args: &RunArgs,
+    client: &upstream_client::Client,
+    document: &Document,
+    original: &[u8],
+) -> u8 {
+    let start = Instant::now();
+    let mut secrets = std::collections::BTreeMap::new();
+    for name in &document.front_matter().secrets {
+        match std::env::var(name) {
+            Ok(value) => {
+                secrets.insert(name.clone(), value);
+            }
+            Err(_) => {
+                eprintln!(
+                    "error: {}: secret `{name}` is not set in the environment",
+                    document.path().display()
+                );
+                eprintln!("hint: export {name} before running, or remove it from `secrets`");
+                return exit::BAD_INPUT;
+            }
+        }
+    }
+    let name = document
+        .path()
+        .file_name()
+        .map_or("turn.md".into(), |n| n.to_string_lossy().into_owned());
+    let source = String::from_utf8_lossy(original);
+    eprintln!("Daemon: {} runs {name}", client.endpoint());
+    let result = match client.run_turn(&source, &name, &secrets) {
+        Ok(r) => r,
+        Err(upstream_client::ClientError::Api {
+            status, message, ..
+        }) if (400..500).contains(&status) => {
+            eprintln!("error: {message}");
+            return exit::BAD_INPUT;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::SANDBOX;
+        }
+    };
+    let record = &result.turn;
+    let steps = record["steps"].as_array().cloned().unwrap_or_default();
+    for step in &steps {
+        let status = step["status"].as_str().unwrap_or("?");
+        let took = step["duration_ms"].as_u64().map(|ms| {
+            format!(
+                " ({})",
+                upstream_doc::format_duration(std::time::Duration::from_millis(ms))
+            )
+        });
+        let shown = match (status, step["exit_code"].as_i64()) {
+            ("passed", _) => "done".to_string(),
+            ("failed", Some(code)) => format!("failed: exit {code}"),
+            (other, _) => other.replace('_', " "),
+        };
+        let label = format!(
+            "Step {}: {}",
+            step["number"],
+            step["title"].as_str().unwrap_or("")
+        );
+        eprintln!(
+            "{label} {} {shown}{}",
+            ".".repeat(36usize.saturating_sub(label.len() + 2).max(3)),
+            took.unwrap_or_default()
+        );
+    }
+    if args.json {
+        let _ = writeln!(std::io::stdout().lock(), "{record}");
+    }
+    let passed = record["status"] == "passed";
+    let written = upstream_turn::write_back(document.path(), original, &result.document);
+    let done = steps.iter().filter(|s| s["status"] == "passed").count();
+    let summary = format!(
+        "{done} of {} steps passed in {} (turn {} on the daemon)",
+        steps.len(),
+        progress::since(start),
+        record["number"]
+    );
+    match written {
+        Ok(WriteBack::Written) => {
+            eprintln!(
+                "{summary} · results written to {}",
+                document.path().display()
+            );
+        }
+        Ok(WriteBack::Conflict) => {
+            eprintln!("{summary}");
+            eprintln!(
+                "warning: {} changed while the turn ran, so its results were not written into it",
+                document.path().display()
+            );
+        }
+        Err(e) => {
+            eprintln!("{summary}");
+            eprintln!(
+                "error: cannot write results to {}: {e}",
+                document.path().display()
+            );
+            return exit::STEP_FAILED;
+        }
+    }
+    if passed { exit::OK } else { exit::STEP_FAILED }
 }
 
 pub fn sandbox_failed(e: &SandboxError) -> u8 {

@@ -665,13 +665,18 @@ fn idle_sandboxes_and_ones_past_their_lifetime_are_reaped() {
     let daemon = Daemon::start(&env, &[]);
     let api = daemon.client(&daemon.key("t", "t"));
     let idle = id(&api.create(json!({ "timeout": 0.5 })));
-    let busy = id(&api.create(json!({ "timeout": 0.5 })));
     let lifetime = id(&api.create(json!({ "timeout": 0, "lifetime": 1 })));
     let forever = id(&api.create(json!({ "timeout": 0 })));
+    let busy = id(&api.create(json!({ "timeout": 2 })));
     // A command longer than the idle timeout keeps its sandbox.
-    assert_eq!(api.exec(&busy, &["sleep", "1.2"])["exit_code"], 0);
+    assert_eq!(api.exec(&busy, &["sleep", "3"])["exit_code"], 0);
     let (status, _) = api.get(&format!("/v1/sandboxes/{idle}"));
     assert_eq!(status, 404, "idle past its timeout");
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{lifetime}")).0,
+        404,
+        "past its lifetime"
+    );
     let (status, _) = api.get(&format!("/v1/sandboxes/{busy}"));
     assert_eq!(status, 200, "in use until a moment ago");
     // Extending the timeout.
@@ -681,8 +686,7 @@ fn idle_sandboxes_and_ones_past_their_lifetime_are_reaped() {
     );
     assert_eq!(status, 200);
     assert_eq!(extended["timeout"], 60.0);
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(api.get(&format!("/v1/sandboxes/{lifetime}")).0, 404);
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(api.get(&format!("/v1/sandboxes/{busy}")).0, 200);
     assert_eq!(api.get(&format!("/v1/sandboxes/{forever}")).0, 200);
     assert_eq!(
@@ -926,4 +930,129 @@ fn the_openapi_document_describes_every_route_and_is_checked_in() {
             );
         }
     }
+}
+
+#[test]
+fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &["--pool", "host=1"]);
+    // Over the local socket (found in the state directory), no key needed.
+    let cli = |args: &[&str]| env.command().args(args).output().unwrap();
+    let made = cli(&["sandbox", "create", "--meta", "job=cli", "--timeout", "5m"]);
+    assert!(made.status.success(), "{}", crate::util::stderr(&made));
+    let sid = crate::util::stdout(&made).trim().to_string();
+    assert!(sid.starts_with("sbx_"), "{sid}");
+    let ran = cli(&[
+        "sandbox",
+        "exec",
+        &sid,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 5",
+    ]);
+    assert_eq!(crate::util::code(&ran), 5);
+    assert_eq!(crate::util::stdout(&ran), "out\n");
+    assert_eq!(crate::util::stderr(&ran), "err\n");
+    // Files both ways.
+    let local = env.write("data.csv", "a,b\n1,2\n");
+    let up = cli(&[
+        "sandbox",
+        "cp",
+        local.to_str().unwrap(),
+        &format!("{sid}:/workspace/"),
+    ]);
+    assert!(up.status.success(), "{}", crate::util::stderr(&up));
+    let counted = cli(&["sandbox", "exec", &sid, "--", "wc", "-l", "data.csv"]);
+    assert_eq!(crate::util::stdout(&counted), "2 data.csv\n");
+    let back = env.path("back.csv");
+    let down = cli(&[
+        "sandbox",
+        "cp",
+        &format!("{sid}:data.csv"),
+        back.to_str().unwrap(),
+    ]);
+    assert!(down.status.success(), "{}", crate::util::stderr(&down));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "a,b\n1,2\n");
+    let missing = cli(&[
+        "sandbox",
+        "cp",
+        &format!("{sid}:nope"),
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        crate::util::code(&missing),
+        2,
+        "{}",
+        crate::util::stderr(&missing)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap(),
+        "a,b\n1,2\n",
+        "left whole"
+    );
+    let listed = cli(&["sandbox", "ls"]);
+    assert!(crate::util::stdout(&listed).contains("job=cli"));
+    let removed = cli(&["sandbox", "rm", &sid]);
+    assert!(removed.status.success());
+    assert_eq!(crate::util::code(&cli(&["sandbox", "rm", &sid])), 2);
+
+    // `upstream run` sends the document to the daemon and writes the results back here.
+    let doc = env.write(
+        "remote.md",
+        "---\nsecrets: [TOKEN]\n---\n# Greet\n```bash\necho \"hi $TOKEN\"\n```\n",
+    );
+    let out = env
+        .command()
+        .env("TOKEN", "abc")
+        .args(["run", "remote.md"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::util::stderr(&out));
+    assert!(crate::util::stderr(&out).contains("Daemon: unix:"));
+    let written = std::fs::read_to_string(&doc).unwrap();
+    assert!(written.contains("**Result:** exit 0"), "{written}");
+    assert!(
+        !written.contains("abc"),
+        "the secret is redacted: {written}"
+    );
+    // Over TCP with a key, too; without one, a clear refusal and the document untouched.
+    let key = daemon.key("cli", "team");
+    let before = std::fs::read_to_string(&doc).unwrap();
+    let refused = env
+        .command()
+        .env("UPSTREAM_URL", &daemon.url)
+        .env("TOKEN", "abc")
+        .args(["run", "remote.md"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        crate::util::code(&refused),
+        2,
+        "{}",
+        crate::util::stderr(&refused)
+    );
+    assert!(crate::util::stderr(&refused).contains("API key"));
+    assert_eq!(std::fs::read_to_string(&doc).unwrap(), before);
+    let keyed = env
+        .command()
+        .env("UPSTREAM_URL", &daemon.url)
+        .env("UPSTREAM_API_KEY", &key)
+        .env("TOKEN", "abc")
+        .args(["run", "remote.md", "--json"])
+        .output()
+        .unwrap();
+    assert!(keyed.status.success(), "{}", crate::util::stderr(&keyed));
+    let record: Value = serde_json::from_str(crate::util::stdout(&keyed).trim()).unwrap();
+    assert_eq!(record["status"], "passed");
+    // `--local` runs here even with a daemon up.
+    let local_run = env
+        .command()
+        .env("TOKEN", "abc")
+        .args(["run", "--local", "remote.md"])
+        .output()
+        .unwrap();
+    assert!(local_run.status.success());
+    assert!(!crate::util::stderr(&local_run).contains("Daemon:"));
 }

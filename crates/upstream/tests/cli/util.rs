@@ -41,6 +41,10 @@ impl Env {
         cmd.current_dir(self.dir.path())
             .env("UPSTREAM_RUNTIME_DIR", &self.runtime)
             .env("UPSTREAM_STORE", self.path(".upstream"))
+            // A daemon is used only where a test starts one.
+            .env("UPSTREAM_STATE_DIR", self.path("state"))
+            .env_remove("UPSTREAM_URL")
+            .env_remove("UPSTREAM_API_KEY")
             .env_remove("RUST_BACKTRACE");
         cmd
     }

@@ -1,0 +1,328 @@
+//! A blocking client of `upstream serve`: over TCP with an API key, or over the daemon's
+//! local socket without one. The `upstream` CLI uses it for `upstream sandbox …` and to run
+//! turns on a daemon.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon answered with an error.
+    #[error("{message} ({status} {code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot reach the daemon at {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("the daemon's answer: {0}")]
+    Answer(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `http://host:port`, with an API key.
+    Url { url: String, key: Option<String> },
+    /// The daemon's local socket.
+    Socket(PathBuf),
+}
+
+/// What to make a sandbox of (see the API's `CreateSandbox`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CreateSandbox {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<f64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// A sandbox as the daemon describes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub image: String,
+    pub limits: Limits,
+    pub network: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: u64,
+    pub created_ms: f64,
+    pub from_pool: bool,
+    pub timeout: Option<f64>,
+    pub expires_in: Option<f64>,
+    pub workdir: String,
+}
+
+/// A command to run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Exec {
+    pub cmd: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Exit {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub duration_ms: f64,
+}
+
+/// Which stream output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A turn that ran on the daemon.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TurnResult {
+    /// The document with its results.
+    pub document: String,
+    /// The turn's record.
+    pub turn: Value,
+}
+
+/// A client of one daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::blocking::Client,
+    base: String,
+    key: Option<String>,
+    shown: String,
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Result<Client, ClientError> {
+        let builder = reqwest::blocking::Client::builder()
+            .timeout(None::<Duration>)
+            .connect_timeout(Duration::from_secs(10));
+        let (builder, base, key, shown) = match endpoint {
+            Endpoint::Url { url, key } => {
+                let base = url.trim_end_matches('/').to_string();
+                (builder, base.clone(), key, base)
+            }
+            Endpoint::Socket(path) => (
+                builder.unix_socket(path.as_path()),
+                "http://local".to_string(),
+                None,
+                format!("unix:{}", path.display()),
+            ),
+        };
+        let http = builder.build().map_err(|source| ClientError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+        Ok(Client {
+            http,
+            base,
+            key,
+            shown,
+        })
+    }
+
+    /// The daemon named by `$UPSTREAM_URL` (with `$UPSTREAM_API_KEY`), else the local socket
+    /// at `socket` if a daemon listens there; `None` when there is neither.
+    pub fn from_env(socket: &Path) -> Result<Option<Client>, ClientError> {
+        if let Some(url) = std::env::var("UPSTREAM_URL").ok().filter(|u| !u.is_empty()) {
+            let key = std::env::var("UPSTREAM_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty());
+            return Client::new(Endpoint::Url { url, key }).map(Some);
+        }
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Client::new(Endpoint::Socket(socket.to_path_buf())).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Where the daemon is, for messages.
+    pub fn endpoint(&self) -> &str {
+        &self.shown
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    fn send(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> Result<reqwest::blocking::Response, ClientError> {
+        let response = request.send().map_err(|source| ClientError::Connect {
+            url: self.shown.clone(),
+            source,
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body: Value = response
+            .json()
+            .unwrap_or_else(|e| serde_json::json!({ "error": { "message": e.to_string() } }));
+        Err(ClientError::Api {
+            status,
+            code: body["error"]["code"]
+                .as_str()
+                .unwrap_or("error")
+                .to_string(),
+            message: body["error"]["message"]
+                .as_str()
+                .unwrap_or("the daemon gave no reason")
+                .to_string(),
+        })
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        self.send(request)?
+            .json()
+            .map_err(|e| ClientError::Answer(e.to_string()))
+    }
+
+    pub fn create(&self, request: &CreateSandbox) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(reqwest::Method::POST, "/v1/sandboxes")
+                .json(request),
+        )
+    }
+
+    pub fn list(&self) -> Result<Vec<Sandbox>, ClientError> {
+        #[derive(Deserialize)]
+        struct List {
+            sandboxes: Vec<Sandbox>,
+        }
+        let list: List = self.json(self.request(reqwest::Method::GET, "/v1/sandboxes"))?;
+        Ok(list.sandboxes)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(reqwest::Method::GET, &format!("/v1/sandboxes/{id}")))
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}")))?;
+        Ok(())
+    }
+
+    /// Runs a command, passing output to `on_output` as it comes.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec: &Exec,
+        on_output: &mut dyn FnMut(Stream, &str),
+    ) -> Result<Exit, ClientError> {
+        let response = self.send(
+            self.request(reqwest::Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                .header("Accept", "application/x-ndjson")
+                .json(exec),
+        )?;
+        for line in BufReader::new(response).lines() {
+            let line = line?;
+            let event: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::Answer(e.to_string()))?;
+            if let Some(text) = event["stdout"].as_str() {
+                on_output(Stream::Stdout, text);
+            } else if let Some(text) = event["stderr"].as_str() {
+                on_output(Stream::Stderr, text);
+            } else if !event["exit"].is_null() {
+                return serde_json::from_value(event["exit"].clone())
+                    .map_err(|e| ClientError::Answer(e.to_string()));
+            } else if !event["error"].is_null() {
+                return Err(ClientError::Api {
+                    status: 500,
+                    code: event["error"]["code"].as_str().unwrap_or("error").into(),
+                    message: event["error"]["message"].as_str().unwrap_or("").into(),
+                });
+            }
+        }
+        Err(ClientError::Answer(
+            "the output ended before the command's exit".into(),
+        ))
+    }
+
+    /// Writes `path` in the sandbox from `data`, streamed; returns the bytes written.
+    pub fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        data: impl Read + Send + 'static,
+    ) -> Result<u64, ClientError> {
+        let written: Value = self.json(
+            self.request(reqwest::Method::PUT, &format!("/v1/sandboxes/{id}/files"))
+                .query(&[("path", path)])
+                .body(reqwest::blocking::Body::new(data)),
+        )?;
+        Ok(written["size"].as_u64().unwrap_or(0))
+    }
+
+    /// Copies `path` of the sandbox into `out`, streamed; returns the bytes copied.
+    pub fn download(&self, id: &str, path: &str, out: &mut dyn Write) -> Result<u64, ClientError> {
+        let mut response = self.send(
+            self.request(reqwest::Method::GET, &format!("/v1/sandboxes/{id}/files"))
+                .query(&[("path", path)]),
+        )?;
+        Ok(std::io::copy(&mut response, out)?)
+    }
+
+    /// Runs a document as a turn on the daemon.
+    pub fn run_turn(
+        &self,
+        document: &str,
+        name: &str,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<TurnResult, ClientError> {
+        self.json(
+            self.request(reqwest::Method::POST, "/v1/turns")
+                .json(&serde_json::json!({
+                    "document": document,
+                    "name": name,
+                    "secrets": secrets,
+                })),
+        )
+    }
+}
