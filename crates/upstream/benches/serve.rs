@@ -37,7 +37,14 @@ impl Daemon {
             .unwrap();
         let key = String::from_utf8(key.stdout).unwrap().trim().to_string();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--idle-timeout", "0", "--state-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "0",
+                "--state-dir",
+            ])
             .arg(&state)
             .args(args)
             .env("UPSTREAM_RUNTIME_DIR", dir.path().join("runtime"))
@@ -208,7 +215,8 @@ fn claim(runs: usize) {
     let (m50, m99) = (percentile(&mut made, 0.5), percentile(&mut made, 0.99));
     println!(
         "claim from the warm pool: p50 {p50:.3} ms, p99 {p99:.3} ms ({} claims, {misses} missed the pool); \
-         made without a pool: p50 {m50:.2} ms, p99 {m99:.2} ms; pool/made at p50 {:.3}",
+         made without a pool: p50 {m50:.2} ms, p99 {m99:.2} ms; pool/made at p50 {:.3} \
+         (target p50 <= 1 ms, p99 <= 5 ms)",
         from_pool.len(),
         p50 / m50
     );
@@ -235,7 +243,9 @@ fn exec(runs: usize) {
         percentile(&mut latencies, 0.5),
         percentile(&mut latencies, 0.99),
     );
-    println!("exec `true` over HTTP: p50 {p50:.2} ms, p99 {p99:.2} ms (concurrency 1)");
+    println!(
+        "exec `true` over HTTP: p50 {p50:.2} ms, p99 {p99:.2} ms (concurrency 1; target p50 <= 2 ms)"
+    );
 
     const TOTAL: usize = 10_000;
     const CONCURRENCY: usize = 32;
@@ -244,13 +254,16 @@ fn exec(runs: usize) {
     let (errors, done): (usize, usize) = std::thread::scope(|s| {
         let workers: Vec<_> = sandboxes
             .iter()
-            .map(|id| {
+            .enumerate()
+            .map(|(n, id)| {
+                // 10,000 in all: the first workers take the remainder.
+                let share = TOTAL / CONCURRENCY + usize::from(n < TOTAL % CONCURRENCY);
                 let client = daemon.client();
                 let path = format!("/v1/sandboxes/{id}/exec");
                 let body = body.clone();
                 s.spawn(move || {
                     let (mut errors, mut done) = (0, 0);
-                    for _ in 0..TOTAL / CONCURRENCY {
+                    for _ in 0..share {
                         let (status, result) = client.post(&path, &body);
                         if status != 200 || result["exit_code"].as_i64() != Some(0) {
                             errors += 1;
