@@ -236,14 +236,6 @@ async fn serve_async(
 
 /// Fills `buf` with random bytes from the kernel.
 pub(crate) fn random(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: getrandom(2) writes at most `len - filled` bytes into `buf` from `filled`
-        // on, memory `buf` owns.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        }
-    }
+    // getrandom(2) fails only on bad arguments; with none, it blocks until it can answer.
+    let _ = upstream_store::keys::fill_random(buf);
 }

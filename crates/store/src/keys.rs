@@ -128,7 +128,8 @@ impl Store {
     }
 }
 
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buf` from the kernel's random source (getrandom(2)).
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: getrandom(2) writes at most `len - filled` bytes into the buffer from
