@@ -157,6 +157,16 @@ impl Layout {
     pub fn placement(&self, controller: Controller) -> Option<&Placement> {
         self.placements.iter().find(|p| p.controller == controller)
     }
+
+    /// Removes the empty cgroups of sandboxes whose upstream is gone, in every hierarchy.
+    pub fn remove_stale(&self) {
+        for place in &self.placements {
+            match place.version {
+                Version::V1 => remove_stale(&place.parent),
+                Version::V2 => remove_stale(&place.parent.join("upstream")),
+            }
+        }
+    }
 }
 
 /// The cgroups of one sandbox.

@@ -191,6 +191,20 @@ impl Backend for NamespaceBackend {
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.create_sandbox(spec)
+    }
+}
+
+impl NamespaceBackend {
+    /// Removes what sandboxes of upstream processes that are gone left behind: their
+    /// directories (once their processes have exited) and their empty cgroups. A new
+    /// backend does the directories itself; a long-running one calls this now and then.
+    pub fn remove_leftovers(&self) {
+        remove_stale_sandboxes(&self.sandboxes);
+        self.layout.get_or_init(Layout::detect).remove_stale();
+    }
+
+    fn create_sandbox(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
         let start = Instant::now();
         let layers = match &spec.image {
             Image::Host => Vec::new(),

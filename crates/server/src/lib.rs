@@ -139,9 +139,13 @@ pub fn serve(
     config: Config,
     ready: impl FnOnce(&[std::net::SocketAddr]),
 ) -> Result<(), ServeError> {
+    // Sandbox inits are started from blocking threads and die with their parent
+    // (PR_SET_PDEATHSIG), which the manual defines as the parent *thread* on some kernels:
+    // blocking threads are kept for the daemon's life rather than ended when idle.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(1024)
+        .thread_keep_alive(Duration::from_secs(u32::MAX.into()))
         .build()
         .map_err(|e| ServeError::Setup(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(serve_async(config, ready))
@@ -193,7 +197,15 @@ async fn serve_async(
     }
     let reaper = daemon.clone();
     tokio::spawn(async move {
+        let mut ticks = 0u64;
         loop {
+            // What a daemon that died left (its sandboxes' directories once their processes
+            // are gone, their cgroups): at start, then every 10 s.
+            if ticks % 40 == 0 {
+                let backend = reaper.backend();
+                let _ = tokio::task::spawn_blocking(move || backend.remove_leftovers()).await;
+            }
+            ticks += 1;
             tokio::time::sleep(Duration::from_millis(250)).await;
             reaper.reap().await;
         }

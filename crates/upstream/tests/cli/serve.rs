@@ -849,7 +849,9 @@ fn a_daemon_killed_hard_leaves_nothing_after_its_restart() {
     let mut daemon = Daemon::start(&env, &["--pool", "host=2"]);
     let api = daemon.client(&daemon.key("t", "t"));
     for _ in 0..3 {
-        let sid = id(&api.create(json!({ "timeout": 0 })));
+        // With limits: cgroups to leave behind too.
+        let sid =
+            id(&api.create(json!({ "timeout": 0, "limits": { "memory": "64M", "cpus": 0.5 } })));
         let (status, _) = api.post(
             &format!("/v1/sandboxes/{sid}/processes"),
             json!({ "cmd": ["sleep", "600"] }),
@@ -857,24 +859,59 @@ fn a_daemon_killed_hard_leaves_nothing_after_its_restart() {
         assert_eq!(status, 201);
     }
     assert!(daemon.sandbox_dirs() >= 3);
+    let owner = daemon.child.id();
+    // The sandboxes' cgroups, wherever the hierarchies put them (four levels deep at most).
+    let cgroups = || {
+        fn walk(dir: &std::path::Path, depth: usize, prefix: &str, found: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if !path.is_dir() || path.is_symlink() {
+                    continue;
+                }
+                if e.file_name().to_string_lossy().starts_with(prefix) {
+                    found.push(path);
+                } else if depth > 0 {
+                    walk(&path, depth - 1, prefix, found);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        let prefix = format!("upstream-{owner}-");
+        walk(
+            std::path::Path::new("/sys/fs/cgroup"),
+            4,
+            &prefix,
+            &mut found,
+        );
+        found
+    };
+    let had = cgroups();
+    assert!(!had.is_empty(), "the limits made cgroups");
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
-    // The sandboxes' processes die with the daemon.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !crate::util::processes_with("sleep 600").is_empty() {
+    std::mem::forget(daemon);
+    // The next daemon, on the same socket and state, cleans what is left and serves. It
+    // starts at once: the old sandboxes may still be on their way out, and are removed
+    // when they are gone.
+    let daemon = Daemon::start(&env, &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.sandbox_dirs() > 0 || !cgroups().is_empty() {
         assert!(
             Instant::now() < deadline,
-            "sandbox processes outlived the daemon"
+            "leftovers remain: {} directories, cgroups {:?} (had {had:?})",
+            daemon.sandbox_dirs(),
+            cgroups()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    std::mem::forget(daemon);
-    // The next daemon, on the same socket and state, cleans what is left and serves.
-    let daemon = Daemon::start(&env, &[]);
-    assert_eq!(daemon.sandbox_dirs(), 0, "leftovers removed at start");
     let api = daemon.client(&daemon.key("t2", "t"));
     let sid = id(&api.create(json!({})));
     assert_eq!(api.exec(&sid, &["true"])["exit_code"], 0);
+    // The old sandboxes' processes died with their daemon.
+    assert!(crate::util::processes_with("sleep 600").is_empty());
     drop(api);
     assert!(daemon.stop().success());
     env.assert_gone("upstream-init");
