@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::header;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -72,31 +72,87 @@ impl Observer for Quiet {
 }
 
 /// Run a markdown document as a turn; answers with the document, results written in, and
-/// the turn's record. The body is JSON (`RunTurn`) or the document itself
-/// (`Content-Type: text/markdown`).
+/// the turn's record. The body is JSON (`RunTurn`), the document itself
+/// (`Content-Type: text/markdown`), or a multipart form: a `document` part (a file, whose
+/// name is used), with optional `name` and `secrets` (a JSON object) parts.
 #[utoipa::path(post, path = "/v1/turns", tag = "turns",
-    request_body(content = RunTurn, description = "JSON, or the markdown itself as text/markdown"),
+    request_body(content = RunTurn,
+        description = "JSON; or the markdown itself as text/markdown; or multipart/form-data"),
     responses((status = 200, body = TurnResult), (status = 400, body = ErrorBody)))]
 pub async fn run_turn(
     State(daemon): State<Arc<Daemon>>,
     tenant: Tenant,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Result<Json<TurnResult>, ApiError> {
-    let markdown = headers
+    use axum::extract::FromRequest;
+    let content_type = request
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/markdown") || v.starts_with("text/plain"));
-    let request = if markdown {
+        .unwrap_or("")
+        .to_string();
+    let too_large = |e: axum::extract::rejection::BytesRejection| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(e.status(), "too_large", "the request body is too large")
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    };
+    let request = if content_type.starts_with("multipart/form-data") {
+        let mut form = axum::extract::Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let mut document = None;
+        let mut name = None;
+        let mut secrets = BTreeMap::new();
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("the form: {}", e.body_text())))?
+        {
+            let part = field.name().unwrap_or("").to_string();
+            let file_name = field.file_name().map(str::to_string);
+            let text = field
+                .text()
+                .await
+                .map_err(|e| ApiError::bad_request(format!("part `{part}`: {}", e.body_text())))?;
+            match part.as_str() {
+                "document" => {
+                    document = Some(text);
+                    name = name.or(file_name);
+                }
+                "name" => name = Some(text),
+                "secrets" => {
+                    secrets = serde_json::from_str(&text).map_err(|e| {
+                        ApiError::bad_request(format!("part `secrets` is not a JSON object: {e}"))
+                    })?
+                }
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown form part `{other}`; send `document`, `name`, `secrets`"
+                    )));
+                }
+            }
+        }
         RunTurn {
-            document: String::from_utf8(body.to_vec())
-                .map_err(|_| ApiError::bad_request("the document is not UTF-8"))?,
-            name: None,
-            secrets: BTreeMap::new(),
+            document: document
+                .ok_or_else(|| ApiError::bad_request("the form has no `document` part"))?,
+            name,
+            secrets,
         }
     } else {
-        serde_json::from_slice::<RunTurn>(&body)
-            .map_err(|e| ApiError::bad_request(format!("the request body: {e}")))?
+        let body = Bytes::from_request(request, &()).await.map_err(too_large)?;
+        if content_type.starts_with("text/markdown") || content_type.starts_with("text/plain") {
+            RunTurn {
+                document: String::from_utf8(body.to_vec())
+                    .map_err(|_| ApiError::bad_request("the document is not UTF-8"))?,
+                name: None,
+                secrets: BTreeMap::new(),
+            }
+        } else {
+            serde_json::from_slice::<RunTurn>(&body)
+                .map_err(|e| ApiError::bad_request(format!("the request body: {e}")))?
+        }
     };
     let name = request.name.unwrap_or_else(|| "turn.md".into());
     if name.contains('/') || name.is_empty() {

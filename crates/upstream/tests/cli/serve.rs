@@ -816,6 +816,12 @@ fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
     assert_eq!(ran["turn"]["status"], "passed");
     let (_, turns) = alice.get("/v1/turns?context=research");
     assert_eq!(turns["turns"].as_array().unwrap().len(), 1);
+    assert!(
+        turns["turns"][0]["document"]
+            .as_str()
+            .unwrap()
+            .ends_with("fetch.md")
+    );
     let (_, artifacts) = alice.get("/v1/artifacts?context=research");
     assert_eq!(
         artifacts["artifacts"][0]["path"], "notes.txt",
@@ -825,6 +831,37 @@ fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
     assert_eq!(status, 200, "{one}");
     let (_, contexts) = alice.get("/v1/contexts");
     assert_eq!(contexts["contexts"][0]["name"], "research", "{contexts}");
+    // The same as a multipart form, the document as a file; and as raw markdown.
+    let form = reqwest::blocking::multipart::Form::new()
+        .part(
+            "document",
+            reqwest::blocking::multipart::Part::text(doc.to_string()).file_name("fetch.md"),
+        )
+        .text("secrets", r#"{"TOKEN": "again"}"#);
+    let response = alice
+        .request(reqwest::Method::POST, "/v1/turns")
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let ran: Value = response.json().unwrap();
+    assert_eq!(ran["turn"]["status"], "passed", "{ran}");
+    assert!(
+        ran["turn"]["document"]
+            .as_str()
+            .unwrap()
+            .ends_with("fetch.md")
+    );
+    let response = alice
+        .request(reqwest::Method::POST, "/v1/turns")
+        .header("Content-Type", "text/markdown")
+        .body("# Plain\n```sh\necho plain\n```\n")
+        .send()
+        .unwrap();
+    let ran: Value = response.json().unwrap();
+    assert_eq!(ran["turn"]["status"], "passed", "{ran}");
+    let (_, turns) = alice.get("/v1/turns");
+    assert_eq!(turns["turns"].as_array().unwrap().len(), 3);
     // Bob's store is his own.
     let (_, none) = bob.get("/v1/turns");
     assert_eq!(none["turns"], json!([]));
