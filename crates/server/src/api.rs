@@ -54,7 +54,8 @@ pub struct CreateSandbox {
     /// Seconds without use after which the sandbox is torn down; 0: never. Default: the
     /// daemon's `--idle-timeout`.
     pub timeout: Option<f64>,
-    /// Seconds after which the sandbox is torn down whatever it does; 0 or absent: never.
+    /// Seconds after which the sandbox is torn down whatever it does; 0: never. Default: the
+    /// daemon's `--lifetime` (unlimited unless set).
     pub lifetime: Option<f64>,
     /// Labels to find it by (`GET /v1/sandboxes?metadata.key=value`).
     #[serde(default)]
@@ -174,7 +175,7 @@ impl CreateSandbox {
             network,
         };
         let idle = seconds(self.timeout, "timeout")?;
-        let lifetime = seconds(self.lifetime, "lifetime")?.flatten();
+        let lifetime = seconds(self.lifetime, "lifetime")?;
         Ok((
             CreateRequest {
                 shape,

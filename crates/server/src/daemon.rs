@@ -31,8 +31,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The upstream binary, which sandboxes run as their init.
     pub init_exe: PathBuf,
-    /// Warm pools: image and how many ready sandboxes to keep.
-    pub pools: Vec<(String, usize)>,
+    /// Warm pools: the shape of their sandboxes and how many to keep ready.
+    pub pools: Vec<(Shape, usize)>,
+    /// Lifetime of a sandbox that asks for none; `None`: unlimited.
+    pub default_lifetime: Option<Duration>,
     /// Most sandboxes handed out at once, all tenants together.
     pub max_sandboxes: usize,
     /// Most sandboxes one tenant may have at once.
@@ -56,6 +58,55 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// `IMAGE[,memory=SIZE][,cpus=N][,pids=N][,network=none|host]`: a pool's shape as
+    /// `--pool` names it.
+    pub fn parse(text: &str) -> Result<Shape, String> {
+        let mut parts = text.split(',');
+        let image = parts
+            .next()
+            .filter(|i| !i.is_empty())
+            .ok_or("name an image")?;
+        let mut shape = Shape::new(image);
+        for part in parts {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not KEY=VALUE"))?;
+            match key {
+                "memory" => {
+                    shape.limits.memory = Some(upstream_doc::front_matter::parse_size(value)?)
+                }
+                "cpus" => {
+                    let cpus: f64 = value
+                        .parse()
+                        .ok()
+                        .filter(|c: &f64| c.is_finite() && *c > 0.0)
+                        .ok_or_else(|| format!("cpus `{value}` is not a number above 0"))?;
+                    shape.limits.cpus = Some(cpus);
+                }
+                "pids" => {
+                    shape.limits.pids = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("pids `{value}` is not a number"))?,
+                    )
+                }
+                "network" => {
+                    shape.network = match value {
+                        "none" => NetworkMode::None,
+                        "host" => NetworkMode::Host,
+                        _ => return Err(format!("network `{value}`: use none or host")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown `{key}`; a pool takes memory, cpus, pids and network"
+                    ));
+                }
+            }
+        }
+        Ok(shape)
+    }
+
     pub fn new(image: &str) -> Shape {
         Shape {
             image: image.to_string(),
@@ -274,7 +325,8 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     /// `None`: the daemon's default; `Some(None)`: never.
     pub idle_timeout: Option<Option<Duration>>,
-    pub lifetime: Option<Duration>,
+    /// `None`: the daemon's default; `Some(None)`: unlimited.
+    pub lifetime: Option<Option<Duration>>,
 }
 
 impl Daemon {
@@ -287,9 +339,9 @@ impl Daemon {
         let pools = config
             .pools
             .iter()
-            .map(|(image, target)| {
+            .map(|(shape, target)| {
                 Arc::new(Pool {
-                    shape: Shape::new(image),
+                    shape: shape.clone(),
                     target: *target,
                     prepared: Mutex::new(None),
                     ready: Mutex::new(VecDeque::new()),
@@ -494,7 +546,10 @@ impl Daemon {
                 idle_timeout: request
                     .idle_timeout
                     .unwrap_or(self.config.default_idle_timeout),
-                deadline: request.lifetime.map(|l| now + l),
+                deadline: request
+                    .lifetime
+                    .unwrap_or(self.config.default_lifetime)
+                    .map(|l| now + l),
             }),
             busy: AtomicUsize::new(0),
             interrupter: sandbox.interrupter(),
@@ -698,4 +753,34 @@ pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_shapes_are_read_from_their_names() {
+        assert_eq!(Shape::parse("host").unwrap(), Shape::new("host"));
+        let shape = Shape::parse("python:3.12,memory=1G,cpus=1.5,pids=64,network=host").unwrap();
+        assert_eq!(shape.image, "python:3.12");
+        assert_eq!(shape.limits.memory, Some(1 << 30));
+        assert_eq!(shape.limits.cpus, Some(1.5));
+        assert_eq!(shape.limits.pids, Some(64));
+        assert_eq!(shape.network, NetworkMode::Host);
+        assert_eq!(
+            shape.key(),
+            "python:3.12 memory=1073741824 cpus=1.5 pids=64 network=host"
+        );
+        for bad in [
+            "",
+            ",memory=1G",
+            "host,memory",
+            "host,cpus=0",
+            "host,network=wifi",
+            "host,gpu=1",
+        ] {
+            assert!(Shape::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

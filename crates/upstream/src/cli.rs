@@ -62,9 +62,10 @@ pub struct ServeArgs {
     /// directory's `upstream.sock`).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Keep N sandboxes of IMAGE ready (`host=8`, `python:3.12=4`); may be repeated.
-    #[arg(long, value_name = "IMAGE=N", value_parser = parse_pool)]
-    pub pool: Vec<(String, usize)>,
+    /// Keep N sandboxes of a shape ready: `host=8`, `python:3.12=4`,
+    /// `python:3.12,memory=1G,cpus=2,network=host=4`; may be repeated.
+    #[arg(long, value_name = "IMAGE[,LIMIT=V...]=N", value_parser = parse_pool)]
+    pub pool: Vec<(upstream_server::daemon::Shape, usize)>,
     /// Most sandboxes handed out at once.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_sandboxes: usize,
@@ -74,6 +75,10 @@ pub struct ServeArgs {
     /// Tear down a sandbox unused this long, unless it asks otherwise (`0`: never).
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_or_zero)]
     pub idle_timeout: std::time::Duration,
+    /// Tear down a sandbox this long after it was made, unless it asks otherwise (`0`:
+    /// never; sessions may run for days).
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration_or_zero)]
+    pub lifetime: std::time::Duration,
     /// Largest request body outside file uploads (which stream, unlimited).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_body: u64,
@@ -186,17 +191,15 @@ pub enum SandboxCommand {
     Cp { source: String, target: String },
 }
 
-fn parse_pool(s: &str) -> Result<(String, usize), String> {
-    let (image, n) = s
+fn parse_pool(s: &str) -> Result<(upstream_server::daemon::Shape, usize), String> {
+    let (shape, n) = s
         .rsplit_once('=')
         .ok_or_else(|| format!("`{s}`: write IMAGE=N, such as host=8"))?;
     let n = n
         .parse()
         .map_err(|_| format!("`{s}`: N must be a whole number"))?;
-    if image.is_empty() {
-        return Err(format!("`{s}`: name an image, such as host=8"));
-    }
-    Ok((image.to_string(), n))
+    let shape = upstream_server::daemon::Shape::parse(shape).map_err(|e| format!("`{s}`: {e}"))?;
+    Ok((shape, n))
 }
 
 fn parse_duration_or_zero(s: &str) -> Result<std::time::Duration, String> {

@@ -41,7 +41,11 @@ pub fn serve(args: ServeArgs) -> u8 {
             return exit::SANDBOX;
         }
     };
-    let pools: Vec<String> = args.pool.iter().map(|(i, n)| format!("{i}={n}")).collect();
+    let pools: Vec<String> = args
+        .pool
+        .iter()
+        .map(|(shape, n)| format!("{}={n}", shape.key()))
+        .collect();
     let config = upstream_server::Config {
         listen: args.listen,
         socket: socket.clone(),
@@ -51,6 +55,7 @@ pub fn serve(args: ServeArgs) -> u8 {
         max_sandboxes: args.max_sandboxes,
         max_per_tenant: args.max_per_tenant,
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+        default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         max_body: args.max_body.min(usize::MAX as u64) as usize,
         images: crate::run::image_source(&args.insecure_registry, false),
     };

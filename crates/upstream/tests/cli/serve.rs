@@ -591,7 +591,15 @@ fn files_never_lead_out_of_the_sandbox() {
 fn the_warm_pool_hands_out_ready_sandboxes_and_refills() {
     crate::require_root_sandbox!();
     let env = Env::new();
-    let daemon = Daemon::start(&env, &["--pool", "host=2"]);
+    let daemon = Daemon::start(
+        &env,
+        &[
+            "--pool",
+            "host=2",
+            "--pool",
+            "host,memory=256M,network=none=1",
+        ],
+    );
     let api = daemon.client(&daemon.key("t", "t"));
     let pool_ready = |api: &Api| {
         let text = api
@@ -617,9 +625,23 @@ fn the_warm_pool_hands_out_ready_sandboxes_and_refills() {
     let second = api.create(json!({}));
     assert_eq!(first["from_pool"], true, "{first}");
     assert_eq!(second["from_pool"], true, "{second}");
-    // A sandbox of another shape is made on the spot.
+    // A sandbox of another shape is made on the spot; one of the second pool's comes
+    // from that pool.
     let other = api.create(json!({ "limits": { "memory": "128M" } }));
     assert_eq!(other["from_pool"], false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut given_back = 0;
+    loop {
+        let shaped = api.create(json!({ "limits": { "memory": 256 << 20 } }));
+        if shaped["from_pool"] == true {
+            break;
+        }
+        // Not filled yet: this one was made, and is given back.
+        api.delete(&format!("/v1/sandboxes/{}", id(&shaped)));
+        given_back += 1;
+        assert!(Instant::now() < deadline, "the shaped pool never filled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The pool refills by itself, and pooled sandboxes work.
     wait_full(&api);
     let third = api.create(json!({}));
@@ -639,21 +661,22 @@ fn the_warm_pool_hands_out_ready_sandboxes_and_refills() {
         .unwrap()
         .text()
         .unwrap();
-    // Three API sandboxes and the turn's from the pool; one made on the spot.
+    // Four API sandboxes and the turn's from the pools; the rest made on the spot.
     assert!(
-        metrics.contains("upstream_sandboxes_handed_out_total{source=\"pool\"} 4"),
+        metrics.contains("upstream_sandboxes_handed_out_total{source=\"pool\"} 5"),
+        "{metrics}"
+    );
+    let made = format!(
+        "upstream_sandboxes_handed_out_total{{source=\"made\"}} {}",
+        1 + given_back
+    );
+    assert!(metrics.contains(&made), "{metrics}");
+    assert!(
+        metrics.contains("upstream_sandboxes{state=\"active\"} 5"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("upstream_sandboxes_handed_out_total{source=\"made\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("upstream_sandboxes{state=\"active\"} 4"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("upstream_sandbox_claim_seconds_count 4"),
+        metrics.contains("upstream_pool_target{pool=\"host memory=268435456\"} 1"),
         "{metrics}"
     );
 }
