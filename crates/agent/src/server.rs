@@ -40,6 +40,10 @@ pub enum AgentError {
 
 /// Serves requests on `conn` until the host asks for shutdown or goes away. Sends
 /// [`Response::Ready`] first.
+///
+/// The calling thread must be its process's only one: SIGCHLD is blocked on this thread and
+/// read from a signalfd, and another thread that does not block it could take the signal
+/// first, leaving an exited command unnoticed.
 pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -820,7 +824,23 @@ mod tests {
         let fd: i32 = fd.parse().unwrap();
         // SAFETY: the parent passed this descriptor, open and owned by nobody else here.
         let conn = unsafe { UnixStream::from_raw_fd(fd) };
-        serve(conn).unwrap();
+        // The harness runs this test on a thread of its own while its main thread leaves
+        // SIGCHLD unblocked; the agent serves from a forked child, where it is the only
+        // thread, as it is in a sandbox.
+        // SAFETY: the child only runs the agent and leaves with _exit; the harness's other
+        // threads hold no lock the agent takes (it writes to the socket, not to stdout).
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = i32::from(serve(conn).is_err());
+                // SAFETY: _exit ends this process at once, without the harness's exit code.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(conn);
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
     }
 
     #[test]
