@@ -42,6 +42,11 @@ pub enum Request {
     Signal { pid: i32, signal: i32 },
     /// Kill every process of the sandbox and exit; answered by `Done`.
     Shutdown,
+    /// Serve another connection alongside this one: right after this frame the host sends
+    /// one byte carrying a Unix socket (SCM_RIGHTS). The agent forks a helper that serves
+    /// it (`Ready` first, then `Exec`, `ReadFile` and `WriteFile`; commands there run
+    /// alongside those of every other connection) and answers `Done` here.
+    Connect,
 }
 
 /// What a command's timeout kills.

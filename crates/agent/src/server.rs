@@ -1,6 +1,8 @@
 //! The agent's serving loop: one request at a time, output streamed while a command runs.
 //!
-//! The agent is single-threaded. While a command runs it polls the command's stdout and
+//! The agent is single-threaded. A host that wants commands to run side by side asks for
+//! another connection ([`Request::Connect`]): a forked helper serves it the same way, with
+//! the commands it starts as its own children, while the agent and other helpers go on. While a command runs it polls the command's stdout and
 //! stderr, a signalfd for SIGCHLD, and the host connection (so a host that goes away, or asks
 //! for shutdown mid-command, is noticed at once). When the agent is the sandbox's pid 1, a
 //! timeout or shutdown kills every other process of the sandbox with one `kill(-1, SIGKILL)`:
@@ -44,7 +46,20 @@ pub enum AgentError {
 /// The calling thread must be its process's only one: SIGCHLD is blocked on this thread and
 /// read from a signalfd, and another thread that does not block it could take the signal
 /// first, leaving an exited command unnoticed.
-pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
+pub fn serve(conn: UnixStream) -> Result<(), AgentError> {
+    serve_as(conn, Role::Agent)
+}
+
+/// Who serves a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The agent itself, on the connection it started with: background commands are its.
+    Agent,
+    /// A helper forked for another connection: it runs commands in the foreground only.
+    Helper,
+}
+
+fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block()?;
@@ -62,6 +77,29 @@ pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
                 Flow::Continue => {}
                 Flow::Stop => return Ok(()),
             },
+            Request::Spawn { .. } | Request::Wait { .. } | Request::Signal { .. }
+                if role == Role::Helper =>
+            {
+                let message = "background commands are started, waited for and signalled \
+                               on the sandbox's first connection"
+                    .to_string();
+                write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::Connect if role == Role::Helper => {
+                // The socket that follows is taken and closed all the same.
+                drop(receive_socket(&conn));
+                let message = "another connection is asked for on the first one".to_string();
+                write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::Connect => {
+                let reply = match receive_socket(&conn).and_then(|h| fork_helper(h, &conn)) {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error {
+                        message: format!("cannot serve another connection: {e}"),
+                    },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
             Request::Spawn {
                 exec,
                 stdout,
@@ -131,6 +169,66 @@ pub fn serve(mut conn: UnixStream) -> Result<(), AgentError> {
 enum Flow {
     Continue,
     Stop,
+}
+
+/// Takes the socket the host sent after a `Connect` frame: one byte carrying it.
+fn receive_socket(conn: &UnixStream) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let msg = loop {
+        match recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    if msg.bytes == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process, and
+            // nothing else refers to them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let mut fds = fds.into_iter();
+    match (fds.next(), fds.next()) {
+        (Some(fd), None) => Ok(fd),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected exactly one socket after Connect",
+        )),
+    }
+}
+
+/// Forks a helper that serves `socket` and exits when it is done.
+fn fork_helper(socket: OwnedFd, main: &UnixStream) -> io::Result<()> {
+    use nix::unistd::{ForkResult, fork};
+    // SAFETY: the agent is its process's only thread, so the child starts consistent.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            // The first connection is the agent's alone: a helper holding it would keep
+            // the host from seeing the agent go away.
+            let _ = nix::unistd::close(main.as_raw_fd());
+            let code = i32::from(serve_as(UnixStream::from(socket), Role::Helper).is_err());
+            // SAFETY: _exit ends the helper without running anything of the agent's.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { .. } => Ok(()),
+    }
 }
 
 /// Commands started in the background, with how each ended once it has.
@@ -904,6 +1002,108 @@ mod tests {
             }
         });
         let _ = fs::remove_dir_all(dir);
+    }
+
+    /// Asks the agent for another connection, as the host does: the frame, then the socket.
+    fn connect(conn: &mut UnixStream) -> UnixStream {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let (host, helper) = UnixStream::pair().unwrap();
+        write_frame(conn, &Request::Connect).unwrap();
+        let iov = [io::IoSlice::new(&[0])];
+        let fds = [helper.as_raw_fd()];
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            read_frame::<_, Response>(conn).unwrap(),
+            Some(Response::Done)
+        );
+        host
+    }
+
+    #[test]
+    fn another_connection_runs_commands_alongside_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("flag").display().to_string();
+        with_agent(|conn| {
+            let mut second = connect(conn);
+            assert_eq!(read_frame(&mut second).unwrap(), Some(Response::Ready));
+            // The second connection's command waits for what the first one's does: they can
+            // only both end if they run at once.
+            let waits = format!("while [ ! -e {flag} ]; do sleep 0.01; done; echo seen");
+            write_frame(
+                &mut second,
+                &Request::Exec(exec(&["sh", "-c", &waits], Some(20_000))),
+            )
+            .unwrap();
+            let got = request(conn, &Request::Exec(exec(&["touch", &flag], None)));
+            assert!(matches!(
+                got.last(),
+                Some(Response::Exited {
+                    status: ExitStatus::Code(0),
+                    ..
+                })
+            ));
+            let mut answers = Vec::new();
+            loop {
+                let r: Response = read_frame(&mut second).unwrap().unwrap();
+                let last = matches!(r, Response::Exited { .. } | Response::Error { .. });
+                answers.push(r);
+                if last {
+                    break;
+                }
+            }
+            assert_eq!(output_of(&answers, Stream::Stdout), b"seen\n");
+            assert!(matches!(
+                answers.last(),
+                Some(Response::Exited {
+                    status: ExitStatus::Code(0),
+                    timed_out: false,
+                    ..
+                })
+            ));
+            // Background commands belong to the first connection.
+            let spawn = Request::Spawn {
+                exec: exec(&["true"], None),
+                stdout: "/dev/null".into(),
+                stderr: "/dev/null".into(),
+            };
+            match one(&mut second, &spawn) {
+                Response::Error { message } => assert!(message.contains("first connection")),
+                other => panic!("{other:?}"),
+            }
+            // A host that drops a connection mid-command ends that command, and only it.
+            let mut third = connect(conn);
+            assert_eq!(read_frame(&mut third).unwrap(), Some(Response::Ready));
+            write_frame(&mut third, &Request::Exec(exec(&["sleep", "30"], None))).unwrap();
+            let Some(Response::Started { pid }) = read_frame(&mut third).unwrap() else {
+                panic!("the command did not start");
+            };
+            drop(third);
+            let gone = Instant::now() + Duration::from_secs(10);
+            loop {
+                let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let running = state
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.starts_with(" Z"));
+                if state.is_empty() || !running {
+                    break;
+                }
+                assert!(
+                    Instant::now() < gone,
+                    "the dropped connection's command still runs"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let got = request(conn, &Request::Exec(exec(&["echo", "still here"], None)));
+            assert_eq!(output_of(&got, Stream::Stdout), b"still here\n");
+        });
     }
 
     #[test]

@@ -177,6 +177,31 @@ pub struct Cgroups {
     memory: Option<(PathBuf, Version)>,
 }
 
+/// Reads how many times the kernel killed a process of a sandbox for lack of memory.
+#[derive(Debug, Clone)]
+pub struct OomCounter(Option<(PathBuf, Version)>);
+
+impl OomCounter {
+    pub fn kills(&self) -> u64 {
+        let Some((dir, version)) = &self.0 else {
+            return 0;
+        };
+        let file = match version {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        };
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+}
+
 /// What could not be limited, with why.
 pub type Unenforced = Vec<String>;
 
@@ -256,22 +281,12 @@ impl Cgroups {
 
     /// How many times the kernel has killed a process here for lack of memory.
     pub fn oom_kills(&self) -> u64 {
-        let Some((dir, version)) = &self.memory else {
-            return 0;
-        };
-        let file = match version {
-            Version::V1 => "memory.oom_control",
-            Version::V2 => "memory.events",
-        };
-        fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|text| {
-                text.lines().find_map(|l| {
-                    l.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse().ok())
-                })
-            })
-            .unwrap_or(0)
+        self.oom_counter().kills()
+    }
+
+    /// What reads [`Cgroups::oom_kills`], for another thread.
+    pub fn oom_counter(&self) -> OomCounter {
+        OomCounter(self.memory.clone())
     }
 
     /// Kills whatever is left in the cgroups and removes them.

@@ -31,7 +31,7 @@ use nix::unistd::{Pid, Uid};
 use upstream_agent::protocol::{read_frame, write_frame};
 use upstream_sandbox::{
     AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, HostRoot, Image,
-    Interrupter, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+    Interrupter, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session, Stream,
 };
 
 use crate::cgroup::{Cgroups, Layout};
@@ -554,6 +554,37 @@ impl Interrupter for NsInterrupter {
     }
 }
 
+/// A session of a namespace sandbox: a connection to a helper of its agent.
+struct NamespaceSession {
+    client: AgentClient<UnixStream>,
+    oom: cgroup::OomCounter,
+    interrupter: Arc<NsInterrupter>,
+}
+
+impl Session for NamespaceSession {
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError> {
+        let oom_before = self.oom.kills();
+        let exited = self.client.exec(request, on_output).map_err(|e| {
+            if self.interrupter.interrupted.load(Ordering::SeqCst) {
+                SandboxError::Interrupted
+            } else {
+                SandboxError::Agent(e)
+            }
+        })?;
+        Ok(ExecOutcome {
+            status: exited.status,
+            timed_out: exited.timed_out,
+            out_of_memory: self.oom.kills() > oom_before,
+            duration: exited.duration,
+            collected: exited.collected,
+        })
+    }
+}
+
 /// A running namespace sandbox.
 pub struct NamespaceSandbox {
     info: SandboxInfo,
@@ -749,6 +780,17 @@ impl Sandbox for NamespaceSandbox {
         let result = self.client()?.signal(pid, signal);
         self.note_ready();
         result.map_err(|e| self.map_error(e))
+    }
+
+    fn session(&mut self) -> Result<Box<dyn Session>, SandboxError> {
+        let result = self.client()?.connect();
+        self.note_ready();
+        let client = result.map_err(|e| self.map_error(e))?;
+        Ok(Box::new(NamespaceSession {
+            client,
+            oom: self.cgroups.oom_counter(),
+            interrupter: self.interrupter.clone(),
+        }))
     }
 
     fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError> {

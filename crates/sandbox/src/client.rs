@@ -201,3 +201,39 @@ impl<S: Read + Write> AgentClient<S> {
         Ok(())
     }
 }
+
+impl AgentClient<std::os::unix::net::UnixStream> {
+    /// Another connection to the same agent, served by a helper it forks: commands run there
+    /// alongside this connection's and every other's. It answers `exec`, `read_file` and
+    /// `write_file`; background commands stay on the first connection.
+    pub fn connect(&mut self) -> Result<AgentClient<std::os::unix::net::UnixStream>, ClientError> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let (host, helper) = UnixStream::pair().map_err(FrameError::from)?;
+        write_frame(&mut self.conn, &Request::Connect)?;
+        let fds = [helper.as_raw_fd()];
+        let byte = [0u8; 1];
+        let iov = [std::io::IoSlice::new(&byte)];
+        loop {
+            match sendmsg::<()>(
+                self.conn.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            ) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(FrameError::from(std::io::Error::from(e)).into()),
+            }
+        }
+        drop(helper);
+        self.wait_ready()?;
+        match self.receive()? {
+            Response::Done => Ok(AgentClient::new(host)),
+            Response::Error { message } => Err(ClientError::Refused(message)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}

@@ -140,6 +140,10 @@ pub trait Sandbox: Send {
     /// Sends `signal` to a background command's process group.
     fn signal(&mut self, pid: i32, signal: i32) -> Result<(), SandboxError>;
 
+    /// Another way in, on which commands run alongside those started here and in every
+    /// other session. It lives until dropped or the sandbox ends.
+    fn session(&mut self) -> Result<Box<dyn Session>, SandboxError>;
+
     /// Reads a file inside the sandbox, refusing files over `limit` bytes.
     fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError>;
 
@@ -165,6 +169,18 @@ pub trait Sandbox: Send {
     /// (what the steps before the last checkpoint wrote) and the root's writable layer, for a
     /// later sandbox to start from ([`WorkspaceSpec::resume`]). Returns where they are.
     fn destroy_keeping(self: Box<Self>) -> Result<PathBuf, SandboxError>;
+}
+
+/// A second way into a running sandbox ([`Sandbox::session`]): commands run here alongside
+/// the sandbox's own and other sessions'. Dropping it kills what it still runs.
+pub trait Session: Send {
+    /// Runs a command, passing its output to `on_output` as it arrives. A timeout kills the
+    /// command's process group only, whatever the request's scope.
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError>;
 }
 
 /// Something that makes sandboxes.

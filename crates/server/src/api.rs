@@ -411,10 +411,10 @@ pub async fn exec(
     let start = Instant::now();
     if !streamed {
         let result = live
-            .with(move |sandbox| {
+            .alongside(move |session| {
                 let mut out = Capture::default();
                 let mut err = Capture::default();
-                let outcome = sandbox.exec(&request, &mut |stream, data| match stream {
+                let outcome = session.exec(&request, &mut |stream, data| match stream {
                     Stream::Stdout => out.push(data),
                     Stream::Stderr => err.push(data),
                 })?;
@@ -442,8 +442,8 @@ pub async fn exec(
     tokio::spawn(async move {
         let sender = tx.clone();
         let ran = live
-            .with(move |sandbox| {
-                let outcome = sandbox.exec(&request, &mut |stream, data| {
+            .alongside(move |session| {
+                let outcome = session.exec(&request, &mut |stream, data| {
                     let key = match stream {
                         Stream::Stdout => "stdout",
                         Stream::Stderr => "stderr",
@@ -645,8 +645,7 @@ pub async fn list_processes(
 /// How long to wait.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct WaitQuery {
-    /// Seconds to wait at most (default: 0, just look; the sandbox serves nothing else
-    /// meanwhile).
+    /// Seconds to wait at most (default: 0, just look).
     pub timeout: Option<f64>,
 }
 
@@ -665,9 +664,22 @@ pub async fn get_process(
     let timeout = seconds(query.timeout, "timeout")?
         .flatten()
         .unwrap_or(Duration::ZERO);
-    let status = live
-        .with(move |sandbox| Ok(sandbox.wait(pid, Some(timeout))?))
-        .await?;
+    // Waiting is looking again and again, ever less often: the sandbox serves other requests
+    // meanwhile, and a command's end is seen within 25 ms.
+    let _busy = live.hold();
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        let status = live
+            .with(move |sandbox| Ok(sandbox.wait(pid, Some(Duration::ZERO))?))
+            .await?;
+        let now = Instant::now();
+        if status.is_some() || now >= deadline {
+            break status;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
+    };
     Ok(Json(ProcessBody::of(&process, status)))
 }
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use upstream_backend_ns::NamespaceBackend;
 use upstream_sandbox::{
-    Backend, Image, Interrupter, Limits, NetworkMode, Sandbox, SandboxError, SandboxSpec,
-    WorkspaceSpec,
+    Backend, ClientError, Image, Interrupter, Limits, NetworkMode, Sandbox, SandboxError,
+    SandboxSpec, Session, WorkspaceSpec,
 };
 use upstream_store::Store;
 use upstream_turn::ImageSource;
@@ -169,6 +169,8 @@ pub struct Live {
     /// Operations in flight: a busy sandbox is never idle.
     busy: AtomicUsize,
     sandbox: Mutex<Option<Box<dyn Sandbox>>>,
+    /// Sessions no command runs on, for the next commands.
+    sessions: Mutex<Vec<Box<dyn Session>>>,
     interrupter: Arc<dyn Interrupter>,
     /// Background commands started through the API, by pid.
     pub processes: Mutex<BTreeMap<i32, Process>>,
@@ -182,6 +184,16 @@ pub struct Process {
     pub stdout: String,
     pub stderr: String,
     pub started_at: u64,
+}
+
+/// A sandbox in use: see [`Live::hold`].
+pub struct Busy(Arc<Live>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Times {
@@ -212,6 +224,57 @@ impl Live {
         })
         .await;
         result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
+    }
+
+    /// Runs `f` on a session of its own on a blocking thread: commands run this way go on
+    /// alongside each other and alongside [`Live::with`]'s operations.
+    pub async fn alongside<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut dyn Session) -> Result<T, SandboxError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let live = self.clone();
+        let _busy = self.hold();
+        let result = tokio::task::spawn_blocking(move || {
+            let idle = live
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let mut session = match idle {
+                Some(session) => session,
+                None => {
+                    let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+                    match guard.as_mut() {
+                        Some(sandbox) => sandbox.session().map_err(ApiError::from)?,
+                        None => return Err(gone(&live.id)),
+                    }
+                }
+            };
+            let result = f(session.as_mut());
+            // A session that only had a command refused serves the next; one whose helper
+            // went away or broke the protocol is dropped.
+            let usable = match &result {
+                Ok(_) => true,
+                Err(e) => matches!(e, SandboxError::Agent(ClientError::Refused(_))),
+            };
+            let mut idle = live.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if usable && idle.len() < Self::IDLE_SESSIONS {
+                idle.push(session);
+            }
+            drop(idle);
+            Ok(result?)
+        })
+        .await;
+        result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
+    }
+
+    /// Sessions kept for later commands; more run at once when asked.
+    const IDLE_SESSIONS: usize = 2;
+
+    /// Marks the sandbox in use (never idle) until the guard is dropped.
+    pub fn hold(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
     }
 
     /// A number for the next background command's output files.
@@ -273,6 +336,10 @@ impl Live {
 
     /// Tears it down (waiting for an operation in flight, which the interrupt ends).
     fn destroy_blocking(&self) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let taken = self
             .sandbox
             .lock()
@@ -554,6 +621,7 @@ impl Daemon {
             busy: AtomicUsize::new(0),
             interrupter: sandbox.interrupter(),
             sandbox: Mutex::new(Some(sandbox)),
+            sessions: Mutex::new(Vec::new()),
             processes: Mutex::new(BTreeMap::new()),
         });
         self.sandboxes

@@ -82,6 +82,12 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a client may send its next one on it and lose it.
+            let close = [(axum::http::header::CONNECTION, "close")];
+            return (self.status, close, Json(body)).into_response();
+        }
         (self.status, Json(body)).into_response()
     }
 }

@@ -438,6 +438,98 @@ fn background_processes_run_on_and_are_read_signalled_and_waited_for() {
     assert_eq!((status, error_code(&body)), (400, "bad_request"));
 }
 
+#[test]
+fn commands_in_one_sandbox_run_side_by_side_and_waiting_blocks_nothing() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    // Four commands that each wait for all four to have started: they end only if they run
+    // at once.
+    let script = "touch /tmp/started.$N; \
+                  until [ $(ls /tmp | grep -c '^started') -ge 4 ]; do sleep 0.01; done; echo $N";
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..4)
+            .map(|n| {
+                let (api, sid) = (&api, &sid);
+                scope.spawn(move || {
+                    api.post(
+                        &format!("/v1/sandboxes/{sid}/exec"),
+                        json!({ "cmd": ["sh", "-c", script], "env": { "N": n.to_string() },
+                                "timeout": 30 }),
+                    )
+                })
+            })
+            .collect();
+        for (n, run) in runs.into_iter().enumerate() {
+            let (status, result) = run.join().unwrap();
+            assert_eq!(status, 200, "{result}");
+            assert_eq!(result["exit_code"], 0, "{result}");
+            assert_eq!(result["stdout"], format!("{n}\n"));
+        }
+    });
+    // A client waiting for a background command holds nothing up: other commands, files and
+    // signals go through meanwhile, and the wait sees the end.
+    let (status, process) = api.post(
+        &format!("/v1/sandboxes/{sid}/processes"),
+        json!({ "cmd": ["sleep", "60"] }),
+    );
+    assert_eq!(status, 201, "{process}");
+    let pid = process["pid"].as_i64().unwrap();
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            let started = Instant::now();
+            let (_, ended) = api.get(&format!("/v1/sandboxes/{sid}/processes/{pid}?timeout=30"));
+            (ended, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        assert_eq!(
+            api.exec(&sid, &["echo", "meanwhile"])["stdout"],
+            "meanwhile\n"
+        );
+        let (status, _) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=/tmp"));
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the exec waited for the wait: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !waiting.is_finished(),
+            "the wait ended before the command did"
+        );
+        let (status, _) = api.post(
+            &format!("/v1/sandboxes/{sid}/processes/{pid}/signal"),
+            json!({ "signal": "KILL" }),
+        );
+        assert_eq!(status, 204);
+        let (ended, took) = waiting.join().unwrap();
+        assert_eq!(ended["state"], "exited", "{ended}");
+        assert_eq!(ended["signal"], 9);
+        assert!(took < Duration::from_secs(20), "the wait took {took:?}");
+    });
+    // Commands that came and went leave no helper behind but the two kept for the next
+    // (one of them runs ps) beside the agent.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ps = api.exec(&sid, &["ps", "-e", "-o", "pid=,comm="]);
+        let text = ps["stdout"].as_str().unwrap();
+        let ours = text.lines().filter(|l| l.contains("upstream")).count();
+        assert!(ours >= 2, "the agent and a helper run: {text}");
+        if ours <= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "helpers are left: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
+    drop(api);
+    assert!(daemon.stop().success());
+    env.assert_gone("upstream-init");
+}
+
 /// A body of `len` bytes made as it is read: nothing of it is held in memory.
 struct Pattern {
     left: u64,
@@ -775,6 +867,14 @@ fn bad_requests_get_clear_4xx_and_the_server_carries_on() {
     let huge = format!(r#"{{"metadata": {{"x": "{}"}}}}"#, "a".repeat(2 << 20));
     let (status, body) = raw(&huge, "application/json");
     assert_eq!((status, error_code(&body)), (413, "too_large"), "{body}");
+    // The unread rest of the body ends the connection, and the answer says so.
+    let response = api
+        .request(reqwest::Method::POST, "/v1/sandboxes")
+        .header("Content-Type", "application/json")
+        .body(huge.clone())
+        .send()
+        .unwrap();
+    assert_eq!(response.headers()["connection"], "close");
     let (status, body) = api.get("/v1/nothing-here");
     assert_eq!((status, error_code(&body)), (404, "not_found"));
     let sid = id(&api.create(json!({})));
