@@ -1,7 +1,7 @@
 //! `upstream sandbox`: sandboxes of a running daemon.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use upstream_client::{Client, ClientError, CreateSandbox, Exec, Limits, Stream};
 
@@ -84,11 +84,31 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
             env,
             cwd,
             timeout,
+            stdin,
             command,
         } => {
+            let stdin = if stdin {
+                let mut data = Vec::new();
+                if let Err(e) = io::stdin().lock().read_to_end(&mut data) {
+                    eprintln!("upstream: cannot read standard input: {e}");
+                    return exit::BAD_INPUT;
+                }
+                match String::from_utf8(data) {
+                    Ok(text) => Some(text),
+                    Err(_) => {
+                        eprintln!(
+                            "upstream: standard input is not UTF-8 text; copy the file in with \
+                             `upstream sandbox cp FILE {id}:PATH` and have the command read it"
+                        );
+                        return exit::BAD_INPUT;
+                    }
+                }
+            } else {
+                None
+            };
             let request = Exec {
                 cmd: command,
-                stdin: None,
+                stdin,
                 env: env.into_iter().collect::<BTreeMap<_, _>>(),
                 cwd,
                 timeout: timeout.map(|t| t.as_secs_f64()),

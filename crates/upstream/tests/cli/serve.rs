@@ -1152,6 +1152,34 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert_eq!(crate::util::code(&ran), 5);
     assert_eq!(crate::util::stdout(&ran), "out\n");
     assert_eq!(crate::util::stderr(&ran), "err\n");
+    // -i gives the command upstream's standard input; without it the command reads nothing.
+    let piped = |args: &[&str], input: &[u8]| {
+        let mut child = env
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let upper = piped(
+        &["sandbox", "exec", "-i", &sid, "--", "tr", "a-z", "A-Z"],
+        b"hello\n",
+    );
+    assert!(upper.status.success(), "{}", crate::util::stderr(&upper));
+    assert_eq!(crate::util::stdout(&upper), "HELLO\n");
+    let nothing = piped(&["sandbox", "exec", &sid, "--", "wc", "-c"], b"hello\n");
+    assert_eq!(crate::util::stdout(&nothing).trim(), "0");
+    let binary = piped(&["sandbox", "exec", "-i", &sid, "--", "cat"], &[0xff, 0xfe]);
+    assert_eq!(crate::util::code(&binary), 2);
+    assert!(
+        crate::util::stderr(&binary).contains("sandbox cp"),
+        "{}",
+        crate::util::stderr(&binary)
+    );
     // Files both ways.
     let local = env.write("data.csv", "a,b\n1,2\n");
     let up = cli(&[
