@@ -309,6 +309,52 @@ impl Client {
         Ok(std::io::copy(&mut response, out)?)
     }
 
+    /// Runs a document as a turn on the daemon, passing each line of its progress (one
+    /// event, see the API's `POST /v1/turns`) to `on_event` as it comes. Dropping the
+    /// connection (ending the process) stops the turn.
+    pub fn run_turn_streamed(
+        &self,
+        document: &str,
+        name: &str,
+        secrets: &BTreeMap<String, String>,
+        on_event: &mut dyn FnMut(Value),
+    ) -> Result<TurnResult, ClientError> {
+        let response = self.send(
+            self.request(reqwest::Method::POST, "/v1/turns")
+                .header("Accept", "application/x-ndjson")
+                .json(&serde_json::json!({
+                    "document": document,
+                    "name": name,
+                    "secrets": secrets,
+                })),
+        )?;
+        for line in BufReader::new(response).lines() {
+            let line = line?;
+            let mut event: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::Answer(e.to_string()))?;
+            if !event["result"].is_null() {
+                return serde_json::from_value(event["result"].take())
+                    .map_err(|e| ClientError::Answer(e.to_string()));
+            }
+            if !event["error"].is_null() {
+                let code = event["error"]["code"].as_str().unwrap_or("error");
+                return Err(ClientError::Api {
+                    status: match code {
+                        "bad_request" => 400,
+                        "not_found" => 404,
+                        _ => 500,
+                    },
+                    code: code.into(),
+                    message: event["error"]["message"].as_str().unwrap_or("").into(),
+                });
+            }
+            on_event(event);
+        }
+        Err(ClientError::Answer(
+            "the daemon's answer ended before the turn's result".into(),
+        ))
+    }
+
     /// Runs a document as a turn on the daemon.
     pub fn run_turn(
         &self,

@@ -14,6 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use upstream_sandbox::{Backend, Sandbox, SandboxError, SandboxSpec};
 use upstream_store::Store;
+use upstream_turn::wire::TurnEvent;
 use upstream_turn::{Cancel, Event, Observer, TurnError, TurnOptions};
 
 use crate::auth::Tenant;
@@ -31,6 +32,10 @@ pub struct RunTurn {
     /// Values of the secrets its front matter names.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Answer with the turn's progress as NDJSON lines (as with
+    /// `Accept: application/x-ndjson`).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// A turn that ran.
@@ -71,20 +76,53 @@ impl Observer for Quiet {
     fn event(&mut self, _: Event<'_>) {}
 }
 
+/// Sends each event as an NDJSON line.
+struct Forward(tokio::sync::mpsc::Sender<Bytes>);
+
+impl Observer for Forward {
+    fn event(&mut self, event: Event<'_>) {
+        // A client that went away has cancelled the turn (see `run_turn`); the rest of its
+        // events go nowhere.
+        let _ = self.0.blocking_send(ndjson(&TurnEvent::of(&event)));
+    }
+}
+
+fn ndjson(value: &impl Serialize) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
 /// Run a markdown document as a turn; answers with the document, results written in, and
 /// the turn's record. The body is JSON (`RunTurn`), the document itself
 /// (`Content-Type: text/markdown`), or a multipart form: a `document` part (a file, whose
 /// name is used), with optional `name` and `secrets` (a JSON object) parts.
+///
+/// With `Accept: application/x-ndjson` (or `"stream": true`) the answer is the turn's
+/// progress as it happens, one JSON object per line (`{"event": "step_started", …}`,
+/// `step_finished` with the step's record, `output`, `image`, `context_loaded`, …), then
+/// `{"result": {"document", "turn"}}` or `{"error": {…}}`. A client that disconnects stops
+/// the turn.
 #[utoipa::path(post, path = "/v1/turns", tag = "turns",
     request_body(content = RunTurn,
         description = "JSON; or the markdown itself as text/markdown; or multipart/form-data"),
-    responses((status = 200, body = TurnResult), (status = 400, body = ErrorBody)))]
+    responses(
+        (status = 200, body = TurnResult),
+        (status = 200, content_type = "application/x-ndjson",
+            description = "the turn's progress, then its result"),
+        (status = 400, body = ErrorBody)))]
 pub async fn run_turn(
     State(daemon): State<Arc<Daemon>>,
     tenant: Tenant,
     request: axum::extract::Request,
-) -> Result<Json<TurnResult>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     use axum::extract::FromRequest;
+    use axum::response::IntoResponse;
+    let wants_ndjson = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"));
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -139,6 +177,7 @@ pub async fn run_turn(
                 .ok_or_else(|| ApiError::bad_request("the form has no `document` part"))?,
             name,
             secrets,
+            stream: false,
         }
     } else {
         let body = Bytes::from_request(request, &()).await.map_err(too_large)?;
@@ -148,6 +187,7 @@ pub async fn run_turn(
                     .map_err(|_| ApiError::bad_request("the document is not UTF-8"))?,
                 name: None,
                 secrets: BTreeMap::new(),
+                stream: false,
             }
         } else {
             serde_json::from_slice::<RunTurn>(&body)
@@ -160,26 +200,26 @@ pub async fn run_turn(
             "`name` is `{name}`; give a file name without a directory"
         )));
     }
-    let store = daemon.tenant_store(&tenant.0);
-    let images = daemon.config.images.clone();
-    let daemon = daemon.clone();
-    let ran = tokio::task::spawn_blocking(move || {
-        let path = PathBuf::from(&name);
-        let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let options = TurnOptions {
-            store: Some(store),
-            images: Some(images),
-            secrets: Some(request.secrets),
-            ..TurnOptions::default()
-        };
+    let path = PathBuf::from(&name);
+    let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let streamed = wants_ndjson || request.stream;
+    let options = TurnOptions {
+        store: Some(daemon.tenant_store(&tenant.0)),
+        images: Some(daemon.config.images.clone()),
+        secrets: Some(request.secrets),
+        ..TurnOptions::default()
+    };
+    let backend = Pooled(daemon.clone());
+    let source = request.document;
+    let run = move |observer: &mut dyn Observer, cancel: &Cancel| {
         let turn = upstream_turn::run(
             &document,
-            request.document.as_bytes(),
-            &Pooled(daemon),
+            source.as_bytes(),
+            &backend,
             &options,
-            &mut Quiet,
-            &Cancel::default(),
+            observer,
+            cancel,
         )
         .map_err(|e| match e {
             TurnError::MissingSecret { name, .. } => ApiError::bad_request(format!(
@@ -193,10 +233,46 @@ pub async fn run_turn(
             document: turn.render(&document),
             turn: turn.record,
         })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(Json(ran))
+    };
+    if !streamed {
+        let ran = tokio::task::spawn_blocking(move || run(&mut Quiet, &Cancel::default()))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+        return Ok(Json(ran).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let cancel = Cancel::default();
+    // The response's end drops the receiver: a client gone before the turn ends stops it.
+    let watcher = {
+        let (tx, cancel) = (tx.clone(), cancel.clone());
+        tokio::spawn(async move {
+            tx.closed().await;
+            cancel.cancel();
+        })
+    };
+    tokio::spawn(async move {
+        let sender = tx.clone();
+        let ran = tokio::task::spawn_blocking(move || run(&mut Forward(sender), &cancel)).await;
+        let last = match ran {
+            Ok(Ok(result)) => serde_json::json!({ "result": result }),
+            Ok(Err(e)) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
+            Err(e) => {
+                serde_json::json!({ "error": { "code": "internal", "message": e.to_string() } })
+            }
+        };
+        let _ = tx.send(ndjson(&last)).await;
+        watcher.abort();
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Opens the tenant's store, on a blocking thread.

@@ -11,6 +11,7 @@
 pub mod artifacts;
 mod context;
 mod record;
+pub mod wire;
 mod writeback;
 
 pub use record::{SandboxRecord, StepRecord, StepStatus, TurnRecord, TurnStatus};

@@ -7,7 +7,8 @@ use std::time::Instant;
 use upstream_backend_ns::NamespaceBackend;
 use upstream_doc::Document;
 use upstream_sandbox::SandboxError;
-use upstream_turn::{Cancel, TurnError, TurnOptions, TurnStatus, WriteBack};
+use upstream_turn::wire::TurnEvent;
+use upstream_turn::{Cancel, TurnError, TurnOptions, TurnRecord, TurnStatus, WriteBack};
 
 use crate::cli::RunArgs;
 use crate::exit;
@@ -35,9 +36,14 @@ pub fn run(args: RunArgs) -> u8 {
         let socket = crate::serve::state_dir(&args.state).join("upstream.sock");
         match upstream_client::Client::from_env(&socket) {
             Ok(Some(client)) => {
+                let cancel = Cancel::default();
                 let mut worst = exit::OK;
                 for (document, original) in &documents {
-                    worst = worst.max(run_remote(&args, &client, document, original));
+                    let code = run_remote(&args, &client, document, original, &cancel);
+                    worst = worst.max(code);
+                    if code == exit::INTERRUPTED {
+                        break;
+                    }
                 }
                 return worst;
             }
@@ -113,7 +119,29 @@ fn run_one(
                 return exit::SANDBOX;
             }
         };
-    let record = &turn.record;
+    let rendered = turn.render(document);
+    finish(
+        args,
+        document,
+        original,
+        &turn.record,
+        &rendered,
+        start,
+        None,
+    )
+}
+
+/// Prints the turn's record (`--json`) and summary, and writes its results into the document;
+/// returns the exit code. `daemon`: where it ran, when not here.
+fn finish(
+    args: &RunArgs,
+    document: &Document,
+    original: &[u8],
+    record: &TurnRecord,
+    rendered: &str,
+    start: Instant,
+    daemon: Option<&str>,
+) -> u8 {
     if args.json {
         if let Ok(line) = serde_json::to_string(record) {
             let mut out = std::io::stdout().lock();
@@ -121,17 +149,17 @@ fn run_one(
             let _ = writeln!(out, "{line}");
         }
     }
+    let on = daemon.map_or(String::new(), |d| format!(" on the daemon at {d}"));
     if record.status == TurnStatus::Interrupted {
         eprintln!(
-            "Interrupted: the sandbox was torn down; {} was not modified (what ran is turn {}: `upstream show {}`)",
+            "Interrupted: the sandbox was torn down; {} was not modified (what ran is turn {}{on}: `upstream show {}`)",
             document.path().display(),
             record.number,
             record.number
         );
         return exit::INTERRUPTED;
     }
-    let rendered = turn.render(document);
-    let written = upstream_turn::write_back(document.path(), original, &rendered);
+    let written = upstream_turn::write_back(document.path(), original, rendered);
     let total = record.steps.len();
     let passed = record.passed_steps();
     // The step that stopped the turn: the first failure not marked continue_on_error.
@@ -158,10 +186,23 @@ fn run_one(
             progress::since(start)
         ),
     };
+    if daemon.is_some() {
+        summary.push_str(&format!(" (turn {} on the daemon)", record.number));
+    }
     let code = if record.status == TurnStatus::Passed {
         exit::OK
     } else {
         exit::STEP_FAILED
+    };
+    let hint = || match daemon {
+        None => eprintln!(
+            "hint: the document with this turn's results: `upstream show {} --document`",
+            record.number
+        ),
+        Some(_) => eprintln!(
+            "hint: the turn's record is on the daemon: `GET /v1/turns/{}`",
+            record.number
+        ),
     };
     match written {
         Ok(WriteBack::Written) => {
@@ -178,10 +219,7 @@ fn run_one(
                 "warning: {} changed while the turn ran, so its results were not written into it",
                 document.path().display()
             );
-            eprintln!(
-                "hint: the document with this turn's results: `upstream show {} --document`",
-                record.number
-            );
+            hint();
             code
         }
         Err(e) => {
@@ -190,21 +228,20 @@ fn run_one(
                 "error: cannot write results to {}: {e}",
                 document.path().display()
             );
-            eprintln!(
-                "hint: the document with this turn's results: `upstream show {} --document`",
-                record.number
-            );
-            code.max(exit::STEP_FAILED)
+            hint();
+            exit::STEP_FAILED
         }
     }
 }
 
-/// Runs a document on the daemon and writes its results back here.
+/// Runs a document on the daemon, showing its progress as it comes as a local run does, and
+/// writes its results back here.
 fn run_remote(
     args: &RunArgs,
     client: &upstream_client::Client,
     document: &Document,
     original: &[u8],
+    cancel: &Cancel,
 ) -> u8 {
     let start = Instant::now();
     let mut secrets = std::collections::BTreeMap::new();
@@ -227,9 +264,51 @@ fn run_remote(
         .path()
         .file_name()
         .map_or("turn.md".into(), |n| n.to_string_lossy().into_owned());
-    let source = String::from_utf8_lossy(original);
     eprintln!("Daemon: {} runs {name}", client.endpoint());
-    let result = match client.run_turn(&source, &name, &secrets) {
+    // The daemon is read on a thread of its own, so that Ctrl-C is seen at once: ending the
+    // process drops the connection, and the daemon stops the turn.
+    enum Heard {
+        Event(serde_json::Value),
+        Done(Result<upstream_client::TurnResult, upstream_client::ClientError>),
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let client = client.clone();
+        let source = String::from_utf8_lossy(original).into_owned();
+        std::thread::spawn(move || {
+            let events = tx.clone();
+            let done = client.run_turn_streamed(&source, &name, &secrets, &mut |event| {
+                let _ = events.send(Heard::Event(event));
+            });
+            let _ = tx.send(Heard::Done(done));
+        });
+    }
+    let mut progress = Progress::new(document.front_matter().image(), args.verbose, cancel);
+    let done = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(Heard::Event(event)) => {
+                // Events this upstream does not know (a newer daemon's) are passed over.
+                if let Ok(event) = serde_json::from_value::<TurnEvent>(event) {
+                    event.replay(document, &mut progress);
+                }
+            }
+            Ok(Heard::Done(done)) => break done,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                eprintln!("error: the connection to the daemon ended");
+                return exit::SANDBOX;
+            }
+        }
+        if cancel.is_cancelled() {
+            eprintln!(
+                "Interrupted: the daemon stops the turn; {} was not modified",
+                document.path().display()
+            );
+            return exit::INTERRUPTED;
+        }
+    };
+    drop(progress);
+    let result = match done {
         Ok(r) => r,
         Err(upstream_client::ClientError::Api {
             status, message, ..
@@ -242,68 +321,22 @@ fn run_remote(
             return exit::SANDBOX;
         }
     };
-    let record = &result.turn;
-    let steps = record["steps"].as_array().cloned().unwrap_or_default();
-    for step in &steps {
-        let status = step["status"].as_str().unwrap_or("?");
-        let took = step["duration_ms"].as_u64().map(|ms| {
-            format!(
-                " ({})",
-                upstream_doc::format_duration(std::time::Duration::from_millis(ms))
-            )
-        });
-        let shown = match (status, step["exit_code"].as_i64()) {
-            ("passed", _) => "done".to_string(),
-            ("failed", Some(code)) => format!("failed: exit {code}"),
-            (other, _) => other.replace('_', " "),
-        };
-        let label = format!(
-            "Step {}: {}",
-            step["number"],
-            step["title"].as_str().unwrap_or("")
-        );
-        eprintln!(
-            "{label} {} {shown}{}",
-            ".".repeat(36usize.saturating_sub(label.len() + 2).max(3)),
-            took.unwrap_or_default()
-        );
-    }
-    if args.json {
-        let _ = writeln!(std::io::stdout().lock(), "{record}");
-    }
-    let passed = record["status"] == "passed";
-    let written = upstream_turn::write_back(document.path(), original, &result.document);
-    let done = steps.iter().filter(|s| s["status"] == "passed").count();
-    let summary = format!(
-        "{done} of {} steps passed in {} (turn {} on the daemon)",
-        steps.len(),
-        progress::since(start),
-        record["number"]
-    );
-    match written {
-        Ok(WriteBack::Written) => {
-            eprintln!(
-                "{summary} · results written to {}",
-                document.path().display()
-            );
-        }
-        Ok(WriteBack::Conflict) => {
-            eprintln!("{summary}");
-            eprintln!(
-                "warning: {} changed while the turn ran, so its results were not written into it",
-                document.path().display()
-            );
-        }
+    let record: TurnRecord = match serde_json::from_value(result.turn) {
+        Ok(record) => record,
         Err(e) => {
-            eprintln!("{summary}");
-            eprintln!(
-                "error: cannot write results to {}: {e}",
-                document.path().display()
-            );
-            return exit::STEP_FAILED;
+            eprintln!("error: the daemon's record of the turn: {e}");
+            return exit::SANDBOX;
         }
-    }
-    if passed { exit::OK } else { exit::STEP_FAILED }
+    };
+    finish(
+        args,
+        document,
+        original,
+        &record,
+        &result.document,
+        start,
+        Some(client.endpoint()),
+    )
 }
 
 pub fn sandbox_failed(e: &SandboxError) -> u8 {

@@ -1003,6 +1003,99 @@ fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
 }
 
 #[test]
+fn a_streamed_turn_shows_its_progress_as_it_runs_and_stops_when_the_client_goes() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let lines = |response: reqwest::blocking::Response| {
+        BufReader::new(response)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+    };
+    let doc = "# Count\n```bash\necho one; echo '::' >&2\n```\n# Fail\n```bash\nexit 3\n```\n";
+    let response = api
+        .request(reqwest::Method::POST, "/v1/turns")
+        .header("Accept", "application/x-ndjson")
+        .json(&json!({ "document": doc }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let seen: Vec<Value> = lines(response).collect();
+    let kinds: Vec<String> = seen
+        .iter()
+        .map(|e| match e["event"].as_str() {
+            Some(kind) => kind.to_string(),
+            None => e.as_object().unwrap().keys().next().unwrap().clone(),
+        })
+        .filter(|k| k != "output")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "sandbox_ready",
+            "step_started",
+            "step_finished",
+            "step_started",
+            "step_finished",
+            "result"
+        ],
+        "{seen:?}"
+    );
+    let outputs: String = seen
+        .iter()
+        .filter(|e| e["event"] == "output" && e["stream"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, "one\n");
+    let second = seen
+        .iter()
+        .find(|e| e["event"] == "step_finished" && e["record"]["number"] == 2)
+        .unwrap();
+    assert_eq!(second["record"]["exit_code"], 3, "{seen:?}");
+    let result = seen.last().unwrap();
+    assert_eq!(result["result"]["turn"]["status"], "failed");
+    assert!(
+        result["result"]["document"]
+            .as_str()
+            .unwrap()
+            .contains("exit 3")
+    );
+
+    // A client that goes away mid-turn stops it: its sandbox is torn down at once, not when
+    // the step would have ended.
+    let slow = "# Wait\n```bash\necho waiting; sleep 600\n```\n";
+    let response = api
+        .request(reqwest::Method::POST, "/v1/turns")
+        .json(&json!({ "document": slow, "stream": true }))
+        .send()
+        .unwrap();
+    let mut events = lines(response);
+    assert!(
+        events
+            .by_ref()
+            .any(|e| e["event"] == "output" && e["text"] == "waiting\n"),
+        "the step started"
+    );
+    assert_eq!(daemon.sandbox_dirs(), 1);
+    drop(events);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.sandbox_dirs() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the turn's sandbox is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, turns) = api.get("/v1/turns");
+    let last = turns["turns"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["status"], "interrupted", "{turns}");
+    drop(api);
+    assert!(daemon.stop().success());
+    env.assert_gone("upstream-init");
+}
+
+#[test]
 fn a_daemon_killed_hard_leaves_nothing_after_its_restart() {
     crate::require_root_sandbox!();
     let env = Env::new();
@@ -1231,11 +1324,19 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     let out = env
         .command()
         .env("TOKEN", "abc")
-        .args(["run", "remote.md"])
+        .args(["run", "-v", "remote.md"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", crate::util::stderr(&out));
-    assert!(crate::util::stderr(&out).contains("Daemon: unix:"));
+    // Progress as a local run shows it, the step's output (secrets redacted) included.
+    let shown = crate::util::stderr(&out);
+    assert!(shown.contains("Daemon: unix:"), "{shown}");
+    assert!(shown.contains("Sandbox: host image, namespaces"), "{shown}");
+    assert!(shown.contains("\nhi "), "{shown}");
+    assert!(!shown.contains("abc"), "{shown}");
+    assert!(shown.contains("Step 1: Greet ..."), "{shown}");
+    assert!(shown.contains("1 step passed in"), "{shown}");
+    assert!(shown.contains("(turn 1 on the daemon)"), "{shown}");
     let written = std::fs::read_to_string(&doc).unwrap();
     assert!(written.contains("**Result:** exit 0"), "{written}");
     assert!(
@@ -1271,6 +1372,39 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert!(keyed.status.success(), "{}", crate::util::stderr(&keyed));
     let record: Value = serde_json::from_str(crate::util::stdout(&keyed).trim()).unwrap();
     assert_eq!(record["status"], "passed");
+    // Ctrl-C stops the turn on the daemon too, and leaves the document as it was.
+    let slow_text = "# Wait\n```bash\nsleep 600\n```\n";
+    let slow = env.write("slow.md", slow_text);
+    let mut child = env
+        .command()
+        .args(["run", "slow.md"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut progress = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Sandbox:") {
+        line.clear();
+        assert!(progress.read_line(&mut line).unwrap() > 0, "no sandbox line");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    progress.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("Interrupted"), "{rest}");
+    assert_eq!(std::fs::read_to_string(&slow).unwrap(), slow_text);
+    // What is left is the pool's one sandbox.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.sandbox_dirs() > 1 {
+        assert!(Instant::now() < deadline, "the turn's sandbox is still there");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // `--local` runs here even with a daemon up.
     let local_run = env
         .command()
