@@ -530,6 +530,48 @@ fn commands_in_one_sandbox_run_side_by_side_and_waiting_blocks_nothing() {
     env.assert_gone("upstream-init");
 }
 
+#[test]
+fn the_agent_and_its_helpers_are_out_of_reach_of_commands() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    // The command's parent is the helper serving its session; pid 1 is the agent. Neither
+    // their descriptors (the host connections), memory, environment nor ptrace are reachable.
+    let script = r#"for pid in 1 $PPID; do
+  for p in /proc/$pid/fd /proc/$pid/root/etc; do
+    ls "$p" >/dev/null 2>&1 && echo "OPENED $p" || echo "refused $p"
+  done
+  for p in /proc/$pid/environ /proc/$pid/maps /proc/$pid/mem; do
+    head -c 1 "$p" >/dev/null 2>&1 && echo "OPENED $p" || echo "refused $p"
+  done
+  for fd in 3 4 5 6 7 8; do
+    { echo frame > /proc/$pid/fd/$fd; } 2>/dev/null && echo "OPENED $pid fd $fd"
+  done
+  python3 -c "
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+print('OPENED ptrace' if libc.ptrace(16, int(sys.argv[1]), 0, 0) == 0 else 'refused ptrace')
+" $pid
+done
+ps -o comm= -p $PPID"#;
+    let (status, ran) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": ["bash", "-c", script] }),
+    );
+    assert_eq!(status, 200, "{ran}");
+    let out = ran["stdout"].as_str().unwrap();
+    assert!(!out.contains("OPENED"), "{out}");
+    assert_eq!(out.matches("refused").count(), 12, "{out}");
+    assert!(
+        out.trim_end().ends_with("upstream"),
+        "the parent is a helper: {out}"
+    );
+    // The sandbox still works after the attempts.
+    assert_eq!(api.exec(&sid, &["echo", "fine"])["stdout"], "fine\n");
+}
+
 /// A body of `len` bytes made as it is read: nothing of it is held in memory.
 struct Pattern {
     left: u64,
@@ -1385,7 +1427,10 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     let mut line = String::new();
     while !line.starts_with("Sandbox:") {
         line.clear();
-        assert!(progress.read_line(&mut line).unwrap() > 0, "no sandbox line");
+        assert!(
+            progress.read_line(&mut line).unwrap() > 0,
+            "no sandbox line"
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(
@@ -1402,7 +1447,10 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     // What is left is the pool's one sandbox.
     let deadline = Instant::now() + Duration::from_secs(20);
     while daemon.sandbox_dirs() > 1 {
-        assert!(Instant::now() < deadline, "the turn's sandbox is still there");
+        assert!(
+            Instant::now() < deadline,
+            "the turn's sandbox is still there"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // `--local` runs here even with a daemon up.
