@@ -21,14 +21,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(env: &Env, args: &[&str]) -> Daemon {
-        let state = env.path("state");
-        let socket = env.path("state/upstream.sock");
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
+            .env("UPSTREAM_RUNTIME_DIR", &env.runtime)
+            .env("UPSTREAM_CACHE_DIR", env.path("cache"));
+        Daemon::start_with(command, env.path("state"), env.runtime.clone(), args)
+    }
+
+    /// A daemon started by `command` (the binary, with its environment and user), its state
+    /// in `state`, its sandboxes under `runtime`.
+    fn start_with(mut command: Command, state: PathBuf, runtime: PathBuf, args: &[&str]) -> Daemon {
+        let socket = state.join("upstream.sock");
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(&state)
             .args(args)
-            .env("UPSTREAM_RUNTIME_DIR", &env.runtime)
-            .env("UPSTREAM_CACHE_DIR", env.path("cache"))
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -52,7 +59,7 @@ impl Daemon {
             url,
             socket,
             state,
-            runtime: env.runtime.clone(),
+            runtime,
         }
     }
 
@@ -570,6 +577,86 @@ ps -o comm= -p $PPID"#;
     );
     // The sandbox still works after the attempts.
     assert_eq!(api.exec(&sid, &["echo", "fine"])["stdout"], "fine\n");
+}
+
+#[test]
+fn a_daemon_runs_rootless_as_an_unprivileged_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let nobody = 65534;
+    let work = env.path("nobody");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = Command::new(crate::util::binary_for_nobody(&env));
+    command
+        .current_dir(&work)
+        .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+        .env("UPSTREAM_CACHE_DIR", work.join("cache"))
+        .env("HOME", &work)
+        .uid(nobody)
+        .gid(nobody);
+    let daemon = Daemon::start_with(command, work.join("state"), work.join("runtime"), &[]);
+    let call = |method: &str, path: &str, body: &str| {
+        let (status, text) = unix_request(&daemon.socket, method, path, body);
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        )
+    };
+    let (status, made) = call("POST", "/v1/sandboxes", "{}");
+    if status != 201 && made.to_string().contains("cannot create a user namespace") {
+        crate::util::skip(
+            "SKIPPED: rootless daemon: this kernel does not allow unprivileged user namespaces"
+                .into(),
+        );
+        return;
+    }
+    assert_eq!(status, 201, "{made}");
+    let sid = id(&made);
+    let exec = |cmd: &str| {
+        let (status, ran) = call(
+            "POST",
+            &format!("/v1/sandboxes/{sid}/exec"),
+            &json!({ "cmd": ["sh", "-c", cmd] }).to_string(),
+        );
+        assert_eq!(status, 200, "{ran}");
+        ran
+    };
+    // Root inside, nobody outside: the host's secrets stay unreadable.
+    assert_eq!(exec("id -u")["stdout"], "0\n");
+    let shadow = exec("cat /etc/shadow");
+    assert_ne!(shadow["exit_code"], 0, "{shadow}");
+    // Files go in and out through the host side, as the sandbox's root.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let body = "rootless data\n";
+    write!(
+        stream,
+        "PUT /v1/sandboxes/{sid}/files?path=/workspace/in.txt HTTP/1.1\r\nHost: local\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 20"), "{answer}");
+    assert_eq!(
+        exec("cat /workspace/in.txt; stat -c %u /workspace/in.txt")["stdout"],
+        "rootless data\n0\n"
+    );
+    let (status, listed) = call(
+        "GET",
+        &format!("/v1/sandboxes/{sid}/files/list?path=/workspace"),
+        "",
+    );
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed.to_string().contains("in.txt"), "{listed}");
+    let (status, _) = call("DELETE", &format!("/v1/sandboxes/{sid}"), "");
+    assert_eq!(status, 204);
+    assert_eq!(daemon.sandbox_dirs(), 0);
+    assert!(daemon.stop().success());
 }
 
 /// A body of `len` bytes made as it is read: nothing of it is held in memory.
