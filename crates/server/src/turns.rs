@@ -212,6 +212,9 @@ pub async fn run_turn(
     };
     let backend = Pooled(daemon.clone());
     let source = request.document;
+    // Records name the tenant's store as the daemon's state directory holds it, never a
+    // path of the daemon's host.
+    let store_name = PathBuf::from("tenants").join(&tenant.0);
     let run = move |observer: &mut dyn Observer, cancel: &Cancel| {
         let turn = upstream_turn::run(
             &document,
@@ -229,9 +232,12 @@ pub async fn run_turn(
             TurnError::Sandbox(e) => ApiError::from(e),
             e => ApiError::internal(e.to_string()),
         })?;
+        let document = turn.render(&document);
+        let mut record = turn.record;
+        record.store = store_name;
         Ok::<_, ApiError>(TurnResult {
-            document: turn.render(&document),
-            turn: turn.record,
+            document,
+            turn: record,
         })
     };
     if !streamed {

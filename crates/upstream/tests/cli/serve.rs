@@ -1066,6 +1066,10 @@ fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
         "{written}"
     );
     assert_eq!(ran["turn"]["status"], "passed");
+    assert_eq!(
+        ran["turn"]["store"], "tenants/alice",
+        "no path of the daemon's host"
+    );
     let (_, turns) = alice.get("/v1/turns?context=research");
     assert_eq!(turns["turns"].as_array().unwrap().len(), 1);
     assert!(
@@ -1081,6 +1085,10 @@ fn turns_run_over_http_with_their_own_secrets_and_records_per_tenant() {
     );
     let (status, one) = alice.get("/v1/turns/1");
     assert_eq!(status, 200, "{one}");
+    let host_path = daemon.state.to_str().unwrap();
+    for answer in [&one, &turns, &artifacts] {
+        assert!(!answer.to_string().contains(host_path), "{answer}");
+    }
     let (_, contexts) = alice.get("/v1/contexts");
     assert_eq!(contexts["contexts"][0]["name"], "research", "{contexts}");
     // The same as a multipart form, the document as a file; and as raw markdown.
