@@ -2,14 +2,12 @@
 //! as NDJSON); background processes.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -386,12 +384,15 @@ fn status_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
 }
 
 /// Run a command in a sandbox: the whole output at the end, or streamed as NDJSON lines
-/// (`{"stdout": "…"}`, `{"stderr": "…"}`, then `{"exit": {…}}`).
+/// (`{"stdout": "…"}`, `{"stderr": "…"}`, then `{"exit": {…}}`), or as server-sent events
+/// (`Accept: text/event-stream`) carrying the same objects, each named by its kind.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec",
     params(("id" = String, Path)), request_body = ExecBody,
     responses(
         (status = 200, body = ExecResult, description = "the command's end and output"),
         (status = 200, content_type = "application/x-ndjson", description = "output as it comes"),
+        (status = 200, content_type = "text/event-stream",
+            description = "output as it comes, as server-sent events"),
         (status = 404, body = ErrorBody),
     ))]
 pub async fn exec(
@@ -403,13 +404,9 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let live = daemon.get(&tenant.0, &id)?;
     let request = exec_request(&live, &body)?;
-    let streamed = body.stream
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("application/x-ndjson"));
+    let framing = crate::stream::Framing::of(&headers, body.stream);
     let start = Instant::now();
-    if !streamed {
+    let Some(framing) = framing else {
         let result = live
             .alongside(move |session| {
                 let mut out = Capture::default();
@@ -432,13 +429,8 @@ pub async fn exec(
             .await?;
         crate::metrics::exec(start.elapsed());
         return Ok(Json(result).into_response());
-    }
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let line = |value: serde_json::Value| {
-        let mut text = value.to_string();
-        text.push('\n');
-        bytes::Bytes::from(text)
     };
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
     tokio::spawn(async move {
         let sender = tx.clone();
         let ran = live
@@ -451,34 +443,33 @@ pub async fn exec(
                     let text = String::from_utf8_lossy(data);
                     // A client that went away stops receiving; the command runs on to its
                     // end or timeout.
-                    let _ = sender.blocking_send(line(serde_json::json!({ key: text })));
+                    let message = serde_json::json!({ key: text });
+                    let _ = sender.blocking_send(framing.frame(key, &message));
                 })?;
                 Ok(outcome)
             })
             .await;
         crate::metrics::exec(start.elapsed());
-        let last = match ran {
+        let (kind, last) = match ran {
             Ok(outcome) => {
                 let (exit_code, signal) = status_parts(outcome.status);
-                serde_json::json!({ "exit": {
+                let exit = serde_json::json!({ "exit": {
                     "exit_code": exit_code,
                     "signal": signal,
                     "timed_out": outcome.timed_out,
                     "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
-                }})
+                }});
+                ("exit", exit)
             }
-            Err(e) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
+            Err(e) => {
+                let error =
+                    serde_json::json!({ "error": { "code": e.code, "message": e.message } });
+                ("error", error)
+            }
         };
-        let _ = tx.send(line(last)).await;
+        let _ = tx.send(framing.frame(kind, &last)).await;
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(framing.response(rx))
 }
 
 /// Output kept up to [`MAX_EXEC_OUTPUT`].

@@ -12,6 +12,7 @@ pub mod daemon;
 mod error;
 mod files;
 pub mod metrics;
+mod stream;
 mod turns;
 
 use std::sync::Arc;

@@ -20,6 +20,7 @@ use upstream_turn::{Cancel, Event, Observer, TurnError, TurnOptions};
 use crate::auth::Tenant;
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ErrorBody};
+use crate::stream::Framing;
 
 /// A document to run.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -76,21 +77,17 @@ impl Observer for Quiet {
     fn event(&mut self, _: Event<'_>) {}
 }
 
-/// Sends each event as an NDJSON line.
-struct Forward(tokio::sync::mpsc::Sender<Bytes>);
+/// Sends each event, framed as the client asked.
+struct Forward(tokio::sync::mpsc::Sender<Bytes>, Framing);
 
 impl Observer for Forward {
     fn event(&mut self, event: Event<'_>) {
+        let value = serde_json::to_value(TurnEvent::of(&event)).unwrap_or_default();
+        let kind = value["event"].as_str().unwrap_or("event").to_string();
         // A client that went away has cancelled the turn (see `run_turn`); the rest of its
         // events go nowhere.
-        let _ = self.0.blocking_send(ndjson(&TurnEvent::of(&event)));
+        let _ = self.0.blocking_send(self.1.frame(&kind, &value));
     }
-}
-
-fn ndjson(value: &impl Serialize) -> Bytes {
-    let mut line = serde_json::to_vec(value).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
 }
 
 /// Run a markdown document as a turn; answers with the document, results written in, and
@@ -101,8 +98,9 @@ fn ndjson(value: &impl Serialize) -> Bytes {
 /// With `Accept: application/x-ndjson` (or `"stream": true`) the answer is the turn's
 /// progress as it happens, one JSON object per line (`{"event": "step_started", …}`,
 /// `step_finished` with the step's record, `output`, `image`, `context_loaded`, …), then
-/// `{"result": {"document", "turn"}}` or `{"error": {…}}`. A client that disconnects stops
-/// the turn.
+/// `{"result": {"document", "turn"}}` or `{"error": {…}}`; with `Accept: text/event-stream`,
+/// the same objects as server-sent events named by their kind. A client that disconnects
+/// stops the turn.
 #[utoipa::path(post, path = "/v1/turns", tag = "turns",
     request_body(content = RunTurn,
         description = "JSON; or the markdown itself as text/markdown; or multipart/form-data"),
@@ -110,6 +108,8 @@ fn ndjson(value: &impl Serialize) -> Bytes {
         (status = 200, body = TurnResult),
         (status = 200, content_type = "application/x-ndjson",
             description = "the turn's progress, then its result"),
+        (status = 200, content_type = "text/event-stream",
+            description = "the turn's progress, then its result, as server-sent events"),
         (status = 400, body = ErrorBody)))]
 pub async fn run_turn(
     State(daemon): State<Arc<Daemon>>,
@@ -118,11 +118,7 @@ pub async fn run_turn(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::extract::FromRequest;
     use axum::response::IntoResponse;
-    let wants_ndjson = request
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/x-ndjson"));
+    let headers = request.headers().clone();
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -203,7 +199,7 @@ pub async fn run_turn(
     let path = PathBuf::from(&name);
     let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let streamed = wants_ndjson || request.stream;
+    let framing = Framing::of(&headers, request.stream);
     let options = TurnOptions {
         store: Some(daemon.tenant_store(&tenant.0)),
         images: Some(daemon.config.images.clone()),
@@ -240,12 +236,12 @@ pub async fn run_turn(
             turn: record,
         })
     };
-    if !streamed {
+    let Some(framing) = framing else {
         let ran = tokio::task::spawn_blocking(move || run(&mut Quiet, &Cancel::default()))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??;
         return Ok(Json(ran).into_response());
-    }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let cancel = Cancel::default();
     // The response's end drops the receiver: a client gone before the turn ends stops it.
@@ -258,27 +254,21 @@ pub async fn run_turn(
     };
     tokio::spawn(async move {
         let sender = tx.clone();
-        let ran = tokio::task::spawn_blocking(move || run(&mut Forward(sender), &cancel)).await;
-        let last = match ran {
-            Ok(Ok(result)) => serde_json::json!({ "result": result }),
-            Ok(Err(e)) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
-            Err(e) => {
-                serde_json::json!({ "error": { "code": "internal", "message": e.to_string() } })
-            }
+        let ran =
+            tokio::task::spawn_blocking(move || run(&mut Forward(sender, framing), &cancel)).await;
+        let error = |code: &str, message: String| {
+            let value = serde_json::json!({ "error": { "code": code, "message": message } });
+            ("error", value)
         };
-        let _ = tx.send(ndjson(&last)).await;
+        let (kind, last) = match ran {
+            Ok(Ok(result)) => ("result", serde_json::json!({ "result": result })),
+            Ok(Err(e)) => error(e.code, e.message),
+            Err(e) => error("internal", e.to_string()),
+        };
+        let _ = tx.send(framing.frame(kind, &last)).await;
         watcher.abort();
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(framing.response(rx))
 }
 
 /// Opens the tenant's store, on a blocking thread.

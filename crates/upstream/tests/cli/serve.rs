@@ -387,6 +387,46 @@ fn streamed_output_comes_in_order_and_ends_with_the_exit() {
     assert!(position("stderr", "err2") < position("stdout", "out3"));
     let last = lines.last().unwrap();
     assert_eq!(last["exit"]["exit_code"], 2, "{last}");
+
+    // The same as server-sent events: each object a `data:` line under an `event:` naming
+    // its kind, an empty line after each.
+    let response = api
+        .request(reqwest::Method::POST, &format!("/v1/sandboxes/{sid}/exec"))
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "cmd": ["sh", "-c", "echo 'a\nb'; echo e >&2; exit 1"] }))
+        .send()
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let text = response.text().unwrap();
+    let events: Vec<(&str, Value)> = text
+        .split_terminator("\n\n")
+        .map(|block| {
+            let (event, data) = block.split_once('\n').unwrap();
+            let kind = event.strip_prefix("event: ").unwrap();
+            let data = data.strip_prefix("data: ").unwrap();
+            (kind, serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let stdout: String = events
+        .iter()
+        .filter(|(kind, _)| *kind == "stdout")
+        .map(|(_, v)| v["stdout"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, "a\nb\n", "{text}");
+    assert!(
+        events
+            .iter()
+            .any(|(kind, v)| *kind == "stderr" && v["stderr"] == "e\n")
+    );
+    let (kind, exit) = events.last().unwrap();
+    assert_eq!(
+        (*kind, &exit["exit"]["exit_code"]),
+        ("exit", &json!(1)),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1197,6 +1237,32 @@ fn a_streamed_turn_shows_its_progress_as_it_runs_and_stops_when_the_client_goes(
             .as_str()
             .unwrap()
             .contains("exit 3")
+    );
+
+    // As server-sent events, each event is named by its kind.
+    let response = api
+        .request(reqwest::Method::POST, "/v1/turns")
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "document": doc }))
+        .send()
+        .unwrap();
+    let text = response.text().unwrap();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .filter(|k| *k != "output")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "sandbox_ready",
+            "step_started",
+            "step_finished",
+            "step_started",
+            "step_finished",
+            "result"
+        ],
+        "{text}"
     );
 
     // A client that goes away mid-turn stops it: its sandbox is torn down at once, not when
