@@ -67,7 +67,10 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
     write_frame(&mut conn, &Response::Ready)?;
     let mut background = Background::default();
     loop {
-        reap(None, &mut background);
+        // Between requests, children that end (background commands, helpers whose host
+        // closed their connection) are reaped as they end, not left as zombies until the
+        // next request.
+        idle_until_request(&conn, &mut sigchld, &mut background)?;
         let Some(request) = read_frame::<_, Request>(&mut conn)? else {
             kill_everything(None);
             return Ok(());
@@ -169,6 +172,36 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
 enum Flow {
     Continue,
     Stop,
+}
+
+/// Reaps children as they end until the host's connection has something to read (a
+/// request, or its end).
+fn idle_until_request(
+    conn: &UnixStream,
+    sigchld: &mut SignalFd,
+    background: &mut Background,
+) -> Result<(), AgentError> {
+    loop {
+        reap(None, background);
+        let (chld_ready, conn_ready) = {
+            let mut fds = [
+                PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+            (ready(0), ready(1))
+        };
+        if chld_ready {
+            while let Ok(Some(_)) = sigchld.read_signal() {}
+        }
+        if conn_ready {
+            return Ok(());
+        }
+    }
 }
 
 /// Takes the socket the host sent after a `Connect` frame: one byte carrying it.

@@ -516,6 +516,18 @@ fn commands_in_one_sandbox_run_side_by_side_and_waiting_blocks_nothing() {
             assert_eq!(result["stdout"], format!("{n}\n"));
         }
     });
+    // The helpers of the sessions closed after them are reaped as they end: no zombie waits
+    // for the agent's next request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ps = api.exec(&sid, &["ps", "-e", "-o", "stat=,pid=,comm="]);
+        let text = ps["stdout"].as_str().unwrap().to_string();
+        if !text.lines().any(|l| l.trim_start().starts_with('Z')) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "zombies are left: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A client waiting for a background command holds nothing up: other commands, files and
     // signals go through meanwhile, and the wait sees the end.
     let (status, process) = api.post(
