@@ -88,6 +88,9 @@ pub struct Exec {
     pub cmd: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Standard input as bytes, base64 (instead of `stdin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]

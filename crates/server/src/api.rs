@@ -302,6 +302,8 @@ pub struct ExecBody {
     pub cmd: Vec<String>,
     /// Text given to the command on its standard input.
     pub stdin: Option<String>,
+    /// Bytes given to the command on its standard input, base64 (instead of `stdin`).
+    pub stdin_base64: Option<String>,
     /// Environment over the sandbox's.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -370,10 +372,25 @@ fn exec_request(live: &Live, body: &ExecBody) -> Result<ExecRequest, ApiError> {
             .unwrap_or_else(|| live.prepared.workdir.clone()),
         timeout_ms,
         user: live.prepared.user.as_ref().map(|(u, g, _)| (*u, *g)),
-        stdin: body.stdin.clone().unwrap_or_default().into_bytes(),
+        stdin: stdin_of(body.stdin.as_deref(), body.stdin_base64.as_deref())?,
         timeout_kills: Scope::Command,
         ..ExecRequest::default()
     })
+}
+
+/// A command's standard input, from text or from base64.
+fn stdin_of(text: Option<&str>, base64: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    match (text, base64) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give `stdin` (text) or `stdin_base64` (bytes), not both",
+        )),
+        (Some(text), None) => Ok(text.as_bytes().to_vec()),
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| ApiError::bad_request(format!("`stdin_base64` is not base64: {e}"))),
+        (None, None) => Ok(Vec::new()),
+    }
 }
 
 fn status_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
@@ -495,6 +512,8 @@ impl Capture {
 pub struct StartProcess {
     pub cmd: Vec<String>,
     pub stdin: Option<String>,
+    /// Bytes for its standard input, base64 (instead of `stdin`).
+    pub stdin_base64: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
@@ -560,6 +579,7 @@ pub async fn start_process(
     let exec = ExecBody {
         cmd: body.cmd,
         stdin: body.stdin,
+        stdin_base64: body.stdin_base64,
         env: body.env,
         cwd: body.cwd,
         timeout: None,

@@ -171,8 +171,8 @@ pub enum SandboxCommand {
         /// Kill the command after this long.
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<std::time::Duration>,
-        /// Give the command upstream's standard input (UTF-8 text, read to its end first);
-        /// otherwise it reads nothing.
+        /// Give the command upstream's standard input (read to its end first); otherwise
+        /// it reads nothing.
         #[arg(short = 'i', long)]
         stdin: bool,
         /// The command and its arguments.

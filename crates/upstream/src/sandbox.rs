@@ -87,28 +87,29 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
             stdin,
             command,
         } => {
-            let stdin = if stdin {
+            // Text goes as it is, other bytes as base64.
+            let (stdin, stdin_base64) = if stdin {
                 let mut data = Vec::new();
                 if let Err(e) = io::stdin().lock().read_to_end(&mut data) {
                     eprintln!("upstream: cannot read standard input: {e}");
                     return exit::BAD_INPUT;
                 }
                 match String::from_utf8(data) {
-                    Ok(text) => Some(text),
-                    Err(_) => {
-                        eprintln!(
-                            "upstream: standard input is not UTF-8 text; copy the file in with \
-                             `upstream sandbox cp FILE {id}:PATH` and have the command read it"
-                        );
-                        return exit::BAD_INPUT;
+                    Ok(text) => (Some(text), None),
+                    Err(e) => {
+                        use base64::Engine;
+                        let bytes = e.into_bytes();
+                        let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+                        (None, Some(encoded))
                     }
                 }
             } else {
-                None
+                (None, None)
             };
             let request = Exec {
                 cmd: command,
                 stdin,
+                stdin_base64,
                 env: env.into_iter().collect::<BTreeMap<_, _>>(),
                 cwd,
                 timeout: timeout.map(|t| t.as_secs_f64()),

@@ -215,6 +215,27 @@ fn a_sandbox_is_made_used_listed_and_torn_down() {
     );
     assert_eq!(wrote["exit_code"], 0, "{wrote}");
     assert_eq!(api.exec(&sid, &["cat", "kept.txt"])["stdout"], "piped in");
+    // Bytes as base64; not both forms, and not bad base64.
+    let (_, bytes) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": ["od", "-An", "-tx1"], "stdin_base64": "AP8K" }),
+    );
+    assert_eq!(
+        bytes["stdout"].as_str().unwrap().trim(),
+        "00 ff 0a",
+        "{bytes}"
+    );
+    for body in [
+        json!({ "cmd": ["cat"], "stdin": "a", "stdin_base64": "YQ==" }),
+        json!({ "cmd": ["cat"], "stdin_base64": "not base64!" }),
+    ] {
+        let (status, refused) = api.post(&format!("/v1/sandboxes/{sid}/exec"), body);
+        assert_eq!(
+            (status, error_code(&refused)),
+            (400, "bad_request"),
+            "{refused}"
+        );
+    }
     // A timeout kills the command, not the sandbox.
     let (_, slow) = api.post(
         &format!("/v1/sandboxes/{sid}/exec"),
@@ -1481,13 +1502,13 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert_eq!(crate::util::stdout(&upper), "HELLO\n");
     let nothing = piped(&["sandbox", "exec", &sid, "--", "wc", "-c"], b"hello\n");
     assert_eq!(crate::util::stdout(&nothing).trim(), "0");
-    let binary = piped(&["sandbox", "exec", "-i", &sid, "--", "cat"], &[0xff, 0xfe]);
-    assert_eq!(crate::util::code(&binary), 2);
-    assert!(
-        crate::util::stderr(&binary).contains("sandbox cp"),
-        "{}",
-        crate::util::stderr(&binary)
+    // Bytes that are not text go as base64 and arrive as they were.
+    let binary = piped(
+        &["sandbox", "exec", "-i", &sid, "--", "od", "-An", "-tx1"],
+        &[0xff, 0xfe, 0x00, 0x0a],
     );
+    assert!(binary.status.success(), "{}", crate::util::stderr(&binary));
+    assert_eq!(crate::util::stdout(&binary).trim(), "ff fe 00 0a");
     // Files both ways.
     let local = env.write("data.csv", "a,b\n1,2\n");
     let up = cli(&[
