@@ -346,7 +346,9 @@ pub async fn delete(
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY,
                 0,
             )?;
-            remove(dir.as_fd(), name, recursive)
+            let name = std::ffi::CString::new(name)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            remove(dir.as_fd(), &name, recursive)
         })
     })
     .await
@@ -362,7 +364,7 @@ pub async fn delete(
 
 /// Removes `name` in `dir`, never following a link; directories' contents first when
 /// `recursive`.
-fn remove(dir: BorrowedFd<'_>, name: &str, recursive: bool) -> io::Result<()> {
+fn remove(dir: BorrowedFd<'_>, name: &std::ffi::CStr, recursive: bool) -> io::Result<()> {
     use nix::unistd::{UnlinkatFlags, unlinkat};
     let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(io::Error::from)?;
@@ -379,11 +381,12 @@ fn remove(dir: BorrowedFd<'_>, name: &str, recursive: bool) -> io::Result<()> {
             );
         let sub = openat2(dir, name, how).map_err(io::Error::from)?;
         let mut listing = nix::dir::Dir::from_fd(sub.try_clone()?).map_err(io::Error::from)?;
-        let names: Vec<String> = listing
+        // Names as the directory holds them, whatever bytes they are.
+        let names: Vec<std::ffi::CString> = listing
             .iter()
             .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "." && n != "..")
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
             .collect();
         for child in names {
             remove(sub.as_fd(), &child, true)?;

@@ -257,6 +257,21 @@ fn a_sandbox_is_made_used_listed_and_torn_down() {
     assert_eq!(all["sandboxes"].as_array().unwrap().len(), 2);
     let (status, got) = api.get(&format!("/v1/sandboxes/{sid}"));
     assert_eq!((status, got["id"].clone()), (200, json!(sid)));
+    // A directory is deleted whole, names that are not UTF-8 included.
+    let made = api.exec(
+        &sid,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p tree/sub && touch tree/sub/$(printf 'x\\377') tree/a",
+        ],
+    );
+    assert_eq!(made["exit_code"], 0, "{made}");
+    let status = api.delete(&format!(
+        "/v1/sandboxes/{sid}/files?path=tree&recursive=true"
+    ));
+    assert_eq!(status, 204);
+    assert_eq!(api.exec(&sid, &["ls", "-A"])["stdout"], "kept.txt\n");
 
     assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
     let (status, gone) = api.get(&format!("/v1/sandboxes/{sid}"));
