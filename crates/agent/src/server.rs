@@ -183,24 +183,44 @@ fn idle_until_request(
 ) -> Result<(), AgentError> {
     loop {
         reap(None, background);
-        let (chld_ready, conn_ready) = {
-            let mut fds = [
-                PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
-                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
-            (ready(0), ready(1))
-        };
-        if chld_ready {
-            while let Ok(Some(_)) = sigchld.read_signal() {}
-        }
-        if conn_ready {
+        if wait_for_host(conn, sigchld, PollTimeout::NONE)? {
             return Ok(());
         }
+    }
+}
+
+/// Waits up to `timeout` until the host's connection has something to read or a child
+/// ends (whose signal it takes); returns whether the connection is readable.
+fn wait_for_host(
+    conn: &UnixStream,
+    sigchld: &mut SignalFd,
+    timeout: PollTimeout,
+) -> Result<bool, AgentError> {
+    let (chld_ready, conn_ready) = {
+        let mut fds = [
+            PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+            PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+        (ready(0), ready(1))
+    };
+    if chld_ready {
+        while let Ok(Some(_)) = sigchld.read_signal() {}
+    }
+    Ok(conn_ready)
+}
+
+/// A poll timeout for `left` (`None`: none), rounded up to whole milliseconds and at most a
+/// minute: the caller looks again when it ends.
+fn poll_timeout(left: Option<Duration>) -> PollTimeout {
+    match left {
+        Some(left) => PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+            .unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
     }
 }
 
@@ -328,27 +348,7 @@ fn wait(
             write_frame(conn, &Response::Waited { status })?;
             return Ok(Flow::Continue);
         }
-        let timeout = match left {
-            Some(left) => PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-                .unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
-        let (chld_ready, conn_ready) = {
-            let mut fds = [
-                PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
-                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
-            (ready(0), ready(1))
-        };
-        if chld_ready {
-            while let Ok(Some(_)) = sigchld.read_signal() {}
-        }
-        if conn_ready {
+        if wait_for_host(conn, sigchld, poll_timeout(left))? {
             match read_frame::<_, Request>(conn)? {
                 Some(Request::Shutdown) => {
                     kill_everything(None);
@@ -408,11 +408,7 @@ fn run(
     while status.is_none() {
         let timeout = match deadline {
             Some(_) if timed_out => PollTimeout::from(100u16),
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-                    .unwrap_or(PollTimeout::MAX)
-            }
+            Some(d) => poll_timeout(Some(d.saturating_duration_since(Instant::now()))),
             None => PollTimeout::NONE,
         };
         let (out_ready, err_ready, chld_ready, conn_ready) = {
