@@ -103,16 +103,9 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // it need not be searchable by sandbox root) and is in the new mount namespace (so the
     // overlay can use it); the mount reaches it through /proc/self/fd.
     let skeleton = match &config.skeleton {
-        Some(path) => Some(
-            nix::fcntl::open(
-                path.as_str(),
-                nix::fcntl::OFlag::O_PATH
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .map_err(|e| format!("cannot open {path}: {e}"))?,
-        ),
+        Some(path) => {
+            Some(crate::open_path_dir(path).map_err(|e| format!("cannot open {path}: {e}"))?)
+        }
         None => None,
     };
     // An image's layers likewise: its cache need not be searchable by sandbox root.
@@ -121,14 +114,8 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
         .layers
         .iter()
         .map(|path| {
-            nix::fcntl::open(
-                path.as_str(),
-                nix::fcntl::OFlag::O_PATH
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .map_err(|e| format!("cannot open the image layer {path}: {e}"))
+            crate::open_path_dir(path)
+                .map_err(|e| format!("cannot open the image layer {path}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     config.layers = image_layers

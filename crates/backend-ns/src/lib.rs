@@ -139,6 +139,17 @@ const SKELETON_DIR: &str = "skeleton-3";
 
 /// Where sandbox directories live: `$UPSTREAM_RUNTIME_DIR`, else `<tmp>/upstream-<uid>`.
 /// The directory is private to the user; one owned by anybody else is refused.
+/// Opens a directory as a path-only descriptor (`O_PATH`): enough to resolve and mount
+/// through, and open while the path to it may not be searchable later.
+pub(crate) fn open_path_dir(path: &str) -> nix::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+}
+
 fn runtime_dir() -> Result<PathBuf, SandboxError> {
     let uid = Uid::effective();
     let dir = match std::env::var_os("UPSTREAM_RUNTIME_DIR") {
@@ -814,26 +825,17 @@ impl Sandbox for NamespaceSandbox {
     fn host_root(&self) -> Result<HostRoot, SandboxError> {
         let fail =
             |e: String| SandboxError::setup(format!("cannot reach the sandbox's files: {e}"), None);
-        let child = self
-            .child
-            .as_ref()
-            .ok_or_else(|| fail("it has ended".into()))?;
+        if self.child.is_none() {
+            return Err(fail("it has ended".into()));
+        }
         // Before the agent is ready, pid 1 may not have its own root yet: its /proc root
         // would be the host's.
         if self.client.as_ref().is_none_or(|c| c.ready_at().is_none()) {
             return Err(fail("it is not ready yet".into()));
         }
-        let _ = child;
         let pid1 = self.pid1().map_err(fail)?;
         let path = format!("/proc/{pid1}/root");
-        let dir = nix::fcntl::open(
-            path.as_str(),
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| fail(format!("{path}: {e}")))?;
+        let dir = open_path_dir(&path).map_err(|e| fail(format!("{path}: {e}")))?;
         let (uid, gid) = if self.rootless {
             (
                 Uid::effective().as_raw(),

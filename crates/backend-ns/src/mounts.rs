@@ -308,13 +308,9 @@ fn mount_overlay(lower: &str, upper: &str, work: &str, target: &str) -> Result<(
 fn mount_workspace(ws: &crate::setup::WorkspaceLayers) -> Result<(), MountError> {
     let target = format!("root{}", ws.dir);
     fs::create_dir_all(&target).map_err(ctx(|| format!("cannot create {}", ws.dir)))?;
-    let base = nix::fcntl::open(
-        target.as_str(),
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(nix_io)
-    .map_err(ctx(|| format!("cannot open {}", ws.dir)))?;
+    let base = crate::open_path_dir(&target)
+        .map_err(nix_io)
+        .map_err(ctx(|| format!("cannot open {}", ws.dir)))?;
     crate::layers::keep_fd(base, crate::layers::BASE_FD)
         .map_err(ctx(|| "cannot keep the workspace's base".to_string()))?;
     // Without a detached mount (kernels before 5.2) the workspace still works; only the
