@@ -124,6 +124,21 @@ pub struct TurnResult {
     pub turn: Value,
 }
 
+/// The error that ends a streamed answer (`{"code", "message"}`), with the status the daemon
+/// would have answered before streaming.
+fn streamed_error(error: &Value) -> ClientError {
+    let code = error["code"].as_str().unwrap_or("error");
+    ClientError::Api {
+        status: match code {
+            "bad_request" => 400,
+            "not_found" => 404,
+            _ => 500,
+        },
+        code: code.into(),
+        message: error["message"].as_str().unwrap_or("").into(),
+    }
+}
+
 /// A client of one daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -276,11 +291,7 @@ impl Client {
                 return serde_json::from_value(event["exit"].clone())
                     .map_err(|e| ClientError::Answer(e.to_string()));
             } else if !event["error"].is_null() {
-                return Err(ClientError::Api {
-                    status: 500,
-                    code: event["error"]["code"].as_str().unwrap_or("error").into(),
-                    message: event["error"]["message"].as_str().unwrap_or("").into(),
-                });
+                return Err(streamed_error(&event["error"]));
             }
         }
         Err(ClientError::Answer(
@@ -340,16 +351,7 @@ impl Client {
                     .map_err(|e| ClientError::Answer(e.to_string()));
             }
             if !event["error"].is_null() {
-                let code = event["error"]["code"].as_str().unwrap_or("error");
-                return Err(ClientError::Api {
-                    status: match code {
-                        "bad_request" => 400,
-                        "not_found" => 404,
-                        _ => 500,
-                    },
-                    code: code.into(),
-                    message: event["error"]["message"].as_str().unwrap_or("").into(),
-                });
+                return Err(streamed_error(&event["error"]));
             }
             on_event(event);
         }

@@ -110,20 +110,39 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
-    pub fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, ClientError> {
-        write_frame(
-            &mut self.conn,
-            &Request::ReadFile {
-                path: path.into(),
-                limit,
-            },
-        )?;
+    /// Sends `request` and reads its one answer (see [`AgentClient::answer`]).
+    fn call<T>(
+        &mut self,
+        request: &Request,
+        pick: impl FnOnce(Response) -> Result<T, Response>,
+    ) -> Result<T, ClientError> {
+        write_frame(&mut self.conn, request)?;
+        self.answer(pick)
+    }
+
+    /// Reads the answer to a request sent: what `pick` takes from it, else the agent's
+    /// refusal or an unexpected answer as an error.
+    fn answer<T>(
+        &mut self,
+        pick: impl FnOnce(Response) -> Result<T, Response>,
+    ) -> Result<T, ClientError> {
         self.wait_ready()?;
-        match self.receive()? {
-            Response::File { data } => Ok(data),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        match pick(self.receive()?) {
+            Ok(value) => Ok(value),
+            Err(Response::Error { message }) => Err(ClientError::Refused(message)),
+            Err(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    pub fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, ClientError> {
+        let request = Request::ReadFile {
+            path: path.into(),
+            limit,
+        };
+        self.call(&request, |r| match r {
+            Response::File { data } => Ok(data),
+            other => Err(other),
+        })
     }
 
     pub fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), ClientError> {
@@ -132,13 +151,7 @@ impl<S: Read + Write> AgentClient<S> {
             data: data.to_vec(),
             mode,
         };
-        write_frame(&mut self.conn, &request)?;
-        self.wait_ready()?;
-        match self.receive()? {
-            Response::Done => Ok(()),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(&request, done)
     }
 
     /// Starts a command in the background, its stdout and stderr appended to these files of
@@ -154,13 +167,10 @@ impl<S: Read + Write> AgentClient<S> {
             stdout: stdout.into(),
             stderr: stderr.into(),
         };
-        write_frame(&mut self.conn, &request)?;
-        self.wait_ready()?;
-        match self.receive()? {
+        self.call(&request, |r| match r {
             Response::Started { pid } => Ok(pid),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+            other => Err(other),
+        })
     }
 
     /// Waits up to `timeout` (`None`: for ever) for a background command to end; `None` when
@@ -174,24 +184,15 @@ impl<S: Read + Write> AgentClient<S> {
             pid,
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
         };
-        write_frame(&mut self.conn, &request)?;
-        self.wait_ready()?;
-        match self.receive()? {
+        self.call(&request, |r| match r {
             Response::Waited { status } => Ok(status),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+            other => Err(other),
+        })
     }
 
     /// Sends `signal` to a background command's process group.
     pub fn signal(&mut self, pid: i32, signal: i32) -> Result<(), ClientError> {
-        write_frame(&mut self.conn, &Request::Signal { pid, signal })?;
-        self.wait_ready()?;
-        match self.receive()? {
-            Response::Done => Ok(()),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(&Request::Signal { pid, signal }, done)
     }
 
     /// Asks the agent to kill everything and exit, without waiting for its answer (the
@@ -229,11 +230,15 @@ impl AgentClient<std::os::unix::net::UnixStream> {
             }
         }
         drop(helper);
-        self.wait_ready()?;
-        match self.receive()? {
-            Response::Done => Ok(AgentClient::new(host)),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.answer(done)?;
+        Ok(AgentClient::new(host))
+    }
+}
+
+/// Picks a `Done` answer.
+fn done(response: Response) -> Result<(), Response> {
+    match response {
+        Response::Done => Ok(()),
+        other => Err(other),
     }
 }
