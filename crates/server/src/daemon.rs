@@ -379,6 +379,17 @@ impl Pool {
     pub fn ready(&self) -> usize {
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// Takes a ready sandbox, if there is one, and wakes the filler to replace it.
+    fn take(&self) -> Option<Warm> {
+        let taken = self
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        self.wake.notify_one();
+        taken
+    }
 }
 
 /// Everything the daemon holds.
@@ -532,14 +543,8 @@ impl Daemon {
                 .as_ref()
                 .is_some_and(|prep| prep.spec == *spec)
         })?;
-        let taken = pool
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front();
-        pool.wake.notify_one();
         // A turn runs its steps on the sandbox's own connection: the session goes.
-        taken.map(|warm| warm.sandbox)
+        pool.take().map(|warm| warm.sandbox)
     }
 
     fn check_room(&self, tenant: &str) -> Result<(), ApiError> {
@@ -578,13 +583,7 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()?;
-            let warm = pool
-                .ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front();
-            pool.wake.notify_one();
-            Some((prepared, warm?))
+            Some((prepared, pool.take()?))
         });
         let from_pool = pooled.is_some();
         let (prepared, sandbox, session) = match pooled {
