@@ -5,6 +5,7 @@
 //! the host side of its protocol.
 
 mod client;
+pub mod hostfs;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
