@@ -2,6 +2,16 @@
 //! place: a cap on processes, no new privileges, capabilities cut to what the sandbox root
 //! needs, and a seccomp filter refusing the system calls a sandbox never needs.
 //!
+//! The filter also bounds the kernel's network surface. A sandbox makes sockets of the
+//! families in [`SOCKET_FAMILIES`] (Unix sockets, IPv4 and IPv6: loopback alone without
+//! network, the host's network with `network: host`) and netlink sockets of the protocols in
+//! [`NETLINK_PROTOCOLS`], nothing else. Everything else is refused with `EPERM`, whatever the network mode:
+//! `AF_VSOCK` (the channel to the hypervisor and its other guests, which is not the network a
+//! document asks for), `AF_PACKET`, `AF_KEY`, `AF_ALG`, `AF_BLUETOOTH`, `AF_XDP`, `AF_TIPC`,
+//! `AF_RDS` and the rest, whose code is rarely reached and often broken. The kernel answers a
+//! family it lacks with `EAFNOSUPPORT`, so `EPERM` says the filter refused it. io_uring is
+//! refused too: its requests do the work of system calls this filter never sees.
+//!
 //! The process cap is `RLIMIT_NPROC`, which the kernel counts per user (uid) per user
 //! namespace, and every sandbox has a user namespace of its own. Commands cannot change uid
 //! (CAP_SETUID and CAP_SETGID are out of the bounding set, set-uid binaries are inert under
@@ -75,6 +85,26 @@ const DENIED: &[i64] = &[
     libc::SYS_ustat,
     libc::SYS_sysfs,
     libc::SYS_personality,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+];
+
+/// The socket families a sandbox may create with any protocol (`socketpair` takes `AF_UNIX`
+/// only): Unix sockets for local programs, IPv4 and IPv6 for loopback and, with
+/// `network: host`, the host's network. `AF_NETLINK` is allowed too, for the protocols in
+/// [`NETLINK_PROTOCOLS`].
+pub const SOCKET_FAMILIES: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
+/// The netlink protocols a sandbox may open: `NETLINK_ROUTE` (addresses and links: `ip`, the C
+/// library's `getifaddrs` and `getaddrinfo`), `NETLINK_SOCK_DIAG` (`ss`) and `NETLINK_AUDIT`
+/// (user-management tools and PAM log through it and give up if it cannot be opened; the
+/// kernel refuses audit messages from any user namespace but the host's). The others
+/// (netfilter, generic netlink, crypto, uevents, ...) reach code a sandbox has no use for.
+pub const NETLINK_PROTOCOLS: &[libc::c_int] = &[
+    libc::NETLINK_ROUTE,
+    libc::NETLINK_SOCK_DIAG,
+    libc::NETLINK_AUDIT,
 ];
 
 const NAMESPACE_FLAGS: &[libc::c_int] = &[
@@ -283,7 +313,9 @@ impl Program {
 }
 
 /// The seccomp filter: refuses the system calls in [`DENIED`], `clone()` with a namespace
-/// flag and the `TIOCSTI` ioctl with `EPERM`; answers `clone3()` with `ENOSYS`, which makes
+/// flag, sockets of families not in [`SOCKET_FAMILIES`] (netlink ones of protocols not in
+/// [`NETLINK_PROTOCOLS`]), socket pairs other than Unix ones, and the `TIOCSTI` ioctl with
+/// `EPERM`; answers `clone3()` with `ENOSYS`, which makes
 /// the C library fall back to `clone()` (`clone3` passes its flags in memory, where a filter
 /// cannot look), and system calls of the x32 ABI too, whose numbers would get past rules
 /// written for native ones; kills a process making system calls of another architecture.
@@ -309,6 +341,25 @@ pub fn filter() -> Result<BpfProgram, SecurityError> {
     p.jump(JEQ, libc::SYS_clone as u32, NEXT, Skip(2));
     p.op(LOAD, data_arg_low(0));
     p.jump(JSET, namespace_flags, Deny, Allow);
+    // socket(family, type, protocol): the family and protocol are ints, in the low halves.
+    let (families, protocols) = (SOCKET_FAMILIES.len(), NETLINK_PROTOCOLS.len());
+    let block =
+        u8::try_from(1 + families + 2 + protocols).map_err(|_| SecurityError::FilterTooLong)?;
+    p.jump(JEQ, libc::SYS_socket as u32, NEXT, Skip(block));
+    p.op(LOAD, data_arg_low(0));
+    for &family in SOCKET_FAMILIES {
+        p.jump(JEQ, family as u32, Allow, NEXT);
+    }
+    p.jump(JEQ, libc::AF_NETLINK as u32, NEXT, Deny);
+    p.op(LOAD, data_arg_low(2));
+    for (i, &protocol) in NETLINK_PROTOCOLS.iter().enumerate() {
+        let otherwise = if i + 1 == protocols { Deny } else { NEXT };
+        p.jump(JEQ, protocol as u32, Allow, otherwise);
+    }
+    // socketpair(family, ...): the kernel pairs only Unix (and TIPC) sockets.
+    p.jump(JEQ, libc::SYS_socketpair as u32, NEXT, Skip(2));
+    p.op(LOAD, data_arg_low(0));
+    p.jump(JEQ, libc::AF_UNIX as u32, Allow, Deny);
     // ioctl(fd, TIOCSTI, ...) pushes characters into a terminal's input. The request is an
     // unsigned int: its upper half does not count.
     p.jump(JEQ, libc::SYS_ioctl as u32, NEXT, Allow);
@@ -318,6 +369,8 @@ pub fn filter() -> Result<BpfProgram, SecurityError> {
 }
 
 #[cfg(test)]
+// Tests report skips on stderr.
+#[allow(clippy::print_stderr)]
 mod tests {
     use super::*;
 
@@ -456,6 +509,139 @@ mod tests {
             libc::ENOTTY,
             "other ioctls reach the kernel"
         );
+    }
+
+    /// socket(family, SOCK_STREAM or SOCK_DGRAM, protocol) in this process: its errno, 0 if
+    /// it made a socket (closed at once).
+    fn socket_errno(family: libc::c_long, kind: libc::c_int, protocol: libc::c_int) -> i32 {
+        // SAFETY: socket takes integers; the descriptor it may return is closed here.
+        unsafe {
+            let fd = libc::syscall(
+                libc::SYS_socket,
+                family,
+                kind | libc::SOCK_CLOEXEC,
+                protocol,
+            );
+            if fd >= 0 {
+                libc::close(fd as libc::c_int);
+            }
+            errno_of(fd)
+        }
+    }
+
+    #[test]
+    fn socket_families_outside_the_allow_list_are_refused() {
+        let refused: &[(libc::c_int, libc::c_int)] = &[
+            (libc::AF_VSOCK, libc::SOCK_STREAM),
+            (libc::AF_PACKET, libc::SOCK_RAW),
+            (libc::AF_KEY, libc::SOCK_RAW),
+            (libc::AF_ALG, libc::SOCK_SEQPACKET),
+            (libc::AF_BLUETOOTH, libc::SOCK_STREAM),
+            (libc::AF_XDP, libc::SOCK_RAW),
+            (libc::AF_TIPC, libc::SOCK_RDM),
+            (libc::AF_RDS, libc::SOCK_SEQPACKET),
+            (libc::AF_CAN, libc::SOCK_RAW),
+        ];
+        for &(family, kind) in refused {
+            let errno = under_filter(|| socket_errno(family.into(), kind, 0));
+            assert_eq!(errno, libc::EPERM, "family {family}");
+        }
+        // The family is an int: a number with the upper half set is the same family.
+        let vsock_high = (1 << 32) | libc::c_long::from(libc::AF_VSOCK);
+        assert_eq!(
+            under_filter(|| socket_errno(vsock_high, libc::SOCK_STREAM, 0)),
+            libc::EPERM
+        );
+        // socketpair of anything but Unix sockets.
+        let probe = |family: libc::c_int| {
+            move || {
+                let mut fds = [0; 2];
+                // SAFETY: socketpair writes two descriptors into `fds`, closed here.
+                unsafe {
+                    let r = libc::socketpair(family, libc::SOCK_STREAM, 0, fds.as_mut_ptr());
+                    let errno = errno_of(r.into());
+                    if r == 0 {
+                        libc::close(fds[0]);
+                        libc::close(fds[1]);
+                    }
+                    errno
+                }
+            }
+        };
+        assert_eq!(under_filter(probe(libc::AF_TIPC)), libc::EPERM);
+        assert_eq!(under_filter(probe(libc::AF_UNIX)), 0, "Unix pairs are made");
+    }
+
+    #[test]
+    fn a_refused_family_is_refused_by_the_filter_not_the_kernel() {
+        // Outside the filter the kernel answers AF_VSOCK with a socket (its module is there)
+        // or EAFNOSUPPORT (it is not), never EPERM: an EPERM under the filter is the filter's.
+        let host = socket_errno(libc::AF_VSOCK.into(), libc::SOCK_STREAM, 0);
+        assert_ne!(host, libc::EPERM, "the kernel itself refuses AF_VSOCK");
+    }
+
+    #[test]
+    fn the_allowed_families_and_netlink_protocols_work() {
+        for (family, kind, protocol) in [
+            (libc::AF_UNIX, libc::SOCK_STREAM, 0),
+            (libc::AF_UNIX, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET, libc::SOCK_STREAM, 0),
+            (libc::AF_INET, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET6, libc::SOCK_STREAM, 0),
+            (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+            (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_SOCK_DIAG),
+        ] {
+            let errno = under_filter(|| socket_errno(family.into(), kind, protocol));
+            assert_eq!(errno, 0, "family {family} protocol {protocol}");
+        }
+        for protocol in [
+            libc::NETLINK_NETFILTER,
+            libc::NETLINK_GENERIC,
+            libc::NETLINK_KOBJECT_UEVENT,
+            libc::NETLINK_XFRM,
+            libc::NETLINK_CRYPTO,
+        ] {
+            let errno =
+                under_filter(|| socket_errno(libc::AF_NETLINK.into(), libc::SOCK_RAW, protocol));
+            assert_eq!(errno, libc::EPERM, "netlink protocol {protocol}");
+        }
+    }
+
+    /// io_uring_setup(8, params) in this process: its errno, 0 if it made a ring (closed).
+    fn io_uring_errno() -> i32 {
+        let mut params = [0u8; 120];
+        // SAFETY: io_uring_setup reads and writes a struct io_uring_params, 120 bytes, which
+        // `params` holds; the ring's descriptor is closed here.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_io_uring_setup, 8, params.as_mut_ptr());
+            if fd >= 0 {
+                libc::close(fd as libc::c_int);
+            }
+            errno_of(fd)
+        }
+    }
+
+    #[test]
+    fn io_uring_is_refused() {
+        assert_eq!(under_filter(io_uring_errno), libc::EPERM);
+        let probe = || {
+            // SAFETY: io_uring_enter and io_uring_register on a descriptor that is no ring;
+            // refused before the kernel looks at it.
+            unsafe {
+                let enter = errno_of(libc::syscall(libc::SYS_io_uring_enter, -1, 0, 0, 0, 0, 0));
+                let register = errno_of(libc::syscall(libc::SYS_io_uring_register, -1, 0, 0, 0));
+                i32::from(enter == libc::EPERM && register == libc::EPERM)
+            }
+        };
+        assert_eq!(under_filter(probe), 1);
+        // The control: on the host, where it is not disabled, it makes a ring.
+        let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .is_ok_and(|v| v.trim() != "0");
+        if disabled {
+            eprintln!("SKIPPED: io_uring control: io_uring is disabled on this host");
+        } else {
+            assert_eq!(io_uring_errno(), 0, "io_uring works outside the filter");
+        }
     }
 
     #[test]

@@ -473,3 +473,72 @@ fn a_later_sandbox_sees_nothing_of_an_earlier_one() {
     }
     assert!(env.leftover_sandboxes().is_empty());
 }
+
+/// Tries the kernel surface a sandbox is refused, printing `<probe> ok` or `<probe> <errno>`.
+const SURFACE_PROBE: &str = r#"python3 - <<'EOF'
+import ctypes, errno, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, make):
+    try:
+        make().close()
+        print(name, "ok")
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, e.errno))
+report("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+report("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+report("alg", lambda: socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET))
+report("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+report("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+report("inet6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+report("netlink-route", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 8, params)  # io_uring_setup on x86-64 and aarch64
+print("io_uring", "ok" if fd >= 0 else errno.errorcode[ctypes.get_errno()])
+# A listener on loopback and a connection to it: IP inside the sandbox works.
+server = socket.create_server(("127.0.0.1", 0))
+socket.create_connection(server.getsockname(), timeout=3).close()
+print("loopback ok")
+EOF"#;
+
+#[test]
+fn vsock_io_uring_and_other_socket_families_are_refused() {
+    crate::require_root_sandbox!();
+    // The control: the same probe on the host. AF_VSOCK and io_uring exist here (or the
+    // kernel says they do not, which is not the filter's EPERM).
+    let host = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(SURFACE_PROBE)
+        .output()
+        .unwrap();
+    let host = stdout(&host);
+    assert!(
+        host.contains("vsock ok") || host.contains("vsock EAFNOSUPPORT"),
+        "{host}"
+    );
+    if !host.contains("vsock ok") {
+        crate::util::skip(
+            "note: this host has no AF_VSOCK; the sandbox's EPERM is still the filter's".into(),
+        );
+    }
+    assert!(
+        host.contains("io_uring ok"),
+        "io_uring works on the host: {host}"
+    );
+    let env = Env::new();
+    for network in ["none", "host"] {
+        let (code, block, err) = run_step(&env, &format!("network: {network}"), SURFACE_PROBE);
+        assert_eq!(code, 0, "{network}: {err}\n{block}");
+        for refused in ["vsock", "packet", "alg", "io_uring"] {
+            assert!(
+                block.contains(&format!("{refused} EPERM")),
+                "{network}: {refused} is refused by the filter: {block}"
+            );
+        }
+        for allowed in ["unix", "inet", "inet6", "netlink-route", "loopback"] {
+            assert!(
+                block.contains(&format!("{allowed} ok")),
+                "{network}: {allowed} works: {block}"
+            );
+        }
+    }
+}
