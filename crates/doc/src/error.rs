@@ -50,6 +50,8 @@ pub enum ErrorKind {
     UnclosedFrontMatter,
     /// The front matter is not valid YAML or does not match the schema.
     FrontMatter(String),
+    /// A front matter key has a value upstream does not take (out of bounds, wrong type).
+    FrontMatterValue { message: String, hint: String },
     /// A step's fence is never closed.
     UnclosedFence { fence: String },
     /// A step's info string has a word upstream does not know.
@@ -111,6 +113,9 @@ impl ParseError {
             ErrorKind::NoSteps => "the document has no steps".into(),
             ErrorKind::UnclosedFrontMatter => "the front matter is never closed".into(),
             ErrorKind::FrontMatter(e) => format!("invalid front matter: {e}"),
+            ErrorKind::FrontMatterValue { message, .. } => {
+                format!("invalid front matter: {message}")
+            }
             ErrorKind::UnclosedFence { fence } => {
                 format!("this step's code block is never closed (it opens with {fence})")
             }
@@ -135,6 +140,7 @@ impl ParseError {
             ErrorKind::UnclosedFrontMatter => {
                 "end the front matter with a line holding only `---`".into()
             }
+            ErrorKind::FrontMatterValue { hint, .. } => hint.clone(),
             ErrorKind::FrontMatter(_) => format!(
                 "front matter keys are: {}",
                 crate::front_matter::KEYS.join(", ")

@@ -29,6 +29,45 @@ pub const HOST_IMAGE: &str = "host";
 /// The working directory of steps when the document names none.
 pub const DEFAULT_WORKDIR: &str = "/workspace";
 
+/// The longest duration upstream takes anywhere (a front matter `timeout`, a command line's
+/// `--lifetime`, a request's timeout): a year. A turn that should run longer is a typo, and
+/// a deadline this far away still fits every clock, so adding it to "now" cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest size upstream takes anywhere (a sandbox's memory, an output limit): 1 PiB,
+/// more than any host has, and far enough below `u64::MAX` that arithmetic on a limit cannot
+/// overflow.
+pub const MAX_SIZE: u64 = 1 << 50;
+/// The most CPUs a sandbox may be given.
+pub const MAX_CPUS: f64 = 1024.0;
+/// The fewest CPUs a sandbox may be given.
+pub const MIN_CPUS: f64 = 0.01;
+
+/// Separates the parts of a value error inside a serde error message (message, key, hint);
+/// parsing splits them again ([`split_value_error`]). The parts are split from the right and
+/// only the message holds text from the document, so a value quoted in it cannot forge the
+/// key or the hint.
+const MARK: &str = "\n\u{1f}";
+
+/// A serde error for a bad value of front matter key `key`, with what to do about it.
+fn value_error<E: de::Error>(key: &str, message: impl fmt::Display, hint: impl fmt::Display) -> E {
+    E::custom(format!("{message}{MARK}{key}{MARK}{hint}"))
+}
+
+/// A value error's parts, as [`value_error`] joined them.
+pub(crate) struct ValueError<'a> {
+    pub message: &'a str,
+    /// The front matter key at fault.
+    pub key: &'a str,
+    pub hint: &'a str,
+}
+
+/// Splits a message made by [`value_error`]; `None` for other messages.
+pub(crate) fn split_value_error(message: &str) -> Option<ValueError<'_>> {
+    let (rest, hint) = message.rsplit_once(MARK)?;
+    let (message, key) = rest.rsplit_once(MARK)?;
+    Some(ValueError { message, key, hint })
+}
+
 /// Parsed front matter. Every field has a default, so an absent front matter is valid.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,10 +85,10 @@ pub struct FrontMatter {
     #[serde(default)]
     pub secrets: Vec<String>,
     /// Limit on the whole turn.
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "timeout")]
     pub timeout: Option<Duration>,
     /// Limit on each step.
-    #[serde(default, deserialize_with = "duration")]
+    #[serde(default, deserialize_with = "step_timeout")]
     pub step_timeout: Option<Duration>,
     /// CPU quota, in CPUs (`0.5`, `2`).
     #[serde(default, deserialize_with = "cpus")]
@@ -112,7 +151,9 @@ impl std::str::FromStr for Network {
 }
 
 fn context_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let name = String::deserialize(d)?;
+    let Some(name) = text("context", d)? else {
+        return Ok(None);
+    };
     let ok = !name.is_empty()
         && name.len() <= 100
         && name
@@ -120,26 +161,44 @@ fn context_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with('.');
     if !ok {
-        return Err(de::Error::custom(format!(
-            "`{name}` is not a context name: use letters, digits, `-`, `_` and `.` (up to 100), such as `research-pipeline`"
-        )));
+        return Err(value_error(
+            "context",
+            format!("`{name}` is not a context name"),
+            CONTEXT_HINT,
+        ));
     }
     Ok(Some(name))
 }
 
+const CONTEXT_HINT: &str = "a context name is up to 100 letters, digits, `-`, `_` and `.` \
+     (not first), such as `research-pipeline`";
+
+const ARTIFACTS_HINT: &str =
+    "artifacts are paths or globs inside the working directory, such as `out/*.csv`";
+
 fn artifact_patterns<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    let patterns = match OneOrMany::deserialize(d)? {
-        OneOrMany::One(p) => vec![p],
-        OneOrMany::Many(p) => p,
+    let patterns = match Plain::deserialize(d)? {
+        Plain::Null => Vec::new(),
+        Plain::Str(p) => vec![p],
+        Plain::Strings(p) => p,
+        Plain::List => {
+            return Err(value_error(
+                "artifacts",
+                "every artifact must be a path or glob (a string)",
+                ARTIFACTS_HINT,
+            ));
+        }
+        other => {
+            return Err(value_error(
+                "artifacts",
+                format!("artifacts cannot be {}", other.kind()),
+                ARTIFACTS_HINT,
+            ));
+        }
     };
     for p in &patterns {
-        check_artifact_pattern(p).map_err(de::Error::custom)?;
+        check_artifact_pattern(p)
+            .map_err(|message| value_error("artifacts", message, ARTIFACTS_HINT))?;
     }
     Ok(patterns)
 }
@@ -176,117 +235,309 @@ pub fn check_artifact_pattern(raw: &str) -> Result<(), String> {
 }
 
 fn workdir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let dir = String::deserialize(d)?;
+    let Some(dir) = text("workdir", d)? else {
+        return Ok(None);
+    };
     if !dir.starts_with('/') || dir.split('/').any(|c| c == "..") {
-        return Err(de::Error::custom(format!(
-            "workdir `{dir}` must be an absolute path inside the sandbox, such as `/workspace`"
-        )));
+        return Err(value_error(
+            "workdir",
+            format!("workdir `{dir}` must be an absolute path inside the sandbox"),
+            "name a directory such as `/workspace`; `..` is not allowed",
+        ));
     }
     Ok(Some(dir))
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    String(String),
-}
-
-impl Scalar {
-    fn into_string(self) -> String {
-        match self {
-            Scalar::Bool(b) => b.to_string(),
-            Scalar::Int(i) => i.to_string(),
-            Scalar::Float(f) => f.to_string(),
-            Scalar::String(s) => s,
-        }
-    }
-}
-
-fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw: BTreeMap<String, Scalar> = BTreeMap::deserialize(d)?;
-    let mut env = BTreeMap::new();
-    for (name, value) in raw {
-        if name.is_empty() || name.contains('=') || name.contains('\0') {
-            return Err(de::Error::custom(format!(
-                "`{name}` is not a valid environment variable name"
-            )));
-        }
-        env.insert(name, value.into_string());
-    }
-    Ok(env)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let Some(value) = Option::<Scalar>::deserialize(d)? else {
-        return Ok(None);
-    };
-    let parsed = match value {
-        Scalar::Int(secs) if secs > 0 => Ok(Duration::from_secs(secs as u64)),
-        Scalar::Float(secs) if secs > 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
-        Scalar::String(s) => parse_duration(&s),
-        _ => Err("a duration must be positive, such as `30s`, `10m` or `1h 30m`".to_string()),
-    };
-    parsed.map(Some).map_err(de::Error::custom)
-}
-
-/// Parses `30s`, `10m`, `1h30m`, `1.5s` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        if secs > 0.0 && secs.is_finite() {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-    }
-    if let Some(secs) = s.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()) {
-        if secs > 0.0 && secs.is_finite() {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-    }
-    match humantime::parse_duration(s) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(format!(
-            "`{s}` is not a duration: write one such as `30s`, `10m` or `1h 30m`"
+/// A string value of `key`; `None` for `null`.
+fn text<'de, D: Deserializer<'de>>(key: &str, d: D) -> Result<Option<String>, D::Error> {
+    match Plain::deserialize(d)? {
+        Plain::Null => Ok(None),
+        Plain::Str(s) => Ok(Some(s)),
+        other => Err(value_error(
+            key,
+            format!("{key} must be a string, not {}", other.kind()),
+            format!("write {key} as text, quoted if it looks like something else"),
         )),
     }
 }
 
+/// A front matter value as YAML gave it, whatever its type: nothing YAML can hold fails to
+/// be read as one, so each key's own check can say what is wrong with it.
+#[derive(Debug)]
+enum Plain {
+    Null,
+    Bool(bool),
+    /// Any integer YAML holds, however large.
+    Int(i128),
+    Float(f64),
+    Str(String),
+    /// A list whose items are all strings.
+    Strings(Vec<String>),
+    /// A list holding something other than strings.
+    List,
+    /// A mapping or a tagged value.
+    Other(&'static str),
+}
+
+impl Plain {
+    /// What the value is, for messages.
+    fn kind(&self) -> &'static str {
+        match self {
+            Plain::Null => "null",
+            Plain::Bool(_) => "true/false",
+            Plain::Int(_) | Plain::Float(_) => "a number",
+            Plain::Str(_) => "a string",
+            Plain::Strings(_) | Plain::List => "a list",
+            Plain::Other(kind) => kind,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Plain {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Plain, D::Error> {
+        d.deserialize_any(PlainVisitor)
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> de::Visitor<'de> for PlainVisitor {
+    type Value = Plain;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Plain, E> {
+        Ok(Plain::Null)
+    }
+    fn visit_none<E>(self) -> Result<Plain, E> {
+        Ok(Plain::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Plain, D::Error> {
+        Plain::deserialize(d)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Plain, E> {
+        Ok(Plain::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Plain, E> {
+        Ok(Plain::Int(n.into()))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Plain, E> {
+        Ok(Plain::Int(n.into()))
+    }
+    fn visit_i128<E>(self, n: i128) -> Result<Plain, E> {
+        Ok(Plain::Int(n))
+    }
+    fn visit_u128<E>(self, n: u128) -> Result<Plain, E> {
+        // Past i128: as a float, which every bound then refuses.
+        Ok(i128::try_from(n).map_or(Plain::Float(n as f64), Plain::Int))
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Plain, E> {
+        Ok(Plain::Float(f))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Plain, E> {
+        Ok(Plain::Str(s.to_string()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Plain, E> {
+        Ok(Plain::Str(s))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Plain, A::Error> {
+        let mut strings = Vec::new();
+        let mut all_strings = true;
+        while let Some(item) = seq.next_element::<Plain>()? {
+            match item {
+                Plain::Str(s) if all_strings => strings.push(s),
+                _ => all_strings = false,
+            }
+        }
+        Ok(match all_strings {
+            true => Plain::Strings(strings),
+            false => Plain::List,
+        })
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Plain, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Plain::Other("a mapping"))
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Plain, A::Error> {
+        use de::VariantAccess;
+        let (de::IgnoredAny, variant) = data.variant()?;
+        variant.newtype_variant::<de::IgnoredAny>()?;
+        Ok(Plain::Other("a tagged value"))
+    }
+}
+
+/// A number as a person wrote it, near enough.
+fn float_text(f: f64) -> String {
+    if f.abs() >= 1e16 || (f != 0.0 && f.abs() < 1e-6) {
+        format!("{f:e}")
+    } else {
+        f.to_string()
+    }
+}
+
+fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: Option<BTreeMap<String, Plain>> = Option::deserialize(d)?;
+    let mut env = BTreeMap::new();
+    for (name, value) in raw.unwrap_or_default() {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(value_error(
+                "env",
+                format!("`{name}` is not a valid environment variable name"),
+                "a name is not empty and holds no `=`, such as `DATA_DIR`",
+            ));
+        }
+        let value = match value {
+            Plain::Str(s) => s,
+            Plain::Bool(b) => b.to_string(),
+            Plain::Int(n) => n.to_string(),
+            Plain::Float(f) => f.to_string(),
+            other => {
+                return Err(value_error(
+                    "env",
+                    format!("env `{name}` is {}, not a value", other.kind()),
+                    "give each variable a string, a number or true/false (`\"\"` for empty)",
+                ));
+            }
+        };
+        env.insert(name, value);
+    }
+    Ok(env)
+}
+
+fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration("timeout", d)
+}
+
+fn step_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration("step_timeout", d)
+}
+
+const DURATION_HINT: &str =
+    "a duration is positive and at most 365 days, such as `30s`, `10m`, `1h 30m` or `2d`";
+
+fn duration<'de, D: Deserializer<'de>>(key: &str, d: D) -> Result<Option<Duration>, D::Error> {
+    let parsed = match Plain::deserialize(d)? {
+        Plain::Null => return Ok(None),
+        Plain::Int(n) => match u64::try_from(n) {
+            Ok(secs) => whole_seconds(secs, &n.to_string()),
+            Err(_) if n < 0 => Err(format!("`{n}` is not a positive duration")),
+            Err(_) => Err(too_long(&n.to_string())),
+        },
+        Plain::Float(f) => seconds(f, &float_text(f)),
+        Plain::Str(s) => parse_duration(&s),
+        other => Err(format!("{key} must be a duration, not {}", other.kind())),
+    };
+    parsed
+        .map(Some)
+        .map_err(|message| value_error(key, message, DURATION_HINT))
+}
+
+fn too_long(text: &str) -> String {
+    format!("`{text}` is too long: a duration is at most 365 days")
+}
+
+fn whole_seconds(secs: u64, text: &str) -> Result<Duration, String> {
+    match secs {
+        0 => Err(format!("`{text}` is not a positive duration")),
+        s if s > MAX_DURATION.as_secs() => Err(too_long(text)),
+        s => Ok(Duration::from_secs(s)),
+    }
+}
+
+/// `secs` seconds, bounded: never panics, whatever the number.
+fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
+    if secs.is_nan() {
+        return Err(format!("`{text}` is not a duration"));
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(too_long(text));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("`{text}` is not a positive duration")),
+    }
+}
+
+/// Parses `30s`, `10m`, `1h30m`, `1.5s`, `2d` or a bare number of seconds: positive and at
+/// most [`MAX_DURATION`], whatever the text.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let text = s.trim();
+    let number = text
+        .parse::<f64>()
+        .ok()
+        .or_else(|| text.strip_suffix('s')?.parse::<f64>().ok());
+    if let Some(secs) = number {
+        return seconds(secs, text);
+    }
+    match humantime::parse_duration(text) {
+        Ok(d) if d > MAX_DURATION => Err(too_long(text)),
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("`{text}` is not a positive duration")),
+        Err(humantime::DurationError::NumberOverflow) => Err(too_long(text)),
+        Err(_) => Err(format!(
+            "`{text}` is not a duration: write one such as `30s`, `10m` or `1h 30m`"
+        )),
+    }
+}
+
+const CPUS_HINT: &str = "cpus is a number of CPUs from 0.01 to 1024, such as `0.5` or `2`";
+
 fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    let Some(value) = Option::<Scalar>::deserialize(d)? else {
-        return Ok(None);
+    let fail = |message: String| value_error("cpus", message, CPUS_HINT);
+    let (cpus, text) = match Plain::deserialize(d)? {
+        Plain::Null => return Ok(None),
+        Plain::Int(n) => (n as f64, n.to_string()),
+        Plain::Float(f) => (f, float_text(f)),
+        Plain::Str(s) => match s.trim().parse::<f64>() {
+            Ok(f) => (f, s.trim().to_string()),
+            Err(_) => return Err(fail(format!("`{s}` is not a number of CPUs"))),
+        },
+        other => return Err(fail(format!("cpus must be a number, not {}", other.kind()))),
     };
-    let cpus = match value {
-        Scalar::Int(n) => n as f64,
-        Scalar::Float(f) => f,
-        Scalar::String(s) => s.trim().parse::<f64>().map_err(|_| {
-            de::Error::custom(format!(
-                "`{s}` is not a number of CPUs, such as `1` or `0.5`"
-            ))
-        })?,
-        Scalar::Bool(_) => return Err(de::Error::custom("cpus must be a number, such as `2`")),
-    };
-    if !(cpus.is_finite() && cpus >= 0.01) {
-        return Err(de::Error::custom("cpus must be at least 0.01"));
+    if !(MIN_CPUS..=MAX_CPUS).contains(&cpus) {
+        return Err(fail(format!(
+            "cpus `{text}` is out of range: cpus must be from 0.01 to 1024"
+        )));
     }
     Ok(Some(cpus))
 }
 
+const MEMORY_HINT: &str =
+    "memory is a size from 1 byte to 1 PiB, such as `512M`, `2GiB` or `1500MB`";
+
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let Some(value) = Option::<Scalar>::deserialize(d)? else {
-        return Ok(None);
+    let bytes = match Plain::deserialize(d)? {
+        Plain::Null => return Ok(None),
+        Plain::Int(n) if n <= 0 => Err(format!("memory `{n}` is not a positive size")),
+        Plain::Int(n) => match u64::try_from(n) {
+            Ok(b) if b <= MAX_SIZE => Ok(b),
+            _ => Err(too_large(&n.to_string())),
+        },
+        Plain::Float(f) if f > MAX_SIZE as f64 => Err(too_large(&float_text(f))),
+        Plain::Float(f) => Err(format!(
+            "memory `{}` is not a whole number of bytes",
+            float_text(f)
+        )),
+        Plain::Str(s) => parse_size(&s),
+        other => Err(format!("memory must be a size, not {}", other.kind())),
     };
-    let bytes = match value {
-        Scalar::Int(n) if n > 0 => Ok(n as u64),
-        Scalar::String(s) => parse_size(&s),
-        _ => Err("memory must be a size such as `512M` or `2GiB`".to_string()),
-    };
-    bytes.map(Some).map_err(de::Error::custom)
+    bytes
+        .map(Some)
+        .map_err(|message| value_error("memory", message, MEMORY_HINT))
+}
+
+fn too_large(text: &str) -> String {
+    format!("`{text}` is too large: a size is at most 1 PiB (`1024T`)")
 }
 
 /// Parses a size: a number with an optional unit. `K`, `M`, `G`, `T` and their `KiB` forms are
 /// powers of 1024 (as docker and systemd read them); `KB`, `MB`, `GB`, `TB` are powers of 1000.
+/// A size is at least one byte and at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let text = s.trim();
     let split = text
@@ -308,8 +559,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(err()),
     };
     let bytes = number * multiplier as f64;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+    if !bytes.is_finite() || bytes < 1.0 {
         return Err(err());
+    }
+    if bytes > MAX_SIZE as f64 {
+        return Err(too_large(text));
     }
     Ok(bytes as u64)
 }
@@ -356,6 +610,50 @@ mod tests {
                 .contains("glob")
         );
         assert!(check_artifact_pattern(" ").is_err());
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        assert_eq!(parse_size("1024T"), Ok(MAX_SIZE));
+        for text in [
+            "1025T",
+            "99999999999999999999T",
+            "1e30",
+            "18446744073709551616",
+        ] {
+            let e = parse_size(text).unwrap_err();
+            assert!(
+                e.contains("at most 1 PiB") || e.contains("not a size"),
+                "{text}: {e}"
+            );
+        }
+        assert!(
+            parse_size("99999999999999999999T")
+                .unwrap_err()
+                .contains("1 PiB")
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded_whatever_the_text() {
+        assert_eq!(parse_duration("365d"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("31536000"), Ok(MAX_DURATION));
+        for text in [
+            "1e300",
+            "1e300s",
+            "99999999999999999999h",
+            "99999999999999999999999999999999999999999s",
+            "inf",
+            "366d",
+            "31536001",
+            "1000000000years",
+        ] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains("at most 365 days"), "{text}: {e}");
+        }
+        for text in ["nan", "-inf", "-5", "-0", "0", "1e-12", "0.0000000001s", ""] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -234,35 +234,90 @@ fn parse_yaml(
     }
     serde_yaml_ng::from_str::<FrontMatter>(yaml).map_err(|e| {
         let message = clean_yaml_message(&e.to_string());
-        match e.location() {
-            Some(loc) => {
-                let first_line = Location::of_offset(source, yaml_start).line;
-                let location = Location {
-                    line: first_line + loc.line() - 1,
-                    column: loc.column(),
-                };
-                ParseError::at_location(
-                    path.to_path_buf(),
-                    source,
-                    location,
-                    ErrorKind::FrontMatter(message),
-                )
-            }
-            None => ParseError::at(
-                path.to_path_buf(),
-                source,
-                yaml_start,
-                ErrorKind::FrontMatter(message),
+        let first_line = Location::of_offset(source, yaml_start).line;
+        let (kind, location) = match crate::front_matter::split_value_error(&message) {
+            // A key's own check failed: serde knows no place for it, so the key's value is
+            // found in the text.
+            Some(bad) => (
+                ErrorKind::FrontMatterValue {
+                    message: bad.message.to_string(),
+                    hint: bad.hint.to_string(),
+                },
+                key_location(yaml, bad.key).map(|(line, column)| Location {
+                    line: first_line + line,
+                    column,
+                }),
             ),
+            None => (
+                ErrorKind::FrontMatter(message.clone()),
+                e.location().and_then(|loc| {
+                    Some(Location {
+                        line: first_line + loc.line().checked_sub(1)?,
+                        column: loc.column(),
+                    })
+                }),
+            ),
+        };
+        // Only a place inside the document is shown (libyaml can point just past a line).
+        let location = location.and_then(|loc| {
+            let text = source.split('\n').nth(loc.line.checked_sub(1)?)?;
+            let width = text.trim_end_matches('\r').chars().count();
+            Some(Location {
+                line: loc.line,
+                column: loc.column.clamp(1, width + 1),
+            })
+        });
+        match location {
+            Some(location) => ParseError::at_location(path.to_path_buf(), source, location, kind),
+            None => ParseError::at(path.to_path_buf(), source, yaml_start, kind),
         }
+    })
+}
+
+/// Where the value of top-level `key` starts in `yaml`: its 0-based line and 1-based column
+/// (the key itself when its value is on the lines below). `None` when the key is not written
+/// in block style at the start of a line.
+fn key_location(yaml: &str, key: &str) -> Option<(usize, usize)> {
+    yaml.split('\n').enumerate().find_map(|(number, line)| {
+        let rest = [
+            format!("{key}:"),
+            format!("\"{key}\":"),
+            format!("'{key}':"),
+        ]
+        .iter()
+        .find_map(|k| line.strip_prefix(k.as_str()))?;
+        let value = rest.trim_start_matches([' ', '\t']);
+        let column = if value.trim_end().is_empty() || value.starts_with('#') {
+            1
+        } else {
+            line[..line.len() - value.len()].chars().count() + 1
+        };
+        Some((number, column))
     })
 }
 
 /// serde_yaml appends " at line L column C" to its messages; the error shows the place itself.
 fn clean_yaml_message(message: &str) -> String {
-    let cut = message.find(" at line ").unwrap_or(message.len());
-    let message = &message[..cut];
+    let message = strip_place(message);
     message.replace("unknown field", "unknown front matter key")
+}
+
+/// `message` without a trailing ` at line L column C` (or ` at line L`).
+fn strip_place(message: &str) -> &str {
+    let Some(at) = message.rfind(" at line ") else {
+        return message;
+    };
+    let place = &message[at + " at line ".len()..];
+    let (line, column) = match place.split_once(" column ") {
+        Some((line, column)) => (line, Some(column)),
+        None => (place, None),
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if digits(line) && column.is_none_or(digits) {
+        &message[..at]
+    } else {
+        message
+    }
 }
 
 struct Block {

@@ -166,3 +166,98 @@ fn missing_file_and_directory_are_errors() {
     let e = Document::read(&dir.join("upstream-no-such-file.md")).unwrap_err();
     assert!(matches!(e.kind, ErrorKind::Io(ref m) if m == "no such file"));
 }
+
+/// Every number front matter takes is bounded when the document is read: the value is
+/// refused with its place, the bound and a hint, and nothing downstream ever sees it.
+#[test]
+fn huge_and_hostile_numbers_are_refused_with_their_place_and_the_bound() {
+    for (line, column, bound) in [
+        ("timeout: 1e300", 10, "at most 365 days"),
+        ("timeout: \"1e300s\"", 10, "at most 365 days"),
+        ("timeout: 99999999999999999999h", 10, "at most 365 days"),
+        ("timeout: 99999999999999999999", 10, "at most 365 days"),
+        ("timeout: 366d", 10, "at most 365 days"),
+        ("timeout: .inf", 10, "at most 365 days"),
+        ("timeout: .nan", 10, "not a duration"),
+        ("timeout: -5", 10, "not a positive duration"),
+        ("timeout: 1e-12", 10, "not a positive duration"),
+        ("timeout: [1, 2]", 10, "not a list"),
+        ("step_timeout: 1e300", 15, "at most 365 days"),
+        (
+            "step_timeout: 340282366920938463463374607431768211455",
+            15,
+            "at most 365 days",
+        ),
+        ("memory: 1e30", 9, "at most 1 PiB"),
+        ("memory: 99999999999999999999T", 9, "at most 1 PiB"),
+        ("memory: 2048T", 9, "at most 1 PiB"),
+        ("memory: -1", 9, "not a positive size"),
+        ("memory: {a: 1}", 9, "not a mapping"),
+        ("cpus: 1e300", 7, "from 0.01 to 1024"),
+        ("cpus: .nan", 7, "from 0.01 to 1024"),
+        ("cpus: -.inf", 7, "from 0.01 to 1024"),
+        ("cpus: 0", 7, "from 0.01 to 1024"),
+        ("cpus: \"4096\"", 7, "from 0.01 to 1024"),
+        ("cpus: true", 7, "not true/false"),
+    ] {
+        let doc = format!("---\nimage: host\n{line}\n---\n```bash\ntrue\n```\n");
+        let e = error(doc.as_bytes());
+        let loc = e
+            .location
+            .unwrap_or_else(|| panic!("{line}: no place: {e}"));
+        assert_eq!((loc.line, loc.column), (3, column), "{line}: {e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("doc.md:3:{column}: invalid front matter: ")),
+            "{line}: {e}"
+        );
+        assert!(e.to_string().contains(bound), "{line}: says `{bound}`: {e}");
+        let report = e.report();
+        assert!(report.contains(&format!("3 | {line}")), "{report}");
+        let hint = e.hint().unwrap();
+        assert!(
+            !hint.contains("keys are") && hint.contains("such as"),
+            "{line}: a hint about the value: {report}"
+        );
+    }
+}
+
+/// The largest values inside the bounds are taken as written.
+#[test]
+fn values_at_the_bounds_are_taken() {
+    let doc = parse(
+        "---\ntimeout: 365d\nstep_timeout: 31536000\nmemory: 1024T\ncpus: 1024\n---\n```bash\ntrue\n```\n",
+    );
+    let fm = doc.front_matter();
+    assert_eq!(fm.timeout, Some(upstream_doc::front_matter::MAX_DURATION));
+    assert_eq!(
+        fm.step_timeout,
+        Some(upstream_doc::front_matter::MAX_DURATION)
+    );
+    assert_eq!(fm.memory, Some(upstream_doc::front_matter::MAX_SIZE));
+    assert_eq!(fm.cpus, Some(1024.0));
+    let doc = parse("---\ntimeout: 1.5\nmemory: 1\ncpus: 0.01\n---\n```bash\ntrue\n```\n");
+    let fm = doc.front_matter();
+    assert_eq!(fm.timeout, Some(std::time::Duration::from_millis(1500)));
+    assert_eq!((fm.memory, fm.cpus), (Some(1), Some(0.01)));
+}
+
+/// A key's value on the lines below it is pointed at by the key; values of other types
+/// than the key takes are named as such.
+#[test]
+fn wrong_types_are_named_at_their_key() {
+    let e = error(b"---\nimage: host\ntimeout:\n  - 1\n---\n```bash\ntrue\n```\n");
+    let loc = e.location.unwrap();
+    assert_eq!((loc.line, loc.column), (3, 1), "{e}");
+    assert!(e.to_string().contains("not a list"), "{e}");
+    let e = error(b"---\nenv:\n  A: [1]\n---\n```bash\ntrue\n```\n");
+    assert!(e.to_string().contains("env `A` is a list"), "{e}");
+    assert_eq!(e.location.unwrap().line, 2, "{e}");
+    let e = error(b"---\nworkdir: [a]\n---\n```bash\ntrue\n```\n");
+    assert!(e.to_string().contains("workdir must be a string"), "{e}");
+    let e = error(b"---\nartifacts: [1, {a: b}]\n---\n```bash\ntrue\n```\n");
+    assert!(e.to_string().contains("path or glob"), "{e}");
+    // The value quoted in a message cannot pass for its hint.
+    let e = error(b"---\nworkdir: \"rel\\n\\x1fworkdir\\n\\x1fforged\"\n---\n```bash\ntrue\n```\n");
+    assert!(e.hint().unwrap().contains("/workspace"), "{}", e.report());
+}
