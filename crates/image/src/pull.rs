@@ -162,6 +162,8 @@ pub enum PullError {
     Unpack { digest: String, source: UnpackError },
     #[error("layer {digest} has media type `{media_type}`, which upstream cannot unpack")]
     UnknownLayer { digest: String, media_type: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
 }
 
 /// How to pull.
@@ -179,34 +181,59 @@ pub struct PullOptions {
     pub owners: Owners,
 }
 
-/// Registry credentials, by registry.
+/// Registry credentials, each scoped to one registry: they are sent to that registry (its
+/// host and port exactly as the reference names them, Docker Hub by any of its names) and to
+/// no other.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     by_registry: std::collections::BTreeMap<String, (String, String)>,
-    /// For a registry not named.
-    fallback: Option<(String, String)>,
+    /// Why `$UPSTREAM_REGISTRY_AUTH` was refused; a pull that would reach a registry fails
+    /// with it rather than going on without the credentials meant for it.
+    refused: Option<CredentialsError>,
+}
+
+/// Why `$UPSTREAM_REGISTRY_AUTH` cannot be used. Entries are named by their place in the
+/// list, never by their text, which may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    #[error(
+        "entry {entry} of $UPSTREAM_REGISTRY_AUTH names no registry, and credentials go only to the registry they are for; write it as `registry.example.com=user:password` (several: separate them with `,`)"
+    )]
+    Unscoped { entry: usize },
+    #[error(
+        "entry {entry} of $UPSTREAM_REGISTRY_AUTH is not `registry=user:password` (a user, `:`, then the password)"
+    )]
+    Malformed { entry: usize },
 }
 
 impl Credentials {
-    /// Credentials from `$UPSTREAM_REGISTRY_AUTH` (`user:password` for every registry, or
-    /// `registry=user:password,…`), then from Docker's `config.json` (`auths`, base64
-    /// `user:password`) under `docker_config`.
+    /// Credentials from `$UPSTREAM_REGISTRY_AUTH` (`registry=user:password,…`), then from
+    /// Docker's `config.json` (`auths`, base64 `user:password`) under `docker_config`. An
+    /// entry that names no registry (the form `user:password`) is refused, not applied to
+    /// every registry: see [`Credentials::refused`].
     pub fn load(env: Option<&str>, docker_config: Option<&Path>) -> Credentials {
         let mut credentials = Credentials::default();
-        if let Some(text) = env.filter(|t| !t.is_empty()) {
-            for item in text.split(',') {
-                match item.split_once('=') {
-                    Some((registry, pair)) if !registry.contains(':') || !pair.is_empty() => {
-                        if let Some((u, p)) = pair.split_once(':') {
-                            credentials
-                                .by_registry
-                                .insert(normal_registry(registry), (u.to_string(), p.to_string()));
-                        }
+        if let Some(text) = env.filter(|t| !t.trim().is_empty()) {
+            for (i, item) in text.split(',').enumerate() {
+                let entry = i + 1;
+                let item = item.trim();
+                let scoped = item
+                    .split_once('=')
+                    .filter(|(registry, _)| looks_like_registry(registry));
+                let Some((registry, pair)) = scoped else {
+                    credentials.refused = Some(CredentialsError::Unscoped { entry });
+                    break;
+                };
+                match pair.split_once(':') {
+                    Some((user, password)) if !user.is_empty() => {
+                        credentials.by_registry.insert(
+                            normal_registry(registry),
+                            (user.to_string(), password.to_string()),
+                        );
                     }
                     _ => {
-                        if let Some((u, p)) = item.split_once(':') {
-                            credentials.fallback = Some((u.to_string(), p.to_string()));
-                        }
+                        credentials.refused = Some(CredentialsError::Malformed { entry });
+                        break;
                     }
                 }
             }
@@ -235,25 +262,51 @@ impl Credentials {
         credentials
     }
 
+    /// The credentials scoped to `registry` (`ghcr.io`, `localhost:5000`), if any.
     pub fn for_registry(&self, registry: &str) -> Option<&(String, String)> {
-        self.by_registry
-            .get(&normal_registry(registry))
-            .or(self.fallback.as_ref())
+        self.by_registry.get(&normal_registry(registry))
+    }
+
+    /// Why `$UPSTREAM_REGISTRY_AUTH` was refused, if it was.
+    pub fn refused(&self) -> Option<&CredentialsError> {
+        self.refused.as_ref()
     }
 }
 
-/// A registry as the credential files name it: no scheme, no path, Docker Hub as
-/// `docker.io`.
-fn normal_registry(text: &str) -> String {
+/// Whether `text` (what comes before `=` in an entry) can name a registry: a host name or
+/// address, with a port of digits or none. `user:secret` cannot, so a password with `=`
+/// in an unscoped entry is not mistaken for a scope.
+fn looks_like_registry(text: &str) -> bool {
     let text = text
         .trim_start_matches("https://")
         .trim_start_matches("http://");
     let host = text.split('/').next().unwrap_or(text);
-    match host {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(':') => (name, Some(port)),
+        _ => (host, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    port_ok && name_ok
+}
+
+/// A registry as credentials are scoped to it: no scheme, no path, the host in lowercase,
+/// the port as written, Docker Hub (`index.docker.io`, `registry-1.docker.io`,
+/// `registry.hub.docker.com`) as `docker.io`. Two registries match only if these are equal.
+fn normal_registry(text: &str) -> String {
+    let text = text
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = text.split('/').next().unwrap_or(text).to_ascii_lowercase();
+    match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
             "docker.io".to_string()
         }
-        other => other.to_string(),
+        _ => host,
     }
 }
 
@@ -570,6 +623,9 @@ pub fn pull(
             return Ok(found);
         }
     }
+    if let Some(refused) = options.credentials.refused() {
+        return Err(refused.clone().into());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -853,7 +909,11 @@ mod tests {
             r#"{"auths":{"https://index.docker.io/v1/":{"auth":"aHViOnNlY3JldA=="},"ghcr.io":{"auth":"bWU6cHc="}}}"#,
         )
         .unwrap();
-        let c = Credentials::load(Some("localhost:5000=ci:token"), Some(&config));
+        let c = Credentials::load(
+            Some("localhost:5000=ci:token,Registry.Example.com=a:b=c"),
+            Some(&config),
+        );
+        assert_eq!(c.refused(), None);
         assert_eq!(
             c.for_registry("docker.io"),
             Some(&("hub".into(), "secret".into()))
@@ -863,12 +923,102 @@ mod tests {
             c.for_registry("localhost:5000"),
             Some(&("ci".into(), "token".into()))
         );
-        assert_eq!(c.for_registry("quay.io"), None);
-        let every = Credentials::load(Some("user:pass"), None);
+        // Host names match whatever their case; a password may hold `=`.
         assert_eq!(
-            every.for_registry("quay.io"),
-            Some(&("user".into(), "pass".into()))
+            c.for_registry("registry.example.com"),
+            Some(&("a".into(), "b=c".into()))
         );
+        assert_eq!(c.for_registry("quay.io"), None);
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registry_they_name_exactly() {
+        let c = Credentials::load(
+            Some("registry.example.com=ci:token,localhost:5000=l:p"),
+            None,
+        );
+        for other in [
+            "example.com",
+            "registry.example.com.evil.test",
+            "evil-registry.example.com",
+            "registry.example.co",
+            "registry.example.com:5000",
+            "localhost",
+            "localhost:50001",
+            "localhost:500",
+            "docker.io",
+            "127.0.0.1:5000",
+        ] {
+            assert_eq!(c.for_registry(other), None, "{other}");
+        }
+        // Docker Hub's names are one registry, and only they are.
+        let hub = Credentials::load(Some("index.docker.io=h:p"), None);
+        for name in [
+            "docker.io",
+            "registry-1.docker.io",
+            "registry.hub.docker.com",
+        ] {
+            assert_eq!(
+                hub.for_registry(name),
+                Some(&("h".into(), "p".into())),
+                "{name}"
+            );
+        }
+        for name in [
+            "docker.io.evil.test",
+            "evil.docker.io",
+            "docker.io:5000",
+            "ghcr.io",
+        ] {
+            assert_eq!(hub.for_registry(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn unscoped_credentials_are_refused_with_how_to_scope_them() {
+        for (text, entry) in [
+            ("alice:hunter2", 1),
+            ("ghcr.io=a:b,alice:hun=ter2", 2),
+            ("=alice:hunter2", 1),
+        ] {
+            let c = Credentials::load(Some(text), None);
+            let err = c.refused().expect(text).to_string();
+            assert!(err.contains(&format!("entry {entry}")), "{err}");
+            assert!(err.contains("registry.example.com=user:password"), "{err}");
+            assert!(
+                !err.contains("hunter2") && !err.contains("ter2") && !err.contains("alice"),
+                "the error shows nothing of the entry: {err}"
+            );
+            assert_eq!(c.for_registry("quay.io"), None);
+        }
+        let c = Credentials::load(Some("ghcr.io=token-without-user"), None);
+        let err = c.refused().unwrap().to_string();
+        assert!(
+            err.contains("entry 1") && !err.contains("token-without-user"),
+            "{err}"
+        );
+        // A pull with refused credentials fails before it reaches any registry.
+        let cache_dir = tempfile::tempdir().unwrap();
+        let options = PullOptions {
+            insecure: Vec::new(),
+            credentials: Credentials::load(Some("user:pass"), None),
+            refresh: false,
+            owners: Owners::Unpacker,
+        };
+        let reference = Reference::parse("192.0.2.1:5000/any:1").unwrap();
+        let err = pull(
+            &reference,
+            &Cache::new(cache_dir.path()),
+            &options,
+            &mut NoProgress,
+        )
+        .unwrap_err();
+        assert!(matches!(err, PullError::Credentials(_)), "{err}");
+    }
+
+    struct NoProgress;
+    impl PullProgress for NoProgress {
+        fn layer(&mut self, _: &str, _: u64, _: bool) {}
     }
 
     #[test]

@@ -321,3 +321,95 @@ pub fn layer_of_host_programs(programs: &[&str], files: &[(&str, &[u8])]) -> Vec
     gz.write_all(&tar).unwrap();
     gz.finish().unwrap()
 }
+
+/// An HTTP server on a free port of 127.0.0.1 that records every connection and every
+/// request head it gets, and answers each request as `answer` says (a whole response; it
+/// is sent, then the connection closed). Stopped when dropped.
+pub struct Recorder {
+    pub port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Seen {
+    connections: usize,
+    requests: Vec<String>,
+}
+
+/// The answer of a registry that wants a login (HTTP Basic).
+pub fn basic_challenge(_request: &str) -> String {
+    "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"recorder\"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_string()
+}
+
+impl Recorder {
+    pub fn start(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> Recorder {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer = std::sync::Arc::new(answer);
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    seen.lock().unwrap().connections += 1;
+                    let (seen, answer) = (seen.clone(), answer.clone());
+                    std::thread::spawn(move || {
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
+                            match stream.read(&mut byte) {
+                                Ok(1) => head.push(byte[0]),
+                                _ => break,
+                            }
+                        }
+                        if head.is_empty() {
+                            return;
+                        }
+                        let head = String::from_utf8_lossy(&head).into_owned();
+                        seen.lock().unwrap().requests.push(head.clone());
+                        let _ = stream.write_all(answer(&head).as_bytes());
+                    });
+                }
+            })
+        };
+        Recorder {
+            port,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.seen.lock().unwrap().connections
+    }
+
+    /// Request heads received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

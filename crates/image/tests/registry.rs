@@ -446,3 +446,86 @@ fn two_images_sharing_a_layer_pull_at_once_in_one_process() {
         0
     );
 }
+
+/// Whether a request head carries an `Authorization` header.
+fn authorized(head: &str) -> bool {
+    head.lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+}
+
+#[test]
+fn credentials_scoped_to_one_registry_never_reach_another() {
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let Some(a) = Registry::start_with_login(Some(("ci", "s3cret", &hash))) else {
+        return;
+    };
+    a.push(
+        "private/app:1",
+        vec![(
+            gzip(&tar_of(&[("secret.txt", b"behind a login")])),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+        &[],
+    );
+    // Registry B asks every client for a login and records what it is sent.
+    let b = upstream_image::testing::Recorder::start(upstream_image::testing::basic_challenge);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let from_b = Reference::parse(&format!("{}/tenant/collect:1", b.host())).unwrap();
+    let mut scoped_to_a = plain(&[a.host(), b.host()]);
+    scoped_to_a.credentials =
+        upstream_image::Credentials::load(Some(&format!("{}=ci:s3cret", a.host())), None);
+
+    let err = pull(&from_b, &cache, &scoped_to_a, &mut Seen::default()).unwrap_err();
+    assert!(err.to_string().contains(&b.host()), "{err}");
+    let requests = b.requests();
+    assert!(!requests.is_empty(), "the pull reached registry B");
+    assert!(
+        !requests.iter().any(|r| authorized(r)),
+        "credentials for A were sent to B: {requests:?}"
+    );
+
+    // Positive control: the same credentials pull from A.
+    let from_a = Reference::parse(&format!("{}/private/app:1", a.host())).unwrap();
+    let pulled = pull(&from_a, &cache, &scoped_to_a, &mut Seen::default()).unwrap();
+    assert_eq!(
+        fs::read(pulled.rootfs.join("secret.txt")).unwrap(),
+        b"behind a login"
+    );
+
+    // The recorder does see credentials that are scoped to it.
+    let mut scoped_to_b = plain(&[a.host(), b.host()]);
+    scoped_to_b.credentials =
+        upstream_image::Credentials::load(Some(&format!("{}=ci:s3cret", b.host())), None);
+    let _ = pull(&from_b, &cache, &scoped_to_b, &mut Seen::default());
+    // base64("ci:s3cret")
+    assert!(
+        b.requests()
+            .iter()
+            .any(|r| r.contains("Basic Y2k6czNjcmV0") || r.contains("basic Y2k6czNjcmV0")),
+        "{:?}",
+        b.requests()
+    );
+
+    // The old unscoped form is refused before any registry is asked.
+    let before = b.connections();
+    let mut unscoped = plain(&[a.host(), b.host()]);
+    unscoped.credentials = upstream_image::Credentials::load(Some("ci:s3cret"), None);
+    let err = pull(&from_b, &cache, &unscoped, &mut Seen::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("registry.example.com=user:password"),
+        "{err}"
+    );
+    assert_eq!(b.connections(), before, "nothing was sent anywhere");
+}
+
+/// Pull options for registries reached over plain HTTP.
+fn plain(hosts: &[String]) -> PullOptions {
+    PullOptions {
+        insecure: hosts.to_vec(),
+        credentials: Default::default(),
+        refresh: false,
+        owners: Owners::Unpacker,
+    }
+}

@@ -355,7 +355,7 @@ pub fn sandbox_failed(e: &SandboxError) -> u8 {
 /// Where images are cached and how they are pulled: `$UPSTREAM_CACHE_DIR`, else
 /// `/var/cache/upstream` as root and `~/.cache/upstream` otherwise; plain HTTP for loopback
 /// registries and those named with --insecure-registry; credentials from
-/// `$UPSTREAM_REGISTRY_AUTH` (`user:password`, or `registry=user:password,…`), then from
+/// `$UPSTREAM_REGISTRY_AUTH` (`registry=user:password,…`, each for its registry only), then from
 /// Docker's `config.json` (`$DOCKER_CONFIG`, else `~/.docker`).
 pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_turn::ImageSource {
     let root = nix::unistd::Uid::effective().is_root();

@@ -41,6 +41,11 @@ pub fn serve(args: ServeArgs) -> u8 {
             return exit::SANDBOX;
         }
     };
+    let images = crate::run::image_source(&args.insecure_registry, false);
+    if let Some(refused) = images.pull.credentials.refused() {
+        eprintln!("error: {refused}");
+        return exit::BAD_INPUT;
+    }
     let pools: Vec<String> = args
         .pool
         .iter()
@@ -57,7 +62,7 @@ pub fn serve(args: ServeArgs) -> u8 {
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         max_body: args.max_body.min(usize::MAX as u64) as usize,
-        images: crate::run::image_source(&args.insecure_registry, false),
+        images,
     };
     let served = upstream_server::serve(config, |addresses| {
         let listening: Vec<String> = addresses.iter().map(|a| format!("http://{a}")).collect();
