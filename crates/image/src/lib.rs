@@ -3,6 +3,7 @@
 
 pub mod pull;
 pub mod reference;
+pub mod rootfs;
 #[doc(hidden)]
 pub mod testing;
 pub mod unpack;
@@ -12,4 +13,5 @@ pub use pull::{
     PullProgress, Pulled, pull,
 };
 pub use reference::{Reference, ReferenceError};
+pub use rootfs::ImageFileError;
 pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};

@@ -24,6 +24,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use crate::reference::Reference;
+use crate::rootfs::{ImageFileError, MAX_TABLE_BYTES, read_file};
 use crate::unpack::{Compression, Owners, UnpackError, unpack_layer};
 
 /// The parts of an image's configuration a sandbox uses.
@@ -48,6 +49,11 @@ pub struct ImageUser {
 impl ImageConfig {
     /// Who the image's `User` names (`1000`, `1000:100`, `app`, `app:staff`), names looked
     /// up in the image's `/etc/passwd` and `/etc/group`; `None` for root.
+    ///
+    /// Those files are read inside the image's root (see [`crate::rootfs`]). One that is
+    /// missing is an empty table; one that cannot be read (not a regular file, larger than
+    /// [`MAX_TABLE_BYTES`]) is an error when a name must be looked up in it, and otherwise
+    /// only costs a numeric user its name and home (the uid and `/`).
     pub fn user(&self, rootfs: &Path) -> Result<Option<ImageUser>, String> {
         let Some(user) = self.user.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
@@ -56,7 +62,10 @@ impl ImageConfig {
             Some((n, g)) => (n, Some(g)),
             None => (user, None),
         };
-        let table = |file: &str| fs::read_to_string(rootfs.join(file)).unwrap_or_default();
+        let table = |file: &str| -> Result<String, ImageFileError> {
+            let bytes = read_file(rootfs, file, MAX_TABLE_BYTES)?.unwrap_or_default();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
         let entries = |table: &str| -> Vec<Vec<String>> {
             table
                 .lines()
@@ -64,7 +73,14 @@ impl ImageConfig {
                 .map(|l| l.split(':').map(str::to_string).collect())
                 .collect()
         };
-        let passwd = entries(&table("etc/passwd"));
+        let passwd = match (table("etc/passwd"), name.parse::<u32>()) {
+            (Ok(text), _) => entries(&text),
+            // A numeric user needs the table only for its name and home.
+            (Err(_), Ok(_)) => Vec::new(),
+            (Err(e), Err(_)) => {
+                return Err(format!("cannot look up the image's user `{name}`: {e}"));
+            }
+        };
         let id = |entry: &[String], field: usize| entry.get(field)?.parse::<u32>().ok();
         let (uid, entry) = match name.parse::<u32>() {
             Ok(uid) => (uid, passwd.iter().find(|e| id(e, 2) == Some(uid))),
@@ -84,11 +100,14 @@ impl ImageConfig {
         let gid = match group {
             Some(g) => match g.parse::<u32>() {
                 Ok(gid) => gid,
-                Err(_) => entries(&table("etc/group"))
-                    .iter()
-                    .find(|e| e.first().map(String::as_str) == Some(g))
-                    .and_then(|e| id(e, 2))
-                    .ok_or_else(|| format!("the image's group `{g}` is not in its /etc/group"))?,
+                Err(_) => entries(
+                    &table("etc/group")
+                        .map_err(|e| format!("cannot look up the image's group `{g}`: {e}"))?,
+                )
+                .iter()
+                .find(|e| e.first().map(String::as_str) == Some(g))
+                .and_then(|e| id(e, 2))
+                .ok_or_else(|| format!("the image's group `{g}` is not in its /etc/group"))?,
             },
             // The user's own group, else the gid equal to the uid.
             None => entry.and_then(|e| id(e, 3)).unwrap_or(uid),
