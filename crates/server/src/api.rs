@@ -199,7 +199,7 @@ pub async fn create_sandbox(
     JsonBody(body): JsonBody<CreateSandbox>,
 ) -> Result<(StatusCode, Json<SandboxBody>), ApiError> {
     let (request, env) = body.into_request()?;
-    let live = daemon.create(&tenant.0, request, env).await?;
+    let live = daemon.create(&tenant, request, env).await?;
     Ok((StatusCode::CREATED, Json(SandboxBody::of(&live))))
 }
 

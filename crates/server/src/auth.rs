@@ -1,5 +1,12 @@
 //! Who is asking: a bearer API key on TCP (each key belongs to a tenant), nobody on the
 //! local socket (whose 0600 mode admits only the daemon's user) — that is the local tenant.
+//!
+//! The local socket is the operator's door. Only the daemon's own user can connect to it,
+//! and that user can already do everything the daemon does (run `upstream run` with the
+//! host's network, read the state directory), so what the daemon's policy keeps from
+//! tenants — the host's network, daemon-wide metrics — is not kept from it. What comes in
+//! by a key is a tenant, whatever the tenant is called: a key made for tenant `local`
+//! reaches the local tenant's sandboxes, never the operator's rights.
 
 use std::sync::Arc;
 
@@ -12,9 +19,18 @@ use axum::response::{IntoResponse, Response};
 use crate::daemon::{Daemon, LOCAL_TENANT};
 use crate::error::ApiError;
 
-/// The tenant a request acts for.
+/// The tenant a request acts for, and the door it came in by.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tenant(pub String);
+pub struct Tenant(pub String, pub Door);
+
+/// How a request reached the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// The local socket: the operator.
+    Local,
+    /// TCP, with a tenant's API key.
+    Key,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = ApiError;
@@ -53,7 +69,9 @@ pub async fn require_key(
     };
     match owner {
         Ok(Some(owner)) => {
-            request.extensions_mut().insert(Tenant(owner.tenant));
+            request
+                .extensions_mut()
+                .insert(Tenant(owner.tenant, Door::Key));
             next.run(request).await
         }
         Ok(None) => ApiError::unauthorized(
@@ -68,6 +86,6 @@ pub async fn require_key(
 pub async fn local(mut request: Request, next: Next) -> Response {
     request
         .extensions_mut()
-        .insert(Tenant(LOCAL_TENANT.to_string()));
+        .insert(Tenant(LOCAL_TENANT.to_string(), Door::Local));
     next.run(request).await
 }

@@ -4,7 +4,7 @@
 //! operation on one runs on tokio's blocking threads, one at a time per sandbox (a mutex);
 //! the async side only hands requests over and streams what comes back.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,9 @@ use upstream_sandbox::{
 use upstream_store::Store;
 use upstream_turn::ImageSource;
 
+use crate::auth::{Door, Tenant};
 use crate::error::ApiError;
+use crate::share::{Share, ShareError, Shares};
 
 /// How the daemon runs.
 #[derive(Debug, Clone)]
@@ -39,11 +41,59 @@ pub struct Config {
     pub max_sandboxes: usize,
     /// Most sandboxes one tenant may have at once.
     pub max_per_tenant: usize,
+    /// Most blocking threads one tenant's operations may hold at once (see
+    /// [`crate::share`]); more wait their turn.
+    pub max_concurrent_per_tenant: usize,
     /// Idle timeout of a sandbox that asks for none; `None`: never.
     pub default_idle_timeout: Option<Duration>,
     /// Largest request body accepted outside file uploads.
     pub max_body: usize,
     pub images: ImageSource,
+    /// Which tenants' sandboxes and turns may have the host's network.
+    pub host_network: HostNetwork,
+    /// Tenants whose keys see the daemon-wide `/metrics`, as the local socket does.
+    pub operators: BTreeSet<String>,
+}
+
+/// Who may ask for `network: host`: a sandbox with the host's network reaches the host's
+/// loopback services and abstract Unix sockets, so no tenant may unless the operator says
+/// so. Requests on the local socket always may: they are the operator's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNetwork {
+    /// Every tenant may (`--allow-host-network`).
+    pub every_tenant: bool,
+    /// These tenants may (`--allow-host-network-for`).
+    pub tenants: BTreeSet<String>,
+}
+
+impl HostNetwork {
+    /// Whether `tenant` may have the host's network.
+    pub fn allows(&self, tenant: &Tenant) -> bool {
+        tenant.1 == Door::Local || self.every_tenant || self.tenants.contains(&tenant.0)
+    }
+
+    /// Whether any tenant may.
+    pub fn anyone(&self) -> bool {
+        self.every_tenant || !self.tenants.is_empty()
+    }
+
+    /// `Ok` when `tenant` may have `network`; else the refusal, saying how to allow it.
+    pub fn check(&self, tenant: &Tenant, network: NetworkMode) -> Result<(), ApiError> {
+        if network == NetworkMode::None || self.allows(tenant) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "`network: host` would give the sandbox the host's network, its loopback \
+                 services included, and this daemon does not allow it for tenant `{0}`; \
+                 use `network: none`, or ask the operator to start `upstream serve` with \
+                 `--allow-host-network-for {0}` (or `--allow-host-network` for every tenant)",
+                tenant.0
+            ),
+        ))
+    }
 }
 
 /// The tenant of requests on the local socket.
@@ -174,6 +224,8 @@ pub struct Live {
     interrupter: Arc<dyn Interrupter>,
     /// Background commands started through the API, by pid.
     pub processes: Mutex<BTreeMap<i32, Process>>,
+    /// The tenant's share of the daemon's blocking threads.
+    share: Share,
 }
 
 /// A background command.
@@ -204,68 +256,80 @@ struct Times {
 }
 
 impl Live {
-    /// Runs `f` on the sandbox on a blocking thread, after any operation already running.
+    /// Runs `f` on the sandbox on a blocking thread of its tenant's share, after any
+    /// operation already running.
     pub async fn with<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut dyn Sandbox) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let live = self.clone();
-        live.busy.fetch_add(1, Ordering::SeqCst);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
-            let result = match guard.as_mut() {
-                Some(sandbox) => f(sandbox.as_mut()),
-                None => Err(gone(&live.id)),
-            };
-            drop(guard);
-            live.touch();
-            live.busy.fetch_sub(1, Ordering::SeqCst);
-            result
-        })
-        .await;
+        // Held by the work, so the sandbox is busy until the work ends, not the request.
+        let busy = self.hold();
+        let result = self
+            .blocking(move || {
+                let _busy = busy;
+                let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+                match guard.as_mut() {
+                    Some(sandbox) => f(sandbox.as_mut()),
+                    None => Err(gone(&live.id)),
+                }
+            })
+            .await;
         result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
     }
 
-    /// Runs `f` on a session of its own on a blocking thread: commands run this way go on
-    /// alongside each other and alongside [`Live::with`]'s operations.
+    /// Runs `f` on a session of its own on a blocking thread of its tenant's share:
+    /// commands run this way go on alongside each other and alongside [`Live::with`]'s
+    /// operations.
     pub async fn alongside<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut dyn Session) -> Result<T, SandboxError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let live = self.clone();
-        let _busy = self.hold();
-        let result = tokio::task::spawn_blocking(move || {
-            let idle = live
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            let mut session = match idle {
-                Some(session) => session,
-                None => {
-                    let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
-                    match guard.as_mut() {
-                        Some(sandbox) => sandbox.session().map_err(ApiError::from)?,
-                        None => return Err(gone(&live.id)),
+        let busy = self.hold();
+        let result = self
+            .blocking(move || {
+                let _busy = busy;
+                let idle = live
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop();
+                let mut session = match idle {
+                    Some(session) => session,
+                    None => {
+                        let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+                        match guard.as_mut() {
+                            Some(sandbox) => sandbox.session().map_err(ApiError::from)?,
+                            None => return Err(gone(&live.id)),
+                        }
                     }
+                };
+                let result = f(session.as_mut());
+                // A session that only had a command refused serves the next; one whose
+                // helper went away or broke the protocol is dropped.
+                let usable = match &result {
+                    Ok(_) => true,
+                    Err(e) => matches!(e, SandboxError::Agent(ClientError::Refused(_))),
+                };
+                let mut idle = live.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                if usable && idle.len() < Self::IDLE_SESSIONS {
+                    idle.push(session);
                 }
-            };
-            let result = f(session.as_mut());
-            // A session that only had a command refused serves the next; one whose helper
-            // went away or broke the protocol is dropped.
-            let usable = match &result {
-                Ok(_) => true,
-                Err(e) => matches!(e, SandboxError::Agent(ClientError::Refused(_))),
-            };
-            let mut idle = live.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            if usable && idle.len() < Self::IDLE_SESSIONS {
-                idle.push(session);
-            }
-            drop(idle);
-            Ok(result?)
-        })
-        .await;
+                drop(idle);
+                Ok(result?)
+            })
+            .await;
         result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
+    }
+
+    /// Runs blocking work for this sandbox's tenant, within the tenant's share of the
+    /// daemon's threads (see [`crate::share`]).
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ShareError> {
+        self.share.run(f).await
     }
 
     /// Sessions kept for later commands; more run at once when asked.
@@ -392,14 +456,66 @@ impl Pool {
     }
 }
 
+/// The sandboxes handed out, and the creates admitted but not finished: both count against
+/// the limits, so that checking a limit and taking a place under it are one step.
+#[derive(Default)]
+struct Inventory {
+    live: HashMap<String, Arc<Live>>,
+    /// Creates under way, by tenant.
+    pending: HashMap<String, usize>,
+}
+
+impl Inventory {
+    fn pending_total(&self) -> usize {
+        self.pending.values().sum()
+    }
+
+    fn release(&mut self, tenant: &str) {
+        if let Some(n) = self.pending.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(tenant);
+            }
+        }
+    }
+}
+
+/// A place under the limits, taken by [`Daemon::admit`] for a create under way: given back
+/// when dropped, unless [`Admitted::insert`] filled it with the sandbox made.
+struct Admitted<'a> {
+    daemon: &'a Daemon,
+    tenant: String,
+    filled: bool,
+}
+
+impl Admitted<'_> {
+    /// Hands `live` out in the place taken: one step, under the inventory's lock.
+    fn insert(mut self, live: Arc<Live>) {
+        let mut inventory = self.daemon.lock_inventory();
+        inventory.release(&self.tenant);
+        inventory.live.insert(live.id.clone(), live);
+        self.filled = true;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.daemon.lock_inventory().release(&self.tenant);
+        }
+    }
+}
+
 /// Everything the daemon holds.
 pub struct Daemon {
     pub config: Config,
     backend: Arc<NamespaceBackend>,
-    sandboxes: Mutex<HashMap<String, Arc<Live>>>,
+    sandboxes: Mutex<Inventory>,
     pub pools: Vec<Arc<Pool>>,
     /// The daemon's own store: API keys.
     pub keys: Mutex<Store>,
+    /// Each tenant's share of the blocking threads.
+    pub shares: Shares,
     stopping: AtomicBool,
 }
 
@@ -416,6 +532,19 @@ pub struct CreateRequest {
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, String> {
+        if let Some((shape, _)) = config
+            .pools
+            .iter()
+            .find(|(shape, _)| shape.network == NetworkMode::Host)
+            .filter(|_| !config.host_network.anyone())
+        {
+            return Err(format!(
+                "the pool `{}` has the host's network, which no tenant may use: start with \
+                 `--allow-host-network` (or `--allow-host-network-for TENANT`) to keep it, \
+                 or drop `network=host` from the pool",
+                shape.key()
+            ));
+        }
         let backend = NamespaceBackend::new(config.init_exe.clone()).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
@@ -436,12 +565,14 @@ impl Daemon {
                 })
             })
             .collect();
+        let shares = Shares::new(config.max_concurrent_per_tenant);
         Ok(Daemon {
             config,
             backend: Arc::new(backend),
-            sandboxes: Mutex::new(HashMap::new()),
+            sandboxes: Mutex::new(Inventory::default()),
             pools,
             keys: Mutex::new(keys),
+            shares,
             stopping: AtomicBool::new(false),
         })
     }
@@ -547,35 +678,56 @@ impl Daemon {
         pool.take().map(|warm| warm.sandbox)
     }
 
-    fn check_room(&self, tenant: &str) -> Result<(), ApiError> {
-        let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
-        if sandboxes.len() >= self.config.max_sandboxes {
+    fn lock_inventory(&self) -> std::sync::MutexGuard<'_, Inventory> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place for one more sandbox of `tenant` under `--max-sandboxes` and
+    /// `--max-per-tenant`, counting the creates still under way, or says which limit is
+    /// reached.
+    fn admit(&self, tenant: &str) -> Result<Admitted<'_>, ApiError> {
+        let mut inventory = self.lock_inventory();
+        let all = inventory.live.len() + inventory.pending_total();
+        if all >= self.config.max_sandboxes {
             return Err(ApiError::too_many(format!(
-                "the daemon has {} sandboxes, its limit (--max-sandboxes); delete some first",
-                sandboxes.len()
+                "the daemon has {all} sandboxes, its limit (--max-sandboxes); delete some first"
             )));
         }
-        let mine = sandboxes.values().filter(|l| l.tenant == tenant).count();
+        let mine = inventory
+            .live
+            .values()
+            .filter(|l| l.tenant == tenant)
+            .count()
+            + inventory.pending.get(tenant).copied().unwrap_or(0);
         if mine >= self.config.max_per_tenant {
             return Err(ApiError::too_many(format!(
                 "this tenant has {mine} sandboxes, its limit (--max-per-tenant); delete some first"
             )));
         }
-        Ok(())
+        *inventory.pending.entry(tenant.to_string()).or_default() += 1;
+        Ok(Admitted {
+            daemon: self,
+            tenant: tenant.to_string(),
+            filled: false,
+        })
     }
 
     /// Hands a sandbox to `tenant`: from the warm pool when one of its shape is ready, else
     /// made on the spot.
     pub async fn create(
         self: &Arc<Self>,
-        tenant: &str,
+        caller: &Tenant,
         request: CreateRequest,
         env: BTreeMap<String, String>,
     ) -> Result<Arc<Live>, ApiError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the daemon is shutting down"));
         }
-        self.check_room(tenant)?;
+        self.config
+            .host_network
+            .check(caller, request.shape.network)?;
+        let tenant = caller.0.as_str();
+        let admitted = self.admit(tenant)?;
         let start = Instant::now();
         let pooled = self.pool_for(&request.shape).and_then(|pool| {
             let prepared = pool
@@ -591,13 +743,15 @@ impl Daemon {
             None => {
                 let daemon = self.clone();
                 let shape = request.shape.clone();
-                tokio::task::spawn_blocking(move || {
-                    let prepared = daemon.prepare(&shape)?;
-                    let sandbox = daemon.make(&prepared.spec)?;
-                    Ok::<_, ApiError>((prepared, sandbox, None))
-                })
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))??
+                self.shares
+                    .of(tenant)
+                    .run(move || {
+                        let prepared = daemon.prepare(&shape)?;
+                        let sandbox = daemon.make(&prepared.spec)?;
+                        Ok::<_, ApiError>((prepared, sandbox, None))
+                    })
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))??
             }
         };
         let took = start.elapsed();
@@ -630,19 +784,24 @@ impl Daemon {
             sandbox: Mutex::new(Some(sandbox)),
             sessions: Mutex::new(session.into_iter().collect()),
             processes: Mutex::new(BTreeMap::new()),
+            share: self.shares.of(tenant),
         });
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(live.id.clone(), live.clone());
+        admitted.insert(live.clone());
+        if self.stopping.load(Ordering::SeqCst) {
+            // Shutdown may have emptied the inventory before this sandbox was in it.
+            let removed = self.lock_inventory().live.remove(&live.id);
+            if let Some(live) = removed {
+                teardown(live).await;
+            }
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
         Ok(live)
     }
 
     /// The tenant's sandbox `id`; another tenant's answers as missing.
     pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Live>, ApiError> {
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock_inventory()
+            .live
             .get(id)
             .filter(|l| l.tenant == tenant)
             .cloned()
@@ -652,9 +811,8 @@ impl Daemon {
     /// The tenant's sandboxes, oldest first.
     pub fn list(&self, tenant: &str) -> Vec<Arc<Live>> {
         let mut all: Vec<Arc<Live>> = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_inventory()
+            .live
             .values()
             .filter(|l| l.tenant == tenant)
             .cloned()
@@ -666,12 +824,7 @@ impl Daemon {
     /// Sandboxes handed out, by tenant.
     pub fn active(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for live in self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        for live in self.lock_inventory().live.values() {
             *counts.entry(live.tenant.clone()).or_default() += 1;
         }
         counts
@@ -680,9 +833,9 @@ impl Daemon {
     /// Tears the tenant's sandbox `id` down.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
         let live = {
-            let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
-            match sandboxes.get(id) {
-                Some(l) if l.tenant == tenant => sandboxes.remove(id),
+            let mut inventory = self.lock_inventory();
+            match inventory.live.get(id) {
+                Some(l) if l.tenant == tenant => inventory.live.remove(id),
                 _ => None,
             }
         }
@@ -695,13 +848,16 @@ impl Daemon {
     pub async fn reap(&self) -> usize {
         let now = Instant::now();
         let expired: Vec<Arc<Live>> = {
-            let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
-            let ids: Vec<String> = sandboxes
+            let mut inventory = self.lock_inventory();
+            let ids: Vec<String> = inventory
+                .live
                 .values()
                 .filter(|l| l.expired(now))
                 .map(|l| l.id.clone())
                 .collect();
-            ids.iter().filter_map(|id| sandboxes.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| inventory.live.remove(id))
+                .collect()
         };
         let n = expired.len();
         futures::future::join_all(expired.into_iter().map(teardown)).await;
@@ -792,13 +948,7 @@ impl Daemon {
     /// Tears every sandbox down, handed out or pooled: the daemon is stopping.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let live: Vec<Arc<Live>> = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, l)| l)
-            .collect();
+        let live: Vec<Arc<Live>> = self.lock_inventory().live.drain().map(|(_, l)| l).collect();
         futures::future::join_all(live.into_iter().map(teardown)).await;
         let mut pooled = Vec::new();
         for pool in &self.pools {

@@ -12,6 +12,7 @@ pub mod daemon;
 mod error;
 mod files;
 pub mod metrics;
+pub mod share;
 mod stream;
 mod turns;
 
@@ -145,7 +146,7 @@ pub fn serve(
     // blocking threads are kept for the daemon's life rather than ended when idle.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(1024)
+        .max_blocking_threads(share::BLOCKING_THREADS)
         .thread_keep_alive(Duration::from_secs(u32::MAX.into()))
         .build()
         .map_err(|e| ServeError::Setup(format!("cannot start the runtime: {e}")))?;

@@ -199,6 +199,11 @@ pub async fn run_turn(
     let path = PathBuf::from(&name);
     let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let network = match document.front_matter().network {
+        upstream_doc::Network::None => upstream_sandbox::NetworkMode::None,
+        upstream_doc::Network::Host => upstream_sandbox::NetworkMode::Host,
+    };
+    daemon.config.host_network.check(&tenant, network)?;
     let framing = Framing::of(&headers, request.stream);
     let options = TurnOptions {
         store: Some(daemon.tenant_store(&tenant.0)),
@@ -236,8 +241,10 @@ pub async fn run_turn(
             turn: record,
         })
     };
+    let share = daemon.shares.of(&tenant.0);
     let Some(framing) = framing else {
-        let ran = tokio::task::spawn_blocking(move || run(&mut Quiet, &Cancel::default()))
+        let ran = share
+            .run(move || run(&mut Quiet, &Cancel::default()))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??;
         return Ok(Json(ran).into_response());
@@ -254,8 +261,9 @@ pub async fn run_turn(
     };
     tokio::spawn(async move {
         let sender = tx.clone();
-        let ran =
-            tokio::task::spawn_blocking(move || run(&mut Forward(sender, framing), &cancel)).await;
+        let ran = share
+            .run(move || run(&mut Forward(sender, framing), &cancel))
+            .await;
         let error = |code: &str, message: String| {
             let value = serde_json::json!({ "error": { "code": code, "message": message } });
             ("error", value)
@@ -278,12 +286,15 @@ async fn with_store<T: Send + 'static>(
     f: impl FnOnce(&Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let dir = daemon.tenant_store(&tenant.0);
-    tokio::task::spawn_blocking(move || {
-        let store = Store::open(&dir)?;
-        f(&store)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
+    daemon
+        .shares
+        .of(&tenant.0)
+        .run(move || {
+            let store = Store::open(&dir)?;
+            f(&store)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 #[derive(Debug, Serialize, ToSchema)]

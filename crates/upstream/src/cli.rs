@@ -72,6 +72,23 @@ pub struct ServeArgs {
     /// Most sandboxes one tenant may have at once.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_per_tenant: usize,
+    /// Most operations (commands, file transfers, turns, sandboxes being made) one tenant
+    /// may have running at once; more wait for one of its own to end, and other tenants'
+    /// requests never wait behind them.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=768))]
+    pub max_concurrent_per_tenant: u64,
+    /// Let every tenant's sandboxes and turns have the host's network (`network: host`),
+    /// the host's loopback services included; without it only the local socket and the
+    /// tenants named by --allow-host-network-for may.
+    #[arg(long)]
+    pub allow_host_network: bool,
+    /// Let this tenant's sandboxes and turns have the host's network; may be repeated.
+    #[arg(long, value_name = "TENANT")]
+    pub allow_host_network_for: Vec<String>,
+    /// Keys of this tenant see the daemon-wide /metrics (every tenant's figures), as the
+    /// local socket does; other keys see their own tenant's. May be repeated.
+    #[arg(long, value_name = "TENANT")]
+    pub operator_tenant: Vec<String>,
     /// Tear down a sandbox unused this long, unless it asks otherwise (`0`: never).
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_or_zero)]
     pub idle_timeout: std::time::Duration,

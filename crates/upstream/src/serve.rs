@@ -59,6 +59,12 @@ pub fn serve(args: ServeArgs) -> u8 {
         pools: args.pool,
         max_sandboxes: args.max_sandboxes,
         max_per_tenant: args.max_per_tenant,
+        max_concurrent_per_tenant: args.max_concurrent_per_tenant as usize,
+        host_network: upstream_server::daemon::HostNetwork {
+            every_tenant: args.allow_host_network,
+            tenants: args.allow_host_network_for.into_iter().collect(),
+        },
+        operators: args.operator_tenant.into_iter().collect(),
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         max_body: args.max_body.min(usize::MAX as u64) as usize,

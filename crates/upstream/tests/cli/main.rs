@@ -15,3 +15,4 @@ mod image;
 mod isolation;
 mod run;
 mod serve;
+mod serve_tenancy;

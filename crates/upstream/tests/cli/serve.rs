@@ -11,16 +11,18 @@ use serde_json::{Value, json};
 use crate::util::{BIN, Env};
 
 /// A running daemon.
-struct Daemon {
-    child: Child,
-    url: String,
-    socket: PathBuf,
-    state: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) socket: PathBuf,
+    pub(crate) state: PathBuf,
     runtime: PathBuf,
+    /// What it wrote on stderr after its first line (its log).
+    pub(crate) log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Daemon {
-    fn start(env: &Env, args: &[&str]) -> Daemon {
+    pub(crate) fn start(env: &Env, args: &[&str]) -> Daemon {
         let mut command = Command::new(BIN);
         command
             .env("UPSTREAM_RUNTIME_DIR", &env.runtime)
@@ -50,9 +52,14 @@ impl Daemon {
             .trim_end_matches(',')
             .to_string();
         // Keep draining its stderr so that it never blocks on a full pipe.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = lines.read_to_string(&mut rest);
+            let mut line = String::new();
+            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
+                kept.lock().unwrap().push_str(&line);
+                line.clear();
+            }
         });
         Daemon {
             child,
@@ -60,10 +67,11 @@ impl Daemon {
             socket,
             state,
             runtime,
+            log,
         }
     }
 
-    fn key(&self, name: &str, tenant: &str) -> String {
+    pub(crate) fn key(&self, name: &str, tenant: &str) -> String {
         let out = Command::new(BIN)
             .args([
                 "keys",
@@ -85,7 +93,7 @@ impl Daemon {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    fn client(&self, key: &str) -> Api {
+    pub(crate) fn client(&self, key: &str) -> Api {
         Api {
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(120))
@@ -123,14 +131,18 @@ impl Drop for Daemon {
 }
 
 /// A client of the API with one key.
-struct Api {
-    http: reqwest::blocking::Client,
-    base: String,
-    key: Option<String>,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::blocking::Client,
+    pub(crate) base: String,
+    pub(crate) key: Option<String>,
 }
 
 impl Api {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+    pub(crate) fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.base));
         match &self.key {
             Some(k) => builder.bearer_auth(k),
@@ -138,7 +150,12 @@ impl Api {
         }
     }
 
-    fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self.request(method, path);
         if let Some(body) = body {
             request = request.json(&body);
@@ -150,25 +167,25 @@ impl Api {
         (status, value)
     }
 
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.send(reqwest::Method::POST, path, Some(body))
     }
 
-    fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) fn get(&self, path: &str) -> (u16, Value) {
         self.send(reqwest::Method::GET, path, None)
     }
 
-    fn delete(&self, path: &str) -> u16 {
+    pub(crate) fn delete(&self, path: &str) -> u16 {
         self.send(reqwest::Method::DELETE, path, None).0
     }
 
-    fn create(&self, body: Value) -> Value {
+    pub(crate) fn create(&self, body: Value) -> Value {
         let (status, sandbox) = self.post("/v1/sandboxes", body);
         assert_eq!(status, 201, "{sandbox}");
         sandbox
     }
 
-    fn exec(&self, id: &str, cmd: &[&str]) -> Value {
+    pub(crate) fn exec(&self, id: &str, cmd: &[&str]) -> Value {
         let (status, result) =
             self.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "cmd": cmd }));
         assert_eq!(status, 200, "{result}");
@@ -176,11 +193,11 @@ impl Api {
     }
 }
 
-fn id(sandbox: &Value) -> String {
+pub(crate) fn id(sandbox: &Value) -> String {
     sandbox["id"].as_str().unwrap().to_string()
 }
 
-fn error_code(body: &Value) -> &str {
+pub(crate) fn error_code(body: &Value) -> &str {
     body["error"]["code"]
         .as_str()
         .unwrap_or_else(|| panic!("not an error body: {body}"))
@@ -359,7 +376,12 @@ fn keys_and_tenants_keep_sandboxes_apart() {
 }
 
 /// One HTTP/1.1 request over a Unix socket; (status, body).
-fn unix_request(socket: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) fn unix_request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     write!(
         stream,
