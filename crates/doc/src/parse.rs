@@ -324,6 +324,8 @@ struct Block {
     range: Range<usize>,
     info: String,
     code: String,
+    /// Where the last of the code ends in the source.
+    code_end: usize,
     heading: Option<String>,
 }
 
@@ -350,6 +352,7 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
             }
             Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(info))) => {
                 open_block = Some(Block {
+                    code_end: range.start,
                     range,
                     info: info.to_string(),
                     code: String::new(),
@@ -364,6 +367,7 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
             Event::Text(text) | Event::Code(text) => {
                 if let Some(block) = open_block.as_mut() {
                     block.code.push_str(&text);
+                    block.code_end = range.end;
                 } else if let Some(h) = heading_text.as_mut() {
                     h.push_str(&text);
                 }
@@ -414,10 +418,12 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
         let fence = Fence::opening(source, block.range.start);
         let (close_line_start, close_line) = last_line(source, block.range.clone());
         let close_bare = strip_newline(close_line);
-        // The last line must be a closing fence, and not the opening line itself.
+        // The last line must be a closing fence, not the opening line itself, and not code:
+        // a line that only looks like a fence (inside a quote the fence is not in, or
+        // indented too far) is part of a block that runs on to its container's end unclosed.
         let closing = fence
             .closes(close_bare)
-            .filter(|_| close_line_start > block.range.start);
+            .filter(|_| close_line_start > block.range.start && block.code_end <= close_line_start);
         let Some(fence_pos) = closing else {
             return Err(ParseError::at(
                 path.to_path_buf(),
@@ -430,7 +436,7 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
         };
         let prefix = close_bare[..fence_pos].to_string();
         let insert_at = close_line_start + close_bare.len();
-        let result_end = existing_result(path, source, insert_at, &markers)?;
+        let result_end = existing_result(path, source, insert_at, &prefix, &markers)?;
         claimed_until = result_end.unwrap_or(insert_at);
         steps.push(Step {
             number: steps.len() + 1,
@@ -508,6 +514,7 @@ fn existing_result(
     path: &Path,
     source: &str,
     insert_at: usize,
+    prefix: &str,
     markers: &[(usize, bool)],
 ) -> Result<Option<usize>, ParseError> {
     let Some(pos) = markers.iter().position(|&(offset, _)| offset >= insert_at) else {
@@ -516,6 +523,13 @@ fn existing_result(
     let (start, is_start) = markers[pos];
     let between = &source[insert_at..start];
     if !is_start || !between.chars().all(|c| c.is_whitespace() || c == '>') {
+        return Ok(None);
+    }
+    // Only a block in the step's own container is its result (one written there has the
+    // step's prefix); replacing a block from another container would move what follows it
+    // into this one.
+    let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
+    if source[line_start..start] != *prefix {
         return Ok(None);
     }
     match markers.get(pos + 1) {

@@ -261,3 +261,35 @@ fn wrong_types_are_named_at_their_key() {
     let e = error(b"---\nworkdir: \"rel\\n\\x1fworkdir\\n\\x1fforged\"\n---\n```bash\ntrue\n```\n");
     assert!(e.hint().unwrap().contains("/workspace"), "{}", e.report());
 }
+
+/// A line that only looks like a closing fence (inside a quote the fence is not in, or
+/// indented past a fence's place) does not close the step: the block runs on unclosed, so
+/// no result is written into it.
+#[test]
+fn a_fence_is_not_closed_by_a_quoted_or_deeply_indented_fence_line() {
+    for text in [
+        "```bash\necho never closed\n> ```bash\n> echo quoted\n> ```\n",
+        "```bash\necho never closed\n1. one\n   - two\n     ```python\n     x = 2\n     ```\n",
+    ] {
+        let e = error(text.as_bytes());
+        assert!(
+            matches!(e.kind, ErrorKind::UnclosedFence { .. }),
+            "{text:?}: {e}"
+        );
+        assert_eq!(e.location.unwrap().line, 1, "{e}");
+    }
+}
+
+/// A result block in another container than its step (here a quote after a listed step) is
+/// not taken for the step's result: replacing it would move what follows into the list.
+#[test]
+fn a_result_block_in_another_container_is_not_the_steps() {
+    let doc = parse(
+        "- item\n\n  ```bash\n  echo listed\n  ```\n> <!-- upstream:result -->\n> **Result:** exit 1\n> <!-- /upstream:result -->\n",
+    );
+    assert!(!doc.steps()[0].has_result());
+    let doc = parse(
+        "- item\n\n  ```bash\n  echo listed\n  ```\n\n  <!-- upstream:result -->\n  **Result:** exit 1\n  <!-- /upstream:result -->\n",
+    );
+    assert!(doc.steps()[0].has_result());
+}
