@@ -3,6 +3,7 @@
 
 pub mod pull;
 pub mod reference;
+pub mod registries;
 pub mod rootfs;
 #[doc(hidden)]
 pub mod testing;
@@ -13,5 +14,6 @@ pub use pull::{
     PullProgress, Pulled, pull,
 };
 pub use reference::{Reference, ReferenceError};
+pub use registries::RegistryPolicy;
 pub use rootfs::ImageFileError;
 pub use unpack::{Compression, Owners, UnpackError, Unpacked, unpack_layer};

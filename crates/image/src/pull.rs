@@ -24,6 +24,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use crate::reference::Reference;
+use crate::registries::{Guard, RegistryPolicy, Stop};
 use crate::rootfs::{ImageFileError, MAX_TABLE_BYTES, read_file};
 use crate::unpack::{Compression, Owners, UnpackError, unpack_layer};
 
@@ -183,6 +184,30 @@ pub enum PullError {
     UnknownLayer { digest: String, media_type: String },
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// The pull would have connected to an address its policy refuses; nothing was sent
+    /// there.
+    #[error("{}", refused_message(.registry, .host))]
+    Refused { registry: String, host: String },
+}
+
+fn refused_message(registry: &str, host: &str) -> String {
+    let parts = |text: &str| -> (String, Option<String>) {
+        let (name, port) = text
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or((text, None), |(name, port)| (name, Some(port.to_string())));
+        (name.trim_matches(['[', ']']).to_ascii_lowercase(), port)
+    };
+    let ((r_name, r_port), (h_name, h_port)) = (parts(registry), parts(host));
+    let same = r_name == h_name && (r_port.is_none() || r_port == h_port);
+    let what = if same {
+        format!("the registry {registry} is")
+    } else {
+        format!("the registry {registry} sent the pull on to {host}, which is")
+    };
+    format!(
+        "{what} not public (a loopback, private or other non-public address), so it was not contacted; images come only from public registries and those the operator allows (`upstream serve --registry HOST[:PORT]`)"
+    )
 }
 
 /// How to pull.
@@ -198,6 +223,8 @@ pub struct PullOptions {
     pub refresh: bool,
     /// Who owns the unpacked files.
     pub owners: Owners,
+    /// Which registries the pull may reach: every connection it makes is held to this.
+    pub registries: RegistryPolicy,
 }
 
 /// Registry credentials, each scoped to one registry: they are sent to that registry (its
@@ -658,10 +685,6 @@ async fn pull_async(
     options: &PullOptions,
     progress: &mut dyn PullProgress,
 ) -> Result<Pulled, PullError> {
-    let registry_error = |e: oci_client::errors::OciDistributionError| PullError::Registry {
-        registry: reference.registry.clone(),
-        message: e.to_string(),
-    };
     let host = reference
         .registry
         .rsplit_once(':')
@@ -671,14 +694,50 @@ async fn pull_async(
         .insecure
         .iter()
         .any(|e| *e == reference.registry || e == host);
-    let client = oci_client::Client::new(ClientConfig {
+    let mut config = ClientConfig {
         protocol: if plain {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
         },
         ..ClientConfig::default()
-    });
+    };
+    // Under a policy, every connection goes through the pull's own proxy, which holds it
+    // to the policy (and replaces any proxy of the environment).
+    let guard = match &options.registries {
+        RegistryPolicy::Any => None,
+        RegistryPolicy::Public { allowed } => Some(
+            Guard::start(allowed.clone())
+                .await
+                .map_err(|e| PullError::Config(format!("cannot start the pull's proxy: {e}")))?,
+        ),
+    };
+    if let Some(guard) = &guard {
+        config.https_proxy = Some(guard.url.clone());
+        config.http_proxy = Some(guard.url.clone());
+    }
+    let client = oci_client::Client::try_from(config).map_err(|e| PullError::Registry {
+        registry: reference.registry.clone(),
+        message: e.to_string(),
+    })?;
+    // What the registry client says, unless the proxy stopped a connection: then what it
+    // stopped and why (a refused address's answer is never seen, let alone passed on).
+    let registry_error =
+        |e: oci_client::errors::OciDistributionError| match guard.as_ref().and_then(Guard::stopped)
+        {
+            Some(Stop::Refused { host }) => PullError::Refused {
+                registry: reference.registry.clone(),
+                host,
+            },
+            Some(Stop::Unreachable { host, why }) => PullError::Registry {
+                registry: reference.registry.clone(),
+                message: format!("cannot connect to {host}: {why}"),
+            },
+            None => PullError::Registry {
+                registry: reference.registry.clone(),
+                message: e.to_string(),
+            },
+        };
     let oci_ref: oci_client::Reference = reference
         .to_string()
         .parse()
@@ -1023,6 +1082,7 @@ mod tests {
             credentials: Credentials::load(Some("user:pass"), None),
             refresh: false,
             owners: Owners::Unpacker,
+            registries: RegistryPolicy::Any,
         };
         let reference = Reference::parse("192.0.2.1:5000/any:1").unwrap();
         let err = pull(

@@ -362,7 +362,7 @@ impl Recorder {
                     seen.lock().unwrap().connections += 1;
                     let (seen, answer) = (seen.clone(), answer.clone());
                     std::thread::spawn(move || {
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                         let mut head = Vec::new();
                         let mut byte = [0u8; 1];
                         while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use upstream_image::testing::Registry;
-use upstream_image::{Cache, Owners, PullOptions, PullProgress, Reference, pull};
+use upstream_image::{Cache, Owners, PullOptions, PullProgress, Reference, RegistryPolicy, pull};
 
 fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
@@ -60,6 +60,7 @@ fn options(registry: &Registry) -> PullOptions {
         credentials: Default::default(),
         refresh: false,
         owners: Owners::Unpacker,
+        registries: RegistryPolicy::Any,
     }
 }
 
@@ -134,6 +135,7 @@ fn a_two_layer_image_with_whiteouts_is_pulled_then_used_from_the_cache() {
             credentials: Default::default(),
             refresh: false,
             owners: Owners::Unpacker,
+            registries: RegistryPolicy::Any,
         },
         &mut seen,
     )
@@ -527,5 +529,178 @@ fn plain(hosts: &[String]) -> PullOptions {
         credentials: Default::default(),
         refresh: false,
         owners: Owners::Unpacker,
+        registries: RegistryPolicy::Any,
     }
+}
+
+/// Pull options of a daemon: public registries, and those in `allowed`.
+fn public(allowed: &[String]) -> PullOptions {
+    PullOptions {
+        registries: RegistryPolicy::Public {
+            allowed: allowed.to_vec(),
+        },
+        ..plain(allowed)
+    }
+}
+
+#[test]
+fn under_the_public_policy_loopback_and_private_registries_are_refused_unasked() {
+    use upstream_image::testing::{Recorder, basic_challenge};
+    let recorder = Recorder::start(basic_challenge);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let port = recorder.port;
+    for image in [
+        format!("127.0.0.1:{port}/x:1"),
+        format!("localhost:{port}/x:1"),
+        format!("127.1.2.3:{port}/x:1"),
+        "10.0.0.1:5000/x:1".to_string(),
+        "192.168.1.1/x:1".to_string(),
+        "169.254.169.254/latest:1".to_string(),
+        "192.0.2.1:5000/x:1".to_string(),
+        "100.64.0.1:5000/x:1".to_string(),
+    ] {
+        let reference = Reference::parse(&image).unwrap();
+        let started = std::time::Instant::now();
+        let err = pull(&reference, &cache, &public(&[]), &mut Seen::default()).unwrap_err();
+        assert!(
+            matches!(err, upstream_image::PullError::Refused { .. }),
+            "{image}: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("not public") && text.contains("--registry"),
+            "{image}: {text}"
+        );
+        assert!(!text.contains("401"), "no answer is passed on: {text}");
+        // Refused before any connection, not after one timed out.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{image}"
+        );
+    }
+    assert_eq!(
+        recorder.connections(),
+        0,
+        "nothing connected to the recorder"
+    );
+
+    // Positive control: the same registry, allowed by the operator, is asked.
+    let allowed = public(&[recorder.host()]);
+    let reference = Reference::parse(&format!("{}/x:1", recorder.host())).unwrap();
+    let err = pull(&reference, &cache, &allowed, &mut Seen::default()).unwrap_err();
+    assert!(
+        matches!(err, upstream_image::PullError::Registry { .. }),
+        "{err}"
+    );
+    let before = recorder.connections();
+    assert!(before > 0, "the allowed registry was asked");
+    // Over HTTPS too (the proxy tunnels it; the recorder speaks no TLS, so the pull fails
+    // after the connection is made).
+    let mut https = allowed.clone();
+    https.insecure.clear();
+    let err = pull(&reference, &cache, &https, &mut Seen::default()).unwrap_err();
+    assert!(
+        matches!(err, upstream_image::PullError::Registry { .. }),
+        "{err}"
+    );
+    assert!(
+        recorder.connections() > before,
+        "the tunnel reached the registry"
+    );
+}
+
+#[test]
+fn an_allowed_registry_pulls_under_the_public_policy() {
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    registry.push(
+        "test/allowed:1",
+        vec![(
+            gzip(&tar_of(&[("through", b"the proxy")])),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+        &[],
+    );
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/test/allowed:1", registry.host())).unwrap();
+    let err = pull(&reference, &cache, &public(&[]), &mut Seen::default()).unwrap_err();
+    assert!(
+        matches!(err, upstream_image::PullError::Refused { .. }),
+        "{err}"
+    );
+    for allowed in [registry.host(), "127.0.0.1".to_string()] {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(cache_dir.path());
+        let mut options = public(&[allowed]);
+        options.insecure = vec![registry.host()];
+        let pulled = pull(&reference, &cache, &options, &mut Seen::default()).unwrap();
+        assert_eq!(
+            fs::read(pulled.rootfs.join("through")).unwrap(),
+            b"the proxy"
+        );
+    }
+}
+
+#[test]
+fn an_allowed_registry_cannot_send_the_pull_on_to_a_refused_address() {
+    use upstream_image::testing::Recorder;
+    let victim = Recorder::start(|_| {
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_string()
+    });
+    let victim_host = victim.host();
+    // A registry whose login challenge names the victim as its token service...
+    let realm = format!("http://{victim_host}/token");
+    let challenger = Recorder::start(move |_| {
+        format!(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"x\"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        )
+    });
+    // ...and one that redirects its manifests there.
+    let target = format!("http://{victim_host}/v2/x/manifests/1");
+    let redirector = Recorder::start(move |request| {
+        if request.starts_with("GET /v2/ ") {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_string()
+        } else {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        }
+    });
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    for registry in [&challenger, &redirector] {
+        let reference = Reference::parse(&format!("{}/x:1", registry.host())).unwrap();
+        let err = pull(
+            &reference,
+            &cache,
+            &public(&[registry.host()]),
+            &mut Seen::default(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, upstream_image::PullError::Refused { .. })
+                && text.contains(&format!("sent the pull on to {victim_host}")),
+            "{text}"
+        );
+        assert!(registry.connections() > 0, "the allowed registry was asked");
+    }
+    assert_eq!(
+        victim.connections(),
+        0,
+        "nothing reached the refused address"
+    );
+
+    // Positive control: with the victim allowed too, the challenge does lead there.
+    let reference = Reference::parse(&format!("{}/x:1", challenger.host())).unwrap();
+    let _ = pull(
+        &reference,
+        &cache,
+        &public(&[challenger.host(), victim_host.clone()]),
+        &mut Seen::default(),
+    );
+    assert!(victim.connections() > 0, "the recorder sees connections");
 }

@@ -618,8 +618,12 @@ impl Daemon {
         let images = &self.config.images;
         let pulled = upstream_image::pull(&reference, &images.cache, &images.pull, &mut Quiet)
             .map_err(|e| {
+                let status = match e {
+                    upstream_image::PullError::Refused { .. } => axum::http::StatusCode::FORBIDDEN,
+                    _ => axum::http::StatusCode::BAD_GATEWAY,
+                };
                 ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
+                    status,
                     "image",
                     format!("cannot pull image `{}`: {e}", shape.image),
                 )

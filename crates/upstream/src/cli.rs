@@ -100,8 +100,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_body: u64,
     /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
+    /// The daemon may pull from it even if it is not public.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
+    /// A registry the daemon may pull from although it is not public (on loopback or a
+    /// private network): `HOST` (any port) or `HOST:PORT`; may be repeated. Other pulls
+    /// reach only public addresses, every connection checked.
+    #[arg(long = "registry", value_name = "HOST[:PORT]")]
+    pub registry: Vec<String>,
     #[command(flatten)]
     pub state: StateArg,
 }

@@ -390,6 +390,8 @@ pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_tur
             } else {
                 upstream_image::Owners::Unpacker
             },
+            // The user's own machine: loopback registries too (`upstream serve` narrows it).
+            registries: upstream_image::RegistryPolicy::Any,
         },
     }
 }

@@ -41,7 +41,16 @@ pub fn serve(args: ServeArgs) -> u8 {
             return exit::SANDBOX;
         }
     };
-    let images = crate::run::image_source(&args.insecure_registry, false);
+    let mut images = crate::run::image_source(&args.insecure_registry, false);
+    // Tenants name the images: only public registries, and those the operator names.
+    images.pull.registries = upstream_image::RegistryPolicy::Public {
+        allowed: args
+            .registry
+            .iter()
+            .chain(&args.insecure_registry)
+            .cloned()
+            .collect(),
+    };
     if let Some(refused) = images.pull.credentials.refused() {
         eprintln!("error: {refused}");
         return exit::BAD_INPUT;
