@@ -9,6 +9,10 @@
 //! is made in its parent directory. Names with `..` are refused outright, in entry paths and
 //! in hardlink targets alike. Device nodes are skipped; whiteouts (`.wh.<name>`) remove what
 //! lower layers had, opaque markers (`.wh..wh..opq`) empty a directory of it.
+//!
+//! What would act on the host rather than in the sandbox is not kept: set-uid and set-gid
+//! bits on files, and extended attributes outside `user.*` (file capabilities, overlay
+//! attributes). Inside the sandbox none of them could work anyway (`no_new_privs`).
 
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr, OsString};
@@ -225,6 +229,12 @@ impl Unpacker<'_> {
             return self.make_opaque(&parent).map_err(fail);
         }
         if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
+            // `.wh..` would remove the directory the whiteout is in, `.wh...` its parent.
+            if hidden == b"." || hidden == b".." {
+                return Err(UnpackError::Escape {
+                    path: path.display(),
+                });
+            }
             self.stats.whiteouts += 1;
             let dir = match self.dir(&parent) {
                 Ok(d) => d,
@@ -276,8 +286,10 @@ impl Unpacker<'_> {
                     nix::unistd::fchown(&file, Some(uid.into()), Some(gid.into()))
                         .map_err(|e| fail(e.into()))?;
                 }
-                // After the owner: a change of owner clears set-id bits.
-                nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode))
+                // Set-id bits are dropped: a sandbox runs with no_new_privs, where they
+                // mean nothing, and on the host they would make the image's programs run
+                // as the ids that own the cached image.
+                nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode & !0o6000))
                     .map_err(|e| fail(e.into()))?;
                 self.set_xattrs(&file, entry);
                 set_mtime(&dir, name, mtime).map_err(fail)?;
@@ -436,7 +448,10 @@ fn apply_xattrs(file: &File, attrs: &[(CString, Vec<u8>)]) {
     }
 }
 
-/// The extended attributes an entry carries (PAX `SCHILY.xattr.*`).
+/// The extended attributes an entry carries (PAX `SCHILY.xattr.*`), of the `user.*`
+/// namespace only: the host applies them as root, and `security.capability` would give a
+/// program capabilities on the host, `trusted.overlay.*` would steer the overlay the rootfs
+/// is a layer of.
 fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(CString, Vec<u8>)> {
     let Ok(Some(extensions)) = entry.pax_extensions() else {
         return Vec::new();
@@ -445,6 +460,9 @@ fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(CString, Vec<u8>)> {
         .filter_map(Result::ok)
         .filter_map(|ext| {
             let key = ext.key_bytes().strip_prefix(b"SCHILY.xattr.")?;
+            if !key.starts_with(b"user.") {
+                return None;
+            }
             Some((CString::new(key).ok()?, ext.value_bytes().to_vec()))
         })
         .collect()
