@@ -610,6 +610,24 @@ impl Cache {
     }
 }
 
+/// Makes `path` (and what is missing above it) a directory only its owner can enter,
+/// whatever the umask.
+fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("not a directory"));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Bytes a tree takes on disk, links not followed.
 fn disk_use(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -722,22 +740,26 @@ async fn pull_async(
     })?;
     // What the registry client says, unless the proxy stopped a connection: then what it
     // stopped and why (a refused address's answer is never seen, let alone passed on).
-    let registry_error =
-        |e: oci_client::errors::OciDistributionError| match guard.as_ref().and_then(Guard::stopped)
-        {
-            Some(Stop::Refused { host }) => PullError::Refused {
-                registry: reference.registry.clone(),
-                host,
-            },
+    let registry_error = |e: oci_client::errors::OciDistributionError| {
+        let registry = reference.registry.clone();
+        match guard.as_ref().and_then(Guard::stopped) {
+            Some(Stop::Refused { host }) => PullError::Refused { registry, host },
             Some(Stop::Unreachable { host, why }) => PullError::Registry {
-                registry: reference.registry.clone(),
+                registry,
                 message: format!("cannot connect to {host}: {why}"),
             },
+            Some(Stop::TooMuch { host }) => PullError::Registry {
+                registry,
+                message: format!(
+                    "{host} sent more than the image's manifest accounts for; the pull was stopped"
+                ),
+            },
             None => PullError::Registry {
-                registry: reference.registry.clone(),
+                registry,
                 message: e.to_string(),
             },
-        };
+        }
+    };
     let oci_ref: oci_client::Reference = reference
         .to_string()
         .parse()
@@ -751,10 +773,22 @@ async fn pull_async(
         .await
         .map_err(registry_error)?;
     let image_config = ImageConfig::parse(&config)?;
+    if let Some(guard) = &guard {
+        guard.expect(
+            manifest
+                .layers
+                .iter()
+                .map(|l| l.size.max(0) as u64)
+                .fold(0, u64::saturating_add),
+        );
+    }
 
-    for dir in ["blobs/sha256", "images", "locks", "tmp"] {
+    // The cache is its owner's alone: no other user may reach an image's files (another
+    // tenant's private image, a program the image made executable).
+    private_dir(&cache.dir).map_err(cache.io(&cache.dir))?;
+    for dir in ["blobs", "blobs/sha256", "images", "locks", "tmp", "refs"] {
         let path = cache.dir.join(dir);
-        fs::create_dir_all(&path).map_err(cache.io(&path))?;
+        private_dir(&path).map_err(cache.io(&path))?;
     }
     // Pulls of the same image wait for one another here.
     let lock_path = cache
@@ -898,6 +932,7 @@ async fn download(
     let mut file = Counting {
         inner: tokio::io::BufWriter::new(file),
         count: arrived,
+        limit: layer.size.max(0) as u64,
     };
     if let Err(e) = client.pull_blob(reference, layer, &mut file).await {
         let _ = tokio::fs::remove_file(&temp).await;
@@ -916,10 +951,12 @@ async fn download(
 /// How often a pull reports the bytes that have arrived.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// A writer that counts what goes through it.
+/// A writer that counts what goes through it, and refuses more than `limit` bytes: a
+/// registry cannot fill the cache's disk by sending a layer without end.
 struct Counting<W> {
     inner: W,
     count: Arc<AtomicU64>,
+    limit: u64,
 }
 
 impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
@@ -928,6 +965,12 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        if self.count.load(Ordering::Relaxed) + buf.len() as u64 > self.limit {
+            return std::task::Poll::Ready(Err(io::Error::other(format!(
+                "the registry sent more than the {} bytes the manifest gives the layer",
+                self.limit
+            ))));
+        }
         let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &polled {
             self.count.fetch_add(*n as u64, Ordering::Relaxed);

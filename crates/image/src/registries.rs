@@ -16,6 +16,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub(crate) enum Stop {
     Refused { host: String },
     /// The host was allowed but could not be reached.
     Unreachable { host: String, why: String },
+    /// The pull's registries sent more than it may take in (see [`Guard::expect`]).
+    TooMuch { host: String },
 }
 
 /// Whether an address is one anyone on the internet could reach: not loopback, private,
@@ -140,9 +143,37 @@ fn is_allowed(allowed: &[String], host: &str, port: u16) -> bool {
 pub(crate) struct Guard {
     /// The proxy's URL, for the registry client.
     pub url: String,
-    stops: Arc<Mutex<Vec<Stop>>>,
+    shared: Arc<Shared>,
     accept: tokio::task::JoinHandle<()>,
 }
+
+/// What the proxy's connections share.
+struct Shared {
+    allowed: Vec<String>,
+    stops: Mutex<Vec<Stop>>,
+    /// Bytes the pull's registries may still send, over every connection.
+    budget: AtomicI64,
+}
+
+impl Shared {
+    fn stop(&self, stop: Stop) {
+        self.stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stop);
+    }
+
+    /// Takes `n` bytes from the budget; false once it is spent.
+    fn spend(&self, n: usize) -> bool {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.budget.fetch_sub(n, Ordering::Relaxed) >= n
+    }
+}
+
+/// What a pull may take in before its manifest says how large its layers are: the
+/// manifest, the configuration, token and error answers (the registry client holds each
+/// in memory whole).
+const METADATA_BUDGET: i64 = 64 << 20;
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -162,27 +193,47 @@ impl Guard {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let proxy = listener.local_addr()?;
         let url = format!("http://{proxy}");
-        let stops = Arc::new(Mutex::new(Vec::new()));
-        let allowed = Arc::new(allowed);
+        let shared = Arc::new(Shared {
+            allowed,
+            stops: Mutex::new(Vec::new()),
+            budget: AtomicI64::new(METADATA_BUDGET),
+        });
         let accept = {
-            let stops = stops.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
                 while let Ok((client, peer)) = listener.accept().await {
-                    let (stops, allowed) = (stops.clone(), allowed.clone());
+                    let shared = shared.clone();
                     tokio::spawn(async move {
                         if peer_is_ours(peer, proxy).await {
-                            let _ = serve(client, &allowed, &stops).await;
+                            let _ = serve(client, &shared).await;
                         }
                     });
                 }
             })
         };
-        Ok(Guard { url, stops, accept })
+        Ok(Guard {
+            url,
+            shared,
+            accept,
+        })
+    }
+
+    /// The pull will take in `bytes` more (its layers): the budget grows by that, and a
+    /// hundredth more for what TLS adds.
+    pub fn expect(&self, bytes: u64) {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let more = bytes.saturating_add(bytes / 100);
+        let _ = self
+            .shared
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_add(more))
+            });
     }
 
     /// The first connection the proxy refused or could not make, if any.
     pub fn stopped(&self) -> Option<Stop> {
-        let stops = self.stops.lock().unwrap_or_else(|e| e.into_inner());
+        let stops = self.shared.stops.lock().unwrap_or_else(|e| e.into_inner());
         stops
             .iter()
             .find(|s| matches!(s, Stop::Refused { .. }))
@@ -271,11 +322,7 @@ async fn answer(client: &mut TcpStream, status: &str) -> io::Result<()> {
         .await
 }
 
-async fn serve(
-    mut client: TcpStream,
-    allowed: &[String],
-    stops: &Mutex<Vec<Stop>>,
-) -> io::Result<()> {
+async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
     let head = read_head(&mut client).await?;
     let mut parts = head.lines[0].split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -299,21 +346,20 @@ async fn serve(
     } else {
         format!("{host}:{port}")
     };
-    let stop = |s: Stop| stops.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     let addresses = match tokio::net::lookup_host((host.as_str(), port)).await {
         Ok(found) => found.collect::<Vec<SocketAddr>>(),
         Err(e) => {
-            stop(Stop::Unreachable {
+            shared.stop(Stop::Unreachable {
                 host: shown,
                 why: e.to_string(),
             });
             return answer(&mut client, "502 Bad Gateway").await;
         }
     };
-    let admitted = is_allowed(allowed, &host, port)
+    let admitted = is_allowed(&shared.allowed, &host, port)
         || (!addresses.is_empty() && addresses.iter().all(|a| is_public(a.ip())));
     if !admitted {
-        stop(Stop::Refused { host: shown });
+        shared.stop(Stop::Refused { host: shown });
         return answer(&mut client, "403 Forbidden").await;
     }
     let mut origin = None;
@@ -329,7 +375,7 @@ async fn serve(
         }
     }
     let Some(mut origin) = origin else {
-        stop(Stop::Unreachable {
+        shared.stop(Stop::Unreachable {
             host: shown,
             why: last.to_string(),
         });
@@ -340,8 +386,17 @@ async fn serve(
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
         origin.write_all(&head.rest).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut origin).await?;
-        return Ok(());
+        let (mut origin_read, mut origin_write) = origin.into_split();
+        let (mut client_read, mut client_write) = client.into_split();
+        let upload = async {
+            let _ = tokio::io::copy(&mut client_read, &mut origin_write).await;
+            let _ = origin_write.shutdown().await;
+        };
+        let download = async {
+            metered(&mut origin_read, &mut client_write, shared, &shown).await?;
+            client_write.shutdown().await
+        };
+        return until_download_ends(upload, download).await;
     };
     // Plain HTTP: this one request, then the connection closes.
     let version = parts.next().unwrap_or("HTTP/1.1");
@@ -372,6 +427,12 @@ async fn serve(
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
+            if !shared.spend(n) {
+                shared.stop(Stop::TooMuch {
+                    host: shown.clone(),
+                });
+                return Err(io::Error::other("over the pull's budget"));
+            }
             buf.extend_from_slice(&chunk[..n]);
         };
         let text = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -383,14 +444,45 @@ async fn serve(
         out.push_str("Connection: close\r\n\r\n");
         client_write.write_all(out.as_bytes()).await?;
         client_write.write_all(&buf[end + 4..]).await?;
-        tokio::io::copy(&mut origin_read, &mut client_write).await?;
+        metered(&mut origin_read, &mut client_write, shared, &shown).await?;
         client_write.shutdown().await
     };
+    until_download_ends(upload, download).await
+}
+
+/// Runs both directions of an exchange until the answer ends, whatever the upload is
+/// doing.
+async fn until_download_ends(
+    upload: impl std::future::Future<Output = ()>,
+    download: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
     futures::pin_mut!(upload, download);
-    // The answer's end ends the exchange, whatever the upload is doing.
     match futures::future::select(upload, download).await {
         futures::future::Either::Left(((), download)) => download.await,
         futures::future::Either::Right((done, _)) => done,
+    }
+}
+
+/// Copies what `host` sends to the client, within the pull's budget.
+async fn metered(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    shared: &Shared,
+    host: &str,
+) -> io::Result<()> {
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = from.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !shared.spend(n) {
+            shared.stop(Stop::TooMuch {
+                host: host.to_string(),
+            });
+            return Err(io::Error::other("over the pull's budget"));
+        }
+        to.write_all(&chunk[..n]).await?;
     }
 }
 

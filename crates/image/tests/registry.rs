@@ -704,3 +704,165 @@ fn an_allowed_registry_cannot_send_the_pull_on_to_a_refused_address() {
     );
     assert!(victim.connections() > 0, "the recorder sees connections");
 }
+
+#[test]
+fn the_cache_is_private_to_its_owner_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    registry.push(
+        "test/private:1",
+        vec![(
+            gzip(&tar_of(&[("bin/tool", b"x")])),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+        &[],
+    );
+    let cache_dir = tempfile::tempdir().unwrap();
+    // Made readable by all, as a umask of 022 leaves a directory.
+    fs::set_permissions(cache_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/test/private:1", registry.host())).unwrap();
+    pull(
+        &reference,
+        &cache,
+        &options(&registry),
+        &mut Seen::default(),
+    )
+    .unwrap();
+    for dir in [
+        "",
+        "images",
+        "blobs",
+        "blobs/sha256",
+        "refs",
+        "tmp",
+        "locks",
+    ] {
+        let mode = fs::metadata(cache_dir.path().join(dir))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{dir}: {mode:o}");
+    }
+}
+
+/// A registry of one image, served by a recorder: its manifest gives its one layer
+/// `declared` bytes, and the registry sends `sent` bytes for it.
+fn lying_registry(declared: u64, sent: usize) -> upstream_image::testing::Recorder {
+    let sha256 = |data: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        fs::write(&path, data).unwrap();
+        let out = std::process::Command::new("sha256sum")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        format!("sha256:{}", text.split_whitespace().next().unwrap())
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": { "type": "layers", "diff_ids": [] }
+    })
+    .to_string();
+    let config_digest = sha256(config.as_bytes());
+    let layer_digest = format!("sha256:{}", "a".repeat(64));
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest, "size": config.len()
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest, "size": declared
+        }]
+    })
+    .to_string();
+    upstream_image::testing::Recorder::start(move |request| {
+        let path = request.split(' ').nth(1).unwrap_or("");
+        let (kind, body) = if path.contains("/manifests/") {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.clone(),
+            )
+        } else if path.ends_with(&config_digest) {
+            ("application/octet-stream", config.clone())
+        } else if path.ends_with(&layer_digest) {
+            ("application/octet-stream", "x".repeat(sent))
+        } else {
+            ("application/json", "{}".to_string())
+        };
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    })
+}
+
+#[test]
+fn a_registry_cannot_send_more_of_a_layer_than_its_manifest_says() {
+    let registry = lying_registry(10, 4 << 20);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/x:1", registry.host())).unwrap();
+    let err = pull(
+        &reference,
+        &cache,
+        &plain(&[registry.host()]),
+        &mut Seen::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("more than the 10 bytes"), "{err}");
+    assert_eq!(
+        fs::read_dir(cache_dir.path().join("tmp")).unwrap().count(),
+        0,
+        "nothing of it kept"
+    );
+}
+
+#[test]
+fn a_daemons_pull_takes_in_no_more_than_the_manifest_accounts_for() {
+    // A manifest of 80 MiB, which the registry client would hold in memory whole.
+    let registry = upstream_image::testing::Recorder::start(|request| {
+        let body = if request.contains("/manifests/") {
+            " ".repeat(80 << 20)
+        } else {
+            "{}".to_string()
+        };
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    });
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let reference = Reference::parse(&format!("{}/x:1", registry.host())).unwrap();
+    let err = pull(
+        &reference,
+        &cache,
+        &public(&[registry.host()]),
+        &mut Seen::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than the image's manifest accounts for"),
+        "{err}"
+    );
+    // Positive control: a small image through the same proxy pulls.
+    let small = lying_registry(3, 3);
+    let reference = Reference::parse(&format!("{}/x:1", small.host())).unwrap();
+    let err = pull(
+        &reference,
+        &cache,
+        &public(&[small.host()]),
+        &mut Seen::default(),
+    )
+    .unwrap_err();
+    // Its layer is not what its digest says, which the client finds once it has it all.
+    assert!(err.to_string().to_lowercase().contains("digest"), "{err}");
+}
