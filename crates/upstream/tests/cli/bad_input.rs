@@ -182,3 +182,33 @@ fn missing_secret_is_bad_input() {
     assert!(stderr(&out).contains("UPSTREAM_TEST_NO_SUCH_SECRET"));
     assert_eq!(fs::read(path).unwrap(), text);
 }
+
+/// `timeout: 1e300` once panicked `upstream run` (exit 101); every number in front matter is
+/// bounded when the document is read.
+#[test]
+fn huge_numbers_in_front_matter() {
+    let env = Env::new();
+    for (i, (line, column, words)) in [
+        ("timeout: 1e300", 10, "at most 365 days"),
+        (
+            "step_timeout: \"99999999999999999999h\"",
+            15,
+            "at most 365 days",
+        ),
+        ("memory: 1e30", 9, "at most 1 PiB"),
+        ("cpus: .nan", 7, "from 0.01 to 1024"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("huge-{i}.md");
+        let doc = format!("---\nimage: host\n{line}\n---\n```bash\ntrue\n```\n");
+        assert_rejected(
+            &env,
+            &name,
+            doc.as_bytes(),
+            &format!("{name}:3:{column}: invalid front matter"),
+            words,
+        );
+    }
+}
