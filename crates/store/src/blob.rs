@@ -3,16 +3,33 @@
 //! A blob is written to a temporary name in `tmp/`, hashed as it is written, made durable,
 //! then renamed to `blobs/<first two hex digits>/<the rest>`; only then may a record point
 //! to it. Identical content is stored once: a blob already present is not written again.
-//! Reading a blob hashes it again, so a blob damaged on disk is reported, with its path,
-//! instead of being handed on.
+//!
+//! Nothing is handed on from a blob before all of it has been checked against its name, so
+//! a blob damaged on disk is reported, with its path, and no byte of it is used. The store
+//! never follows a link inside its blob directory and reads nothing there but regular files:
+//! every open goes through directory descriptors with `O_NOFOLLOW` (a blob, or a shard
+//! directory, replaced by a symlink is refused) and `O_NONBLOCK` (a FIFO in a blob's place
+//! cannot hold the reader), and the type is checked on the open descriptor.
+//!
+//! A blob read in a stream is read twice through the one descriptor opened and checked
+//! first: once to hash it, then to hand it on. Blobs are never written in place (they are
+//! renamed in whole), and only the store's owner may write its files, so nothing else can
+//! change a blob between the two passes; the file's size and change times are compared
+//! after the second pass all the same, and a blob that changed is reported.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 
 /// The BLAKE3 hash naming a blob, as 64 lowercase hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -50,6 +67,14 @@ pub enum BlobError {
         "blob {path} is corrupt: its content hashes to {actual}, not to its name; the store's copy of this data is damaged"
     )]
     Corrupt { path: PathBuf, actual: String },
+    #[error(
+        "blob {path} is {what}, not a file: the store reads only its own files and never follows links; the store's copy of this data is lost"
+    )]
+    NotAFile { path: PathBuf, what: &'static str },
+    #[error(
+        "blob {path} changed while it was read: blobs are never written in place, so something other than upstream wrote it"
+    )]
+    Changed { path: PathBuf },
     #[error("cannot read blob {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -59,6 +84,9 @@ pub enum BlobError {
 pub struct Blobs {
     dir: PathBuf,
     tmp: PathBuf,
+    /// The blob directory, opened once without following a link: every blob is reached
+    /// from it.
+    root: Arc<OwnedFd>,
 }
 
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
@@ -75,13 +103,27 @@ thread_local! {
 }
 
 impl Blobs {
-    pub(crate) fn new(dir: PathBuf, tmp: PathBuf) -> Blobs {
-        Blobs { dir, tmp }
+    /// The blobs in `dir`, written through `tmp`; both must exist. Makes the shard and
+    /// temporary directories if they are missing.
+    pub(crate) fn at(dir: PathBuf, tmp: PathBuf) -> io::Result<Blobs> {
+        let root = nix::fcntl::open(
+            &dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| link_error(e, "the blob directory"))?;
+        let blobs = Blobs {
+            dir,
+            tmp,
+            root: Arc::new(root),
+        };
+        blobs.prepare()?;
+        Ok(blobs)
     }
 
     /// Makes the 256 shard directories and the temporary directories, once per store: a
     /// save then never pays for making directories.
-    pub(crate) fn prepare(&self) -> io::Result<()> {
+    fn prepare(&self) -> io::Result<()> {
         if self.dir.join("ff").is_dir() && self.tmp.join((TEMP_DIRS - 1).to_string()).is_dir() {
             return Ok(());
         }
@@ -99,8 +141,115 @@ impl Blobs {
         self.dir.join(&id.0[..2]).join(&id.0[2..])
     }
 
+    /// Whether the store holds blob `id` as a regular file (not checked against its name).
     pub fn contains(&self, id: &BlobId) -> bool {
-        self.path(id).is_file()
+        self.stat(id)
+            .is_ok_and(|st| file_type(&st) == SFlag::S_IFREG)
+    }
+
+    /// Shard directory `name`, opened without following a link.
+    fn shard(&self, name: &str) -> nix::Result<OwnedFd> {
+        nix::fcntl::openat(
+            &*self.root,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    }
+
+    /// What is at blob `id`'s place, itself (not what a link there points to).
+    fn stat(&self, id: &BlobId) -> nix::Result<FileStat> {
+        let shard = self.shard(&id.0[..2])?;
+        nix::sys::stat::fstatat(&shard, &id.0[2..], nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+    }
+
+    /// Opens blob `id`'s file: never through a link, never blocking, only a regular file.
+    fn open_file(&self, id: &BlobId) -> Result<(File, Stamp), BlobError> {
+        let path = self.path(id);
+        let fail = |e: Errno| match e {
+            Errno::ENOENT => BlobError::Missing { path: path.clone() },
+            // A symlink in the blob's place or the shard's (O_NOFOLLOW), or a socket.
+            Errno::ELOOP | Errno::ENOTDIR => BlobError::NotAFile {
+                path: path.clone(),
+                what: "a symbolic link",
+            },
+            Errno::ENXIO => BlobError::NotAFile {
+                path: path.clone(),
+                what: "a socket",
+            },
+            e => BlobError::Io {
+                path: path.clone(),
+                source: e.into(),
+            },
+        };
+        let shard = self.shard(&id.0[..2]).map_err(fail)?;
+        let fd = nix::fcntl::openat(
+            &shard,
+            &id.0[2..],
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(fail)?;
+        let st = nix::sys::stat::fstat(&fd).map_err(fail)?;
+        let what = match file_type(&st) {
+            SFlag::S_IFREG => None,
+            SFlag::S_IFIFO => Some("a FIFO"),
+            SFlag::S_IFDIR => Some("a directory"),
+            SFlag::S_IFSOCK => Some("a socket"),
+            SFlag::S_IFCHR | SFlag::S_IFBLK => Some("a device"),
+            _ => Some("not a regular file"),
+        };
+        if let Some(what) = what {
+            return Err(BlobError::NotAFile { path, what });
+        }
+        Ok((File::from(fd), Stamp::of(&st)))
+    }
+
+    /// Hashes the first `len` bytes of `file` (all of it, as its stamp says), reading at
+    /// offsets so that the descriptor's position is left alone.
+    fn hash_file(
+        &self,
+        id: &BlobId,
+        file: &File,
+        stamp: &Stamp,
+        keep: Option<&mut Vec<u8>>,
+    ) -> Result<(), BlobError> {
+        let path = || self.path(id);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; (256 << 10).min(stamp.size.max(1) as usize)];
+        let mut keep = keep;
+        let mut offset = 0u64;
+        while offset < stamp.size {
+            let want = buf.len().min((stamp.size - offset) as usize);
+            let n = match file.read_at(&mut buf[..want], offset) {
+                Ok(0) => return Err(BlobError::Changed { path: path() }),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(BlobError::Io {
+                        path: path(),
+                        source,
+                    });
+                }
+            };
+            hasher.update(&buf[..n]);
+            if let Some(keep) = keep.as_deref_mut() {
+                keep.extend_from_slice(&buf[..n]);
+            }
+            offset += n as u64;
+        }
+        let actual = BlobId::from_hash(hasher.finalize());
+        if &actual != id {
+            return Err(BlobError::Corrupt {
+                path: path(),
+                actual: actual.0,
+            });
+        }
+        Ok(())
     }
 
     /// Starts a new blob; its name is known when it is finished.
@@ -154,58 +303,74 @@ impl Blobs {
                 File::open(p.temp.as_ref().expect("kept above"))?.sync_data()?;
             }
         }
-        let mut shards = BTreeSet::new();
+        let mut shards: BTreeMap<String, OwnedFd> = BTreeMap::new();
         for p in &mut pending {
             let temp = p.temp.take().expect("kept above");
-            let target = self.path(&p.id);
-            let shard = target
-                .parent()
-                .expect("blob paths have a shard")
-                .to_path_buf();
-            if target.exists() {
+            let (shard_name, name) = (&p.id.0[..2], &p.id.0[2..]);
+            if !shards.contains_key(shard_name) {
+                let fd = self.make_shard(shard_name, many)?;
+                shards.insert(shard_name.to_string(), fd);
+            }
+            let shard = &shards[shard_name];
+            // A regular file there is this blob already; anything else (a link, a FIFO) is
+            // replaced by the blob.
+            let present =
+                nix::sys::stat::fstatat(shard, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| file_type(&st) == SFlag::S_IFREG);
+            if present {
                 fs::remove_file(&temp)?;
                 continue;
             }
-            if let Err(e) = fs::rename(&temp, &target) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    p.temp = Some(temp);
-                    return Err(e);
-                }
-                fs::create_dir_all(&shard)?;
-                if !many {
-                    File::open(&self.dir)?.sync_all()?;
-                }
-                fs::rename(&temp, &target)?;
+            if let Err(e) = nix::fcntl::renameat(AT_FDCWD, &temp, shard, name) {
+                p.temp = Some(temp);
+                return Err(e.into());
             }
-            shards.insert(shard);
         }
         if many {
-            syncfs(&self.dir)?;
+            nix::unistd::syncfs(&*self.root).map_err(io::Error::from)?;
         } else {
-            for shard in shards {
-                File::open(shard)?.sync_all()?;
+            for shard in shards.values() {
+                nix::unistd::fsync(shard).map_err(io::Error::from)?;
             }
         }
         Ok(())
     }
 
-    /// Opens blob `id` for reading; the reader fails at the end if the bytes do not hash to
-    /// `id`, so nothing read from a damaged blob passes unnoticed.
+    /// Opens shard directory `name`, making it if it is missing (a store made by hand, or
+    /// tidied by one).
+    fn make_shard(&self, name: &str, many: bool) -> io::Result<OwnedFd> {
+        match self.shard(name) {
+            Err(Errno::ENOENT) => {}
+            other => return other.map_err(|e| link_error(e, "a blob shard directory")),
+        }
+        match nix::sys::stat::mkdirat(&*self.root, name, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !many {
+            nix::unistd::fsync(&*self.root).map_err(io::Error::from)?;
+        }
+        self.shard(name)
+            .map_err(|e| link_error(e, "a blob shard directory"))
+    }
+
+    /// Opens blob `id` for reading, checked against its name before this returns: a
+    /// damaged blob is an error here, before a byte of it is read. The reader fails at the
+    /// end if the file changed while it was read.
     pub fn open(&self, id: &BlobId) -> Result<BlobReader, BlobError> {
+        let (file, stamp) = self.open_file(id)?;
+        self.hash_file(id, &file, &stamp, None)?;
         let path = self.path(id);
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BlobError::Missing { path: path.clone() },
-            _ => BlobError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
         Ok(BlobReader {
-            inner: BufReader::with_capacity(256 << 10, file),
-            hasher: blake3::Hasher::new(),
-            expected: id.clone(),
+            inner: BufReader::with_capacity(
+                (256 << 10).min(stamp.size.max(1) as usize),
+                Checked {
+                    file,
+                    stamp,
+                    offset: 0,
+                },
+            ),
             path,
-            checked: false,
         })
     }
 
@@ -220,15 +385,12 @@ impl Blobs {
         target: &File,
     ) -> Result<bool, BlobError> {
         let path = self.path(id);
-        let fail = |e: io::Error| match e.kind() {
-            io::ErrorKind::NotFound => BlobError::Missing { path: path.clone() },
-            _ => BlobError::Io {
-                path: path.clone(),
-                source: e,
-            },
+        let fail = |source: io::Error| BlobError::Io {
+            path: path.clone(),
+            source,
         };
-        let file = File::open(&path).map_err(fail)?;
-        let len = file.metadata().map_err(fail)?.len() as usize;
+        let (file, stamp) = self.open_file(id)?;
+        let len = stamp.size as usize;
         let Some(bytes) = arena.map(&file, len).map_err(fail)? else {
             return Ok(false);
         };
@@ -256,62 +418,99 @@ impl Blobs {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(BlobError::Io {
-                    path: path.clone(),
-                    source: e,
-                });
+                return Err(fail(e));
             }
             if n == 0 {
                 break;
             }
         }
+        if (offset as usize) < len || !stamp.unchanged(&file) {
+            return Err(BlobError::Changed { path });
+        }
         Ok(true)
     }
 
-    /// Reads a whole blob, checked.
+    /// Reads a whole blob, checked (one pass: the bytes are hashed as they are read, and
+    /// returned only if they match).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, BlobError> {
-        let mut reader = self.open(id)?;
+        let (file, stamp) = self.open_file(id)?;
         let mut data = Vec::new();
-        reader.read_to_end(&mut data).map_err(|e| reader.error(e))?;
+        data.try_reserve_exact(stamp.size as usize)
+            .map_err(|e| BlobError::Io {
+                path: self.path(id),
+                source: io::Error::new(io::ErrorKind::OutOfMemory, e),
+            })?;
+        self.hash_file(id, &file, &stamp, Some(&mut data))?;
         Ok(data)
     }
 
-    /// Checks blob `id` against its name without keeping its bytes.
+    /// Checks blob `id` against its name without keeping its bytes; returns its size.
     pub fn verify(&self, id: &BlobId) -> Result<u64, BlobError> {
-        let mut reader = self.open(id)?;
-        io::copy(&mut reader, &mut io::sink()).map_err(|e| reader.error(e))
+        let (file, stamp) = self.open_file(id)?;
+        self.hash_file(id, &file, &stamp, None)?;
+        Ok(stamp.size)
     }
 
-    /// Every blob on disk.
+    /// Every blob on disk: the regular files with a blob's name, found without following a
+    /// link (a link, a FIFO or anything else in a blob's place is not a blob).
     pub fn list(&self) -> io::Result<Vec<(BlobId, u64)>> {
         let mut all = Vec::new();
-        let shards = match fs::read_dir(&self.dir) {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(all),
-            Err(e) => return Err(e),
-        };
-        for shard in shards {
-            let shard = shard?;
-            let prefix = shard.file_name().to_string_lossy().into_owned();
-            if prefix.len() != 2 || !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(shard.path())? {
+        let mut shards = nix::dir::Dir::openat(
+            &*self.root,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let names: Vec<String> = shards
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().ok().map(str::to_string))
+            .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        for prefix in names {
+            let shard = match self.shard(&prefix) {
+                Ok(fd) => fd,
+                // A link or a file where a shard should be holds no blobs.
+                Err(Errno::ELOOP | Errno::ENOTDIR | Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut entries = nix::dir::Dir::from_fd(shard)?;
+            let shard_fd = entries.as_fd().try_clone_to_owned()?;
+            for entry in entries.iter() {
                 let entry = entry?;
-                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-                if let Some(id) = BlobId::parse(&name) {
-                    all.push((id, entry.metadata()?.len()));
+                let Ok(rest) = entry.file_name().to_str() else {
+                    continue;
+                };
+                let Some(id) = BlobId::parse(&format!("{prefix}{rest}")) else {
+                    continue;
+                };
+                let st = match nix::sys::stat::fstatat(
+                    &shard_fd,
+                    rest,
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
+                    Ok(st) => st,
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if file_type(&st) == SFlag::S_IFREG {
+                    all.push((id, st.st_size as u64));
                 }
             }
         }
         Ok(all)
     }
 
-    /// Removes blob `id`.
+    /// Removes blob `id` (whatever is in its place; a link is removed, not followed).
     pub(crate) fn remove(&self, id: &BlobId) -> io::Result<()> {
-        match fs::remove_file(self.path(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let shard = match self.shard(&id.0[..2]) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(link_error(e, "a blob shard directory")),
+        };
+        match nix::unistd::unlinkat(&shard, &id.0[2..], nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -342,6 +541,44 @@ impl Blobs {
 fn syncfs(dir: &Path) -> io::Result<()> {
     let file = File::open(dir)?;
     nix::unistd::syncfs(file.as_fd()).map_err(io::Error::from)
+}
+
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+/// An error opening one of the store's directories, saying so when it is a link.
+fn link_error(e: Errno, what: &str) -> io::Error {
+    match e {
+        Errno::ELOOP | Errno::ENOTDIR => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} is not a directory (a link?): the store never follows links"),
+        ),
+        e => e.into(),
+    }
+}
+
+/// What a blob's file was when it was opened: compared after it is read, so a blob that
+/// changed while being read is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(st: &FileStat) -> Stamp {
+        Stamp {
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    fn unchanged(&self, file: &File) -> bool {
+        nix::sys::stat::fstat(file).is_ok_and(|st| Stamp::of(&st) == *self)
+    }
 }
 
 /// Sets temporary names of processes with a reused pid apart; a clash only makes
@@ -530,14 +767,11 @@ impl Drop for MapArena {
     }
 }
 
-/// Reads a blob and checks it against its name at the end.
+/// Reads a blob that was checked against its name when it was opened ([`Blobs::open`]).
 #[derive(Debug)]
 pub struct BlobReader {
-    inner: BufReader<File>,
-    hasher: blake3::Hasher,
-    expected: BlobId,
+    inner: BufReader<Checked>,
     path: PathBuf,
-    checked: bool,
 }
 
 impl BlobReader {
@@ -545,16 +779,14 @@ impl BlobReader {
         &self.path
     }
 
-    /// The error to report for an I/O error `e` from this reader: a corrupt blob is named as
-    /// such.
+    /// The error to report for an I/O error `e` from this reader: a blob that changed while
+    /// it was read is named as such.
     pub fn error(&self, e: io::Error) -> BlobError {
-        if let Some(actual) = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<Mismatch>())
+        if e.get_ref()
+            .is_some_and(|inner| inner.is::<ChangedWhileRead>())
         {
-            return BlobError::Corrupt {
+            return BlobError::Changed {
                 path: self.path.clone(),
-                actual: actual.0.clone(),
             };
         }
         BlobError::Io {
@@ -564,33 +796,49 @@ impl BlobReader {
     }
 }
 
-/// The hash a corrupt blob's content actually has.
-#[derive(Debug)]
-struct Mismatch(String);
-
-impl fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "content hashes to {}", self.0)
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
     }
 }
 
-impl std::error::Error for Mismatch {}
+/// The second pass over a checked blob: exactly the bytes that were hashed, then a check
+/// that the file is as it was.
+#[derive(Debug)]
+struct Checked {
+    file: File,
+    stamp: Stamp,
+    offset: u64,
+}
 
-impl Read for BlobReader {
+/// A blob's file changed between its check and the end of its reading.
+#[derive(Debug)]
+struct ChangedWhileRead;
+
+impl fmt::Display for ChangedWhileRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the blob changed while it was read")
+    }
+}
+
+impl std::error::Error for ChangedWhileRead {}
+
+impl Read for Checked {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            self.hasher.update(&buf[..n]);
-        } else if !buf.is_empty() && !self.checked {
-            self.checked = true;
-            let actual = BlobId::from_hash(self.hasher.finalize());
-            if actual != self.expected {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    Mismatch(actual.0),
-                ));
+        let changed = || io::Error::new(io::ErrorKind::InvalidData, ChangedWhileRead);
+        let left = self.stamp.size - self.offset;
+        if left == 0 || buf.is_empty() {
+            if left == 0 && !buf.is_empty() && !self.stamp.unchanged(&self.file) {
+                return Err(changed());
             }
+            return Ok(0);
         }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.file.read_at(&mut buf[..want], self.offset)?;
+        if n == 0 {
+            return Err(changed());
+        }
+        self.offset += n as u64;
         Ok(n)
     }
 }
@@ -601,8 +849,8 @@ mod tests {
 
     fn blobs() -> (tempfile::TempDir, Blobs) {
         let tmp = tempfile::tempdir().unwrap();
-        let blobs = Blobs::new(tmp.path().join("blobs"), tmp.path().join("tmp"));
-        blobs.prepare().unwrap();
+        fs::create_dir_all(tmp.path().join("blobs")).unwrap();
+        let blobs = Blobs::at(tmp.path().join("blobs"), tmp.path().join("tmp")).unwrap();
         (tmp, blobs)
     }
 
@@ -637,6 +885,126 @@ mod tests {
             other => panic!("expected corruption, got {other:?}"),
         }
         assert!(matches!(blobs.verify(&id), Err(BlobError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_damaged_blob_is_refused_before_a_byte_is_read() {
+        let (_tmp, blobs) = blobs();
+        let id = blobs.put(b"important data").unwrap();
+        let path = blobs.path(&id);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[3] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        // The reader is never handed out: nothing of the blob can be read from it.
+        assert!(matches!(blobs.open(&id), Err(BlobError::Corrupt { .. })));
+        // Positive control: an intact blob opens and reads whole.
+        let good = blobs.put(b"intact").unwrap();
+        let mut read = Vec::new();
+        blobs.open(&good).unwrap().read_to_end(&mut read).unwrap();
+        assert_eq!(read, b"intact");
+    }
+
+    #[test]
+    fn a_blob_replaced_by_a_link_is_refused_and_its_target_never_read() {
+        let (tmp, blobs) = blobs();
+        let id = blobs.put(b"the artifact").unwrap();
+        let secret = tmp.path().join("secret");
+        fs::write(&secret, b"SECRET-OUTSIDE-THE-STORE").unwrap();
+        let path = blobs.path(&id);
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let refused = |r: Result<(), BlobError>| {
+            assert!(
+                matches!(
+                    r,
+                    Err(BlobError::NotAFile {
+                        what: "a symbolic link",
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        };
+        refused(blobs.open(&id).map(drop));
+        refused(blobs.read(&id).map(drop));
+        refused(blobs.verify(&id).map(drop));
+        let target = tempfile::tempfile().unwrap();
+        refused(
+            blobs
+                .copy_checked(&id, &mut MapArena::new(1 << 20).unwrap(), &target)
+                .map(drop),
+        );
+        assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");
+        assert!(!blobs.contains(&id), "a link is not a blob");
+        assert!(blobs.list().unwrap().is_empty(), "nor listed as one");
+        // Storing the content again puts the blob back in the link's place.
+        assert_eq!(blobs.put(b"the artifact").unwrap(), id);
+        assert_eq!(blobs.read(&id).unwrap(), b"the artifact");
+        assert_eq!(fs::read(&secret).unwrap(), b"SECRET-OUTSIDE-THE-STORE");
+    }
+
+    #[test]
+    fn a_shard_replaced_by_a_link_is_refused() {
+        let (tmp, blobs) = blobs();
+        let id = blobs.put(b"sharded").unwrap();
+        let shard = blobs.path(&id).parent().unwrap().to_path_buf();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::rename(&shard, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &shard).unwrap();
+        assert!(matches!(
+            blobs.read(&id),
+            Err(BlobError::NotAFile {
+                what: "a symbolic link",
+                ..
+            })
+        ));
+        assert!(blobs.list().unwrap().is_empty());
+        // Removing goes no further than the link.
+        blobs.remove(&id).unwrap_err();
+        assert!(elsewhere.join(&id.as_str()[2..]).is_file());
+    }
+
+    #[test]
+    fn a_fifo_in_a_blobs_place_is_refused_at_once() {
+        let (_tmp, blobs) = blobs();
+        let id = blobs.put(b"was a file").unwrap();
+        let path = blobs.path(&id);
+        fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = blobs.clone();
+        let id2 = id.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((reader.read(&id2).map(drop), reader.verify(&id2).map(drop)));
+        });
+        let (read, verify) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("opening a FIFO must not block");
+        for r in [read, verify] {
+            assert!(
+                matches!(r, Err(BlobError::NotAFile { what: "a FIFO", .. })),
+                "{r:?}"
+            );
+        }
+        assert!(blobs.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_blob_changed_while_it_is_read_is_reported() {
+        let (_tmp, blobs) = blobs();
+        let id = blobs.put(&vec![7u8; 1 << 20]).unwrap();
+        let mut reader = blobs.open(&id).unwrap();
+        let mut first = [0u8; 10];
+        reader.read_exact(&mut first).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let path = blobs.path(&id);
+        let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_at(&[8u8; 16], 1 << 19).unwrap();
+        let e = io::copy(&mut reader, &mut io::sink()).unwrap_err();
+        assert!(
+            matches!(reader.error(e), BlobError::Changed { .. }),
+            "a change is reported"
+        );
     }
 
     #[test]

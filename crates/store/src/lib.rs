@@ -150,8 +150,7 @@ impl Store {
             path: db_path.clone(),
             source,
         })?;
-        let blobs = Blobs::new(dir.join("blobs"), dir.join("tmp"));
-        blobs.prepare().map_err(io_err)?;
+        let blobs = Blobs::at(dir.join("blobs"), dir.join("tmp")).map_err(io_err)?;
         Ok(Store {
             dir: dir.to_path_buf(),
             db_path,

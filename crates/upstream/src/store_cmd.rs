@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::Serialize;
 use upstream_doc::{format_duration, format_size};
 use upstream_store::log::{LogStream, replay};
-use upstream_store::{ArtifactKind, ArtifactRow, Store, StoreError, TurnDetail, TurnState};
+use upstream_store::{
+    ArtifactKind, ArtifactRow, BlobError, Store, StoreError, TurnDetail, TurnState,
+};
 
 use crate::cli::{ArtifactScope, ArtifactsArgs, ArtifactsCommand, ContextCommand, GcArgs};
 use crate::cli::{LogArgs, ShowArgs, StoreArg};
@@ -42,6 +44,14 @@ fn failed(e: &StoreError) -> u8 {
             exit::STEP_FAILED
         }
         StoreError::Busy => exit::STEP_FAILED,
+        StoreError::Blob(
+            BlobError::Corrupt { .. } | BlobError::NotAFile { .. } | BlobError::Changed { .. },
+        ) => {
+            eprintln!(
+                "hint: the store's copy is unusable; running the turn that made it again stores it anew"
+            );
+            exit::SANDBOX
+        }
         _ => exit::SANDBOX,
     }
 }
@@ -385,38 +395,50 @@ fn get(store: &Store, list: &[ArtifactRow], path: &str, output: Option<&Path>) -
         );
         return exit::STEP_FAILED;
     };
+    // Checked against its name before this returns: nothing of a damaged blob, or of
+    // anything but the store's own file, is written anywhere.
     let mut reader = match store.blobs().open(blob) {
         Ok(r) => r,
         Err(e) => return failed(&e.into()),
     };
     let result = match output {
-        Some(file) => {
-            // Written beside the target and renamed, so a damaged blob leaves no half file.
-            let temp = file.with_extension("upstream-partial");
-            let copied = fs::File::create(&temp).and_then(|mut f| {
-                io::copy(&mut reader, &mut f)?;
-                f.sync_all()
-            });
-            match copied {
-                Ok(()) => {
-                    let _ = fs::set_permissions(
-                        &temp,
-                        std::os::unix::fs::PermissionsExt::from_mode(artifact.mode & 0o777),
-                    );
-                    fs::rename(&temp, file)
-                }
-                Err(e) => {
-                    let _ = fs::remove_file(&temp);
-                    Err(e)
-                }
-            }
-        }
+        Some(file) => write_file(&mut reader, file, artifact.mode & 0o777),
         None => io::copy(&mut reader, &mut io::stdout().lock()).map(|_| ()),
     };
     match result {
         Ok(()) => exit::OK,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => failed(&reader.error(e).into()),
+    }
+}
+
+/// Writes `reader` to `file` whole or not at all: to a new file beside it (made, never
+/// opened through a link, readable only by its owner until done), then renamed.
+fn write_file(reader: &mut impl io::Read, file: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut random = [0u8; 6];
+    upstream_store::keys::fill_random(&mut random)?;
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".upstream-partial-{suffix}"));
+    let temp = file.with_file_name(name);
+    let copied = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&temp)
+        .and_then(|mut f| {
+            io::copy(reader, &mut f)?;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        });
+    match copied.and_then(|()| fs::rename(&temp, file)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
     }
 }
 

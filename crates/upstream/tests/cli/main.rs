@@ -15,4 +15,5 @@ mod image;
 mod isolation;
 mod run;
 mod serve;
+mod store_trust;
 mod serve_tenancy;
