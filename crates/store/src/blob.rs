@@ -128,10 +128,10 @@ impl Blobs {
             return Ok(());
         }
         for shard in 0..=255u8 {
-            fs::create_dir_all(self.dir.join(format!("{shard:02x}")))?;
+            crate::private::create_dirs(&self.dir.join(format!("{shard:02x}")))?;
         }
         for i in 0..TEMP_DIRS {
-            fs::create_dir_all(self.tmp.join(i.to_string()))?;
+            crate::private::create_dirs(&self.tmp.join(i.to_string()))?;
         }
         Ok(())
     }
@@ -261,7 +261,7 @@ impl Blobs {
             rand_u32()
         );
         let path = self.tmp.join(TEMP_DIR.with(|d| d.to_string())).join(name);
-        let file = File::options().write(true).create_new(true).open(&path)?;
+        let file = crate::private::create_file(&path)?;
         Ok(BlobWriter {
             file: io::BufWriter::with_capacity(256 << 10, file),
             hasher: blake3::Hasher::new(),
@@ -343,15 +343,22 @@ impl Blobs {
             Err(Errno::ENOENT) => {}
             other => return other.map_err(|e| link_error(e, "a blob shard directory")),
         }
-        match nix::sys::stat::mkdirat(&*self.root, name, Mode::from_bits_truncate(0o755)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
+        let mode = Mode::from_bits_truncate(crate::private::DIR_MODE);
+        let made = match nix::sys::stat::mkdirat(&*self.root, name, mode) {
+            Ok(()) => true,
+            Err(Errno::EEXIST) => false,
             Err(e) => return Err(e.into()),
-        }
+        };
         if !many {
             nix::unistd::fsync(&*self.root).map_err(io::Error::from)?;
         }
-        self.shard(name)
-            .map_err(|e| link_error(e, "a blob shard directory"))
+        let shard = self
+            .shard(name)
+            .map_err(|e| link_error(e, "a blob shard directory"))?;
+        if made {
+            nix::sys::stat::fchmod(&shard, mode)?;
+        }
+        Ok(shard)
     }
 
     /// Opens blob `id` for reading, checked against its name before this returns: a

@@ -11,6 +11,9 @@
 //! .upstream/lock          held shared by writers, exclusively by `gc`
 //! ```
 //!
+//! Everything in a store is its owner's alone: 0700 directories and 0600 files, whatever
+//! the umask ([`make_private_dir`] does the same for the daemon's state directory).
+//!
 //! Content is made durable before any record points to it ([`blob`]), so whatever point a
 //! process is killed at, no record names a missing blob; a turn whose process died shows as
 //! interrupted.
@@ -18,11 +21,13 @@
 pub mod blob;
 pub mod keys;
 pub mod log;
+mod private;
 mod query;
 pub mod schema;
 
 pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, PendingBlob};
 pub use keys::{ApiKey, KeyOwner, NewKey};
+pub use private::{DIR_MODE, FILE_MODE, make_private_dir};
 pub use query::{
     ArtifactKind, ArtifactRow, ContextSummary, GcReport, OutputRow, StepRow, TurnDetail, TurnState,
     TurnSummary,
@@ -122,14 +127,24 @@ impl Store {
             source,
         };
         let fresh = !dir.join("store.db").exists();
+        // Private to its owner, whatever the umask; a store left open by an older upstream
+        // is closed here.
+        private::store_dir(dir).map_err(io_err)?;
         for sub in ["blobs", "tmp"] {
-            fs::create_dir_all(dir.join(sub)).map_err(io_err)?;
-        }
-        if fresh {
-            // The store holds logs that may contain anything a step printed: not for git.
-            let _ = fs::write(dir.join(".gitignore"), "*\n");
+            private::create_dirs(&dir.join(sub)).map_err(io_err)?;
         }
         let db_path = dir.join("store.db");
+        if fresh {
+            // Made 0600 before SQLite opens it: its -wal and -shm files take its mode.
+            match private::create_file(&db_path) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(e)),
+                _ => {}
+            }
+            // The store holds logs that may contain anything a step printed: not for git.
+            if let Ok(mut ignore) = private::create_file(&dir.join(".gitignore")) {
+                let _ = io::Write::write_all(&mut ignore, b"*\n");
+            }
+        }
         let db_err = |source| StoreError::Db {
             path: db_path.clone(),
             source,
@@ -195,12 +210,7 @@ impl Store {
         if self.writing.is_some() {
             return Ok(());
         }
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("lock"))
-            .map_err(|e| self.io_err(e))?;
+        let file = private::open_file(&self.dir.join("lock")).map_err(|e| self.io_err(e))?;
         // Blocks only while a `gc` runs, which is short.
         flock(&file, libc::LOCK_SH).map_err(|e| self.io_err(e))?;
         self.writing = Some(file);
@@ -463,12 +473,7 @@ impl Store {
     /// for no one: with a turn running it refuses, because that turn may be about to record
     /// a blob it has just written.
     pub fn gc(&mut self) -> Result<GcReport, StoreError> {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("lock"))
-            .map_err(|e| self.io_err(e))?;
+        let file = private::open_file(&self.dir.join("lock")).map_err(|e| self.io_err(e))?;
         if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
             return Err(StoreError::Busy);
         }
