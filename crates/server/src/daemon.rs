@@ -546,7 +546,7 @@ impl Daemon {
             ));
         }
         let backend = NamespaceBackend::new(config.init_exe.clone()).map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&config.state_dir)
+        upstream_store::make_private_dir(&config.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
         let keys = Store::open(&config.state_dir.join("keys"))
             .map_err(|e| format!("cannot open the key store: {e}"))?;
