@@ -261,3 +261,90 @@ fn steps_run_as_the_images_user_and_cannot_act_as_root() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(crate::util::stdout(&out).trim(), "1000");
 }
+
+#[test]
+fn a_daemon_pulls_a_tenants_image_only_from_public_registries_and_those_it_is_told() {
+    use serde_json::json;
+    use upstream_image::testing::{Recorder, basic_challenge};
+
+    use crate::serve::Daemon;
+    crate::require_sandbox!();
+    let Some(registry) = Registry::start() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let layer = layer_of_host_programs(&["/usr/bin/cat"], &[("etc/image-marker", b"pulled\n")]);
+    registry.push(
+        "test/allowed:1",
+        vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        &["PATH=/usr/bin"],
+    );
+    // Something on the daemon's loopback that a tenant would like to reach.
+    let internal = Recorder::start(basic_challenge);
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "tenant"));
+    let allowed_image = format!("{}/test/allowed:1", registry.host());
+    for image in [
+        format!("{}/admin:1", internal.host()),
+        format!("localhost:{}/admin:1", internal.port),
+        "10.0.0.1:5000/x:1".to_string(),
+        "169.254.169.254/latest:1".to_string(),
+        allowed_image.clone(),
+    ] {
+        let (status, body) = api.post("/v1/sandboxes", json!({ "image": image }));
+        assert_eq!(status, 403, "{image}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("not public") && message.contains("--registry HOST[:PORT]"),
+            "{image}: {message}"
+        );
+        assert!(!message.contains("401"), "nothing of an answer: {message}");
+    }
+    // A document's image too.
+    let document = format!(
+        "---\nimage: {}/admin:1\n---\n```bash\ntrue\n```\n",
+        internal.host()
+    );
+    let (status, body) = api.post("/v1/turns", json!({ "document": document }));
+    assert_ne!(status, 200, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("not public"), "{body}");
+    assert_eq!(
+        internal.connections(),
+        0,
+        "the daemon connected to a loopback address for a tenant"
+    );
+    drop(daemon);
+
+    // Positive control: told to, the daemon pulls from the same registry.
+    let daemon = Daemon::start(&env, &["--registry", &registry.host()]);
+    let api = daemon.client(&daemon.key("t", "tenant"));
+    let (status, sandbox) = api.post("/v1/sandboxes", json!({ "image": allowed_image }));
+    assert_eq!(status, 201, "{sandbox}");
+    let ran = api.exec(
+        sandbox["id"].as_str().unwrap(),
+        &["cat", "/etc/image-marker"],
+    );
+    assert_eq!(ran["stdout"], "pulled\n", "{ran}");
+}
+
+#[test]
+fn a_daemon_will_not_start_with_credentials_for_every_registry() {
+    let env = Env::new();
+    let out = env
+        .command()
+        .env("UPSTREAM_REGISTRY_AUTH", "ci:hunter2")
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(env.path("state"))
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), 0);
+    let err = stderr(&out);
+    assert!(
+        err.contains("registry.example.com=user:password") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
