@@ -11,7 +11,7 @@
 //! itself down and becomes the agent; when pid 1 dies the kernel kills every other process of
 //! the sandbox.
 
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sched::{CloneFlags, unshare};
@@ -21,10 +21,12 @@ use nix::unistd::{ForkResult, Gid, Uid, fork};
 use upstream_agent::protocol::{Response, read_frame, write_frame};
 
 use crate::setup::{FromInit, IdMap, InitConfig, ToInit};
-use crate::{mounts, security};
+use crate::{idmap, mounts, security};
 
 /// The descriptor the host leaves the connection on.
 pub const CONN_FD: RawFd = 3;
+/// The descriptor of the lock on the sandbox's id range (as root), held until pid 1 is gone.
+pub const LOCK_FD: RawFd = 4;
 
 /// Exit code of an init that could not set the sandbox up.
 const SETUP_FAILED: i32 = 125;
@@ -58,6 +60,9 @@ fn run(entry: Entry) -> i32 {
         &conn,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
+    // Nor the lock of the id range, when there is one (a re-executed init gets it open).
+    // SAFETY: F_SETFD takes an integer; on a number that is not open it fails with EBADF.
+    unsafe { libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     match prepare(&mut conn, entry) {
         Ok(code) => code,
         Err(message) => {
@@ -92,12 +97,19 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     // searchable by the sandbox's (unprivileged) root.
     nix::unistd::chdir(config.sandbox_dir.as_str())
         .map_err(|e| format!("cannot enter {}: {e}", config.sandbox_dir))?;
-    match entry {
+    let mounts = match entry {
         Entry::Exec => enter_namespaces(conn, &config)?,
         // The host moved this process into its cgroups before sending the configuration: a
         // cgroup namespace made now has them as its root.
-        Entry::Cloned { .. } => unshare(CloneFlags::CLONE_NEWCGROUP)
-            .map_err(|e| format!("cannot create the sandbox's cgroup namespace: {e}"))?,
+        Entry::Cloned { .. } => {
+            let mounts = receive_mounts(conn, &config)?;
+            unshare(CloneFlags::CLONE_NEWCGROUP)
+                .map_err(|e| format!("cannot create the sandbox's cgroup namespace: {e}"))?;
+            mounts
+        }
+    };
+    if !mounts.is_empty() {
+        attach_mounts(&config, &mounts)?;
     }
     // The shared skeleton is opened while this process still has its host ids (so the path to
     // it need not be searchable by sandbox root) and is in the new mount namespace (so the
@@ -151,9 +163,49 @@ fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
     }
 }
 
-/// Stage 1 of a re-executed init: the user namespace (and its maps), then the others. The
-/// caller then forks, so the child is pid 1 of the new pid namespace.
-fn enter_namespaces(conn: &mut UnixStream, config: &InitConfig) -> Result<(), String> {
+/// The idmapped mounts the host sends when the configuration says so.
+fn receive_mounts(conn: &UnixStream, config: &InitConfig) -> Result<Vec<OwnedFd>, String> {
+    if !config.idmapped {
+        return Ok(Vec::new());
+    }
+    let mounts =
+        idmap::recv_fds(conn).map_err(|e| format!("cannot receive the sandbox's mounts: {e}"))?;
+    let expected = 1 + usize::from(config.skeleton.is_some()) + config.layers.len();
+    if mounts.len() != expected {
+        return Err(format!(
+            "the host sent {} mounts for the sandbox, not {expected}",
+            mounts.len()
+        ));
+    }
+    Ok(mounts)
+}
+
+/// Attaches the idmapped mounts over the sandbox directory, the skeleton and the layers, in
+/// this mount namespace only, and enters the sandbox directory's again.
+fn attach_mounts(config: &InitConfig, mounts: &[OwnedFd]) -> Result<(), String> {
+    // Nothing attached here may reach the host's mount namespace.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make the sandbox's mounts private: {e}"))?;
+    let targets = std::iter::once(&config.sandbox_dir)
+        .chain(config.skeleton.as_ref())
+        .chain(&config.layers);
+    for (mount, target) in mounts.iter().zip(targets) {
+        idmap::attach(mount, target).map_err(|e| format!("cannot mount {target}: {e}"))?;
+    }
+    nix::unistd::chdir(config.sandbox_dir.as_str())
+        .map_err(|e| format!("cannot enter {}: {e}", config.sandbox_dir))
+}
+
+/// Stage 1 of a re-executed init: the user namespace (and its maps, and the idmapped mounts
+/// made with them), then the others. The caller then forks, so the child is pid 1 of the new
+/// pid namespace.
+fn enter_namespaces(conn: &mut UnixStream, config: &InitConfig) -> Result<Vec<OwnedFd>, String> {
     let (uid, gid) = (Uid::current(), Gid::current());
     unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| format!("cannot create a user namespace: {e}"))?;
@@ -183,7 +235,9 @@ fn enter_namespaces(conn: &mut UnixStream, config: &InitConfig) -> Result<(), St
     if config.new_net {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))
+    let mounts = receive_mounts(conn, config)?;
+    unshare(flags).map_err(|e| format!("cannot create the sandbox's namespaces: {e}"))?;
+    Ok(mounts)
 }
 
 /// Pid 1 of the sandbox.

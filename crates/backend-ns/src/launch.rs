@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -24,7 +24,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use upstream_sandbox::SandboxError;
 
-use crate::init::CONN_FD;
+use crate::init::{CONN_FD, LOCK_FD};
 
 /// How the init is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,20 +106,23 @@ fn single_threaded() -> bool {
 }
 
 /// Starts the init; returns the host's end of the connection, the process and its stderr.
-/// `new_net` asks for a network namespace of its own.
+/// `new_net` asks for a network namespace of its own; `lock`, when given, is kept open in the
+/// init at [`LOCK_FD`] (the lock of the sandbox's id range, held until its pid 1 is gone).
 pub fn start_init(
     exe: &Path,
     mode: InitMode,
     new_net: bool,
+    lock: Option<BorrowedFd<'_>>,
 ) -> Result<(UnixStream, InitProcess, OwnedFd), SandboxError> {
     let (host, sandbox) = UnixStream::pair()
         .map_err(|e| SandboxError::setup(format!("cannot create a socket pair: {e}"), None))?;
+    let lock = lock.map(|fd| fd.as_raw_fd());
     if mode == InitMode::Auto && single_threaded() {
-        if let Some(init) = clone_init(&sandbox, new_net)? {
+        if let Some(init) = clone_init(&sandbox, new_net, lock)? {
             return Ok((host, init.0, init.1));
         }
     }
-    let init = exec_init(exe, sandbox)?;
+    let init = exec_init(exe, sandbox, lock)?;
     Ok((host, init.0, init.1))
 }
 
@@ -149,6 +152,7 @@ struct CloneArgs {
 fn clone_init(
     sandbox: &UnixStream,
     new_net: bool,
+    lock: Option<RawFd>,
 ) -> Result<Option<(InitProcess, OwnedFd)>, SandboxError> {
     let (stderr_read, stderr_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| setup_failed("pipe", e))?;
@@ -177,7 +181,7 @@ fn clone_init(
     };
     match ret {
         0 => {
-            let code = child_setup(sandbox, &null, &stderr_write)
+            let code = child_setup(sandbox, &null, &stderr_write, lock)
                 .map_or(127, |()| crate::init::cloned_main(new_net));
             // SAFETY: _exit ends this process at once, running no destructors or exit hooks
             // that belong to the host's copy of this program.
@@ -209,7 +213,12 @@ fn clone_init(
 }
 
 /// In a cloned init: the descriptors and process attributes an exec'd init would have.
-fn child_setup(sandbox: &UnixStream, null: &fs::File, stderr: &OwnedFd) -> io::Result<()> {
+fn child_setup(
+    sandbox: &UnixStream,
+    null: &fs::File,
+    stderr: &OwnedFd,
+    lock: Option<RawFd>,
+) -> io::Result<()> {
     let dup = |from: RawFd, to: RawFd| {
         // SAFETY: dup2 on descriptors this process owns.
         if unsafe { libc::dup2(from, to) } < 0 {
@@ -218,13 +227,31 @@ fn child_setup(sandbox: &UnixStream, null: &fs::File, stderr: &OwnedFd) -> io::R
             Ok(())
         }
     };
+    // The lock goes out of the way first: its number may be one of those set below.
+    let lock = match lock {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor this process owns.
+        Some(fd) => match unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) } {
+            high if high >= 0 => Some(high),
+            _ => return Err(io::Error::last_os_error()),
+        },
+        None => None,
+    };
     dup(null.as_raw_fd(), 0)?;
     dup(null.as_raw_fd(), 1)?;
     dup(stderr.as_raw_fd(), 2)?;
     dup(sandbox.as_raw_fd(), CONN_FD)?;
+    let mut first_closed = LOCK_FD;
+    if let Some(lock) = lock {
+        // Close-on-exec: no command the agent starts holds it.
+        // SAFETY: dup3 on descriptors this process owns.
+        if unsafe { libc::dup3(lock, LOCK_FD, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        first_closed = LOCK_FD + 1;
+    }
     // Nothing else of the host's open files goes into the sandbox.
     // SAFETY: close_range closes descriptors this process owns; none of them is used after.
-    unsafe { libc::syscall(libc::SYS_close_range, CONN_FD + 1, u32::MAX, 0) };
+    unsafe { libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0) };
     isolate_session()
 }
 
@@ -250,7 +277,11 @@ fn isolate_session() -> io::Result<()> {
     Ok(())
 }
 
-fn exec_init(exe: &Path, sandbox: UnixStream) -> Result<(InitProcess, OwnedFd), SandboxError> {
+fn exec_init(
+    exe: &Path,
+    sandbox: UnixStream,
+    lock: Option<RawFd>,
+) -> Result<(InitProcess, OwnedFd), SandboxError> {
     let sandbox_fd = sandbox.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg(crate::INIT_ARG)
@@ -259,12 +290,27 @@ fn exec_init(exe: &Path, sandbox: UnixStream) -> Result<(InitProcess, OwnedFd), 
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: the closure runs between fork and exec in a possibly multi-threaded process, so
-    // it makes only async-signal-safe system calls (setsid, prctl, dup2) and does not allocate.
+    // it makes only async-signal-safe system calls (setsid, prctl, fcntl, dup2) and does not
+    // allocate.
     unsafe {
         cmd.pre_exec(move || {
             isolate_session()?;
+            // The lock goes out of the way first: its number may be CONN_FD.
+            let lock = match lock {
+                Some(fd) => match libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) {
+                    high if high >= 0 => Some(high),
+                    _ => return Err(io::Error::last_os_error()),
+                },
+                None => None,
+            };
             if libc::dup2(sandbox_fd, CONN_FD) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // Open across the exec; the init makes it close-on-exec.
+            if let Some(lock) = lock {
+                if libc::dup2(lock, LOCK_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -71,8 +71,6 @@ pub struct Layers {
     workspace: String,
     /// The writable layer's number.
     top: u32,
-    /// Host id that sandbox root is (as root); `None` rootless.
-    owner: Option<u32>,
     /// Why layers can no longer be stacked, once that happened.
     pub broken: Option<String>,
 }
@@ -84,10 +82,9 @@ impl Layers {
         sandbox_dir: &Path,
         workspace: &str,
         resume: Option<&Path>,
-        owner: Option<u32>,
     ) -> io::Result<(Layers, u32)> {
         let dir = sandbox_dir.join("layers");
-        make_dir(&dir, owner)?;
+        make_dir(&dir)?;
         let (mut below, mut root_layers) = (0, 0);
         if let Some(kept) = resume {
             below = count(&kept.join("layers"));
@@ -100,7 +97,7 @@ impl Layers {
                 fs::rename(kept.join(format!("layers/{i}")), dir.join(i.to_string()))?;
             }
             if root_layers > 0 {
-                make_dir(&sandbox_dir.join("rootlayers"), owner)?;
+                make_dir(&sandbox_dir.join("rootlayers"))?;
             }
             for i in 0..root_layers {
                 fs::rename(
@@ -113,7 +110,6 @@ impl Layers {
             dir,
             workspace: workspace.to_string(),
             top: below,
-            owner,
             broken: None,
         };
         layers.make_top()?;
@@ -126,8 +122,8 @@ impl Layers {
     }
 
     fn make_top(&self) -> io::Result<()> {
-        make_dir(&self.dir.join(self.top.to_string()), self.owner)?;
-        make_dir(&self.dir.join(format!("{}.work", self.top)), self.owner)
+        make_dir(&self.dir.join(self.top.to_string()))?;
+        make_dir(&self.dir.join(format!("{}.work", self.top)))
     }
 
     /// Stacks a fresh writable layer on the workspace of the sandbox whose pid 1 is `pid1`,
@@ -248,7 +244,7 @@ impl Layers {
             sandbox_dir.join("upper"),
             kept.join(format!("rootlayers/{roots}")),
         )?;
-        make_dir(&sandbox_dir.join("upper"), self.owner)?;
+        make_dir(&sandbox_dir.join("upper"))?;
         self.forget_resume(sandbox_dir);
         Ok(())
     }
@@ -313,16 +309,14 @@ fn count(dir: &Path) -> u32 {
         .count() as u32
 }
 
-fn make_dir(path: &Path, owner: Option<u32>) -> io::Result<()> {
+/// Makes a layer's directory. Made by upstream's user, it is sandbox root's: as root the
+/// sandbox sees it through an idmapped mount (see `idmap`), rootless its root is that user.
+fn make_dir(path: &Path) -> io::Result<()> {
     match fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
-    if let Some(id) = owner {
-        std::os::unix::fs::chown(path, Some(id), Some(id))?;
-    }
-    Ok(())
 }
 
 /// What the child does, all prepared before the fork.

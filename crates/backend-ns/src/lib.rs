@@ -7,18 +7,21 @@
 //! and becomes its agent. The host then talks to the agent over a socket pair.
 
 pub mod cgroup;
+mod idmap;
+pub mod ids;
 pub mod init;
 mod launch;
 mod layers;
 mod mounts;
 mod net;
 pub mod probe;
+pub mod runtime;
 mod security;
 mod setup;
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,11 +43,12 @@ use crate::setup::{FromInit, IdMap, InitConfig, ToInit, WorkspaceLayers};
 /// The argument that makes the upstream binary run as a sandbox init.
 pub const INIT_ARG: &str = "__sandbox-init";
 
-/// Sandbox root maps to this host uid (and gid) when upstream runs as root, so that what runs
-/// in a sandbox is nobody on the host.
-pub const SANDBOX_ID_BASE: u32 = 100_000;
+/// As root, the host id that files sandboxes see are stored with for sandbox id 0 (so sandbox
+/// id `n` is stored as `n`): each sandbox runs as a host id range of its own ([`ids`]) and sees
+/// them through idmapped mounts ([`idmap`]). Images are unpacked with these owners.
+pub const STORED_ID_BASE: u32 = 0;
 /// How many ids a sandbox has when upstream runs as root.
-pub const SANDBOX_ID_COUNT: u32 = 65_536;
+pub const SANDBOX_ID_COUNT: u32 = ids::RANGE_SIZE;
 
 /// Makes namespace sandboxes.
 #[derive(Debug)]
@@ -61,6 +65,8 @@ pub struct NamespaceBackend {
     /// Read on first use: only sandboxes with memory or cpu limits need it.
     layout: std::sync::OnceLock<Layout>,
     rootless: bool,
+    /// Host id ranges for sandboxes, as root.
+    ids: Option<ids::Allocator>,
     init_mode: launch::InitMode,
 }
 
@@ -71,10 +77,8 @@ impl NamespaceBackend {
         let rootless = !Uid::effective().is_root();
         let skeleton = runtime_dir.join(SKELETON_DIR);
         if !skeleton.is_dir() {
-            let owner = (!rootless).then_some(SANDBOX_ID_BASE);
             let temp = runtime_dir.join(format!("{SKELETON_DIR}.tmp-{}", std::process::id()));
-            let made =
-                mounts::make_skeleton(&temp, owner).and_then(|()| fs::rename(&temp, &skeleton));
+            let made = mounts::make_skeleton(&temp).and_then(|()| fs::rename(&temp, &skeleton));
             if made.is_err() {
                 let _ = fs::remove_dir_all(&temp);
                 // Another upstream may have made it meanwhile; only its absence is an error.
@@ -91,6 +95,15 @@ impl NamespaceBackend {
             }
         }
         remove_stale_sandboxes(&runtime_dir.join("sandboxes"));
+        let ids = if rootless {
+            None
+        } else {
+            let dir = runtime::ids_dir().map_err(|e| {
+                let hint = e.hint();
+                SandboxError::setup(e.to_string(), Some(hint.as_str()))
+            })?;
+            Some(ids::Allocator::for_host(dir))
+        };
         Ok(NamespaceBackend {
             init_exe,
             sandboxes: runtime_dir.join("sandboxes"),
@@ -99,6 +112,7 @@ impl NamespaceBackend {
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
+            ids,
             init_mode: launch::InitMode::from_env(),
         })
     }
@@ -135,10 +149,8 @@ fn remove_stale_sandboxes(sandboxes: &Path) {
 }
 
 /// The versioned name of the shared skeleton: a change to its contents gets a new name.
-const SKELETON_DIR: &str = "skeleton-3";
+const SKELETON_DIR: &str = "skeleton-4";
 
-/// Where sandbox directories live: `$UPSTREAM_RUNTIME_DIR`, else `<tmp>/upstream-<uid>`.
-/// The directory is private to the user; one owned by anybody else is refused.
 /// Opens a directory as a path-only descriptor (`O_PATH`): enough to resolve and mount
 /// through, and open while the path to it may not be searchable later.
 pub(crate) fn open_path_dir(path: &str) -> nix::Result<OwnedFd> {
@@ -150,40 +162,13 @@ pub(crate) fn open_path_dir(path: &str) -> nix::Result<OwnedFd> {
     )
 }
 
+/// Where sandbox directories live (see [`runtime`]), with its `sandboxes` and pool
+/// directories made.
 fn runtime_dir() -> Result<PathBuf, SandboxError> {
-    let uid = Uid::effective();
-    let dir = match std::env::var_os("UPSTREAM_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::temp_dir().join(format!("upstream-{uid}")),
-    };
-    for sub in ["sandboxes", POOL_DIR] {
-        let path = dir.join(sub);
-        if path.is_dir() {
-            continue;
-        }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| {
-                SandboxError::setup(
-                    format!("cannot create {}: {e}", path.display()),
-                    Some("set UPSTREAM_RUNTIME_DIR to a directory you may write"),
-                )
-            })?;
-    }
-    let meta = fs::symlink_metadata(&dir)
-        .map_err(|e| SandboxError::setup(format!("cannot read {}: {e}", dir.display()), None))?;
-    if !meta.is_dir() || meta.uid() != uid.as_raw() {
-        return Err(SandboxError::setup(
-            format!("{} is not a directory owned by you", dir.display()),
-            Some("remove it, or set UPSTREAM_RUNTIME_DIR to a directory of your own"),
-        ));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
-    }
-    Ok(dir)
+    runtime::runtime_dir(&["sandboxes", POOL_DIR]).map_err(|e| {
+        let hint = e.hint();
+        SandboxError::setup(e.to_string(), Some(hint.as_str()))
+    })
 }
 
 static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
@@ -228,10 +213,22 @@ impl NamespaceBackend {
             std::process::id(),
             NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed)
         );
+        // As root, the sandbox's own host ids; the init holds their lock too.
+        let id_range = match &self.ids {
+            Some(ids) => Some(
+                ids.take()
+                    .map_err(|e| SandboxError::setup(e.to_string(), None))?,
+            ),
+            None => None,
+        };
         // The init starts first: it loads while the directory and cgroups are made.
         let new_net = spec.network == NetworkMode::None;
-        let (mut conn, child, stderr) =
-            launch::start_init(&self.init_exe, self.init_mode, new_net)?;
+        let (mut conn, child, stderr) = launch::start_init(
+            &self.init_exe,
+            self.init_mode,
+            new_net,
+            id_range.as_ref().map(|r| r.lock().as_fd()),
+        )?;
         let cloned = child.cloned;
         let pid = child.id();
         let mut sandbox = NamespaceSandbox {
@@ -242,6 +239,7 @@ impl NamespaceBackend {
                 ids: if self.rootless { 1 } else { SANDBOX_ID_COUNT },
             },
             child: Some(child),
+            id_range,
             stderr: Some(stderr),
             client: None,
             cgroups: Cgroups::default(),
@@ -256,24 +254,16 @@ impl NamespaceBackend {
                 interrupted: AtomicBool::new(false),
             }),
         };
-        let dir = sandbox.dir.insert(SandboxDir::claim(
-            &self.sandboxes.join(&name),
-            &self.pool,
-            self.rootless,
-        )?);
-        let owner = (!self.rootless).then_some(SANDBOX_ID_BASE);
+        let dir = sandbox
+            .dir
+            .insert(SandboxDir::claim(&self.sandboxes.join(&name), &self.pool)?);
         let mut root_layers = 0;
         let mut workspace = None;
         if let Some(ws) = &spec.workspace {
-            let (prepared, roots) = layers::Layers::prepare(
-                &dir.path,
-                &ws.dir,
-                ws.resume.as_deref(),
-                owner,
-            )
-            .map_err(|e| {
-                SandboxError::setup(format!("cannot prepare the workspace's layers: {e}"), None)
-            })?;
+            let (prepared, roots) =
+                layers::Layers::prepare(&dir.path, &ws.dir, ws.resume.as_deref()).map_err(|e| {
+                    SandboxError::setup(format!("cannot prepare the workspace's layers: {e}"), None)
+                })?;
             root_layers = roots;
             workspace = Some(WorkspaceLayers {
                 dir: ws.dir.clone(),
@@ -292,14 +282,14 @@ impl NamespaceBackend {
                 .is_empty()
                 .then(|| self.skeleton.display().to_string()),
             layers,
-            id_map: if self.rootless {
-                IdMap::Own
-            } else {
-                IdMap::Range {
-                    base: SANDBOX_ID_BASE,
+            id_map: match &sandbox.id_range {
+                Some(range) => IdMap::Range {
+                    base: range.base,
                     count: SANDBOX_ID_COUNT,
-                }
+                },
+                None => IdMap::Own,
             },
+            idmapped: sandbox.id_range.is_some(),
             new_net,
             hostname: spec.hostname.clone(),
             max_processes: spec.limits.pids,
@@ -316,7 +306,6 @@ impl NamespaceBackend {
                 None,
             ));
         }
-        let rootless = self.rootless;
         let setup = (|| -> Result<Result<(), String>, ClientError> {
             if cloned {
                 // The init is already in its user namespace, making the others; then it
@@ -324,12 +313,19 @@ impl NamespaceBackend {
                 if let Err(e) = write_id_maps(pid, config.id_map) {
                     return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
                 }
-                if let Err(e) = dir.prepare(rootless) {
+                if let Err(e) = dir.prepare() {
                     return Ok(Err(e.to_string()));
                 }
+                let mounts = match idmapped_mounts(pid, &config) {
+                    Ok(mounts) => mounts,
+                    Err(e) => return Ok(Err(e)),
+                };
                 write_frame(&mut conn, &ToInit::Config(config.clone()))?;
+                if let Err(e) = send_mounts(&conn, &config, &mounts) {
+                    return Ok(Err(e));
+                }
             } else {
-                if let Err(e) = dir.prepare(rootless) {
+                if let Err(e) = dir.prepare() {
                     return Ok(Err(e.to_string()));
                 }
                 write_frame(&mut conn, &ToInit::Config(config.clone()))?;
@@ -346,7 +342,14 @@ impl NamespaceBackend {
                     if let Err(e) = write_id_maps(pid, config.id_map) {
                         return Ok(Err(format!("cannot map the sandbox's user ids: {e}")));
                     }
+                    let mounts = match idmapped_mounts(pid, &config) {
+                        Ok(mounts) => mounts,
+                        Err(e) => return Ok(Err(e)),
+                    };
                     write_frame(&mut conn, &ToInit::Mapped)?;
+                    if let Err(e) = send_mounts(&conn, &config, &mounts) {
+                        return Ok(Err(e));
+                    }
                 }
             }
             Ok(Ok(()))
@@ -370,8 +373,54 @@ impl NamespaceBackend {
     }
 }
 
+/// The idmapped mounts of the sandbox directory, the skeleton and the image's layers through
+/// the user namespace of the init `pid`, when the configuration asks for them.
+fn idmapped_mounts(pid: u32, config: &InitConfig) -> Result<Vec<OwnedFd>, String> {
+    if !config.idmapped {
+        return Ok(Vec::new());
+    }
+    let path = format!("/proc/{pid}/ns/user");
+    let userns = fs::File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+    let dirs = std::iter::once(&config.sandbox_dir)
+        .chain(config.skeleton.as_ref())
+        .chain(&config.layers);
+    let mut mounts = Vec::new();
+    for dir in dirs {
+        mounts.push(
+            idmap::clone_idmapped(Path::new(dir), userns.as_fd())
+                .map_err(|e| format!("cannot make an idmapped mount of {dir}: {e}"))?,
+        );
+    }
+    // An image unpacked by an older upstream has its files shifted to where sandbox ids
+    // once started; seen through the mount they would belong to nobody.
+    for layer in &config.layers {
+        let owner = fs::metadata(layer)
+            .map(|m| m.uid())
+            .unwrap_or(STORED_ID_BASE);
+        if owner != STORED_ID_BASE {
+            let image = Path::new(layer).parent().unwrap_or(Path::new(layer));
+            return Err(format!(
+                "the image at {layer} was unpacked by an older upstream (its root belongs to host uid {owner}); remove {} and run again to have it unpacked anew",
+                image.display()
+            ));
+        }
+    }
+    Ok(mounts)
+}
+
+fn send_mounts(conn: &UnixStream, config: &InitConfig, mounts: &[OwnedFd]) -> Result<(), String> {
+    if !config.idmapped {
+        return Ok(());
+    }
+    idmap::send_fds(conn, mounts).map_err(|e| format!("cannot hand the sandbox its mounts: {e}"))
+}
+
 fn setup_error(message: String, rootless: bool) -> SandboxError {
-    let hint = if message.contains("user namespace") && rootless {
+    let hint = if message.contains("idmapped mount") {
+        Some(
+            "sandboxes of root see their files through idmapped mounts (Linux 5.19 or later; 6.3 for a runtime directory on tmpfs): set UPSTREAM_RUNTIME_DIR to a directory on ext4, xfs or btrfs, or upgrade the kernel",
+        )
+    } else if message.contains("user namespace") && rootless {
         Some(
             "this kernel does not let unprivileged users create user namespaces: run as root, or allow them (sysctl kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0); `upstream doctor` shows what this host supports",
         )
@@ -416,7 +465,7 @@ struct SandboxDir {
 
 /// The versioned name of the pool directory: a change to what a pooled directory may hold
 /// gets a new name, so that another version of upstream never takes one it cannot use.
-const POOL_DIR: &str = "pool-2";
+const POOL_DIR: &str = "pool-3";
 
 /// How many sandbox directories are kept for reuse.
 const POOL_SIZE: usize = 4;
@@ -424,7 +473,7 @@ const POOL_SIZE: usize = 4;
 impl SandboxDir {
     /// A directory for a new sandbox at `path`: one from `pool` if there is one (a rename
     /// instead of creating four directories), else a fresh one.
-    fn claim(path: &Path, pool: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+    fn claim(path: &Path, pool: &Path) -> Result<SandboxDir, SandboxError> {
         for slot in 0..POOL_SIZE {
             if fs::rename(pool.join(format!("slot-{slot}")), path).is_ok() {
                 return Ok(SandboxDir {
@@ -433,10 +482,10 @@ impl SandboxDir {
                 });
             }
         }
-        SandboxDir::fresh(path, rootless)
+        SandboxDir::fresh(path)
     }
 
-    fn fresh(path: &Path, rootless: bool) -> Result<SandboxDir, SandboxError> {
+    fn fresh(path: &Path) -> Result<SandboxDir, SandboxError> {
         let fail = |e: io::Error| {
             SandboxError::setup(format!("cannot create {}: {e}", path.display()), None)
         };
@@ -450,11 +499,8 @@ impl SandboxDir {
         };
         for sub in ["root", "upper", "work"] {
             let p = path.join(sub);
+            // Upstream's user's: sandbox root's (see `idmap`).
             fs::DirBuilder::new().mode(0o755).create(&p).map_err(fail)?;
-            if !rootless {
-                std::os::unix::fs::chown(&p, Some(SANDBOX_ID_BASE), Some(SANDBOX_ID_BASE))
-                    .map_err(fail)?;
-            }
         }
         Ok(dir)
     }
@@ -464,7 +510,7 @@ impl SandboxDir {
     /// done while the init creates its namespaces, so that neither the end of the last
     /// sandbox nor the overlay mount of this one waits for it. A directory that cannot be
     /// cleaned is replaced by a fresh one.
-    fn prepare(&mut self, rootless: bool) -> Result<(), SandboxError> {
+    fn prepare(&mut self) -> Result<(), SandboxError> {
         if !self.reused {
             return Ok(());
         }
@@ -481,7 +527,7 @@ impl SandboxDir {
             return Ok(());
         }
         let _ = self.remove();
-        *self = SandboxDir::fresh(&self.path, rootless)?;
+        *self = SandboxDir::fresh(&self.path)?;
         Ok(())
     }
 
@@ -600,6 +646,8 @@ impl Session for NamespaceSession {
 pub struct NamespaceSandbox {
     info: SandboxInfo,
     child: Option<launch::InitProcess>,
+    /// The sandbox's host ids (as root), held until its processes are gone.
+    id_range: Option<ids::IdRange>,
     stderr: Option<OwnedFd>,
     client: Option<AgentClient<UnixStream>>,
     cgroups: Cgroups,
@@ -697,6 +745,7 @@ impl NamespaceSandbox {
             }
             child.wait();
         }
+        self.id_range = None;
         self.client = None;
         self.stderr = None;
         let cgroups = self.cgroups.destroy();
@@ -793,6 +842,12 @@ impl Sandbox for NamespaceSandbox {
         result.map_err(|e| self.map_error(e))
     }
 
+    fn stop_processes(&mut self) -> Result<(), SandboxError> {
+        let result = self.client()?.stop_processes();
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
     fn session(&mut self) -> Result<Box<dyn Session>, SandboxError> {
         let result = self.client()?.connect();
         self.note_ready();
@@ -836,13 +891,12 @@ impl Sandbox for NamespaceSandbox {
         let pid1 = self.pid1().map_err(fail)?;
         let path = format!("/proc/{pid1}/root");
         let dir = open_path_dir(&path).map_err(|e| fail(format!("{path}: {e}")))?;
-        let (uid, gid) = if self.rootless {
-            (
+        let (uid, gid) = match &self.id_range {
+            Some(range) => (range.base, range.base),
+            None => (
                 Uid::effective().as_raw(),
                 nix::unistd::Gid::effective().as_raw(),
-            )
-        } else {
-            (SANDBOX_ID_BASE, SANDBOX_ID_BASE)
+            ),
         };
         Ok(HostRoot { dir, uid, gid })
     }

@@ -221,10 +221,10 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
 }
 
 /// Makes the lower layer of host-image sandboxes: the mount points every root has, and the
-/// host's links into /usr. The host makes it once and every sandbox shares it read-only.
-/// `owner` is the host id of sandbox root, which should own the directories a sandbox writes
-/// into (such as /root).
-pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
+/// host's links into /usr. The host makes it once and every sandbox shares it read-only. Made
+/// by upstream's user, it is sandbox root's (see `idmap`), which should own the directories a
+/// sandbox writes into (such as /root).
+pub fn make_skeleton(dir: &Path) -> io::Result<()> {
     for sub in SKELETON {
         fs::create_dir_all(dir.join(sub))?;
     }
@@ -241,21 +241,6 @@ pub fn make_skeleton(dir: &Path, owner: Option<u32>) -> io::Result<()> {
     for name in USR_LINKS {
         if let Ok(target) = fs::read_link(format!("/{name}")) {
             symlink(&target, dir.join(name))?;
-        }
-    }
-    if let Some(id) = owner {
-        std::os::unix::fs::chown(dir, Some(id), Some(id))?;
-        for sub in SKELETON {
-            std::os::unix::fs::chown(dir.join(sub), Some(id), Some(id))?;
-        }
-        for entry in fs::read_dir(dir.join("dev"))? {
-            std::os::unix::fs::lchown(entry?.path(), Some(id), Some(id))?;
-        }
-        std::os::unix::fs::chown(dir.join("run/upstream"), Some(id), Some(id))?;
-        for name in USR_LINKS {
-            if dir.join(name).is_symlink() {
-                std::os::unix::fs::lchown(dir.join(name), Some(id), Some(id))?;
-            }
         }
     }
     Ok(())

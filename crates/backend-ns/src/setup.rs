@@ -36,6 +36,11 @@ pub struct InitConfig {
     pub upper_in_memory: bool,
     /// The tmpfs's size, when there is a memory limit.
     pub memory: Option<u64>,
+    /// The host sends idmapped mounts (see `idmap`) of the sandbox directory, the skeleton
+    /// (when there is one) and each layer, in that order, with one byte right after the
+    /// configuration (cloned init) or the `Mapped` message (re-executed init); the init
+    /// attaches each over its path.
+    pub idmapped: bool,
 }
 
 /// The workspace's layers: `layers/0` (bottom) .. `layers/<below-1>` read-only, the writable

@@ -32,7 +32,7 @@ fn main() {
         .unwrap_or(30);
     let layers = layer_blobs(&layout);
     let work = tempfile::tempdir_in(layout.parent().unwrap_or(Path::new("/tmp"))).unwrap();
-    let owners = Owners::Shifted(upstream_backend_ns::SANDBOX_ID_BASE);
+    let owners = Owners::Shifted(upstream_backend_ns::STORED_ID_BASE);
 
     // Unpack: five rounds, alternating which goes first.
     let (mut assembled_ms, mut stacked_ms) = (Vec::new(), Vec::new());

@@ -386,7 +386,7 @@ pub fn image_source(insecure_registry: &[String], refresh: bool) -> upstream_tur
             credentials,
             refresh,
             owners: if root {
-                upstream_image::Owners::Shifted(upstream_backend_ns::SANDBOX_ID_BASE)
+                upstream_image::Owners::Shifted(upstream_backend_ns::STORED_ID_BASE)
             } else {
                 upstream_image::Owners::Unpacker
             },

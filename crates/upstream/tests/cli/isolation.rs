@@ -429,7 +429,7 @@ fn a_later_sandbox_sees_nothing_of_an_earlier_one() {
         let out = env.upstream(&["exec", "--", "true"]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let pool = env.runtime.join("pool-2");
+    let pool = env.runtime.join("pool-3");
     let pooled = fs::read_dir(&pool).unwrap().count();
     assert!(
         (1..=4).contains(&pooled),
