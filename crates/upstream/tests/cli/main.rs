@@ -13,6 +13,7 @@ mod context;
 mod exec;
 mod image;
 mod isolation;
+mod local_users;
 mod run;
 mod serve;
 mod store_trust;
