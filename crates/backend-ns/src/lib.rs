@@ -387,8 +387,14 @@ fn idmapped_mounts(pid: u32, config: &InitConfig) -> Result<Vec<OwnedFd>, String
     let mut mounts = Vec::new();
     for dir in dirs {
         mounts.push(
-            idmap::clone_idmapped(Path::new(dir), userns.as_fd())
-                .map_err(|e| format!("cannot make an idmapped mount of {dir}: {e}"))?,
+            idmap::clone_idmapped(Path::new(dir), userns.as_fd()).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => format!(
+                        "cannot make an idmapped mount of {dir}: its filesystem does not support them ({e})"
+                    ),
+                    _ => format!("cannot make an idmapped mount of {dir}: {e}"),
+                }
+            })?,
         );
     }
     // An image unpacked by an older upstream has its files shifted to where sandbox ids

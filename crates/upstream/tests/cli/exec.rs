@@ -91,7 +91,7 @@ fn ctrl_c_stops_exec_and_its_sandbox() {
 #[test]
 fn a_sandbox_that_cannot_be_set_up_says_why_and_what_to_do() {
     // overlayfs refuses an upper layer on overlayfs, as in a runtime directory inside a
-    // container: make one and point upstream at it.
+    // container, and an overlayfs cannot be idmapped: make one and point upstream at it.
     crate::require_root_sandbox!();
     let env = Env::new();
     for dir in ["l", "u", "w", "m"] {
@@ -130,8 +130,10 @@ fn a_sandbox_that_cannot_be_set_up_says_why_and_what_to_do() {
     for (out, expected) in [(&exec, 125), (&run, 3)] {
         let err = stderr(out);
         assert_eq!(code(out), expected, "{err}");
+        // As root the sandbox directory is idmapped before the overlay is mounted.
         assert!(
-            err.contains("cannot set up the sandbox: cannot mount overlay on /"),
+            err.contains("cannot set up the sandbox: cannot make an idmapped mount of ")
+                && err.contains("its filesystem does not support them"),
             "{err}"
         );
         assert!(
