@@ -163,8 +163,11 @@ impl Blobs {
         nix::sys::stat::fstatat(&shard, &id.0[2..], nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
     }
 
-    /// Opens blob `id`'s file: never through a link, never blocking, only a regular file.
-    fn open_file(&self, id: &BlobId) -> Result<(File, Stamp), BlobError> {
+    /// Opens blob `id`'s file, as the calling thread is now: never through a link, never
+    /// blocking, only a regular file. Nothing is read yet; work that reads it under another
+    /// identity (a restore writes as the sandbox's owner, who may not enter the store) opens
+    /// it first with this.
+    pub fn fetch(&self, id: &BlobId) -> Result<OpenBlob, BlobError> {
         let path = self.path(id);
         let fail = |e: Errno| match e {
             Errno::ENOENT => BlobError::Missing { path: path.clone() },
@@ -206,50 +209,12 @@ impl Blobs {
         if let Some(what) = what {
             return Err(BlobError::NotAFile { path, what });
         }
-        Ok((File::from(fd), Stamp::of(&st)))
-    }
-
-    /// Hashes the first `len` bytes of `file` (all of it, as its stamp says), reading at
-    /// offsets so that the descriptor's position is left alone.
-    fn hash_file(
-        &self,
-        id: &BlobId,
-        file: &File,
-        stamp: &Stamp,
-        keep: Option<&mut Vec<u8>>,
-    ) -> Result<(), BlobError> {
-        let path = || self.path(id);
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; (256 << 10).min(stamp.size.max(1) as usize)];
-        let mut keep = keep;
-        let mut offset = 0u64;
-        while offset < stamp.size {
-            let want = buf.len().min((stamp.size - offset) as usize);
-            let n = match file.read_at(&mut buf[..want], offset) {
-                Ok(0) => return Err(BlobError::Changed { path: path() }),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(BlobError::Io {
-                        path: path(),
-                        source,
-                    });
-                }
-            };
-            hasher.update(&buf[..n]);
-            if let Some(keep) = keep.as_deref_mut() {
-                keep.extend_from_slice(&buf[..n]);
-            }
-            offset += n as u64;
-        }
-        let actual = BlobId::from_hash(hasher.finalize());
-        if &actual != id {
-            return Err(BlobError::Corrupt {
-                path: path(),
-                actual: actual.0,
-            });
-        }
-        Ok(())
+        Ok(OpenBlob {
+            id: id.clone(),
+            path,
+            file: File::from(fd),
+            stamp: Stamp::of(&st),
+        })
     }
 
     /// Starts a new blob; its name is known when it is finished.
@@ -365,97 +330,38 @@ impl Blobs {
     /// damaged blob is an error here, before a byte of it is read. The reader fails at the
     /// end if the file changed while it was read.
     pub fn open(&self, id: &BlobId) -> Result<BlobReader, BlobError> {
-        let (file, stamp) = self.open_file(id)?;
-        self.hash_file(id, &file, &stamp, None)?;
-        let path = self.path(id);
-        Ok(BlobReader {
-            inner: BufReader::with_capacity(
-                (256 << 10).min(stamp.size.max(1) as usize),
-                Checked {
-                    file,
-                    stamp,
-                    offset: 0,
-                },
-            ),
-            path,
-        })
+        self.fetch(id)?.reader()
     }
 
-    /// Copies blob `id` to the end of `target`, checked against its name before a byte is
-    /// copied: the blob is hashed through a mapping in `arena` (no copy), then copied inside
-    /// the kernel (`sendfile`, as `cp` does). `Ok(false)` when the blob does not fit in the
-    /// arena (copy it with [`Blobs::open`] instead).
+    /// Copies blob `id` to the end of `target`, checked first ([`OpenBlob::copy_checked`]).
     pub fn copy_checked(
         &self,
         id: &BlobId,
         arena: &mut MapArena,
         target: &File,
     ) -> Result<bool, BlobError> {
-        let path = self.path(id);
-        let fail = |source: io::Error| BlobError::Io {
-            path: path.clone(),
-            source,
-        };
-        let (file, stamp) = self.open_file(id)?;
-        let len = stamp.size as usize;
-        let Some(bytes) = arena.map(&file, len).map_err(fail)? else {
-            return Ok(false);
-        };
-        let actual = BlobId::from_hash(blake3::hash(bytes));
-        if &actual != id {
-            return Err(BlobError::Corrupt {
-                path,
-                actual: actual.0,
-            });
-        }
-        let mut offset: libc::off_t = 0;
-        while (offset as usize) < len {
-            // SAFETY: sendfile between two descriptors this function holds; `offset` is a
-            // local the kernel advances.
-            let n = unsafe {
-                libc::sendfile(
-                    target.as_raw_fd(),
-                    file.as_raw_fd(),
-                    &mut offset,
-                    len - offset as usize,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(fail(e));
-            }
-            if n == 0 {
-                break;
-            }
-        }
-        if (offset as usize) < len || !stamp.unchanged(&file) {
-            return Err(BlobError::Changed { path });
-        }
-        Ok(true)
+        self.fetch(id)?.copy_checked(arena, target)
     }
 
     /// Reads a whole blob, checked (one pass: the bytes are hashed as they are read, and
     /// returned only if they match).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, BlobError> {
-        let (file, stamp) = self.open_file(id)?;
+        let blob = self.fetch(id)?;
         let mut data = Vec::new();
-        data.try_reserve_exact(stamp.size as usize)
+        data.try_reserve_exact(blob.stamp.size as usize)
             .map_err(|e| BlobError::Io {
-                path: self.path(id),
+                path: blob.path.clone(),
                 source: io::Error::new(io::ErrorKind::OutOfMemory, e),
             })?;
-        self.hash_file(id, &file, &stamp, Some(&mut data))?;
+        blob.hash(Some(&mut data))?;
         Ok(data)
     }
 
     /// Checks blob `id` against its name without keeping its bytes; returns its size.
     pub fn verify(&self, id: &BlobId) -> Result<u64, BlobError> {
-        let (file, stamp) = self.open_file(id)?;
-        self.hash_file(id, &file, &stamp, None)?;
-        Ok(stamp.size)
+        let blob = self.fetch(id)?;
+        blob.hash(None)?;
+        Ok(blob.stamp.size)
     }
 
     /// Every blob on disk: the regular files with a blob's name, found without following a
@@ -542,6 +448,138 @@ impl Blobs {
                 let _ = fs::remove_file(entry.path());
             }
         }
+    }
+}
+
+/// A blob's file, opened and type-checked ([`Blobs::fetch`]), not yet read.
+#[derive(Debug)]
+pub struct OpenBlob {
+    id: BlobId,
+    path: PathBuf,
+    file: File,
+    stamp: Stamp,
+}
+
+impl OpenBlob {
+    pub fn id(&self) -> &BlobId {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hashes the whole file (as long as it was when opened), reading at offsets so that the
+    /// descriptor's position is left alone; `keep` gets the bytes. An error unless they hash
+    /// to the blob's name.
+    fn hash(&self, mut keep: Option<&mut Vec<u8>>) -> Result<(), BlobError> {
+        let size = self.stamp.size;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; (256 << 10).min(size.max(1) as usize)];
+        let mut offset = 0u64;
+        while offset < size {
+            let want = buf.len().min((size - offset) as usize);
+            let n = match self.file.read_at(&mut buf[..want], offset) {
+                Ok(0) => {
+                    return Err(BlobError::Changed {
+                        path: self.path.clone(),
+                    });
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(BlobError::Io {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            };
+            hasher.update(&buf[..n]);
+            if let Some(keep) = keep.as_deref_mut() {
+                keep.extend_from_slice(&buf[..n]);
+            }
+            offset += n as u64;
+        }
+        let actual = BlobId::from_hash(hasher.finalize());
+        if actual != self.id {
+            return Err(BlobError::Corrupt {
+                path: self.path.clone(),
+                actual: actual.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the blob against its name, then reads it: nothing of a damaged blob is read.
+    /// The reader fails at the end if the file changed while it was read.
+    pub fn reader(&self) -> Result<BlobReader, BlobError> {
+        self.hash(None)?;
+        let file = self.file.try_clone().map_err(|source| BlobError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(BlobReader {
+            inner: BufReader::with_capacity(
+                (256 << 10).min(self.stamp.size.max(1) as usize),
+                Checked {
+                    file,
+                    stamp: self.stamp,
+                    offset: 0,
+                },
+            ),
+            path: self.path.clone(),
+        })
+    }
+
+    /// Copies the blob to the end of `target`, checked against its name before a byte is
+    /// copied: it is hashed through a mapping in `arena` (no copy), then copied inside the
+    /// kernel (`sendfile`, as `cp` does). `Ok(false)` when it does not fit in the arena
+    /// (read it with [`OpenBlob::reader`] instead).
+    pub fn copy_checked(&self, arena: &mut MapArena, target: &File) -> Result<bool, BlobError> {
+        let fail = |source: io::Error| BlobError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let len = self.stamp.size as usize;
+        let Some(bytes) = arena.map(&self.file, len).map_err(fail)? else {
+            return Ok(false);
+        };
+        let actual = BlobId::from_hash(blake3::hash(bytes));
+        if actual != self.id {
+            return Err(BlobError::Corrupt {
+                path: self.path.clone(),
+                actual: actual.0,
+            });
+        }
+        let mut offset: libc::off_t = 0;
+        while (offset as usize) < len {
+            // SAFETY: sendfile between two descriptors this function holds; `offset` is a
+            // local the kernel advances.
+            let n = unsafe {
+                libc::sendfile(
+                    target.as_raw_fd(),
+                    self.file.as_raw_fd(),
+                    &mut offset,
+                    len - offset as usize,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(fail(e));
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        if (offset as usize) < len || !self.stamp.unchanged(&self.file) {
+            return Err(BlobError::Changed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(true)
     }
 }
 

@@ -25,7 +25,7 @@ mod private;
 mod query;
 pub mod schema;
 
-pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, PendingBlob};
+pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, OpenBlob, PendingBlob};
 pub use keys::{ApiKey, KeyOwner, NewKey};
 pub use private::{DIR_MODE, FILE_MODE, make_private_dir};
 pub use query::{

@@ -492,9 +492,12 @@ pub fn restore(
         .filter(|a| a.kind == ArtifactKind::File && a.blob.is_some())
         .collect();
     let restored = parallel(files.len(), |i| {
+        // Opened as upstream itself, before the switch to the owner: the store is private to
+        // upstream's user.
+        let blob = blobs.fetch(files[i].blob.as_ref().expect("files have blobs"))?;
         let mut result = None;
         let _ = as_owner_do(&mut || {
-            result = Some(restore_file(dir, files[i], blobs));
+            result = Some(restore_file(dir, files[i], &blob));
             Ok(())
         });
         result.expect("ran")
@@ -544,13 +547,12 @@ thread_local! {
 fn restore_file(
     dir: BorrowedFd<'_>,
     a: &ArtifactRow,
-    blobs: &Blobs,
+    blob: &upstream_store::OpenBlob,
 ) -> Result<KnownFile, RestoreError> {
     let fail = |source: io::Error| RestoreError::Io {
         path: a.path.clone(),
         source,
     };
-    let blob = a.blob.as_ref().expect("files have blobs");
     let (parent, name) = split(&a.path);
     let parent = make_parents(dir, parent).map_err(fail)?;
     remove_entry(&parent, name).map_err(fail)?;
@@ -571,10 +573,10 @@ fn restore_file(
         let Some(arena) = arena.as_mut() else {
             return Ok(false);
         };
-        Ok(blobs.copy_checked(blob, arena, &file)?)
+        Ok(blob.copy_checked(arena, &file)?)
     })?;
     if !mapped {
-        let mut reader = blobs.open(blob)?;
+        let mut reader = blob.reader()?;
         io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
             upstream_store::BlobError::Io { source, .. } => fail(source),
             other => RestoreError::Blob(other),
@@ -587,7 +589,7 @@ fn restore_file(
         ino: st.st_ino,
         ctime_ns: ctime_ns(&st),
         size: st.st_size as u64,
-        blob: blob.clone(),
+        blob: blob.id().clone(),
     })
 }
 
