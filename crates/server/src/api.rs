@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use upstream_sandbox::{ExecRequest, ExitStatus, Limits, NetworkMode, Scope, Stream};
 
 use crate::auth::Tenant;
+use crate::bounds;
 use crate::daemon::{CreateRequest, Daemon, Live, Process, Shape, unix_ms};
 use crate::error::{ApiError, ErrorBody};
 
@@ -27,12 +28,12 @@ pub struct JsonBody<T>(pub T);
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
-    /// Bytes of memory, or a size such as `512M`, `2G`.
+    /// Bytes of memory, or a size such as `512M`, `2G` (1M to 16T).
     #[schema(value_type = Option<String>, example = "512M")]
     pub memory: Option<serde_json::Value>,
-    /// CPUs (fractions allowed).
+    /// CPUs (fractions allowed, 0.01 to 1024).
     pub cpus: Option<f64>,
-    /// Processes and threads (default 1024).
+    /// Processes and threads (default 1024, at most 4194304).
     pub pids: Option<u64>,
 }
 
@@ -42,20 +43,22 @@ pub struct LimitsBody {
 pub struct CreateSandbox {
     /// An OCI image (`python:3.12`, `ghcr.io/org/tool@sha256:…`) or `host` (the default).
     pub image: Option<String>,
-    /// Environment of every command, over the image's.
+    /// Environment of every command, over the image's (at most 4096 variables, 128 KiB a
+    /// value, 1 MiB in all).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: LimitsBody,
     /// `none` (only loopback, the default) or `host`.
     pub network: Option<String>,
-    /// Seconds without use after which the sandbox is torn down; 0: never. Default: the
-    /// daemon's `--idle-timeout`.
+    /// Seconds without use after which the sandbox is torn down (at most 31536000, 365
+    /// days); 0: never. Default: the daemon's `--idle-timeout`.
     pub timeout: Option<f64>,
-    /// Seconds after which the sandbox is torn down whatever it does; 0: never. Default: the
-    /// daemon's `--lifetime` (unlimited unless set).
+    /// Seconds after which the sandbox is torn down whatever it does (at most 31536000);
+    /// 0: never. Default: the daemon's `--lifetime` (unlimited unless set).
     pub lifetime: Option<f64>,
-    /// Labels to find it by (`GET /v1/sandboxes?metadata.key=value`).
+    /// Labels to find it by (`GET /v1/sandboxes?metadata.key=value`): at most 64 keys of
+    /// up to 128 bytes, values of up to 1024 bytes, 16 KiB in all.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
 }
@@ -119,36 +122,29 @@ pub struct SandboxList {
     pub sandboxes: Vec<SandboxBody>,
 }
 
-fn seconds(value: Option<f64>, what: &str) -> Result<Option<Option<Duration>>, ApiError> {
-    match value {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => {
-            Ok(Some((s > 0.0).then(|| Duration::from_secs_f64(s))))
-        }
-        Some(s) => Err(ApiError::bad_request(format!(
-            "`{what}` is {s}; give a number of seconds, 0 for none"
-        ))),
-    }
-}
-
 fn memory(value: &Option<serde_json::Value>) -> Result<Option<u64>, ApiError> {
-    match value {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+    let bytes = match value {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Number(n)) => n.as_u64().ok_or_else(|| {
             ApiError::bad_request("`limits.memory` must be a whole number of bytes")
-        }),
+        })?,
         Some(serde_json::Value::String(s)) => upstream_doc::front_matter::parse_size(s)
-            .map(Some)
-            .map_err(|e| ApiError::bad_request(format!("`limits.memory`: {e}"))),
-        Some(_) => Err(ApiError::bad_request(
-            "`limits.memory` must be bytes or a size such as `512M`",
-        )),
-    }
+            .map_err(|e| ApiError::bad_request(format!("`limits.memory`: {e}")))?,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`limits.memory` must be bytes or a size such as `512M`",
+            ));
+        }
+    };
+    bounds::memory(bytes, "limits.memory").map(Some)
 }
 
 impl CreateSandbox {
     fn into_request(self) -> Result<(CreateRequest, BTreeMap<String, String>), ApiError> {
         let image = self.image.unwrap_or_else(|| "host".into());
+        bounds::image(&image)?;
+        bounds::metadata(&self.metadata)?;
+        bounds::env(&self.env, "env")?;
         let network = match self.network.as_deref() {
             None | Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
@@ -158,22 +154,25 @@ impl CreateSandbox {
                 )));
             }
         };
-        if let Some(c) = self.limits.cpus.filter(|c| !(c.is_finite() && *c > 0.0)) {
-            return Err(ApiError::bad_request(format!(
-                "`limits.cpus` is {c}; give a number above 0"
-            )));
-        }
+        let cpus = match self.limits.cpus {
+            Some(c) => Some(bounds::cpus(c, "limits.cpus")?),
+            None => None,
+        };
+        let pids = bounds::pids(
+            self.limits.pids.unwrap_or(Limits::DEFAULT_PIDS),
+            "limits.pids",
+        )?;
         let shape = Shape {
             image,
             limits: Limits {
                 memory: memory(&self.limits.memory)?,
-                cpus: self.limits.cpus,
-                pids: Some(self.limits.pids.unwrap_or(Limits::DEFAULT_PIDS)),
+                cpus,
+                pids: Some(pids),
             },
             network,
         };
-        let idle = seconds(self.timeout, "timeout")?;
-        let lifetime = seconds(self.lifetime, "lifetime")?;
+        let idle = bounds::seconds(self.timeout, "timeout")?;
+        let lifetime = bounds::seconds(self.lifetime, "lifetime")?;
         Ok((
             CreateRequest {
                 shape,
@@ -274,7 +273,8 @@ pub async fn delete_sandbox(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetTimeout {
-    /// Seconds without use before the sandbox is torn down, counted from now; 0: never.
+    /// Seconds without use before the sandbox is torn down, counted from now (at most
+    /// 31536000); 0: never.
     pub timeout: f64,
 }
 
@@ -289,7 +289,7 @@ pub async fn set_timeout(
     JsonBody(body): JsonBody<SetTimeout>,
 ) -> Result<Json<SandboxBody>, ApiError> {
     let live = daemon.get(&tenant.0, &id)?;
-    let timeout = seconds(Some(body.timeout), "timeout")?.flatten();
+    let timeout = bounds::seconds(Some(body.timeout), "timeout")?.flatten();
     live.set_idle_timeout(timeout);
     Ok(Json(SandboxBody::of(&live)))
 }
@@ -298,7 +298,8 @@ pub async fn set_timeout(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
-    /// The program and its arguments; the program is looked up in `PATH`.
+    /// The program and its arguments; the program is looked up in `PATH` (at most 4096
+    /// arguments, 128 KiB each, 1 MiB in all).
     pub cmd: Vec<String>,
     /// Text given to the command on its standard input.
     pub stdin: Option<String>,
@@ -309,7 +310,7 @@ pub struct ExecBody {
     pub env: BTreeMap<String, String>,
     /// Working directory (default: the sandbox's workdir).
     pub cwd: Option<String>,
-    /// Seconds after which the command (its process group) is killed.
+    /// Seconds after which the command (its process group) is killed (at most 31536000).
     pub timeout: Option<f64>,
     /// Answer with the output as it comes, as NDJSON (also with `Accept: application/x-ndjson`).
     #[serde(default)]
@@ -337,12 +338,12 @@ const MAX_EXEC_OUTPUT: usize = 16 << 20;
 
 /// Builds the agent request: the sandbox's environment under the request's.
 fn exec_request(live: &Live, body: &ExecBody) -> Result<ExecRequest, ApiError> {
-    if body.cmd.is_empty() {
-        return Err(ApiError::bad_request(
-            "`cmd` is empty; give the program and its arguments",
-        ));
+    bounds::argv(&body.cmd)?;
+    bounds::env(&body.env, "env")?;
+    if let Some(cwd) = &body.cwd {
+        bounds::path(cwd, "cwd")?;
     }
-    let timeout_ms = match seconds(body.timeout, "timeout")? {
+    let timeout_ms = match bounds::seconds(body.timeout, "timeout")? {
         Some(Some(t)) => Some(t.as_millis().max(1) as u64),
         _ => None,
     };
@@ -444,7 +445,7 @@ pub async fn exec(
                 })
             })
             .await?;
-        crate::metrics::exec(start.elapsed());
+        crate::metrics::exec(&live.tenant, start.elapsed());
         return Ok(Json(result).into_response());
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
@@ -466,7 +467,7 @@ pub async fn exec(
                 Ok(outcome)
             })
             .await;
-        crate::metrics::exec(start.elapsed());
+        crate::metrics::exec(&live.tenant, start.elapsed());
         let (kind, last) = match ran {
             Ok(outcome) => {
                 let (exit_code, signal) = status_parts(outcome.status);
@@ -656,7 +657,7 @@ pub async fn list_processes(
 /// How long to wait.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct WaitQuery {
-    /// Seconds to wait at most (default: 0, just look).
+    /// Seconds to wait at most (default: 0, just look; at most 31536000).
     pub timeout: Option<f64>,
 }
 
@@ -672,13 +673,14 @@ pub async fn get_process(
 ) -> Result<Json<ProcessBody>, ApiError> {
     let live = daemon.get(&tenant.0, &id)?;
     let process = process_of(&live, pid)?;
-    let timeout = seconds(query.timeout, "timeout")?
+    let timeout = bounds::seconds(query.timeout, "timeout")?
         .flatten()
         .unwrap_or(Duration::ZERO);
     // Waiting is looking again and again, ever less often: the sandbox serves other requests
     // meanwhile, and a command's end is seen within 25 ms.
     let _busy = live.hold();
-    let deadline = Instant::now() + timeout;
+    let now = Instant::now();
+    let deadline = now.checked_add(timeout).unwrap_or(now);
     let mut pause = Duration::from_millis(1);
     let status = loop {
         let status = live
@@ -710,7 +712,7 @@ fn signal_number(value: &serde_json::Value) -> Result<i32, ApiError> {
         ))
     };
     match value {
-        serde_json::Value::Number(n) => n.as_i64().map(|n| n as i32).ok_or_else(bad),
+        serde_json::Value::Number(n) => n.as_i64().and_then(bounds::signal).ok_or_else(bad),
         serde_json::Value::String(s) => {
             let name = s.trim_start_matches("SIG").to_ascii_uppercase();
             format!("SIG{name}")
@@ -772,5 +774,12 @@ pub async fn process_output(
             )));
         }
     };
-    crate::files::download(&live, &path, query.offset.unwrap_or(0)).await
+    let offset = query.offset.unwrap_or(0);
+    if offset > i64::MAX as u64 {
+        return Err(ApiError::bad_request(format!(
+            "`offset` is {offset}; give at most {}",
+            i64::MAX
+        )));
+    }
+    crate::files::download(&live, &path, offset).await
 }

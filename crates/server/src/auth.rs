@@ -69,10 +69,9 @@ pub async fn require_key(
     };
     match owner {
         Ok(Some(owner)) => {
-            request
-                .extensions_mut()
-                .insert(Tenant(owner.tenant, Door::Key));
-            next.run(request).await
+            let tenant = Tenant(owner.tenant, Door::Key);
+            request.extensions_mut().insert(tenant.clone());
+            counted(&tenant, next.run(request).await)
         }
         Ok(None) => ApiError::unauthorized(
             "the API key is not valid (revoked, or not of this daemon); `upstream keys ls` lists the keys",
@@ -84,8 +83,15 @@ pub async fn require_key(
 
 /// Marks requests on the local socket as the local tenant's.
 pub async fn local(mut request: Request, next: Next) -> Response {
-    request
-        .extensions_mut()
-        .insert(Tenant(LOCAL_TENANT.to_string(), Door::Local));
-    next.run(request).await
+    let tenant = Tenant(LOCAL_TENANT.to_string(), Door::Local);
+    request.extensions_mut().insert(tenant.clone());
+    counted(&tenant, next.run(request).await)
+}
+
+/// Counts an error answer in its tenant's metrics.
+fn counted(tenant: &Tenant, response: Response) -> Response {
+    if let Some(crate::error::ErrorCode(code)) = response.extensions().get() {
+        crate::metrics::tenant_error(&tenant.0, code);
+    }
+    response
 }

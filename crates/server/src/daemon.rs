@@ -53,6 +53,8 @@ pub struct Config {
     pub host_network: HostNetwork,
     /// Tenants whose keys see the daemon-wide `/metrics`, as the local socket does.
     pub operators: BTreeSet<String>,
+    /// Where the daemon logs what went wrong inside it.
+    pub log: crate::log::Log,
 }
 
 /// Who may ask for `network: host`: a sandbox with the host's network reaches the host's
@@ -371,9 +373,10 @@ impl Live {
     /// When it will be torn down if nothing uses it, as seconds from now.
     pub fn expires_in(&self) -> Option<f64> {
         let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = times
-            .idle_timeout
-            .map(|t| (times.last_used + t).saturating_duration_since(Instant::now()));
+        let idle = times.idle_timeout.and_then(|t| {
+            let end = times.last_used.checked_add(t)?;
+            Some(end.saturating_duration_since(Instant::now()))
+        });
         let lifetime = times
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
@@ -385,10 +388,12 @@ impl Live {
 
     fn expired(&self, now: Instant) -> bool {
         let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        // An end past what an `Instant` holds is never reached.
         let idle = self.busy.load(Ordering::SeqCst) == 0
             && times
                 .idle_timeout
-                .is_some_and(|t| now >= times.last_used + t);
+                .and_then(|t| times.last_used.checked_add(t))
+                .is_some_and(|end| now >= end);
         idle || times.deadline.is_some_and(|d| now >= d)
     }
 
@@ -532,6 +537,7 @@ pub struct CreateRequest {
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, String> {
+        crate::log::set(config.log.clone());
         if let Some((shape, _)) = config
             .pools
             .iter()
@@ -581,6 +587,19 @@ impl Daemon {
         self.backend.clone()
     }
 
+    /// The daemon's own directories on the host, as text: an error that names one is
+    /// logged, never answered (see [`ApiError::internal`]).
+    pub fn host_paths(&self) -> Vec<String> {
+        [
+            self.config.state_dir.as_path(),
+            self.config.images.cache.dir(),
+        ]
+        .iter()
+        .map(|p| p.display().to_string())
+        .filter(|p| p.len() > 1)
+        .collect()
+    }
+
     /// The context store of a tenant.
     pub fn tenant_store(&self, tenant: &str) -> PathBuf {
         self.config.state_dir.join("tenants").join(tenant)
@@ -620,6 +639,11 @@ impl Daemon {
             .map_err(|e| {
                 let status = match e {
                     upstream_image::PullError::Refused { .. } => axum::http::StatusCode::FORBIDDEN,
+                    // The daemon's own cache failed: its paths are for the log.
+                    upstream_image::PullError::Io { .. }
+                    | upstream_image::PullError::Unpack { .. } => {
+                        return ApiError::internal(format!("image `{}`: {e}", shape.image));
+                    }
                     _ => axum::http::StatusCode::BAD_GATEWAY,
                 };
                 ApiError::new(
@@ -758,9 +782,13 @@ impl Daemon {
                     .map_err(|e| ApiError::internal(e.to_string()))??
             }
         };
+        let lifetime = request.lifetime.unwrap_or(self.config.default_lifetime);
+        // Lifetimes are bounded when read (`crate::bounds`); one no `Instant` can hold
+        // is unlimited rather than a panic.
+        let deadline = lifetime.and_then(|l| Instant::now().checked_add(l));
         let took = start.elapsed();
-        crate::metrics::claim(took);
-        crate::metrics::handed_out(from_pool);
+        crate::metrics::claim(tenant, took);
+        crate::metrics::handed_out(tenant, from_pool);
         let now = Instant::now();
         let live = Arc::new(Live {
             id: new_id(),
@@ -778,10 +806,7 @@ impl Daemon {
                 idle_timeout: request
                     .idle_timeout
                     .unwrap_or(self.config.default_idle_timeout),
-                deadline: request
-                    .lifetime
-                    .unwrap_or(self.config.default_lifetime)
-                    .map(|l| now + l),
+                deadline,
             }),
             busy: AtomicUsize::new(0),
             interrupter: sandbox.interrupter(),
@@ -850,22 +875,7 @@ impl Daemon {
 
     /// Tears down sandboxes past their idle timeout or lifetime; returns how many.
     pub async fn reap(&self) -> usize {
-        let now = Instant::now();
-        let expired: Vec<Arc<Live>> = {
-            let mut inventory = self.lock_inventory();
-            let ids: Vec<String> = inventory
-                .live
-                .values()
-                .filter(|l| l.expired(now))
-                .map(|l| l.id.clone())
-                .collect();
-            ids.iter()
-                .filter_map(|id| inventory.live.remove(id))
-                .collect()
-        };
-        let n = expired.len();
-        futures::future::join_all(expired.into_iter().map(teardown)).await;
-        n
+        reap(&self.sandboxes).await
     }
 
     /// Keeps `pool` at its target, for as long as the daemon runs.
@@ -978,6 +988,52 @@ async fn teardown(live: Arc<Live>) {
     let _ = tokio::task::spawn_blocking(move || live.destroy_blocking()).await;
 }
 
+/// Takes the sandboxes past their idle timeout or lifetime out of `inventory` and tears
+/// them down; returns how many. Each is handled on its own: one whose check or teardown
+/// fails, even by a panic, is logged and the others are reaped all the same. A sandbox
+/// whose check panics is torn down: the daemon could no longer tell when it expires.
+async fn reap(inventory: &Mutex<Inventory>) -> usize {
+    use futures::FutureExt;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let now = Instant::now();
+    let expired: Vec<Arc<Live>> = {
+        let mut inventory = inventory.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<String> = inventory
+            .live
+            .values()
+            .filter(|l| {
+                catch_unwind(AssertUnwindSafe(|| l.expired(now))).unwrap_or_else(|panic| {
+                    crate::log::error(&format!(
+                        "sandbox {}: its expiry could not be checked ({}); tearing it down",
+                        l.id,
+                        crate::share::panic_message(panic.as_ref())
+                    ));
+                    true
+                })
+            })
+            .map(|l| l.id.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|id| inventory.live.remove(id))
+            .collect()
+    };
+    let n = expired.len();
+    let handled: Vec<_> = expired
+        .into_iter()
+        .map(|live| async move {
+            let id = live.id.clone();
+            if let Err(panic) = AssertUnwindSafe(teardown(live)).catch_unwind().await {
+                crate::log::error(&format!(
+                    "sandbox {id}: its teardown failed ({})",
+                    crate::share::panic_message(panic.as_ref())
+                ));
+            }
+        })
+        .collect();
+    futures::future::join_all(handled).await;
+    n
+}
+
 /// `sbx_` and 16 random hex digits.
 fn new_id() -> String {
     let mut bytes = [0u8; 8];
@@ -995,6 +1051,119 @@ pub fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the interrupts of a sandbox (a teardown starts with one), or panics at it.
+    struct Counted {
+        interrupts: AtomicUsize,
+        panics: bool,
+    }
+
+    impl Interrupter for Counted {
+        fn interrupt(&self) {
+            if self.panics {
+                panic!("this sandbox's teardown fails");
+            }
+            self.interrupts.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A sandbox handed out (its sandbox already gone), idle for `idle` of `timeout`.
+    fn live(
+        id: &str,
+        timeout: Duration,
+        idle: Duration,
+        panics: bool,
+    ) -> (Arc<Live>, Arc<Counted>) {
+        let counted = Arc::new(Counted {
+            interrupts: AtomicUsize::new(0),
+            panics,
+        });
+        let now = Instant::now();
+        let live = Arc::new(Live {
+            id: id.to_string(),
+            tenant: "t".to_string(),
+            shape: Shape::new("host"),
+            prepared: Prepared {
+                spec: SandboxSpec::default(),
+                env: Vec::new(),
+                workdir: "/workspace".to_string(),
+                user: None,
+            },
+            metadata: BTreeMap::new(),
+            env: BTreeMap::new(),
+            started: AtomicUsize::new(0),
+            created_at: 0,
+            claim_ms: 0.0,
+            from_pool: false,
+            times: Mutex::new(Times {
+                last_used: now.checked_sub(idle).unwrap_or(now),
+                idle_timeout: Some(timeout),
+                deadline: None,
+            }),
+            busy: AtomicUsize::new(0),
+            interrupter: counted.clone(),
+            sandbox: Mutex::new(None),
+            sessions: Mutex::new(Vec::new()),
+            processes: Mutex::new(BTreeMap::new()),
+            share: Shares::new(1).of("t"),
+        });
+        (live, counted)
+    }
+
+    #[tokio::test]
+    async fn the_reaper_goes_on_past_a_sandbox_whose_handling_fails() {
+        let inventory = Mutex::new(Inventory::default());
+        let second = Duration::from_secs(1);
+        let (failing, _) = live("sbx_failing", second, 2 * second, true);
+        let (a, a_count) = live("sbx_a", second, 2 * second, false);
+        let (b, b_count) = live("sbx_b", second, 2 * second, false);
+        // An idle timeout no `Instant` can add up to: never reached, and no panic.
+        let (forever, forever_count) = live("sbx_forever", Duration::MAX, 2 * second, false);
+        let (fresh, fresh_count) = live("sbx_fresh", 60 * second, Duration::ZERO, false);
+        for l in [&failing, &a, &b, &forever, &fresh] {
+            inventory
+                .lock()
+                .unwrap()
+                .live
+                .insert(l.id.clone(), (*l).clone());
+        }
+        assert_eq!(reap(&inventory).await, 3);
+        assert_eq!(a_count.interrupts.load(Ordering::SeqCst), 1, "a was reaped");
+        assert_eq!(b_count.interrupts.load(Ordering::SeqCst), 1, "b was reaped");
+        for (count, what) in [(&forever_count, "forever"), (&fresh_count, "fresh")] {
+            assert_eq!(
+                count.interrupts.load(Ordering::SeqCst),
+                0,
+                "{what} was kept"
+            );
+        }
+        let left: BTreeSet<String> = inventory.lock().unwrap().live.keys().cloned().collect();
+        assert_eq!(
+            left,
+            BTreeSet::from(["sbx_forever".to_string(), "sbx_fresh".to_string()])
+        );
+        // The next round works as the first did.
+        let (c, c_count) = live("sbx_c", second, 2 * second, false);
+        inventory.lock().unwrap().live.insert(c.id.clone(), c);
+        assert_eq!(reap(&inventory).await, 1);
+        assert_eq!(c_count.interrupts.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            forever.expires_in(),
+            None,
+            "an end past all Instants is never"
+        );
+    }
+
+    #[test]
+    fn a_place_taken_is_given_back_unless_it_was_filled() {
+        let mut inventory = Inventory::default();
+        *inventory.pending.entry("t".into()).or_default() += 2;
+        inventory.release("t");
+        assert_eq!(inventory.pending_total(), 1);
+        inventory.release("t");
+        inventory.release("t");
+        assert!(inventory.pending.is_empty(), "no count below zero");
+    }
 
     #[test]
     fn pool_shapes_are_read_from_their_names() {

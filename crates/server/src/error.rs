@@ -1,5 +1,10 @@
 //! Errors as the API answers them: a status and `{"error": {"code": "...", "message": "..."}}`
 //! whose message says what to do.
+//!
+//! What went wrong inside the daemon (its store, its host's files, a panic) is logged with
+//! its details — host paths of the state directory among them — and answered with a
+//! sentence and a reference to the log line: [`ApiError::internal`]. Errors that come from
+//! the sandbox or the request itself are answered as they are.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -64,8 +69,19 @@ impl ApiError {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", message)
     }
 
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    /// Something failed inside the daemon: `detail` goes to the daemon's log, never to the
+    /// client, who gets a reference to it.
+    pub fn internal(detail: impl std::fmt::Display) -> ApiError {
+        let reference = reference();
+        crate::log::error(&format!("[{reference}] {detail}"));
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!(
+                "the daemon could not do this (reference {reference}); try again, and if it \
+                 persists its operator finds why in the daemon's log under that reference"
+            ),
+        )
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
@@ -73,32 +89,66 @@ impl ApiError {
     }
 }
 
+/// Eight random hex digits naming one log line.
+fn reference() -> String {
+    let mut bytes = [0u8; 4];
+    crate::random(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The code of an error answer, for whoever counts them (the metrics, per tenant).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        crate::metrics::error(self.code);
+        let code = ErrorCode(self.code);
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message,
             },
         };
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        let mut response = if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is never read, so the connection cannot carry another
             // request: say so, or a client may send its next one on it and lose it.
             let close = [(axum::http::header::CONNECTION, "close")];
-            return (self.status, close, Json(body)).into_response();
-        }
-        (self.status, Json(body)).into_response()
+            (self.status, close, Json(body)).into_response()
+        } else {
+            (self.status, Json(body)).into_response()
+        };
+        response.extensions_mut().insert(code);
+        response
     }
 }
 
 impl From<upstream_sandbox::SandboxError> for ApiError {
     fn from(e: upstream_sandbox::SandboxError) -> ApiError {
-        let text = match e.hint() {
-            Some(hint) => format!("{e} ({hint})"),
-            None => e.to_string(),
-        };
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox", text)
+        use upstream_sandbox::{ClientError, SandboxError};
+        match e {
+            // The sandbox's own words (a program not found, a path of the sandbox), and
+            // its end: the client's to read.
+            // The agent refuses what the request asked for (a program not found, a
+            // directory missing, a process that is not there).
+            SandboxError::Agent(ClientError::Refused(why)) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "sandbox", why)
+            }
+            // Torn down (deleted, reaped) while the request ran.
+            e @ SandboxError::Interrupted => ApiError::conflict(e.to_string()),
+            e @ SandboxError::Agent(ClientError::Gone) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "sandbox", e.to_string())
+            }
+            // Setting a sandbox up is the host's work: its errors name the host's paths.
+            e => {
+                let hint = e.hint().map(str::to_string);
+                let mut answer = ApiError::internal(&e);
+                answer.code = "sandbox";
+                if let Some(hint) = hint {
+                    answer.message = format!("{} ({hint})", answer.message);
+                }
+                answer
+            }
+        }
     }
 }
 
@@ -111,7 +161,10 @@ impl From<upstream_store::StoreError> for ApiError {
             upstream_store::StoreError::NoContext(c) => {
                 ApiError::not_found("context", &c, "GET /v1/contexts")
             }
-            e => ApiError::internal(e.to_string()),
+            upstream_store::StoreError::Busy => ApiError::conflict(
+                "turns are running on this tenant's store; try again when they have finished",
+            ),
+            e => ApiError::internal(e),
         }
     }
 }

@@ -134,6 +134,24 @@ fn file_error(path: &str, e: io::Error) -> ApiError {
             "no_space",
             format!("{path}: no space left"),
         ),
+        // Paths the request names that the kernel turns down: the request's to fix.
+        Some(libc::ENAMETOOLONG) => ApiError::bad_request(format!(
+            "a name in the path is too long (at most 255 bytes, 4096 in all): {}",
+            path.chars().take(80).collect::<String>()
+        )),
+        Some(libc::EXDEV) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{path} is on a filesystem the files API does not reach; use exec"),
+        ),
+        Some(libc::EROFS) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{path} is on a read-only filesystem of the sandbox"),
+        ),
+        Some(libc::EINVAL) | Some(libc::EEXIST) | Some(libc::ENOTEMPTY) | Some(libc::EBUSY) => {
+            ApiError::bad_request(format!("{path}: {e}"))
+        }
         _ => ApiError::internal(format!("{path}: {e}")),
     }
 }
@@ -155,30 +173,31 @@ pub async fn upload(
     let path = full_path(&live, &query.path)?;
     let (root, owner) = root_of(&live).await?;
     let target = path.clone();
-    let file = tokio::task::spawn_blocking(move || {
-        as_owner(owner.0, owner.1, || {
-            let (parent, name) = split(&target);
-            let dir = upstream_turn::artifacts::open_workspace(root.dir.as_fd(), parent, true)?;
-            let how = OpenHow::new()
-                .flags(
-                    OFlag::O_WRONLY
-                        | OFlag::O_CREAT
-                        | OFlag::O_TRUNC
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                )
-                .mode(Mode::from_bits_truncate(0o644))
-                .resolve(
-                    ResolveFlag::RESOLVE_BENEATH
-                        | ResolveFlag::RESOLVE_NO_SYMLINKS
-                        | ResolveFlag::RESOLVE_NO_XDEV,
-                );
-            openat2(dir.as_fd(), name, how).map_err(io::Error::from)
+    let file = live
+        .blocking(move || {
+            as_owner(owner.0, owner.1, || {
+                let (parent, name) = split(&target);
+                let dir = upstream_turn::artifacts::open_workspace(root.dir.as_fd(), parent, true)?;
+                let how = OpenHow::new()
+                    .flags(
+                        OFlag::O_WRONLY
+                            | OFlag::O_CREAT
+                            | OFlag::O_TRUNC
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                    )
+                    .mode(Mode::from_bits_truncate(0o644))
+                    .resolve(
+                        ResolveFlag::RESOLVE_BENEATH
+                            | ResolveFlag::RESOLVE_NO_SYMLINKS
+                            | ResolveFlag::RESOLVE_NO_XDEV,
+                    );
+                openat2(dir.as_fd(), name, how).map_err(io::Error::from)
+            })
         })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| file_error(&path, e))?;
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| file_error(&path, e))?;
     let mut file = tokio::fs::File::from_std(std::fs::File::from(file));
     let mut stream = body.into_data_stream();
     let mut size = 0u64;
@@ -199,20 +218,21 @@ pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Respo
     let path = full_path(live, path)?;
     let (root, owner) = root_of(live).await?;
     let target = path.clone();
-    let (file, size) = tokio::task::spawn_blocking(move || {
-        as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
-            let fd = open_in(root.dir.as_fd(), &target, OFlag::O_RDONLY, 0)?;
-            let file = std::fs::File::from(fd);
-            let meta = file.metadata()?;
-            if meta.is_dir() {
-                return Err(io::Error::from_raw_os_error(libc::EISDIR));
-            }
-            Ok((file, meta.len()))
+    let (file, size) = live
+        .blocking(move || {
+            as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
+                let fd = open_in(root.dir.as_fd(), &target, OFlag::O_RDONLY, 0)?;
+                let file = std::fs::File::from(fd);
+                let meta = file.metadata()?;
+                if meta.is_dir() {
+                    return Err(io::Error::from_raw_os_error(libc::EISDIR));
+                }
+                Ok((file, meta.len()))
+            })
         })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| file_error(&path, e))?;
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| file_error(&path, e))?;
     let mut file = tokio::fs::File::from_std(file);
     if offset > 0 {
         use tokio::io::AsyncSeekExt;
@@ -264,56 +284,57 @@ pub async fn list(
     let path = full_path(&live, &query.path)?;
     let (root, owner) = root_of(&live).await?;
     let target = path.clone();
-    let entries = tokio::task::spawn_blocking(move || {
-        as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
-            let fd = open_in(
-                root.dir.as_fd(),
-                &target,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                0,
-            )?;
-            let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
-            let dir_fd = dir.as_fd().try_clone_to_owned()?;
-            let mut entries = Vec::new();
-            for entry in dir.iter() {
-                let entry = entry.map_err(io::Error::from)?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name == "." || name == ".." {
-                    continue;
+    let entries = live
+        .blocking(move || {
+            as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
+                let fd = open_in(
+                    root.dir.as_fd(),
+                    &target,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                    0,
+                )?;
+                let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
+                let dir_fd = dir.as_fd().try_clone_to_owned()?;
+                let mut entries = Vec::new();
+                for entry in dir.iter() {
+                    let entry = entry.map_err(io::Error::from)?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name == "." || name == ".." {
+                        continue;
+                    }
+                    let Ok(st) = nix::sys::stat::fstatat(
+                        &dir_fd,
+                        entry.file_name(),
+                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                    ) else {
+                        continue;
+                    };
+                    let kind = match st.st_mode & libc::S_IFMT {
+                        libc::S_IFREG => "file",
+                        libc::S_IFDIR => "dir",
+                        libc::S_IFLNK => "symlink",
+                        _ => "other",
+                    };
+                    entries.push(Entry {
+                        name,
+                        kind: kind.into(),
+                        size: st.st_size as u64,
+                        mode: st.st_mode & 0o7777,
+                        modified: st.st_mtime,
+                    });
                 }
-                let Ok(st) = nix::sys::stat::fstatat(
-                    &dir_fd,
-                    entry.file_name(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                ) else {
-                    continue;
-                };
-                let kind = match st.st_mode & libc::S_IFMT {
-                    libc::S_IFREG => "file",
-                    libc::S_IFDIR => "dir",
-                    libc::S_IFLNK => "symlink",
-                    _ => "other",
-                };
-                entries.push(Entry {
-                    name,
-                    kind: kind.into(),
-                    size: st.st_size as u64,
-                    mode: st.st_mode & 0o7777,
-                    modified: st.st_mtime,
-                });
-            }
-            entries.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(entries)
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(entries)
+            })
         })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTDIR) => ApiError::bad_request(format!(
-            "{path} is not a directory; read it with GET /v1/sandboxes/{{id}}/files"
-        )),
-        _ => file_error(&path, e),
-    })?;
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTDIR) => ApiError::bad_request(format!(
+                "{path} is not a directory; read it with GET /v1/sandboxes/{{id}}/files"
+            )),
+            _ => file_error(&path, e),
+        })?;
     Ok(Json(Listing { path, entries }))
 }
 
@@ -337,7 +358,7 @@ pub async fn delete(
     let (root, owner) = root_of(&live).await?;
     let target = path.clone();
     let recursive = query.recursive;
-    tokio::task::spawn_blocking(move || {
+    live.blocking(move || {
         as_owner(owner.0, owner.1, || -> io::Result<()> {
             let (parent, name) = split(&target);
             let dir = open_in(

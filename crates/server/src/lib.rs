@@ -8,9 +8,11 @@
 
 mod api;
 mod auth;
+mod bounds;
 pub mod daemon;
 mod error;
 mod files;
+pub mod log;
 pub mod metrics;
 pub mod share;
 mod stream;
@@ -99,8 +101,72 @@ fn app(daemon: &Arc<Daemon>, local: bool) -> (Router, utoipa::openapi::OpenApi) 
                 "no such route; the API is described at /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn(answer_always))
         .with_state(daemon.clone());
     (router, doc)
+}
+
+/// Every request gets an answer, and every error answer is the API's JSON error: a handler
+/// that panics is answered with a 500 (the panic logged, as [`error::ApiError::internal`]
+/// does) rather than a dropped connection; a request axum itself turns away (a query or a
+/// path parameter that does not parse, a method a route does not have) gets its reason as
+/// the error's message instead of plain text; and every error answer is counted.
+async fn answer_always(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use futures::FutureExt;
+    let response = match std::panic::AssertUnwindSafe(next.run(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(panic) => error::ApiError::internal(format!(
+            "a request's handler panicked: {}",
+            share::panic_message(panic.as_ref())
+        ))
+        .into_response(),
+    };
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let response = if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let reason = axum::body::to_bytes(response.into_body(), 16 << 10)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+            .unwrap_or_default();
+        as_api_error(status, reason).into_response()
+    } else {
+        response
+    };
+    if let Some(error::ErrorCode(code)) = response.extensions().get() {
+        metrics::error(code);
+    }
+    response
+}
+
+/// An answer axum made itself (a rejected extractor, a missing method), as the API's error.
+fn as_api_error(status: axum::http::StatusCode, reason: String) -> error::ApiError {
+    use axum::http::StatusCode;
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = match (status, reason.is_empty()) {
+        (StatusCode::METHOD_NOT_ALLOWED, _) => {
+            "this route does not take that method; the API is described at /v1/openapi.json"
+                .to_string()
+        }
+        (_, true) => format!("the request was refused ({status}); fix it and send it again"),
+        (_, false) => format!("{reason}; fix the request and send it again"),
+    };
+    error::ApiError::new(status, code, message)
 }
 
 /// The OpenAPI document of this build, as served at `/v1/openapi.json`.
@@ -108,7 +174,17 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
-async fn metrics_text(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+/// `/metrics`: the daemon's figures for the operator (the local socket, or a key of an
+/// `--operator-tenant`), the tenant's own for any other key.
+async fn metrics_text(
+    State(daemon): State<Arc<Daemon>>,
+    caller: auth::Tenant,
+) -> impl IntoResponse {
+    let scope = if caller.1 == auth::Door::Local || daemon.config.operators.contains(&caller.0) {
+        metrics::Scope::Daemon
+    } else {
+        metrics::Scope::Tenant(&caller.0)
+    };
     let gauges = metrics::Gauges {
         active: daemon.active(),
         pools: daemon
@@ -119,7 +195,7 @@ async fn metrics_text(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(&gauges),
+        metrics::render(&gauges, scope),
     )
 }
 
@@ -209,7 +285,18 @@ async fn serve_async(
             }
             ticks += 1;
             tokio::time::sleep(Duration::from_millis(250)).await;
-            reaper.reap().await;
+            // Each sandbox is reaped on its own (see `Daemon::reap`); this is the last line
+            // of defence, so that reaping goes on whatever happens in one round.
+            use futures::FutureExt;
+            if let Err(panic) = std::panic::AssertUnwindSafe(reaper.reap())
+                .catch_unwind()
+                .await
+            {
+                log::error(&format!(
+                    "reaping failed ({}); it goes on",
+                    share::panic_message(panic.as_ref())
+                ));
+            }
         }
     });
 
@@ -252,4 +339,74 @@ async fn serve_async(
 pub(crate) fn random(buf: &mut [u8]) {
     // getrandom(2) fails only on bad arguments; with none, it blocks until it can answer.
     let _ = upstream_store::keys::fill_random(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_that_panics_is_answered_with_a_500_and_the_server_goes_on() {
+        let router = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("a handler's bug");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route("/fine", get(|| async { "fine" }))
+            .route(
+                "/number",
+                get(
+                    |axum::extract::Query(q): axum::extract::Query<NumberQuery>| async move {
+                        format!("{:?}", q.n)
+                    },
+                ),
+            )
+            .layer(axum::middleware::from_fn(answer_always));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let ask = move |path: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                let mut stream = std::net::TcpStream::connect(address).unwrap();
+                write!(
+                    stream,
+                    "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).unwrap();
+                answer
+            })
+        };
+        let answer = ask("/boom").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(answer.contains(r#""code":"internal""#), "{answer}");
+        assert!(
+            !answer.contains("a handler's bug"),
+            "the panic is for the log: {answer}"
+        );
+        let answer = ask("/fine").await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("fine"),
+            "{answer}"
+        );
+        // What axum turns away itself is the API's JSON error too.
+        let answer = ask("/number?n=1e%2B300x").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+        assert!(answer.contains("invalid float literal"), "{answer}");
+        let answer = ask("/number?n=2").await.unwrap();
+        assert!(answer.ends_with("2.0"), "{answer}");
+    }
+
+    #[derive(serde::Deserialize)]
+    struct NumberQuery {
+        n: f64,
+    }
 }

@@ -1,10 +1,15 @@
 //! Counters for `/metrics`, in Prometheus's text format. They are process-wide: one daemon
 //! per process.
+//!
+//! Each figure is kept for the daemon and for the tenant it was for. The operator (the
+//! local socket, or a key of a `--operator-tenant`) sees the daemon's, with every tenant's
+//! sandboxes by name; a tenant's key sees its own tenant's figures only, and no other
+//! tenant's name.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -56,32 +61,88 @@ impl Histogram {
     }
 }
 
-static EXEC: Histogram = Histogram::new();
-static CLAIM: Histogram = Histogram::new();
-static ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
-static FROM_POOL: AtomicU64 = AtomicU64::new(0);
-static MADE: AtomicU64 = AtomicU64::new(0);
-
-/// A sandbox was handed out (to the API or a turn): from a warm pool or made for it.
-pub fn handed_out(from_pool: bool) {
-    let counter = if from_pool { &FROM_POOL } else { &MADE };
-    counter.fetch_add(1, Ordering::Relaxed);
+/// The counters of the daemon, or of one tenant.
+struct Figures {
+    exec: Histogram,
+    claim: Histogram,
+    from_pool: AtomicU64,
+    made: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-/// An exec ended after `took`.
-pub fn exec(took: Duration) {
-    EXEC.observe(took);
+impl Figures {
+    const fn new() -> Figures {
+        Figures {
+            exec: Histogram::new(),
+            claim: Histogram::new(),
+            from_pool: AtomicU64::new(0),
+            made: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+        }
+    }
 }
 
-/// A sandbox was handed out after `took` (from the pool or made on the spot).
-pub fn claim(took: Duration) {
-    CLAIM.observe(took);
+static DAEMON: Figures = Figures::new();
+static TENANTS: Mutex<BTreeMap<String, Arc<Figures>>> = Mutex::new(BTreeMap::new());
+
+/// The figures of `tenant`, made on first use (tenants are the keys' tenants, which the
+/// operator makes).
+fn of(tenant: &str) -> Arc<Figures> {
+    TENANTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(tenant.to_string())
+        .or_insert_with(|| Arc::new(Figures::new()))
+        .clone()
 }
 
-/// An error answer with this code was sent.
+/// Counts in the daemon's figures and the tenant's.
+fn record(tenant: &str, f: impl Fn(&Figures)) {
+    f(&DAEMON);
+    f(&of(tenant));
+}
+
+/// A sandbox was handed out to `tenant` (through the API or for a turn): from a warm pool
+/// or made for it.
+pub fn handed_out(tenant: &str, from_pool: bool) {
+    record(tenant, |f| {
+        let counter = if from_pool { &f.from_pool } else { &f.made };
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+}
+
+/// An exec of `tenant` ended after `took`.
+pub fn exec(tenant: &str, took: Duration) {
+    record(tenant, |f| f.exec.observe(took));
+}
+
+/// A sandbox was handed out to `tenant` after `took` (from the pool or made on the spot).
+pub fn claim(tenant: &str, took: Duration) {
+    record(tenant, |f| f.claim.observe(took));
+}
+
+/// An error answer with this code was sent (counted in the daemon's figures).
 pub fn error(code: &'static str) {
-    let mut errors = ERRORS.lock().unwrap_or_else(|e| e.into_inner());
+    count_error(&DAEMON, code);
+}
+
+/// An error answer with this code was sent to `tenant` (counted in its figures).
+pub fn tenant_error(tenant: &str, code: &'static str) {
+    count_error(&of(tenant), code);
+}
+
+fn count_error(figures: &Figures, code: &'static str) {
+    let mut errors = figures.errors.lock().unwrap_or_else(|e| e.into_inner());
     *errors.entry(code).or_default() += 1;
+}
+
+/// Whose figures an answer shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// The daemon's, every tenant's sandboxes by name, the warm pools: the operator's view.
+    Daemon,
+    /// One tenant's own.
+    Tenant(&'a str),
 }
 
 /// Gauges the daemon knows at the time of asking.
@@ -92,56 +153,74 @@ pub struct Gauges {
     pub pools: BTreeMap<String, (usize, usize)>,
 }
 
-/// Everything, as Prometheus text.
-pub fn render(gauges: &Gauges) -> String {
+/// The figures `scope` may see, as Prometheus text.
+pub fn render(gauges: &Gauges, scope: Scope<'_>) -> String {
     let mut out = String::new();
+    let tenant_figures;
+    let figures: &Figures = match scope {
+        Scope::Daemon => &DAEMON,
+        Scope::Tenant(tenant) => {
+            tenant_figures = TENANTS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(tenant)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Figures::new()));
+            &tenant_figures
+        }
+    };
     let _ = writeln!(
         out,
         "# HELP upstream_sandboxes Sandboxes by state.\n# TYPE upstream_sandboxes gauge"
     );
-    let active: usize = gauges.active.values().sum();
-    let ready: usize = gauges.pools.values().map(|(r, _)| r).sum();
+    let active: usize = match scope {
+        Scope::Daemon => gauges.active.values().sum(),
+        Scope::Tenant(tenant) => gauges.active.get(tenant).copied().unwrap_or(0),
+    };
     let _ = writeln!(out, "upstream_sandboxes{{state=\"active\"}} {active}");
-    let _ = writeln!(out, "upstream_sandboxes{{state=\"pooled\"}} {ready}");
-    let _ = writeln!(
-        out,
-        "# HELP upstream_tenant_sandboxes Sandboxes handed out, by tenant.\n# TYPE upstream_tenant_sandboxes gauge"
-    );
-    for (tenant, n) in &gauges.active {
+    if scope == Scope::Daemon {
+        let ready: usize = gauges.pools.values().map(|(r, _)| r).sum();
+        let _ = writeln!(out, "upstream_sandboxes{{state=\"pooled\"}} {ready}");
         let _ = writeln!(
             out,
-            "upstream_tenant_sandboxes{{tenant=\"{}\"}} {n}",
-            escape(tenant)
+            "# HELP upstream_tenant_sandboxes Sandboxes handed out, by tenant.\n# TYPE upstream_tenant_sandboxes gauge"
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP upstream_pool_ready Ready sandboxes in each warm pool.\n# TYPE upstream_pool_ready gauge"
-    );
-    for (pool, (ready, _)) in &gauges.pools {
+        for (tenant, n) in &gauges.active {
+            let _ = writeln!(
+                out,
+                "upstream_tenant_sandboxes{{tenant=\"{}\"}} {n}",
+                escape(tenant)
+            );
+        }
         let _ = writeln!(
             out,
-            "upstream_pool_ready{{pool=\"{}\"}} {ready}",
-            escape(pool)
+            "# HELP upstream_pool_ready Ready sandboxes in each warm pool.\n# TYPE upstream_pool_ready gauge"
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP upstream_pool_target Target size of each warm pool.\n# TYPE upstream_pool_target gauge"
-    );
-    for (pool, (_, target)) in &gauges.pools {
+        for (pool, (ready, _)) in &gauges.pools {
+            let _ = writeln!(
+                out,
+                "upstream_pool_ready{{pool=\"{}\"}} {ready}",
+                escape(pool)
+            );
+        }
         let _ = writeln!(
             out,
-            "upstream_pool_target{{pool=\"{}\"}} {target}",
-            escape(pool)
+            "# HELP upstream_pool_target Target size of each warm pool.\n# TYPE upstream_pool_target gauge"
         );
+        for (pool, (_, target)) in &gauges.pools {
+            let _ = writeln!(
+                out,
+                "upstream_pool_target{{pool=\"{}\"}} {target}",
+                escape(pool)
+            );
+        }
     }
-    EXEC.render(
+    figures.exec.render(
         "upstream_exec_seconds",
         "Time from an exec request to the command's end.",
         &mut out,
     );
-    CLAIM.render(
+    figures.claim.render(
         "upstream_sandbox_claim_seconds",
         "Time to hand out a sandbox, from the pool or made on the spot.",
         &mut out,
@@ -153,14 +232,14 @@ pub fn render(gauges: &Gauges) -> String {
     let _ = writeln!(
         out,
         "upstream_sandboxes_handed_out_total{{source=\"pool\"}} {}\nupstream_sandboxes_handed_out_total{{source=\"made\"}} {}",
-        FROM_POOL.load(Ordering::Relaxed),
-        MADE.load(Ordering::Relaxed)
+        figures.from_pool.load(Ordering::Relaxed),
+        figures.made.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         out,
         "# HELP upstream_errors_total Error answers, by code.\n# TYPE upstream_errors_total counter"
     );
-    let errors = ERRORS.lock().unwrap_or_else(|e| e.into_inner());
+    let errors = figures.errors.lock().unwrap_or_else(|e| e.into_inner());
     for (code, n) in errors.iter() {
         let _ = writeln!(out, "upstream_errors_total{{code=\"{code}\"}} {n}");
     }

@@ -49,8 +49,8 @@ pub struct TurnResult {
     pub turn: upstream_turn::TurnRecord,
 }
 
-/// Sandboxes for turns: from a warm pool when one holds the spec, else made.
-struct Pooled(Arc<Daemon>);
+/// Sandboxes for a tenant's turns: from a warm pool when one holds the spec, else made.
+struct Pooled(Arc<Daemon>, String);
 
 impl Backend for Pooled {
     fn name(&self) -> &str {
@@ -59,7 +59,7 @@ impl Backend for Pooled {
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
         let pooled = self.0.take_pooled(spec);
-        crate::metrics::handed_out(pooled.is_some());
+        crate::metrics::handed_out(&self.1, pooled.is_some());
         match pooled {
             Some(sandbox) => Ok(sandbox),
             None => self.0.backend().create(spec),
@@ -191,11 +191,12 @@ pub async fn run_turn(
         }
     };
     let name = request.name.unwrap_or_else(|| "turn.md".into());
-    if name.contains('/') || name.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "`name` is `{name}`; give a file name without a directory"
-        )));
+    if name.contains(['/', '\0']) || name.is_empty() || name.len() > 255 {
+        return Err(ApiError::bad_request(
+            "`name` must be a file name of 1 to 255 bytes, without a directory",
+        ));
     }
+    crate::bounds::secrets(&request.secrets)?;
     let path = PathBuf::from(&name);
     let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -211,11 +212,12 @@ pub async fn run_turn(
         secrets: Some(request.secrets),
         ..TurnOptions::default()
     };
-    let backend = Pooled(daemon.clone());
+    let backend = Pooled(daemon.clone(), tenant.0.clone());
     let source = request.document;
     // Records name the tenant's store as the daemon's state directory holds it, never a
     // path of the daemon's host.
     let store_name = PathBuf::from("tenants").join(&tenant.0);
+    let host_paths = daemon.host_paths();
     let run = move |observer: &mut dyn Observer, cancel: &Cancel| {
         let turn = upstream_turn::run(
             &document,
@@ -230,8 +232,19 @@ pub async fn run_turn(
                 "the document names secret `{name}`; give its value in `secrets`"
             )),
             TurnError::Resume(why) => ApiError::bad_request(why),
+            // What is wrong with the image is the tenant's to fix, unless the reason is the
+            // daemon's own files.
+            TurnError::Sandbox(SandboxError::Image { image, reason })
+                if !host_paths.iter().any(|p| reason.contains(p.as_str())) =>
+            {
+                ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "image",
+                    format!("cannot run image `{image}`: {reason}"),
+                )
+            }
             TurnError::Sandbox(e) => ApiError::from(e),
-            e => ApiError::internal(e.to_string()),
+            e => ApiError::internal(e),
         })?;
         let document = turn.render(&document);
         let mut record = turn.record;
@@ -271,7 +284,10 @@ pub async fn run_turn(
         let (kind, last) = match ran {
             Ok(Ok(result)) => ("result", serde_json::json!({ "result": result })),
             Ok(Err(e)) => error(e.code, e.message),
-            Err(e) => error("internal", e.to_string()),
+            Err(e) => {
+                let answer = ApiError::internal(e);
+                error(answer.code, answer.message)
+            }
         };
         let _ = tx.send(framing.frame(kind, &last)).await;
         watcher.abort();

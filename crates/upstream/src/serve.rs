@@ -74,6 +74,7 @@ pub fn serve(args: ServeArgs) -> u8 {
             tenants: args.allow_host_network_for.into_iter().collect(),
         },
         operators: args.operator_tenant.into_iter().collect(),
+        log: upstream_server::log::Log::new(|line| eprintln!("upstream serve: {line}")),
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         max_body: args.max_body.min(usize::MAX as u64) as usize,

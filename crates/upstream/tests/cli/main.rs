@@ -16,5 +16,6 @@ mod isolation;
 mod local_users;
 mod run;
 mod serve;
+mod serve_fuzz;
 mod store_trust;
 mod serve_tenancy;
