@@ -40,6 +40,10 @@ pub enum Request {
     Wait { pid: i32, timeout_ms: Option<u64> },
     /// Send `signal` to a background command's process group; answered by `Done` or `Error`.
     Signal { pid: i32, signal: i32 },
+    /// Kill every process of the sandbox but the agent (background commands, what steps left
+    /// running, helpers and their commands) and wait until they are gone, so nothing changes
+    /// the sandbox's files any more; answered by `Done` (or `Error` on another connection).
+    StopProcesses,
     /// Kill every process of the sandbox and exit; answered by `Done`.
     Shutdown,
     /// Serve another connection alongside this one: right after this frame the host sends

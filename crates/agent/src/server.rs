@@ -88,6 +88,15 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
                     .to_string();
                 write_frame(&mut conn, &Response::Error { message })?;
             }
+            Request::StopProcesses if role == Role::Helper => {
+                let message =
+                    "the sandbox's processes are stopped on its first connection".to_string();
+                write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::StopProcesses => {
+                stop_processes(&mut sigchld, &mut background)?;
+                write_frame(&mut conn, &Response::Done)?;
+            }
             Request::Connect if role == Role::Helper => {
                 // The socket that follows is taken and closed all the same.
                 drop(receive_socket(&conn));
@@ -702,13 +711,11 @@ fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> 
         fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let file = open_without_waiting(
+        fs::OpenOptions::new().create(true).append(true).mode(0o644),
+        Path::new(path),
+    )
+    .map_err(|e| format!("cannot open {path}: {e}"))?;
     if let Some((uid, gid)) = user {
         nix::unistd::fchown(
             &file,
@@ -808,6 +815,50 @@ fn reap(main: Option<Pid>, background: &mut Background) -> Option<ExitStatus> {
     }
 }
 
+/// Kills every other process of the sandbox (when the agent is not its init: every
+/// background command's process group) and reaps them, for up to ten seconds: a process
+/// the kernel is still taking down is reaped as soon as it is gone.
+fn stop_processes(sigchld: &mut SignalFd, background: &mut Background) -> Result<(), AgentError> {
+    if getpid().as_raw() == 1 {
+        kill_everything(None);
+    } else {
+        for (pid, status) in &background.commands {
+            if status.is_none() {
+                let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        reap(None, background);
+        let running = background.commands.values().any(Option::is_none);
+        // As init, every process left is a child (orphans come to it): once the zombies are
+        // reaped, "no child" means all are gone.
+        let children = getpid().as_raw() == 1
+            && match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Err(Errno::ECHILD) => false,
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    background.ended(pid, ExitStatus::Code(code));
+                    true
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    background.ended(pid, ExitStatus::Signal(sig as i32));
+                    true
+                }
+                _ => true,
+            };
+        if !(running || children) || Instant::now() >= deadline {
+            return Ok(());
+        }
+        let mut fds = [PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(10u16)) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        while let Ok(Some(_)) = sigchld.read_signal() {}
+    }
+}
+
 /// Kills every process of the sandbox when the agent is its init, else the command's session.
 fn kill_everything(main: Option<Pid>) {
     if getpid().as_raw() == 1 {
@@ -818,14 +869,42 @@ fn kill_everything(main: Option<Pid>) {
     }
 }
 
-fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
-    let file = fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if meta.is_dir() {
-        return Err(format!("{} is a directory", path.display()));
+/// Opens `path` without ever waiting (a FIFO with no one at the other end answers at once
+/// instead of holding the agent, which serves one request at a time), then makes the
+/// descriptor blocking again for its user.
+fn open_without_waiting(options: &mut fs::OpenOptions, path: &Path) -> io::Result<fs::File> {
+    let file = options
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(file)
+}
+
+/// Opens a regular file without waiting ([`open_without_waiting`]); anything else is refused.
+fn open_regular(options: &mut fs::OpenOptions, path: &Path) -> io::Result<fs::File> {
+    let file = open_without_waiting(options, path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
     }
+    if !kind.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device)",
+        ));
+    }
+    Ok(file)
+}
+
+fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let file = open_regular(fs::OpenOptions::new().read(true), path).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::EISDIR) => format!("{} is a directory", path.display()),
+            _ => format!("cannot read {}: {e}", path.display()),
+        }
+    })?;
     let mut data = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut data)
@@ -840,13 +919,13 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
-    f.write_all(data)
+    // Truncated only once it is known to be a regular file.
+    let f = open_regular(
+        fs::OpenOptions::new().write(true).create(true).mode(mode),
+        path,
+    )?;
+    f.set_len(0)?;
+    (&f).write_all(data)
 }
 
 #[cfg(test)]
@@ -1293,6 +1372,98 @@ mod tests {
             assert!(matches!(&got[0], Response::Error { message } if message.contains("larger")));
         });
         let _ = fs::remove_dir_all(dir);
-        let _ = thread::yield_now();
+        thread::yield_now();
+    }
+
+    #[test]
+    fn a_fifo_never_holds_the_agent() {
+        let dir = std::env::temp_dir().join(format!("upstream-agent-fifo-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        let fifo = fifo.display().to_string();
+        let started = Instant::now();
+        with_agent(|conn| {
+            let got = request(
+                conn,
+                &Request::ReadFile {
+                    path: fifo.clone(),
+                    limit: 10,
+                },
+            );
+            assert!(
+                matches!(&got[0], Response::Error { message } if message.contains("not a regular file")),
+                "{got:?}"
+            );
+            let write = Request::WriteFile {
+                path: fifo.clone(),
+                data: b"x".to_vec(),
+                mode: 0o644,
+            };
+            let got = request(conn, &write);
+            assert!(matches!(&got[0], Response::Error { .. }), "{got:?}");
+            // A command whose outputs file is a FIFO: the collect answers, it does not wait.
+            let mut req = exec(&["true"], None);
+            req.collect = Some(crate::protocol::Collect {
+                path: fifo.clone(),
+                limit: 10,
+            });
+            let got = request(conn, &Request::Exec(req));
+            assert!(
+                matches!(
+                    got.last(),
+                    Some(Response::Exited {
+                        collected: Some(Err(_)),
+                        ..
+                    })
+                ),
+                "{got:?}"
+            );
+            // Positive control: the agent still serves.
+            let got = request(conn, &Request::Exec(exec(&["echo", "still here"], None)));
+            assert!(
+                matches!(got.last(), Some(Response::Exited { .. })),
+                "{got:?}"
+            );
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stop_processes_ends_background_commands() {
+        with_agent(|conn| {
+            let spawn = Request::Spawn {
+                exec: exec(&["sleep", "30"], None),
+                stdout: "/dev/null".into(),
+                stderr: "/dev/null".into(),
+            };
+            let Response::Started { pid } = one(conn, &spawn) else {
+                panic!("not started");
+            };
+            let wait = Request::Wait {
+                pid,
+                timeout_ms: Some(0),
+            };
+            let got = one(conn, &wait);
+            assert_eq!(
+                got,
+                Response::Waited { status: None },
+                "running before the stop"
+            );
+            assert_eq!(one(conn, &Request::StopProcesses), Response::Done);
+            let got = one(conn, &wait);
+            assert_eq!(
+                got,
+                Response::Waited {
+                    status: Some(ExitStatus::Signal(9))
+                },
+                "killed by the stop"
+            );
+        });
     }
 }

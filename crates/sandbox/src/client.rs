@@ -197,6 +197,11 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Asks the agent to kill everything and exit, without waiting for its answer (the
     /// caller waits for the process instead).
+    /// Kills every process of the sandbox but the agent, and waits until they are gone.
+    pub fn stop_processes(&mut self) -> Result<(), ClientError> {
+        self.call(&Request::StopProcesses, done)
+    }
+
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {
         write_frame(&mut self.conn, &Request::Shutdown)?;
         Ok(())

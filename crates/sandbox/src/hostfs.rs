@@ -15,14 +15,15 @@
 //! - is used only if, on that descriptor, it is a regular file or a directory on one of the
 //!   sandbox's own filesystems — its overlay root and workspace, and the tmpfs it mounts
 //!   (`/tmp`, `/run`, `/dev`, `/dev/shm`) — never procfs, sysfs, devpts, cgroupfs, a
-//!   device, a socket, a FIFO or a host directory bound in;
+//!   device, a socket, a FIFO or a host directory bound in (resolved beneath a directory,
+//!   it cannot leave that directory's mount, so the directory's own check covers it);
 //! - and only then is opened for reading or writing, through that same descriptor, so what
 //!   was checked is what is used.
 //!
 //! The work runs with the thread's filesystem ids set to the sandbox's ([`as_owner`]), so the
 //! host obeys the sandbox's permissions and what it creates belongs to the sandbox.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -144,7 +145,7 @@ enum Want {
     Dir,
 }
 
-fn path_handle(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<OwnedFd> {
+fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach) -> io::Result<OwnedFd> {
     let follow = match reach {
         Reach::InRoot => OFlag::empty(),
         Reach::Beneath => OFlag::O_NOFOLLOW,
@@ -155,8 +156,9 @@ fn path_handle(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<Owned
     openat2(at, path, how).map_err(io::Error::from)
 }
 
-/// Checks an `O_PATH` descriptor: the right kind, on the sandbox's own filesystems.
-fn check(handle: &OwnedFd, want: Want) -> io::Result<FileStat> {
+/// Checks an `O_PATH` descriptor: the right kind and, reached from the root, on the
+/// sandbox's own filesystems.
+fn check(handle: &OwnedFd, want: Want, reach: Reach) -> io::Result<FileStat> {
     let st = fstat(handle).map_err(io::Error::from)?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
     match (want, kind) {
@@ -167,7 +169,9 @@ fn check(handle: &OwnedFd, want: Want) -> io::Result<FileStat> {
         (_, SFlag::S_IFLNK) => return Err(Errno::ELOOP.into()),
         _ => return Err(refused(kind_name(&st))),
     }
-    check_fs(handle.as_fd())?;
+    if reach == Reach::InRoot {
+        check_fs(handle.as_fd())?;
+    }
     Ok(st)
 }
 
@@ -190,11 +194,17 @@ fn reopen(handle: &OwnedFd, flags: OFlag) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Opens directory `path`, which must be one of the sandbox's own.
-pub fn open_dir(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<OwnedFd> {
-    let path = if path.is_empty() { "." } else { path };
+/// Opens directory `path` (a name as a directory holds it, in any bytes), which must be one
+/// of the sandbox's own.
+pub fn open_dir(at: BorrowedFd<'_>, path: impl AsRef<OsStr>, reach: Reach) -> io::Result<OwnedFd> {
+    let path = path.as_ref();
+    let path = if path.is_empty() {
+        OsStr::new(".")
+    } else {
+        path
+    };
     let handle = path_handle(at, path, reach)?;
-    check(&handle, Want::Dir)?;
+    check(&handle, Want::Dir, reach)?;
     reopen(&handle, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
 }
 
@@ -209,8 +219,8 @@ pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
-    let absolute = path.starts_with('/');
-    let mut dir = open_dir(at, if absolute { "/" } else { "." }, reach)?;
+    let mut dir = open_dir(at, if reach == Reach::InRoot { "/" } else { "." }, reach)?;
+    let mut prefix = String::new();
     for name in components {
         if name == ".." {
             return Err(Errno::EINVAL.into());
@@ -219,17 +229,29 @@ pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        // One name at a time below a checked directory: a link put there meanwhile is
-        // refused, not followed.
-        dir = open_dir(dir.as_fd(), name, Reach::Beneath)?;
+        dir = match reach {
+            // From the root again, checked again: the path may cross into another of the
+            // sandbox's mounts (`/tmp`), and a link put there leads back inside.
+            Reach::InRoot => {
+                prefix.push('/');
+                prefix.push_str(name);
+                open_dir(at, &prefix, Reach::InRoot)?
+            }
+            // One name below a checked directory: a link put there is refused, not followed.
+            Reach::Beneath => open_dir(dir.as_fd(), name, Reach::Beneath)?,
+        };
     }
     Ok(dir)
 }
 
 /// A regular file of the sandbox, open for reading, and what it was when opened.
-pub fn open_file(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<(File, FileStat)> {
-    let handle = path_handle(at, path, reach)?;
-    let st = check(&handle, Want::File)?;
+pub fn open_file(
+    at: BorrowedFd<'_>,
+    path: impl AsRef<OsStr>,
+    reach: Reach,
+) -> io::Result<(File, FileStat)> {
+    let handle = path_handle(at, path.as_ref(), reach)?;
+    let st = check(&handle, Want::File, reach)?;
     let fd = reopen(&handle, OFlag::O_RDONLY)?;
     Ok((File::from(fd), st))
 }
@@ -243,8 +265,8 @@ pub enum Existing {
     Replace,
 }
 
-/// Creates regular file `name` in `dir` (one of the sandbox's, opened by [`open_dir`]) with
-/// `mode`, open for writing.
+/// Creates regular file `name` in `dir` with `mode`, open for writing. `dir` is one of the
+/// sandbox's, opened by [`open_dir`] (which checked its filesystem).
 pub fn create_file(
     dir: BorrowedFd<'_>,
     name: &str,
@@ -254,13 +276,12 @@ pub fn create_file(
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(Errno::EINVAL.into());
     }
-    check_fs(dir)?;
     // Twice at most: a name made between the look and the create is looked at again.
     for _ in 0..2 {
-        match path_handle(dir, name, Reach::Beneath) {
+        match path_handle(dir, OsStr::new(name), Reach::Beneath) {
             Ok(handle) => match existing {
                 Existing::Truncate => {
-                    check(&handle, Want::File)?;
+                    check(&handle, Want::File, Reach::Beneath)?;
                     let fd = reopen(&handle, OFlag::O_WRONLY | OFlag::O_TRUNC)?;
                     return Ok(File::from(fd));
                 }
@@ -376,6 +397,8 @@ mod tests {
         assert_eq!((text.as_str(), st.st_size), ("hello", 5));
 
         let dir = make_dir_all(root.as_fd(), "/x/y", Reach::InRoot).unwrap();
+        make_dir_all(dir.as_fd(), "p/q", Reach::Beneath).unwrap();
+        assert!(tmp.path().join("x/y/p/q").is_dir());
         let mut out = create_file(dir.as_fd(), "b", 0o600, Existing::Truncate).unwrap();
         out.write_all(b"new").unwrap();
         assert_eq!(std::fs::read(tmp.path().join("x/y/b")).unwrap(), b"new");

@@ -141,6 +141,12 @@ pub trait Sandbox: Send {
     /// Sends `signal` to a background command's process group.
     fn signal(&mut self, pid: i32, signal: i32) -> Result<(), SandboxError>;
 
+    /// Kills every process in the sandbox but its agent — background commands, what the
+    /// steps left running, sessions' commands — and waits until they are gone, so that
+    /// nothing changes the sandbox's files any more (a turn does this before it saves its
+    /// artifacts). The sandbox stays up: files can still be read and written.
+    fn stop_processes(&mut self) -> Result<(), SandboxError>;
+
     /// Another way in, on which commands run alongside those started here and in every
     /// other session. It lives until dropped or the sandbox ends.
     fn session(&mut self) -> Result<Box<dyn Session>, SandboxError>;

@@ -1,11 +1,14 @@
 //! Files of a sandbox, moved by the host without the agent: the sandbox's root is reached
-//! through its init's `/proc/<pid>/root`, every path resolved with
-//! `openat2(RESOLVE_IN_ROOT)` so that no link inside leads out, and files made with the
-//! sandbox's ids (`setfsuid`, whose loss of capabilities also makes the host obey the
-//! sandbox's permissions). Bodies stream both ways: memory stays flat whatever the size.
+//! through its init's `/proc/<pid>/root` and every path goes through
+//! [`upstream_sandbox::hostfs`] — resolved inside the root so that no link leads out, opened
+//! as `O_PATH` first and used only if it is a regular file or directory of the sandbox's own
+//! filesystems (never its `/proc`, `/sys` or devices, never a FIFO), with the sandbox's ids
+//! (`setfsuid`, whose loss of capabilities also makes the host obey the sandbox's
+//! permissions). Bodies stream both ways: memory stays flat whatever the size.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use axum::Json;
@@ -14,14 +17,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::{IntoParams, ToSchema};
 
 use upstream_sandbox::HostRoot;
-use upstream_turn::artifacts::as_owner;
+use upstream_sandbox::hostfs::{self, Existing, Reach, as_owner, split};
 
 use crate::auth::Tenant;
 use crate::daemon::{Daemon, Live};
@@ -90,28 +91,14 @@ async fn root_of(live: &Arc<Live>) -> Result<(HostRoot, (u32, u32)), ApiError> {
     Ok((root, owner))
 }
 
-fn in_root() -> ResolveFlag {
-    ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS
-}
-
-fn open_in(root: BorrowedFd<'_>, path: &str, flags: OFlag, mode: u32) -> io::Result<OwnedFd> {
-    let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC)
-        .mode(Mode::from_bits_truncate(mode))
-        .resolve(in_root());
-    openat2(root, path, how).map_err(io::Error::from)
-}
-
-fn split(path: &str) -> (&str, &str) {
-    let trimmed = path.trim_end_matches('/');
-    match trimmed.rsplit_once('/') {
-        Some(("", name)) => ("/", name),
-        Some((parent, name)) => (parent, name),
-        None => ("/", trimmed),
-    }
-}
-
 fn file_error(path: &str, e: io::Error) -> ApiError {
+    if let Some(refused) = hostfs::refusal(&e) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_a_file",
+            format!("{path}: {refused}, with POST /v1/sandboxes/{{id}}/exec"),
+        );
+    }
     match e.raw_os_error() {
         Some(libc::ENOENT) => ApiError::new(
             StatusCode::NOT_FOUND,
@@ -129,6 +116,10 @@ fn file_error(path: &str, e: io::Error) -> ApiError {
         Some(libc::ENOTDIR) => {
             ApiError::bad_request(format!("{path}: a part of the path is not a directory"))
         }
+        Some(libc::ELOOP) => ApiError::bad_request(format!(
+            "{path} is a symbolic link (or leads through too many); files are not written \
+             through links: name the file it points to"
+        )),
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "no_space",
@@ -177,28 +168,14 @@ pub async fn upload(
         .blocking(move || {
             as_owner(owner.0, owner.1, || {
                 let (parent, name) = split(&target);
-                let dir = upstream_turn::artifacts::open_workspace(root.dir.as_fd(), parent, true)?;
-                let how = OpenHow::new()
-                    .flags(
-                        OFlag::O_WRONLY
-                            | OFlag::O_CREAT
-                            | OFlag::O_TRUNC
-                            | OFlag::O_NOFOLLOW
-                            | OFlag::O_CLOEXEC,
-                    )
-                    .mode(Mode::from_bits_truncate(0o644))
-                    .resolve(
-                        ResolveFlag::RESOLVE_BENEATH
-                            | ResolveFlag::RESOLVE_NO_SYMLINKS
-                            | ResolveFlag::RESOLVE_NO_XDEV,
-                    );
-                openat2(dir.as_fd(), name, how).map_err(io::Error::from)
+                let dir = hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot)?;
+                hostfs::create_file(dir.as_fd(), name, 0o644, Existing::Truncate)
             })
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| file_error(&path, e))?;
-    let mut file = tokio::fs::File::from_std(std::fs::File::from(file));
+    let mut file = tokio::fs::File::from_std(file);
     let mut stream = body.into_data_stream();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -221,13 +198,8 @@ pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Respo
     let (file, size) = live
         .blocking(move || {
             as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
-                let fd = open_in(root.dir.as_fd(), &target, OFlag::O_RDONLY, 0)?;
-                let file = std::fs::File::from(fd);
-                let meta = file.metadata()?;
-                if meta.is_dir() {
-                    return Err(io::Error::from_raw_os_error(libc::EISDIR));
-                }
-                Ok((file, meta.len()))
+                let (file, st) = hostfs::open_file(root.dir.as_fd(), &target, Reach::InRoot)?;
+                Ok((file, st.st_size as u64))
             })
         })
         .await
@@ -240,14 +212,14 @@ pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Respo
             .await
             .map_err(|e| file_error(&path, e))?;
     }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+    // What the file held when opened, however it grows meanwhile: the length sent is the
+    // length promised.
+    let length = size.saturating_sub(offset);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), 256 << 10);
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::CONTENT_LENGTH,
-                size.saturating_sub(offset).to_string(),
-            ),
+            (header::CONTENT_LENGTH, length.to_string()),
         ],
         Body::from_stream(stream),
     )
@@ -287,12 +259,7 @@ pub async fn list(
     let entries = live
         .blocking(move || {
             as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
-                let fd = open_in(
-                    root.dir.as_fd(),
-                    &target,
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                    0,
-                )?;
+                let fd = hostfs::open_dir(root.dir.as_fd(), &target, Reach::InRoot)?;
                 let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
                 let dir_fd = dir.as_fd().try_clone_to_owned()?;
                 let mut entries = Vec::new();
@@ -361,15 +328,8 @@ pub async fn delete(
     live.blocking(move || {
         as_owner(owner.0, owner.1, || -> io::Result<()> {
             let (parent, name) = split(&target);
-            let dir = open_in(
-                root.dir.as_fd(),
-                parent,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                0,
-            )?;
-            let name = std::ffi::CString::new(name)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            remove(dir.as_fd(), &name, recursive)
+            let dir = hostfs::open_dir(root.dir.as_fd(), parent, Reach::InRoot)?;
+            remove(dir.as_fd(), &hostfs::c_name(name)?, recursive)
         })
     })
     .await
@@ -393,14 +353,8 @@ fn remove(dir: BorrowedFd<'_>, name: &std::ffi::CStr, recursive: bool) -> io::Re
         return unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from);
     }
     if recursive {
-        let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            );
-        let sub = openat2(dir, name, how).map_err(io::Error::from)?;
+        let name = std::ffi::OsStr::from_bytes(name.to_bytes());
+        let sub = hostfs::open_dir(dir, name, Reach::Beneath)?;
         let mut listing = nix::dir::Dir::from_fd(sub.try_clone()?).map_err(io::Error::from)?;
         // Names as the directory holds them, whatever bytes they are.
         let names: Vec<std::ffi::CString> = listing

@@ -122,8 +122,14 @@ fn artifacts_bench() {
         let mut saved = None;
         save.push(timed(|| {
             let dir = open_dir(&ws);
-            let s = artifacts::save(dir.as_fd(), &patterns, store.blobs(), &Default::default())
-                .unwrap();
+            let s = artifacts::save(
+                dir.as_fd(),
+                &patterns,
+                store.blobs(),
+                &Default::default(),
+                &artifacts::never,
+            )
+            .unwrap();
             let list = s.artifacts.clone();
             store.blobs().commit(s.pending).unwrap();
             saved = Some(list);
@@ -149,14 +155,24 @@ fn artifacts_bench() {
         let mut known = None;
         restore.push(timed(|| {
             let dir = open_dir(&target);
-            known = Some(artifacts::restore(dir.as_fd(), &rows, store.blobs(), None).unwrap());
+            known = Some(
+                artifacts::restore(dir.as_fd(), &rows, store.blobs(), None, &artifacts::never)
+                    .unwrap(),
+            );
         }));
         let known = known.unwrap();
 
         let blobs_before = store.blobs().list().unwrap().len();
         again.push(timed(|| {
             let dir = open_dir(&target);
-            let s = artifacts::save(dir.as_fd(), &patterns, store.blobs(), &known).unwrap();
+            let s = artifacts::save(
+                dir.as_fd(),
+                &patterns,
+                store.blobs(),
+                &known,
+                &artifacts::never,
+            )
+            .unwrap();
             again_read += s.files_read;
             store.blobs().commit(s.pending).unwrap();
         }));

@@ -2,22 +2,68 @@
 //! workspace of the next turn of the same context.
 //!
 //! Both directions work on the sandbox's files from the host, through a directory descriptor
-//! of the workspace: every path below it is resolved with `openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`, so no name or link inside the sandbox can lead a
-//! save or a restore anywhere else. Symlinks are saved and restored as symlinks, never
-//! followed; file modes and modification times are kept.
+//! of the workspace that [`hostfs::open_dir`] checked is one of the sandbox's own
+//! filesystems: every path below it is resolved with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`, so no name, link or mount inside the sandbox can
+//! lead a save or a restore anywhere else, and every entry is opened first as `O_PATH` and
+//! used only if it is a regular file or a directory (a FIFO put in a file's place is
+//! skipped, never waited on). Symlinks are saved and restored as symlinks, never followed;
+//! file modes and modification times are kept. Both stop, between files and between
+//! chunks of a file, when the turn runs out of time or is cancelled ([`Stop`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use globset::{GlobBuilder, GlobMatcher};
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+use upstream_sandbox::hostfs::{self, Existing, Reach};
 use upstream_store::{ArtifactKind, ArtifactRow, BlobId, Blobs, NewArtifact, PendingBlob};
+
+/// Why a save or a restore stopped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    #[error("the turn's timeout ran out")]
+    TimedOut,
+    #[error("the turn was stopped")]
+    Cancelled,
+}
+
+impl Stopped {
+    /// The stop inside an error of a save or a restore, if that is what it is.
+    pub fn of(e: &io::Error) -> Option<Stopped> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Stopped>())
+            .copied()
+    }
+}
+
+impl From<Stopped> for io::Error {
+    fn from(stopped: Stopped) -> io::Error {
+        let kind = match stopped {
+            Stopped::TimedOut => io::ErrorKind::TimedOut,
+            Stopped::Cancelled => io::ErrorKind::Interrupted,
+        };
+        io::Error::new(kind, stopped)
+    }
+}
+
+/// Asked between files and between chunks: whether to stop, and why.
+pub type Stop<'a> = &'a (dyn Fn() -> Option<Stopped> + Sync);
+
+/// A [`Stop`] that never stops.
+pub fn never() -> Option<Stopped> {
+    None
+}
+
+fn checkpoint(stop: Stop<'_>) -> io::Result<()> {
+    match stop() {
+        Some(stopped) => Err(stopped.into()),
+        None => Ok(()),
+    }
+}
 
 /// The `artifacts:` patterns of a document.
 #[derive(Debug, Clone)]
@@ -108,49 +154,6 @@ fn is_below(path: &str, dir: &str) -> bool {
     path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
 }
 
-/// How paths below the workspace are resolved: never through a link, never onto another
-/// mount, never above it.
-fn beneath() -> ResolveFlag {
-    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV
-}
-
-fn open_beneath(dir: BorrowedFd<'_>, path: &str, flags: OFlag) -> io::Result<OwnedFd> {
-    let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-        .resolve(beneath());
-    openat2(dir, path, how).map_err(io::Error::from)
-}
-
-/// Opens the workspace `workdir` (absolute, inside the sandbox) under the sandbox's root
-/// directory `root`, creating it if `create`.
-pub fn open_workspace(root: BorrowedFd<'_>, workdir: &str, create: bool) -> io::Result<OwnedFd> {
-    let how = || {
-        OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
-    };
-    match openat2(root, workdir, how()) {
-        Err(nix::errno::Errno::ENOENT) if create => {
-            let mut at = String::new();
-            for component in workdir.split('/').filter(|c| !c.is_empty()) {
-                at.push('/');
-                at.push_str(component);
-                if openat2(root, at.as_str(), how()).is_err() {
-                    let (parent, name) = at.rsplit_once('/').expect("starts with /");
-                    let parent = if parent.is_empty() { "/" } else { parent };
-                    let parent = openat2(root, parent, how()).map_err(io::Error::from)?;
-                    match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
-                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            openat2(root, workdir, how()).map_err(io::Error::from)
-        }
-        other => other.map_err(io::Error::from),
-    }
-}
-
 /// A file as restored, to recognise it unchanged at the next save without reading it: the
 /// kernel moves a file's ctime on every change to it, and nothing in a sandbox can set it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,24 +182,28 @@ pub struct Saved {
     pub artifacts: Vec<NewArtifact>,
     /// New blobs to commit before the artifacts are recorded.
     pub pending: Vec<PendingBlob>,
-    /// Entries that matched but are neither files, directories nor symlinks.
-    pub skipped: Vec<String>,
+    /// Entries that matched but are neither files, directories nor symlinks, each with what
+    /// it is.
+    pub skipped: Vec<(String, String)>,
     /// Files read (the others were known unchanged).
     pub files_read: u64,
     pub bytes_read: u64,
 }
 
-/// Saves what `patterns` match under the workspace `dir`: files into blobs (not yet
-/// committed), directories and symlinks as records. Files in `known` whose inode, ctime and
-/// size are unchanged are not read again.
+/// Saves what `patterns` match under the workspace `dir` (opened by [`hostfs::open_dir`]):
+/// files into blobs (not yet committed), directories and symlinks as records. Files in
+/// `known` whose inode, ctime and size are unchanged are not read again. A file is read up
+/// to the size it had when opened.
 pub fn save(
     dir: BorrowedFd<'_>,
     patterns: &Patterns,
     blobs: &Blobs,
     known: &Known,
+    stop: Stop<'_>,
 ) -> io::Result<Saved> {
     let mut found: BTreeMap<String, FileStat> = BTreeMap::new();
     for pattern in &patterns.patterns {
+        checkpoint(stop)?;
         match pattern {
             Pattern::Literal(path) => {
                 if let Some(st) = lstat(dir, path)? {
@@ -219,6 +226,7 @@ pub fn save(
                     continue;
                 }
                 walk(dir, base, &mut |path, st, level| {
+                    checkpoint(stop)?;
                     if matcher.is_match(path) {
                         take(dir, path, st, &mut found)?;
                         return Ok(false);
@@ -266,16 +274,30 @@ pub fn save(
                 }
             }
             None => {
-                saved.skipped.push(path);
+                saved.skipped.push((path, kind_name(&st).to_string()));
                 continue;
             }
         }
         saved.artifacts.push(artifact);
     }
     // Reading and hashing are spread over the CPUs.
-    let results = parallel(reads.len(), |i| read_into_blob(dir, &reads[i].1, blobs));
-    for ((index, _), result) in reads.iter().zip(results) {
-        let pending = result?;
+    let results = parallel(reads.len(), |i| {
+        read_into_blob(dir, &reads[i].1, blobs, stop)
+    });
+    let mut gone = Vec::new();
+    for ((index, path), result) in reads.iter().zip(results) {
+        let pending = match result {
+            Ok(pending) => pending,
+            // Swapped since it was listed for something that is not a file: skipped, as
+            // it would have been had it been that when listed.
+            Err(e) if hostfs::refusal(&e).is_some() || e.raw_os_error() == Some(libc::ELOOP) => {
+                let what = hostfs::refusal(&e).map_or("a symlink".to_string(), |r| r.what.clone());
+                saved.skipped.push((path.clone(), what));
+                gone.push(*index);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let artifact = &mut saved.artifacts[*index];
         artifact.size = pending.size;
         artifact.blob = Some(pending.id.clone());
@@ -283,7 +305,20 @@ pub fn save(
         saved.bytes_read += pending.size;
         saved.pending.push(pending);
     }
+    for index in gone.into_iter().rev() {
+        saved.artifacts.remove(index);
+    }
     Ok(saved)
+}
+
+fn kind_name(st: &FileStat) -> &'static str {
+    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        _ => "not a file",
+    }
 }
 
 /// Runs `job(0..count)` on up to one thread per CPU; the results in order.
@@ -320,17 +355,24 @@ fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
         .collect()
 }
 
-fn read_into_blob(dir: BorrowedFd<'_>, path: &str, blobs: &Blobs) -> io::Result<PendingBlob> {
-    let file = File::from(open_beneath(dir, path, OFlag::O_RDONLY)?);
+fn read_into_blob(
+    dir: BorrowedFd<'_>,
+    path: &str,
+    blobs: &Blobs,
+    stop: Stop<'_>,
+) -> io::Result<PendingBlob> {
+    checkpoint(stop)?;
+    let (file, st) = hostfs::open_file(dir, path, Reach::Beneath)?;
     let mut writer = blobs.writer()?;
-    copy(file, &mut writer)?;
+    copy(file.take(st.st_size as u64), &mut writer, stop)?;
     writer.finish()
 }
 
-fn copy(mut from: File, to: &mut impl Write) -> io::Result<u64> {
+fn copy(mut from: impl Read, to: &mut impl Write, stop: Stop<'_>) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0;
     loop {
+        checkpoint(stop)?;
         let n = match from.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
@@ -381,11 +423,7 @@ fn walk(
     } else {
         path.split('/').count()
     };
-    let fd = if path.is_empty() {
-        open_beneath(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY)?
-    } else {
-        open_beneath(dir, path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?
-    };
+    let fd = hostfs::open_dir(dir, path, Reach::Beneath)?;
     let mut names = Vec::new();
     let mut listing = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
     for entry in listing.iter() {
@@ -441,8 +479,7 @@ fn split(path: &str) -> (&str, &str) {
 }
 
 fn open_parent(dir: BorrowedFd<'_>, parent: &str) -> io::Result<OwnedFd> {
-    let parent = if parent.is_empty() { "." } else { parent };
-    open_beneath(dir, parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+    hostfs::open_dir(dir, parent, Reach::Beneath)
 }
 
 /// Why a restore failed.
@@ -454,18 +491,20 @@ pub enum RestoreError {
     Io { path: String, source: io::Error },
 }
 
-/// Restores `artifacts` under the workspace `dir`: files from their blobs (each checked
-/// against its hash; a damaged one fails the restore), directories, symlinks, modes and
-/// modification times. What is created is made as `owner` (uid, gid; see [`as_owner`]).
-/// Returns the restored files, to recognise them at the next save.
+/// Restores `artifacts` under the workspace `dir` (opened by [`hostfs::open_dir`]): files
+/// from their blobs (each checked against its hash; a damaged one fails the restore),
+/// directories, symlinks, modes and modification times. What is created is made as `owner`
+/// (uid, gid; see [`hostfs::as_owner`]). Returns the restored files, to recognise them at
+/// the next save.
 pub fn restore(
     dir: BorrowedFd<'_>,
     artifacts: &[ArtifactRow],
     blobs: &Blobs,
     owner: Option<(u32, u32)>,
+    stop: Stop<'_>,
 ) -> Result<Known, RestoreError> {
     let as_owner_do = |f: &mut dyn FnMut() -> Result<(), RestoreError>| match owner {
-        Some((uid, gid)) => as_owner(uid, gid, f),
+        Some((uid, gid)) => hostfs::as_owner(uid, gid, f),
         None => f(),
     };
     let fail = |a: &ArtifactRow, source: io::Error| RestoreError::Io {
@@ -477,8 +516,10 @@ pub fn restore(
     let mut dirs = Vec::new();
     as_owner_do(&mut || {
         for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Dir) {
+            checkpoint(stop).map_err(|e| fail(a, e))?;
             let (parent, name) = split(&a.path);
-            let parent = make_parents(dir, parent).map_err(|e| fail(a, e))?;
+            let parent =
+                hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(|e| fail(a, e))?;
             match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
                 Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
                 Err(e) => return Err(fail(a, e.into())),
@@ -497,7 +538,11 @@ pub fn restore(
         let blob = blobs.fetch(files[i].blob.as_ref().expect("files have blobs"))?;
         let mut result = None;
         let _ = as_owner_do(&mut || {
-            result = Some(restore_file(dir, files[i], &blob));
+            result = Some(
+                checkpoint(stop)
+                    .map_err(|e| fail(files[i], e))
+                    .and_then(|()| restore_file(dir, files[i], &blob)),
+            );
             Ok(())
         });
         result.expect("ran")
@@ -512,25 +557,20 @@ pub fn restore(
     as_owner_do(&mut || {
         for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Symlink) {
             let (parent, name) = split(&a.path);
-            let parent = make_parents(dir, parent).map_err(|e| fail(a, e))?;
+            let parent =
+                hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(|e| fail(a, e))?;
             remove_entry(&parent, name).map_err(|e| fail(a, e))?;
             let target = a.target.as_deref().unwrap_or("");
             nix::unistd::symlinkat(target, &parent, name).map_err(|e| fail(a, e.into()))?;
-            set_mtime(&parent, name, a.mtime_ns, true).map_err(|e| fail(a, e))?;
+            set_link_mtime(&parent, name, a.mtime_ns).map_err(|e| fail(a, e))?;
         }
         for a in dirs.iter().rev() {
-            let (parent, name) = split(&a.path);
-            let parent = open_parent(dir, parent).map_err(|e| fail(a, e))?;
-            // Restores run before any step: nothing in the sandbox can have swapped the
-            // directory for a link.
-            nix::sys::stat::fchmodat(
-                &parent,
-                name,
-                Mode::from_bits_truncate(a.mode),
-                nix::sys::stat::FchmodatFlags::FollowSymlink,
-            )
-            .map_err(|e| fail(a, e.into()))?;
-            set_mtime(&parent, name, a.mtime_ns, true).map_err(|e| fail(a, e))?;
+            // The directory itself, opened without following a link, so a mode set can only
+            // land on it.
+            let made = open_parent(dir, &a.path).map_err(|e| fail(a, e))?;
+            nix::sys::stat::fchmod(&made, Mode::from_bits_truncate(a.mode))
+                .map_err(|e| fail(a, e.into()))?;
+            set_file_mtime(&made, a.mtime_ns).map_err(|e| fail(a, e))?;
         }
         Ok(())
     })?;
@@ -554,16 +594,9 @@ fn restore_file(
         source,
     };
     let (parent, name) = split(&a.path);
-    let parent = make_parents(dir, parent).map_err(fail)?;
-    remove_entry(&parent, name).map_err(fail)?;
-    let how = OpenHow::new()
-        .flags(
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        )
-        .mode(Mode::from_bits_truncate(0o600))
-        .resolve(beneath());
-    let fd = openat2(&parent, name, how).map_err(|e| fail(e.into()))?;
-    let mut file = File::from(fd);
+    let parent = hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(fail)?;
+    let mut file =
+        hostfs::create_file(parent.as_fd(), name, 0o600, Existing::Replace).map_err(fail)?;
     // Mapped and checked before a byte is written, so a damaged blob leaves nothing; one
     // too big for the arena is streamed and checked at its end (the turn then fails).
     let mapped = ARENA.with_borrow_mut(|arena| -> Result<bool, RestoreError> {
@@ -583,7 +616,7 @@ fn restore_file(
         })?;
     }
     nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode)).map_err(|e| fail(e.into()))?;
-    set_mtime(&parent, name, a.mtime_ns, false).map_err(fail)?;
+    set_file_mtime(&file, a.mtime_ns).map_err(fail)?;
     let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
     Ok(KnownFile {
         ino: st.st_ino,
@@ -591,22 +624,6 @@ fn restore_file(
         size: st.st_size as u64,
         blob: blob.id().clone(),
     })
-}
-
-/// Opens directory `path` below `dir`, making any part of it that is missing.
-fn make_parents(dir: BorrowedFd<'_>, path: &str) -> io::Result<OwnedFd> {
-    match open_parent(dir, path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let (up, name) = split(path);
-            let up = make_parents(dir, up)?;
-            match nix::sys::stat::mkdirat(&up, name, Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(e.into()),
-            }
-            open_parent(dir, path)
-        }
-        other => other,
-    }
 }
 
 /// Removes a file or link at `name` (what the image had there) before restoring over it.
@@ -617,34 +634,31 @@ fn remove_entry(parent: &OwnedFd, name: &str) -> io::Result<()> {
     }
 }
 
-fn set_mtime(parent: &OwnedFd, name: &str, mtime_ns: i64, no_follow: bool) -> io::Result<()> {
-    use nix::sys::time::TimeSpec;
-    let mtime = TimeSpec::new(
+fn timespec(mtime_ns: i64) -> nix::sys::time::TimeSpec {
+    nix::sys::time::TimeSpec::new(
         mtime_ns.div_euclid(1_000_000_000),
         mtime_ns.rem_euclid(1_000_000_000),
-    );
-    let flag = if no_follow {
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink
-    } else {
-        nix::sys::stat::UtimensatFlags::FollowSymlink
-    };
-    nix::sys::stat::utimensat(parent, name, &TimeSpec::UTIME_OMIT, &mtime, flag)
-        .map_err(io::Error::from)
+    )
 }
 
-/// Runs `f` with the calling thread's filesystem ids set to `uid` and `gid` (what files it
-/// creates are owned by), and puts them back after.
-pub fn as_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
-    // SAFETY: setfsuid and setfsgid change only the calling thread's filesystem ids, which
-    // are put back below; they touch no memory.
-    let (old_uid, old_gid) = unsafe { (libc::setfsuid(uid), libc::setfsgid(gid)) };
-    let result = f();
-    // SAFETY: as above.
-    unsafe {
-        libc::setfsgid(old_gid as u32);
-        libc::setfsuid(old_uid as u32);
-    }
-    result
+/// Sets the modification time of link `name` in `parent`, never following it.
+fn set_link_mtime(parent: &OwnedFd, name: &str, mtime_ns: i64) -> io::Result<()> {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        parent,
+        name,
+        &TimeSpec::UTIME_OMIT,
+        &timespec(mtime_ns),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sets the modification time of what `fd` holds open.
+fn set_file_mtime(fd: &impl AsFd, mtime_ns: i64) -> io::Result<()> {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::futimens(fd, &TimeSpec::UTIME_OMIT, &timespec(mtime_ns))
+        .map_err(io::Error::from)
 }
 
 #[cfg(test)]

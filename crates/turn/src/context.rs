@@ -8,12 +8,13 @@ use std::os::fd::AsFd;
 use serde::Serialize;
 use upstream_doc::FrontMatter;
 use upstream_sandbox::HostRoot;
+use upstream_sandbox::hostfs::{self, Existing, Reach};
 use upstream_store::{
     ArtifactKind, ArtifactRow, Blobs, NewArtifact, OutputRow, Store, StoreError, TurnDetail,
     TurnState,
 };
 
-use crate::artifacts::{self, Known, Patterns};
+use crate::artifacts::{self, Known, Patterns, Stop};
 use crate::{ContextLoaded, ContextSaved, TurnError, context_variable};
 
 /// Where a sandbox finds its context's history.
@@ -149,6 +150,7 @@ impl Context {
         workdir: &str,
         restore: bool,
         user: Option<(u32, u32)>,
+        stop: Stop<'_>,
     ) -> Result<Known, TurnError> {
         let history = serde_json::to_vec_pretty(&self.history).unwrap_or_default();
         let fail = |path: &str, e: io::Error| {
@@ -157,14 +159,14 @@ impl Context {
                 source: e,
             })
         };
-        let workspace = artifacts::as_owner(root.uid, root.gid, || {
-            let context_dir = artifacts::open_workspace(root.dir.as_fd(), "/context", true)
+        let workspace = hostfs::as_owner(root.uid, root.gid, || {
+            let context_dir = hostfs::make_dir_all(root.dir.as_fd(), "/context", Reach::InRoot)
                 .map_err(|e| fail("/context", e))?;
             write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
             if self.artifacts.is_empty() || !restore {
                 return Ok(None);
             }
-            artifacts::open_workspace(root.dir.as_fd(), workdir, true)
+            hostfs::make_dir_all(root.dir.as_fd(), workdir, Reach::InRoot)
                 .map(Some)
                 .map_err(|e| fail(workdir, e))
         })?;
@@ -192,6 +194,7 @@ impl Context {
             &self.artifacts,
             &self.blobs,
             Some(owner),
+            stop,
         )?)
     }
 
@@ -203,19 +206,20 @@ impl Context {
         workdir: &str,
         blobs: &Blobs,
         known: &Known,
-    ) -> io::Result<Option<(Vec<NewArtifact>, ContextSaved)>> {
+        stop: Stop<'_>,
+    ) -> io::Result<Option<Saved>> {
         let patterns = Patterns::new(&fm.artifacts)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if patterns.is_empty() {
             return Ok(None);
         }
-        let workspace = match artifacts::open_workspace(root.dir.as_fd(), workdir, false) {
+        let workspace = match hostfs::open_dir(root.dir.as_fd(), workdir, Reach::InRoot) {
             Ok(w) => Some(w),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{workdir}: {e}"))),
         };
         let saved = match &workspace {
-            Some(w) => artifacts::save(w.as_fd(), &patterns, blobs, known)?,
+            Some(w) => artifacts::save(w.as_fd(), &patterns, blobs, known, stop)?,
             None => artifacts::Saved::default(),
         };
         let mut list = saved.artifacts;
@@ -246,21 +250,23 @@ impl Context {
         };
         list.extend(deleted);
         blobs.commit(saved.pending)?;
-        Ok(Some((list, summary)))
+        Ok(Some(Saved {
+            artifacts: list,
+            summary,
+            skipped: saved.skipped,
+        }))
     }
+}
+
+/// What a save recorded, and what it passed over.
+pub(crate) struct Saved {
+    pub(crate) artifacts: Vec<NewArtifact>,
+    pub(crate) summary: ContextSaved,
+    /// Entries the patterns matched that are not files, directories or links, with what each is.
+    pub(crate) skipped: Vec<(String, String)>,
 }
 
 /// Writes a new file `name` in `dir` (replacing what is there).
 fn write_new(dir: &std::os::fd::OwnedFd, name: &str, data: &[u8]) -> io::Result<()> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-    use nix::sys::stat::Mode;
-    let _ = nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
-    let how = OpenHow::new()
-        .flags(
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        )
-        .mode(Mode::from_bits_truncate(0o644))
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    let fd = openat2(dir, name, how).map_err(io::Error::from)?;
-    std::fs::File::from(fd).write_all(data)
+    hostfs::create_file(dir.as_fd(), name, 0o644, Existing::Replace)?.write_all(data)
 }

@@ -649,11 +649,31 @@ fn run_in_sandbox(
         }
         user => user,
     };
+    // Every phase of the turn ends with its timeout or when it is cancelled: the steps by
+    // their timeouts, the restore and the save by asking this between files and chunks.
+    let deadline = fm.timeout.and_then(|t| started.checked_add(t));
+    let stop = || {
+        if cancel.is_cancelled() {
+            Some(artifacts::Stopped::Cancelled)
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(artifacts::Stopped::TimedOut)
+        } else {
+            None
+        }
+    };
     // A resumed turn's workspace is the one kept, artifacts and all.
     let known = {
         let root = sandbox.host_root()?;
         let owner = user.as_ref().map(|u| (u.uid, u.gid));
-        context.prepare(root, &workdir, resume.is_none(), owner)?
+        match context.prepare(root, &workdir, resume.is_none(), owner, &stop) {
+            Err(TurnError::Restore(artifacts::RestoreError::Io { source, .. }))
+                if artifacts::Stopped::of(&source) == Some(artifacts::Stopped::Cancelled) =>
+            {
+                cancel.watch(None);
+                return Err(SandboxError::Interrupted.into());
+            }
+            other => other?,
+        }
     };
     if let Some(r) = resume {
         observer.event(Event::Resuming {
@@ -691,7 +711,7 @@ fn run_in_sandbox(
         secrets,
         turn_id: id,
         turn_number: turn.number,
-        deadline: fm.timeout.map(|t| started + t),
+        deadline,
         context_env: context.env(),
         image_env: image_env.to_vec(),
         workdir: workdir.clone(),
@@ -770,13 +790,45 @@ fn run_in_sandbox(
     } else {
         TurnStatus::Passed
     };
+    let mut status = status;
     let saved = if interrupted {
         None
     } else {
+        // What is saved is what the steps left: nothing they started in the background
+        // changes it (or swaps a file for a FIFO) while it is read.
+        sandbox.stop_processes()?;
         let root = sandbox.host_root()?;
-        context
-            .save(root, fm, &workdir, turn.store.blobs(), &known)
-            .map_err(TurnError::SaveArtifacts)?
+        match context.save(root, fm, &workdir, turn.store.blobs(), &known, &stop) {
+            Ok(Some(context::Saved {
+                artifacts,
+                summary,
+                skipped,
+            })) => {
+                for (path, what) in skipped {
+                    observer.event(Event::Warning(&format!(
+                        "artifact {path} was not saved: it is {what}"
+                    )));
+                }
+                Some((artifacts, summary))
+            }
+            Ok(None) => None,
+            Err(e) => match artifacts::Stopped::of(&e) {
+                Some(artifacts::Stopped::Cancelled) => {
+                    status = TurnStatus::Interrupted;
+                    None
+                }
+                Some(artifacts::Stopped::TimedOut) => {
+                    observer.event(Event::Warning(&format!(
+                        "the turn's timeout ({}) ran out while its artifacts were saved; none \
+                         were saved",
+                        upstream_doc::format_duration(fm.timeout.unwrap_or_default())
+                    )));
+                    status = TurnStatus::Failed;
+                    None
+                }
+                None => return Err(TurnError::SaveArtifacts(e)),
+            },
+        }
     };
     // A turn that did not pass keeps its workspace as the steps before the one that stopped
     // it left it, for `--resume`.
