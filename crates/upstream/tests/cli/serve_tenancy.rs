@@ -76,7 +76,10 @@ fn a_tenant_that_pins_its_share_of_threads_holds_up_only_itself() {
     let alice_key = daemon.key("a", "alice");
     let alice = daemon.client(&alice_key);
     let bob = daemon.client(&daemon.key("b", "bob"));
-    let pinned = id(&alice.create(json!({})));
+    // Room for more processes than the daemon has threads, over three sandboxes: without
+    // a share, alice's commands alone would hold every blocking thread.
+    let roomy = json!({ "limits": { "pids": 4096 } });
+    let pinned: Vec<String> = (0..3).map(|_| id(&alice.create(roomy.clone()))).collect();
     let other = id(&alice.create(json!({})));
     let theirs = id(&bob.create(json!({})));
 
@@ -84,13 +87,9 @@ fn a_tenant_that_pins_its_share_of_threads_holds_up_only_itself() {
     let marker = "3599.25";
     let body = json!({ "cmd": ["sleep", marker] }).to_string();
     let flood: Vec<_> = (0..1100)
-        .map(|_| {
-            send_and_leave(
-                &daemon,
-                &alice_key,
-                &format!("/v1/sandboxes/{pinned}/exec"),
-                &body,
-            )
+        .map(|i| {
+            let path = format!("/v1/sandboxes/{}/exec", pinned[i % 3]);
+            send_and_leave(&daemon, &alice_key, &path, &body)
         })
         .collect();
     assert!(
@@ -153,8 +152,10 @@ fn a_tenant_that_pins_its_share_of_threads_holds_up_only_itself() {
         "alice's command past her share ran: {waiting:?}"
     );
 
-    // Deleting the pinned sandbox ends her commands and frees her share.
-    assert_eq!(alice.delete(&format!("/v1/sandboxes/{pinned}")), 204);
+    // Deleting the pinned sandboxes ends her commands and frees her share.
+    for sandbox in &pinned {
+        assert_eq!(alice.delete(&format!("/v1/sandboxes/{sandbox}")), 204);
+    }
     assert!(crate::util::wait_for_processes(marker, 0, 20));
     drop(flood);
     let started = Instant::now();
