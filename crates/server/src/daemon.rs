@@ -636,22 +636,7 @@ impl Daemon {
         }
         let images = &self.config.images;
         let pulled = upstream_image::pull(&reference, &images.cache, &images.pull, &mut Quiet)
-            .map_err(|e| {
-                let status = match e {
-                    upstream_image::PullError::Refused { .. } => axum::http::StatusCode::FORBIDDEN,
-                    // The daemon's own cache failed: its paths are for the log.
-                    upstream_image::PullError::Io { .. }
-                    | upstream_image::PullError::Unpack { .. } => {
-                        return ApiError::internal(format!("image `{}`: {e}", shape.image));
-                    }
-                    _ => axum::http::StatusCode::BAD_GATEWAY,
-                };
-                ApiError::new(
-                    status,
-                    "image",
-                    format!("cannot pull image `{}`: {e}", shape.image),
-                )
-            })?;
+            .map_err(|e| pull_error(&shape.image, e))?;
         let user = pulled
             .config
             .user(&pulled.rootfs)
@@ -1046,6 +1031,20 @@ pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The answer for an image a tenant named that could not be pulled: refused by the daemon's
+/// registry policy (403), the registry's failure (502), or the daemon's own cache (500, its
+/// paths only in the log).
+pub(crate) fn pull_error(image: &str, e: upstream_image::PullError) -> ApiError {
+    let status = match e {
+        upstream_image::PullError::Refused { .. } => axum::http::StatusCode::FORBIDDEN,
+        upstream_image::PullError::Io { .. } | upstream_image::PullError::Unpack { .. } => {
+            return ApiError::internal(format!("image `{image}`: {e}"));
+        }
+        _ => axum::http::StatusCode::BAD_GATEWAY,
+    };
+    ApiError::new(status, "image", format!("cannot pull image `{image}`: {e}"))
 }
 
 #[cfg(test)]

@@ -243,6 +243,7 @@ pub async fn run_turn(
                     format!("cannot run image `{image}`: {reason}"),
                 )
             }
+            TurnError::Pull { image, source } => crate::daemon::pull_error(&image, source),
             TurnError::Sandbox(e) => ApiError::from(e),
             e => ApiError::internal(e),
         })?;

@@ -49,6 +49,13 @@ pub enum TurnError {
     /// The sandbox could not be made or failed outside any step.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The document's image could not be pulled (or the pull was refused: which registries
+    /// are allowed is the caller's policy).
+    #[error("cannot run image `{image}`: {source}")]
+    Pull {
+        image: String,
+        source: upstream_image::PullError,
+    },
     /// The context store could not be opened or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -371,7 +378,10 @@ pub fn run(
             &source.pull,
             &mut PullEvents(observer),
         )
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|source| TurnError::Pull {
+            image: reference.clone(),
+            source,
+        })?;
         observer.event(Event::Image {
             reference,
             pulled: Some(&pulled),

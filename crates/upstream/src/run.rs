@@ -104,6 +104,12 @@ fn run_one(
                 return exit::INTERRUPTED;
             }
             Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
+            Err(TurnError::Pull { image, source }) => {
+                return sandbox_failed(&SandboxError::Image {
+                    image,
+                    reason: source.to_string(),
+                });
+            }
             Err(TurnError::Resume(why)) => {
                 eprintln!("error: {why}");
                 return exit::BAD_INPUT;

@@ -309,7 +309,7 @@ fn a_daemon_pulls_a_tenants_image_only_from_public_registries_and_those_it_is_to
         internal.host()
     );
     let (status, body) = api.post("/v1/turns", json!({ "document": document }));
-    assert_ne!(status, 200, "{body}");
+    assert_eq!(status, 403, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("not public"), "{body}");
     assert_eq!(
