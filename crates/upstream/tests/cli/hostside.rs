@@ -220,7 +220,7 @@ fn artifacts_are_never_read_from_the_hosts_kernel() {
     // Control: the same bytes, written by a step into the workspace, are found in the store.
     let doc = env.write(
         "ok.md",
-        &format!("---\nartifacts: [id.txt]\n---\n\n```bash\necho {boot} > id.txt\n```\n"),
+        format!("---\nartifacts: [id.txt]\n---\n\n```bash\necho {boot} > id.txt\n```\n"),
     );
     let out = env.upstream(&["run", doc.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
