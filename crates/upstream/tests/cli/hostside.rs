@@ -304,3 +304,46 @@ fn walk_sizes(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+#[test]
+fn ctrl_c_stops_a_turn_in_its_artifact_save() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let doc = env.write(
+        "big.md",
+        "---\nartifacts: [big]\ntimeout: 10m\n---\n\n```bash\ntruncate -s 64G big\n```\n",
+    );
+    let before = std::fs::read(&doc).unwrap();
+    let mut child = env
+        .command()
+        .args(["run", doc.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The step ends at once; the save of 64 GiB would take minutes.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("upstream went on for 15 s after the first Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("Interrupted"), "{err}");
+    assert_eq!(std::fs::read(&doc).unwrap(), before, "the document changed");
+    assert!(
+        walk_sizes(&env.path(".upstream/tmp")) < 1 << 20,
+        "a half-saved blob was left"
+    );
+}
