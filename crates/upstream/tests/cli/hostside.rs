@@ -347,3 +347,46 @@ fn ctrl_c_stops_a_turn_in_its_artifact_save() {
         "a half-saved blob was left"
     );
 }
+
+#[test]
+fn a_client_that_goes_away_stops_a_turn_in_its_save_and_the_daemon_stops_at_once() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let doc = "---\nartifacts: [big]\n---\n\n```bash\ntruncate -s 64G big; echo made\n```\n";
+    let response = api
+        .request(reqwest::Method::POST, "/v1/turns")
+        .header("Accept", "application/x-ndjson")
+        .json(&json!({ "document": doc }))
+        .send()
+        .unwrap();
+    let mut events = std::io::BufRead::lines(std::io::BufReader::new(response))
+        .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap());
+    assert!(
+        events.by_ref().any(|e| e["event"] == "step_finished"),
+        "the step ran"
+    );
+    // The save has begun (its sandbox is there); the client goes.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(daemon.sandbox_dirs(), 1);
+    drop(events);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.sandbox_dirs() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the turn's sandbox is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, turns) = api.get("/v1/turns");
+    let last = turns["turns"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["status"], "interrupted", "{turns}");
+    let started = Instant::now();
+    assert!(daemon.stop().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

@@ -104,7 +104,7 @@ impl Daemon {
         }
     }
 
-    fn stop(mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(mut self) -> std::process::ExitStatus {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -115,7 +115,7 @@ impl Daemon {
         status
     }
 
-    fn sandbox_dirs(&self) -> usize {
+    pub(crate) fn sandbox_dirs(&self) -> usize {
         std::fs::read_dir(self.runtime.join("sandboxes")).map_or(0, |d| d.count())
     }
 }
