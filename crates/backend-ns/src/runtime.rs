@@ -1,7 +1,8 @@
 //! The runtime directory: where sandbox directories, the pool, the skeleton and kept layers
 //! live. It must be a directory no other local user can take, plant things in or read.
 //!
-//! `$UPSTREAM_RUNTIME_DIR` when set; else `/run/upstream` as root; else
+//! `$UPSTREAM_RUNTIME_DIR` when set; else `/var/lib/upstream` as root (on disk: sandboxes'
+//! writable layers and workspaces live here, and `/run` is a small tmpfs on most hosts); else
 //! `$XDG_RUNTIME_DIR/upstream` when `$XDG_RUNTIME_DIR` is a private directory of the user's (as
 //! the login manager makes it); else `<tmp>/upstream-<uid>`, a name any local user could make
 //! first in a shared temporary directory. Whichever it is, it is opened without following a
@@ -85,7 +86,7 @@ pub fn locate(
         };
     }
     let path = if uid == 0 {
-        PathBuf::from("/run/upstream")
+        PathBuf::from("/var/lib/upstream")
     } else if let Some(xdg) = xdg {
         xdg.join("upstream")
     } else {
@@ -267,7 +268,7 @@ mod tests {
         assert!(locate(0, over, None, tmp).make_parents);
         assert_eq!(
             locate(0, None, xdg.clone(), tmp).path,
-            Path::new("/run/upstream")
+            Path::new("/var/lib/upstream")
         );
         assert_eq!(
             locate(1000, None, xdg, tmp).path,

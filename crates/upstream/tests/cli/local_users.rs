@@ -151,7 +151,7 @@ fn as_root_the_runtime_dir_is_one_no_user_can_make() {
         0,
         "the user's directory is unused"
     );
-    assert_private_of(Path::new("/run/upstream"), 0);
+    assert_private_of(Path::new("/var/lib/upstream"), 0);
     // UPSTREAM_RUNTIME_DIR gets the same checks.
     let out = run(Some(&old));
     let err = stderr(&out);
