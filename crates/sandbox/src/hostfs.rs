@@ -127,7 +127,8 @@ pub fn check_fs(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-fn kind_name(st: &FileStat) -> &'static str {
+/// What kind of entry `st` is, in words: `a FIFO`, `a socket`, `a directory`, …
+pub fn kind_name(st: &FileStat) -> &'static str {
     match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
         SFlag::S_IFIFO => "a FIFO",
         SFlag::S_IFSOCK => "a socket",

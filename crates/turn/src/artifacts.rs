@@ -274,7 +274,7 @@ pub fn save(
                 }
             }
             None => {
-                saved.skipped.push((path, kind_name(&st).to_string()));
+                saved.skipped.push((path, hostfs::kind_name(&st).to_string()));
                 continue;
             }
         }
@@ -309,16 +309,6 @@ pub fn save(
         saved.artifacts.remove(index);
     }
     Ok(saved)
-}
-
-fn kind_name(st: &FileStat) -> &'static str {
-    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
-        SFlag::S_IFIFO => "a FIFO",
-        SFlag::S_IFSOCK => "a socket",
-        SFlag::S_IFCHR => "a character device",
-        SFlag::S_IFBLK => "a block device",
-        _ => "not a file",
-    }
 }
 
 /// Runs `job(0..count)` on up to one thread per CPU; the results in order.
