@@ -274,7 +274,9 @@ pub fn save(
                 }
             }
             None => {
-                saved.skipped.push((path, hostfs::kind_name(&st).to_string()));
+                saved
+                    .skipped
+                    .push((path, hostfs::kind_name(&st).to_string()));
                 continue;
             }
         }
