@@ -15,6 +15,7 @@ mod hostside;
 mod image;
 mod isolation;
 mod local_users;
+mod redteam;
 mod run;
 mod serve;
 mod serve_fuzz;
