@@ -22,7 +22,7 @@ mod setup;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Uid};
 use upstream_agent::protocol::{read_frame, write_frame};
+use upstream_sandbox::hostfs;
 use upstream_sandbox::{
     AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, HostRoot, Image,
     Interrupter, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session, Stream,
@@ -80,7 +81,7 @@ impl NamespaceBackend {
             let temp = runtime_dir.join(format!("{SKELETON_DIR}.tmp-{}", std::process::id()));
             let made = mounts::make_skeleton(&temp).and_then(|()| fs::rename(&temp, &skeleton));
             if made.is_err() {
-                let _ = fs::remove_dir_all(&temp);
+                let _ = hostfs::remove_all(&temp);
                 // Another upstream may have made it meanwhile; only its absence is an error.
                 if !skeleton.is_dir() {
                     return Err(SandboxError::setup(
@@ -521,15 +522,7 @@ impl SandboxDir {
             return Ok(());
         }
         let work = self.path.join("work/work");
-        let remove = || match fs::remove_dir_all(&work) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            done => done,
-        };
-        if remove().is_ok() {
-            return Ok(());
-        }
-        make_removable(&work);
-        if remove().is_ok() {
+        if hostfs::remove_all(&work).is_ok() {
             return Ok(());
         }
         let _ = self.remove();
@@ -560,17 +553,10 @@ impl SandboxDir {
         self.remove()
     }
 
+    /// Removes the directory, without recursion however deep a sandbox nested what it left
+    /// and opening up directories it made unreadable (overlayfs's work directory is one).
     fn remove(&self) -> io::Result<()> {
-        match fs::remove_dir_all(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(_) => {
-                // A sandbox can leave directories it made unreadable (overlayfs's work
-                // directory is one); open them up and try again.
-                make_removable(&self.path);
-                fs::remove_dir_all(&self.path)
-            }
-        }
+        hostfs::remove_all(&self.path)
     }
 }
 
@@ -580,24 +566,7 @@ pub fn discard_kept_dir(kept: &Path) {
     if kept.parent().and_then(Path::file_name) != Some(std::ffi::OsStr::new("kept")) {
         return;
     }
-    if fs::remove_dir_all(kept).is_err() {
-        make_removable(kept);
-        let _ = fs::remove_dir_all(kept);
-    }
-}
-
-pub(crate) fn make_removable(path: &Path) {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return;
-    };
-    if meta.is_dir() {
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
-        if let Ok(entries) = fs::read_dir(path) {
-            for entry in entries.flatten() {
-                make_removable(&entry.path());
-            }
-        }
-    }
+    let _ = hostfs::remove_all(kept);
 }
 
 #[derive(Debug)]
@@ -904,7 +873,10 @@ impl Sandbox for NamespaceSandbox {
                 nix::unistd::Gid::effective().as_raw(),
             ),
         };
-        Ok(HostRoot { dir, uid, gid })
+        let table = format!("/proc/{pid1}/mountinfo");
+        let own = hostfs::OwnMounts::read(Path::new(&table))
+            .map_err(|e| fail(format!("{table}: {e}")))?;
+        Ok(HostRoot { dir, uid, gid, own })
     }
 
     fn interrupter(&self) -> Arc<dyn Interrupter> {

@@ -170,12 +170,19 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         }
     }
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // With a memory limit, each tmpfs holds at most three quarters of it, like the in-memory
+    // layer: what the host writes there for the sandbox (an upload) is charged to the host,
+    // not to the sandbox's memory, so the mount's size is what bounds it.
+    let size = config
+        .memory
+        .map(|m| format!(",size={}", m / 4 * 3))
+        .unwrap_or_default();
     do_mount(
         Some("tmpfs"),
         "root/tmp",
         Some("tmpfs"),
         nosuid_nodev,
-        Some("mode=1777"),
+        Some(&format!("mode=1777{size}")),
     )?;
     // The skeleton holds the identity files of a sandbox with the default name: bind them
     // before /run gets its tmpfs, which then hides them.
@@ -189,9 +196,9 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         "root/run",
         Some("tmpfs"),
         nosuid_nodev,
-        Some("mode=755"),
+        Some(&format!("mode=755{size}")),
     )?;
-    build_dev(config.layers.is_empty())?;
+    build_dev(config.layers.is_empty(), &size)?;
     do_mount(
         Some("proc"),
         "root/proc",
@@ -329,7 +336,7 @@ const DEV_LINKS: &[(&str, &str)] = &[
 /// /dev: the host's harmless devices bound in, its own ptys and shared memory. In the host
 /// image's skeleton the mount points and links already exist (`prepared`); an image gets a
 /// fresh tmpfs with them.
-fn build_dev(prepared: bool) -> Result<(), MountError> {
+fn build_dev(prepared: bool, shm_size: &str) -> Result<(), MountError> {
     if !prepared {
         do_mount(
             Some("tmpfs"),
@@ -362,7 +369,7 @@ fn build_dev(prepared: bool) -> Result<(), MountError> {
         "root/dev/shm",
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
+        Some(&format!("mode=1777{shm_size}")),
     )?;
     Ok(())
 }

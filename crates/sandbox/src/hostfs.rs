@@ -34,20 +34,92 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 use nix::sys::statfs::{FsType, fstatfs};
 
+/// The sandbox's own filesystems, by mount: what a path resolved from its root may land on.
+/// They are the overlay and tmpfs mounts of the sandbox's mount table whose superblocks the
+/// host's mount table does not have — so a directory of the host bound in is never one of
+/// them, even where the host's `/etc` is itself an overlay (upstream in a container).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnMounts {
+    ids: Vec<u64>,
+}
+
+impl OwnMounts {
+    /// Reads the sandbox's mount table at `sandbox` (`/proc/<pid>/mountinfo` of a process in
+    /// it) and the host's (this process's).
+    pub fn read(sandbox: &std::path::Path) -> io::Result<OwnMounts> {
+        let sandbox = std::fs::read_to_string(sandbox)?;
+        let host = std::fs::read_to_string("/proc/self/mountinfo")?;
+        Ok(OwnMounts::from_tables(&sandbox, &host))
+    }
+
+    /// The mounts of `sandbox` (a mountinfo table) that are overlay or tmpfs and whose
+    /// device no mount of `host` has.
+    pub fn from_tables(sandbox: &str, host: &str) -> OwnMounts {
+        // id, device, filesystem type of each line.
+        fn rows(table: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+            table.lines().filter_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                let mut fields = mount.split(' ');
+                let id = fields.next()?.parse().ok()?;
+                let device = fields.nth(1)?;
+                Some((id, device, fs.split(' ').next()?))
+            })
+        }
+        let host: std::collections::HashSet<&str> = rows(host).map(|(_, dev, _)| dev).collect();
+        let ids = rows(sandbox)
+            .filter(|(_, dev, fs)| matches!(*fs, "overlay" | "tmpfs") && !host.contains(dev))
+            .map(|(id, _, _)| id)
+            .collect();
+        OwnMounts { ids }
+    }
+
+    fn holds(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        Ok(self.ids.contains(&mount_id(fd)?))
+    }
+}
+
+/// The id of the mount `fd` is on.
+fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: an all-zero statx is a valid value of the plain C struct.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the call's length, the path is an empty C string and `st`
+    // is writable memory of the size statx writes.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kernel does not say which mount a file is on (statx STATX_MNT_ID, Linux 5.8)",
+        ));
+    }
+    Ok(st.stx_mnt_id)
+}
+
 /// How a path is resolved from the directory it starts at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reach {
+pub enum Reach<'a> {
     /// From the sandbox's root: absolute paths and links (the last name's too) lead back
-    /// inside it, and it may cross into the sandbox's other mounts (`/tmp`, the workspace).
-    InRoot,
+    /// inside it, and it may cross into the sandbox's other mounts (`/tmp`, the workspace),
+    /// which must be among its own.
+    InRoot(&'a OwnMounts),
     /// Below a directory already opened: no link at all, no other mount, nothing above it.
     Beneath,
 }
 
-impl Reach {
+impl Reach<'_> {
     fn flags(self) -> ResolveFlag {
         match self {
-            Reach::InRoot => ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            Reach::InRoot(_) => ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS,
             Reach::Beneath => {
                 ResolveFlag::RESOLVE_BENEATH
                     | ResolveFlag::RESOLVE_NO_SYMLINKS
@@ -62,13 +134,32 @@ impl Reach {
 pub struct Refused {
     /// What the entry is: `a FIFO`, `on procfs`, …
     pub what: String,
+    /// The path it was reached by, when the refusal names it.
+    pub at: Option<String>,
+}
+
+impl Refused {
+    /// The same refusal, naming the path the entry was reached by.
+    pub fn at(&self, path: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            Refused {
+                what: self.what.clone(),
+                at: Some(path.to_string()),
+            },
+        )
+    }
 }
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.at {
+            Some(path) => write!(f, "{path} is ")?,
+            None => write!(f, "it is ")?,
+        }
         write!(
             f,
-            "it is {}; upstream moves only regular files, directories and symlinks of the \
+            "{}; upstream moves only regular files, directories and symlinks of the \
              sandbox's own filesystems (read or change anything else with a command in the \
              sandbox)",
             self.what
@@ -81,7 +172,10 @@ impl std::error::Error for Refused {}
 fn refused(what: impl Into<String>) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
-        Refused { what: what.into() },
+        Refused {
+            what: what.into(),
+            at: None,
+        },
     )
 }
 
@@ -117,11 +211,15 @@ fn fs_name(kind: FsType) -> String {
     }
 }
 
-/// Checks that `fd` is on one of the sandbox's own filesystems.
-pub fn check_fs(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Checks that `fd` is on one of the sandbox's own filesystems, `own`.
+pub fn check_fs(fd: BorrowedFd<'_>, own: &OwnMounts) -> io::Result<()> {
     let kind = fstatfs(fd).map_err(io::Error::from)?.filesystem_type();
-    if OWN.contains(&kind) {
+    if OWN.contains(&kind) && own.holds(fd)? {
         Ok(())
+    } else if OWN.contains(&kind) {
+        Err(refused(
+            "on a filesystem the sandbox did not make (a host directory bound in)",
+        ))
     } else {
         Err(refused(fs_name(kind)))
     }
@@ -146,9 +244,9 @@ enum Want {
     Dir,
 }
 
-fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach) -> io::Result<OwnedFd> {
+fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach<'_>) -> io::Result<OwnedFd> {
     let follow = match reach {
-        Reach::InRoot => OFlag::empty(),
+        Reach::InRoot(_) => OFlag::empty(),
         Reach::Beneath => OFlag::O_NOFOLLOW,
     };
     let how = OpenHow::new()
@@ -159,7 +257,7 @@ fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach) -> io::Result<Own
 
 /// Checks an `O_PATH` descriptor: the right kind and, reached from the root, on the
 /// sandbox's own filesystems.
-fn check(handle: &OwnedFd, want: Want, reach: Reach) -> io::Result<FileStat> {
+fn check(handle: &OwnedFd, want: Want, reach: Reach<'_>) -> io::Result<FileStat> {
     let st = fstat(handle).map_err(io::Error::from)?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
     match (want, kind) {
@@ -170,8 +268,8 @@ fn check(handle: &OwnedFd, want: Want, reach: Reach) -> io::Result<FileStat> {
         (_, SFlag::S_IFLNK) => return Err(Errno::ELOOP.into()),
         _ => return Err(refused(kind_name(&st))),
     }
-    if reach == Reach::InRoot {
-        check_fs(handle.as_fd())?;
+    if let Reach::InRoot(own) = reach {
+        check_fs(handle.as_fd(), own)?;
     }
     Ok(st)
 }
@@ -211,7 +309,7 @@ pub fn open_dir(at: BorrowedFd<'_>, path: impl AsRef<OsStr>, reach: Reach) -> io
 
 /// Opens directory `path`, making what is missing of it (mode 0755, as the thread's
 /// filesystem ids).
-pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<OwnedFd> {
+pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach<'_>) -> io::Result<OwnedFd> {
     match open_dir(at, path, reach) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         other => return other,
@@ -220,7 +318,11 @@ pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
-    let mut dir = open_dir(at, if reach == Reach::InRoot { "/" } else { "." }, reach)?;
+    let start = match reach {
+        Reach::InRoot(_) => "/",
+        Reach::Beneath => ".",
+    };
+    let mut dir = open_dir(at, start, reach)?;
     let mut prefix = String::new();
     for name in components {
         if name == ".." {
@@ -233,10 +335,10 @@ pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<
         dir = match reach {
             // From the root again, checked again: the path may cross into another of the
             // sandbox's mounts (`/tmp`), and a link put there leads back inside.
-            Reach::InRoot => {
+            Reach::InRoot(_) => {
                 prefix.push('/');
                 prefix.push_str(name);
-                open_dir(at, &prefix, Reach::InRoot)?
+                open_dir(at, &prefix, reach)?
             }
             // One name below a checked directory: a link put there is refused, not followed.
             Reach::Beneath => open_dir(dir.as_fd(), name, Reach::Beneath)?,
@@ -249,7 +351,7 @@ pub fn make_dir_all(at: BorrowedFd<'_>, path: &str, reach: Reach) -> io::Result<
 pub fn open_file(
     at: BorrowedFd<'_>,
     path: impl AsRef<OsStr>,
-    reach: Reach,
+    reach: Reach<'_>,
 ) -> io::Result<(File, FileStat)> {
     let handle = path_handle(at, path.as_ref(), reach)?;
     let st = check(&handle, Want::File, reach)?;
@@ -325,6 +427,157 @@ pub fn create_file(
     Err(Errno::EEXIST.into())
 }
 
+/// Removes `name` in `dir` and, if it is a directory, everything below it — without
+/// recursion and with three descriptors at most, whatever the tree's depth (a sandbox can
+/// nest directories far deeper than any stack), never following a link and never leaving
+/// `dir`'s mount. A directory whose entries are in the way is emptied by moving them up into
+/// the tree's top directory, so each entry climbs at most its own depth. Directories that
+/// cannot be entered or changed (a sandbox's mode 000, overlayfs's work directory) are opened
+/// up first, where the caller may.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return Ok(unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?);
+    }
+    let top = open_opening_up(dir, name)?;
+    let mut moved = 0u64;
+    loop {
+        let names = entries(top.as_fd())?;
+        if names.is_empty() {
+            break;
+        }
+        for entry in names {
+            let entry = entry.as_os_str();
+            let unlink = |flag| opened_up(&[top.as_fd()], || unlinkat(&top, entry, flag));
+            match unlink(UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                Err(Errno::EISDIR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match unlink(UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                Err(Errno::ENOTEMPTY | Errno::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // Not empty: what it holds moves up here, and the next pass removes it.
+            let sub = open_opening_up(top.as_fd(), entry)?;
+            for child in entries(sub.as_fd())? {
+                loop {
+                    moved += 1;
+                    let to = format!(".upstream-rm-{moved}");
+                    let rename = || {
+                        nix::fcntl::renameat2(
+                            &sub,
+                            child.as_os_str(),
+                            &top,
+                            to.as_str(),
+                            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+                        )
+                    };
+                    // A directory that moves must itself be writable (its `..` changes).
+                    let renamed = match opened_up(&[sub.as_fd(), top.as_fd()], rename) {
+                        Err(Errno::EACCES) => {
+                            open_up(sub.as_fd(), child.as_os_str())?;
+                            rename()
+                        }
+                        other => other,
+                    };
+                    match renamed {
+                        Ok(()) | Err(Errno::ENOENT) => break,
+                        Err(Errno::EEXIST) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+    drop(top);
+    Ok(opened_up(&[dir], || {
+        unlinkat(dir, name, UnlinkatFlags::RemoveDir)
+    })?)
+}
+
+/// Runs `op`; if the directories it changes refuse it (a sandbox left them read-only),
+/// makes them 0700 — which their owner, or root, may — and runs it once more.
+fn opened_up(dirs: &[BorrowedFd<'_>], op: impl Fn() -> nix::Result<()>) -> nix::Result<()> {
+    match op() {
+        Err(Errno::EACCES) => {
+            for dir in dirs {
+                nix::sys::stat::fchmod(dir, Mode::from_bits_truncate(0o700))?;
+            }
+            op()
+        }
+        other => other,
+    }
+}
+
+/// Removes the host path `path` and everything below it ([`remove_tree`]); a path that is
+/// not there is removed already.
+pub fn remove_all(path: &std::path::Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Errno::EINVAL.into());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    let parent = nix::fcntl::open(
+        parent,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    match remove_tree(parent.as_fd(), name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Opens directory `name` below `dir`; one that may not be entered is made 0700 first (which
+/// works for its owner, and for root).
+fn open_opening_up(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    match open_dir(dir, name, Reach::Beneath) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && refusal(&e).is_none() => {}
+        other => return other,
+    }
+    let handle = open_up(dir, name)?;
+    reopen(&handle, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+}
+
+/// Makes directory `name` below `dir` 0700 (never through a link: anything but a directory
+/// is refused), and gives its `O_PATH` descriptor.
+fn open_up(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    let handle = path_handle(dir, name, Reach::Beneath)?;
+    check(&handle, Want::Dir, Reach::Beneath)?;
+    // An O_PATH descriptor takes a mode change through its /proc/self/fd name, which leads
+    // to the very inode it holds.
+    let path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        path.as_str(),
+        Mode::from_bits_truncate(0o700),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )?;
+    Ok(handle)
+}
+
+/// The names in directory `dir`, as it holds them, from its beginning (read through a
+/// descriptor of its own, so no earlier reading's offset counts).
+fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut listing = nix::dir::Dir::from_fd(open_dir(dir, ".", Reach::Beneath)?)?;
+    let mut names = Vec::new();
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
 /// Splits an absolute path of the sandbox into its parent directory and last name (`("/",
 /// "")` for the root itself).
 pub fn split(path: &str) -> (&str, &str) {
@@ -341,17 +594,26 @@ pub fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| Errno::EINVAL.into())
 }
 
-/// Runs `f` with the calling thread's filesystem ids set to `uid` and `gid` — what the files
-/// it creates belong to, and whose permissions the kernel checks (a non-zero fsuid also
-/// leaves the thread without its file capabilities) — and puts them back after, even if `f`
-/// panics, so no later work on a reused thread runs with a sandbox's ids.
+/// Runs `f` with the calling thread's filesystem ids set to `uid` and `gid` and no
+/// supplementary groups — what the files it creates belong to, and whose permissions the
+/// kernel checks (a non-zero fsuid also leaves the thread without its file capabilities, and
+/// root's own groups would still open files of group root) — and puts them back after, even
+/// if `f` panics, so no later work on a reused thread runs with a sandbox's ids.
 pub fn as_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
     struct Restore {
         uid: u32,
         gid: u32,
+        groups: Option<Vec<libc::gid_t>>,
     }
     impl Drop for Restore {
         fn drop(&mut self) {
+            if let Some(groups) = &self.groups {
+                // SAFETY: the raw call changes the calling thread's groups only (the C
+                // library's wrapper would change every thread's), from a valid slice.
+                unsafe {
+                    libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+                }
+            }
             // SAFETY: setfsgid and setfsuid change only the calling thread's filesystem ids;
             // they touch no memory.
             unsafe {
@@ -360,11 +622,20 @@ pub fn as_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
             }
         }
     }
+    // Dropped only where they can be put back (as root); a user's own groups are theirs.
+    let groups = nix::unistd::getgroups().ok().and_then(|groups| {
+        let groups: Vec<libc::gid_t> = groups.into_iter().map(|g| g.as_raw()).collect();
+        // SAFETY: as above, with no groups.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) };
+        (rc == 0).then_some(groups)
+    });
     // SAFETY: as above. Each returns the id it replaces.
     let (old_uid, old_gid) = unsafe { (libc::setfsuid(uid), libc::setfsgid(gid)) };
     let _restore = Restore {
         uid: old_uid as u32,
         gid: old_gid as u32,
+        groups,
     };
     f()
 }
@@ -383,6 +654,27 @@ mod tests {
             .expect("a directory in /dev/shm")
     }
 
+    /// The test's own overlay and tmpfs mounts (`/dev/shm`), as a sandbox's would be.
+    fn own() -> OwnMounts {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        OwnMounts::from_tables(&table, "")
+    }
+
+    #[test]
+    fn a_host_filesystem_bound_in_is_not_the_sandboxs() {
+        let sandbox = "\
+21 1 0:40 / / rw - overlay overlay rw,lowerdir=x\n\
+22 21 0:41 / /tmp rw - tmpfs tmpfs rw\n\
+23 21 0:30 /etc /etc ro - overlay overlay rw,lowerdir=y\n\
+24 21 0:31 / /usr ro - tmpfs tmpfs rw\n\
+25 21 0:22 / /proc rw - proc proc rw\n";
+        let host = "\
+1 0 0:30 / / rw - overlay overlay rw\n\
+2 1 0:31 / /usr rw - tmpfs tmpfs rw\n\
+3 1 0:22 / /proc rw - proc proc rw\n";
+        assert_eq!(OwnMounts::from_tables(sandbox, host).ids, [21, 22]);
+    }
+
     fn open_root(dir: &std::path::Path) -> OwnedFd {
         nix::fcntl::open(dir, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty()).unwrap()
     }
@@ -392,12 +684,12 @@ mod tests {
         let tmp = shm_dir();
         std::fs::write(tmp.path().join("a.txt"), b"hello").unwrap();
         let root = open_root(tmp.path());
-        let (mut file, st) = open_file(root.as_fd(), "/a.txt", Reach::InRoot).unwrap();
+        let (mut file, st) = open_file(root.as_fd(), "/a.txt", Reach::InRoot(&own())).unwrap();
         let mut text = String::new();
         file.read_to_string(&mut text).unwrap();
         assert_eq!((text.as_str(), st.st_size), ("hello", 5));
 
-        let dir = make_dir_all(root.as_fd(), "/x/y", Reach::InRoot).unwrap();
+        let dir = make_dir_all(root.as_fd(), "/x/y", Reach::InRoot(&own())).unwrap();
         make_dir_all(dir.as_fd(), "p/q", Reach::Beneath).unwrap();
         assert!(tmp.path().join("x/y/p/q").is_dir());
         let mut out = create_file(dir.as_fd(), "b", 0o600, Existing::Truncate).unwrap();
@@ -415,9 +707,9 @@ mod tests {
         nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o666)).unwrap();
         let root = open_root(tmp.path());
         let started = std::time::Instant::now();
-        let e = open_file(root.as_fd(), "/pipe", Reach::InRoot).unwrap_err();
+        let e = open_file(root.as_fd(), "/pipe", Reach::InRoot(&own())).unwrap_err();
         assert_eq!(refusal(&e).map(|r| r.what.as_str()), Some("a FIFO"), "{e}");
-        let dir = open_dir(root.as_fd(), "/", Reach::InRoot).unwrap();
+        let dir = open_dir(root.as_fd(), "/", Reach::InRoot(&own())).unwrap();
         let e = create_file(dir.as_fd(), "pipe", 0o644, Existing::Truncate).unwrap_err();
         assert_eq!(refusal(&e).map(|r| r.what.as_str()), Some("a FIFO"), "{e}");
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
@@ -431,31 +723,36 @@ mod tests {
         // The host's /proc stands in for a sandbox's: reached from a root whose /proc is a
         // procfs mount.
         let root = open_root(std::path::Path::new("/"));
-        let e = open_file(root.as_fd(), "/proc/sys/kernel/hostname", Reach::InRoot).unwrap_err();
+        let e = open_file(
+            root.as_fd(),
+            "/proc/sys/kernel/hostname",
+            Reach::InRoot(&own()),
+        )
+        .unwrap_err();
         assert_eq!(
             refusal(&e).map(|r| r.what.as_str()),
             Some("on procfs"),
             "{e}"
         );
-        let e = open_dir(root.as_fd(), "/proc/sys/kernel", Reach::InRoot).unwrap_err();
+        let e = open_dir(root.as_fd(), "/proc/sys/kernel", Reach::InRoot(&own())).unwrap_err();
         assert_eq!(
             refusal(&e).map(|r| r.what.as_str()),
             Some("on procfs"),
             "{e}"
         );
-        let e = open_dir(root.as_fd(), "/sys/kernel", Reach::InRoot).unwrap_err();
+        let e = open_dir(root.as_fd(), "/sys/kernel", Reach::InRoot(&own())).unwrap_err();
         assert_eq!(
             refusal(&e).map(|r| r.what.as_str()),
             Some("on sysfs"),
             "{e}"
         );
-        let e = open_file(root.as_fd(), "/dev/null", Reach::InRoot).unwrap_err();
+        let e = open_file(root.as_fd(), "/dev/null", Reach::InRoot(&own())).unwrap_err();
         assert!(refusal(&e).is_some(), "{e}");
         // Positive control: the same root reaches a file on tmpfs.
         let tmp = shm_dir();
         std::fs::write(tmp.path().join("f"), b"x").unwrap();
         let inside = format!("{}/f", tmp.path().display());
-        open_file(root.as_fd(), &inside, Reach::InRoot).unwrap();
+        open_file(root.as_fd(), &inside, Reach::InRoot(&own())).unwrap();
     }
 
     #[test]
@@ -468,13 +765,13 @@ mod tests {
         let root = open_root(tmp.path());
         // In the root, an absolute link leads back into the root (where there is no such
         // file); beneath a directory, no link is followed at all.
-        let e = open_file(root.as_fd(), "/abs", Reach::InRoot).unwrap_err();
+        let e = open_file(root.as_fd(), "/abs", Reach::InRoot(&own())).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
         let e = open_file(root.as_fd(), "abs", Reach::Beneath).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
         let e = open_file(root.as_fd(), "rel", Reach::Beneath).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
-        let dir = open_dir(root.as_fd(), "/", Reach::InRoot).unwrap();
+        let dir = open_dir(root.as_fd(), "/", Reach::InRoot(&own())).unwrap();
         let e = create_file(dir.as_fd(), "abs", 0o644, Existing::Truncate).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
         assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"s");
@@ -483,9 +780,18 @@ mod tests {
     #[test]
     fn the_owner_is_put_back_after_a_panic() {
         let before = unsafe_current_fsuid();
+        let groups = nix::unistd::getgroups().unwrap();
         let result = std::panic::catch_unwind(|| as_owner(12345, 12345, || panic!("boom")));
         assert!(result.is_err());
         assert_eq!(unsafe_current_fsuid(), before);
+        assert_eq!(nix::unistd::getgroups().unwrap(), groups);
+        if nix::unistd::geteuid().is_root() {
+            let inside = as_owner(54321, 54321, || nix::unistd::getgroups().unwrap());
+            assert!(
+                inside.is_empty(),
+                "no supplementary groups inside: {inside:?}"
+            );
+        }
         if nix::unistd::geteuid().is_root() {
             assert_eq!(as_owner(54321, 54321, unsafe_current_fsuid), 54321);
             assert_eq!(unsafe_current_fsuid(), before);
@@ -496,5 +802,53 @@ mod tests {
     fn unsafe_current_fsuid() -> u32 {
         // SAFETY: an invalid id changes nothing and returns the current one.
         unsafe { libc::setfsuid(u32::MAX) as u32 }
+    }
+
+    #[test]
+    fn a_tree_deeper_than_any_stack_is_removed_without_recursion() {
+        let tmp = shm_dir();
+        let depth = 30_000;
+        let mut dir = open_root(tmp.path());
+        nix::sys::stat::mkdirat(&dir, "deep", Mode::from_bits_truncate(0o755)).unwrap();
+        dir = open_dir(dir.as_fd(), "deep", Reach::Beneath).unwrap();
+        for level in 0..depth {
+            nix::sys::stat::mkdirat(&dir, "a", Mode::from_bits_truncate(0o755)).unwrap();
+            if level % 1000 == 0 {
+                let file = nix::fcntl::openat(
+                    &dir,
+                    "f",
+                    OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o644),
+                )
+                .unwrap();
+                drop(file);
+                // Directories their owner may not enter, or not change.
+                nix::sys::stat::mkdirat(&dir, "locked", Mode::empty()).unwrap();
+                nix::sys::stat::mkdirat(&dir, "read-only", Mode::from_bits_truncate(0o555))
+                    .unwrap();
+            }
+            dir = open_dir(dir.as_fd(), "a", Reach::Beneath).unwrap();
+        }
+        drop(dir);
+        let root = open_root(tmp.path());
+        let path = tmp.path().to_path_buf();
+        // On a thread with a small stack: anything recursive per level would overflow it.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || remove_tree(root.as_fd(), OsStr::new("deep")))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(!path.join("deep").exists());
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+        // A file, and a link (removed, not followed).
+        let outside = shm_dir();
+        std::fs::write(outside.path().join("keep"), b"k").unwrap();
+        symlink(outside.path(), path.join("link")).unwrap();
+        let root = open_root(&path);
+        remove_tree(root.as_fd(), OsStr::new("link")).unwrap();
+        assert!(outside.path().join("keep").exists());
+        remove_all(&path.join("missing")).unwrap();
     }
 }

@@ -93,6 +93,9 @@ pub struct HostRoot {
     /// sandbox must be made as them (`setfsuid`), or sandbox root does not own them.
     pub uid: u32,
     pub gid: u32,
+    /// The sandbox's own filesystems: the only ones a path resolved under `dir` may be on
+    /// ([`hostfs::Reach::InRoot`]).
+    pub own: hostfs::OwnMounts,
 }
 
 /// A way to stop a sandbox from another thread, such as a Ctrl-C handler.

@@ -168,7 +168,7 @@ pub async fn upload(
         .blocking(move || {
             as_owner(owner.0, owner.1, || {
                 let (parent, name) = split(&target);
-                let dir = hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot)?;
+                let dir = hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot(&root.own))?;
                 hostfs::create_file(dir.as_fd(), name, 0o644, Existing::Truncate)
             })
         })
@@ -198,7 +198,8 @@ pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Respo
     let (file, size) = live
         .blocking(move || {
             as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
-                let (file, st) = hostfs::open_file(root.dir.as_fd(), &target, Reach::InRoot)?;
+                let (file, st) =
+                    hostfs::open_file(root.dir.as_fd(), &target, Reach::InRoot(&root.own))?;
                 Ok((file, st.st_size as u64))
             })
         })
@@ -259,7 +260,7 @@ pub async fn list(
     let entries = live
         .blocking(move || {
             as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
-                let fd = hostfs::open_dir(root.dir.as_fd(), &target, Reach::InRoot)?;
+                let fd = hostfs::open_dir(root.dir.as_fd(), &target, Reach::InRoot(&root.own))?;
                 let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
                 let dir_fd = dir.as_fd().try_clone_to_owned()?;
                 let mut entries = Vec::new();
@@ -328,7 +329,7 @@ pub async fn delete(
     live.blocking(move || {
         as_owner(owner.0, owner.1, || -> io::Result<()> {
             let (parent, name) = split(&target);
-            let dir = hostfs::open_dir(root.dir.as_fd(), parent, Reach::InRoot)?;
+            let dir = hostfs::open_dir(root.dir.as_fd(), parent, Reach::InRoot(&root.own))?;
             remove(dir.as_fd(), &hostfs::c_name(name)?, recursive)
         })
     })
@@ -347,25 +348,16 @@ pub async fn delete(
 /// `recursive`.
 fn remove(dir: BorrowedFd<'_>, name: &std::ffi::CStr, recursive: bool) -> io::Result<()> {
     use nix::unistd::{UnlinkatFlags, unlinkat};
+    if recursive {
+        // Without recursion, however deep the sandbox nested its directories.
+        return hostfs::remove_tree(dir, std::ffi::OsStr::from_bytes(name.to_bytes()));
+    }
     let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(io::Error::from)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io::Error::from);
-    }
-    if recursive {
-        let name = std::ffi::OsStr::from_bytes(name.to_bytes());
-        let sub = hostfs::open_dir(dir, name, Reach::Beneath)?;
-        let mut listing = nix::dir::Dir::from_fd(sub.try_clone()?).map_err(io::Error::from)?;
-        // Names as the directory holds them, whatever bytes they are.
-        let names: Vec<std::ffi::CString> = listing
-            .iter()
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_owned())
-            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-            .collect();
-        for child in names {
-            remove(sub.as_fd(), &child, true)?;
-        }
-    }
-    unlinkat(dir, name, UnlinkatFlags::RemoveDir).map_err(io::Error::from)
+    let flag = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        UnlinkatFlags::RemoveDir
+    } else {
+        UnlinkatFlags::NoRemoveDir
+    };
+    unlinkat(dir, name, flag).map_err(io::Error::from)
 }

@@ -244,6 +244,14 @@ pub async fn run_turn(
                 )
             }
             TurnError::Pull { image, source } => crate::daemon::pull_error(&image, source),
+            // What the document's workdir or artifacts name is the tenant's to fix.
+            TurnError::SaveArtifacts(e) if upstream_sandbox::hostfs::refusal(&e).is_some() => {
+                ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "not_a_file",
+                    format!("cannot save the turn's artifacts: {e}"),
+                )
+            }
             TurnError::Sandbox(e) => ApiError::from(e),
             e => ApiError::internal(e),
         })?;

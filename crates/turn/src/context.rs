@@ -160,13 +160,14 @@ impl Context {
             })
         };
         let workspace = hostfs::as_owner(root.uid, root.gid, || {
-            let context_dir = hostfs::make_dir_all(root.dir.as_fd(), "/context", Reach::InRoot)
-                .map_err(|e| fail("/context", e))?;
+            let context_dir =
+                hostfs::make_dir_all(root.dir.as_fd(), "/context", Reach::InRoot(&root.own))
+                    .map_err(|e| fail("/context", e))?;
             write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
             if self.artifacts.is_empty() || !restore {
                 return Ok(None);
             }
-            hostfs::make_dir_all(root.dir.as_fd(), workdir, Reach::InRoot)
+            hostfs::make_dir_all(root.dir.as_fd(), workdir, Reach::InRoot(&root.own))
                 .map(Some)
                 .map_err(|e| fail(workdir, e))
         })?;
@@ -213,10 +214,16 @@ impl Context {
         if patterns.is_empty() {
             return Ok(None);
         }
-        let workspace = match hostfs::open_dir(root.dir.as_fd(), workdir, Reach::InRoot) {
+        let workspace = match hostfs::open_dir(root.dir.as_fd(), workdir, Reach::InRoot(&root.own))
+        {
             Ok(w) => Some(w),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{workdir}: {e}"))),
+            Err(e) => {
+                return Err(match hostfs::refusal(&e) {
+                    Some(refused) => refused.at(workdir),
+                    None => io::Error::new(e.kind(), format!("{workdir}: {e}")),
+                });
+            }
         };
         let saved = match &workspace {
             Some(w) => artifacts::save(w.as_fd(), &patterns, blobs, known, stop)?,

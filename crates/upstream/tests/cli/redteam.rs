@@ -251,7 +251,7 @@ fn an_artifact_save_does_not_read_the_hosts_etc_on_an_overlay_host() {
     let second = turn(
         &api,
         "---\nartifacts: [upstream-redteam-secret, mine.txt]\ncontext: leak\n---\n\n\
-         ```bash\ncat upstream-redteam-secret 2>/dev/null; echo saved > mine.txt\n```\n",
+         ```bash\ncat upstream-redteam-secret 2>/dev/null || true\necho saved > mine.txt\n```\n",
     );
     assert!(
         !second.contains("host-root-only-7f3a"),
