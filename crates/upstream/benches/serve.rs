@@ -32,7 +32,8 @@ impl Daemon {
         let exe = env!("CARGO_BIN_EXE_upstream");
         let state = dir.path().join("state");
         let key = Command::new(exe)
-            .args(["keys", "create", "--name", "bench", "--state-dir"])
+            .args(["keys", "create", "--name", "bench", "--tenant", "bench"])
+            .arg("--state-dir")
             .arg(&state)
             .output()
             .unwrap();
@@ -47,6 +48,8 @@ impl Daemon {
                 "--state-dir",
             ])
             .arg(&state)
+            // The benchmark reads the pools' figures, which only the operator sees.
+            .args(["--operator-tenant", "bench"])
             .args(args)
             .env("UPSTREAM_RUNTIME_DIR", dir.path().join("runtime"))
             .stderr(Stdio::piped())
