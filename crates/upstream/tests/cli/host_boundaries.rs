@@ -45,7 +45,7 @@ fn alive(api: &Api, sid: &str) -> Result<u16, String> {
 fn a_deep_directory_tree_does_not_crash_the_daemon() {
     crate::require_root_sandbox!();
     if !Path::new("/usr/bin/python3").exists() {
-        crate::util::skip("SKIPPED: redteam: needs /usr/bin/python3 for the sandbox".into());
+        crate::util::skip("SKIPPED: host_boundaries: needs /usr/bin/python3 for the sandbox".into());
         return;
     }
     let env = Env::new();
@@ -151,8 +151,8 @@ impl OverlayDaemon {
         let script = format!(
             "set -e\nmount --make-rprivate /\n\
              mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc\n\
-             printf 'host-root-only-7f3a\\n' > /etc/upstream-redteam-secret\n\
-             chmod 0400 /etc/upstream-redteam-secret\n\
+             printf 'host-root-only-7f3a\\n' > /etc/upstream-host-secret\n\
+             chmod 0400 /etc/upstream-host-secret\n\
              exec \"$0\" serve --listen 127.0.0.1:0 --state-dir {state}\n",
             upper = env.path("upper").display(),
             work = env.path("work").display(),
@@ -237,7 +237,7 @@ fn an_artifact_save_does_not_read_the_hosts_etc_on_an_overlay_host() {
     let probe = turn(
         &api,
         "---\nworkdir: /etc\ncontext: probe\n---\n\n\
-         ```bash\ncat /etc/upstream-redteam-secret || echo step-cannot-read\n\
+         ```bash\ncat /etc/upstream-host-secret || echo step-cannot-read\n\
          test -r /etc/hostname && echo sees-etc\n```\n",
     );
     assert!(probe.contains("step-cannot-read"), "{probe}");
@@ -245,13 +245,13 @@ fn an_artifact_save_does_not_read_the_hosts_etc_on_an_overlay_host() {
     // The save may refuse (the turn then fails); what matters is what comes back.
     turn(
         &api,
-        "---\nworkdir: /etc\nartifacts: [upstream-redteam-secret]\ncontext: leak\n---\n\n\
+        "---\nworkdir: /etc\nartifacts: [upstream-host-secret]\ncontext: leak\n---\n\n\
          ```bash\ntrue\n```\n",
     );
     let second = turn(
         &api,
-        "---\nartifacts: [upstream-redteam-secret, mine.txt]\ncontext: leak\n---\n\n\
-         ```bash\ncat upstream-redteam-secret 2>/dev/null || true\necho saved > mine.txt\n```\n",
+        "---\nartifacts: [upstream-host-secret, mine.txt]\ncontext: leak\n---\n\n\
+         ```bash\ncat upstream-host-secret 2>/dev/null || true\necho saved > mine.txt\n```\n",
     );
     assert!(
         !second.contains("host-root-only-7f3a"),
