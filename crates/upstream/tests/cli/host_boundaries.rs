@@ -45,7 +45,9 @@ fn alive(api: &Api, sid: &str) -> Result<u16, String> {
 fn a_deep_directory_tree_does_not_crash_the_daemon() {
     crate::require_root_sandbox!();
     if !Path::new("/usr/bin/python3").exists() {
-        crate::util::skip("SKIPPED: host_boundaries: needs /usr/bin/python3 for the sandbox".into());
+        crate::util::skip(
+            "SKIPPED: host_boundaries: needs /usr/bin/python3 for the sandbox".into(),
+        );
         return;
     }
     let env = Env::new();
