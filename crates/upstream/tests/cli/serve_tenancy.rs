@@ -524,11 +524,20 @@ fn internal_errors_name_no_host_path_and_are_logged_for_the_operator() {
             .nth(1)
             .and_then(|r| r.get(..8))
             .unwrap_or_else(|| panic!("no reference in {message}"));
-        let log = daemon.log.lock().unwrap().clone();
-        let line = log
-            .lines()
-            .find(|l| l.contains(reference))
-            .unwrap_or_else(|| panic!("no log line for {reference} in {log}"));
+        // The daemon's stderr is read by a thread of the harness: the line may come a
+        // moment after the answer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let line = loop {
+            let log = daemon.log.lock().unwrap().clone();
+            if let Some(line) = log.lines().find(|l| l.contains(reference)) {
+                break line.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line for {reference} in {log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         assert!(line.contains(&state), "the log has the detail: {line}");
     }
     let (status, turned) = mallory.post(
