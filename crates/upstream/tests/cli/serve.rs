@@ -193,6 +193,22 @@ impl Api {
     }
 }
 
+/// Waits up to 20 s for a turn whose client went away to be stopped: its sandbox gone, its
+/// record `interrupted`.
+pub(crate) fn assert_turn_stopped(daemon: &Daemon, api: &Api) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.sandbox_dirs() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the turn's sandbox is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, turns) = api.get("/v1/turns");
+    let last = turns["turns"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["status"], "interrupted", "{turns}");
+}
+
 pub(crate) fn id(sandbox: &Value) -> String {
     sandbox["id"].as_str().unwrap().to_string()
 }
@@ -1350,17 +1366,7 @@ fn a_streamed_turn_shows_its_progress_as_it_runs_and_stops_when_the_client_goes(
     );
     assert_eq!(daemon.sandbox_dirs(), 1);
     drop(events);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.sandbox_dirs() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the turn's sandbox is still there"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (_, turns) = api.get("/v1/turns");
-    let last = turns["turns"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["status"], "interrupted", "{turns}");
+    crate::serve::assert_turn_stopped(&daemon, &api);
     drop(api);
     assert!(daemon.stop().success());
     env.assert_gone("upstream-init");
