@@ -14,14 +14,17 @@
 //! - is opened first with `O_PATH`, which runs no driver's open and never waits on a FIFO;
 //! - is used only if, on that descriptor, it is a regular file or a directory on one of the
 //!   sandbox's own filesystems — its overlay root and workspace, and the tmpfs it mounts
-//!   (`/tmp`, `/run`, `/dev`, `/dev/shm`) — never procfs, sysfs, devpts, cgroupfs, a
-//!   device, a socket, a FIFO or a host directory bound in (resolved beneath a directory,
-//!   it cannot leave that directory's mount, so the directory's own check covers it);
+//!   (`/tmp`, `/run`, `/dev`, `/dev/shm`), known by mount ([`OwnMounts`]) — never procfs,
+//!   sysfs, devpts, cgroupfs, a device, a socket, a FIFO or a host directory bound in, even
+//!   one that is itself an overlay (resolved beneath a directory, a path cannot leave that
+//!   directory's mount, so the directory's own check covers it);
 //! - and only then is opened for reading or writing, through that same descriptor, so what
 //!   was checked is what is used.
 //!
 //! The work runs with the thread's filesystem ids set to the sandbox's ([`as_owner`]), so the
-//! host obeys the sandbox's permissions and what it creates belongs to the sandbox.
+//! host obeys the sandbox's permissions and what it creates belongs to the sandbox; trees are
+//! removed without recursion ([`remove_tree`]), since a sandbox can nest directories deeper
+//! than any stack.
 
 use std::ffi::{CString, OsStr};
 use std::fmt;
