@@ -149,6 +149,18 @@ pub fn binary_for_nobody(env: &Env) -> PathBuf {
     let copy = env.path("upstream-bin");
     fs::copy(BIN, &copy).unwrap();
     fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    // A child another test forked while the copy was open for writing holds it open until
+    // it execs ("text file busy"): the copy is ready once it runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Command::new(&copy).arg("--version").output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            _ => break,
+        }
+    }
     copy
 }
 
