@@ -33,7 +33,12 @@ pub fn checks() -> Vec<Check> {
         name: "user namespaces",
         ok: userns_ok,
         detail: match (root, userns_ok) {
-            (true, true) => "available; running as root (sandbox root is host uid 100000)".into(),
+            (true, true) => format!(
+                "available; running as root (each sandbox runs as a host id range of its own, \
+                 {} ids from {:#x}, outside /etc/subuid and /etc/subgid)",
+                crate::ids::RANGE_SIZE,
+                crate::ids::FIRST_ID
+            ),
             (false, true) => "available to unprivileged users (rootless)".into(),
             (_, false) => "not available to this user".into(),
         },
@@ -121,6 +126,16 @@ pub fn checks() -> Vec<Check> {
             "not available".into()
         },
         hint: (!exists).then(|| "use a kernel of version 4.6 or later".into()),
+    });
+    let runtime = crate::runtime::runtime_dir(&[]);
+    checks.push(Check {
+        name: "runtime directory",
+        ok: runtime.is_ok(),
+        detail: match &runtime {
+            Ok(dir) => format!("{} (private to this user)", dir.display()),
+            Err(e) => e.to_string(),
+        },
+        hint: runtime.err().map(|e| e.hint()),
     });
     checks
 }

@@ -47,6 +47,7 @@ fn doctor_reports_each_facility() {
         "overlayfs",
         "cgroups",
         "seccomp",
+        "runtime directory",
         "kvm",
         "vmms",
         "sandbox",
@@ -57,6 +58,18 @@ fn doctor_reports_each_facility() {
             "doctor names {name}:\n{text}"
         );
     }
+    // As root, the id ranges it names are the ones sandboxes get.
+    if crate::util::is_root() {
+        assert!(text.contains("a host id range of its own"), "{text}");
+    }
+    let runtime = text
+        .lines()
+        .find(|l| {
+            l.get(4..)
+                .is_some_and(|r| r.starts_with("runtime directory"))
+        })
+        .unwrap();
+    assert!(runtime.contains(env.runtime.to_str().unwrap()), "{runtime}");
     let sandbox_ok = text.lines().any(|l| l.starts_with("ok  sandbox"));
     assert_eq!(sandbox_ok, crate::util::sandboxes_available(), "{text}");
     assert_eq!(code(&out), if sandbox_ok { 0 } else { 3 });
