@@ -118,9 +118,8 @@ fn an_upload_into_tmpfs_is_bounded_by_the_sandboxs_memory() {
         )
         .body(vec![0u8; size])
         .send()
-        .unwrap()
-        .status()
-        .as_u16()
+        // The daemon may answer "no space" and close before the whole body is sent.
+        .map_or(0, |r| r.status().as_u16())
     };
     // Control: a small file goes in.
     assert_eq!(put("/tmp/small", 1 << 20), 201);
