@@ -1,7 +1,6 @@
 //! Attacks from outside on what the daemon does on the host for a sandbox, each with a control
 //! that the same operation on an ordinary case works, so a refusal for the wrong reason fails.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -167,21 +166,7 @@ impl OverlayDaemon {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        lines.read_line(&mut first).unwrap();
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("the daemon did not start: {first}"))
-            .trim_end_matches(',')
-            .to_string();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
-                line.clear();
-            }
-        });
+        let (url, _log) = crate::serve::listening(&mut child);
         OverlayDaemon {
             child,
             url,

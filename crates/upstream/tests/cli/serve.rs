@@ -42,25 +42,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        lines.read_line(&mut first).unwrap();
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("the daemon did not start: {first}"))
-            .trim_end_matches(',')
-            .to_string();
-        // Keep draining its stderr so that it never blocks on a full pipe.
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
-                kept.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
+        let (url, log) = listening(&mut child);
         Daemon {
             child,
             url,
@@ -128,6 +110,31 @@ impl Drop for Daemon {
         );
         let _ = self.child.wait();
     }
+}
+
+/// The address a daemon started as `child` (its stderr piped) listens on, from its first line,
+/// and what it writes on stderr after that (its log), drained so that it never blocks on a
+/// full pipe.
+pub(crate) fn listening(child: &mut Child) -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("the daemon did not start: {first}"))
+        .trim_end_matches(',')
+        .to_string();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
+            kept.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    (url, log)
 }
 
 /// A client of the API with one key.
