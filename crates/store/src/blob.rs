@@ -52,6 +52,15 @@ impl BlobId {
     }
 }
 
+/// Read back from a record another process serialized (the daemon's API): only a hash.
+impl<'de> serde::Deserialize<'de> for BlobId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BlobId, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        BlobId::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom("a blob's name is 64 hex digits"))
+    }
+}
+
 impl fmt::Display for BlobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 
 use rusqlite::{OptionalExtension, Row, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{BlobId, Store, StoreError, owner_alive};
 
 /// Where a turn is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TurnState {
     Running,
@@ -39,7 +39,7 @@ impl TurnState {
 }
 
 /// What an artifact record is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ArtifactKind {
     File,
@@ -70,7 +70,7 @@ impl ArtifactKind {
 }
 
 /// A turn in a list.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnSummary {
     pub number: i64,
     pub id: String,
@@ -91,7 +91,7 @@ pub struct TurnSummary {
 }
 
 /// A step of a turn.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRow {
     pub number: i64,
     pub title: String,
@@ -109,7 +109,7 @@ pub struct StepRow {
 }
 
 /// An artifact record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactRow {
     /// The turn that saved it.
     pub turn: i64,
@@ -123,7 +123,7 @@ pub struct ArtifactRow {
 }
 
 /// A turn with its steps and artifacts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnDetail {
     #[serde(flatten)]
     pub summary: TurnSummary,
@@ -146,7 +146,7 @@ pub struct OutputRow {
 }
 
 /// A context in a list.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContextSummary {
     pub name: String,
     pub turns: u64,
