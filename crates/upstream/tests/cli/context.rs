@@ -660,3 +660,49 @@ fn an_unprivileged_user_saves_restores_and_resumes_too() {
     let block = result_block(&fs::read_to_string(&path).unwrap(), 2);
     assert!(block.contains("```text\nsaved\n```"), "{block}");
 }
+
+/// A store under directories only root may enter (`/root/project`, `mktemp -d`): the
+/// sandbox's own host uid could not read a blob there, so upstream reads blobs as itself
+/// and writes into the sandbox as the sandbox's owner.
+#[test]
+fn a_context_in_a_private_directory_carries_its_artifacts() {
+    use std::os::unix::fs::PermissionsExt;
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let project = env.path("private/project");
+    fs::create_dir_all(&project).unwrap();
+    for dir in [env.path("private"), project.clone()] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let store = project.join(".upstream");
+    let run = |name: &str, text: &str| {
+        fs::write(project.join(name), text).unwrap();
+        env.command()
+            .current_dir(&project)
+            .env("UPSTREAM_STORE", &store)
+            .args(["run", name])
+            .output()
+            .unwrap()
+    };
+    let first = run(
+        "first.md",
+        "---\ncontext: private\nartifacts: [kept.txt]\n---\n```bash\necho carried > kept.txt\n\
+         echo \"host uid $(awk '$1 == 0 {print $2}' /proc/self/uid_map)\"\n```\n",
+    );
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    // The premise: the sandbox's root is not the host's, so it could not enter the store.
+    let doc = fs::read_to_string(project.join("first.md")).unwrap();
+    let host_uid: u32 = result_block(&doc, 1)
+        .lines()
+        .find_map(|l| l.strip_prefix("host uid "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_ne!(host_uid, 0, "the sandbox runs as host root:\n{doc}");
+    let second = run(
+        "second.md",
+        "---\ncontext: private\n---\n```bash\ncat kept.txt\n```\n",
+    );
+    let doc = fs::read_to_string(project.join("second.md")).unwrap();
+    assert_eq!(code(&second), 0, "{}\n{doc}", stderr(&second));
+    assert!(result_block(&doc, 1).contains("carried"), "{doc}");
+}
