@@ -9,6 +9,7 @@
 //! .upstream/blobs/ab/cd…  content named by its BLAKE3 hash
 //! .upstream/tmp/          blobs being written
 //! .upstream/lock          held shared by writers, exclusively by `gc`
+//! .upstream/locks/…       one per context, held by the turn running in it ([`lock`])
 //! ```
 //!
 //! Everything in a store is its owner's alone: 0700 directories and 0600 files, whatever
@@ -20,6 +21,7 @@
 
 pub mod blob;
 pub mod keys;
+pub mod lock;
 pub mod log;
 mod private;
 mod query;
@@ -27,6 +29,7 @@ pub mod schema;
 
 pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, OpenBlob, PendingBlob};
 pub use keys::{ApiKey, KeyOwner, NewKey};
+pub use lock::{ContextLock, LockHolder};
 pub use private::{DIR_MODE, FILE_MODE, make_private_dir};
 pub use query::{
     ArtifactKind, ArtifactRow, ContextSummary, GcReport, OutputRow, StepRow, TurnDetail, TurnState,
@@ -66,10 +69,17 @@ pub enum StoreError {
     Blob(#[from] BlobError),
     #[error("no turn {0} in this store")]
     NoTurn(String),
+    #[error("`{selector}` is the start of more than one turn's id: {candidates}")]
+    AmbiguousTurn {
+        selector: String,
+        candidates: String,
+    },
     #[error("no context `{0}` in this store")]
     NoContext(String),
     #[error("turns are running on this store; try again when they have finished")]
     Busy,
+    #[error("a turn of context `{0}` is running; try again when it has finished")]
+    ContextBusy(String),
 }
 
 /// Where the store for a document is: `explicit` (`--store`), else `$UPSTREAM_STORE`, else the
@@ -215,6 +225,27 @@ impl Store {
         flock(&file, libc::LOCK_SH).map_err(|e| self.io_err(e))?;
         self.writing = Some(file);
         Ok(())
+    }
+
+    /// Takes the lock of `context`, which a turn holds from loading the context until its
+    /// artifacts are recorded: while another turn holds it, calls `waiting` with whom and
+    /// waits, asking `stop` every few milliseconds whether to give up (`None`).
+    pub fn lock_context(
+        &self,
+        context: &str,
+        waiting: &mut dyn FnMut(&LockHolder),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<ContextLock>, StoreError> {
+        match lock::take(&lock::path(&self.dir, context), waiting, stop) {
+            Ok(lock::Taken::Held(lock)) => Ok(Some(lock)),
+            Ok(lock::Taken::Stopped) => Ok(None),
+            Err(e) => Err(self.io_err(e)),
+        }
+    }
+
+    /// The turn running in `context` now, if one is.
+    pub fn context_holder(&self, context: &str) -> Result<Option<LockHolder>, StoreError> {
+        lock::holder(&lock::path(&self.dir, context)).map_err(|e| self.io_err(e))
     }
 
     /// Runs `f` in a write transaction, taken at once (concurrent writers queue for it instead
@@ -449,6 +480,10 @@ impl Store {
     /// Returns how many turns went, and the workspaces they kept for resuming, for the
     /// caller to remove.
     pub fn remove_context(&mut self, name: &str) -> Result<(usize, Vec<PathBuf>), StoreError> {
+        // Not under a running turn, and no turn starts in the context while it goes.
+        let Some(_lock) = self.lock_context(name, &mut |_| {}, &|| true)? else {
+            return Err(StoreError::ContextBusy(name.to_string()));
+        };
         let removed = self.write(|tx| {
             let id: Option<i64> = tx
                 .query_row("SELECT id FROM contexts WHERE name = ?1", [name], |r| {

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{BlobId, Store, StoreError, owner_alive};
 
+/// How many turns an ambiguous id prefix names in its error.
+const AMBIGUOUS_SHOWN: usize = 5;
+
 /// Where a turn is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -226,27 +229,52 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.db_err(e))
     }
 
-    /// A turn by number, or by its id or a prefix of it (at least 4 characters).
+    /// A turn by number, or by its id or a prefix of it (at least 4 characters); a prefix of
+    /// several turns' ids is [`StoreError::AmbiguousTurn`], naming them.
     pub fn turn(&self, selector: &str) -> Result<TurnDetail, StoreError> {
         if let Ok(number) = selector.parse::<i64>() {
             if let Some(turn) = self.turn_by_number(number)? {
                 return Ok(turn);
             }
         }
-        if selector.len() >= 4 {
-            let pattern = format!("{}%", selector.replace(['%', '_'], ""));
+        // Else the start of a turn's id: one turn, or the ones it could mean.
+        let prefix = selector.to_ascii_lowercase();
+        if prefix.len() >= 4 {
             let mut stmt = self
                 .conn()
-                .prepare("SELECT number FROM turns WHERE id LIKE ?1 LIMIT 2")
+                .prepare(
+                    "SELECT number, id FROM turns WHERE substr(id, 1, length(?1)) = ?1
+                     ORDER BY number LIMIT ?2",
+                )
                 .map_err(|e| self.db_err(e))?;
-            let found: Vec<i64> = stmt
-                .query_map([pattern], |r| r.get(0))
+            let found: Vec<(i64, String)> = stmt
+                .query_map(params![prefix, AMBIGUOUS_SHOWN as i64 + 1], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .map_err(|e| self.db_err(e))?
                 .collect::<Result<_, _>>()
                 .map_err(|e| self.db_err(e))?;
-            if let [number] = found[..] {
-                if let Some(turn) = self.turn_by_number(number)? {
-                    return Ok(turn);
+            match found.as_slice() {
+                [] => {}
+                [(number, _)] => {
+                    if let Some(turn) = self.turn_by_number(*number)? {
+                        return Ok(turn);
+                    }
+                }
+                _ => {
+                    let more = found.len() > AMBIGUOUS_SHOWN;
+                    let mut candidates: Vec<String> = found
+                        .iter()
+                        .take(AMBIGUOUS_SHOWN)
+                        .map(|(n, id)| format!("turn {n} ({id})"))
+                        .collect();
+                    if more {
+                        candidates.push("more".into());
+                    }
+                    return Err(StoreError::AmbiguousTurn {
+                        selector: selector.to_string(),
+                        candidates: candidates.join(", "),
+                    });
                 }
             }
         }

@@ -357,3 +357,60 @@ fn a_store_from_a_newer_upstream_is_refused_with_a_reason() {
     let err = Store::open(tmp.path()).unwrap_err().to_string();
     assert!(err.contains("newer than this upstream knows"), "{err}");
 }
+
+fn begin_with_id(store: &mut Store, id: &str) -> i64 {
+    store
+        .begin_turn(&NewTurn {
+            id,
+            context: "c",
+            document: "doc.md",
+            source: b"# doc\n",
+            started_at: 1.0,
+            resumed_from: None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn an_id_prefix_of_several_turns_is_ambiguous_and_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&tmp.path().join(".upstream")).unwrap();
+    let a = begin_with_id(&mut store, "0193aaaa-0000-7000-8000-000000000001");
+    let b = begin_with_id(&mut store, "0193aaab-0000-7000-8000-000000000002");
+    match store.turn("0193aaa") {
+        Err(e @ StoreError::AmbiguousTurn { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(&format!("turn {a} (0193aaaa-"))
+                    && message.contains(&format!("turn {b} (0193aaab-")),
+                "{message}"
+            );
+        }
+        other => panic!("not ambiguous: {other:?}"),
+    }
+    // One more character, one turn; upper case is the same id; `%` and `_` match nothing.
+    assert_eq!(store.turn("0193aaab").unwrap().summary.number, b);
+    assert_eq!(store.turn("0193AAAA").unwrap().summary.number, a);
+    assert!(matches!(store.turn("0193%"), Err(StoreError::NoTurn(_))));
+    assert!(matches!(store.turn("0193____"), Err(StoreError::NoTurn(_))));
+}
+
+#[test]
+fn a_context_with_a_turn_running_is_not_removed_under_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&tmp.path().join(".upstream")).unwrap();
+    let turn = begin(&mut store, "busy");
+    finish(&mut store, turn, TurnState::Passed, Vec::new());
+    let other = Store::open(&tmp.path().join(".upstream")).unwrap();
+    let lock = other
+        .lock_context("busy", &mut |_| {}, &|| false)
+        .unwrap()
+        .expect("free");
+    assert!(matches!(
+        store.remove_context("busy"),
+        Err(StoreError::ContextBusy(c)) if c == "busy"
+    ));
+    assert_eq!(store.contexts().unwrap().len(), 1);
+    drop(lock);
+    assert_eq!(store.remove_context("busy").unwrap().0, 1);
+}
