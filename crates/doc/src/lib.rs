@@ -10,6 +10,7 @@ pub mod front_matter;
 pub mod output;
 mod parse;
 mod render;
+pub mod terminal;
 
 pub use error::{ErrorKind, Location, ParseError};
 pub use front_matter::{FrontMatter, Network};
