@@ -19,6 +19,7 @@ pub const KEYS: &[&str] = &[
     "step_timeout",
     "cpus",
     "memory",
+    "disk",
     "network",
     "artifacts",
     "workdir",
@@ -41,6 +42,15 @@ pub const MAX_SIZE: u64 = 1 << 50;
 pub const MAX_CPUS: f64 = 1024.0;
 /// The fewest CPUs a sandbox may be given.
 pub const MIN_CPUS: f64 = 0.01;
+/// The least memory a sandbox may be given: below about 768 KiB its agent cannot start, and a
+/// shell and a step's files in its /run (a sixteenth of the limit) need a little more.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// The least disk a sandbox may be given: room for its filesystem's own bookkeeping and a
+/// few small files.
+pub const MIN_DISK: u64 = 16 << 20;
+/// The most disk a sandbox may be given: 16 TiB, the largest file ext4 holds (a sandbox's
+/// disk is a file on the host).
+pub const MAX_DISK: u64 = 16 << 40;
 
 /// Separates the parts of a value error inside a serde error message (message, key, hint);
 /// parsing splits them again ([`split_value_error`]). The parts are split from the right and
@@ -96,6 +106,9 @@ pub struct FrontMatter {
     /// Memory limit in bytes (`512M`, `2GiB`).
     #[serde(default, deserialize_with = "memory")]
     pub memory: Option<u64>,
+    /// Disk limit in bytes (`2G`): what the sandbox may write to its root, /tmp and workspace.
+    #[serde(default, deserialize_with = "disk")]
+    pub disk: Option<u64>,
     /// `none` (only loopback) or `host`.
     #[serde(default)]
     pub network: Network,
@@ -507,28 +520,77 @@ fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     Ok(Some(cpus))
 }
 
-const MEMORY_HINT: &str =
-    "memory is a size from 1 byte to 1 PiB, such as `512M`, `2GiB` or `1500MB`";
+const MEMORY_HINT: &str = "memory is a size from 4M to 1 PiB, such as `512M`, `2GiB` or `1500MB`";
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let bytes = match Plain::deserialize(d)? {
+    size_value(d, "memory", MIN_MEMORY, MAX_SIZE, MEMORY_HINT)
+}
+
+const DISK_HINT: &str = "disk is a size from 16M to 16T, such as `2G` or `500M` (default 10G)";
+
+fn disk<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    size_value(d, "disk", MIN_DISK, MAX_DISK, DISK_HINT)
+}
+
+/// A size of front matter key `key`, from `min` to `max` bytes.
+fn size_value<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+    min: u64,
+    max: u64,
+    hint: &str,
+) -> Result<Option<u64>, D::Error> {
+    let (bytes, text) = match Plain::deserialize(d)? {
         Plain::Null => return Ok(None),
-        Plain::Int(n) if n <= 0 => Err(format!("memory `{n}` is not a positive size")),
-        Plain::Int(n) => match u64::try_from(n) {
-            Ok(b) if b <= MAX_SIZE => Ok(b),
-            _ => Err(too_large(&n.to_string())),
-        },
-        Plain::Float(f) if f > MAX_SIZE as f64 => Err(too_large(&float_text(f))),
-        Plain::Float(f) => Err(format!(
-            "memory `{}` is not a whole number of bytes",
-            float_text(f)
-        )),
-        Plain::Str(s) => parse_size(&s),
-        other => Err(format!("memory must be a size, not {}", other.kind())),
+        Plain::Int(n) if n <= 0 => (
+            Err(format!("{key} `{n}` is not a positive size")),
+            n.to_string(),
+        ),
+        Plain::Int(n) => (
+            match u64::try_from(n) {
+                Ok(b) if b <= MAX_SIZE => Ok(b),
+                _ => Err(too_large(&n.to_string())),
+            },
+            n.to_string(),
+        ),
+        Plain::Float(f) if f > MAX_SIZE as f64 => (Err(too_large(&float_text(f))), float_text(f)),
+        Plain::Float(f) => (
+            Err(format!(
+                "{key} `{}` is not a whole number of bytes",
+                float_text(f)
+            )),
+            float_text(f),
+        ),
+        Plain::Str(s) => (parse_size(&s), s.trim().to_string()),
+        other => (
+            Err(format!("{key} must be a size, not {}", other.kind())),
+            String::new(),
+        ),
     };
+    let bytes = bytes.and_then(|b| {
+        if (min..=max).contains(&b) {
+            Ok(b)
+        } else {
+            Err(format!(
+                "{key} `{text}` is out of range: {key} must be from {} to {}",
+                format_size(min),
+                format_size(max)
+            ))
+        }
+    });
     bytes
         .map(Some)
-        .map_err(|message| value_error("memory", message, MEMORY_HINT))
+        .map_err(|message| value_error(key, message, hint))
+}
+
+/// A size in the units [`parse_size`] reads, for messages: `4M`, `16T`, `1536K`.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 fn too_large(text: &str) -> String {

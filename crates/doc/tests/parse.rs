@@ -193,6 +193,13 @@ fn huge_and_hostile_numbers_are_refused_with_their_place_and_the_bound() {
         ("memory: 2048T", 9, "at most 1 PiB"),
         ("memory: -1", 9, "not a positive size"),
         ("memory: {a: 1}", 9, "not a mapping"),
+        ("memory: 4K", 9, "from 4M to 1024T"),
+        ("memory: 1", 9, "from 4M to 1024T"),
+        ("disk: 1K", 7, "from 16M to 16T"),
+        ("disk: 17T", 7, "from 16M to 16T"),
+        ("disk: -3", 7, "not a positive size"),
+        ("disk: lots", 7, "not a size"),
+        ("cpus: 1e9", 7, "from 0.01 to 1024"),
         ("cpus: 1e300", 7, "from 0.01 to 1024"),
         ("cpus: .nan", 7, "from 0.01 to 1024"),
         ("cpus: -.inf", 7, "from 0.01 to 1024"),
@@ -226,7 +233,7 @@ fn huge_and_hostile_numbers_are_refused_with_their_place_and_the_bound() {
 #[test]
 fn values_at_the_bounds_are_taken() {
     let doc = parse(
-        "---\ntimeout: 365d\nstep_timeout: 31536000\nmemory: 1024T\ncpus: 1024\n---\n```bash\ntrue\n```\n",
+        "---\ntimeout: 365d\nstep_timeout: 31536000\nmemory: 1024T\ncpus: 1024\ndisk: 16T\n---\n```bash\ntrue\n```\n",
     );
     let fm = doc.front_matter();
     assert_eq!(fm.timeout, Some(upstream_doc::front_matter::MAX_DURATION));
@@ -236,10 +243,13 @@ fn values_at_the_bounds_are_taken() {
     );
     assert_eq!(fm.memory, Some(upstream_doc::front_matter::MAX_SIZE));
     assert_eq!(fm.cpus, Some(1024.0));
-    let doc = parse("---\ntimeout: 1.5\nmemory: 1\ncpus: 0.01\n---\n```bash\ntrue\n```\n");
+    assert_eq!(fm.disk, Some(upstream_doc::front_matter::MAX_DISK));
+    let doc =
+        parse("---\ntimeout: 1.5\nmemory: 4M\ncpus: 0.01\ndisk: 16M\n---\n```bash\ntrue\n```\n");
     let fm = doc.front_matter();
     assert_eq!(fm.timeout, Some(std::time::Duration::from_millis(1500)));
-    assert_eq!((fm.memory, fm.cpus), (Some(1), Some(0.01)));
+    assert_eq!((fm.memory, fm.cpus), (Some(4 << 20), Some(0.01)));
+    assert_eq!(fm.disk, Some(16 << 20));
 }
 
 /// A key's value on the lines below it is pointed at by the key; values of other types

@@ -23,7 +23,7 @@ impl Image {
     }
 }
 
-/// Resource limits. `None` leaves a resource unlimited.
+/// Resource limits. `None` leaves a resource unlimited, but for `disk`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Limits {
     /// Bytes of memory.
@@ -32,12 +32,27 @@ pub struct Limits {
     pub cpus: Option<f64>,
     /// Processes and threads.
     pub pids: Option<u64>,
+    /// Bytes the sandbox may write to disk: its root's writable layer (with /tmp), its
+    /// workspace and whatever the host writes there for it. Enforced by a filesystem of the
+    /// sandbox's own where the backend can make one; a sandbox whose writable layer lives in
+    /// memory ([`SandboxSpec::scratch_in_memory`]) is bounded by its memory instead. `None`:
+    /// [`Limits::DEFAULT_DISK`]; whoever makes sandboxes for others (the daemon) puts its
+    /// own default here.
+    pub disk: Option<u64>,
 }
 
 impl Limits {
     /// The cap on processes every sandbox gets unless told otherwise: enough for builds, too
     /// few for a fork bomb to hurt the host.
     pub const DEFAULT_PIDS: u64 = 1024;
+    /// The disk limit of a sandbox that names none: room for a large build or data set,
+    /// and a bound on what a runaway step can take from the host.
+    pub const DEFAULT_DISK: u64 = 10 << 30;
+
+    /// The disk limit these limits give a disk-backed sandbox.
+    pub fn disk_or_default(&self) -> u64 {
+        self.disk.unwrap_or(Limits::DEFAULT_DISK)
+    }
 }
 
 /// The network a sandbox sees.

@@ -35,6 +35,10 @@ pub struct LimitsBody {
     pub cpus: Option<f64>,
     /// Processes and threads (default 1024, at most 4194304).
     pub pids: Option<u64>,
+    /// Bytes the sandbox may write to disk (its root, /tmp, its workspace), or a size such
+    /// as `2G` (16M to 16T). Default: the daemon's `--default-disk`.
+    #[schema(value_type = Option<String>, example = "2G")]
+    pub disk: Option<serde_json::Value>,
 }
 
 /// What to make a sandbox of.
@@ -83,6 +87,10 @@ pub struct SandboxBody {
     pub expires_in: Option<f64>,
     /// Where commands start.
     pub workdir: String,
+    /// Limits the sandbox was given that this host cannot enforce, each with why (a
+    /// rootless daemon has no cgroups to bound memory with, nor a filesystem of the
+    /// sandbox's own to bound its disk); empty when every limit holds.
+    pub unenforced: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -90,6 +98,8 @@ pub struct LimitsOut {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Bytes of disk.
+    pub disk: Option<u64>,
 }
 
 impl SandboxBody {
@@ -101,6 +111,7 @@ impl SandboxBody {
                 memory: live.shape.limits.memory,
                 cpus: live.shape.limits.cpus,
                 pids: live.shape.limits.pids,
+                disk: live.shape.limits.disk,
             },
             network: match live.shape.network {
                 NetworkMode::None => "none".into(),
@@ -113,6 +124,7 @@ impl SandboxBody {
             timeout: live.idle_timeout().map(|t| t.as_secs_f64()),
             expires_in: live.expires_in(),
             workdir: live.prepared.workdir.clone(),
+            unenforced: live.unenforced.clone(),
         }
     }
 }
@@ -122,21 +134,34 @@ pub struct SandboxList {
     pub sandboxes: Vec<SandboxBody>,
 }
 
-fn memory(value: &Option<serde_json::Value>) -> Result<Option<u64>, ApiError> {
+/// A size given as bytes or as text such as `512M`, in `limits.<field>`.
+fn size(value: &Option<serde_json::Value>, field: &str) -> Result<Option<u64>, ApiError> {
     let bytes = match value {
         None | Some(serde_json::Value::Null) => return Ok(None),
         Some(serde_json::Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            ApiError::bad_request("`limits.memory` must be a whole number of bytes")
+            ApiError::bad_request(format!("`limits.{field}` must be a whole number of bytes"))
         })?,
         Some(serde_json::Value::String(s)) => upstream_doc::front_matter::parse_size(s)
-            .map_err(|e| ApiError::bad_request(format!("`limits.memory`: {e}")))?,
+            .map_err(|e| ApiError::bad_request(format!("`limits.{field}`: {e}")))?,
         Some(_) => {
-            return Err(ApiError::bad_request(
-                "`limits.memory` must be bytes or a size such as `512M`",
-            ));
+            return Err(ApiError::bad_request(format!(
+                "`limits.{field}` must be bytes or a size such as `512M`"
+            )));
         }
     };
-    bounds::memory(bytes, "limits.memory").map(Some)
+    Ok(Some(bytes))
+}
+
+fn memory(value: &Option<serde_json::Value>) -> Result<Option<u64>, ApiError> {
+    size(value, "memory")?
+        .map(|b| bounds::memory(b, "limits.memory"))
+        .transpose()
+}
+
+fn disk(value: &Option<serde_json::Value>) -> Result<Option<u64>, ApiError> {
+    size(value, "disk")?
+        .map(|b| bounds::disk(b, "limits.disk"))
+        .transpose()
 }
 
 impl CreateSandbox {
@@ -168,6 +193,7 @@ impl CreateSandbox {
                 memory: memory(&self.limits.memory)?,
                 cpus,
                 pids: Some(pids),
+                disk: disk(&self.limits.disk)?,
             },
             network,
         };

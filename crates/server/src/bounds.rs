@@ -12,8 +12,11 @@ use crate::error::ApiError;
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// The most memory a sandbox may ask for: 16 TiB.
 pub const MAX_MEMORY: u64 = 16 << 40;
-/// The least: 1 MiB (an agent and a shell need more than nothing).
-pub const MIN_MEMORY: u64 = 1 << 20;
+/// The least: what a document may ask for (an agent, a shell and a step's files in /run).
+pub const MIN_MEMORY: u64 = upstream_doc::front_matter::MIN_MEMORY;
+/// Disk a sandbox may ask for, as a document may.
+pub const MIN_DISK: u64 = upstream_doc::front_matter::MIN_DISK;
+pub const MAX_DISK: u64 = upstream_doc::front_matter::MAX_DISK;
 /// CPUs a sandbox may ask for.
 pub const MIN_CPUS: f64 = 0.01;
 pub const MAX_CPUS: f64 = 1024.0;
@@ -68,7 +71,17 @@ pub fn memory(bytes: u64, field: &str) -> Result<u64, ApiError> {
         return Ok(bytes);
     }
     Err(ApiError::bad_request(format!(
-        "`{field}` is {bytes} bytes; give from 1M ({MIN_MEMORY} bytes) to 16T ({MAX_MEMORY} bytes)"
+        "`{field}` is {bytes} bytes; give from 4M ({MIN_MEMORY} bytes) to 16T ({MAX_MEMORY} bytes)"
+    )))
+}
+
+/// Bytes of disk within [`MIN_DISK`]..=[`MAX_DISK`].
+pub fn disk(bytes: u64, field: &str) -> Result<u64, ApiError> {
+    if (MIN_DISK..=MAX_DISK).contains(&bytes) {
+        return Ok(bytes);
+    }
+    Err(ApiError::bad_request(format!(
+        "`{field}` is {bytes} bytes; give from 16M ({MIN_DISK} bytes) to 16T ({MAX_DISK} bytes)"
     )))
 }
 
@@ -285,6 +298,10 @@ mod tests {
         assert!(memory(0, "m").is_err());
         assert!(memory(u64::MAX, "m").is_err());
         assert_eq!(memory(512 << 20, "m").unwrap(), 512 << 20);
+        assert!(memory(4 << 10, "m").is_err(), "too little for an agent");
+        assert!(disk(1 << 10, "d").is_err());
+        assert!(disk((16 << 40) + 1, "d").is_err());
+        assert_eq!(disk(1 << 30, "d").unwrap(), 1 << 30);
         assert!(cpus(0.0, "c").is_err());
         assert!(cpus(1e300, "c").is_err());
         assert!(cpus(f64::NAN, "c").is_err());

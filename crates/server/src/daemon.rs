@@ -46,6 +46,10 @@ pub struct Config {
     pub max_concurrent_per_tenant: usize,
     /// Idle timeout of a sandbox that asks for none; `None`: never.
     pub default_idle_timeout: Option<Duration>,
+    /// Memory limit of a sandbox or turn that asks for none; `None`: unlimited.
+    pub default_memory: Option<u64>,
+    /// Disk limit of a sandbox or turn that asks for none.
+    pub default_disk: u64,
     /// Largest request body accepted outside file uploads.
     pub max_body: usize,
     pub images: ImageSource,
@@ -98,6 +102,17 @@ impl HostNetwork {
     }
 }
 
+impl Config {
+    /// `limits` with the daemon's defaults where they name none.
+    pub fn with_default_limits(&self, limits: Limits) -> Limits {
+        Limits {
+            memory: limits.memory.or(self.default_memory),
+            disk: Some(limits.disk.unwrap_or(self.default_disk)),
+            ..limits
+        }
+    }
+}
+
 /// The tenant of requests on the local socket.
 pub const LOCAL_TENANT: &str = "local";
 
@@ -127,6 +142,7 @@ impl Shape {
                 "memory" => {
                     shape.limits.memory = Some(upstream_doc::front_matter::parse_size(value)?)
                 }
+                "disk" => shape.limits.disk = Some(upstream_doc::front_matter::parse_size(value)?),
                 "cpus" => {
                     let cpus: f64 = value
                         .parse()
@@ -151,7 +167,7 @@ impl Shape {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown `{key}`; a pool takes memory, cpus, pids and network"
+                        "unknown `{key}`; a pool takes memory, disk, cpus, pids and network"
                     ));
                 }
             }
@@ -175,6 +191,9 @@ impl Shape {
         let mut key = self.image.clone();
         if let Some(m) = self.limits.memory {
             key.push_str(&format!(" memory={m}"));
+        }
+        if let Some(d) = self.limits.disk {
+            key.push_str(&format!(" disk={d}"));
         }
         if let Some(c) = self.limits.cpus {
             key.push_str(&format!(" cpus={c}"));
@@ -208,6 +227,8 @@ pub struct Live {
     pub shape: Shape,
     pub prepared: Prepared,
     pub metadata: BTreeMap<String, String>,
+    /// Limits this host does not enforce for the sandbox, each with why.
+    pub unenforced: Vec<String>,
     /// Environment of every command, over the image's.
     pub env: BTreeMap<String, String>,
     /// Background commands started so far.
@@ -560,8 +581,13 @@ impl Daemon {
             .pools
             .iter()
             .map(|(shape, target)| {
+                // A pool holds sandboxes as a request that names no limits gets them.
+                let shape = Shape {
+                    limits: config.with_default_limits(shape.limits),
+                    ..shape.clone()
+                };
                 Arc::new(Pool {
-                    shape: shape.clone(),
+                    shape,
                     target: *target,
                     prepared: Mutex::new(None),
                     ready: Mutex::new(VecDeque::new()),
@@ -740,6 +766,8 @@ impl Daemon {
             .host_network
             .check(caller, request.shape.network)?;
         let tenant = caller.0.as_str();
+        let mut request = request;
+        request.shape.limits = self.config.with_default_limits(request.shape.limits);
         let admitted = self.admit(tenant)?;
         let start = Instant::now();
         let pooled = self.pool_for(&request.shape).and_then(|pool| {
@@ -781,6 +809,7 @@ impl Daemon {
             shape: request.shape,
             prepared,
             metadata: request.metadata,
+            unenforced: sandbox.info().unenforced.clone(),
             env,
             started: AtomicUsize::new(0),
             created_at: unix_ms(),
@@ -1089,6 +1118,7 @@ mod tests {
                 user: None,
             },
             metadata: BTreeMap::new(),
+            unenforced: Vec::new(),
             env: BTreeMap::new(),
             started: AtomicUsize::new(0),
             created_at: 0,

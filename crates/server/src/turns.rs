@@ -58,6 +58,11 @@ impl Backend for Pooled {
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        // A document that names no memory or disk limit gets the daemon's.
+        let spec = &SandboxSpec {
+            limits: self.0.config.with_default_limits(spec.limits),
+            ..spec.clone()
+        };
         let pooled = self.0.take_pooled(spec);
         crate::metrics::handed_out(&self.1, pooled.is_some());
         match pooled {

@@ -330,6 +330,7 @@ pub fn sandbox_spec(front_matter: &FrontMatter) -> SandboxSpec {
             memory: front_matter.memory,
             cpus: front_matter.cpus,
             pids: Some(Limits::DEFAULT_PIDS),
+            disk: front_matter.disk,
         },
         network: match front_matter.network {
             Network::None => NetworkMode::None,

@@ -96,6 +96,13 @@ pub struct ServeArgs {
     /// never; sessions may run for days).
     #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration_or_zero)]
     pub lifetime: std::time::Duration,
+    /// Memory limit of a sandbox or turn that names none (`0`: unlimited).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size_or_zero)]
+    pub default_memory: u64,
+    /// Disk limit of a sandbox or turn that names none: what it may write to its root, /tmp
+    /// and workspace.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_disk)]
+    pub default_disk: u64,
     /// Largest request body outside file uploads (which stream, unlimited).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_body: u64,
@@ -403,11 +410,11 @@ pub struct ExecArgs {
     /// The image to run in.
     #[arg(long, default_value = "host")]
     pub image: String,
-    /// Memory limit, such as 512M or 2GiB.
-    #[arg(long, value_parser = parse_size)]
+    /// Memory limit, such as 512M or 2GiB (at least 4M).
+    #[arg(long, value_parser = parse_memory)]
     pub memory: Option<u64>,
-    /// CPU limit as a number of CPUs, such as 0.5.
-    #[arg(long)]
+    /// CPU limit as a number of CPUs, such as 0.5 (0.01 to 1024).
+    #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<f64>,
     /// `none` (loopback only) or `host`.
     #[arg(long, default_value = "none")]
@@ -432,6 +439,47 @@ pub struct ExecArgs {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     upstream_doc::front_matter::parse_size(s)
+}
+
+/// A size from `min` to `max` bytes.
+fn size_within(s: &str, min: u64, max: u64) -> Result<u64, String> {
+    use upstream_doc::front_matter::format_size;
+    let bytes = parse_size(s)?;
+    if !(min..=max).contains(&bytes) {
+        return Err(format!(
+            "`{s}` is out of range: give from {} to {}",
+            format_size(min),
+            format_size(max)
+        ));
+    }
+    Ok(bytes)
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    use upstream_doc::front_matter::{MAX_SIZE, MIN_MEMORY};
+    size_within(s, MIN_MEMORY, MAX_SIZE)
+}
+
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    parse_memory(s)
+}
+
+fn parse_disk(s: &str) -> Result<u64, String> {
+    use upstream_doc::front_matter::{MAX_DISK, MIN_DISK};
+    size_within(s, MIN_DISK, MAX_DISK)
+}
+
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    use upstream_doc::front_matter::{MAX_CPUS, MIN_CPUS};
+    match s.trim().parse::<f64>() {
+        Ok(c) if (MIN_CPUS..=MAX_CPUS).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "`{s}` is not a number of CPUs from {MIN_CPUS} to {MAX_CPUS}"
+        )),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

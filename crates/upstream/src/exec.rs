@@ -64,6 +64,9 @@ pub fn exec(args: ExecArgs) -> u8 {
             memory: args.memory,
             cpus: args.cpus,
             pids: Some(Limits::DEFAULT_PIDS),
+            // An in-memory root is bounded by memory; one on disk (`--disk`) by a disk of its
+            // own of the default size.
+            disk: None,
         },
         network: match args.network {
             upstream_doc::Network::None => NetworkMode::None,

@@ -77,6 +77,8 @@ pub fn serve(args: ServeArgs) -> u8 {
         log: upstream_server::log::Log::new(|line| eprintln!("upstream serve: {line}")),
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
+        default_memory: (args.default_memory != 0).then_some(args.default_memory),
+        default_disk: args.default_disk,
         max_body: args.max_body.min(usize::MAX as u64) as usize,
         images,
     };
