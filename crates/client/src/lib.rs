@@ -24,6 +24,8 @@ pub enum ClientError {
     Connect { url: String, source: reqwest::Error },
     #[error("the daemon's answer: {0}")]
     Answer(String),
+    #[error("no daemon listens at {0}")]
+    NoDaemon(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -115,6 +117,24 @@ pub enum Stream {
     Stderr,
 }
 
+/// A document to run as a turn on the daemon (see the API's `RunTurn`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunTurn {
+    /// The markdown document.
+    pub document: String,
+    /// Its file name, when no `path` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its absolute path on the client's machine: the name the daemon's records give it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    /// Resume the document's last turn on the daemon at the step that stopped it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
+}
+
 /// A turn that ran on the daemon.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TurnResult {
@@ -190,6 +210,37 @@ impl Client {
             return Client::new(Endpoint::Socket(socket.to_path_buf())).map(Some);
         }
         Ok(None)
+    }
+
+    /// The daemon a command was asked to use: `url` (`--url`), else the local socket at
+    /// `socket` when `local` (`--daemon`), else `$UPSTREAM_URL` when `env` allows it; `None`
+    /// when none was asked for. A daemon that merely listens on this machine is never
+    /// chosen: where a context's turns go must not change because a socket appeared.
+    pub fn chosen(
+        url: Option<&str>,
+        local: bool,
+        env: bool,
+        socket: &Path,
+    ) -> Result<Option<Client>, ClientError> {
+        let key = || {
+            std::env::var("UPSTREAM_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        };
+        if let Some(url) = url {
+            let url = url.to_string();
+            return Client::new(Endpoint::Url { url, key: key() }).map(Some);
+        }
+        if local {
+            if std::os::unix::net::UnixStream::connect(socket).is_err() {
+                return Err(ClientError::NoDaemon(format!("unix:{}", socket.display())));
+            }
+            return Client::new(Endpoint::Socket(socket.to_path_buf())).map(Some);
+        }
+        match std::env::var("UPSTREAM_URL").ok().filter(|u| !u.is_empty()) {
+            Some(url) if env => Client::new(Endpoint::Url { url, key: key() }).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Where the daemon is, for messages.
@@ -328,19 +379,13 @@ impl Client {
     /// connection (ending the process) stops the turn.
     pub fn run_turn_streamed(
         &self,
-        document: &str,
-        name: &str,
-        secrets: &BTreeMap<String, String>,
+        turn: &RunTurn,
         on_event: &mut dyn FnMut(Value),
     ) -> Result<TurnResult, ClientError> {
         let response = self.send(
             self.request(reqwest::Method::POST, "/v1/turns")
                 .header("Accept", "application/x-ndjson")
-                .json(&serde_json::json!({
-                    "document": document,
-                    "name": name,
-                    "secrets": secrets,
-                })),
+                .json(turn),
         )?;
         for line in BufReader::new(response).lines() {
             let line = line?;
@@ -361,19 +406,70 @@ impl Client {
     }
 
     /// Runs a document as a turn on the daemon.
-    pub fn run_turn(
-        &self,
-        document: &str,
-        name: &str,
-        secrets: &BTreeMap<String, String>,
-    ) -> Result<TurnResult, ClientError> {
-        self.json(
-            self.request(reqwest::Method::POST, "/v1/turns")
-                .json(&serde_json::json!({
-                    "document": document,
-                    "name": name,
-                    "secrets": secrets,
-                })),
-        )
+    pub fn run_turn(&self, turn: &RunTurn) -> Result<TurnResult, ClientError> {
+        self.json(self.request(reqwest::Method::POST, "/v1/turns").json(turn))
     }
+
+    /// The tenant's turns, oldest first (the API's `GET /v1/turns`): each a JSON object as
+    /// `upstream log --json` prints it.
+    pub fn turns(&self, context: Option<&str>, last: Option<u64>) -> Result<Value, ClientError> {
+        let mut query = Vec::new();
+        if let Some(context) = context {
+            query.push(("context", context.to_string()));
+        }
+        if let Some(last) = last {
+            query.push(("last", last.to_string()));
+        }
+        let mut list: Value = self.json(
+            self.request(reqwest::Method::GET, "/v1/turns")
+                .query(&query),
+        )?;
+        Ok(list["turns"].take())
+    }
+
+    /// A turn (by number, id or the start of its id), with its steps and artifacts.
+    pub fn turn(&self, selector: &str) -> Result<Value, ClientError> {
+        let mut body: Value = self.json(self.request(
+            reqwest::Method::GET,
+            &format!("/v1/turns/{}", path_segment(selector)),
+        ))?;
+        Ok(body["turn"].take())
+    }
+
+    /// The tenant's contexts.
+    pub fn contexts(&self) -> Result<Value, ClientError> {
+        let mut list: Value = self.json(self.request(reqwest::Method::GET, "/v1/contexts"))?;
+        Ok(list["contexts"].take())
+    }
+
+    /// The artifacts a new turn of `context` would start with.
+    pub fn context_artifacts(&self, context: &str) -> Result<Value, ClientError> {
+        let mut list: Value = self.json(
+            self.request(reqwest::Method::GET, "/v1/artifacts")
+                .query(&[("context", context)]),
+        )?;
+        Ok(list["artifacts"].take())
+    }
+
+    /// The content of a blob of the tenant's store, by the name a record gives it, as it
+    /// streams in (the daemon checked it against its name before sending it).
+    pub fn blob(&self, name: &str) -> Result<impl Read + use<>, ClientError> {
+        self.send(self.request(
+            reqwest::Method::GET,
+            &format!("/v1/blobs/{}", path_segment(name)),
+        ))
+    }
+}
+
+/// `text` as one segment of a URL's path: everything but unreserved characters escaped.
+fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

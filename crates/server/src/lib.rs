@@ -68,6 +68,7 @@ fn api(daemon: &Arc<Daemon>) -> (Router<Arc<Daemon>>, utoipa::openapi::OpenApi) 
         .routes(routes!(turns::get_turn))
         .routes(routes!(turns::list_contexts))
         .routes(routes!(turns::list_artifacts))
+        .routes(routes!(turns::get_blob))
         .layer(DefaultBodyLimit::max(daemon.config.max_body))
         .merge(uploads)
         .split_for_parts();

@@ -28,8 +28,17 @@ use crate::stream::Framing;
 pub struct RunTurn {
     /// The markdown document.
     pub document: String,
-    /// Its name, in the records and in error messages (default `turn.md`).
+    /// Its file name, in the records and in error messages when no `path` is given
+    /// (default `turn.md`).
     pub name: Option<String>,
+    /// Where the client has it: an absolute path of the client's machine, which the
+    /// records and error messages name it by, so that `upstream log` shows the document
+    /// the client ran. A label only: the daemon never opens it.
+    pub path: Option<String>,
+    /// Resume the document's last turn (recorded under the same `path`) at the step that
+    /// stopped it, with the workspace the steps before it left, as `upstream run --resume`.
+    #[serde(default)]
+    pub resume: bool,
     /// Values of the secrets its front matter names.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
@@ -177,7 +186,9 @@ pub async fn run_turn(
             document: document
                 .ok_or_else(|| ApiError::bad_request("the form has no `document` part"))?,
             name,
+            path: None,
             secrets,
+            resume: false,
             stream: false,
         }
     } else {
@@ -187,7 +198,9 @@ pub async fn run_turn(
                 document: String::from_utf8(body.to_vec())
                     .map_err(|_| ApiError::bad_request("the document is not UTF-8"))?,
                 name: None,
+                path: None,
                 secrets: BTreeMap::new(),
+                resume: false,
                 stream: false,
             }
         } else {
@@ -201,8 +214,11 @@ pub async fn run_turn(
             "`name` must be a file name of 1 to 255 bytes, without a directory",
         ));
     }
+    let path = match &request.path {
+        Some(path) => document_label(path)?,
+        None => PathBuf::from(&name),
+    };
     crate::bounds::secrets(&request.secrets)?;
-    let path = PathBuf::from(&name);
     let document = upstream_doc::Document::parse(&path, request.document.as_bytes())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let network = match document.front_matter().network {
@@ -215,6 +231,7 @@ pub async fn run_turn(
         store: Some(daemon.tenant_store(&tenant.0)),
         images: Some(daemon.config.images.clone()),
         secrets: Some(request.secrets),
+        resume: request.resume,
         ..TurnOptions::default()
     };
     let backend = Pooled(daemon.clone(), tenant.0.clone());
@@ -307,6 +324,30 @@ pub async fn run_turn(
         watcher.abort();
     });
     Ok(framing.response(rx))
+}
+
+/// The path a client names its document by, checked to be one a record can show: absolute,
+/// at most 4,096 bytes, without `.` or `..` components or control characters. It is never
+/// opened.
+fn document_label(path: &str) -> Result<PathBuf, ApiError> {
+    let refused = |why: &str| {
+        ApiError::bad_request(format!(
+            "`path` {why}; send the document's absolute path on your machine, such as /home/me/project/analysis.md"
+        ))
+    };
+    if !path.starts_with('/') {
+        return Err(refused("must be absolute"));
+    }
+    if path.len() > 4096 {
+        return Err(refused("is longer than 4,096 bytes"));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(refused("holds control characters"));
+    }
+    if path.ends_with('/') || path.split('/').any(|c| c == "." || c == "..") {
+        return Err(refused("must name a file, without `.` or `..`"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Opens the tenant's store, on a blocking thread.
@@ -430,4 +471,73 @@ pub async fn list_artifacts(
     )
     .await?;
     Ok(Json(ArtifactList { artifacts }))
+}
+
+/// The content of a blob of the tenant's store, by the BLAKE3 name a record gives it: the
+/// document a turn ran (`source`) or left (`result`), a step's whole output (`log`: chunks
+/// of a byte 1 for stdout or 2 for stderr, a little-endian u32 length, then the bytes), an
+/// artifact's file. Streamed; checked against its name before the first byte is sent.
+#[utoipa::path(get, path = "/v1/blobs/{blob}", tag = "turns",
+    params(("blob" = String, Path, description = "64 hex digits")),
+    responses((status = 200, content_type = "application/octet-stream"),
+        (status = 404, body = ErrorBody)))]
+pub async fn get_blob(
+    State(daemon): State<Arc<Daemon>>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use std::io::Read;
+    let Some(id) = upstream_store::BlobId::parse(&name) else {
+        return Err(ApiError::bad_request(
+            "a blob is named by 64 hex digits, as the records of turns give them",
+        ));
+    };
+    let missing = move || ApiError::not_found("blob", &name, "GET /v1/turns/{turn}");
+    let reader = with_store(&daemon, &tenant, move |s| {
+        s.blobs().open(&id).map_err(|e| match e {
+            upstream_store::BlobError::Missing { .. } => missing(),
+            e => ApiError::from(upstream_store::StoreError::from(e)),
+        })
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let share = daemon.shares.of(&tenant.0);
+    tokio::spawn(async move {
+        let sent = share
+            .run(move || {
+                let mut reader = reader;
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => {
+                            if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                                // The client went away: nothing more to send.
+                                return Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(reader.error(e)),
+                    }
+                }
+            })
+            .await;
+        match sent {
+            Ok(Ok(())) => {}
+            // The answer has begun: its end, cut short, is all the client can be told.
+            Ok(Err(e)) => crate::log::error(&format!("sending a blob: {e}")),
+            Err(e) => crate::log::error(&format!("sending a blob: {e}")),
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -125,10 +125,11 @@ pub struct ArtifactRow {
     pub target: Option<String>,
 }
 
-/// A turn with its steps and artifacts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A turn with its steps and artifacts: in JSON, the summary's fields beside its own, where
+/// the list of steps takes the place of the summary's count of them (read back, the count
+/// is the list's length).
+#[derive(Debug, Clone, PartialEq)]
 pub struct TurnDetail {
-    #[serde(flatten)]
     pub summary: TurnSummary,
     pub sandbox: Option<serde_json::Value>,
     /// The document as it was run.
@@ -137,6 +138,61 @@ pub struct TurnDetail {
     pub result: Option<BlobId>,
     pub steps: Vec<StepRow>,
     pub artifact_list: Vec<ArtifactRow>,
+}
+
+/// [`TurnDetail`]'s own fields, as JSON has them.
+#[derive(Serialize, Deserialize)]
+struct DetailFields {
+    sandbox: Option<serde_json::Value>,
+    source: Option<BlobId>,
+    result: Option<BlobId>,
+    steps: Vec<StepRow>,
+    artifact_list: Vec<ArtifactRow>,
+}
+
+impl Serialize for TurnDetail {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut all = serde_json::to_value(&self.summary).map_err(S::Error::custom)?;
+        let own = serde_json::to_value(DetailFields {
+            sandbox: self.sandbox.clone(),
+            source: self.source.clone(),
+            result: self.result.clone(),
+            steps: self.steps.clone(),
+            artifact_list: self.artifact_list.clone(),
+        })
+        .map_err(S::Error::custom)?;
+        if let (serde_json::Value::Object(all), serde_json::Value::Object(own)) = (&mut all, own) {
+            all.extend(own);
+        }
+        all.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for TurnDetail {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TurnDetail, D::Error> {
+        use serde::de::Error;
+        let mut all = serde_json::Map::deserialize(deserializer)?;
+        let mut own = serde_json::Map::new();
+        for key in ["sandbox", "source", "result", "steps", "artifact_list"] {
+            if let Some(value) = all.remove(key) {
+                own.insert(key.into(), value);
+            }
+        }
+        let own: DetailFields =
+            serde_json::from_value(serde_json::Value::Object(own)).map_err(D::Error::custom)?;
+        all.insert("steps".into(), own.steps.len().into());
+        let summary: TurnSummary =
+            serde_json::from_value(serde_json::Value::Object(all)).map_err(D::Error::custom)?;
+        Ok(TurnDetail {
+            summary,
+            sandbox: own.sandbox,
+            source: own.source,
+            result: own.result,
+            steps: own.steps,
+            artifact_list: own.artifact_list,
+        })
+    }
 }
 
 /// An output value with where it came from.

@@ -265,6 +265,8 @@ pub struct LogArgs {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArg,
+    #[command(flatten)]
+    pub daemon: DaemonArg,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +285,8 @@ pub struct ShowArgs {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArg,
+    #[command(flatten)]
+    pub daemon: DaemonArg,
 }
 
 #[derive(Debug, Args)]
@@ -296,6 +300,8 @@ pub struct ArtifactsArgs {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArg,
+    #[command(flatten)]
+    pub daemon: DaemonArg,
 }
 
 /// Whose artifacts: a context's latest (the default: the context of the last turn), or what
@@ -396,11 +402,30 @@ pub struct RunArgs {
     /// A registry to reach over plain HTTP (loopback ones always are); may be repeated.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
-    /// Run here even when a daemon is reachable (`$UPSTREAM_URL`, or its local socket).
+    /// Go on with the next document after one that did not pass (by default the run stops
+    /// there, so that a pipeline never goes on from an older context).
     #[arg(long)]
+    pub keep_going: bool,
+    /// Run here even when `$UPSTREAM_URL` names a daemon.
+    #[arg(long, conflicts_with_all = ["daemon", "url"])]
     pub local: bool,
     #[command(flatten)]
     pub store: StoreArg,
+    #[command(flatten)]
+    pub daemon: DaemonArg,
+}
+
+/// Which daemon, if any, runs turns or holds their records: a context lives in one store,
+/// and a daemon is used only when asked, never because one happens to be listening.
+#[derive(Debug, Args, Clone)]
+pub struct DaemonArg {
+    /// Use the daemon of this machine, through its local socket (in the state directory).
+    #[arg(long, conflicts_with = "url")]
+    pub daemon: bool,
+    /// Use the daemon at this URL, with the API key in `$UPSTREAM_API_KEY` (default:
+    /// `$UPSTREAM_URL`, when set and neither --store nor --local is given).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
     #[command(flatten)]
     pub state: StateArg,
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cli;
+mod daemon_records;
 mod doctor;
 mod exec;
 mod images;

@@ -1,7 +1,7 @@
 //! `upstream run`: run documents, show progress, write results back.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use upstream_backend_ns::NamespaceBackend;
@@ -10,7 +10,7 @@ use upstream_sandbox::SandboxError;
 use upstream_turn::wire::TurnEvent;
 use upstream_turn::{Cancel, TurnError, TurnOptions, TurnRecord, TurnStatus, WriteBack};
 
-use crate::cli::RunArgs;
+use crate::cli::{DaemonArg, RunArgs};
 use crate::exit;
 use crate::progress::{self, Progress};
 
@@ -30,44 +30,131 @@ pub fn run(args: RunArgs) -> u8 {
     if bad {
         return exit::BAD_INPUT;
     }
-    // A daemon runs the turns when one is reachable, unless told otherwise or asked for what
-    // only a local run does.
-    if !args.local && !args.resume && args.store.store.is_none() {
-        let socket = crate::serve::state_dir(&args.state).join("upstream.sock");
-        match upstream_client::Client::from_env(&socket) {
-            Ok(Some(client)) => {
-                let cancel = Cancel::default();
-                let mut worst = exit::OK;
-                for (document, original) in &documents {
-                    let code = run_remote(&args, &client, document, original, &cancel);
-                    worst = worst.max(code);
-                    if code == exit::INTERRUPTED {
-                        break;
-                    }
-                }
-                return worst;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("error: {e}");
-                return exit::SANDBOX;
-            }
-        }
+    if args.store.store.is_some() && (args.daemon.daemon || args.daemon.url.is_some()) {
+        eprintln!("error: --store names a store here, and a daemon keeps its turns in its own");
+        eprintln!("hint: leave out --store to run on the daemon, or --daemon/--url to run here");
+        return exit::BAD_INPUT;
     }
-    let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
-        Ok(b) => b,
-        Err(e) => return sandbox_failed(&e),
+    // A daemon runs the turns only when asked: one that merely listens here never moves a
+    // context's turns out of the store they have been going to.
+    let client = match daemon_client(&args.daemon, !args.local && args.store.store.is_none()) {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let backend = match client {
+        Some(_) => None,
+        None => match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
+            Ok(b) => Some(b),
+            Err(e) => return sandbox_failed(&e),
+        },
     };
     let cancel = Cancel::default();
     let mut worst = exit::OK;
-    for (document, original) in &documents {
-        let code = run_one(&args, &backend, document, original, &cancel);
+    let mut shown_store = None;
+    for (i, (document, original)) in documents.iter().enumerate() {
+        let code = match (&client, &backend) {
+            (Some(client), _) => run_remote(&args, client, document, original, &cancel),
+            (None, Some(backend)) => {
+                let store = store_of(document, &args);
+                if shown_store.as_ref() != Some(&store) {
+                    say_store(document, &store, args.store.store.is_some());
+                    shown_store = Some(store);
+                }
+                run_one(&args, backend, document, original, &cancel)
+            }
+            (None, None) => unreachable!("a local run has its backend"),
+        };
         worst = worst.max(code);
         if code == exit::INTERRUPTED {
             break;
         }
+        let rest = &documents[i + 1..];
+        if code != exit::OK && !args.keep_going && !rest.is_empty() {
+            let names: Vec<String> = rest
+                .iter()
+                .map(|(d, _)| d.path().display().to_string())
+                .collect();
+            eprintln!(
+                "Not run: {} ({} did not pass, and the next turns would start from an older context; --keep-going runs them anyway)",
+                names.join(", "),
+                document.path().display()
+            );
+            break;
+        }
     }
     worst
+}
+
+/// The daemon `arg` asks for (`--url`, `--daemon`; `$UPSTREAM_URL` when `env`), if any; a
+/// daemon asked for that is not there is an error, never a quiet fallback to this machine.
+pub fn daemon_client(arg: &DaemonArg, env: bool) -> Result<Option<upstream_client::Client>, u8> {
+    let socket = crate::serve::state_dir(&arg.state).join("upstream.sock");
+    match upstream_client::Client::chosen(arg.url.as_deref(), arg.daemon, env, &socket) {
+        Ok(client) => Ok(client),
+        Err(e @ upstream_client::ClientError::NoDaemon(_)) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "hint: start it with `upstream serve` (or name another with --state-dir), or leave out --daemon to use the store here"
+            );
+            Err(exit::SANDBOX)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(exit::SANDBOX)
+        }
+    }
+}
+
+/// The store a local turn of `document` goes to, as the turn finds it.
+fn store_of(document: &Document, args: &RunArgs) -> PathBuf {
+    let dir = document
+        .path()
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    upstream_store::locate(dir, args.store.store.as_deref())
+}
+
+/// Says which store a turn goes to (relative to the current directory when below it), and
+/// warns when the store was found in the home directory or above it while the document is
+/// in a project further down: every project there then shares one chain of turns.
+fn say_store(document: &Document, store: &Path, named: bool) {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let absolute = std::path::absolute(store).unwrap_or_else(|_| store.to_path_buf());
+    let shown = match absolute.strip_prefix(&cwd) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+        _ => absolute.display().to_string(),
+    };
+    let new = if store.join("store.db").is_file() {
+        ""
+    } else {
+        " (new)"
+    };
+    eprintln!("Store: {shown}{new}");
+    if named || std::env::var_os("UPSTREAM_STORE").is_some() {
+        return;
+    }
+    let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+        return;
+    };
+    let (Some(holder), Some(doc_dir)) = (
+        absolute.parent(),
+        std::path::absolute(document.path())
+            .ok()
+            .and_then(|d| d.parent().map(Path::to_path_buf)),
+    ) else {
+        return;
+    };
+    if home.starts_with(holder) && doc_dir != holder && doc_dir.starts_with(holder) {
+        eprintln!(
+            "warning: this store is in {}, above the document's directory: every project below it shares its contexts",
+            holder.display()
+        );
+        eprintln!(
+            "hint: `mkdir {}/.upstream` gives this project a store of its own",
+            doc_dir.display()
+        );
+    }
 }
 
 fn run_one(
@@ -219,6 +306,20 @@ fn finish(
             eprintln!("{summary}");
             code
         }
+        Ok(WriteBack::Unlinked { links }) => {
+            summary.push_str(&format!(
+                " · results written to {}",
+                document.path().display()
+            ));
+            eprintln!("{summary}");
+            eprintln!(
+                "warning: {} had {} other hard link{}, which still hold the document as it was before this turn",
+                document.path().display(),
+                links - 1,
+                if links == 2 { "" } else { "s" }
+            );
+            code
+        }
         Ok(WriteBack::Conflict) => {
             eprintln!("{summary}");
             eprintln!(
@@ -270,7 +371,19 @@ fn run_remote(
         .path()
         .file_name()
         .map_or("turn.md".into(), |n| n.to_string_lossy().into_owned());
+    // The daemon's records name the document as it is here: one history, whichever door a
+    // turn came in by.
+    let path = std::path::absolute(document.path())
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string));
     eprintln!("Daemon: {} runs {name}", client.endpoint());
+    let request = upstream_client::RunTurn {
+        document: String::from_utf8_lossy(original).into_owned(),
+        name: Some(name),
+        path,
+        secrets,
+        resume: args.resume,
+    };
     // The daemon is read on a thread of its own, so that Ctrl-C is seen at once: ending the
     // process drops the connection, and the daemon stops the turn.
     enum Heard {
@@ -280,10 +393,9 @@ fn run_remote(
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let client = client.clone();
-        let source = String::from_utf8_lossy(original).into_owned();
         std::thread::spawn(move || {
             let events = tx.clone();
-            let done = client.run_turn_streamed(&source, &name, &secrets, &mut |event| {
+            let done = client.run_turn_streamed(&request, &mut |event| {
                 let _ = events.send(Heard::Event(event));
             });
             let _ = tx.send(Heard::Done(done));

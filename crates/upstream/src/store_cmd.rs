@@ -56,7 +56,7 @@ fn failed(e: &StoreError) -> u8 {
     }
 }
 
-fn print_json(value: &impl Serialize) -> u8 {
+pub(crate) fn print_json(value: &impl Serialize) -> u8 {
     let mut out = io::stdout().lock();
     match serde_json::to_writer_pretty(&mut out, value) {
         Ok(()) => {
@@ -83,6 +83,9 @@ fn artifacts_cell(count: u64, bytes: u64) -> String {
 }
 
 pub fn log(args: LogArgs) -> u8 {
+    if let Some(code) = crate::daemon_records::log(&args) {
+        return code;
+    }
     let store = match open(&args.store) {
         Ok(s) => s,
         Err(code) => return code,
@@ -91,7 +94,12 @@ pub fn log(args: LogArgs) -> u8 {
         Ok(t) => t,
         Err(e) => return failed(&e),
     };
-    if args.json {
+    print_log(&turns, args.json)
+}
+
+/// The turns as `upstream log` shows them.
+pub(crate) fn print_log(turns: &[upstream_store::TurnSummary], json: bool) -> u8 {
+    if json {
         return print_json(&turns);
     }
     if turns.is_empty() {
@@ -108,7 +116,7 @@ pub fn log(args: LogArgs) -> u8 {
         ("DURATION", Align::Right),
         ("ARTIFACTS", Align::Left),
     ]);
-    for t in &turns {
+    for t in turns {
         table.row(vec![
             t.number.to_string(),
             time(t.started_at),
@@ -135,6 +143,9 @@ struct StepOutput<'a> {
 }
 
 pub fn show(args: ShowArgs) -> u8 {
+    if let Some(code) = crate::daemon_records::show(&args) {
+        return code;
+    }
     let store = match open(&args.store) {
         Ok(s) => s,
         Err(code) => return code,
@@ -157,7 +168,13 @@ pub fn show(args: ShowArgs) -> u8 {
         };
     }
     if let Some(number) = args.step {
-        return show_step(&store, &turn, number, args.json);
+        return show_step(
+            &turn,
+            number,
+            args.json,
+            |log| store.blobs().open(log).map_err(|e| failed(&e.into())),
+            |reader, e| failed(&reader.error(e).into()),
+        );
     }
     if args.json {
         return print_json(&turn);
@@ -166,7 +183,7 @@ pub fn show(args: ShowArgs) -> u8 {
     exit::OK
 }
 
-fn print_turn(turn: &TurnDetail) {
+pub(crate) fn print_turn(turn: &TurnDetail) {
     let t = &turn.summary;
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "Turn {} ({})", t.number, t.id);
@@ -230,7 +247,15 @@ fn print_turn(turn: &TurnDetail) {
     );
 }
 
-fn show_step(store: &Store, turn: &TurnDetail, number: i64, json: bool) -> u8 {
+/// Prints step `number`'s whole output, its log opened by `open`; `fail` reports an error
+/// reading it.
+pub(crate) fn show_step<R: io::Read>(
+    turn: &TurnDetail,
+    number: i64,
+    json: bool,
+    open: impl FnOnce(&upstream_store::BlobId) -> Result<R, u8>,
+    fail: impl Fn(&R, io::Error) -> u8,
+) -> u8 {
     let Some(step) = turn.steps.iter().find(|s| s.number == number) else {
         eprintln!(
             "error: turn {} has no step {number} (it recorded {})",
@@ -250,12 +275,10 @@ fn show_step(store: &Store, turn: &TurnDetail, number: i64, json: bool) -> u8 {
         }
         return exit::OK;
     };
-    let reader = match store.blobs().open(log) {
+    let mut checked = match open(log) {
         Ok(r) => r,
-        Err(e) => return failed(&e.into()),
+        Err(code) => return code,
     };
-    let path = reader.path().to_path_buf();
-    let mut checked = reader;
     if json {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let result = replay(&mut checked, |stream, data| {
@@ -266,7 +289,7 @@ fn show_step(store: &Store, turn: &TurnDetail, number: i64, json: bool) -> u8 {
             Ok(())
         });
         if let Err(e) = result {
-            return failed(&checked.error(e).into());
+            return fail(&checked, e);
         }
         return print_json(&StepOutput {
             turn: turn.summary.number,
@@ -284,16 +307,14 @@ fn show_step(store: &Store, turn: &TurnDetail, number: i64, json: bool) -> u8 {
         Ok(()) => exit::OK,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => {
-            let e = checked.error(e);
             drop(out);
-            eprintln!("\nerror: {e}");
-            let _ = path;
-            exit::SANDBOX
+            eprintln!();
+            fail(&checked, e)
         }
     }
 }
 
-fn artifact_table(artifacts: &[ArtifactRow]) -> Table {
+pub(crate) fn artifact_table(artifacts: &[ArtifactRow]) -> Table {
     let mut table = Table::new(&[
         ("PATH", Align::Left),
         ("KIND", Align::Left),
@@ -353,6 +374,9 @@ fn scoped(store: &Store, scope: &ArtifactScope) -> Result<(Vec<ArtifactRow>, Str
 }
 
 pub fn artifacts(args: ArtifactsArgs) -> u8 {
+    if let Some(code) = crate::daemon_records::artifacts(&args) {
+        return code;
+    }
     let store = match open(&args.store) {
         Ok(s) => s,
         Err(code) => return code,
@@ -362,9 +386,20 @@ pub fn artifacts(args: ArtifactsArgs) -> u8 {
         Err(e) => return failed(&e),
     };
     if let Some(ArtifactsCommand::Get { path, output }) = args.get {
-        return get(&store, &list, &path, output.as_deref());
+        return get(
+            &list,
+            &path,
+            output.as_deref(),
+            |blob| store.blobs().open(blob).map_err(|e| failed(&e.into())),
+            |reader, e| failed(&reader.error(e).into()),
+        );
     }
-    if args.json {
+    print_artifacts(&list, &what, args.json)
+}
+
+/// Artifacts as `upstream artifacts` lists them, under `what`: whose they are.
+pub(crate) fn print_artifacts(list: &[ArtifactRow], what: &str, json: bool) -> u8 {
+    if json {
         return print_json(&list);
     }
     if list.is_empty() {
@@ -373,11 +408,19 @@ pub fn artifacts(args: ArtifactsArgs) -> u8 {
     }
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{what}");
-    let _ = artifact_table(&list).print(&mut out);
+    let _ = artifact_table(list).print(&mut out);
     exit::OK
 }
 
-fn get(store: &Store, list: &[ArtifactRow], path: &str, output: Option<&Path>) -> u8 {
+/// Writes the artifact at `path` of `list` to `output` (else stdout), its content opened by
+/// `open`; `fail` reports an error reading it.
+pub(crate) fn get<R: io::Read>(
+    list: &[ArtifactRow],
+    path: &str,
+    output: Option<&Path>,
+    open: impl FnOnce(&upstream_store::BlobId) -> Result<R, u8>,
+    fail: impl Fn(&R, io::Error) -> u8,
+) -> u8 {
     let wanted = path.trim_start_matches("./").trim_end_matches('/');
     let Some(artifact) = list.iter().find(|a| a.path == wanted) else {
         eprintln!("error: no artifact {path} here");
@@ -397,9 +440,9 @@ fn get(store: &Store, list: &[ArtifactRow], path: &str, output: Option<&Path>) -
     };
     // Checked against its name before this returns: nothing of a damaged blob, or of
     // anything but the store's own file, is written anywhere.
-    let mut reader = match store.blobs().open(blob) {
+    let mut reader = match open(blob) {
         Ok(r) => r,
-        Err(e) => return failed(&e.into()),
+        Err(code) => return code,
     };
     let result = match output {
         Some(file) => write_file(&mut reader, file, artifact.mode & 0o777),
@@ -408,7 +451,7 @@ fn get(store: &Store, list: &[ArtifactRow], path: &str, output: Option<&Path>) -
     match result {
         Ok(()) => exit::OK,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
-        Err(e) => failed(&reader.error(e).into()),
+        Err(e) => fail(&reader, e),
     }
 }
 
