@@ -5,6 +5,7 @@ pub mod pull;
 pub mod reference;
 pub mod registries;
 pub mod rootfs;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 pub mod unpack;
