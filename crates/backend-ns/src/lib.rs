@@ -7,6 +7,7 @@
 //! and becomes its agent. The host then talks to the agent over a socket pair.
 
 pub mod cgroup;
+pub mod disk;
 mod idmap;
 pub mod ids;
 pub mod init;

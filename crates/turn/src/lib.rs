@@ -5,6 +5,9 @@
 //! step's whole output, outputs, artifacts and the document with its results. Before the first
 //! step, the sandbox gets what the document's context left: the latest artifacts, the earlier
 //! turns' outputs as `UPSTREAM_CTX_*` variables and their history at `/context/turns.json`.
+//! Turns of one context never overlap: a turn holds its context's lock
+//! ([`Store::lock_context`]) from loading the context until its artifacts are recorded, and a
+//! second one waits for it ([`Event::Waiting`]) or for its [`Cancel`].
 //! It never writes the document itself: [`write_back`] does, and only if nobody changed the
 //! file meanwhile.
 
@@ -108,6 +111,13 @@ pub enum Event<'a> {
     ImageUnpacking,
     /// Something the user should know that does not stop the turn.
     Warning(&'a str),
+    /// Another turn of the context is running (turn `turn` of process `pid`, where known):
+    /// this one waits for it to finish, to start from what it leaves.
+    Waiting {
+        context: &'a str,
+        turn: Option<i64>,
+        pid: Option<u32>,
+    },
 }
 
 /// What a turn started with.
@@ -407,6 +417,19 @@ pub fn run(
         .context
         .clone()
         .unwrap_or_else(|| upstream_store::DEFAULT_CONTEXT.to_string());
+    // One turn of a context at a time, from loading what the last one left until this
+    // one's artifacts are recorded; the lock goes when this function returns.
+    let waiting = &mut |holder: &upstream_store::LockHolder| {
+        observer.event(Event::Waiting {
+            context: &context_name,
+            turn: holder.turn,
+            pid: holder.pid,
+        })
+    };
+    let Some(mut lock) = store.lock_context(&context_name, waiting, &|| cancel.is_cancelled())?
+    else {
+        return Err(SandboxError::Interrupted.into());
+    };
     let context = context::Context::load(&store, &context_name)?;
     let id = uuid::Uuid::now_v7().to_string();
     let shown_path = shown_path(document.path(), &store_dir);
@@ -426,6 +449,8 @@ pub fn run(
         started_at,
         resumed_from: resume.as_ref().map(|r| r.turn),
     })?;
+    // Only for a waiting turn to name this one.
+    let _ = lock.set_turn(number);
     let mut turn = TurnInStore {
         store,
         number,

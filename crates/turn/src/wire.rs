@@ -69,6 +69,12 @@ pub enum TurnEvent {
     Warning {
         message: String,
     },
+    /// Another turn of the context is running; this one waits for it.
+    Waiting {
+        context: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        turn: Option<i64>,
+    },
 }
 
 /// Which stream output came from.
@@ -151,6 +157,11 @@ impl TurnEvent {
             Event::ImageUnpacking => TurnEvent::ImageUnpacking,
             Event::Warning(message) => TurnEvent::Warning {
                 message: message.to_string(),
+            },
+            // The pid is of the process running the turn, which is no one else's business.
+            Event::Waiting { context, turn, .. } => TurnEvent::Waiting {
+                context: context.to_string(),
+                turn: *turn,
             },
         }
     }
@@ -246,6 +257,11 @@ impl TurnEvent {
             }
             TurnEvent::ImageUnpacking => observer.event(Event::ImageUnpacking),
             TurnEvent::Warning { message } => observer.event(Event::Warning(message)),
+            TurnEvent::Waiting { context, turn } => observer.event(Event::Waiting {
+                context,
+                turn: *turn,
+                pid: None,
+            }),
         }
     }
 }
@@ -341,6 +357,10 @@ mod tests {
             TurnEvent::Resuming { turn: 4, step: 2 },
             TurnEvent::Warning {
                 message: "careful".into(),
+            },
+            TurnEvent::Waiting {
+                context: "c".into(),
+                turn: Some(6),
             },
         ];
         let mut replayed = Recorder::default();

@@ -24,6 +24,8 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     /// A pull's layers, while it runs on a terminal.
     layers: Option<crate::layer_bars::LayerBars>,
+    /// The running step's stdout and stderr, shown with `-v` as a terminal can take them.
+    escapers: [upstream_doc::terminal::BlockEscaper; 2],
     stderr: io::Stderr,
 }
 
@@ -38,11 +40,32 @@ impl Progress {
             tty: stderr.is_terminal(),
             bar: None,
             layers: None,
+            escapers: Default::default(),
             stderr,
         }
     }
 
+    /// Shows a step's output (with `-v`), escaped already.
+    fn output(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let stderr = &mut self.stderr;
+        match &self.bar {
+            Some(bar) => bar.suspend(|| {
+                let _ = stderr.write_all(text.as_bytes());
+                let _ = stderr.flush();
+            }),
+            None => {
+                let _ = stderr.write_all(text.as_bytes());
+            }
+        }
+    }
+
+    /// Prints a line of progress. Whatever it quotes of the sandbox's (a summary, a file name,
+    /// an excerpt of output) is shown with its control characters escaped.
     fn line(&mut self, text: &str) {
+        let text = upstream_doc::terminal::line(text);
         match &self.bar {
             Some(bar) => bar.println(text),
             None => {
@@ -54,14 +77,23 @@ impl Progress {
 
 /// `Step 1: Count files ........`
 fn step_label(step: &Step) -> String {
-    let label = format!("Step {}: {}", step.number, step.title());
+    let label = format!(
+        "Step {}: {}",
+        step.number,
+        upstream_doc::terminal::line(&step.title())
+    );
     let width = label.chars().count();
     let dots = STATUS_COLUMN.saturating_sub(width + 2).max(3);
     format!("{label} {}", ".".repeat(dots))
 }
 
-/// `done (0.01s)`, `failed: exit 1 (0.2s)`, `timed out after 30s`, …
+/// `done (0.01s)`, `failed: exit 1 (0.2s)`, `timed out after 30s`, …; what the step chose (its
+/// summary, a message quoting it) with control characters escaped.
 pub fn status_text(record: &StepRecord) -> String {
+    upstream_doc::terminal::line(&status_text_raw(record)).into_owned()
+}
+
+fn status_text_raw(record: &StepRecord) -> String {
     let took = record
         .duration_ms
         .map(|ms| format_duration(Duration::from_millis(ms)));
@@ -127,21 +159,14 @@ impl Observer for Progress {
                     self.line(&format!("Step {}: {}", step.number, step.title()));
                 }
             }
-            Event::Output(_, data) => {
+            Event::Output(stream, data) => {
                 assert!(!self.panic_on_output, "{FAILPOINT}=panic-on-output");
                 if !self.verbose {
                     return;
                 }
-                let stderr = &mut self.stderr;
-                match &self.bar {
-                    Some(bar) => bar.suspend(|| {
-                        let _ = stderr.write_all(data);
-                        let _ = stderr.flush();
-                    }),
-                    None => {
-                        let _ = stderr.write_all(data);
-                    }
-                }
+                let mut text = String::new();
+                self.escapers[stream as usize].push(data, &mut text);
+                self.output(&text);
             }
             Event::Resuming { turn, step } => {
                 self.line(&format!(
@@ -149,6 +174,21 @@ impl Observer for Progress {
                 ));
             }
             Event::Warning(text) => self.line(&format!("warning: {text}")),
+            Event::Waiting { context, turn, pid } => {
+                // Ctrl-C stops the wait as it would stop the turn.
+                crate::interrupt::install(&self.cancel);
+                let whom = match turn {
+                    Some(n) => format!("turn {n}"),
+                    None => "a turn".to_string(),
+                };
+                let of = match pid {
+                    Some(pid) => format!(" (pid {pid})"),
+                    None => String::new(),
+                };
+                self.line(&format!(
+                    "Waiting for {whom} of context {context}{of} to finish, to start from what it leaves"
+                ));
+            }
             Event::Image {
                 reference,
                 pulled: None,
@@ -212,6 +252,11 @@ impl Observer for Progress {
                 self.line(&line);
             }
             Event::StepFinished(step, record) => {
+                let mut rest = String::new();
+                for escaper in &mut self.escapers {
+                    escaper.finish(&mut rest);
+                }
+                self.output(&rest);
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();
                 }

@@ -24,8 +24,19 @@ impl Table {
         }
     }
 
+    /// Adds a row. Cells are shown with control characters escaped
+    /// ([`upstream_doc::terminal::line`]): a sandbox names files and titles, and what it names
+    /// neither steers the terminal nor breaks the columns.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| match upstream_doc::terminal::line(&c) {
+                    std::borrow::Cow::Borrowed(_) => c,
+                    std::borrow::Cow::Owned(escaped) => escaped,
+                })
+                .collect(),
+        );
     }
 
     pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
@@ -88,6 +99,18 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "TURN  DOCUMENT\n   1  a.md\n  12  research.md\n"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_cells_are_shown_escaped() {
+        let mut t = Table::new(&[("PATH", Align::Left), ("KIND", Align::Left)]);
+        t.row(vec!["a\x1b]0;t\x07\u{202e}b\nc".into(), "file".into()]);
+        let mut out = Vec::new();
+        t.print(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "PATH                          KIND\na\\x1b]0;t\\x07\\u{202e}b\\x0ac  file\n"
         );
     }
 
