@@ -105,11 +105,59 @@ pub fn sandboxes_available() -> bool {
     result.is_ok()
 }
 
-/// Says why a test is skipped, past the test harness's output capture, so a skip is seen in
-/// every run, not only when a test fails.
+/// What a test needs that this machine lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lack {
+    /// Hardware (KVM) or a virtual machine monitor's binary: nothing `scripts/test` can
+    /// install.
+    Hardware,
+    /// Root: the test attacks what only upstream running as root does.
+    Root,
+    /// Anything else: a program `scripts/test` installs, a kernel setting, a filesystem
+    /// feature. The machine is not set up as the tests need.
+    Setup,
+}
+
+/// Whether a test may be skipped for want of `lack`. As root or in CI every test runs
+/// unless the machine lacks hardware: a skip there would pass a test that never ran.
+pub fn may_skip(lack: Lack, root: bool, ci: bool) -> bool {
+    match lack {
+        Lack::Hardware => true,
+        Lack::Root => !root,
+        Lack::Setup => !root && !ci,
+    }
+}
+
+/// Whether the tests run in CI: `$CI` set (as CI services set it), and not to `false` or `0`.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Skips a test for want of something this machine does not have (not root, not hardware):
+/// see [`skip_for`].
 pub fn skip(message: String) {
+    skip_for(Lack::Setup, message);
+}
+
+/// Says why a test is skipped, past the test harness's output capture, so a skip is seen in
+/// every run, not only when a test fails; `scripts/test` counts these lines. Where
+/// [`may_skip`] says no (as root or in CI, for anything but hardware), fails the test
+/// instead.
+pub fn skip_for(lack: Lack, message: String) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{message}");
+    let reason = message.trim_start_matches("SKIPPED:").trim_start();
+    assert!(
+        may_skip(lack, is_root(), in_ci()),
+        "not skipped: {reason}\nas root or in CI every test runs unless the machine lacks \
+         hardware (KVM, a VMM): give this machine what the test needs (scripts/test \
+         installs the programs the tests use)"
+    );
+    let label = match lack {
+        Lack::Hardware => "SKIPPED (hardware):",
+        Lack::Root => "SKIPPED (needs root):",
+        Lack::Setup => "SKIPPED:",
+    };
+    let _ = writeln!(std::io::stderr().lock(), "{label} {reason}");
 }
 
 /// Skips the calling test, loudly, when sandboxes cannot be made here.
@@ -132,10 +180,13 @@ macro_rules! require_root_sandbox {
     () => {
         $crate::require_sandbox!();
         if !$crate::util::is_root() {
-            $crate::util::skip(format!(
-                "SKIPPED: {}: needs root (cgroup limits and the uid-range sandbox)",
-                module_path!()
-            ));
+            $crate::util::skip_for(
+                $crate::util::Lack::Root,
+                format!(
+                    "{}: needs root (cgroup limits and the uid-range sandbox)",
+                    module_path!()
+                ),
+            );
             return;
         }
     };
@@ -231,4 +282,34 @@ pub fn result_block(doc: &str, n: usize) -> String {
         .and_then(|rest| rest.split("<!-- /upstream:result -->").next())
         .unwrap_or_else(|| panic!("no result block {n} in:\n{doc}"))
         .to_string()
+}
+
+#[test]
+fn only_missing_hardware_skips_a_test_as_root_or_in_ci() {
+    for (root, ci) in [(true, false), (true, true), (false, true)] {
+        assert!(
+            !may_skip(Lack::Setup, root, ci),
+            "a missing program or setting fails the run (root {root}, CI {ci})"
+        );
+        assert!(may_skip(Lack::Hardware, root, ci), "no KVM is no failure");
+    }
+    assert!(!may_skip(Lack::Root, true, false), "as root, root is there");
+    assert!(
+        may_skip(Lack::Root, false, true),
+        "CI as a user skips root's tests"
+    );
+    // A developer's machine, as a user: every skip is a skip.
+    for lack in [Lack::Setup, Lack::Root, Lack::Hardware] {
+        assert!(may_skip(lack, false, false), "{lack:?}");
+    }
+}
+
+/// The helper as tests call it: as root or in CI, a skip for want of a program fails.
+#[test]
+fn a_skip_for_want_of_a_program_fails_the_test_as_root_or_in_ci() {
+    let strict = is_root() || in_ci();
+    let skipped = std::panic::catch_unwind(|| {
+        skip("SKIPPED: util: the skip helper's own test, run as a user".into())
+    });
+    assert_eq!(skipped.is_err(), strict, "strict: {strict}");
 }
