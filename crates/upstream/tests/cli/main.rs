@@ -11,6 +11,7 @@ mod util;
 mod bad_input;
 mod context;
 mod exec;
+mod history;
 mod host_boundaries;
 mod hostside;
 mod image;

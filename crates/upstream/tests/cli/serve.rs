@@ -1600,7 +1600,8 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert!(removed.status.success());
     assert_eq!(crate::util::code(&cli(&["sandbox", "rm", &sid])), 2);
 
-    // `upstream run` sends the document to the daemon and writes the results back here.
+    // `upstream run --daemon` sends the document to the daemon and writes the results back
+    // here.
     let doc = env.write(
         "remote.md",
         "---\nsecrets: [TOKEN]\n---\n# Greet\n```bash\necho \"hi $TOKEN\"\n```\n",
@@ -1608,7 +1609,7 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     let out = env
         .command()
         .env("TOKEN", "abc")
-        .args(["run", "-v", "remote.md"])
+        .args(["run", "--daemon", "-v", "remote.md"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", crate::util::stderr(&out));
@@ -1661,7 +1662,7 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     let slow = env.write("slow.md", slow_text);
     let mut child = env
         .command()
-        .args(["run", "slow.md"])
+        .args(["run", "--daemon", "slow.md"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -1695,9 +1696,10 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // `--local` runs here even with a daemon up.
+    // `--local` runs here even with `$UPSTREAM_URL` set.
     let local_run = env
         .command()
+        .env("UPSTREAM_URL", &daemon.url)
         .env("TOKEN", "abc")
         .args(["run", "--local", "remote.md"])
         .output()
