@@ -483,6 +483,12 @@ fn run(
             kill(pid);
         }
     }
+    // A command killed outright from outside (the kernel, for want of memory) takes its
+    // process group with it: what it left running would hold the memory it ran out of,
+    // and the next step would find none.
+    if !timed_out && status == Some(ExitStatus::Signal(libc::SIGKILL)) {
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
     // What the command wrote before it exited is in the pipes; take it, but do not wait for
     // background processes that still hold them open.
     for pipe in [&mut stdout, &mut stderr] {
@@ -582,11 +588,9 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
 
 /// Starts a command writing to `out` and `err`; returns its pid.
 ///
-/// posix_spawn (a vfork: no page tables copied) starts it in a process group of its own, with
-/// an empty signal mask, default SIGPIPE handling, stdin from the request (else /dev/null),
-/// in the agent's working directory (the agent moves there first).
+/// See [`spawn_child`]; stdin is the request's (else /dev/null), the working directory the
+/// request's (the agent moves there first, and back to `/` after).
 fn spawn(req: &ExecRequest, out_write: &OwnedFd, err_write: &OwnedFd) -> Result<Pid, String> {
-    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
     let Some(program) = req.argv.first() else {
         return Err("no command given".into());
     };
@@ -656,38 +660,16 @@ fn spawn(req: &ExecRequest, out_write: &OwnedFd, err_write: &OwnedFd) -> Result<
                 req.cwd
             ));
         }
-        let spawned = spawn_as(uid, gid, &path, &argv, &envp, &stdin, out_write, err_write);
-        let _ = std::env::set_current_dir("/");
-        return spawned.map_err(|e| sys("fork", e));
     }
-    let mut actions = PosixSpawnFileActions::init().map_err(|e| sys("spawn", e))?;
-    actions
-        .add_dup2(stdin.as_raw_fd(), 0)
-        .and_then(|()| actions.add_dup2(out_write.as_raw_fd(), 1))
-        .and_then(|()| actions.add_dup2(err_write.as_raw_fd(), 2))
-        .map_err(|e| sys("spawn", e))?;
-    let mut attr = PosixSpawnAttr::init().map_err(|e| sys("spawn", e))?;
-    let mut default = SigSet::empty();
-    default.add(Signal::SIGPIPE);
-    attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
-            | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
-            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-    )
-    .and_then(|()| attr.set_pgroup(Pid::from_raw(0)))
-    .and_then(|()| attr.set_sigmask(&SigSet::empty()))
-    .and_then(|()| attr.set_sigdefault(&default))
-    .map_err(|e| sys("spawn", e))?;
-    let spawned = posix_spawn(path.as_path(), &actions, &attr, &argv, &envp);
+    let spawned = spawn_child(req.user, &path, &argv, &envp, &stdin, out_write, err_write);
     // The agent does not stay in the working directory: it would keep the workspace's
     // overlay in use, and the host replaces that between steps.
     let _ = std::env::set_current_dir("/");
-    let pid = spawned.map_err(|e| match e {
+    spawned.map_err(|e| match e {
         Errno::ENOENT => format!("`{program}` was not found in the sandbox"),
         Errno::EACCES => format!("cannot start `{program}`: permission denied"),
-        e => sys("spawn", e),
-    })?;
-    Ok(pid)
+        e => sys("fork", e),
+    })
 }
 
 /// Two descriptors: for stdout and for stderr.
@@ -727,13 +709,20 @@ fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> 
     Ok(file.into())
 }
 
-/// Starts a command as `uid`/`gid` of the sandbox: fork (the agent is single-threaded, so
-/// the child may run any code), drop to the user, then exec. The child loses every
-/// capability when it leaves uid 0.
+/// What a command's OOM score is: the kernel kills the biggest of the commands first when
+/// the sandbox runs out of memory, and never the agent, whose score the host set to the
+/// lowest (a step may lower its own score again; it then only stalls its own sandbox
+/// until its timeout).
+const COMMAND_OOM_SCORE: &[u8] = b"1000";
+
+/// Starts a command: fork (the agent is single-threaded, so the child may run any code;
+/// the agent is small, so the fork is cheap), give the child the commands' OOM score, put it
+/// in a process group of its own with an empty signal mask and default SIGPIPE, drop to
+/// `user` when one is given (the child loses every capability when it leaves uid 0), then
+/// exec. An error of the child before exec is the spawn's error.
 #[allow(clippy::too_many_arguments)]
-fn spawn_as(
-    uid: u32,
-    gid: u32,
+fn spawn_child(
+    user: Option<(u32, u32)>,
     path: &Path,
     argv: &[CString],
     envp: &[CString],
@@ -743,20 +732,64 @@ fn spawn_as(
 ) -> Result<Pid, Errno> {
     use nix::unistd::{ForkResult, Gid, Uid, dup2_raw, fork};
     let program = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    // The child reports an error before exec as its errno on this pipe; exec closes it.
+    let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the agent runs a single thread: nothing in the child can find a lock held by
     // another thread.
     match unsafe { fork() }? {
-        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Parent { child } => {
+            drop(report_write);
+            let mut errno = [0u8; 4];
+            let mut got = 0;
+            while got < errno.len() {
+                match nix::unistd::read(&report_read, &mut errno[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
+            if got < errno.len() {
+                return Ok(child);
+            }
+            // The child is gone or going: reap it so it is not mistaken for a command.
+            let _ = nix::sys::wait::waitpid(child, None);
+            Err(Errno::from_raw(i32::from_ne_bytes(errno)))
+        }
         ForkResult::Child => {
             let setup = (|| -> Result<(), Errno> {
-                nix::unistd::setgroups(&[])?;
-                nix::unistd::setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))?;
-                nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))?;
+                if let Some((uid, gid)) = user {
+                    nix::unistd::setgroups(&[])?;
+                    let gid = Gid::from_raw(gid);
+                    nix::unistd::setresgid(gid, gid, gid)?;
+                    let uid = Uid::from_raw(uid);
+                    nix::unistd::setresuid(uid, uid, uid)?;
+                }
                 for (fd, target) in [(null.as_fd(), 0), (out.as_fd(), 1), (err.as_fd(), 2)] {
                     // SAFETY: the descriptors are open; dup2 onto 0, 1 and 2 of this child.
                     // The returned owner is forgotten: dropping it would close what it made.
                     std::mem::forget(unsafe { dup2_raw(fd, target) }?);
                 }
+                // Nothing of the agent's but the report pipe stays open past this point.
+                let report = report_write.as_raw_fd() as libc::c_uint;
+                for (first, last) in [(3, report.saturating_sub(1)), (report + 1, libc::c_uint::MAX)] {
+                    if first <= last {
+                        // SAFETY: closes descriptors of this child only; none is used after.
+                        unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+                    }
+                }
+                // The agent is not dumpable, which makes its /proc files (and a child's
+                // before exec) the host's: this child becomes dumpable, as exec would make
+                // it anyway, so that it can raise its own OOM score. Raising needs no
+                // privilege. Until exec it holds nothing but a copy of the agent's memory.
+                nix::sys::prctl::set_dumpable(true)?;
+                let score = nix::fcntl::open(
+                    "/proc/self/oom_score_adj",
+                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )?;
+                nix::unistd::write(&score, COMMAND_OOM_SCORE)?;
+                drop(score);
                 nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
                 nix::sys::signal::sigprocmask(
                     nix::sys::signal::SigmaskHow::SIG_SETMASK,
@@ -771,9 +804,9 @@ fn spawn_as(
                 Ok(())
             })();
             if let Err(e) = setup {
-                let text = format!("upstream: cannot run as uid {uid} gid {gid}: {e}\n");
-                // SAFETY: writes a buffer that outlives the call to this child's stderr.
-                let _ = unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+                let errno = (e as i32).to_ne_bytes();
+                // SAFETY: writes a buffer that outlives the call to the report pipe.
+                let _ = unsafe { libc::write(report_write.as_raw_fd(), errno.as_ptr().cast(), 4) };
             }
             // SAFETY: leaves the child without running the agent's destructors.
             unsafe { libc::_exit(127) }

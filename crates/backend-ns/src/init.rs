@@ -73,10 +73,6 @@ fn run(entry: Entry) -> i32 {
 }
 
 fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
-    // Every process of the sandbox inherits this score, so under memory pressure the kernel
-    // kills the biggest of them, never the small agent. It is set now, while this process
-    // still has its host credentials: later the sandbox's /proc/1 is not writable from inside.
-    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     // Work that needs no configuration is done while the host is still preparing: the
     // remaining namespaces, and the seccomp filter.
     if let Entry::Cloned { new_net } = entry {

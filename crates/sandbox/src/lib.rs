@@ -37,6 +37,10 @@ pub enum SandboxError {
     /// The sandbox lost its workspace: nothing more can run in it.
     #[error("{0}")]
     Workspace(String),
+    /// The kernel killed the sandbox's agent for want of memory (where upstream could not
+    /// make it the last process to go): nothing more can run in it.
+    #[error("the sandbox ran out of memory and its agent was killed")]
+    OutOfMemory,
 }
 
 impl SandboxError {
@@ -63,6 +67,8 @@ pub struct ExecOutcome {
     pub timed_out: bool,
     /// The kernel killed a process of the sandbox for going over its memory limit.
     pub out_of_memory: bool,
+    /// The command failed with the sandbox's disk full: the disk limit it ran out of.
+    pub out_of_disk: Option<u64>,
     pub duration: Duration,
     /// The file the request asked to collect: its bytes, or why it could not be read.
     pub collected: Option<Result<Vec<u8>, String>>,

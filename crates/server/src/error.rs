@@ -135,7 +135,7 @@ impl From<upstream_sandbox::SandboxError> for ApiError {
             }
             // Torn down (deleted, reaped) while the request ran.
             e @ SandboxError::Interrupted => ApiError::conflict(e.to_string()),
-            e @ SandboxError::Agent(ClientError::Gone) => {
+            e @ (SandboxError::Agent(ClientError::Gone) | SandboxError::OutOfMemory) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "sandbox", e.to_string())
             }
             // Setting a sandbox up is the host's work: its errors name the host's paths.

@@ -753,6 +753,7 @@ fn run_in_sandbox(
         workdir: workdir.clone(),
         user,
         store: &mut turn.store,
+        lost: None,
     };
     let mut records = Vec::new();
     let mut results = Vec::new();
@@ -794,7 +795,7 @@ fn run_in_sandbox(
         observer.event(Event::StepStarted(step));
         match runner.run_step(sandbox.as_mut(), step, observer) {
             Ok((record, result, log)) => {
-                if record.status.failed() && !step.continue_on_error {
+                if record.status.failed() && (!step.continue_on_error || runner.lost.is_some()) {
                     stopped = true;
                     stopped_at = Some(step.number);
                 }
@@ -818,6 +819,7 @@ fn run_in_sandbox(
         }
     }
     cancel.watch(None);
+    let lost = runner.lost.take();
     interrupted |= cancel.is_cancelled();
     let status = if interrupted {
         TurnStatus::Interrupted
@@ -828,6 +830,11 @@ fn run_in_sandbox(
     };
     let mut status = status;
     let saved = if interrupted {
+        None
+    } else if let Some(why) = &lost {
+        observer.event(Event::Warning(&format!(
+            "no artifacts were saved: {why}"
+        )));
         None
     } else {
         // What is saved is what the steps left: nothing they started in the background
@@ -966,6 +973,8 @@ struct StepRunner<'a> {
     /// The image's user, whom steps run as (root when `None`).
     user: Option<upstream_image::ImageUser>,
     store: &'a mut Store,
+    /// Why the sandbox can run nothing more, once its agent is gone.
+    lost: Option<String>,
 }
 
 /// Everything one step's output goes to.
@@ -1213,6 +1222,21 @@ impl StepRunner<'_> {
                 record.message = Some(why.clone());
                 (Outcome::Failed(why), None)
             }
+            Some(Err(e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory))) => {
+                // The agent went away with the sandbox: the step ends here, nothing more can
+                // run, and the turn still records and writes what it has.
+                let message = e.to_string();
+                let outcome = if matches!(e, SandboxError::OutOfMemory) {
+                    record.status = StepStatus::OutOfMemory;
+                    Outcome::OutOfMemory { limit: fm.memory }
+                } else {
+                    record.status = StepStatus::Error;
+                    Outcome::Failed(message.clone())
+                };
+                record.message = Some(message.clone());
+                self.lost = Some(message);
+                (outcome, None)
+            }
             Some(Err(e)) => return Err(e),
             Some(Ok(done)) => {
                 let limit = StepLimit {
@@ -1310,6 +1334,11 @@ fn classify(done: &ExecOutcome, limits: &StepLimit, record: &mut StepRecord) -> 
         };
         record.status = StepStatus::OutOfMemory;
         record.message = Some("killed for using more memory than the sandbox's limit".into());
+    } else if let (Some(limit), false) = (done.out_of_disk, passed) {
+        record.message = Some(format!(
+            "out of disk space (limit {})",
+            upstream_doc::format_size(limit)
+        ));
     }
     outcome
 }
@@ -1396,6 +1425,7 @@ mod tests {
             status,
             timed_out,
             out_of_memory,
+            out_of_disk: None,
             duration: std::time::Duration::from_millis(1500),
             collected: None,
         };
