@@ -17,6 +17,7 @@ mod hostside;
 mod image;
 mod isolation;
 mod local_users;
+mod oom;
 mod run;
 mod serve;
 mod serve_fuzz;

@@ -1,0 +1,88 @@
+//! A step that runs its sandbox out of memory ends as `out of memory`; the turn goes on as
+//! `continue_on_error` says and writes every result, because the kernel never picks the
+//! agent. These need root: the memory limit is a cgroup, and only root can protect the agent.
+
+use std::fs;
+
+use crate::util::{Env, code, result_block, stderr};
+
+/// Many small processes: the biggest process is no longer a command but, with equal scores,
+/// might be the agent. 1,100 of them stay under the process cap of 1,024 per sandbox only
+/// until the memory runs out; either way the step fails and the turn goes on.
+const MANY_PROCESSES: &str = "for i in $(seq 1100); do sleep 300 & done; wait";
+
+/// One process far past the limit.
+const ONE_BIG: &str = "python3 -c \"x = b'x' * (300 << 20); print('survived', len(x))\"";
+
+#[test]
+fn an_out_of_memory_step_does_not_take_the_turn_with_it() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let doc = format!(
+        "---\nmemory: 64M\n---\n# First\n```bash\necho first\n```\n# Many\n```bash continue_on_error\n\
+         {MANY_PROCESSES}\n```\n# Big\n```bash continue_on_error\n{ONE_BIG}\n```\n# After\n\
+         ```bash\necho after\n```\n"
+    );
+    let path = env.write("oom.md", doc);
+    let out = env.upstream(&["run", "oom.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    let err = stderr(&out);
+    assert!(
+        !err.contains("agent went away") && !err.contains("agent was killed"),
+        "the agent was killed:\n{err}"
+    );
+    // A step failed, so the turn did; but every step has its result.
+    assert_eq!(code(&out), 1, "{err}\n{text}");
+    assert!(result_block(&text, 1).contains("exit 0"), "{text}");
+    let many = result_block(&text, 2);
+    assert!(
+        many.contains("**Result:**") && !many.contains("not run") && !many.contains("exit 0"),
+        "the step that ran out of memory has no failed result:\n{many}"
+    );
+    assert!(
+        result_block(&text, 3).contains("**Result:** out of memory (limit 64.0 MiB)"),
+        "{text}"
+    );
+    assert!(!result_block(&text, 3).contains("survived"), "{text}");
+    let after = result_block(&text, 4);
+    assert!(
+        after.contains("exit 0") && after.contains("after"),
+        "the step after did not run:\n{after}\n{err}"
+    );
+}
+
+#[test]
+fn the_agent_is_the_last_process_the_kernel_picks() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    // What the test above relies on, read from inside: the agent's score and the commands'.
+    let doc = "---\nmemory: 64M\n---\n```bash\necho \"agent $(cat /proc/1/oom_score_adj)\"\n\
+               echo \"step $(cat /proc/self/oom_score_adj)\"\n\
+               (echo \"child $(cat /proc/self/oom_score_adj)\")\n\
+               echo -1000 > /proc/self/oom_score_adj 2>/dev/null; echo \"lowered $(cat /proc/self/oom_score_adj)\"\n```\n";
+    let path = env.write("score.md", doc);
+    let out = env.upstream(&["run", "score.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&text, 1);
+    // Lowering a score needs CAP_SYS_RESOURCE, which a container runtime may take from root:
+    // then the agent keeps upstream's own score, still below every command's.
+    let agent = if has_sys_resource() { "-1000" } else { "0" };
+    assert!(block.contains(&format!("agent {agent}\n")), "{block}");
+    assert!(block.contains("step 1000"), "{block}");
+    assert!(block.contains("child 1000"), "{block}");
+    // A step may lower its own score back (the kernel allows it down to the agent's); that
+    // only stalls its own sandbox until its timeout. Said here so a change to it is seen.
+    assert!(block.contains("lowered "), "{block}");
+}
+
+/// Whether this process may lower OOM scores (`CAP_SYS_RESOURCE` in its effective set).
+fn has_sys_resource() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap();
+    effective & (1 << 24) != 0
+}
