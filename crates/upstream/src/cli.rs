@@ -274,10 +274,12 @@ pub struct ShowArgs {
     /// The turn's number (or its id, or the start of it).
     #[arg(value_name = "TURN")]
     pub turn: String,
-    /// Print this step's whole output: stdout to stdout, stderr to stderr, as printed.
+    /// Print this step's whole output: stdout to stdout, stderr to stderr, as printed (to a
+    /// terminal, with control characters shown escaped, as `\x1b`).
     #[arg(long, value_name = "N")]
     pub step: Option<i64>,
-    /// Print the document as the turn left it, with its results.
+    /// Print the document as the turn left it, with its results (to a terminal, with control
+    /// characters shown escaped).
     #[arg(long, conflicts_with = "step")]
     pub document: bool,
     /// Print JSON.
@@ -457,7 +459,8 @@ pub struct ExecArgs {
     /// Set an environment variable (KEY=VALUE); may be repeated.
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// The command and its arguments.
+    /// The command and its arguments. A pipe or file on upstream's standard input is read to
+    /// its end (at most 15 MiB) and given to the command as its standard input.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

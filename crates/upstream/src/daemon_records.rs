@@ -109,7 +109,7 @@ pub fn show(args: &ShowArgs) -> Option<u8> {
             Ok(r) => r,
             Err(code) => return Some(code),
         };
-        return Some(match io::copy(&mut reader, &mut io::stdout().lock()) {
+        return Some(match store_cmd::print_document(&mut reader) {
             Ok(_) => exit::OK,
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
             Err(e) => cut_off(&client, e),
@@ -144,6 +144,7 @@ pub fn artifacts(args: &ArtifactsArgs) -> Option<u8> {
     if let Some(ArtifactsCommand::Get { path, output }) = &args.get {
         return Some(store_cmd::get(
             &list,
+            &what,
             path,
             output.as_deref(),
             |id| blob(&client, id),

@@ -113,8 +113,16 @@ pub fn exec(args: ExecArgs) -> u8 {
         .workdir
         .or(config.working_dir)
         .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
+    let stdin = match piped_stdin() {
+        Ok(data) => data,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXEC_FAILED;
+        }
+    };
     let request = ExecRequest {
         argv: args.command,
+        stdin,
         env,
         cwd,
         timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
@@ -160,6 +168,38 @@ pub fn exec(args: ExecArgs) -> u8 {
         eprintln!("warning: {e}");
     }
     code
+}
+
+/// The most `upstream exec` passes on from its standard input: it goes to the sandbox in the
+/// request, one frame of the agent's protocol (at most 16 MiB), with room left for the rest.
+const MAX_STDIN: u64 = 15 << 20;
+
+/// What a pipe or file on upstream's standard input holds, read to its end, for the command
+/// (as `docker run -i` passes it on); nothing from a terminal or anything else, which the
+/// command then sees as empty (`/dev/null`).
+fn piped_stdin() -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let Ok(st) = nix::sys::stat::fstat(std::io::stdin()) else {
+        return Ok(Vec::new());
+    };
+    let kind = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode & libc::S_IFMT);
+    if kind != nix::sys::stat::SFlag::S_IFIFO && kind != nix::sys::stat::SFlag::S_IFREG {
+        return Ok(Vec::new());
+    }
+    let mut data = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_STDIN + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    if data.len() as u64 > MAX_STDIN {
+        return Err(format!(
+            "standard input holds more than {}, the most `upstream exec` passes to a command; \
+             put the data in a file the command reads instead (e.g. with `upstream serve`'s files API)",
+            upstream_doc::format_size(MAX_STDIN)
+        ));
+    }
+    Ok(data)
 }
 
 fn failed(e: &SandboxError) -> u8 {

@@ -312,11 +312,13 @@ fn finish(
                 document.path().display()
             ));
             eprintln!("{summary}");
+            let path = document.path().display();
+            let others = match links - 1 {
+                1 => "another hard link: it keeps".to_string(),
+                n => format!("{n} other hard links: they keep"),
+            };
             eprintln!(
-                "warning: {} had {} other hard link{}, which still hold the document as it was before this turn",
-                document.path().display(),
-                links - 1,
-                if links == 2 { "" } else { "s" }
+                "warning: {path} had {others} the document as it was before this turn, and {path} is a file of its own now"
             );
             code
         }

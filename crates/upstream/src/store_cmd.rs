@@ -1,12 +1,12 @@
 //! `upstream log`, `show`, `artifacts`, `context` and `gc`: reading and tidying the store.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use upstream_doc::{format_duration, format_size};
+use upstream_doc::{format_duration, format_size, terminal};
 use upstream_store::log::{LogStream, replay};
 use upstream_store::{
     ArtifactKind, ArtifactRow, BlobError, Store, StoreError, TurnDetail, TurnState,
@@ -23,13 +23,77 @@ fn open(arg: &StoreArg) -> Result<Store, u8> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let dir = upstream_store::locate(&cwd, arg.store.as_deref());
     if !dir.join("store.db").is_file() {
-        eprintln!("error: no store at {}", dir.display());
+        let named = if arg.store.is_some() {
+            Some("--store")
+        } else if std::env::var_os("UPSTREAM_STORE").is_some() {
+            Some("$UPSTREAM_STORE")
+        } else {
+            None
+        };
+        match named {
+            Some(by) => eprintln!("error: no store at {} (named by {by})", dir.display()),
+            None => eprintln!(
+                "error: no store in {} or any directory above it",
+                cwd.display()
+            ),
+        }
         eprintln!(
-            "hint: stores are made by `upstream run`; run one here, or name a store with --store DIR or UPSTREAM_STORE"
+            "hint: a turn's store is the {} directory nearest above its document, made beside \
+             the document by its first turn; name another with --store DIR or UPSTREAM_STORE",
+            upstream_store::STORE_DIR
         );
+        let below = stores_below(&cwd);
+        if let Some(first) = below.first() {
+            let shown: Vec<String> = below.iter().map(|d| d.display().to_string()).collect();
+            eprintln!(
+                "hint: stores below here: {}; e.g. `upstream log --store {}`",
+                shown.join(", "),
+                first.display()
+            );
+        }
         return Err(exit::BAD_INPUT);
     }
     Store::open(&dir).map_err(|e| failed(&e))
+}
+
+/// Stores in directories a few levels below `dir` (relative to it), for a hint: a turn run
+/// from a subdirectory (`examples/`) made its store there.
+fn stores_below(dir: &Path) -> Vec<PathBuf> {
+    const DEPTH: usize = 3;
+    const MAX_ENTRIES: usize = 4096;
+    const SHOWN: usize = 5;
+    let mut found = Vec::new();
+    let mut seen = 0;
+    let mut level = vec![PathBuf::new()];
+    for _ in 0..DEPTH {
+        let mut next = Vec::new();
+        for relative in level {
+            let Ok(entries) = fs::read_dir(dir.join(&relative)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                seen += 1;
+                if seen > MAX_ENTRIES || found.len() >= SHOWN {
+                    return found;
+                }
+                // Directories only, never through a link.
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let path = relative.join(&name);
+                if name == upstream_store::STORE_DIR {
+                    if dir.join(&path).join("store.db").is_file() {
+                        found.push(path);
+                    }
+                } else if !name.to_string_lossy().starts_with('.') {
+                    next.push(path);
+                }
+            }
+        }
+        level = next;
+    }
+    found
 }
 
 fn failed(e: &StoreError) -> u8 {
@@ -159,11 +223,12 @@ pub fn show(args: ShowArgs) -> u8 {
             eprintln!("error: turn {} kept no document", turn.summary.number);
             return exit::STEP_FAILED;
         };
-        return match store.blobs().read(blob) {
-            Ok(bytes) => {
-                let _ = io::stdout().lock().write_all(&bytes);
-                exit::OK
-            }
+        return match store.blobs().open(blob) {
+            Ok(mut reader) => match print_document(&mut reader) {
+                Ok(()) => exit::OK,
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
+                Err(e) => failed(&reader.error(e).into()),
+            },
             Err(e) => failed(&e.into()),
         };
     }
@@ -183,12 +248,66 @@ pub fn show(args: ShowArgs) -> u8 {
     exit::OK
 }
 
+/// Output that goes to a terminal as it was stored: a document, a step's whole output. To a
+/// terminal its control characters are shown escaped ([`terminal::block`]); anywhere else
+/// (a file, a pipe) the bytes go as they are, for what reads them.
+struct ToPerson<W: Write> {
+    out: W,
+    escaper: Option<terminal::BlockEscaper>,
+}
+
+impl<W: Write + IsTerminal> ToPerson<W> {
+    fn new(out: W) -> ToPerson<W> {
+        let escaper = out.is_terminal().then(terminal::BlockEscaper::new);
+        ToPerson { out, escaper }
+    }
+}
+
+impl<W: Write> ToPerson<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.escaper {
+            None => self.out.write_all(data),
+            Some(escaper) => {
+                let mut text = String::new();
+                escaper.push(data, &mut text);
+                self.out.write_all(text.as_bytes())
+            }
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        if let Some(escaper) = &mut self.escaper {
+            let mut text = String::new();
+            escaper.finish(&mut text);
+            self.out.write_all(text.as_bytes())?;
+        }
+        self.out.flush()
+    }
+}
+
+/// Prints a document `reader` gives (`show --document`) as [`ToPerson`] does.
+pub(crate) fn print_document(reader: &mut impl io::Read) -> io::Result<()> {
+    let mut out = ToPerson::new(io::stdout().lock());
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write(&buf[..n])?;
+    }
+    out.finish()
+}
+
 pub(crate) fn print_turn(turn: &TurnDetail) {
     let t = &turn.summary;
     let mut out = io::stdout().lock();
+    let shown = |text: &str| terminal::line(text).into_owned();
     let _ = writeln!(out, "Turn {} ({})", t.number, t.id);
-    let _ = writeln!(out, "  context   {}", t.context);
-    let _ = writeln!(out, "  document  {}", t.document);
+    let _ = writeln!(out, "  context   {}", shown(&t.context));
+    let _ = writeln!(out, "  document  {}", shown(&t.document));
     let _ = writeln!(out, "  status    {}", status(t.status));
     let _ = writeln!(out, "  started   {}", time(t.started_at));
     let _ = writeln!(out, "  duration  {}", duration(t.duration_ms));
@@ -198,7 +317,7 @@ pub(crate) fn print_turn(turn: &TurnDetail) {
         .and_then(|s| s.get("backend"))
         .and_then(|b| b.as_str())
     {
-        let _ = writeln!(out, "  sandbox   {backend}");
+        let _ = writeln!(out, "  sandbox   {}", shown(backend));
     }
     let _ = writeln!(out);
     if turn.steps.is_empty() {
@@ -230,7 +349,7 @@ pub(crate) fn print_turn(turn: &TurnDetail) {
         let _ = table.print(&mut out);
         for s in &turn.steps {
             for (k, v) in &s.outputs {
-                let _ = writeln!(out, "  step {} output {k}={v}", s.number);
+                let _ = writeln!(out, "  step {} output {}={}", s.number, shown(k), shown(v));
             }
         }
     }
@@ -298,11 +417,14 @@ pub(crate) fn show_step<R: io::Read>(
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         });
     }
-    let (mut out, mut err) = (io::stdout().lock(), io::stderr().lock());
+    let mut out = ToPerson::new(io::stdout().lock());
+    let mut err = ToPerson::new(io::stderr().lock());
     let result = replay(&mut checked, |stream, data| match stream {
-        LogStream::Stdout => out.write_all(data),
-        LogStream::Stderr => err.write_all(data),
-    });
+        LogStream::Stdout => out.write(data),
+        LogStream::Stderr => err.write(data),
+    })
+    .and_then(|()| out.finish())
+    .and_then(|()| err.finish());
     match result {
         Ok(()) => exit::OK,
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
@@ -388,6 +510,7 @@ pub fn artifacts(args: ArtifactsArgs) -> u8 {
     if let Some(ArtifactsCommand::Get { path, output }) = args.get {
         return get(
             &list,
+            &what,
             &path,
             output.as_deref(),
             |blob| store.blobs().open(blob).map_err(|e| failed(&e.into())),
@@ -416,6 +539,7 @@ pub(crate) fn print_artifacts(list: &[ArtifactRow], what: &str, json: bool) -> u
 /// `open`; `fail` reports an error reading it.
 pub(crate) fn get<R: io::Read>(
     list: &[ArtifactRow],
+    what: &str,
     path: &str,
     output: Option<&Path>,
     open: impl FnOnce(&upstream_store::BlobId) -> Result<R, u8>,
@@ -423,7 +547,13 @@ pub(crate) fn get<R: io::Read>(
 ) -> u8 {
     let wanted = path.trim_start_matches("./").trim_end_matches('/');
     let Some(artifact) = list.iter().find(|a| a.path == wanted) else {
-        eprintln!("error: no artifact {path} here");
+        // `what` is the heading of the list: "Artifacts of context c, as its next turn …:".
+        let whose = what.trim_end_matches(':');
+        let whose = match whose.strip_prefix("Artifacts") {
+            Some(rest) => format!("the artifacts{rest}"),
+            None => whose.to_string(),
+        };
+        eprintln!("error: no artifact {} among {whose}", terminal::line(path));
         eprintln!("hint: `upstream artifacts` lists them (with --context or --turn for others)");
         return exit::STEP_FAILED;
     };

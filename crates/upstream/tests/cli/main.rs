@@ -10,6 +10,7 @@ mod util;
 
 mod bad_input;
 mod context;
+mod document;
 mod exec;
 mod history;
 mod host_boundaries;

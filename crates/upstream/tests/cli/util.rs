@@ -38,6 +38,8 @@ impl Env {
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
+        // `upstream exec` reads a pipe on its stdin to its end: never the test runner's.
+        cmd.stdin(std::process::Stdio::null());
         cmd.current_dir(self.dir.path())
             .env("UPSTREAM_RUNTIME_DIR", &self.runtime)
             .env("UPSTREAM_STORE", self.path(".upstream"))

@@ -1,0 +1,368 @@
+//! The user's side of a turn: turns of one context that start at once, what a sandbox's text
+//! may do to the terminal, the document as the user's file, and the small things a first hour
+//! trips over.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, code, stderr, stdout};
+
+/// A turn that appends `line` to the context's `log.txt` after a pause long enough for the
+/// other turn to start meanwhile.
+fn appending(line: &str, pause: &str) -> String {
+    format!(
+        "---\ncontext: race\nartifacts: [log.txt]\n---\n```bash\ncat log.txt 2>/dev/null || true\nsleep {pause}\necho {line} >> log.txt\n```\n"
+    )
+}
+
+/// Waits until a turn holds the lock of `context` in the test's store.
+fn wait_for_holder(env: &Env, context: &str) -> upstream_store::LockHolder {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(store) = upstream_store::Store::open(&env.path(".upstream")) {
+            if let Ok(Some(holder)) = store.context_holder(context) {
+                if holder.turn.is_some() {
+                    return holder;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no turn of {context} started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_turns_of_one_context_at_once_run_one_after_the_other_and_keep_both_artifacts() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("first.md", appending("first", "2"));
+    env.write("second.md", appending("second", "0"));
+    let first = env
+        .command()
+        .args(["run", "first.md"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let holder = wait_for_holder(&env, "race");
+    assert_eq!(holder.pid, Some(first.id()));
+    let second = env.upstream(&["run", "second.md"]);
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    let err = stderr(&second);
+    assert_eq!(code(&second), 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "Waiting for turn {} of context race (pid {}) to finish",
+            holder.turn.unwrap(),
+            holder.pid.unwrap()
+        )),
+        "the second turn says it waited: {err}"
+    );
+    // The second turn started from the first's artifact, and the chain has both lines.
+    assert!(
+        err.contains("Context loaded: 1 artifact from previous turns (race, turn 1)"),
+        "{err}"
+    );
+    let out = env.upstream(&["artifacts", "get", "log.txt", "--context", "race"]);
+    assert_eq!(stdout(&out), "first\nsecond\n", "{}", stderr(&out));
+    // What the second turn's step read is the first turn's line.
+    let doc = fs::read_to_string(env.path("second.md")).unwrap();
+    assert!(
+        crate::util::result_block(&doc, 1).contains("first"),
+        "{doc}"
+    );
+}
+
+#[test]
+fn a_turn_waiting_for_its_context_stops_at_ctrl_c_and_records_nothing() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("first.md", appending("first", "3"));
+    env.write("second.md", appending("second", "0"));
+    let first = env
+        .command()
+        .args(["run", "first.md"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_holder(&env, "race");
+    let mut second = env
+        .command()
+        .args(["run", "second.md"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it says it waits, Ctrl-C.
+    let mut err = second.stderr.take().unwrap();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&said).contains("Waiting for turn") {
+        let n = err.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "ended without waiting: {}",
+            String::from_utf8_lossy(&said)
+        );
+        said.extend_from_slice(&buf[..n]);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = second.wait().unwrap();
+    err.read_to_end(&mut said).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it went on waiting"
+    );
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&said)
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success());
+    // Only the first turn is recorded, and the second document is as it was.
+    let log = env.upstream(&["log", "--json"]);
+    let turns: serde_json::Value = serde_json::from_slice(&log.stdout).unwrap();
+    assert_eq!(turns.as_array().map(Vec::len), Some(1), "{turns}");
+    assert_eq!(
+        fs::read_to_string(env.path("second.md")).unwrap(),
+        appending("second", "0")
+    );
+}
+
+/// A step whose summary, output and artifact names steer a terminal: a window title (OSC),
+/// a clear screen and cursor home (CSI), a bell and a right-to-left override.
+const HOSTILE: &str = r#"---
+context: hostile
+artifacts: ["*"]
+---
+## Hostile
+
+```bash
+printf 'summary=\033]0;owned\007\033[2J\033[Hdone\342\200\256gnp.txt\n' >> $UPSTREAM_OUTPUT
+printf 'note=\033[31mred\033[0m\n' >> $UPSTREAM_OUTPUT
+printf 'out \033]0;title\007 \033[2J \342\200\256 \233 end\n'
+printf 'x' > "$(printf 'name\033[2J\342\200\256txt.exe')"
+ln -sfn "$(printf '\033]0;t\007')" link
+exit 0
+```
+"#;
+
+fn has_escape(text: &[u8]) -> bool {
+    text.iter().any(|&b| b == 0x1b || b == 0x07)
+        || String::from_utf8_lossy(text)
+            .chars()
+            .any(|c| ('\u{80}'..='\u{9f}').contains(&c) || ('\u{202a}'..='\u{202e}').contains(&c))
+}
+
+#[test]
+fn a_sandboxs_terminal_escapes_never_reach_the_terminal() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("hostile.md", HOSTILE);
+    for verbose in [false, true] {
+        let args: &[&str] = if verbose {
+            &["run", "-v", "hostile.md"]
+        } else {
+            &["run", "hostile.md"]
+        };
+        env.write("hostile.md", HOSTILE);
+        let out = env.upstream(args);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(!has_escape(&out.stderr), "run {args:?}: {:?}", stderr(&out));
+        // It is shown, escaped.
+        assert!(
+            stderr(&out).contains("done (\\x1b]0;owned\\x07\\x1b[2J\\x1b[Hdone\\u{202e}gnp.txt,"),
+            "{}",
+            stderr(&out)
+        );
+        if verbose {
+            assert!(
+                stderr(&out).contains("out \\x1b]0;title\\x07 \\x1b[2J \\u{202e} \\x9b end"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+    for args in [
+        &["log"][..],
+        &["show", "1"],
+        &["artifacts"],
+        &["artifacts", "--turn", "1"],
+        &["context", "ls"],
+    ] {
+        let out = env.upstream(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(
+            !has_escape(&out.stdout) && !has_escape(&out.stderr),
+            "{args:?}: {:?}",
+            stdout(&out)
+        );
+    }
+    let out = env.upstream(&["artifacts"]);
+    assert!(
+        stdout(&out).contains("name\\x1b[2J\\u{202e}txt.exe"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env.upstream(&["show", "1"]);
+    assert!(
+        stdout(&out).contains("output note=\\x1b[31mred\\x1b[0m"),
+        "{}",
+        stdout(&out)
+    );
+    // The store has the bytes as printed: `show --step` to a pipe passes them on as they
+    // are, for what reads them; to a terminal they are escaped.
+    let out = env.upstream(&["show", "1", "--step", "1"]);
+    assert!(
+        stdout(&out).contains("out \x1b]0;title\x07 \x1b[2J \u{202e} "),
+        "{:?}",
+        stdout(&out)
+    );
+    let shown = on_a_terminal(&env, &["show", "1", "--step", "1"]);
+    assert!(!has_escape(&shown), "{:?}", String::from_utf8_lossy(&shown));
+    assert!(
+        String::from_utf8_lossy(&shown).contains("out \\x1b]0;title\\x07 \\x1b[2J \\u{202e} "),
+        "{:?}",
+        String::from_utf8_lossy(&shown)
+    );
+    let shown = on_a_terminal(&env, &["show", "1", "--document"]);
+    assert!(!has_escape(&shown), "{:?}", String::from_utf8_lossy(&shown));
+}
+
+/// What `upstream args` prints with a terminal (a pseudo-terminal) for stdout and stderr.
+fn on_a_terminal(env: &Env, args: &[&str]) -> Vec<u8> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the integers given; no name, settings or
+    // window size are passed (null pointers are allowed for each).
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just made by openpty and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = env
+        .command()
+        .args(args)
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut master = fs::File::from(master);
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => shown.extend_from_slice(&buf[..n]),
+            // The terminal's other end closed: everything was read.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => panic!("reading the terminal: {e}"),
+        }
+    }
+    assert!(child.wait().unwrap().success(), "{shown:?}");
+    shown
+}
+
+#[test]
+fn piped_stdin_reaches_the_command_of_exec() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let mut child = env
+        .command()
+        .args(["exec", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hi\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "hi\n");
+    // Without anything on stdin, the command reads nothing and is not left waiting.
+    let out = env.upstream(&["exec", "--", "cat"]);
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, ""));
+}
+
+#[test]
+fn the_document_stays_the_users_file() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let doc = "```bash\necho hello\n```\n";
+    // Through a symlink to its target; the link stays a link.
+    env.write("real/doc.md", doc);
+    std::os::unix::fs::symlink("real/doc.md", env.path("link.md")).unwrap();
+    let out = env.upstream(&["run", "link.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        fs::symlink_metadata(env.path("link.md"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        fs::read_to_string(env.path("real/doc.md"))
+            .unwrap()
+            .contains("hello\n```\n<!-- /upstream:result -->")
+    );
+    // Its owner and mode stay (as root: a document of another user's).
+    let path = env.write("owned.md", doc);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let owner = if crate::util::is_root() {
+        std::os::unix::fs::chown(&path, Some(4321), Some(8765)).unwrap();
+        (4321, 8765)
+    } else {
+        let m = fs::metadata(&path).unwrap();
+        (m.uid(), m.gid())
+    };
+    let out = env.upstream(&["run", "owned.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (owner.0, owner.1, 0o640)
+    );
+    assert!(
+        fs::read_to_string(&path)
+            .unwrap()
+            .contains("**Result:** exit 0")
+    );
+    // A hard link is broken, and said so; the other name keeps the document whole.
+    let path = env.write("linked.md", doc);
+    fs::hard_link(&path, env.path("other-name.md")).unwrap();
+    let out = env.upstream(&["run", "linked.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "warning: linked.md had another hard link: it keeps the document as it was before this turn, and linked.md is a file of its own now"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_to_string(env.path("other-name.md")).unwrap(), doc);
+    assert!(
+        fs::read_to_string(&path)
+            .unwrap()
+            .contains("**Result:** exit 0")
+    );
+}
