@@ -58,6 +58,11 @@ pub enum ErrorKind {
     UnknownStepOption { option: String },
     /// A result block lost its closing marker.
     UnclosedResult,
+    /// A result block's closing marker without its opening one: a block that lost its start.
+    StrayResultEnd,
+    /// A result block that follows no step: its step was deleted or changed, or the block
+    /// was moved away from it.
+    OrphanResult,
 }
 
 /// A document that cannot be used, with where and why.
@@ -125,6 +130,16 @@ impl ParseError {
             ErrorKind::UnclosedResult => {
                 "this result block has no closing `<!-- /upstream:result -->` marker".into()
             }
+            ErrorKind::StrayResultEnd => {
+                "this `<!-- /upstream:result -->` marker closes no result block: its opening \
+                 `<!-- upstream:result -->` marker is gone"
+                    .into()
+            }
+            ErrorKind::OrphanResult => {
+                "this result block follows no step: a step's result goes right after the step's \
+                 code block"
+                    .into()
+            }
         }
     }
 
@@ -155,6 +170,16 @@ impl ParseError {
             }
             ErrorKind::UnclosedResult => {
                 "delete the damaged result block; the next run writes a new one".into()
+            }
+            ErrorKind::StrayResultEnd => {
+                "delete what is left of the result block (its `**Result:**` line, its output and \
+                 this marker), or put its opening marker back; the next run writes a new one"
+                    .into()
+            }
+            ErrorKind::OrphanResult => {
+                "delete the block (through its `<!-- /upstream:result -->` line), or move it back \
+                 under its step; the next run writes each step's result after it"
+                    .into()
             }
         })
     }

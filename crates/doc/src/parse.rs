@@ -2,6 +2,12 @@
 //!
 //! Parsing never changes text: every step records byte spans into the source, so rendering
 //! with no new results reproduces the source byte for byte.
+//!
+//! A result block is a step's when it follows the step's code block with only blank lines
+//! between, in the step's own container (quote, list item); copies of it right after it (a
+//! block pasted twice) are taken with it, so a rewrite leaves one. Every other result block —
+//! one moved away from its step, one whose step was deleted or is no longer a step — and
+//! every marker without its partner is an error at its place: a rewrite would leave it stale.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -384,6 +390,8 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
         }
     }
 
+    let pairs = pair_markers(path, source, &markers)?;
+    let mut claimed = vec![false; pairs.len()];
     let mut steps = Vec::new();
     let mut claimed_until = 0;
     for block in blocks {
@@ -436,7 +444,7 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
         };
         let prefix = close_bare[..fence_pos].to_string();
         let insert_at = close_line_start + close_bare.len();
-        let result_end = existing_result(path, source, insert_at, &prefix, &markers)?;
+        let result_end = existing_result(source, insert_at, &prefix, &pairs, &mut claimed);
         claimed_until = result_end.unwrap_or(insert_at);
         steps.push(Step {
             number: steps.len() + 1,
@@ -449,7 +457,44 @@ fn find_steps(path: &Path, source: &str, body_start: usize) -> Result<Vec<Step>,
             prefix,
         });
     }
+    // A result block no step claims is what is left of a step deleted or changed, or a
+    // block moved away from its step: rewriting would leave it stale.
+    if let Some(i) = claimed.iter().position(|c| !c) {
+        return Err(ParseError::at(
+            path.to_path_buf(),
+            source,
+            pairs[i].0,
+            ErrorKind::OrphanResult,
+        ));
+    }
     Ok(steps)
+}
+
+/// Pairs each result block's opening marker with its closing one, in order: a marker without
+/// its partner is a damaged block.
+fn pair_markers(
+    path: &Path,
+    source: &str,
+    markers: &[(usize, bool)],
+) -> Result<Vec<(usize, usize)>, ParseError> {
+    let fail = |at, kind| Err(ParseError::at(path.to_path_buf(), source, at, kind));
+    let mut pairs = Vec::new();
+    let mut open = None;
+    for &(offset, is_start) in markers {
+        match (is_start, open) {
+            (true, None) => open = Some(offset),
+            (true, Some(start)) => return fail(start, ErrorKind::UnclosedResult),
+            (false, Some(start)) => {
+                pairs.push((start, offset));
+                open = None;
+            }
+            (false, None) => return fail(offset, ErrorKind::StrayResultEnd),
+        }
+    }
+    match open {
+        Some(start) => fail(start, ErrorKind::UnclosedResult),
+        None => Ok(pairs),
+    }
 }
 
 fn info_offset(source: &str, fence_start: usize, word: &str) -> usize {
@@ -509,44 +554,42 @@ fn last_line(source: &str, range: Range<usize>) -> (usize, &str) {
     (real_start, &source[real_start..line_end])
 }
 
-/// If a result block follows `insert_at` with only blank lines between, where it ends.
+/// If a result block follows `insert_at` with only blank lines between, where it ends; the
+/// blocks it is made of are marked `claimed`. Copies of the block right after it (a block
+/// pasted twice) are taken with it, so that a rewrite leaves one.
 fn existing_result(
-    path: &Path,
     source: &str,
     insert_at: usize,
     prefix: &str,
-    markers: &[(usize, bool)],
-) -> Result<Option<usize>, ParseError> {
-    let Some(pos) = markers.iter().position(|&(offset, _)| offset >= insert_at) else {
-        return Ok(None);
-    };
-    let (start, is_start) = markers[pos];
-    let between = &source[insert_at..start];
-    if !is_start || !between.chars().all(|c| c.is_whitespace() || c == '>') {
-        return Ok(None);
-    }
-    // Only a block in the step's own container is its result (one written there has the
-    // step's prefix); replacing a block from another container would move what follows it
-    // into this one.
-    let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
-    if source[line_start..start] != *prefix {
-        return Ok(None);
-    }
-    match markers.get(pos + 1) {
-        Some(&(end, false)) => {
-            let line_end = source[end..].find('\n').map_or(source.len(), |i| end + i);
-            let line_end = if source[..line_end].ends_with('\r') {
-                line_end - 1
-            } else {
-                line_end
-            };
-            Ok(Some(line_end))
+    pairs: &[(usize, usize)],
+    claimed: &mut [bool],
+) -> Option<usize> {
+    let mut end = None;
+    let mut from = insert_at;
+    let first = pairs.iter().position(|&(start, _)| start >= insert_at)?;
+    for (i, &(start, close)) in pairs.iter().enumerate().skip(first) {
+        let between = &source[from..start];
+        if !between.chars().all(|c| c.is_whitespace() || c == '>') {
+            break;
         }
-        _ => Err(ParseError::at(
-            path.to_path_buf(),
-            source,
-            start,
-            ErrorKind::UnclosedResult,
-        )),
+        // Only a block in the step's own container is its result (one written there has the
+        // step's prefix); replacing a block from another container would move what follows
+        // it into this one.
+        let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
+        if source[line_start..start] != *prefix {
+            break;
+        }
+        let line_end = source[close..]
+            .find('\n')
+            .map_or(source.len(), |i| close + i);
+        let line_end = if source[..line_end].ends_with('\r') {
+            line_end - 1
+        } else {
+            line_end
+        };
+        claimed[i] = true;
+        end = Some(line_end);
+        from = line_end;
     }
+    end
 }

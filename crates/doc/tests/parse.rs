@@ -294,12 +294,90 @@ fn a_fence_is_not_closed_by_a_quoted_or_deeply_indented_fence_line() {
 /// not taken for the step's result: replacing it would move what follows into the list.
 #[test]
 fn a_result_block_in_another_container_is_not_the_steps() {
-    let doc = parse(
-        "- item\n\n  ```bash\n  echo listed\n  ```\n> <!-- upstream:result -->\n> **Result:** exit 1\n> <!-- /upstream:result -->\n",
+    // Not the step's, and no other step's either: debris a rewrite would leave stale.
+    let e = error(
+        b"- item\n\n  ```bash\n  echo listed\n  ```\n> <!-- upstream:result -->\n> **Result:** exit 1\n> <!-- /upstream:result -->\n",
     );
-    assert!(!doc.steps()[0].has_result());
+    assert_eq!(
+        (e.kind, e.location.map(|l| (l.line, l.column))),
+        (ErrorKind::OrphanResult, Some((6, 3)))
+    );
     let doc = parse(
         "- item\n\n  ```bash\n  echo listed\n  ```\n\n  <!-- upstream:result -->\n  **Result:** exit 1\n  <!-- /upstream:result -->\n",
     );
     assert!(doc.steps()[0].has_result());
+}
+
+const STEP: &str = "# One\n\n```bash\necho one\n```\n";
+const RESULT: &str = "<!-- upstream:result -->\n**Result:** exit 0 (0.01s)\n\n```text\none\n```\n<!-- /upstream:result -->\n";
+
+fn place(e: &upstream_doc::ParseError) -> (ErrorKind, Option<(usize, usize)>) {
+    (e.kind.clone(), e.location.map(|l| (l.line, l.column)))
+}
+
+/// What is left of a result block whose opening marker was deleted is an error at the
+/// marker that closes nothing, not debris a rewrite leaves under the new result.
+#[test]
+fn a_result_block_without_its_opening_marker_is_an_error_at_its_closing_one() {
+    let damaged = format!(
+        "{STEP}{}",
+        RESULT.replacen("<!-- upstream:result -->\n", "", 1)
+    );
+    let e = error(damaged.as_bytes());
+    assert_eq!(place(&e), (ErrorKind::StrayResultEnd, Some((11, 1))));
+    assert!(e.report().contains("doc.md:11:1"), "{}", e.report());
+    assert!(e.hint().unwrap().contains("delete what is left"));
+}
+
+#[test]
+fn a_stray_closing_marker_is_an_error() {
+    let e = error(format!("{STEP}{RESULT}\nProse.\n\n<!-- /upstream:result -->\n").as_bytes());
+    assert_eq!(place(&e), (ErrorKind::StrayResultEnd, Some((16, 1))));
+    // And one before any result block at all.
+    let e = error(format!("<!-- /upstream:result -->\n\n{STEP}").as_bytes());
+    assert_eq!(place(&e), (ErrorKind::StrayResultEnd, Some((1, 1))));
+}
+
+/// A block pasted twice under its step is taken whole with the first, so a rewrite leaves one.
+#[test]
+fn a_duplicated_result_block_is_replaced_with_the_first() {
+    let doc = parse(&format!("{STEP}{RESULT}\n{RESULT}\nAfter.\n"));
+    assert!(doc.steps()[0].has_result());
+    let unchanged = vec![None; 1];
+    assert_eq!(
+        doc.render(&unchanged),
+        format!("{STEP}{RESULT}\n{RESULT}\nAfter.\n")
+    );
+    let rerun = vec![Some(upstream_doc::ResultBlock::not_run())];
+    let rendered = doc.render(&rerun);
+    assert_eq!(
+        rendered.matches("<!-- upstream:result -->").count(),
+        1,
+        "{rendered}"
+    );
+    assert!(
+        rendered.ends_with("<!-- /upstream:result -->\n\nAfter.\n"),
+        "{rendered}"
+    );
+    assert!(!rendered.contains("exit 0"), "{rendered}");
+}
+
+/// A result block moved away from its step (above it, or past prose) follows no step.
+#[test]
+fn a_moved_result_block_is_an_error_at_its_opening_marker() {
+    let e = error(format!("{RESULT}\n{STEP}").as_bytes());
+    assert_eq!(place(&e), (ErrorKind::OrphanResult, Some((1, 1))));
+    let e = error(format!("{STEP}\nSome prose.\n\n{RESULT}").as_bytes());
+    assert_eq!(place(&e), (ErrorKind::OrphanResult, Some((9, 1))));
+    assert!(e.hint().unwrap().contains("move it back"));
+    // The result of a step that is no longer one (its fence now says `text`).
+    let e = error(format!("{STEP}{RESULT}\n```text\nnot a step\n```\n{RESULT}").as_bytes());
+    assert_eq!(place(&e), (ErrorKind::OrphanResult, Some((17, 1))));
+}
+
+#[test]
+fn a_result_block_opened_twice_is_unclosed() {
+    let damaged = format!("{STEP}<!-- upstream:result -->\n**Result:** exit 0\n\n{RESULT}");
+    let e = error(damaged.as_bytes());
+    assert_eq!(place(&e), (ErrorKind::UnclosedResult, Some((6, 1))));
 }
