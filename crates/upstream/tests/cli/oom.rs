@@ -43,7 +43,10 @@ fn an_out_of_memory_step_does_not_take_the_turn_with_it() {
         result_block(&text, 3).contains("**Result:** out of memory (limit 64.0 MiB)"),
         "{text}"
     );
-    assert!(!result_block(&text, 3).contains("survived"), "{text}");
+    assert!(
+        !result_block(&text, 3).contains("survived 314572800"),
+        "{text}"
+    );
     let after = result_block(&text, 4);
     assert!(
         after.contains("exit 0") && after.contains("after"),
@@ -59,7 +62,7 @@ fn the_agent_is_the_last_process_the_kernel_picks() {
     let doc = "---\nmemory: 64M\n---\n```bash\necho \"agent $(cat /proc/1/oom_score_adj)\"\n\
                echo \"step $(cat /proc/self/oom_score_adj)\"\n\
                (echo \"child $(cat /proc/self/oom_score_adj)\")\n\
-               echo -1000 > /proc/self/oom_score_adj 2>/dev/null; echo \"lowered $(cat /proc/self/oom_score_adj)\"\n```\n";
+               (echo -1000 > /proc/self/oom_score_adj) 2>/dev/null || true; echo \"lowered $(cat /proc/self/oom_score_adj)\"\n```\n";
     let path = env.write("score.md", doc);
     let out = env.upstream(&["run", "score.md"]);
     let text = fs::read_to_string(&path).unwrap();
