@@ -254,6 +254,7 @@ impl Context {
             bytes,
             deleted: deleted.len(),
             turn: 0,
+            handed_on: false,
         };
         list.extend(deleted);
         blobs.commit(saved.pending)?;

@@ -13,6 +13,7 @@
 
 pub mod artifacts;
 mod context;
+pub mod kept;
 mod record;
 pub mod wire;
 mod writeback;
@@ -140,6 +141,9 @@ pub struct ContextSaved {
     /// Restored artifacts the turn deleted.
     pub deleted: usize,
     pub turn: i64,
+    /// Whether the next turn of the context gets them: only a turn that passed hands its
+    /// artifacts on; a failed one's are recorded (`upstream artifacts --turn N`) and no more.
+    pub handed_on: bool,
 }
 
 /// Receives progress as a turn runs.
@@ -412,6 +416,9 @@ pub fn run(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let store_dir = upstream_store::locate(doc_dir, options.store.as_deref());
+    // Workspaces kept by turns whose store (or record) is gone go before this turn opens
+    // its store: a store removed and made anew is not the one that kept them.
+    kept::reclaim(&backend.kept_sets(), &|k| backend.discard_kept(k));
     let mut store = Store::open(&store_dir)?;
     let context_name = fm
         .context
@@ -525,6 +532,9 @@ pub fn run(
         Some((artifacts, summary)) => (artifacts, Some(summary)),
         None => (Vec::new(), None),
     };
+    if let Some((path, _)) = &kept {
+        kept::mark(path, &store_dir, number);
+    }
     turn.kept = kept;
     turn.finish_checked(state, started, sandbox_json, result_blob, artifacts)?;
     // This turn supersedes what earlier turns of the document kept for resuming.
@@ -538,6 +548,7 @@ pub fn run(
         observer.event(Event::ContextSaved(&ContextSaved {
             context: context_name,
             turn: number,
+            handed_on: state == TurnState::Passed,
             ..summary
         }));
     }

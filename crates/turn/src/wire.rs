@@ -45,6 +45,10 @@ pub enum TurnEvent {
         bytes: u64,
         deleted: usize,
         turn: i64,
+        /// Whether the next turn gets them (only a passed turn's are); a daemon that does not
+        /// say is taken to hand them on.
+        #[serde(default = "handed_on")]
+        handed_on: bool,
     },
     Resuming {
         turn: i64,
@@ -75,6 +79,10 @@ pub enum TurnEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         turn: Option<i64>,
     },
+}
+
+fn handed_on() -> bool {
+    true
 }
 
 /// Which stream output came from.
@@ -128,6 +136,7 @@ impl TurnEvent {
                 bytes: c.bytes,
                 deleted: c.deleted,
                 turn: c.turn,
+                handed_on: c.handed_on,
             },
             Event::Resuming { turn, step } => TurnEvent::Resuming {
                 turn: *turn,
@@ -216,12 +225,14 @@ impl TurnEvent {
                 bytes,
                 deleted,
                 turn,
+                handed_on,
             } => observer.event(Event::ContextSaved(&ContextSaved {
                 context: context.clone(),
                 artifacts: *artifacts,
                 bytes: *bytes,
                 deleted: *deleted,
                 turn: *turn,
+                handed_on: *handed_on,
             })),
             TurnEvent::Resuming { turn, step } => observer.event(Event::Resuming {
                 turn: *turn,
@@ -353,6 +364,7 @@ mod tests {
                 bytes: 5,
                 deleted: 0,
                 turn: 5,
+                handed_on: false,
             },
             TurnEvent::Resuming { turn: 4, step: 2 },
             TurnEvent::Warning {

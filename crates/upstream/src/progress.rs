@@ -108,7 +108,11 @@ fn status_text_raw(record: &StepRecord) -> String {
             (None, _) => with_time("done".into()),
         },
         StepStatus::Failed => match (record.exit_code, record.signal) {
-            (Some(code), _) => with_time(format!("failed: exit {code}")),
+            // Why it failed, when upstream knows more than the code (its disk was full).
+            (Some(code), _) => match &record.message {
+                Some(why) => with_time(format!("failed: exit {code} — {why}")),
+                None => with_time(format!("failed: exit {code}")),
+            },
             (None, Some(sig)) => with_time(format!("failed: killed by {}", signal_name(sig))),
             _ => with_time("failed".into()),
         },
@@ -244,9 +248,14 @@ impl Observer for Progress {
                 self.line(&line);
             }
             Event::ContextSaved(saved) => {
-                let mut line = format!("Context: {} saved", plural(saved.artifacts, "artifact"));
+                let what = if saved.handed_on { "saved" } else { "recorded" };
+                let mut line = format!("Context: {} {what}", plural(saved.artifacts, "artifact"));
                 if saved.deleted > 0 {
                     line.push_str(&format!(", {} deleted", saved.deleted));
+                }
+                // Only a turn that passed hands its artifacts on to the next.
+                if !saved.handed_on {
+                    line.push_str(", not handed on: the turn did not pass");
                 }
                 line.push_str(&format!(" ({}, turn {})", saved.context, saved.turn));
                 self.line(&line);

@@ -103,6 +103,12 @@ fn failed(e: &StoreError) -> u8 {
             eprintln!("hint: `upstream log` lists the turns");
             exit::STEP_FAILED
         }
+        StoreError::AmbiguousTurn { .. } => {
+            eprintln!(
+                "hint: give more of the id, or the turn's number (`upstream log` lists them)"
+            );
+            exit::BAD_INPUT
+        }
         StoreError::NoContext(_) => {
             eprintln!("hint: `upstream context ls` lists the contexts");
             exit::STEP_FAILED
@@ -675,6 +681,18 @@ pub fn context(command: ContextCommand) -> u8 {
 }
 
 pub fn gc(args: GcArgs) -> u8 {
+    // Workspaces kept for resuming by turns whose store or record is gone, whichever store
+    // kept them: nothing can resume them any more.
+    let reclaimed = upstream_turn::kept::reclaim(
+        &upstream_backend_ns::kept_sets(),
+        &upstream_backend_ns::discard_kept_dir,
+    );
+    if reclaimed > 0 && !args.json {
+        eprintln!(
+            "Removed {reclaimed} workspace{} kept for resuming turns whose store or record is gone",
+            if reclaimed == 1 { "" } else { "s" }
+        );
+    }
     let mut store = match open(&args.store) {
         Ok(s) => s,
         Err(code) => return code,

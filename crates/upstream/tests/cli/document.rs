@@ -366,3 +366,169 @@ fn the_document_stays_the_users_file() {
             .contains("**Result:** exit 0")
     );
 }
+
+#[test]
+fn a_turn_that_did_not_pass_says_its_artifacts_are_not_handed_on() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "failing.md",
+        "---\ncontext: c\nartifacts: [out.txt]\n---\n```bash continue_on_error\necho made > out.txt\nexit 3\n```\n",
+    );
+    let out = env.upstream(&["run", "failing.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(
+        err.contains(
+            "Context: 1 artifact recorded, not handed on: the turn did not pass (c, turn 1)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("1 artifact saved"), "{err}");
+    // Indeed: the next turn gets nothing; the failed turn's artifact is in its record.
+    env.write(
+        "next.md",
+        "---\ncontext: c\n---\n```bash\ntest ! -e out.txt\n```\n",
+    );
+    let out = env.upstream(&["run", "next.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("Context loaded"), "{}", stderr(&out));
+    let out = env.upstream(&["artifacts", "get", "out.txt", "--turn", "1"]);
+    assert_eq!(stdout(&out), "made\n", "{}", stderr(&out));
+    // A passed turn's are.
+    env.write(
+        "passing.md",
+        "---\ncontext: c\nartifacts: [out.txt]\n---\n```bash\necho made > out.txt\n```\n",
+    );
+    let out = env.upstream(&["run", "passing.md"]);
+    assert!(
+        stderr(&out).contains("Context: 1 artifact saved (c, turn 3)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn commands_that_read_the_store_say_where_they_looked_and_what_they_found() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "examples/quick.md",
+        "---\ncontext: quick\n---\n```bash\necho hi\n```\n",
+    );
+    // A turn run from examples/ makes its store there.
+    let out = env
+        .command()
+        .env_remove("UPSTREAM_STORE")
+        .args(["run", "examples/quick.md"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(env.path("examples/.upstream/store.db").is_file());
+    let out = env
+        .command()
+        .env_remove("UPSTREAM_STORE")
+        .args(["log"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    let here = fs::canonicalize(env.dir.path()).unwrap();
+    assert!(
+        err.contains(&format!(
+            "error: no store in {} or any directory above it",
+            here.display()
+        )) || err.contains(&format!(
+            "error: no store in {} or any directory above it",
+            env.dir.path().display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: stores below here: examples/.upstream; e.g. `upstream log --store examples/.upstream`"),
+        "{err}"
+    );
+    // The store named, and its turn found.
+    let out = env.upstream(&["log", "--store", "examples/.upstream"]);
+    assert!(stdout(&out).contains("examples/quick.md") || stdout(&out).contains("quick.md"));
+    // An explicit store that is not there is named as such.
+    let out = env.upstream(&["log", "--store", "nowhere"]);
+    assert!(
+        stderr(&out).contains("error: no store at nowhere (named by --store)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // `artifacts get` names the context it looked in.
+    let out = env.upstream(&[
+        "artifacts",
+        "--store",
+        "examples/.upstream",
+        "get",
+        "missing.txt",
+    ]);
+    assert!(
+        stderr(&out).contains(
+            "error: no artifact missing.txt among the artifacts of context quick, as its next turn gets them"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_turn_id_prefix_of_several_turns_is_ambiguous_and_lists_them() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("a.md", "```bash\ntrue\n```\n");
+    for _ in 0..2 {
+        assert_eq!(code(&env.upstream(&["run", "a.md"])), 0);
+    }
+    let log: serde_json::Value =
+        serde_json::from_slice(&env.upstream(&["log", "--json"]).stdout).unwrap();
+    let ids: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    // Ids made a moment apart start alike (they begin with the time).
+    let common = ids[0]
+        .chars()
+        .zip(ids[1].chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(common >= 4, "{ids:?}");
+    let prefix = &ids[0][..common];
+    let out = env.upstream(&["show", prefix]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: `{prefix}` is the start of more than one turn's id: turn 1 ({}), turn 2 ({})",
+            ids[0], ids[1]
+        )),
+        "{err}"
+    );
+    assert!(err.contains("hint: give more of the id"), "{err}");
+    let out = env.upstream(&["show", &ids[1][..common + 1]]);
+    assert!(stdout(&out).starts_with("Turn 2 ("), "{}", stdout(&out));
+}
+
+#[test]
+fn a_damaged_result_block_is_an_error_at_its_place_and_the_document_is_left_alone() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let damaged = "```bash\necho hi\n```\n\n**Result:** exit 0 (0.01s)\n\n```text\nhi\n```\n<!-- /upstream:result -->\n";
+    env.write("damaged.md", damaged);
+    let out = env.upstream(&["run", "damaged.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains(
+            "damaged.md:10:1: this `<!-- /upstream:result -->` marker closes no result block"
+        ),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(env.path("damaged.md")).unwrap(), damaged);
+}
