@@ -64,6 +64,8 @@ pub struct NamespaceBackend {
     skeleton: PathBuf,
     /// Layers kept for resuming turns.
     kept: PathBuf,
+    /// Formatted templates of sandbox disks, one per size (see [`disk`]).
+    disks: PathBuf,
     /// Read on first use: only sandboxes with memory or cpu limits need it.
     layout: std::sync::OnceLock<Layout>,
     rootless: bool,
@@ -111,6 +113,7 @@ impl NamespaceBackend {
             sandboxes: runtime_dir.join("sandboxes"),
             pool: runtime_dir.join(POOL_DIR),
             kept: runtime_dir.join("kept"),
+            disks: runtime_dir.join("disks"),
             skeleton,
             layout: std::sync::OnceLock::new(),
             rootless,
@@ -140,12 +143,12 @@ fn remove_stale_sandboxes(sandboxes: &Path) {
             continue;
         };
         if kill(Pid::from_raw(owner), None).is_err() {
-            layers::return_resumed(&entry.path());
-            let dir = SandboxDir {
-                path: entry.path(),
-                reused: false,
-            };
-            let _ = dir.remove();
+            if entry.path().join(disk::IMAGE).exists() {
+                disk::return_stale(&entry.path());
+            } else {
+                layers::return_resumed(&entry.path());
+            }
+            let _ = SandboxDir::at(entry.path()).remove();
         }
     }
 }
@@ -186,6 +189,10 @@ impl Backend for NamespaceBackend {
             return;
         }
         discard_kept_dir(kept);
+    }
+
+    fn kept_sets(&self) -> Vec<PathBuf> {
+        disk::kept_sets(&self.kept)
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
@@ -256,14 +263,15 @@ impl NamespaceBackend {
                 interrupted: AtomicBool::new(false),
             }),
         };
-        let dir = sandbox
-            .dir
-            .insert(SandboxDir::claim(&self.sandboxes.join(&name), &self.pool)?);
+        let (claimed, unenforced) = self.claim_dir(&self.sandboxes.join(&name), spec)?;
+        sandbox.info.unenforced.extend(unenforced);
+        let dir = sandbox.dir.insert(claimed);
         let mut root_layers = 0;
         let mut workspace = None;
         if let Some(ws) = &spec.workspace {
-            let (prepared, roots) =
-                layers::Layers::prepare(&dir.path, &ws.dir, ws.resume.as_deref()).map_err(|e| {
+            let resume = dir.resume_from(ws.resume.as_deref());
+            let (prepared, roots) = layers::Layers::prepare(&dir.data, &ws.dir, resume.as_deref())
+                .map_err(|e| {
                     SandboxError::setup(format!("cannot prepare the workspace's layers: {e}"), None)
                 })?;
             root_layers = roots;
@@ -279,7 +287,7 @@ impl NamespaceBackend {
             workspace,
             upper_in_memory: spec.scratch_in_memory,
             memory: spec.limits.memory,
-            sandbox_dir: dir.path.display().to_string(),
+            sandbox_dir: dir.data.display().to_string(),
             skeleton: layers
                 .is_empty()
                 .then(|| self.skeleton.display().to_string()),
@@ -300,7 +308,7 @@ impl NamespaceBackend {
             let layout = self.layout.get_or_init(Layout::detect);
             let (cgroups, unenforced) = Cgroups::create(layout, &name, &spec.limits);
             sandbox.cgroups = cgroups;
-            sandbox.info.unenforced = unenforced;
+            sandbox.info.unenforced.extend(unenforced);
         }
         if let Err(e) = sandbox.cgroups.add(pid) {
             return Err(SandboxError::setup(
@@ -467,8 +475,13 @@ fn write_id_maps(pid: u32, map: IdMap) -> io::Result<()> {
 #[derive(Debug)]
 struct SandboxDir {
     path: PathBuf,
+    /// Where the sandbox's files are (`root`, `upper`, `work`, `layers`): `path` itself, or
+    /// its `data/` on a disk of its own ([`disk`]).
+    data: PathBuf,
     /// Taken from the pool: overlayfs's work directory from its last use is still there.
     reused: bool,
+    /// The files are on a disk of their own.
+    disk: Option<disk::DiskDir>,
 }
 
 /// The versioned name of the pool directory: a change to what a pooled directory may hold
@@ -479,14 +492,24 @@ const POOL_DIR: &str = "pool-3";
 const POOL_SIZE: usize = 4;
 
 impl SandboxDir {
+    /// The directory at `path`, its files in it.
+    fn at(path: PathBuf) -> SandboxDir {
+        SandboxDir {
+            data: path.clone(),
+            path,
+            reused: false,
+            disk: None,
+        }
+    }
+
     /// A directory for a new sandbox at `path`: one from `pool` if there is one (a rename
     /// instead of creating four directories), else a fresh one.
     fn claim(path: &Path, pool: &Path) -> Result<SandboxDir, SandboxError> {
         for slot in 0..POOL_SIZE {
             if fs::rename(pool.join(format!("slot-{slot}")), path).is_ok() {
                 return Ok(SandboxDir {
-                    path: path.to_path_buf(),
                     reused: true,
+                    ..SandboxDir::at(path.to_path_buf())
                 });
             }
         }
@@ -501,10 +524,7 @@ impl SandboxDir {
             .mode(0o755)
             .create(path)
             .map_err(fail)?;
-        let dir = SandboxDir {
-            path: path.to_path_buf(),
-            reused: false,
-        };
+        let dir = SandboxDir::at(path.to_path_buf());
         for sub in ["root", "upper", "work"] {
             let p = path.join(sub);
             // Upstream's user's: sandbox root's (see `idmap`).
@@ -534,6 +554,9 @@ impl SandboxDir {
     /// Done with the directory: keep it for the next sandbox if the sandbox wrote nothing
     /// (its layer and mount point are empty), else remove it.
     fn release(self, pool: &Path) -> io::Result<()> {
+        if self.disk.is_some() {
+            return self.remove();
+        }
         let empty = |sub: &str| {
             fs::read_dir(self.path.join(sub)).is_ok_and(|mut entries| entries.next().is_none())
         };
@@ -557,9 +580,17 @@ impl SandboxDir {
     /// Removes the directory, without recursion however deep a sandbox nested what it left
     /// and opening up directories it made unreadable (overlayfs's work directory is one).
     fn remove(&self) -> io::Result<()> {
+        // A disk of its own goes first (a stale one may still be mounted): what is on it
+        // goes with it, and the directory it was mounted on is empty.
+        let data = self.path.join(disk::DATA);
+        if disk::is_mounted(&data) {
+            disk::unmount(&data);
+        }
         hostfs::remove_all(&self.path)
     }
 }
+
+pub use disk::runtime_kept_sets as kept_sets;
 
 /// Removes a workspace kept for resuming (`Sandbox::destroy_keeping`), whatever modes the
 /// sandbox left on what is inside. Only directories under a `kept` directory are touched.
@@ -591,6 +622,7 @@ impl Interrupter for NsInterrupter {
 struct NamespaceSession {
     client: AgentClient<UnixStream>,
     oom: cgroup::OomCounter,
+    disk: disk::DiskWatch,
     interrupter: Arc<NsInterrupter>,
 }
 
@@ -612,6 +644,7 @@ impl Session for NamespaceSession {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: self.oom.kills() > oom_before,
+            out_of_disk: self.disk.out_of_disk(exited.status),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -727,7 +760,13 @@ impl NamespaceSandbox {
         let cgroups = self.cgroups.destroy();
         let mut kept = None;
         let mut layers_result = Ok(());
-        if let (Some(layers), Some(dir)) = (self.layers.take(), self.dir.as_ref()) {
+        let on_disk = self.dir.as_ref().is_some_and(|d| d.disk.is_some());
+        if let (true, Some(dir)) = (on_disk, self.dir.as_ref()) {
+            match disk::end(dir, self.layers.take(), ending, &self.kept) {
+                Ok(k) => kept = k,
+                Err(e) => layers_result = Err(e),
+            }
+        } else if let (Some(layers), Some(dir)) = (self.layers.take(), self.dir.as_ref()) {
             match ending {
                 Ending::Keep => {
                     let name = dir.path.file_name().unwrap_or_default();
@@ -786,6 +825,7 @@ impl Sandbox for NamespaceSandbox {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory,
+            out_of_disk: disk::DiskWatch::of(self.dir.as_ref()).out_of_disk(exited.status),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -831,6 +871,7 @@ impl Sandbox for NamespaceSandbox {
         Ok(Box::new(NamespaceSession {
             client,
             oom: self.cgroups.oom_counter(),
+            disk: disk::DiskWatch::of(self.dir.as_ref()),
             interrupter: self.interrupter.clone(),
         }))
     }

@@ -170,20 +170,18 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         }
     }
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    // With a memory limit, each tmpfs holds at most three quarters of it, like the in-memory
-    // layer: what the host writes there for the sandbox (an upload) is charged to the host,
-    // not to the sandbox's memory, so the mount's size is what bounds it.
-    let size = config
-        .memory
-        .map(|m| format!(",size={}", m / 4 * 3))
-        .unwrap_or_default();
-    do_mount(
-        Some("tmpfs"),
-        "root/tmp",
-        Some("tmpfs"),
-        nosuid_nodev,
-        Some(&format!("mode=1777{size}")),
-    )?;
+    // /tmp is a directory of the root's writable layer: on the sandbox's disk, counted
+    // against its disk limit and kept with it for `--resume` (or, with the layer in memory,
+    // bounded with it). An image without one gets it in that layer.
+    let tmp = Path::new("root/tmp");
+    if !fs::symlink_metadata(tmp).is_ok_and(|m| m.is_dir()) {
+        fs::create_dir_all(tmp).map_err(ctx(|| "cannot create /tmp".to_string()))?;
+    }
+    if fs::metadata(tmp).is_ok_and(|m| m.permissions().mode() & 0o7777 != 0o1777) {
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o1777))
+            .map_err(ctx(|| "cannot make /tmp writable by everyone".to_string()))?;
+    }
+    let (run_size, shm_size) = tmpfs_sizes(config.memory, config.upper_in_memory);
     // The skeleton holds the identity files of a sandbox with the default name: bind them
     // before /run gets its tmpfs, which then hides them.
     let ready_identity =
@@ -196,9 +194,9 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         "root/run",
         Some("tmpfs"),
         nosuid_nodev,
-        Some(&format!("mode=755{size}")),
+        Some(&format!("mode=755,size={run_size}")),
     )?;
-    build_dev(config.layers.is_empty(), &size)?;
+    build_dev(config.layers.is_empty(), &format!(",size={shm_size}"))?;
     do_mount(
         Some("proc"),
         "root/proc",
@@ -225,6 +223,23 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
         .map_err(nix_io)
         .map_err(ctx(|| "cannot set the hostname".to_string()))?;
     pivot()
+}
+
+/// The sizes of /run and /dev/shm, which are memory: what is written there is charged to the
+/// sandbox's memory when the sandbox writes it, and to nobody's when the host writes it for
+/// the sandbox (an upload), so the sizes are what bound them, and together they stay well
+/// inside the memory limit: /run (the agent's steps, outputs and logs of background
+/// commands) a sixteenth of it, /dev/shm a quarter (an eighth when the root's writable layer
+/// is in memory too, which takes three quarters). Without a memory limit, 64 MiB and 256
+/// MiB of the host's memory.
+pub fn tmpfs_sizes(memory: Option<u64>, upper_in_memory: bool) -> (u64, u64) {
+    // tmpfs reads a size of 0 as unlimited: never less than a page.
+    let (run, shm) = match memory {
+        Some(m) if upper_in_memory => (m / 16, m / 8),
+        Some(m) => (m / 16, m / 4),
+        None => (64 << 20, 256 << 20),
+    };
+    (run.max(4096), shm.max(4096))
 }
 
 /// Makes the lower layer of host-image sandboxes: the mount points every root has, and the

@@ -208,4 +208,9 @@ pub trait Backend {
 
     /// Removes layers kept by [`Sandbox::destroy_keeping`] that nothing will resume from.
     fn discard_kept(&self, kept: &Path);
+
+    /// Every set of layers this backend has kept, resumable or not.
+    fn kept_sets(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }

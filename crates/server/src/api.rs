@@ -28,7 +28,8 @@ pub struct JsonBody<T>(pub T);
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
-    /// Bytes of memory, or a size such as `512M`, `2G` (1M to 16T).
+    /// Bytes of memory, or a size such as `512M`, `2G` (4M to 16T). Default: the daemon's
+    /// `--default-memory`.
     #[schema(value_type = Option<String>, example = "512M")]
     pub memory: Option<serde_json::Value>,
     /// CPUs (fractions allowed, 0.01 to 1024).

@@ -83,6 +83,10 @@ impl Backend for Pooled {
     fn discard_kept(&self, kept: &std::path::Path) {
         self.0.backend().discard_kept(kept);
     }
+
+    fn kept_sets(&self) -> Vec<std::path::PathBuf> {
+        self.0.backend().kept_sets()
+    }
 }
 
 struct Quiet;

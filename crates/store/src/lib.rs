@@ -449,6 +449,20 @@ impl Store {
         }))
     }
 
+    /// Where every turn of the store that kept its workspace for resuming kept it.
+    pub fn kept_workspaces(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kept FROM turns WHERE kept IS NOT NULL")
+            .map_err(|e| self.db_err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.db_err(e))?;
+        rows.map(|r| r.map(PathBuf::from))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.db_err(e))
+    }
+
     /// Takes the kept workspaces of `document`'s turns in `context` other than `turn` off
     /// the records (a newer turn supersedes them) and returns where they are, to remove.
     pub fn take_superseded(

@@ -100,9 +100,9 @@ fn a_deep_directory_tree_does_not_crash_the_daemon() {
     );
 }
 
-/// A sandbox's `/tmp` (and `/run`, `/dev/shm`) is memory. A write the sandbox makes there
-/// counts against its memory limit; a write the daemon makes there for it (files API) must
-/// not hold more than that limit either.
+/// A sandbox's `/dev/shm` and `/run` are memory (its `/tmp` is on its disk). A write the
+/// sandbox makes there counts against its memory limit; a write the daemon makes there for it
+/// (files API) must not hold more than that limit either.
 #[test]
 fn an_upload_into_tmpfs_is_bounded_by_the_sandboxs_memory() {
     crate::require_root_sandbox!();
@@ -121,16 +121,16 @@ fn an_upload_into_tmpfs_is_bounded_by_the_sandboxs_memory() {
         .map_or(0, |r| r.status().as_u16())
     };
     // Control: a small file goes in.
-    assert_eq!(put("/tmp/small", 1 << 20), 201);
-    let status = put("/tmp/big", 256 << 20);
-    let held = api.exec(&sid, &["stat", "-c", "%s", "/tmp/big"]);
+    assert_eq!(put("/dev/shm/small", 1 << 20), 201);
+    let status = put("/dev/shm/big", 256 << 20);
+    let held = api.exec(&sid, &["stat", "-c", "%s", "/dev/shm/big"]);
     let held: u64 = held["stdout"]
         .as_str()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     assert!(
         held < 64 << 20,
-        "a sandbox limited to 64 MiB holds {held} bytes in its /tmp, written by the daemon \
+        "a sandbox limited to 64 MiB holds {held} bytes in its /dev/shm, written by the daemon \
          (PUT answered {status})"
     );
 }

@@ -1,0 +1,98 @@
+//! Workspaces kept for `--resume`, tied to the store whose turn kept them, so that they go
+//! when that store or that turn's record goes: a kept set lives in the backend's runtime
+//! directory, far from the store, and would otherwise stay there for ever once its store is
+//! removed (`rm -rf .upstream`).
+//!
+//! A kept set names its owner in a file of its own, `owner`: the store's directory and the
+//! turn's number, one a line. [`reclaim`] drops every kept set whose store has no database
+//! any more, or whose store records no turn that kept it; a set without an owner (kept by an
+//! older upstream) is left alone, and one younger than [`GRACE`] too, since the turn that
+//! kept it records it only after it was kept.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use upstream_store::Store;
+
+/// The file in a kept set that names its owner.
+const OWNER: &str = "owner";
+
+/// How long a kept set may stay unrecorded: the turn that kept it records it right after.
+pub const GRACE: Duration = Duration::from_secs(120);
+
+/// Names the turn `number` of the store in `store_dir` as the owner of the set kept at
+/// `kept`.
+pub fn mark(kept: &Path, store_dir: &Path, number: i64) {
+    let store = fs::canonicalize(store_dir).unwrap_or_else(|_| store_dir.to_path_buf());
+    let _ = fs::write(kept.join(OWNER), format!("{}\n{number}\n", store.display()));
+}
+
+/// Why a kept set is no longer wanted, if it is not.
+fn unwanted(kept: &Path, now: SystemTime) -> Option<String> {
+    let owner = kept.join(OWNER);
+    let text = fs::read_to_string(&owner).ok()?;
+    let young = fs::metadata(&owner)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| now.duration_since(t).ok())
+        .is_none_or(|age| age < GRACE);
+    let mut lines = text.lines();
+    let store_dir = PathBuf::from(lines.next()?);
+    if !store_dir.join("store.db").is_file() {
+        return Some(format!("its store {} is gone", store_dir.display()));
+    }
+    if young {
+        return None;
+    }
+    let store = Store::open(&store_dir).ok()?;
+    let recorded = store.kept_workspaces().ok()?;
+    if recorded.iter().any(|k| k == kept) {
+        return None;
+    }
+    Some(format!(
+        "no turn of the store {} keeps it any more",
+        store_dir.display()
+    ))
+}
+
+/// Drops each of `kept_sets` (through `discard`) that no turn of an existing store keeps any
+/// more; returns how many went.
+pub fn reclaim(kept_sets: &[PathBuf], discard: &dyn Fn(&Path)) -> usize {
+    let now = SystemTime::now();
+    let mut dropped = 0;
+    for kept in kept_sets {
+        if unwanted(kept, now).is_some() {
+            discard(kept);
+            dropped += 1;
+        }
+    }
+    dropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_without_an_owner_or_whose_store_is_there_and_young_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("kept/a");
+        fs::create_dir_all(&legacy).unwrap();
+        let store_dir = dir.path().join("store");
+        Store::open(&store_dir).unwrap();
+        let young = dir.path().join("kept/b");
+        fs::create_dir_all(&young).unwrap();
+        mark(&young, &store_dir, 1);
+        let orphan = dir.path().join("kept/c");
+        fs::create_dir_all(&orphan).unwrap();
+        mark(&orphan, &dir.path().join("gone"), 1);
+        let dropped = std::cell::RefCell::new(Vec::new());
+        let n = reclaim(
+            &[legacy.clone(), young.clone(), orphan.clone()],
+            &|p: &Path| dropped.borrow_mut().push(p.to_path_buf()),
+        );
+        assert_eq!(n, 1);
+        assert_eq!(dropped.into_inner(), vec![orphan]);
+    }
+}
