@@ -89,3 +89,67 @@ fn has_sys_resource() -> bool {
         .unwrap();
     effective & (1 << 24) != 0
 }
+
+/// However the agent goes (here the host kills it mid-step, as the kernel would where it
+/// cannot be protected), the turn records the step that was running, marks the rest not
+/// run and writes every result it has.
+#[test]
+fn a_turn_whose_agent_goes_writes_what_it_has() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let marker = format!("7{}", std::process::id());
+    let doc = format!(
+        "---\n---\n# First\n```bash\necho first\n```\n# Held\n```bash continue_on_error\n\
+         sleep {marker}\n```\n# Later\n```bash\necho later\n```\n"
+    );
+    let path = env.write("lost.md", doc);
+    let child = env
+        .command()
+        .args(["run", "lost.md"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let sleeper = loop {
+        let found = crate::util::processes_with(&format!("sleep {marker}"));
+        if let Some(line) = found.first() {
+            break line.split(':').next().unwrap().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // The agent is the step's ancestor that is pid 1 of the sandbox's pid namespace.
+    let field = |pid: &str, name: &str| -> String {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mut agent = sleeper;
+    while field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
+        agent = field(&agent, "PPid:");
+        assert_ne!(agent, "0", "no pid 1 above the step");
+    }
+    let agent: i32 = agent.parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}\n{text}");
+    assert!(result_block(&text, 1).contains("exit 0"), "{text}");
+    let held = result_block(&text, 2);
+    assert!(held.contains("agent"), "{held}\n{err}");
+    assert!(result_block(&text, 3).contains("not run"), "{text}");
+    env.assert_gone(&marker);
+}
