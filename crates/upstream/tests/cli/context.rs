@@ -651,7 +651,8 @@ fn an_unprivileged_user_saves_restores_and_resumes_too() {
     let out = run(&["run", "two.md"]);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     // Rootless, the one warning is that the disk limit does not hold.
-    let warnings: Vec<&str> = stderr(&out)
+    let said = stderr(&out);
+    let warnings: Vec<&str> = said
         .lines()
         .filter(|l| l.starts_with("warning") && !l.contains("disk limit (10G) is not enforced"))
         .collect();

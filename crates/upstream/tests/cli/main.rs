@@ -17,6 +17,7 @@ mod host_boundaries;
 mod hostside;
 mod image;
 mod isolation;
+mod limits;
 mod local_users;
 mod oom;
 mod run;

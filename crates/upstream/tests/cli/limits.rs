@@ -1,0 +1,276 @@
+//! Limits on what a sandbox takes from the host: its disk (a filesystem of its own, so a write
+//! past the limit gets "no space"), its /run and /dev/shm (memory, sized inside the memory
+//! limit), bad limits refused where they are written, and kept workspaces that go with their
+//! store. Each attack comes with a control that the same thing within the limit works.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::serve::{Daemon, id};
+use crate::util::{Env, code, result_block, stderr};
+
+/// The sets of layers kept for resuming in a test's runtime directory.
+fn kept_sets(runtime: &Path) -> Vec<PathBuf> {
+    match fs::read_dir(runtime.join("kept")) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A step that writes 300 MB to /tmp in a sandbox with a 64 MiB disk gets "no space" from
+/// the filesystem, not an out-of-memory kill (its memory limit is 64 MiB too, and /tmp is no
+/// longer memory); the step says why it failed, the turn goes on, and the disk's space comes
+/// back when the file is removed.
+#[test]
+fn a_step_that_fills_its_disk_gets_no_space_and_says_so() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let doc = "---\nmemory: 64M\ndisk: 64M\n---\n# Small\n```bash\n\
+               head -c 20000000 /dev/zero > /tmp/small && echo small-ok\n```\n\
+               # Big\n```bash continue_on_error\nhead -c 300000000 /dev/zero > /tmp/big\n```\n\
+               # After\n```bash\nrm -f /tmp/big /tmp/small\n\
+               head -c 40000000 /dev/zero > /workspace/again && echo after-ok\n```\n";
+    let path = env.write("disk.md", doc);
+    let out = env.upstream(&["run", "disk.md"]);
+    let err = stderr(&out);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 1, "{err}\n{text}");
+    assert!(!err.contains("agent went away"), "{err}");
+    assert!(!err.contains("out of memory"), "{err}");
+    // Control: a write inside the limit goes through.
+    assert!(result_block(&text, 1).contains("small-ok"), "{text}");
+    assert!(
+        result_block(&text, 2).contains("No space left on device"),
+        "{text}"
+    );
+    assert!(
+        err.contains("Step 2: Big")
+            && err.contains("failed: exit 1 — out of disk space (limit 64.0 MiB)"),
+        "{err}"
+    );
+    // Deleting gives the space back: the next step writes 40 MB again.
+    assert!(result_block(&text, 3).contains("after-ok"), "{err}\n{text}");
+    // The sandbox's disk is unmounted and gone with it.
+    assert!(env.leftover_sandboxes().is_empty());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let runtime = env.runtime.display().to_string();
+    assert!(
+        !mounts.contains(&runtime),
+        "a sandbox's disk is still mounted:\n{mounts}"
+    );
+}
+
+/// /run and /dev/shm are memory that the host's writes for a sandbox are not charged for:
+/// each is sized inside the memory limit (a sixteenth and a quarter), and a write past that
+/// gets "no space" rather than the sandbox's memory.
+#[test]
+fn run_and_dev_shm_hold_no_more_than_their_share_of_the_memory_limit() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let doc = "---\nmemory: 64M\n---\n```bash\n\
+               df -B1 --output=size /run /dev/shm | tail -n +2 | tr -s ' \\n' ' '; echo\n\
+               head -c 8000000 /dev/zero > /dev/shm/fits && echo shm-fits\n\
+               head -c 1000000 /dev/zero > /run/fits && echo run-fits\n\
+               head -c 40000000 /dev/zero > /dev/shm/big || echo shm-full\n\
+               head -c 8000000 /dev/zero > /run/big || echo run-full\n```\n";
+    let path = env.write("tmpfs.md", doc);
+    let out = env.upstream(&["run", "tmpfs.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    let block = result_block(&text, 1);
+    assert_eq!(code(&out), 0, "{}\n{text}", stderr(&out));
+    assert!(block.contains(" 4194304 16777216 "), "{block}");
+    for said in ["shm-fits", "run-fits", "shm-full", "run-full"] {
+        assert!(block.contains(said), "{said}: {block}");
+    }
+}
+
+/// Without a memory limit, /run and /dev/shm are 64 MiB and 256 MiB: a step cannot put more
+/// of the host's memory there.
+#[test]
+fn without_a_memory_limit_run_and_dev_shm_have_fixed_sizes() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let doc = "```bash\ndf -B1 --output=size /run /dev/shm | tail -n +2 | tr -s ' \\n' ' '; echo\n\
+               head -c 300000000 /dev/zero > /dev/shm/big || echo shm-full\n\
+               rm -f /dev/shm/big\n```\n";
+    let path = env.write("fixed.md", doc);
+    let out = env.upstream(&["run", "fixed.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    let block = result_block(&text, 1);
+    assert_eq!(code(&out), 0, "{}\n{text}", stderr(&out));
+    assert!(block.contains(" 67108864 268435456 "), "{block}");
+    assert!(block.contains("shm-full"), "{block}");
+}
+
+/// `--resume` keeps /tmp (it is on the sandbox's disk) with the workspace.
+#[test]
+fn resume_keeps_tmp_with_the_workspace() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "resume.md",
+        "```bash\necho kept > /tmp/t; echo ws > /workspace/w\n```\n```bash\nfalse\n```\n",
+    );
+    let out = env.upstream(&["run", "resume.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let fixed = fs::read_to_string(&path).unwrap().replace(
+        "```bash\nfalse\n```",
+        "```bash\ncat /tmp/t /workspace/w\n```",
+    );
+    fs::write(&path, fixed).unwrap();
+    let out = env.upstream(&["run", "--resume", "resume.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}\n{text}", stderr(&out));
+    assert!(result_block(&text, 2).contains("kept\nws"), "{text}");
+}
+
+/// A workspace kept for resuming goes when its store goes: at the start of the next turn,
+/// and with `gc`. Control: one kept by a store that is still there stays.
+#[test]
+fn kept_workspaces_go_when_their_store_goes() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let failing = "```bash\necho x > /workspace/x\n```\n```bash\nfalse\n```\n";
+    // The control: another project, whose store stays.
+    let other = env.path("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("keep.md"), failing).unwrap();
+    let out = env
+        .command()
+        .current_dir(&other)
+        .env("UPSTREAM_STORE", other.join(".upstream"))
+        .args(["run", "keep.md"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let control = kept_sets(&env.runtime);
+    assert_eq!(control.len(), 1, "{control:?}");
+
+    env.write("fail.md", failing);
+    let out = env.upstream(&["run", "fail.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let kept: Vec<PathBuf> = kept_sets(&env.runtime)
+        .into_iter()
+        .filter(|k| !control.contains(k))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    fs::remove_dir_all(env.path(".upstream")).unwrap();
+    env.write("next.md", "```bash\ntrue\n```\n");
+    let out = env.upstream(&["run", "next.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        !kept[0].exists(),
+        "{} stayed behind its store",
+        kept[0].display()
+    );
+    assert!(control[0].exists(), "a kept set whose store is there went");
+
+    // gc: the same, with no turn run after the store went.
+    let out = env.upstream(&["run", "fail.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let kept: Vec<PathBuf> = kept_sets(&env.runtime)
+        .into_iter()
+        .filter(|k| !control.contains(k))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    fs::remove_dir_all(env.path(".upstream")).unwrap();
+    let out = env.upstream(&["gc"]);
+    assert!(
+        stderr(&out).contains("Removed 1 workspace kept for resuming"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!kept[0].exists(), "{} stayed after gc", kept[0].display());
+    assert!(
+        control[0].exists(),
+        "gc removed a kept set whose store is there"
+    );
+}
+
+/// Limits out of range are errors at their place in the document, naming the range, not a
+/// sandbox that cannot start ("the agent went away").
+#[test]
+fn bad_limits_are_errors_at_their_place() {
+    let env = Env::new();
+    for (line, column, range) in [
+        ("memory: 4K", 9, "from 4M to 1024T"),
+        ("disk: 1K", 7, "from 16M to 16T"),
+        ("cpus: 1e9", 7, "from 0.01 to 1024"),
+    ] {
+        env.write("bad.md", format!("---\n{line}\n---\n```bash\ntrue\n```\n"));
+        let out = env.upstream(&["run", "bad.md"]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{line}: {err}");
+        assert!(
+            err.contains(&format!("bad.md:2:{column}:")),
+            "{line}: {err}"
+        );
+        assert!(err.contains(range), "{line}: {err}");
+        assert!(!err.contains("agent"), "{line}: {err}");
+    }
+    // Control: the smallest limits a sandbox starts with run.
+    env.write(
+        "least.md",
+        "---\nmemory: 4M\ndisk: 16M\ncpus: 0.01\n---\n```bash\necho ran\n```\n",
+    );
+    let out = env.upstream(&["run", "least.md"]);
+    if crate::util::sandboxes_available() {
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+}
+
+/// Through the daemon: a sandbox's disk bounds what the daemon writes into its /tmp for it
+/// (an upload), a sandbox that names no limits gets the operator's defaults, and limits out
+/// of range are a 400 naming the field.
+#[test]
+fn the_daemons_sandboxes_have_a_disk_limit_and_default_limits() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &["--default-memory", "512M", "--default-disk", "2G"]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let plain = api.create(json!({}));
+    assert_eq!(plain["limits"]["memory"], 512 << 20, "{plain}");
+    assert_eq!(plain["limits"]["disk"], 2u64 << 30, "{plain}");
+    assert_eq!(plain["unenforced"], json!([]), "{plain}");
+    let sandbox = api.create(json!({ "limits": { "disk": "64M" } }));
+    assert_eq!(sandbox["limits"]["disk"], 64 << 20, "{sandbox}");
+    let sid = id(&sandbox);
+    let put = |path: &str, size: usize| {
+        api.request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{sid}/files?path={path}"),
+        )
+        .body(vec![0u8; size])
+        .send()
+        // The daemon may answer "no space" and close before the whole body is sent.
+        .map_or(0, |r| r.status().as_u16())
+    };
+    // Control: a file inside the limit goes in.
+    assert_eq!(put("/tmp/small", 8 << 20), 201);
+    let status = put("/tmp/big", 256 << 20);
+    let held = api.exec(&sid, &["stat", "-c", "%s", "/tmp/big"]);
+    let held: u64 = held["stdout"]
+        .as_str()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        held < 64 << 20,
+        "a sandbox with a 64 MiB disk holds {held} bytes in its /tmp (PUT answered {status})"
+    );
+    assert_ne!(status, 201, "the upload past the disk limit was taken");
+    for (body, field) in [
+        (json!({ "limits": { "disk": "1K" } }), "`limits.disk`"),
+        (json!({ "limits": { "disk": "17T" } }), "`limits.disk`"),
+        (json!({ "limits": { "disk": [1] } }), "`limits.disk`"),
+        (json!({ "limits": { "memory": "4K" } }), "`limits.memory`"),
+    ] {
+        let (status, answer) = api.post("/v1/sandboxes", body.clone());
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer.to_string().contains(field),
+            "{body}: names {field}: {answer}"
+        );
+    }
+}
