@@ -137,5 +137,33 @@ pub fn checks() -> Vec<Check> {
         },
         hint: runtime.err().map(|e| e.hint()),
     });
+    let ext4 = filesystems.lines().any(|l| l.trim_end().ends_with("ext4"));
+    let loop_control = Path::new("/dev/loop-control").exists();
+    let mkfs = crate::disk::can_format();
+    let disk_ok = root && ext4 && loop_control && mkfs;
+    checks.push(Check {
+        name: "disk limits",
+        ok: disk_ok,
+        detail: if disk_ok {
+            "each sandbox's writes go to an ext4 disk of its own (mke2fs, a loop device)".into()
+        } else if !root {
+            "not enforced: only root may mount a sandbox's own disk (rootless)".into()
+        } else if !mkfs {
+            "not enforced: mke2fs is not installed".into()
+        } else if !loop_control {
+            "not enforced: /dev/loop-control is missing".into()
+        } else {
+            "not enforced: ext4 is not in /proc/filesystems".into()
+        },
+        hint: (!disk_ok).then(|| {
+            if !root {
+                "run as root to bound what a sandbox writes to disk".into()
+            } else if !mkfs {
+                "install e2fsprogs (Debian and Ubuntu: apt-get install e2fsprogs)".into()
+            } else {
+                "load the loop and ext4 modules (modprobe loop ext4)".into()
+            }
+        }),
+    });
     checks
 }
