@@ -164,6 +164,10 @@ impl From<upstream_store::StoreError> for ApiError {
             upstream_store::StoreError::Busy => ApiError::conflict(
                 "turns are running on this tenant's store; try again when they have finished",
             ),
+            e @ upstream_store::StoreError::AmbiguousTurn { .. } => ApiError::bad_request(
+                format!("{e}; give more of the id, or the turn's number"),
+            ),
+            e @ upstream_store::StoreError::ContextBusy(_) => ApiError::conflict(e.to_string()),
             e => ApiError::internal(e),
         }
     }

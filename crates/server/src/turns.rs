@@ -91,6 +91,17 @@ impl Backend for Pooled {
 
 struct Quiet;
 
+/// Cancels a turn when dropped armed: when the request it runs for is dropped unanswered.
+struct CancelOnDrop(Option<Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            cancel.cancel();
+        }
+    }
+}
+
 impl Observer for Quiet {
     fn event(&mut self, _: Event<'_>) {}
 }
@@ -291,10 +302,13 @@ pub async fn run_turn(
     };
     let share = daemon.shares.of(&tenant.0);
     let Some(framing) = framing else {
-        let ran = share
-            .run(move || run(&mut Quiet, &Cancel::default()))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
+        // A client gone before the answer drops this handler, and the guard stops the turn
+        // (or its wait for another turn of its context), as a streamed turn stops.
+        let cancel = Cancel::default();
+        let mut gone = CancelOnDrop(Some(cancel.clone()));
+        let ran = share.run(move || run(&mut Quiet, &cancel)).await;
+        gone.0 = None;
+        let ran = ran.map_err(|e| ApiError::internal(e.to_string()))??;
         return Ok(Json(ran).into_response());
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);

@@ -30,7 +30,7 @@ fn failed(client: &Client, e: &ClientError) -> u8 {
         ClientError::Api {
             status, message, ..
         } if (400..500).contains(status) => {
-            eprintln!("error: {message}");
+            eprintln!("error: {}", upstream_doc::terminal::line(message));
             if *status == 404 {
                 eprintln!(
                     "hint: `upstream log --daemon` (or with --url) lists the daemon's turns; a turn run here is in the local store: `upstream log`"

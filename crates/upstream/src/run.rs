@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use upstream_backend_ns::NamespaceBackend;
-use upstream_doc::Document;
+use upstream_doc::{Document, terminal};
 use upstream_sandbox::SandboxError;
 use upstream_turn::wire::TurnEvent;
 use upstream_turn::{Cancel, TurnError, TurnOptions, TurnRecord, TurnStatus, WriteBack};
@@ -204,7 +204,8 @@ fn run_one(
             Err(
                 e @ (TurnError::Store(_) | TurnError::Restore(_) | TurnError::SaveArtifacts(_)),
             ) => {
-                eprintln!("error: {e}");
+                // It may quote what the sandbox named (an artifact's path).
+                eprintln!("error: {}", terminal::line(&e.to_string()));
                 eprintln!(
                     "hint: {} was not modified; `upstream log` shows what the store holds",
                     document.path().display()
@@ -433,11 +434,11 @@ fn run_remote(
         Err(upstream_client::ClientError::Api {
             status, message, ..
         }) if (400..500).contains(&status) => {
-            eprintln!("error: {message}");
+            eprintln!("error: {}", terminal::line(&message));
             return exit::BAD_INPUT;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", terminal::line(&e.to_string()));
             return exit::SANDBOX;
         }
     };
@@ -460,7 +461,8 @@ fn run_remote(
 }
 
 pub fn sandbox_failed(e: &SandboxError) -> u8 {
-    eprintln!("error: {e}");
+    // What the agent or an image said is shown, not obeyed.
+    eprintln!("error: {}", terminal::line(&e.to_string()));
     if let Some(hint) = e.hint() {
         eprintln!("hint: {hint}");
     }

@@ -24,7 +24,8 @@ pub fn client(state: &crate::cli::StateArg) -> Result<Client, String> {
 }
 
 fn failed(e: &ClientError) -> u8 {
-    eprintln!("error: {e}");
+    // The daemon's answer may quote what a sandbox named (a file's path).
+    eprintln!("error: {}", upstream_doc::terminal::line(&e.to_string()));
     match e {
         ClientError::Api { status, .. } if (400..500).contains(status) => exit::BAD_INPUT,
         _ => exit::SANDBOX,

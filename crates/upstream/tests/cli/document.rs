@@ -154,6 +154,7 @@ printf 'note=\033[31mred\033[0m\n' >> $UPSTREAM_OUTPUT
 printf 'out \033]0;title\007 \033[2J \342\200\256 \233 end\n'
 printf 'x' > "$(printf 'name\033[2J\342\200\256txt.exe')"
 ln -sfn "$(printf '\033]0;t\007')" link
+rm -f "$(printf 'fifo\033[2J')"; mkfifo "$(printf 'fifo\033[2J')"
 exit 0
 ```
 "#;
@@ -183,6 +184,11 @@ fn a_sandboxs_terminal_escapes_never_reach_the_terminal() {
         // It is shown, escaped.
         assert!(
             stderr(&out).contains("done (\\x1b]0;owned\\x07\\x1b[2J\\x1b[Hdone\\u{202e}gnp.txt,"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("warning: artifact fifo\\x1b[2J was not saved"),
             "{}",
             stderr(&out)
         );
@@ -531,4 +537,92 @@ fn a_damaged_result_block_is_an_error_at_its_place_and_the_document_is_left_alon
         "{err}"
     );
     assert_eq!(fs::read_to_string(env.path("damaged.md")).unwrap(), damaged);
+}
+
+/// Waits until a turn holds the lock of `context` in the daemon's store of `tenant`.
+fn wait_for_daemon_holder(daemon: &crate::serve::Daemon, tenant: &str, context: &str) {
+    let store = daemon.state.join("tenants").join(tenant);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = upstream_store::Store::open(&store) {
+            if s.context_holder(context)
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.turn.is_some())
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no turn of {context} started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn turns_of_one_context_through_the_daemon_wait_for_one_another_and_a_gone_client_stops_waiting() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let daemon = crate::serve::Daemon::start(&env, &[]);
+    let key = daemon.key("alice", "alice");
+    let api = daemon.client(&key);
+    let first = {
+        let api = daemon.client(&key);
+        std::thread::spawn(move || {
+            api.post(
+                "/v1/turns",
+                serde_json::json!({ "document": appending("first", "3"), "name": "first.md" }),
+            )
+        })
+    };
+    wait_for_daemon_holder(&daemon, "alice", "race");
+    // A client that gives up while its turn waits: the wait ends with it, no turn runs.
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/turns", daemon.url))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({ "document": appending("gone", "0"), "name": "gone.md" }))
+        .send();
+    assert!(impatient.is_err(), "answered while the first turn ran");
+    // A streamed turn says it waits, then starts from what the first left.
+    let response = api
+        .request(reqwest::Method::POST, "/v1/turns")
+        .header("Accept", "application/x-ndjson")
+        .json(&serde_json::json!({ "document": appending("second", "0"), "name": "second.md" }))
+        .send()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = response
+        .text()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (status, body) = first.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        lines[0],
+        serde_json::json!({ "event": "waiting", "context": "race", "turn": 1 }),
+        "{lines:?}"
+    );
+    let result = &lines.last().unwrap()["result"];
+    assert_eq!(result["turn"]["status"], "passed", "{lines:?}");
+    assert!(
+        crate::util::result_block(result["document"].as_str().unwrap(), 1).contains("first"),
+        "{result}"
+    );
+    // The turn whose client went away never ran: the chain is the first and the second.
+    let (_, turns) = api.get("/v1/turns?context=race");
+    let documents: Vec<&str> = turns["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["document"].as_str().unwrap())
+        .collect();
+    assert!(
+        documents.len() == 2
+            && documents[0].ends_with("first.md")
+            && documents[1].ends_with("second.md"),
+        "{turns}"
+    );
 }
