@@ -274,3 +274,100 @@ fn the_daemons_sandboxes_have_a_disk_limit_and_default_limits() {
         );
     }
 }
+
+/// Whether a disk of a sandbox of this test's runtime directory is mounted on the host.
+fn disk_mounted(env: &Env) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts.contains(&env.runtime.display().to_string())
+}
+
+/// An upstream killed mid-turn leaves its sandbox's disk mounted on the host; the next one to
+/// start unmounts it and removes the sandbox's directory, image and all.
+#[test]
+fn a_disk_left_by_a_killed_upstream_goes_at_the_next_start() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    env.write("slow.md", "```bash\nsleep 120\n```\n");
+    let mut child = env.command().args(["run", "slow.md"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !disk_mounted(&env) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        disk_mounted(&env),
+        "the turn's sandbox never had its disk mounted"
+    );
+    // Give the step time to start, then kill upstream as the OOM killer or a reboot would.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        disk_mounted(&env),
+        "a killed upstream unmounted its disk itself"
+    );
+    assert!(!env.leftover_sandboxes().is_empty());
+    env.write("next.md", "```bash\ntrue\n```\n");
+    let out = env.upstream(&["run", "next.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        !disk_mounted(&env),
+        "the dead upstream's disk is still mounted"
+    );
+    assert!(
+        env.leftover_sandboxes().is_empty(),
+        "{:?}",
+        env.leftover_sandboxes()
+    );
+}
+
+/// A resumed turn whose upstream is killed gives the kept disk back: the next start puts it
+/// where it came from, and `--resume` works again from the same state.
+#[test]
+fn a_kept_disk_survives_a_killed_resume() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "resume.md",
+        "```bash\necho kept > /tmp/t; echo ws > /workspace/w\n```\n```bash\nfalse\n```\n",
+    );
+    let out = env.upstream(&["run", "resume.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replace("```bash\nfalse\n```", "```bash\nsleep 120\n```"),
+    )
+    .unwrap();
+    let mut child = env
+        .command()
+        .args(["run", "--resume", "resume.md"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the resumed step runs: its sandbox has taken the kept disk.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while kept_sets(&env.runtime)
+        .iter()
+        .any(|k| k.join("disk.img").exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replace(
+            "```bash\nsleep 120\n```",
+            "```bash\ncat /tmp/t /workspace/w\n```",
+        ),
+    )
+    .unwrap();
+    let out = env.upstream(&["run", "--resume", "resume.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}\n{text}", stderr(&out));
+    assert!(result_block(&text, 2).contains("kept\nws"), "{text}");
+    assert!(!disk_mounted(&env));
+}
