@@ -371,3 +371,56 @@ fn a_kept_disk_survives_a_killed_resume() {
     assert!(result_block(&text, 2).contains("kept\nws"), "{text}");
     assert!(!disk_mounted(&env));
 }
+
+/// A rootless daemon cannot bound a sandbox's disk (nor, without a delegated cgroup, its
+/// memory): the sandbox's JSON says so, with why, instead of showing limits that do not hold.
+/// Control: the same request to a daemon as root lists nothing unenforced.
+#[test]
+fn a_rootless_daemon_says_which_limits_do_not_hold() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let body = json!({ "limits": { "memory": "128M", "disk": "1G" } }).to_string();
+    let root = Daemon::start(&env, &[]);
+    let (status, made) = crate::serve::unix_request(&root.socket, "POST", "/v1/sandboxes", &body);
+    assert_eq!(status, 201, "{made}");
+    let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+    assert_eq!(made["unenforced"], json!([]), "{made}");
+    drop(root);
+
+    let nobody = 65534;
+    let work = env.path("nobody");
+    fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = std::process::Command::new(crate::util::binary_for_nobody(&env));
+    command
+        .current_dir(&work)
+        .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+        .env("UPSTREAM_CACHE_DIR", work.join("cache"))
+        .env("HOME", &work)
+        .uid(nobody)
+        .gid(nobody);
+    let daemon = Daemon::start_with(command, work.join("state"), work.join("runtime"), &[]);
+    let (status, made) = crate::serve::unix_request(&daemon.socket, "POST", "/v1/sandboxes", &body);
+    if status != 201 && made.contains("cannot create a user namespace") {
+        crate::util::skip(
+            "SKIPPED: rootless daemon: this kernel does not allow unprivileged user namespaces"
+                .into(),
+        );
+        return;
+    }
+    assert_eq!(status, 201, "{made}");
+    let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+    let unenforced = made["unenforced"].to_string();
+    assert!(
+        unenforced.contains("disk limit (1G) is not enforced: only root may mount"),
+        "{made}"
+    );
+    // Memory holds only under a delegated cgroup, which a test's nobody does not have.
+    assert!(
+        unenforced.contains("memory limit is not enforced"),
+        "{made}"
+    );
+}

@@ -32,7 +32,12 @@ impl Daemon {
 
     /// A daemon started by `command` (the binary, with its environment and user), its state
     /// in `state`, its sandboxes under `runtime`.
-    fn start_with(mut command: Command, state: PathBuf, runtime: PathBuf, args: &[&str]) -> Daemon {
+    pub(crate) fn start_with(
+        mut command: Command,
+        state: PathBuf,
+        runtime: PathBuf,
+        args: &[&str],
+    ) -> Daemon {
         let socket = state.join("upstream.sock");
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
