@@ -9,8 +9,9 @@
 //! removed while another process waits on it would let two turns hold "the" lock at once.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,9 +46,10 @@ impl ContextLock {
             Some(t) => format!("{} {t}\n", std::process::id()),
             None => format!("{}\n", std::process::id()),
         };
-        self.file.set_len(0)?;
-        self.file.rewind()?;
-        self.file.write_all(text.as_bytes())
+        // Written over what is there, then cut to length: a waiter reading meanwhile never
+        // finds the file empty.
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)
     }
 }
 

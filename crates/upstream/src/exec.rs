@@ -117,6 +117,10 @@ pub fn exec(args: ExecArgs) -> u8 {
         Ok(data) => data,
         Err(message) => {
             eprintln!("error: {message}");
+            eprintln!(
+                "hint: let the command fetch its data itself (with --network host), or give it \
+                 to a turn as an artifact of its context"
+            );
             return EXEC_FAILED;
         }
     };
@@ -194,8 +198,7 @@ fn piped_stdin() -> Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot read standard input: {e}"))?;
     if data.len() as u64 > MAX_STDIN {
         return Err(format!(
-            "standard input holds more than {}, the most `upstream exec` passes to a command; \
-             put the data in a file the command reads instead (e.g. with `upstream serve`'s files API)",
+            "standard input holds more than {}, the most `upstream exec` gives a command",
             upstream_doc::format_size(MAX_STDIN)
         ));
     }

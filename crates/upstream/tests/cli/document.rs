@@ -308,6 +308,28 @@ fn piped_stdin_reaches_the_command_of_exec() {
     // Without anything on stdin, the command reads nothing and is not left waiting.
     let out = env.upstream(&["exec", "--", "cat"]);
     assert_eq!((code(&out), stdout(&out).as_str()), (0, ""));
+    // A file on stdin too; one past what a request carries is refused before anything runs.
+    let big = env.write("big", vec![b'x'; 16 << 20]);
+    let out = env
+        .command()
+        .args(["exec", "--", "wc", "-c"])
+        .stdin(fs::File::open(&big).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("standard input holds more than 15.0 MiB"),
+        "{}",
+        stderr(&out)
+    );
+    let small = env.write("small", vec![b'x'; 1 << 20]);
+    let out = env
+        .command()
+        .args(["exec", "--", "wc", "-c"])
+        .stdin(fs::File::open(&small).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "1048576", "{}", stderr(&out));
 }
 
 #[test]
