@@ -125,7 +125,7 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// `IMAGE[,memory=SIZE][,cpus=N][,pids=N][,network=none|host]`: a pool's shape as
+    /// `IMAGE[,memory=SIZE][,disk=SIZE][,cpus=N][,pids=N][,network=none|host]`: a pool's shape as
     /// `--pool` names it.
     pub fn parse(text: &str) -> Result<Shape, String> {
         let mut parts = text.split(',');
@@ -139,24 +139,30 @@ impl Shape {
                 .split_once('=')
                 .ok_or_else(|| format!("`{part}` is not KEY=VALUE"))?;
             match key {
+                // A pool's limits are bounded as a request's are.
                 "memory" => {
-                    shape.limits.memory = Some(upstream_doc::front_matter::parse_size(value)?)
+                    let bytes = upstream_doc::front_matter::parse_size(value)?;
+                    shape.limits.memory =
+                        Some(crate::bounds::memory(bytes, "memory").map_err(|e| e.message)?)
                 }
-                "disk" => shape.limits.disk = Some(upstream_doc::front_matter::parse_size(value)?),
+                "disk" => {
+                    let bytes = upstream_doc::front_matter::parse_size(value)?;
+                    shape.limits.disk =
+                        Some(crate::bounds::disk(bytes, "disk").map_err(|e| e.message)?)
+                }
                 "cpus" => {
                     let cpus: f64 = value
                         .parse()
-                        .ok()
-                        .filter(|c: &f64| c.is_finite() && *c > 0.0)
-                        .ok_or_else(|| format!("cpus `{value}` is not a number above 0"))?;
-                    shape.limits.cpus = Some(cpus);
+                        .map_err(|_| format!("cpus `{value}` is not a number"))?;
+                    shape.limits.cpus =
+                        Some(crate::bounds::cpus(cpus, "cpus").map_err(|e| e.message)?);
                 }
                 "pids" => {
-                    shape.limits.pids = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("pids `{value}` is not a number"))?,
-                    )
+                    let pids = value
+                        .parse()
+                        .map_err(|_| format!("pids `{value}` is not a number"))?;
+                    shape.limits.pids =
+                        Some(crate::bounds::pids(pids, "pids").map_err(|e| e.message)?)
                 }
                 "network" => {
                     shape.network = match value {
@@ -1203,6 +1209,9 @@ mod tests {
         assert_eq!(shape.limits.cpus, Some(1.5));
         assert_eq!(shape.limits.pids, Some(64));
         assert_eq!(shape.network, NetworkMode::Host);
+        let disk = Shape::parse("host,disk=2G").unwrap();
+        assert_eq!(disk.limits.disk, Some(2 << 30));
+        assert_eq!(disk.key(), "host disk=2147483648");
         assert_eq!(
             shape.key(),
             "python:3.12 memory=1073741824 cpus=1.5 pids=64 network=host"
@@ -1212,6 +1221,10 @@ mod tests {
             ",memory=1G",
             "host,memory",
             "host,cpus=0",
+            "host,cpus=1e9",
+            "host,memory=4K",
+            "host,disk=1K",
+            "host,pids=0",
             "host,network=wifi",
             "host,gpu=1",
         ] {
