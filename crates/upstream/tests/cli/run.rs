@@ -20,7 +20,10 @@ fn quickstart_runs_and_writes_results() {
     let out = env.upstream(&["run", "quickstart.md"]);
     let err = stderr(&out);
     assert_eq!(code(&out), 0, "{err}");
-    assert!(err.starts_with("Sandbox: host image, namespaces"), "{err}");
+    assert!(
+        err.starts_with("Store: .upstream (new)\nSandbox: host image, namespaces"),
+        "{err}"
+    );
     assert!(err.contains("Step 1: Count files"), "{err}");
     assert!(err.contains("done (20 records"), "{err}");
     assert!(err.contains("2 steps passed in "), "{err}");
@@ -364,13 +367,14 @@ fn progress_is_plain_lines_without_a_terminal() {
     let out = env.upstream(&["run", "doc.md"]);
     let err = stderr(&out);
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 3, "{err}");
+    assert_eq!(lines.len(), 4, "{err}");
+    assert_eq!(lines[0], "Store: .upstream (new)", "{err}");
     assert!(
-        lines[1].starts_with("Step 1: Only ....") && lines[1].contains(" done ("),
+        lines[2].starts_with("Step 1: Only ....") && lines[2].contains(" done ("),
         "{err}"
     );
     assert!(!err.contains('\x1b'), "no escape codes: {err:?}");
-    assert!(lines[2].ends_with("results written to doc.md"), "{err}");
+    assert!(lines[3].ends_with("results written to doc.md"), "{err}");
 }
 
 #[test]
