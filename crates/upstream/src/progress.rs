@@ -274,7 +274,8 @@ impl Observer for Progress {
                 // Without -v the output was not shown: show why a step failed.
                 if record.status.failed() && !self.verbose {
                     for l in failure_excerpt(record) {
-                        self.line(&format!("  | {l}"));
+                        // A tab is layout, not a control to show escaped.
+                        self.line(&format!("  | {}", l.replace('\t', "    ")));
                     }
                 }
             }

@@ -648,3 +648,33 @@ fn turns_of_one_context_through_the_daemon_wait_for_one_another_and_a_gone_clien
         "{turns}"
     );
 }
+
+/// The lock is the kernel's: a turn killed outright (kill -9) lets go of it, and the next
+/// turn of the context neither waits nor starts from the killed one.
+#[test]
+fn a_turn_killed_outright_leaves_its_context_free() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("first.md", appending("first", "60"));
+    env.write("second.md", appending("second", "0"));
+    let mut first = env
+        .command()
+        .args(["run", "first.md"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_holder(&env, "race");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let started = Instant::now();
+    let out = env.upstream(&["run", "second.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(!err.contains("Waiting"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    let log = env.upstream(&["log", "--json"]);
+    let turns: serde_json::Value = serde_json::from_slice(&log.stdout).unwrap();
+    assert_eq!(turns[0]["status"], "interrupted", "{turns}");
+    assert_eq!(turns[1]["status"], "passed", "{turns}");
+}
