@@ -113,7 +113,7 @@ fn failed(e: &StoreError) -> u8 {
             eprintln!("hint: `upstream context ls` lists the contexts");
             exit::STEP_FAILED
         }
-        StoreError::Busy => exit::STEP_FAILED,
+        StoreError::Busy | StoreError::ContextBusy(_) => exit::STEP_FAILED,
         StoreError::Blob(
             BlobError::Corrupt { .. } | BlobError::NotAFile { .. } | BlobError::Changed { .. },
         ) => {

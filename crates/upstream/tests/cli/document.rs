@@ -91,6 +91,15 @@ fn a_turn_waiting_for_its_context_stops_at_ctrl_c_and_records_nothing() {
         .spawn()
         .unwrap();
     wait_for_holder(&env, "race");
+    // Nor is the context removed from under the running turn.
+    let out = env.upstream(&["context", "rm", "race"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("error: a turn of context `race` is running; try again when it has finished"),
+        "{}",
+        stderr(&out)
+    );
     let mut second = env
         .command()
         .args(["run", "second.md"])
