@@ -38,7 +38,7 @@ fn wait_for_holder(env: &Env, context: &str) -> upstream_store::LockHolder {
 fn two_turns_of_one_context_at_once_run_one_after_the_other_and_keep_both_artifacts() {
     crate::require_sandbox!();
     let env = Env::new();
-    env.write("first.md", appending("first", "2"));
+    env.write("first.md", appending("first", "4"));
     env.write("second.md", appending("second", "0"));
     let first = env
         .command()
