@@ -316,6 +316,7 @@ impl NamespaceBackend {
                 None,
             ));
         }
+        protect_agent(pid);
         let setup = (|| -> Result<Result<(), String>, ClientError> {
             if cloned {
                 // The init is already in its user namespace, making the others; then it
@@ -636,6 +637,8 @@ impl Session for NamespaceSession {
         let exited = self.client.exec(request, on_output).map_err(|e| {
             if self.interrupter.interrupted.load(Ordering::SeqCst) {
                 SandboxError::Interrupted
+            } else if self.oom.kills() > oom_before {
+                SandboxError::OutOfMemory
             } else {
                 SandboxError::Agent(e)
             }
@@ -649,6 +652,18 @@ impl Session for NamespaceSession {
             collected: exited.collected,
         })
     }
+}
+
+/// Makes the sandbox's init, which is its agent, the process the kernel kills last for want
+/// of memory. The commands the agent starts raise their OOM score to the highest (see the
+/// agent's spawn), so the kernel always picks a command while one is left; where upstream
+/// holds `CAP_SYS_RESOURCE` (root, unless a container runtime took it away) the agent also
+/// gets the lowest score, and is never picked. Every process the agent forks to serve a
+/// connection inherits its score.
+fn protect_agent(pid: u32) {
+    // Lowering a score needs the capability: without it the agent keeps upstream's own
+    // score, below every command's, as above.
+    let _ = fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
 }
 
 /// A running namespace sandbox.
@@ -819,7 +834,12 @@ impl Sandbox for NamespaceSandbox {
         let oom_before = self.cgroups.oom_kills();
         let result = self.client()?.exec(request, on_output);
         self.note_ready();
-        let exited = result.map_err(|e| self.map_error(e))?;
+        let exited = result.map_err(|e| match self.map_error(e) {
+            SandboxError::Agent(_) if self.cgroups.oom_kills() > oom_before => {
+                SandboxError::OutOfMemory
+            }
+            e => e,
+        })?;
         let out_of_memory = self.cgroups.oom_kills() > oom_before;
         Ok(ExecOutcome {
             status: exited.status,
