@@ -587,13 +587,8 @@ impl Daemon {
             .pools
             .iter()
             .map(|(shape, target)| {
-                // A pool holds sandboxes as a request that names no limits gets them.
-                let shape = Shape {
-                    limits: config.with_default_limits(shape.limits),
-                    ..shape.clone()
-                };
                 Arc::new(Pool {
-                    shape,
+                    shape: shape.clone(),
                     target: *target,
                     prepared: Mutex::new(None),
                     ready: Mutex::new(VecDeque::new()),
@@ -640,7 +635,7 @@ impl Daemon {
     /// Makes an image ready (pulling it unless cached): blocking.
     pub fn prepare(&self, shape: &Shape) -> Result<Prepared, ApiError> {
         let base = SandboxSpec {
-            limits: shape.limits,
+            limits: self.config.with_default_limits(shape.limits),
             network: shape.network,
             ..SandboxSpec::default()
         };
@@ -706,8 +701,15 @@ impl Daemon {
         Ok(sandbox)
     }
 
+    /// The pool of `shape` (whose limits have the daemon's defaults): a pool is named as the
+    /// operator wrote it, and holds sandboxes with the defaults where it names no limit.
     fn pool_for(&self, shape: &Shape) -> Option<&Arc<Pool>> {
-        self.pools.iter().find(|p| p.shape == *shape)
+        self.pools.iter().find(|p| {
+            let limits = self.config.with_default_limits(p.shape.limits);
+            p.shape.image == shape.image
+                && p.shape.network == shape.network
+                && limits == shape.limits
+        })
     }
 
     /// Takes a ready sandbox of `spec` from a pool, if one matches and has one.
