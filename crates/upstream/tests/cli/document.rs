@@ -687,3 +687,48 @@ fn a_turn_killed_outright_leaves_its_context_free() {
     assert_eq!(turns[0]["status"], "interrupted", "{turns}");
     assert_eq!(turns[1]["status"], "passed", "{turns}");
 }
+
+/// Two `--resume` of one failed turn at once: the first resumes it; the second waits for it
+/// and then finds nothing left to resume, instead of running on the same kept workspace.
+#[test]
+fn two_resumes_at_once_resume_once() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let failing =
+        "---\ncontext: fix\n---\n```bash\necho one > a.txt\n```\n\n```bash\nexit 1\n```\n";
+    let path = env.write("fix.md", failing);
+    assert_eq!(code(&env.upstream(&["run", "fix.md"])), 1);
+    let failed = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        failed.replace("```bash\nexit 1\n```", "```bash\nsleep 3; cat a.txt\n```"),
+    )
+    .unwrap();
+    let first = env
+        .command()
+        .args(["run", "--resume", "fix.md"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_holder(&env, "fix");
+    let second = env.upstream(&["run", "--resume", "fix.md"]);
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("Resuming turn 1 at step 2"),
+        "{}",
+        stderr(&first)
+    );
+    let err = stderr(&second);
+    assert_eq!(code(&second), 2, "{err}");
+    assert!(err.contains("Waiting for turn 2 of context fix"), "{err}");
+    assert!(
+        err.contains("nothing to resume: its last turn (2) passed"),
+        "{err}"
+    );
+    assert!(
+        crate::util::result_block(&fs::read_to_string(&path).unwrap(), 2).contains("one"),
+        "the first resume's results are in the document"
+    );
+}
