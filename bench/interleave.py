@@ -18,7 +18,13 @@ import time
 
 def run(argv):
     start = time.perf_counter()
-    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    # Nothing on stdin: `upstream exec` reads a pipe there to its end.
+    pid = os.posix_spawnp(
+        argv[0],
+        argv,
+        os.environ,
+        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+    )
     _, status = os.waitpid(pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:

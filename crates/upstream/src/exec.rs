@@ -113,7 +113,7 @@ pub fn exec(args: ExecArgs) -> u8 {
         .workdir
         .or(config.working_dir)
         .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
-    let stdin = match piped_stdin() {
+    let stdin = match (!args.no_stdin).then(piped_stdin).unwrap_or(Ok(Vec::new())) {
         Ok(data) => data,
         Err(message) => {
             eprintln!("error: {message}");

@@ -314,6 +314,21 @@ fn piped_stdin_reaches_the_command_of_exec() {
     }
     let out = child.wait_with_output().unwrap();
     assert_eq!(stdout(&out), "hi\n");
+    // Unless told not to: a pipe that never ends is then not read at all.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    let out = env
+        .command()
+        .args(["exec", "--no-stdin", "--", "cat"])
+        .stdin(Stdio::from(reader))
+        .output()
+        .unwrap();
+    drop(writer);
+    assert_eq!(
+        (code(&out), stdout(&out).as_str()),
+        (0, ""),
+        "{}",
+        stderr(&out)
+    );
     // Without anything on stdin, the command reads nothing and is not left waiting.
     let out = env.upstream(&["exec", "--", "cat"]);
     assert_eq!((code(&out), stdout(&out).as_str()), (0, ""));
