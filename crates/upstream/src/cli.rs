@@ -459,8 +459,13 @@ pub struct ExecArgs {
     /// Set an environment variable (KEY=VALUE); may be repeated.
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Give the command nothing on its standard input, whatever upstream's is (for a script
+    /// that runs `upstream exec` in a loop reading its own stdin, as `ssh -n`).
+    #[arg(short = 'n', long)]
+    pub no_stdin: bool,
     /// The command and its arguments. A pipe or file on upstream's standard input is read to
-    /// its end (at most 15 MiB) and given to the command as its standard input.
+    /// its end (at most 15 MiB) and given to the command as its standard input (unless
+    /// `--no-stdin`); a terminal is not.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
