@@ -178,7 +178,8 @@ impl ParseError {
             }
             ErrorKind::OrphanResult => {
                 "delete the block (through its `<!-- /upstream:result -->` line), or move it back \
-                 under its step; the next run writes each step's result after it"
+                 under its step; the next run writes each step's result after it (to show one as \
+                 an example, put it in a fenced block)"
                     .into()
             }
         })
