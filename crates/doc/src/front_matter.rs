@@ -48,9 +48,9 @@ pub const MIN_MEMORY: u64 = 4 << 20;
 /// The least disk a sandbox may be given: room for its filesystem's own bookkeeping and a
 /// few small files.
 pub const MIN_DISK: u64 = 16 << 20;
-/// The most disk a sandbox may be given: 16 TiB, the largest file ext4 holds (a sandbox's
-/// disk is a file on the host).
-pub const MAX_DISK: u64 = 16 << 40;
+/// The most disk a sandbox may be given: 8 TiB. A sandbox's disk is a file on the host, and
+/// ext4 holds files of just under 16 TiB; formatting one of 8 TiB takes under a second.
+pub const MAX_DISK: u64 = 8 << 40;
 
 /// Separates the parts of a value error inside a serde error message (message, key, hint);
 /// parsing splits them again ([`split_value_error`]). The parts are split from the right and
@@ -526,7 +526,7 @@ fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     size_value(d, "memory", MIN_MEMORY, MAX_SIZE, MEMORY_HINT)
 }
 
-const DISK_HINT: &str = "disk is a size from 16M to 16T, such as `2G` or `500M` (default 10G)";
+const DISK_HINT: &str = "disk is a size from 16M to 8T, such as `2G` or `500M` (default 10G)";
 
 fn disk<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     size_value(d, "disk", MIN_DISK, MAX_DISK, DISK_HINT)

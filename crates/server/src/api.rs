@@ -37,7 +37,7 @@ pub struct LimitsBody {
     /// Processes and threads (default 1024, at most 4194304).
     pub pids: Option<u64>,
     /// Bytes the sandbox may write to disk (its root, /tmp, its workspace), or a size such
-    /// as `2G` (16M to 16T). Default: the daemon's `--default-disk`.
+    /// as `2G` (16M to 8T). Default: the daemon's `--default-disk`.
     #[schema(value_type = Option<String>, example = "2G")]
     pub disk: Option<serde_json::Value>,
 }

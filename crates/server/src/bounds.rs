@@ -81,7 +81,7 @@ pub fn disk(bytes: u64, field: &str) -> Result<u64, ApiError> {
         return Ok(bytes);
     }
     Err(ApiError::bad_request(format!(
-        "`{field}` is {bytes} bytes; give from 16M ({MIN_DISK} bytes) to 16T ({MAX_DISK} bytes)"
+        "`{field}` is {bytes} bytes; give from 16M ({MIN_DISK} bytes) to 8T ({MAX_DISK} bytes)"
     )))
 }
 
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(memory(512 << 20, "m").unwrap(), 512 << 20);
         assert!(memory(4 << 10, "m").is_err(), "too little for an agent");
         assert!(disk(1 << 10, "d").is_err());
-        assert!(disk((16 << 40) + 1, "d").is_err());
+        assert!(disk((8 << 40) + 1, "d").is_err());
         assert_eq!(disk(1 << 30, "d").unwrap(), 1 << 30);
         assert!(cpus(0.0, "c").is_err());
         assert!(cpus(1e300, "c").is_err());

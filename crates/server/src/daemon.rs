@@ -50,6 +50,9 @@ pub struct Config {
     pub default_memory: Option<u64>,
     /// Disk limit of a sandbox or turn that asks for none.
     pub default_disk: u64,
+    /// The most disk a sandbox or turn may ask for: a disk's metadata grows with its size
+    /// (about 12 MiB for 1 TiB), and the host pays it for every sandbox.
+    pub max_disk: u64,
     /// Largest request body accepted outside file uploads.
     pub max_body: usize,
     pub images: ImageSource,
@@ -110,6 +113,18 @@ impl Config {
             disk: Some(limits.disk.unwrap_or(self.default_disk)),
             ..limits
         }
+    }
+
+    /// Why `limits` are more than this daemon gives, if they are.
+    pub fn refuse_limits(&self, limits: &Limits) -> Option<String> {
+        let disk = limits.disk?;
+        (disk > self.max_disk).then(|| {
+            format!(
+                "a disk of {} is more than this daemon gives a sandbox ({}, its --max-disk); ask for less",
+                upstream_doc::front_matter::format_size(disk),
+                upstream_doc::front_matter::format_size(self.max_disk)
+            )
+        })
     }
 }
 
@@ -565,6 +580,12 @@ pub struct CreateRequest {
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, String> {
         crate::log::set(config.log.clone());
+        for (shape, _) in &config.pools {
+            let limits = config.with_default_limits(shape.limits);
+            if let Some(why) = config.refuse_limits(&limits) {
+                return Err(format!("the pool `{}`: {why}", shape.key()));
+            }
+        }
         if let Some((shape, _)) = config
             .pools
             .iter()
@@ -776,6 +797,9 @@ impl Daemon {
         let tenant = caller.0.as_str();
         let mut request = request;
         request.shape.limits = self.config.with_default_limits(request.shape.limits);
+        if let Some(why) = self.config.refuse_limits(&request.shape.limits) {
+            return Err(ApiError::bad_request(format!("`limits.disk`: {why}")));
+        }
         let admitted = self.admit(tenant)?;
         let start = Instant::now();
         let pooled = self.pool_for(&request.shape).and_then(|pool| {

@@ -72,6 +72,12 @@ impl Backend for Pooled {
             limits: self.0.config.with_default_limits(spec.limits),
             ..spec.clone()
         };
+        if let Some(why) = self.0.config.refuse_limits(&spec.limits) {
+            return Err(SandboxError::setup(
+                format!("the document's `disk`: {why}"),
+                None,
+            ));
+        }
         let pooled = self.0.take_pooled(spec);
         crate::metrics::handed_out(&self.1, pooled.is_some());
         match pooled {

@@ -103,6 +103,9 @@ pub struct ServeArgs {
     /// and workspace.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_disk)]
     pub default_disk: u64,
+    /// The most disk a sandbox or turn may ask for.
+    #[arg(long, value_name = "SIZE", default_value = "1T", value_parser = parse_disk)]
+    pub max_disk: u64,
     /// Largest request body outside file uploads (which stream, unlimited).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_body: u64,

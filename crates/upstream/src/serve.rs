@@ -79,6 +79,7 @@ pub fn serve(args: ServeArgs) -> u8 {
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         default_memory: (args.default_memory != 0).then_some(args.default_memory),
         default_disk: args.default_disk,
+        max_disk: args.max_disk,
         max_body: args.max_body.min(usize::MAX as u64) as usize,
         images,
     };
