@@ -20,6 +20,8 @@ pub enum Outcome {
     TimedOut(Duration),
     /// The step was killed for going past the sandbox's memory limit.
     OutOfMemory { limit: Option<u64> },
+    /// The step exited with `code` with the sandbox's disk full: its limit, in bytes.
+    OutOfDisk { code: i32, limit: u64 },
     /// The step could not be started.
     Failed(String),
     /// The turn stopped before this step.
@@ -66,6 +68,10 @@ impl ResultBlock {
                 took(format!("out of memory (limit {})", format_size(*l)))
             }
             Outcome::OutOfMemory { limit: None } => took("out of memory".to_string()),
+            Outcome::OutOfDisk { code, limit } => took(format!(
+                "exit {code}, out of disk space (limit {})",
+                format_size(*limit)
+            )),
             Outcome::Failed(why) => format!("could not start: {why}"),
             Outcome::NotRun => "not run".to_string(),
         }

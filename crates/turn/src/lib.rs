@@ -1350,6 +1350,9 @@ fn classify(done: &ExecOutcome, limits: &StepLimit, record: &mut StepRecord) -> 
             "out of disk space (limit {})",
             upstream_doc::format_size(limit)
         ));
+        if let Outcome::Exited(code) = outcome {
+            outcome = Outcome::OutOfDisk { code, limit };
+        }
     }
     outcome
 }

@@ -46,6 +46,10 @@ fn a_step_that_fills_its_disk_gets_no_space_and_says_so() {
         "{text}"
     );
     assert!(
+        result_block(&text, 2).contains("**Result:** exit 1, out of disk space (limit 64.0 MiB)"),
+        "{text}"
+    );
+    assert!(
         err.contains("Step 2: Big")
             && err.contains("failed: exit 1 — out of disk space (limit 64.0 MiB)"),
         "{err}"
