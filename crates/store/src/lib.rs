@@ -449,18 +449,30 @@ impl Store {
         }))
     }
 
-    /// Where every turn of the store that kept its workspace for resuming kept it.
-    pub fn kept_workspaces(&self) -> Result<Vec<PathBuf>, StoreError> {
-        let mut stmt = self
-            .conn
+    /// Where the turns of the store at `dir` kept their workspaces for resuming, read without
+    /// opening the store as [`Store::open`] does: nothing is created, made private or
+    /// migrated, and a store busy for more than two seconds is an error.
+    pub fn kept_workspaces_at(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let db_path = dir.join("store.db");
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &db_path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        conn.busy_timeout(Duration::from_secs(2)).map_err(db_err)?;
+        let mut stmt = conn
             .prepare("SELECT kept FROM turns WHERE kept IS NOT NULL")
-            .map_err(|e| self.db_err(e))?;
+            .map_err(db_err)?;
         let rows = stmt
             .query_map([], |r| r.get::<_, String>(0))
-            .map_err(|e| self.db_err(e))?;
+            .map_err(db_err)?;
         rows.map(|r| r.map(PathBuf::from))
             .collect::<Result<_, _>>()
-            .map_err(|e| self.db_err(e))
+            .map_err(db_err)
     }
 
     /// Takes the kept workspaces of `document`'s turns in `context` other than `turn` off

@@ -45,8 +45,7 @@ fn unwanted(kept: &Path, now: SystemTime) -> Option<String> {
     if young {
         return None;
     }
-    let store = Store::open(&store_dir).ok()?;
-    let recorded = store.kept_workspaces().ok()?;
+    let recorded = Store::kept_workspaces_at(&store_dir).ok()?;
     if recorded.iter().any(|k| k == kept) {
         return None;
     }
@@ -75,7 +74,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_set_without_an_owner_or_whose_store_is_there_and_young_stays() {
+    fn a_set_goes_when_its_store_is_gone_or_no_longer_records_it() {
         let dir = tempfile::tempdir().unwrap();
         let legacy = dir.path().join("kept/a");
         fs::create_dir_all(&legacy).unwrap();
@@ -87,12 +86,27 @@ mod tests {
         let orphan = dir.path().join("kept/c");
         fs::create_dir_all(&orphan).unwrap();
         mark(&orphan, &dir.path().join("gone"), 1);
+        // Past the grace, a set its store does not record is no one's.
+        let unrecorded = dir.path().join("kept/d");
+        fs::create_dir_all(&unrecorded).unwrap();
+        mark(&unrecorded, &store_dir, 7);
+        fs::File::options()
+            .write(true)
+            .open(unrecorded.join(OWNER))
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * GRACE)
+            .unwrap();
         let dropped = std::cell::RefCell::new(Vec::new());
         let n = reclaim(
-            &[legacy.clone(), young.clone(), orphan.clone()],
+            &[
+                legacy.clone(),
+                young.clone(),
+                orphan.clone(),
+                unrecorded.clone(),
+            ],
             &|p: &Path| dropped.borrow_mut().push(p.to_path_buf()),
         );
-        assert_eq!(n, 1);
-        assert_eq!(dropped.into_inner(), vec![orphan]);
+        assert_eq!(n, 2);
+        assert_eq!(dropped.into_inner(), vec![orphan, unrecorded]);
     }
 }
