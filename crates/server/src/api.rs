@@ -476,7 +476,7 @@ pub async fn exec(
         return Ok(Json(result).into_response());
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    tokio::spawn(async move {
+    crate::request::spawn(async move {
         let sender = tx.clone();
         let ran = live
             .alongside(move |session| {
@@ -507,12 +507,17 @@ pub async fn exec(
                 ("exit", exit)
             }
             Err(e) => {
-                let error =
-                    serde_json::json!({ "error": { "code": e.code, "message": e.message } });
+                let error = serde_json::json!({
+                    "error": { "code": e.code, "message": e.message },
+                    "request_id": crate::request::current(),
+                });
                 ("error", error)
             }
         };
-        let _ = tx.send(framing.frame(kind, &last)).await;
+        // A client that went away has its command's end logged with its request.
+        if tx.send(framing.frame(kind, &last)).await.is_err() {
+            tracing::debug!("the client went away before the command's end");
+        }
     });
     Ok(framing.response(rx))
 }

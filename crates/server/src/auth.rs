@@ -88,10 +88,11 @@ pub async fn local(mut request: Request, next: Next) -> Response {
     counted(&tenant, next.run(request).await)
 }
 
-/// Counts an error answer in its tenant's metrics.
-fn counted(tenant: &Tenant, response: Response) -> Response {
+/// Counts an error answer in its tenant's metrics, and names the tenant for the log.
+fn counted(tenant: &Tenant, mut response: Response) -> Response {
     if let Some(crate::error::ErrorCode(code)) = response.extensions().get() {
         crate::metrics::tenant_error(&tenant.0, code);
     }
+    response.extensions_mut().insert(tenant.clone());
     response
 }

@@ -60,8 +60,6 @@ pub struct Config {
     pub host_network: HostNetwork,
     /// Tenants whose keys see the daemon-wide `/metrics`, as the local socket does.
     pub operators: BTreeSet<String>,
-    /// Where the daemon logs what went wrong inside it.
-    pub log: crate::log::Log,
 }
 
 /// Who may ask for `network: host`: a sandbox with the host's network reaches the host's
@@ -457,7 +455,16 @@ impl Live {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(sandbox) = taken {
-            let _ = sandbox.destroy();
+            match sandbox.destroy() {
+                Ok(()) => {
+                    tracing::info!(sandbox = %self.id, tenant = %self.tenant, "sandbox torn down")
+                }
+                Err(e) => tracing::error!(
+                    sandbox = %self.id,
+                    tenant = %self.tenant,
+                    "tearing the sandbox down failed: {e}"
+                ),
+            }
         }
     }
 }
@@ -579,7 +586,6 @@ pub struct CreateRequest {
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, String> {
-        crate::log::set(config.log.clone());
         for (shape, _) in &config.pools {
             let limits = config.with_default_limits(shape.limits);
             if let Some(why) = config.refuse_limits(&limits) {
@@ -861,6 +867,15 @@ impl Daemon {
             processes: Mutex::new(BTreeMap::new()),
             share: self.shares.of(tenant),
         });
+        tracing::info!(
+            sandbox = %live.id,
+            tenant,
+            image = %live.shape.image,
+            from_pool,
+            claim_ms = live.claim_ms,
+            "{}",
+            if from_pool { "sandbox claimed from a warm pool" } else { "sandbox created" }
+        );
         admitted.insert(live.clone());
         if self.stopping.load(Ordering::SeqCst) {
             // Shutdown may have emptied the inventory before this sandbox was in it.
@@ -915,6 +930,7 @@ impl Daemon {
             }
         }
         .ok_or_else(|| gone(id))?;
+        tracing::info!(sandbox = %live.id, tenant, "sandbox deleted");
         teardown(live).await;
         Ok(())
     }
@@ -947,12 +963,20 @@ impl Daemon {
                             p
                         }
                         Ok(Err(e)) => {
+                            tracing::warn!(
+                                pool = %pool.shape.key(),
+                                "cannot prepare the pool's image (trying again in 5 s): {}",
+                                e.message
+                            );
                             *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(e.message);
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             continue;
                         }
-                        Err(_) => return,
+                        Err(e) => {
+                            tracing::error!(pool = %pool.shape.key(), "the pool stops filling: {e}");
+                            return;
+                        }
                     }
                 }
             };
@@ -962,6 +986,7 @@ impl Daemon {
                 .saturating_sub(pool.ready() + pool.filling.load(Ordering::SeqCst));
             let batch = missing.min(2);
             if batch == 0 {
+                // Woken by a claim, or after a second to look again: both are the same.
                 let _ = tokio::time::timeout(Duration::from_secs(1), pool.wake.notified()).await;
                 continue;
             }
@@ -973,7 +998,12 @@ impl Daemon {
                 made.push(tokio::task::spawn_blocking(move || {
                     let mut sandbox = daemon.make(&spec)?;
                     // Without a session the first command opens one itself.
-                    let session = sandbox.session().ok();
+                    let session = sandbox
+                        .session()
+                        .inspect_err(|e| {
+                            tracing::debug!("a pool's sandbox has no session yet: {e}")
+                        })
+                        .ok();
                     Ok::<_, SandboxError>(Warm { sandbox, session })
                 }));
             }
@@ -985,21 +1015,30 @@ impl Daemon {
                         if self.stopping.load(Ordering::SeqCst) {
                             let Warm { sandbox, session } = warm;
                             drop(session);
-                            let _ = tokio::task::spawn_blocking(move || sandbox.destroy()).await;
+                            destroyed(
+                                tokio::task::spawn_blocking(move || sandbox.destroy()).await,
+                                &pool.shape.key(),
+                            );
                             continue;
                         }
-                        pool.ready
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push_back(warm);
+                        let ready = {
+                            let mut ready = pool.ready.lock().unwrap_or_else(|e| e.into_inner());
+                            ready.push_back(warm);
+                            ready.len()
+                        };
+                        tracing::info!(pool = %pool.shape.key(), ready, target = pool.target, "pool refilled");
                         *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }
                     Ok(Err(e)) => {
+                        tracing::warn!(pool = %pool.shape.key(), "a pool's sandbox could not be made (trying again in 1 s): {e}");
                         *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(e.to_string());
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    Err(_) => return,
+                    Err(e) => {
+                        tracing::error!(pool = %pool.shape.key(), "the pool stops filling: {e}");
+                        return;
+                    }
                 }
             }
         }
@@ -1020,18 +1059,32 @@ impl Daemon {
             );
             pool.wake.notify_one();
         }
-        let destroyed = pooled.into_iter().map(|warm: Warm| {
+        let torn_down = pooled.into_iter().map(|warm: Warm| {
             drop(warm.session);
             tokio::task::spawn_blocking(move || warm.sandbox.destroy())
         });
-        futures::future::join_all(destroyed).await;
+        for result in futures::future::join_all(torn_down).await {
+            destroyed(result, "(stopping)");
+        }
+    }
+}
+
+/// Logs how tearing down a pool's sandbox went.
+fn destroyed(result: Result<Result<(), SandboxError>, tokio::task::JoinError>, pool: &str) {
+    match result {
+        Ok(Ok(())) => tracing::debug!(pool, "a pool's sandbox torn down"),
+        Ok(Err(e)) => tracing::error!(pool, "tearing a pool's sandbox down failed: {e}"),
+        Err(e) => tracing::error!(pool, "tearing a pool's sandbox down failed: {e}"),
     }
 }
 
 /// Tears a sandbox down, interrupting what runs in it.
 async fn teardown(live: Arc<Live>) {
     live.interrupt();
-    let _ = tokio::task::spawn_blocking(move || live.destroy_blocking()).await;
+    let id = live.id.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || live.destroy_blocking()).await {
+        tracing::error!(sandbox = %id, "tearing the sandbox down failed: {e}");
+    }
 }
 
 /// Takes the sandboxes past their idle timeout or lifetime out of `inventory` and tears
@@ -1049,11 +1102,12 @@ async fn reap(inventory: &Mutex<Inventory>) -> usize {
             .values()
             .filter(|l| {
                 catch_unwind(AssertUnwindSafe(|| l.expired(now))).unwrap_or_else(|panic| {
-                    crate::log::error(&format!(
-                        "sandbox {}: its expiry could not be checked ({}); tearing it down",
-                        l.id,
+                    tracing::error!(
+                        sandbox = %l.id,
+                        tenant = %l.tenant,
+                        "its expiry could not be checked ({}); tearing it down",
                         crate::share::panic_message(panic.as_ref())
-                    ));
+                    );
                     true
                 })
             })
@@ -1068,11 +1122,13 @@ async fn reap(inventory: &Mutex<Inventory>) -> usize {
         .into_iter()
         .map(|live| async move {
             let id = live.id.clone();
+            tracing::info!(sandbox = %id, tenant = %live.tenant, "reaping the sandbox: past its idle timeout or lifetime");
             if let Err(panic) = AssertUnwindSafe(teardown(live)).catch_unwind().await {
-                crate::log::error(&format!(
-                    "sandbox {id}: its teardown failed ({})",
+                tracing::error!(
+                    sandbox = %id,
+                    "its teardown failed ({})",
                     crate::share::panic_message(panic.as_ref())
-                ));
+                );
             }
         })
         .collect();

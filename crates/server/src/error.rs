@@ -24,6 +24,10 @@ pub struct ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    /// The request's id, as its `x-request-id` answer header has it: the daemon's log
+    /// names the request by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -70,10 +74,10 @@ impl ApiError {
     }
 
     /// Something failed inside the daemon: `detail` goes to the daemon's log, never to the
-    /// client, who gets a reference to it.
+    /// client, who gets a reference to it: the request's id, else one of its own.
     pub fn internal(detail: impl std::fmt::Display) -> ApiError {
-        let reference = reference();
-        crate::log::error(&format!("[{reference}] {detail}"));
+        let reference = crate::request::current().unwrap_or_else(reference);
+        tracing::error!(reference = %reference, "{detail}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -89,7 +93,7 @@ impl ApiError {
     }
 }
 
-/// Eight random hex digits naming one log line.
+/// Eight random hex digits naming one log line (of work no request asked for).
 fn reference() -> String {
     let mut bytes = [0u8; 4];
     crate::random(&mut bytes);
@@ -108,6 +112,7 @@ impl IntoResponse for ApiError {
                 code: self.code.to_string(),
                 message: self.message,
             },
+            request_id: crate::request::current(),
         };
         let mut response = if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is never read, so the connection cannot carry another
@@ -164,9 +169,9 @@ impl From<upstream_store::StoreError> for ApiError {
             upstream_store::StoreError::Busy => ApiError::conflict(
                 "turns are running on this tenant's store; try again when they have finished",
             ),
-            e @ upstream_store::StoreError::AmbiguousTurn { .. } => ApiError::bad_request(
-                format!("{e}; give more of the id, or the turn's number"),
-            ),
+            e @ upstream_store::StoreError::AmbiguousTurn { .. } => {
+                ApiError::bad_request(format!("{e}; give more of the id, or the turn's number"))
+            }
             e @ upstream_store::StoreError::ContextBusy(_) => ApiError::conflict(e.to_string()),
             e => ApiError::internal(e),
         }

@@ -5,6 +5,11 @@
 //! Every route is declared once, with its OpenAPI description beside the handler
 //! (`utoipa`); the router and the document at `/v1/openapi.json` come from the same list,
 //! so they cannot disagree.
+//!
+//! What the daemon does goes to its log as `tracing` events — each request answered
+//! ([`request`]), sandboxes made, claimed from a pool, torn down and reaped, pools refilled,
+//! turns run, and every error it does not answer with — and the binary decides where they
+//! go and how they look.
 
 mod api;
 mod auth;
@@ -12,8 +17,8 @@ mod bounds;
 pub mod daemon;
 mod error;
 mod files;
-pub mod log;
 pub mod metrics;
+mod request;
 pub mod share;
 mod stream;
 mod turns;
@@ -78,7 +83,10 @@ fn api(daemon: &Arc<Daemon>) -> (Router<Arc<Daemon>>, utoipa::openapi::OpenApi) 
 /// The whole application: `/v1` behind `guard` (key or local), `/healthz` open.
 fn app(daemon: &Arc<Daemon>, local: bool) -> (Router, utoipa::openapi::OpenApi) {
     let (api, doc) = api(daemon);
-    let doc_json = doc.to_pretty_json().unwrap_or_default();
+    let doc_json = doc.to_pretty_json().unwrap_or_else(|e| {
+        tracing::error!("the OpenAPI document cannot be written; /v1/openapi.json is empty: {e}");
+        String::new()
+    });
     let guarded = api.route("/metrics", get(metrics_text));
     let guarded = if local {
         guarded.layer(axum::middleware::from_fn(auth::local))
@@ -103,6 +111,7 @@ fn app(daemon: &Arc<Daemon>, local: bool) -> (Router, utoipa::openapi::OpenApi) 
             )
         })
         .layer(axum::middleware::from_fn(answer_always))
+        .layer(axum::middleware::from_fn(request::observe))
         .with_state(daemon.clone());
     (router, doc)
 }
@@ -137,7 +146,10 @@ async fn answer_always(
         let reason = axum::body::to_bytes(response.into_body(), 16 << 10)
             .await
             .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-            .unwrap_or_default();
+            .unwrap_or_else(|e| {
+                tracing::debug!("an answer axum made could not be read for its reason: {e}");
+                String::new()
+            });
         as_api_error(status, reason).into_response()
     } else {
         response
@@ -249,7 +261,10 @@ async fn serve_async(
     }
     let socket_path = daemon.config.socket.clone();
     if let Some(parent) = socket_path.parent() {
-        let _ = std::fs::create_dir_all(parent);
+        // Binding the socket below says what is wrong if this could not be done.
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            tracing::debug!(dir = %parent.display(), "cannot create the socket's directory: {e}");
+        }
     }
     // A socket left by a daemon that died is in the way; a live daemon's is not ours to take.
     if std::os::unix::net::UnixStream::connect(&socket_path).is_ok() {
@@ -258,7 +273,16 @@ async fn serve_async(
             socket_path.display()
         )));
     }
-    let _ = std::fs::remove_file(&socket_path);
+    match std::fs::remove_file(&socket_path) {
+        Ok(()) => {
+            tracing::info!(socket = %socket_path.display(), "removed the socket a daemon that died left")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Binding says why the place is not free.
+        Err(e) => {
+            tracing::warn!(socket = %socket_path.display(), "cannot remove what is in the socket's place: {e}")
+        }
+    }
     let unix = {
         // Made 0600 from the start: no moment where another user could connect.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -282,21 +306,30 @@ async fn serve_async(
             // are gone, their cgroups): at start, then every 10 s.
             if ticks % 40 == 0 {
                 let backend = reaper.backend();
-                let _ = tokio::task::spawn_blocking(move || backend.remove_leftovers()).await;
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || backend.remove_leftovers()).await
+                {
+                    tracing::error!("removing what dead daemons left failed: {e}");
+                }
             }
             ticks += 1;
             tokio::time::sleep(Duration::from_millis(250)).await;
             // Each sandbox is reaped on its own (see `Daemon::reap`); this is the last line
             // of defence, so that reaping goes on whatever happens in one round.
             use futures::FutureExt;
-            if let Err(panic) = std::panic::AssertUnwindSafe(reaper.reap())
+            match std::panic::AssertUnwindSafe(reaper.reap())
                 .catch_unwind()
                 .await
             {
-                log::error(&format!(
+                Ok(0) => {}
+                Ok(reaped) => tracing::info!(
+                    reaped,
+                    "reaped sandboxes past their idle timeout or lifetime"
+                ),
+                Err(panic) => tracing::error!(
                     "reaping failed ({}); it goes on",
                     share::panic_message(panic.as_ref())
-                ));
+                ),
             }
         }
     });
@@ -307,18 +340,24 @@ async fn serve_async(
         let (router, _) = app(&daemon, false);
         let stop = stop.clone();
         servers.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
+            if let Err(e) = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+                .await
+            {
+                tracing::error!("serving TCP ended: {e}");
+            }
         }));
     }
     {
         let (router, _) = app(&daemon, true);
         let stop = stop.clone();
         servers.push(tokio::spawn(async move {
-            let _ = axum::serve(unix, router)
+            if let Err(e) = axum::serve(unix, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+                .await
+            {
+                tracing::error!("serving the local socket ended: {e}");
+            }
         }));
     }
 
@@ -328,11 +367,19 @@ async fn serve_async(
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    tracing::info!("stopping: tearing every sandbox down");
     stop.cancel();
     daemon.shutdown().await;
     // Requests still running end with their sandboxes; give them a moment to answer.
-    let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(servers)).await;
-    let _ = std::fs::remove_file(&socket_path);
+    if tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(servers))
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still running after 5 s were cut off");
+    }
+    if let Err(e) = std::fs::remove_file(&socket_path) {
+        tracing::warn!(socket = %socket_path.display(), "cannot remove the socket: {e}");
+    }
     Ok(())
 }
 

@@ -97,6 +97,8 @@ impl Share {
             .acquire_owned()
             .await
             .map_err(|_| ShareError::Stopped)?;
+        // The work is the request's: its id and its place in the log go with it.
+        let f = crate::request::carry(f);
         let handle = tokio::task::spawn_blocking(move || {
             let _held = (mine, all);
             f()

@@ -81,8 +81,20 @@ impl Backend for Pooled {
         let pooled = self.0.take_pooled(spec);
         crate::metrics::handed_out(&self.1, pooled.is_some());
         match pooled {
-            Some(sandbox) => Ok(sandbox),
-            None => self.0.backend().create(spec),
+            Some(sandbox) => {
+                tracing::info!(tenant = %self.1, "a turn's sandbox claimed from a warm pool");
+                Ok(sandbox)
+            }
+            None => {
+                let made = self.0.backend().create(spec);
+                match &made {
+                    Ok(_) => tracing::info!(tenant = %self.1, "a turn's sandbox created"),
+                    Err(e) => {
+                        tracing::info!(tenant = %self.1, "a turn's sandbox could not be made: {e}")
+                    }
+                }
+                made
+            }
         }
     }
 
@@ -117,7 +129,10 @@ struct Forward(tokio::sync::mpsc::Sender<Bytes>, Framing);
 
 impl Observer for Forward {
     fn event(&mut self, event: Event<'_>) {
-        let value = serde_json::to_value(TurnEvent::of(&event)).unwrap_or_default();
+        let value = serde_json::to_value(TurnEvent::of(&event)).unwrap_or_else(|e| {
+            tracing::error!("a turn's event could not be written as JSON: {e}");
+            serde_json::Value::Null
+        });
         let kind = value["event"].as_str().unwrap_or("event").to_string();
         // A client that went away has cancelled the turn (see `run_turn`); the rest of its
         // events go nowhere.
@@ -261,6 +276,7 @@ pub async fn run_turn(
     // path of the daemon's host.
     let store_name = PathBuf::from("tenants").join(&tenant.0);
     let host_paths = daemon.host_paths();
+    let tenant_name = tenant.0.clone();
     let run = move |observer: &mut dyn Observer, cancel: &Cancel| {
         let turn = upstream_turn::run(
             &document,
@@ -300,6 +316,14 @@ pub async fn run_turn(
         })?;
         let document = turn.render(&document);
         let mut record = turn.record;
+        tracing::info!(
+            tenant = %tenant_name,
+            turn = record.number,
+            context = %record.context,
+            status = ?record.status,
+            duration_ms = record.duration_ms,
+            "turn finished"
+        );
         record.store = store_name;
         Ok::<_, ApiError>(TurnResult {
             document,
@@ -322,18 +346,21 @@ pub async fn run_turn(
     // The response's end drops the receiver: a client gone before the turn ends stops it.
     let watcher = {
         let (tx, cancel) = (tx.clone(), cancel.clone());
-        tokio::spawn(async move {
+        crate::request::spawn(async move {
             tx.closed().await;
             cancel.cancel();
         })
     };
-    tokio::spawn(async move {
+    crate::request::spawn(async move {
         let sender = tx.clone();
         let ran = share
             .run(move || run(&mut Forward(sender, framing), &cancel))
             .await;
         let error = |code: &str, message: String| {
-            let value = serde_json::json!({ "error": { "code": code, "message": message } });
+            let value = serde_json::json!({
+                "error": { "code": code, "message": message },
+                "request_id": crate::request::current(),
+            });
             ("error", value)
         };
         let (kind, last) = match ran {
@@ -344,7 +371,9 @@ pub async fn run_turn(
                 error(answer.code, answer.message)
             }
         };
-        let _ = tx.send(framing.frame(kind, &last)).await;
+        if tx.send(framing.frame(kind, &last)).await.is_err() {
+            tracing::info!("the client went away before the turn's end");
+        }
         watcher.abort();
     });
     Ok(framing.response(rx))
@@ -527,7 +556,7 @@ pub async fn get_blob(
     .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let share = daemon.shares.of(&tenant.0);
-    tokio::spawn(async move {
+    crate::request::spawn(async move {
         let sent = share
             .run(move || {
                 let mut reader = reader;
@@ -550,8 +579,8 @@ pub async fn get_blob(
         match sent {
             Ok(Ok(())) => {}
             // The answer has begun: its end, cut short, is all the client can be told.
-            Ok(Err(e)) => crate::log::error(&format!("sending a blob: {e}")),
-            Err(e) => crate::log::error(&format!("sending a blob: {e}")),
+            Ok(Err(e)) => tracing::error!("sending a blob failed: {e}"),
+            Err(e) => tracing::error!("sending a blob failed: {e}"),
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {

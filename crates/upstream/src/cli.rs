@@ -118,8 +118,23 @@ pub struct ServeArgs {
     /// reach only public addresses, every connection checked.
     #[arg(long = "registry", value_name = "HOST[:PORT]")]
     pub registry: Vec<String>,
+    /// How the log on stderr looks: `text`, or `json` (one JSON object per line).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// What the log shows: a level (`error`, `warn`, `info`, `debug`, `trace`), or
+    /// directives as `RUST_LOG` takes them (`info,upstream_server=debug`) [default:
+    /// `$RUST_LOG`, else `info`].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
     #[command(flatten)]
     pub state: StateArg,
+}
+
+/// How `serve` writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

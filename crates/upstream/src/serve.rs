@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use upstream_store::Store;
 
-use crate::cli::{KeysCommand, ServeArgs, StateArg};
+use crate::cli::{KeysCommand, LogFormat, ServeArgs, StateArg};
 use crate::exit;
 use crate::table::{Align, Table};
 
@@ -28,7 +28,52 @@ pub fn state_dir(arg: &StateArg) -> PathBuf {
         .join("upstream")
 }
 
+/// Sends the daemon's log to stderr, as `format` says, filtered by `level` (else
+/// `$RUST_LOG`, else `info`).
+fn start_log(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    let directives = level
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "info".to_string());
+    let refused = |why: String| {
+        format!(
+            "the log level `{directives}`: {why}; give a level (error, warn, info, debug, trace, off) or directives such as `info,upstream_server=debug`"
+        )
+    };
+    // A bare word is a level: `loud` would otherwise be taken for a target's name and
+    // quietly show everything of it and nothing else.
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    if let Some(word) = directives
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+    {
+        return Err(refused(format!("`{word}` is not a level")));
+    }
+    let filter: tracing_subscriber::filter::Targets =
+        directives.parse().map_err(|e| refused(format!("{e}")))?;
+    let layer = tracing_subscriber::fmt::layer().with_writer(io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
+    let subscriber = tracing_subscriber::registry().with(layer.with_filter(filter));
+    tracing::subscriber::set_global_default(subscriber)
+        .map_err(|e| format!("cannot start the log: {e}"))
+}
+
 pub fn serve(args: ServeArgs) -> u8 {
+    if let Err(e) = start_log(args.log_format, args.log_level.as_deref()) {
+        eprintln!("error: {e}");
+        return exit::BAD_INPUT;
+    }
     let state = state_dir(&args.state);
     let socket = args
         .socket
@@ -74,7 +119,6 @@ pub fn serve(args: ServeArgs) -> u8 {
             tenants: args.allow_host_network_for.into_iter().collect(),
         },
         operators: args.operator_tenant.into_iter().collect(),
-        log: upstream_server::log::Log::new(|line| eprintln!("upstream serve: {line}")),
         default_idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         default_lifetime: (!args.lifetime.is_zero()).then_some(args.lifetime),
         default_memory: (args.default_memory != 0).then_some(args.default_memory),

@@ -23,5 +23,6 @@ mod oom;
 mod run;
 mod serve;
 mod serve_fuzz;
+mod serve_log;
 mod serve_tenancy;
 mod store_trust;

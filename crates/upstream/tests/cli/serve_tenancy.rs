@@ -522,14 +522,21 @@ fn internal_errors_name_no_host_path_and_are_logged_for_the_operator() {
         let reference = message
             .split("reference ")
             .nth(1)
-            .and_then(|r| r.get(..8))
+            .and_then(|r| r.split(')').next())
             .unwrap_or_else(|| panic!("no reference in {message}"));
+        assert_eq!(
+            answer["request_id"], reference,
+            "the request's id: {answer}"
+        );
         // The daemon's stderr is read by a thread of the harness: the line may come a
         // moment after the answer.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let line = loop {
             let log = daemon.log.lock().unwrap().clone();
-            if let Some(line) = log.lines().find(|l| l.contains(reference)) {
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains(reference) && l.contains("ERROR"))
+            {
                 break line.to_string();
             }
             assert!(
