@@ -117,20 +117,28 @@ impl Drop for Daemon {
     }
 }
 
-/// The address a daemon started as `child` (its stderr piped) listens on, from its first line,
-/// and what it writes on stderr after that (its log), drained so that it never blocks on a
-/// full pipe.
+/// The address a daemon started as `child` (its stderr piped) listens on, from the line that
+/// says so, and what else it writes on stderr (its log), drained so that it never blocks on
+/// a full pipe.
 pub(crate) fn listening(child: &mut Child) -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
     let mut lines = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    lines.read_line(&mut first).unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("the daemon did not start: {first}"))
-        .trim_end_matches(',')
-        .to_string();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    // Log lines may come before it (a socket a dead daemon left, removed): they are log.
+    let mut before = String::new();
+    let url = loop {
+        let mut line = String::new();
+        let n = lines.read_line(&mut line).unwrap();
+        assert!(n > 0, "the daemon did not start: {before}");
+        if line.starts_with("upstream serve: listening on ") {
+            break line
+                .split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .unwrap_or_else(|| panic!("the daemon did not start: {line}"))
+                .trim_end_matches(',')
+                .to_string();
+        }
+        before.push_str(&line);
+    };
+    let log = std::sync::Arc::new(std::sync::Mutex::new(before));
     let kept = log.clone();
     std::thread::spawn(move || {
         let mut line = String::new();
