@@ -268,6 +268,8 @@ pub async fn run_turn(
         images: Some(daemon.config.images.clone()),
         secrets: Some(request.secrets),
         resume: request.resume,
+        // The client's name for it, never a path of this host.
+        document_name: Some(path.display().to_string()),
         ..TurnOptions::default()
     };
     let backend = Pooled(daemon.clone(), tenant.0.clone());

@@ -202,6 +202,10 @@ pub struct TurnOptions {
     /// The values of the document's `secrets`; `None` takes them from this process's
     /// environment (a daemon running turns for others must never do that).
     pub secrets: Option<BTreeMap<String, String>>,
+    /// The document's name in the records, as whoever sent it names it (a daemon's client);
+    /// `None`: its path, relative to the store's directory when below it. A name only:
+    /// nothing opens it.
+    pub document_name: Option<String>,
 }
 
 /// The image cache and how to pull into it.
@@ -439,7 +443,10 @@ pub fn run(
     };
     let context = context::Context::load(&store, &context_name)?;
     let id = uuid::Uuid::now_v7().to_string();
-    let shown_path = shown_path(document.path(), &store_dir);
+    let shown_path = match &options.document_name {
+        Some(name) => name.clone(),
+        None => shown_path(document.path(), &store_dir),
+    };
     let resume = match options.resume {
         true => Some(find_resume(&store, document, &shown_path, &context_name)?),
         false => None,

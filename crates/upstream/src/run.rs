@@ -105,6 +105,15 @@ pub fn daemon_client(arg: &DaemonArg, env: bool) -> Result<Option<upstream_clien
     }
 }
 
+/// The option that reads the records of the daemon `arg` chose.
+fn reading_flag(arg: &DaemonArg) -> String {
+    match &arg.url {
+        Some(url) => format!("--url {url}"),
+        None if arg.daemon => "--daemon".to_string(),
+        None => "--url $UPSTREAM_URL".to_string(),
+    }
+}
+
 /// The store a local turn of `document` goes to, as the turn finds it.
 fn store_of(document: &Document, args: &RunArgs) -> PathBuf {
     let dir = document
@@ -226,7 +235,8 @@ fn run_one(
 }
 
 /// Prints the turn's record (`--json`) and summary, and writes its results into the document;
-/// returns the exit code. `daemon`: where it ran, when not here.
+/// returns the exit code. `daemon`: where it ran, when not here, and the option that reads
+/// its records (`--daemon`, `--url …`).
 fn finish(
     args: &RunArgs,
     document: &Document,
@@ -234,7 +244,7 @@ fn finish(
     record: &TurnRecord,
     rendered: &str,
     start: Instant,
-    daemon: Option<&str>,
+    daemon: Option<(&str, &str)>,
 ) -> u8 {
     if args.json {
         if let Ok(line) = serde_json::to_string(record) {
@@ -243,10 +253,12 @@ fn finish(
             let _ = writeln!(out, "{line}");
         }
     }
-    let on = daemon.map_or(String::new(), |d| format!(" on the daemon at {d}"));
+    let (on, flag) = daemon.map_or((String::new(), String::new()), |(at, flag)| {
+        (format!(" on the daemon at {at}"), format!(" {flag}"))
+    });
     if record.status == TurnStatus::Interrupted {
         eprintln!(
-            "Interrupted: the sandbox was torn down; {} was not modified (what ran is turn {}{on}: `upstream show {}`)",
+            "Interrupted: the sandbox was torn down; {} was not modified (what ran is turn {}{on}: `upstream show {}{flag}`)",
             document.path().display(),
             record.number,
             record.number
@@ -288,15 +300,11 @@ fn finish(
     } else {
         exit::STEP_FAILED
     };
-    let hint = || match daemon {
-        None => eprintln!(
-            "hint: the document with this turn's results: `upstream show {} --document`",
+    let hint = || {
+        eprintln!(
+            "hint: the document with this turn's results: `upstream show {} --document{flag}`",
             record.number
-        ),
-        Some(_) => eprintln!(
-            "hint: the turn's record is on the daemon: `GET /v1/turns/{}`",
-            record.number
-        ),
+        )
     };
     match written {
         Ok(WriteBack::Written) => {
@@ -456,7 +464,7 @@ fn run_remote(
         &record,
         &result.document,
         start,
-        Some(client.endpoint()),
+        Some((client.endpoint(), &reading_flag(&args.daemon))),
     )
 }
 

@@ -129,6 +129,20 @@ fn the_daemon_records_the_clients_path_as_a_label_and_never_opens_it() {
     let result = body["document"].as_str().unwrap();
     assert!(result.contains("from-the-client"), "{result}");
     assert!(!result.contains("root:"), "{result}");
+    // A document sent by file name only is recorded by that name, not under a directory of
+    // the daemon's host (its working directory).
+    let (status, body) = post_turn(&daemon, json!({ "document": document, "name": "plain.md" }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["turn"]["document"], "plain.md", "{body}");
+    let (_, listed) = unix_request(&daemon.socket, "GET", "/v1/turns", "");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let names: Vec<&str> = listed["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["document"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["/etc/shadow", "plain.md"], "{listed}");
     // Labels a record cannot show are refused with a sentence saying what to send.
     for bad in [
         "relative/doc.md",
