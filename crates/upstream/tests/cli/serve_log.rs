@@ -231,3 +231,24 @@ fn the_log_level_and_format_are_the_operators_to_choose() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_pool_that_cannot_fill_says_why_in_the_log() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    // A pool of an image from a registry the daemon may not reach: once only kept for
+    // `/metrics`, now a warning naming the pool and the reason.
+    let daemon = Daemon::start(
+        &env,
+        &["--log-format", "json", "--pool", "127.0.0.1:9/nothing:1=1"],
+    );
+    let line = wait_for(&daemon, "of the pool's failure", |l| {
+        l["level"] == "WARN" && l["pool"] == "127.0.0.1:9/nothing:1"
+    });
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        message.contains("cannot prepare the pool's image"),
+        "{line}"
+    );
+    assert!(message.contains("not public"), "{line}");
+}
