@@ -7,6 +7,8 @@
 //! tenant's name.
 
 use std::collections::BTreeMap;
+// The figures are written into a `String`, which never refuses a write: the results of
+// `writeln!` below are dropped for that reason.
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
