@@ -357,3 +357,43 @@ fn a_run_says_which_store_it_uses_and_warns_of_one_every_project_shares() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_tenant_reads_blobs_of_its_own_store_only() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let alice = daemon.client(&daemon.key("a", "alice"));
+    let bob = daemon.client(&daemon.key("b", "bob"));
+    let (status, ran) = alice.post(
+        "/v1/turns",
+        json!({
+            "document": "---\nartifacts: [secret.txt]\n---\n# Make\n```bash\necho alice-only > secret.txt\n```\n",
+            "path": "/home/alice/make.md",
+        }),
+    );
+    assert_eq!(status, 200, "{ran}");
+    let (_, turn) = alice.get("/v1/turns/1");
+    let hash = turn["artifacts"][0]["blob"].as_str().unwrap().to_string();
+    // The owner gets the content (the positive control)…
+    let mine = alice
+        .request(reqwest::Method::GET, &format!("/v1/blobs/{hash}"))
+        .send()
+        .unwrap();
+    assert_eq!(mine.status().as_u16(), 200);
+    assert_eq!(mine.text().unwrap(), "alice-only\n");
+    // …another tenant, naming the same hash, gets nothing of it.
+    let (status, body) = bob.get(&format!("/v1/blobs/{hash}"));
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.to_string().contains("alice-only"));
+    // Only a hash names a blob: nothing else reaches a file.
+    for bad in [
+        "..%2F..%2Fkeys%2Fstore.db",
+        "store.db",
+        &hash[..63],
+        &format!("{hash}0"),
+    ] {
+        let (status, body) = alice.get(&format!("/v1/blobs/{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
