@@ -105,6 +105,32 @@ pub fn daemon_client(arg: &DaemonArg, env: bool) -> Result<Option<upstream_clien
     }
 }
 
+/// Says when the context a daemon's turn goes on has turns in the store here: the daemon
+/// keeps a chain of its own, which does not start from them.
+fn note_local_chain(document: &Document, args: &RunArgs) {
+    let dir = store_of(document, args);
+    if !dir.join("store.db").is_file() {
+        return;
+    }
+    let context = document
+        .front_matter()
+        .context
+        .clone()
+        .unwrap_or_else(|| upstream_store::DEFAULT_CONTEXT.to_string());
+    // A note, not the turn's business: a store here that cannot be read says nothing.
+    let Ok(turns) = upstream_store::Store::open(&dir).and_then(|s| s.contexts()) else {
+        return;
+    };
+    if let Some(local) = turns.iter().find(|c| c.name == context && c.turns > 0) {
+        eprintln!(
+            "note: context {context} has {} turn{} in the store here ({}); the daemon keeps a chain of its own, which does not start from them",
+            local.turns,
+            if local.turns == 1 { "" } else { "s" },
+            dir.display()
+        );
+    }
+}
+
 /// The option that reads the records of the daemon `arg` chose.
 fn reading_flag(arg: &DaemonArg) -> String {
     match &arg.url {
@@ -388,6 +414,7 @@ fn run_remote(
         .ok()
         .and_then(|p| p.to_str().map(str::to_string));
     eprintln!("Daemon: {} runs {name}", client.endpoint());
+    note_local_chain(document, args);
     let request = upstream_client::RunTurn {
         document: String::from_utf8_lossy(original).into_owned(),
         name: Some(name),

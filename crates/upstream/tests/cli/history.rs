@@ -189,6 +189,11 @@ fn with_a_daemon_up_a_plain_run_continues_the_local_chain() {
     let remote = env.upstream(&["run", "--daemon", "chained.md"]);
     assert!(remote.status.success(), "{}", stderr(&remote));
     assert!(stderr(&remote).starts_with("Daemon: unix:"));
+    assert!(
+        stderr(&remote).contains("note: context chain has 2 turns in the store here"),
+        "{}",
+        stderr(&remote)
+    );
     let written = std::fs::read_to_string(env.path("chained.md")).unwrap();
     assert!(written.contains("\n1\n"), "{written}");
     assert_eq!(
