@@ -101,7 +101,7 @@ pub fn checks() -> Vec<Check> {
             if placed.is_empty() { "no usable controllers".to_string() } else { placed.join(", ") }
         ),
         hint: (!all_writable).then(|| {
-            "memory, cpu and process limits need writable cgroups: run as root, or under a delegated cgroup v2 subtree (systemd-run --user --scope -p Delegate=yes)".into()
+            "memory and cpu limits need writable cgroups (the process limit is RLIMIT_NPROC and holds without them): run as root, or under a delegated cgroup v2 subtree (systemd-run --user --scope -p Delegate=yes)".into()
         }),
     });
 
