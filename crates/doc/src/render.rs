@@ -114,7 +114,7 @@ impl Document {
             let values: Vec<String> = result
                 .outputs
                 .iter()
-                .map(|(k, v)| format!("{} = {}", inline_code(k), inline_code(v)))
+                .map(|(k, v)| format!("{} = {}", inline_code(k), inline_code(&shown_value(v))))
                 .collect();
             line("");
             line(&format!("**Outputs:** {}", values.join(" · ")));
@@ -191,6 +191,18 @@ fn longest_backtick_run(text: &str) -> usize {
         }
     }
     longest
+}
+
+/// An output's value as the document shows it, as a step's output block is shown: escape
+/// sequences removed whole, lines joined by spaces, and every other character that steers a
+/// terminal (a control, a bidi override) shown escaped.
+fn shown_value(value: &str) -> String {
+    let one_line: String = value
+        .chars()
+        .map(|c| if matches!(c, '\n' | '\t') { ' ' } else { c })
+        .collect();
+    let stripped = strip_ansi_escapes::strip(one_line.as_bytes());
+    crate::terminal::line(&String::from_utf8_lossy(&stripped)).into_owned()
 }
 
 fn inline_code(text: &str) -> String {
@@ -288,6 +300,15 @@ mod tests {
         assert_eq!(clean_output(b"10%\r50%\r100%\ndone\r\n"), "100%\ndone\n");
         assert_eq!(clean_output(b"bell\x07 \xff"), "bell \u{fffd}");
         assert_eq!(clean_output(b"a\tb\t\x1b[1mc\x1b[0m\n"), "a\tb\tc\n");
+    }
+
+    #[test]
+    fn an_output_value_shows_no_escape_sequence_nor_bidi_override() {
+        assert_eq!(
+            shown_value("\u{1b}]0;PWNED2\u{7}\u{1b}[2Jx\u{202e}y\u{7}\nz"),
+            "x\\u{202e}y z"
+        );
+        assert_eq!(shown_value("plain value"), "plain value");
     }
 
     #[test]

@@ -291,7 +291,7 @@ fn find_resume(
     };
     if !kept.is_dir() {
         return Err(TurnError::Resume(format!(
-            "{path}: the workspace turn {} kept at {} is gone (a reboot clears it); run it without --resume",
+            "{path}: the workspace turn {} kept at {} is gone: a reboot, `upstream gc`, or any turn run after this store was moved or removed clears it; run it without --resume",
             last.number,
             kept.display()
         )));
@@ -420,6 +420,13 @@ pub fn run(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let store_dir = upstream_store::locate(doc_dir, options.store.as_deref());
+    // A resume that has no store to resume from refuses before it makes one.
+    if options.resume && !store_dir.join("store.db").is_file() {
+        return Err(TurnError::Resume(format!(
+            "{}: nothing to resume: no turn has run in this store, which does not exist yet; run it without --resume",
+            document.path().display(),
+        )));
+    }
     // Workspaces kept by turns whose store (or record) is gone go before this turn opens
     // its store: a store removed and made anew is not the one that kept them.
     kept::reclaim(&backend.kept_sets(), &|k| backend.discard_kept(k));
@@ -850,9 +857,7 @@ fn run_in_sandbox(
     let saved = if interrupted {
         None
     } else if let Some(why) = &lost {
-        observer.event(Event::Warning(&format!(
-            "no artifacts were saved: {why}"
-        )));
+        observer.event(Event::Warning(&format!("no artifacts were saved: {why}")));
         None
     } else {
         // What is saved is what the steps left: nothing they started in the background
@@ -1266,7 +1271,23 @@ impl StepRunner<'_> {
                 match &done.collected {
                     Some(Ok(bytes)) => {
                         let text = redactor.redact_str(&String::from_utf8_lossy(bytes));
-                        record.outputs = parse_outputs(&text);
+                        let parsed = parse_outputs(&text);
+                        record.outputs = parsed.values;
+                        if !parsed.refused.is_empty() {
+                            let keys: Vec<String> = parsed
+                                .refused
+                                .iter()
+                                .map(|k| format!("`{}`", upstream_doc::terminal::line(k)))
+                                .collect();
+                            let text = format!(
+                                "step {}: output key{} {} not kept: an output's name is a letter or `_`, then letters, digits, `_`, `.` or `-`",
+                                step.number,
+                                if keys.len() == 1 { "" } else { "s" },
+                                keys.join(", ")
+                            );
+                            observer.event(Event::Warning(&text));
+                            record.message.get_or_insert(text);
+                        }
                     }
                     Some(Err(e)) => {
                         record
@@ -1393,10 +1414,43 @@ fn captured_text(c: &Captured) -> String {
     text
 }
 
+/// What a step wrote to `$UPSTREAM_OUTPUT`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ParsedOutputs {
+    pub values: BTreeMap<String, String>,
+    /// Keys that are not output names ([`is_output_key`]), as written, in order; their values
+    /// are not kept.
+    pub refused: Vec<String>,
+}
+
+/// Whether `key` names an output: a letter or `_`, then letters, digits, `_`, `.` and `-`,
+/// at most [`MAX_OUTPUT_KEY`] bytes. Such a name is an environment variable's once mapped to
+/// `UPSTREAM_CTX_*`, and shows in a document, a terminal and a log as it is.
+pub fn is_output_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    key.len() <= MAX_OUTPUT_KEY
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The longest output name, in bytes.
+pub const MAX_OUTPUT_KEY: usize = 128;
+
 /// Parses `$UPSTREAM_OUTPUT`: `key=value` lines, and `key<<DELIM` … `DELIM` for values that
 /// span lines (as GitHub Actions reads `$GITHUB_OUTPUT`). Later values replace earlier ones.
-pub fn parse_outputs(text: &str) -> BTreeMap<String, String> {
-    let mut outputs = BTreeMap::new();
+/// A key that is not a name ([`is_output_key`]) is refused, its value dropped.
+pub fn parse_outputs(text: &str) -> ParsedOutputs {
+    let mut parsed = ParsedOutputs::default();
+    let mut keep = |key: &str, value: String| {
+        let key = key.trim();
+        if is_output_key(key) {
+            parsed.values.insert(key.to_string(), value);
+        } else if !parsed.refused.iter().any(|k| k == key) {
+            parsed.refused.push(key.to_string());
+        }
+    };
     let mut lines = text.lines();
     while let Some(line) = lines.next() {
         if let Some((key, delim)) = line.split_once("<<") {
@@ -1408,17 +1462,17 @@ pub fn parse_outputs(text: &str) -> BTreeMap<String, String> {
                     }
                     value.push(l);
                 }
-                outputs.insert(key.trim().to_string(), value.join("\n"));
+                keep(key, value.join("\n"));
                 continue;
             }
         }
         if let Some((key, value)) = line.split_once('=') {
             if !key.trim().is_empty() {
-                outputs.insert(key.trim().to_string(), value.to_string());
+                keep(key, value.to_string());
             }
         }
     }
-    outputs
+    parsed
 }
 
 #[cfg(test)]
@@ -1429,7 +1483,8 @@ mod tests {
     fn outputs_are_read_like_github_outputs() {
         let got = parse_outputs(
             "count=847\nsummary=14 results\nnotes<<EOF\nline 1\nline 2\nEOF\nempty=\ncount=848\n",
-        );
+        )
+        .values;
         assert_eq!(got["count"], "848");
         assert_eq!(got["summary"], "14 results");
         assert_eq!(got["notes"], "line 1\nline 2");
@@ -1502,7 +1557,25 @@ mod tests {
     }
 
     #[test]
+    fn an_output_key_that_is_not_a_name_is_refused() {
+        let parsed = parse_outputs(
+            "k\x1b[31m=red\nok.name-1=yes\n_x=1\n1st=no\nsp ace=no\nk\u{202e}<<EOF\nv\nEOF\n",
+        );
+        assert_eq!(
+            parsed.values.keys().collect::<Vec<_>>(),
+            vec!["_x", "ok.name-1"]
+        );
+        assert_eq!(
+            parsed.refused,
+            vec!["k\x1b[31m", "1st", "sp ace", "k\u{202e}"]
+        );
+        assert!(!is_output_key(&"a".repeat(MAX_OUTPUT_KEY + 1)));
+        assert!(is_output_key(&"a".repeat(MAX_OUTPUT_KEY)));
+    }
+
+    #[test]
     fn garbage_lines_are_ignored() {
-        assert!(parse_outputs("no equals sign\n=value\n").is_empty());
+        let parsed = parse_outputs("no equals sign\n=value\n");
+        assert!(parsed.values.is_empty() && parsed.refused.is_empty());
     }
 }

@@ -28,6 +28,16 @@ pub fn run(args: RunArgs) -> u8 {
         }
     }
     if bad {
+        let good: Vec<String> = documents
+            .iter()
+            .map(|(d, _)| d.path().display().to_string())
+            .collect();
+        if !good.is_empty() {
+            eprintln!(
+                "Not run: {} (every document is read before any runs, and the errors above stop them all)",
+                good.join(", ")
+            );
+        }
         return exit::BAD_INPUT;
     }
     if args.store.store.is_some() && (args.daemon.daemon || args.daemon.url.is_some()) {
@@ -57,7 +67,7 @@ pub fn run(args: RunArgs) -> u8 {
             (None, Some(backend)) => {
                 let store = store_of(document, &args);
                 if shown_store.as_ref() != Some(&store) {
-                    say_store(document, &store, args.store.store.is_some());
+                    say_store(document, &store, args.store.store.is_some(), args.resume);
                     shown_store = Some(store);
                 }
                 run_one(&args, backend, document, original, &cancel)
@@ -131,6 +141,22 @@ fn note_local_chain(document: &Document, args: &RunArgs) {
     }
 }
 
+/// Whether the store a local turn of `document` goes to has turns in its context.
+fn has_turns_here(document: &Document, args: &RunArgs) -> bool {
+    let dir = store_of(document, args);
+    if !dir.join("store.db").is_file() {
+        return false;
+    }
+    let context = document
+        .front_matter()
+        .context
+        .clone()
+        .unwrap_or_else(|| upstream_store::DEFAULT_CONTEXT.to_string());
+    upstream_store::Store::open(&dir)
+        .and_then(|s| s.contexts())
+        .is_ok_and(|contexts| contexts.iter().any(|c| c.name == context && c.turns > 0))
+}
+
 /// The option that reads the records of the daemon `arg` chose.
 fn reading_flag(arg: &DaemonArg) -> String {
     match &arg.url {
@@ -153,17 +179,18 @@ fn store_of(document: &Document, args: &RunArgs) -> PathBuf {
 /// Says which store a turn goes to (relative to the current directory when below it), and
 /// warns when the store was found in the home directory or above it while the document is
 /// in a project further down: every project there then shares one chain of turns.
-fn say_store(document: &Document, store: &Path, named: bool) {
+fn say_store(document: &Document, store: &Path, named: bool, resume: bool) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let absolute = std::path::absolute(store).unwrap_or_else(|_| store.to_path_buf());
     let shown = match absolute.strip_prefix(&cwd) {
         Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
         _ => absolute.display().to_string(),
     };
-    let new = if store.join("store.db").is_file() {
-        ""
-    } else {
-        " (new)"
+    // A resume makes no store: it refuses when there is none.
+    let new = match (store.join("store.db").is_file(), resume) {
+        (true, _) => "",
+        (false, true) => " (none)",
+        (false, false) => " (new)",
     };
     eprintln!("Store: {shown}{new}");
     if named || std::env::var_os("UPSTREAM_STORE").is_some() {
@@ -207,47 +234,56 @@ fn run_one(
         images: Some(image_source(&args.insecure_registry, args.pull)),
         ..TurnOptions::default()
     };
-    let turn =
-        match upstream_turn::run(document, original, backend, &options, &mut progress, cancel) {
-            Ok(turn) => turn,
-            Err(TurnError::MissingSecret { path, name }) => {
+    let turn = match upstream_turn::run(
+        document,
+        original,
+        backend,
+        &options,
+        &mut progress,
+        cancel,
+    ) {
+        Ok(turn) => turn,
+        Err(TurnError::MissingSecret { path, name }) => {
+            eprintln!(
+                "error: {}: secret `{name}` is not set in the environment",
+                path.display()
+            );
+            eprintln!("hint: export {name} before running, or remove it from `secrets`");
+            return exit::BAD_INPUT;
+        }
+        Err(TurnError::Sandbox(SandboxError::Interrupted)) => {
+            eprintln!(
+                "Interrupted: the sandbox was torn down; {} was not modified",
+                document.path().display()
+            );
+            return exit::INTERRUPTED;
+        }
+        Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
+        Err(TurnError::Pull { image, source }) => {
+            return sandbox_failed(&SandboxError::Image {
+                image,
+                reason: source.to_string(),
+            });
+        }
+        Err(TurnError::Resume(why)) => {
+            eprintln!("error: {why}");
+            if !has_turns_here(document, args) {
                 eprintln!(
-                    "error: {}: secret `{name}` is not set in the environment",
-                    path.display()
+                    "hint: the store here has no turn in this document's context; a turn that ran on a daemon is resumed there: add --daemon (or --url URL)"
                 );
-                eprintln!("hint: export {name} before running, or remove it from `secrets`");
-                return exit::BAD_INPUT;
             }
-            Err(TurnError::Sandbox(SandboxError::Interrupted)) => {
-                eprintln!(
-                    "Interrupted: the sandbox was torn down; {} was not modified",
-                    document.path().display()
-                );
-                return exit::INTERRUPTED;
-            }
-            Err(TurnError::Sandbox(e)) => return sandbox_failed(&e),
-            Err(TurnError::Pull { image, source }) => {
-                return sandbox_failed(&SandboxError::Image {
-                    image,
-                    reason: source.to_string(),
-                });
-            }
-            Err(TurnError::Resume(why)) => {
-                eprintln!("error: {why}");
-                return exit::BAD_INPUT;
-            }
-            Err(
-                e @ (TurnError::Store(_) | TurnError::Restore(_) | TurnError::SaveArtifacts(_)),
-            ) => {
-                // It may quote what the sandbox named (an artifact's path).
-                eprintln!("error: {}", terminal::line(&e.to_string()));
-                eprintln!(
-                    "hint: {} was not modified; `upstream log` shows what the store holds",
-                    document.path().display()
-                );
-                return exit::SANDBOX;
-            }
-        };
+            return exit::BAD_INPUT;
+        }
+        Err(e @ (TurnError::Store(_) | TurnError::Restore(_) | TurnError::SaveArtifacts(_))) => {
+            // It may quote what the sandbox named (an artifact's path).
+            eprintln!("error: {}", terminal::line(&e.to_string()));
+            eprintln!(
+                "hint: {} was not modified; `upstream log` shows what the store holds",
+                document.path().display()
+            );
+            return exit::SANDBOX;
+        }
+    };
     let rendered = turn.render(document);
     finish(
         args,
