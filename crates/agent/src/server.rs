@@ -709,10 +709,11 @@ fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> 
     Ok(file.into())
 }
 
-/// What a command's OOM score is: the kernel kills the biggest of the commands first when
-/// the sandbox runs out of memory, and never the agent, whose score the host set to the
-/// lowest (a step may lower its own score again; it then only stalls its own sandbox
-/// until its timeout).
+/// What a command's OOM score is: the highest, so that when the sandbox runs out of memory
+/// the kernel kills the biggest of the commands, and the agent (whose score is lower: see
+/// the host's `protect_agent`) only once no command is left. A step may lower its own score
+/// again, as far as the agent's: it may then get its own agent killed, which ends its
+/// sandbox and nothing else.
 const COMMAND_OOM_SCORE: &[u8] = b"1000";
 
 /// Starts a command: fork (the agent is single-threaded, so the child may run any code;
@@ -772,7 +773,10 @@ fn spawn_child(
                 }
                 // Nothing of the agent's but the report pipe stays open past this point.
                 let report = report_write.as_raw_fd() as libc::c_uint;
-                for (first, last) in [(3, report.saturating_sub(1)), (report + 1, libc::c_uint::MAX)] {
+                for (first, last) in [
+                    (3, report.saturating_sub(1)),
+                    (report + 1, libc::c_uint::MAX),
+                ] {
                     if first <= last {
                         // SAFETY: closes descriptors of this child only; none is used after.
                         unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };

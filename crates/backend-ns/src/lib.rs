@@ -656,15 +656,21 @@ impl Session for NamespaceSession {
 
 /// Makes the sandbox's init, which is its agent, the process the kernel kills last for want
 /// of memory. The commands the agent starts raise their OOM score to the highest (see the
-/// agent's spawn), so the kernel always picks a command while one is left; where upstream
-/// holds `CAP_SYS_RESOURCE` (root, unless a container runtime took it away) the agent also
-/// gets the lowest score, and is never picked. Every process the agent forks to serve a
-/// connection inherits its score.
+/// agent's spawn), so the kernel always picks a command while one is left. Where upstream
+/// holds `CAP_SYS_RESOURCE` (root, unless a container runtime took it away) the agent's
+/// score goes lower still, to [`AGENT_OOM_SCORE`]. Every process the agent forks to serve
+/// a connection inherits its score.
 fn protect_agent(pid: u32) {
     // Lowering a score needs the capability: without it the agent keeps upstream's own
     // score, below every command's, as above.
-    let _ = fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
+    let _ = fs::write(format!("/proc/{pid}/oom_score_adj"), AGENT_OOM_SCORE);
 }
+
+/// The agent's OOM score where upstream may lower it: one above the lowest. At the lowest
+/// (-1000) the kernel never kills a process; children inherit how low they may go, so a
+/// step could then make itself unkillable too, and a sandbox whose every process is
+/// unkillable stalls at its memory limit instead of losing a process.
+const AGENT_OOM_SCORE: &str = "-999";
 
 /// A running namespace sandbox.
 pub struct NamespaceSandbox {

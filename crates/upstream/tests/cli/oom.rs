@@ -70,7 +70,7 @@ fn the_agent_is_the_last_process_the_kernel_picks() {
     let block = result_block(&text, 1);
     // Lowering a score needs CAP_SYS_RESOURCE, which a container runtime may take from root:
     // then the agent keeps upstream's own score, still below every command's.
-    let agent = if has_sys_resource() { "-1000" } else { "0" };
+    let agent = if has_sys_resource() { "-999" } else { "0" };
     assert!(block.contains(&format!("agent {agent}\n")), "{block}");
     assert!(block.contains("step 1000"), "{block}");
     assert!(block.contains("child 1000"), "{block}");
@@ -152,4 +152,29 @@ fn a_turn_whose_agent_goes_writes_what_it_has() {
     assert!(held.contains("agent"), "{held}\n{err}");
     assert!(result_block(&text, 3).contains("not run"), "{text}");
     env.assert_gone(&marker);
+}
+
+/// A step that lowers its own score to the agent's and then runs out of memory may cost
+/// its sandbox its agent: that ends the sandbox, never the turn's record or its document.
+#[test]
+fn a_step_that_lowers_its_score_costs_only_its_own_sandbox() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let doc = "---\nmemory: 64M\n---\n# Low\n```bash continue_on_error\n\
+               cat /proc/1/oom_score_adj > /proc/self/oom_score_adj\n\
+               for i in $(seq 2000); do sleep 1000 & done; exec sleep 1000\n```\n\
+               # Last\n```bash\necho last ran\n```\n";
+    let path = env.write("low.md", doc);
+    let out = env.upstream(&["run", "low.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}\n{text}");
+    let low = result_block(&text, 1);
+    assert!(low.contains("out of memory"), "{low}\n{err}");
+    // Either the kernel took a command (and the next step ran) or the agent (and it did not).
+    let last = result_block(&text, 2);
+    assert!(
+        last.contains("last ran") || last.contains("not run"),
+        "{last}\n{err}"
+    );
 }
