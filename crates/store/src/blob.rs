@@ -104,18 +104,7 @@ static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 /// threads writing blobs at once do not queue on one directory's lock.
 const TEMP_DIRS: usize = 8;
 
-/// Blobs are read in chunks of this size.
-const READ_CHUNK: usize = 256 << 10;
-
-/// Writes at least this big go to the file directly: copying them through the writer's
-/// buffer first would cost a pass over every byte.
-const DIRECT_WRITE: usize = 64 << 10;
-
 thread_local! {
-    /// Each thread's buffer for reading blobs, made once: a fresh one per blob would be
-    /// zeroed (a pass over its bytes) and often mapped anew, for every blob of a restore.
-    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-
     static TEMP_DIR: usize = {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         NEXT.fetch_add(1, Ordering::Relaxed) as usize % TEMP_DIRS
@@ -354,8 +343,13 @@ impl Blobs {
     }
 
     /// Copies blob `id` to the end of `target`, checked first ([`OpenBlob::copy_checked`]).
-    pub fn copy_checked(&self, id: &BlobId, target: &File) -> Result<(), BlobError> {
-        self.fetch(id)?.copy_checked(target)
+    pub fn copy_checked(
+        &self,
+        id: &BlobId,
+        arena: &mut MapArena,
+        target: &File,
+    ) -> Result<bool, BlobError> {
+        self.fetch(id)?.copy_checked(arena, target)
     }
 
     /// Reads a whole blob, checked (one pass: the bytes are hashed as they are read, and
@@ -487,33 +481,10 @@ impl OpenBlob {
     /// Hashes the whole file (as long as it was when opened), reading at offsets so that the
     /// descriptor's position is left alone; `keep` gets the bytes. An error unless they hash
     /// to the blob's name.
-    fn hash(&self, keep: Option<&mut Vec<u8>>) -> Result<(), BlobError> {
+    fn hash(&self, mut keep: Option<&mut Vec<u8>>) -> Result<(), BlobError> {
         let size = self.stamp.size;
         let mut hasher = blake3::Hasher::new();
-        READ_BUFFER.with_borrow_mut(|buf| {
-            if buf.is_empty() {
-                buf.resize(READ_CHUNK, 0);
-            }
-            self.hash_with(buf, size, &mut hasher, keep)
-        })?;
-        let actual = BlobId::from_hash(hasher.finalize());
-        if actual != self.id {
-            return Err(BlobError::Corrupt {
-                path: self.path.clone(),
-                actual: actual.0,
-            });
-        }
-        Ok(())
-    }
-
-    /// Reads the first `size` bytes into `hasher` (and `keep`) through `buf`.
-    fn hash_with(
-        &self,
-        buf: &mut [u8],
-        size: u64,
-        hasher: &mut blake3::Hasher,
-        mut keep: Option<&mut Vec<u8>>,
-    ) -> Result<(), BlobError> {
+        let mut buf = vec![0u8; (256 << 10).min(size.max(1) as usize)];
         let mut offset = 0u64;
         while offset < size {
             let want = buf.len().min((size - offset) as usize);
@@ -537,6 +508,13 @@ impl OpenBlob {
                 keep.extend_from_slice(&buf[..n]);
             }
             offset += n as u64;
+        }
+        let actual = BlobId::from_hash(hasher.finalize());
+        if actual != self.id {
+            return Err(BlobError::Corrupt {
+                path: self.path.clone(),
+                actual: actual.0,
+            });
         }
         Ok(())
     }
@@ -563,16 +541,25 @@ impl OpenBlob {
     }
 
     /// Copies the blob to the end of `target`, checked against its name before a byte is
-    /// copied: it is read once to hash it, then copied inside the kernel (`sendfile`, as
-    /// `cp` does), so a damaged blob leaves nothing in `target`. Fails if the file changed
-    /// meanwhile.
-    pub fn copy_checked(&self, target: &File) -> Result<(), BlobError> {
+    /// copied: it is hashed through a mapping in `arena` (no copy), then copied inside the
+    /// kernel (`sendfile`, as `cp` does). `Ok(false)` when it does not fit in the arena
+    /// (read it with [`OpenBlob::reader`] instead).
+    pub fn copy_checked(&self, arena: &mut MapArena, target: &File) -> Result<bool, BlobError> {
         let fail = |source: io::Error| BlobError::Io {
             path: self.path.clone(),
             source,
         };
-        self.hash(None)?;
         let len = self.stamp.size as usize;
+        let Some(bytes) = arena.map(&self.file, len).map_err(fail)? else {
+            return Ok(false);
+        };
+        let actual = BlobId::from_hash(blake3::hash(bytes));
+        if actual != self.id {
+            return Err(BlobError::Corrupt {
+                path: self.path.clone(),
+                actual: actual.0,
+            });
+        }
         let mut offset: libc::off_t = 0;
         while (offset as usize) < len {
             // SAFETY: sendfile between two descriptors this function holds; `offset` is a
@@ -601,7 +588,7 @@ impl OpenBlob {
                 path: self.path.clone(),
             });
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -667,11 +654,7 @@ pub struct BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = if buf.len() >= DIRECT_WRITE && self.file.buffer().is_empty() {
-            self.file.get_mut().write(buf)?
-        } else {
-            self.file.write(buf)?
-        };
+        let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
@@ -687,22 +670,9 @@ impl BlobWriter {
         self.size
     }
 
-    /// Ends the blob and starts writing it to the disk, so that [`Blobs::commit`] (when it
-    /// becomes durable) has less left to wait for: the disk works while the next blobs are
-    /// read and hashed.
+    /// Ends the blob. It is not durable until [`Blobs::commit`].
     pub fn finish(mut self) -> io::Result<PendingBlob> {
         self.file.flush()?;
-        // SAFETY: sync_file_range on a descriptor this writer holds; it touches no memory.
-        // Only a start of write-back, not waited for: failure changes nothing (the commit's
-        // flush writes and waits), so its result is not looked at.
-        unsafe {
-            libc::sync_file_range(
-                self.file.get_ref().as_raw_fd(),
-                0,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
         let id = BlobId::from_hash(self.hasher.finalize());
         let temp = std::mem::take(&mut self.path);
         Ok(PendingBlob {
@@ -748,6 +718,106 @@ impl Drop for PendingBlob {
         if let Some(temp) = &self.temp {
             let _ = fs::remove_file(temp);
         }
+    }
+}
+
+/// Address space reserved for mapping many blobs one after another. Each blob is mapped at
+/// fresh addresses and nothing is unmapped until the arena is full or dropped: unmapping
+/// makes the kernel flush the TLB of every CPU running the process's threads, which per file
+/// would cost more than reading the file.
+#[derive(Debug)]
+pub struct MapArena {
+    base: *mut libc::c_void,
+    size: usize,
+    used: usize,
+}
+
+// SAFETY: the arena owns its reservation; it is used by one thread at a time (`&mut self`).
+unsafe impl Send for MapArena {}
+
+impl MapArena {
+    /// Reserves `size` bytes of address space (no memory).
+    pub fn new(size: usize) -> io::Result<MapArena> {
+        let mut arena = MapArena {
+            base: std::ptr::null_mut(),
+            size,
+            used: 0,
+        };
+        arena.reserve()?;
+        Ok(arena)
+    }
+
+    fn reserve(&mut self) -> io::Result<()> {
+        // SAFETY: an anonymous, inaccessible reservation; nothing refers to it yet.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.base = base;
+        self.used = 0;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: unmaps exactly the reservation made in `reserve`.
+            unsafe { libc::munmap(self.base, self.size) };
+            self.base = std::ptr::null_mut();
+        }
+    }
+
+    /// Maps `len` bytes of `file` read-only; `None` when it can never fit.
+    fn map(&mut self, file: &File, len: usize) -> io::Result<Option<&[u8]>> {
+        if len == 0 {
+            return Ok(Some(&[]));
+        }
+        let pages = len.div_ceil(4096) * 4096;
+        if pages > self.size {
+            return Ok(None);
+        }
+        if self.used + pages > self.size {
+            // Full: one unmap for everything mapped so far, and start again.
+            self.release();
+            self.reserve()?;
+        }
+        // SAFETY: `used + pages <= size`, so the address is inside the reservation.
+        let at = unsafe { self.base.cast::<u8>().add(self.used) }.cast::<libc::c_void>();
+        // SAFETY: maps the file over unused addresses inside this arena's reservation
+        // (MAP_FIXED replaces only the reservation there). The slice handed out lives no
+        // longer than the `&mut self` borrow, before which nothing is unmapped.
+        let ptr = unsafe {
+            libc::mmap(
+                at,
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.used += pages;
+        // SAFETY: `ptr` maps `len` readable bytes until the arena is released.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+        }))
+    }
+}
+
+impl Drop for MapArena {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -913,7 +983,11 @@ mod tests {
         refused(blobs.read(&id).map(drop));
         refused(blobs.verify(&id).map(drop));
         let target = tempfile::tempfile().unwrap();
-        refused(blobs.copy_checked(&id, &target));
+        refused(
+            blobs
+                .copy_checked(&id, &mut MapArena::new(1 << 20).unwrap(), &target)
+                .map(drop),
+        );
         assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");
         assert!(!blobs.contains(&id), "a link is not a blob");
         assert!(blobs.list().unwrap().is_empty(), "nor listed as one");

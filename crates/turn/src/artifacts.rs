@@ -315,22 +315,12 @@ pub fn save(
 
 /// Runs `job(0..count)` on up to one thread per CPU; the results in order.
 fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    parallel_with(count, || (), |(), i| job(i))
-}
-
-/// [`parallel`], each thread keeping what `init` makes for the jobs it runs.
-fn parallel_with<S, T: Send>(
-    count: usize,
-    init: impl Fn() -> S + Sync,
-    job: impl Fn(&mut S, usize) -> T + Sync,
-) -> Vec<T> {
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8)
         .min(count);
     if workers <= 1 {
-        let mut state = init();
-        return (0..count).map(|i| job(&mut state, i)).collect();
+        return (0..count).map(job).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<T>>> =
@@ -338,13 +328,12 @@ fn parallel_with<S, T: Send>(
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
-                let mut state = init();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i >= count {
                         break;
                     }
-                    let result = job(&mut state, i);
+                    let result = job(i);
                     if let Ok(mut slot) = slots[i].lock() {
                         *slot = Some(result);
                     }
@@ -371,30 +360,20 @@ fn read_into_blob(
     writer.finish()
 }
 
-thread_local! {
-    /// Each thread's buffer for reading files, made once: a fresh one per file would be
-    /// zeroed (a pass over its bytes) for every file of a save.
-    static COPY_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 fn copy(mut from: impl Read, to: &mut impl Write, stop: Stop<'_>) -> io::Result<u64> {
-    COPY_BUFFER.with_borrow_mut(|buf| {
-        if buf.is_empty() {
-            buf.resize(256 << 10, 0);
-        }
-        let mut total = 0;
-        loop {
-            checkpoint(stop)?;
-            let n = match from.read(buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            to.write_all(&buf[..n])?;
-            total += n as u64;
-        }
-    })
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    loop {
+        checkpoint(stop)?;
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 fn kind_of(st: &FileStat) -> Option<ArtifactKind> {
@@ -545,27 +524,24 @@ pub fn restore(
         .iter()
         .filter(|a| a.kind == ArtifactKind::File && a.blob.is_some())
         .collect();
-    // Files are in path order, so one after another mostly share a directory: each thread
-    // keeps the last one it opened (for this restore only), not opening it again per file.
-    let restored = parallel_with(
-        files.len(),
-        || None,
-        |parent: &mut Option<(String, OwnedFd)>, i| {
-            // Opened as upstream itself, before the switch to the owner: the store is private
-            // to upstream's user.
-            let blob = blobs.fetch(files[i].blob.as_ref().expect("files have blobs"))?;
-            let mut result = None;
-            let _ = as_owner_do(&mut || {
-                result = Some(
-                    checkpoint(stop)
-                        .map_err(|e| fail(files[i], e))
-                        .and_then(|()| restore_file(dir, parent, files[i], &blob)),
-                );
-                Ok(())
-            });
-            result.expect("ran")
-        },
-    );
+    let restored = parallel(files.len(), |i| {
+        // Opened as upstream itself, before the switch to the owner: the store is private to
+        // upstream's user.
+        let blob = blobs.fetch(files[i].blob.as_ref().expect("files have blobs"))?;
+        let mut result = None;
+        let _ = as_owner_do(&mut || {
+            result = Some(
+                checkpoint(stop)
+                    .map_err(|e| fail(files[i], e))
+                    .and_then(|()| restore_file(dir, files[i], &blob)),
+            );
+            Ok(())
+        });
+        result.expect("ran")
+    });
+    // The worker threads let their arenas go as they end; this one (which works alone when
+    // there is one file) does it now.
+    ARENA.with_borrow_mut(|arena| *arena = None);
     let mut known = Known::new();
     for (a, r) in files.iter().zip(restored) {
         known.insert(a.path.clone(), r?);
@@ -593,11 +569,15 @@ pub fn restore(
     Ok(known)
 }
 
-/// Restores one file; `last` is the directory the previous file of this thread went into
-/// (its path below the workspace and its descriptor), used again when this one goes there too.
+thread_local! {
+    /// Each restoring thread's address space for blobs (1 GiB, reserved, not memory), made
+    /// on first use and let go when a restore ends.
+    static ARENA: std::cell::RefCell<Option<upstream_store::MapArena>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn restore_file(
     dir: BorrowedFd<'_>,
-    last: &mut Option<(String, OwnedFd)>,
     a: &ArtifactRow,
     blob: &upstream_store::OpenBlob,
 ) -> Result<KnownFile, RestoreError> {
@@ -606,14 +586,27 @@ fn restore_file(
         source,
     };
     let (parent, name) = split(&a.path);
-    if last.as_ref().is_none_or(|(path, _)| path != parent) {
-        let fd = hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(fail)?;
-        *last = Some((parent.to_string(), fd));
+    let parent = hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(fail)?;
+    let mut file =
+        hostfs::create_file(parent.as_fd(), name, 0o600, Existing::Replace).map_err(fail)?;
+    // Mapped and checked before a byte is written, so a damaged blob leaves nothing; one
+    // too big for the arena is streamed and checked at its end (the turn then fails).
+    let mapped = ARENA.with_borrow_mut(|arena| -> Result<bool, RestoreError> {
+        if arena.is_none() {
+            *arena = upstream_store::MapArena::new(1 << 30).ok();
+        }
+        let Some(arena) = arena.as_mut() else {
+            return Ok(false);
+        };
+        Ok(blob.copy_checked(arena, &file)?)
+    })?;
+    if !mapped {
+        let mut reader = blob.reader()?;
+        io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
+            upstream_store::BlobError::Io { source, .. } => fail(source),
+            other => RestoreError::Blob(other),
+        })?;
     }
-    let (_, parent) = last.as_ref().expect("set above");
-    let file = hostfs::create_file(parent.as_fd(), name, 0o600, Existing::Replace).map_err(fail)?;
-    // Checked before a byte is written, so a damaged blob leaves nothing.
-    blob.copy_checked(&file)?;
     nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode)).map_err(|e| fail(e.into()))?;
     set_file_mtime(&file, a.mtime_ns).map_err(fail)?;
     let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
