@@ -45,6 +45,8 @@ pub const MIN_CPUS: f64 = 0.01;
 /// The least memory a sandbox may be given: below about 768 KiB its agent cannot start, and a
 /// shell and a step's files in its /run (a sixteenth of the limit) need a little more.
 pub const MIN_MEMORY: u64 = 4 << 20;
+/// The most memory a sandbox may be given, in a document and through the API alike: 1 PiB.
+pub const MAX_MEMORY: u64 = MAX_SIZE;
 /// The least disk a sandbox may be given: room for its filesystem's own bookkeeping and a
 /// few small files.
 pub const MIN_DISK: u64 = 16 << 20;
@@ -523,7 +525,7 @@ fn cpus<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
 const MEMORY_HINT: &str = "memory is a size from 4M to 1 PiB, such as `512M`, `2GiB` or `1500MB`";
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    size_value(d, "memory", MIN_MEMORY, MAX_SIZE, MEMORY_HINT)
+    size_value(d, "memory", MIN_MEMORY, MAX_MEMORY, MEMORY_HINT)
 }
 
 const DISK_HINT: &str = "disk is a size from 16M to 8T, such as `2G` or `500M` (default 10G)";

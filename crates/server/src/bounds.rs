@@ -10,10 +10,10 @@ use crate::error::ApiError;
 
 /// The longest duration a request may name: 365 days, in seconds.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
-/// The most memory a sandbox may ask for: 16 TiB.
-pub const MAX_MEMORY: u64 = 16 << 40;
-/// The least: what a document may ask for (an agent, a shell and a step's files in /run).
+/// Memory a sandbox may ask for, as a document may: from what an agent, a shell and a
+/// step's files in /run need, to 1 PiB.
 pub const MIN_MEMORY: u64 = upstream_doc::front_matter::MIN_MEMORY;
+pub const MAX_MEMORY: u64 = upstream_doc::front_matter::MAX_MEMORY;
 /// Disk a sandbox may ask for, as a document may.
 pub const MIN_DISK: u64 = upstream_doc::front_matter::MIN_DISK;
 pub const MAX_DISK: u64 = upstream_doc::front_matter::MAX_DISK;
@@ -71,7 +71,9 @@ pub fn memory(bytes: u64, field: &str) -> Result<u64, ApiError> {
         return Ok(bytes);
     }
     Err(ApiError::bad_request(format!(
-        "`{field}` is {bytes} bytes; give from 4M ({MIN_MEMORY} bytes) to 16T ({MAX_MEMORY} bytes)"
+        "`{field}` is {bytes} bytes; give from {} ({MIN_MEMORY} bytes) to {} ({MAX_MEMORY} bytes)",
+        upstream_doc::front_matter::format_size(MIN_MEMORY),
+        upstream_doc::front_matter::format_size(MAX_MEMORY),
     )))
 }
 
@@ -81,7 +83,9 @@ pub fn disk(bytes: u64, field: &str) -> Result<u64, ApiError> {
         return Ok(bytes);
     }
     Err(ApiError::bad_request(format!(
-        "`{field}` is {bytes} bytes; give from 16M ({MIN_DISK} bytes) to 8T ({MAX_DISK} bytes)"
+        "`{field}` is {bytes} bytes; give from {} ({MIN_DISK} bytes) to {} ({MAX_DISK} bytes)",
+        upstream_doc::front_matter::format_size(MIN_DISK),
+        upstream_doc::front_matter::format_size(MAX_DISK),
     )))
 }
 
@@ -312,6 +316,38 @@ mod tests {
         assert_eq!(signal(9), Some(9));
         assert_eq!(signal((1 << 32) + 9), None, "no wrapping into SIGKILL");
         assert_eq!(signal(0), None);
+    }
+
+    /// A document's `memory:` and the API's `limits.memory` take the same range: each end
+    /// is taken in both places, and one byte past it refused in both.
+    #[test]
+    fn memory_has_one_range_in_documents_and_requests() {
+        let document = |memory: String| {
+            let text = format!("---\nmemory: {memory}\n---\n```bash\ntrue\n```\n");
+            upstream_doc::Document::parse(std::path::Path::new("t.md"), text.as_bytes())
+                .map(|d| d.front_matter().memory)
+        };
+        for (bytes, taken) in [
+            (MIN_MEMORY, true),
+            (MAX_MEMORY, true),
+            (MIN_MEMORY - 1, false),
+            (MAX_MEMORY + 1, false),
+        ] {
+            assert_eq!(memory(bytes, "m").is_ok(), taken, "the API, {bytes} bytes");
+            match document(bytes.to_string()) {
+                Ok(m) => assert!(taken && m == Some(bytes), "the document, {bytes} bytes"),
+                Err(e) => assert!(!taken, "the document, {bytes} bytes: {e}"),
+            }
+        }
+        // The same ends in the words both take them in.
+        let (low, high) = ("4M", "1024T");
+        assert_eq!(document(low.into()).unwrap(), Some(MIN_MEMORY));
+        assert_eq!(document(high.into()).unwrap(), Some(MAX_MEMORY));
+        let refused = memory(MAX_MEMORY + 1, "limits.memory").unwrap_err().message;
+        assert!(refused.contains(low) && refused.contains(high), "{refused}");
+        // A pool's memory is bounded the same way.
+        assert!(crate::daemon::Shape::parse("host,memory=1024T").is_ok());
+        assert!(crate::daemon::Shape::parse("host,memory=1025T").is_err());
     }
 
     #[test]
