@@ -430,6 +430,128 @@ pub fn create_file(
     Err(Errno::EEXIST.into())
 }
 
+/// A regular file being made in place of `name` in a directory of the sandbox, all or
+/// nothing: it is written under a temporary name beside `name` and put in its place by
+/// [`NewFile::commit`] in one rename, so a reader sees the old file or the whole new one,
+/// never part of it; dropped before that (a write failed, the disk filled, the client went
+/// away), the temporary is removed and nothing of it stays. Every step on names runs as the
+/// sandbox's ids given ([`as_owner`]), so the sandbox's permissions hold.
+#[derive(Debug)]
+pub struct NewFile {
+    dir: OwnedFd,
+    temp: CString,
+    name: CString,
+    file: File,
+    owner: (u32, u32),
+    done: bool,
+}
+
+/// Temporary names made by this process so far, so that no two are the same.
+static TEMPORARIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl NewFile {
+    /// Starts a new file to be `name` in `dir` (one of the sandbox's, opened by
+    /// [`open_dir`] or [`make_dir_all`]), with `mode`, or the permission bits of the
+    /// regular file it will replace. What is there already must be a regular file, or
+    /// nothing: a link is refused (`ELOOP`; files are not written through links), a
+    /// directory is `EISDIR`, anything else a [`refusal`].
+    pub fn create(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        mode: u32,
+        owner: (u32, u32),
+    ) -> io::Result<NewFile> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Errno::EINVAL.into());
+        }
+        let target = c_name(name)?;
+        as_owner(owner.0, owner.1, || {
+            let mode = match path_handle(dir, OsStr::new(name), Reach::Beneath) {
+                Ok(handle) => check(&handle, Want::File, Reach::Beneath)?.st_mode & 0o777,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => mode,
+                Err(e) => return Err(e),
+            };
+            let dir = nix::unistd::dup(dir).map_err(io::Error::from)?;
+            for _ in 0..8 {
+                let n = TEMPORARIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let temp = format!(".upstream-new-{:x}-{n:x}-{nanos:x}", std::process::id());
+                let how = OpenHow::new()
+                    .flags(
+                        OFlag::O_WRONLY
+                            | OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_NONBLOCK
+                            | OFlag::O_NOCTTY
+                            | OFlag::O_CLOEXEC,
+                    )
+                    .mode(Mode::from_bits_truncate(mode))
+                    .resolve(Reach::Beneath.flags());
+                match openat2(&dir, temp.as_str(), how) {
+                    Ok(fd) => {
+                        // The umask may have taken bits the file is to have.
+                        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
+                            .map_err(io::Error::from)?;
+                        return Ok(NewFile {
+                            dir,
+                            temp: c_name(&temp)?,
+                            name: target,
+                            file: File::from(fd),
+                            owner,
+                            done: false,
+                        });
+                    }
+                    // A name the sandbox took meanwhile: another.
+                    Err(Errno::EEXIST) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(Errno::EEXIST.into())
+        })
+    }
+
+    /// The file, open for writing.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Puts the file in place of its name, replacing what is there in one step.
+    pub fn commit(mut self) -> io::Result<()> {
+        let (uid, gid) = self.owner;
+        let renamed = as_owner(uid, gid, || {
+            nix::fcntl::renameat(
+                &self.dir,
+                self.temp.as_c_str(),
+                &self.dir,
+                self.name.as_c_str(),
+            )
+        });
+        renamed.map_err(io::Error::from)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (uid, gid) = self.owner;
+        // Never a directory: the sandbox may have put one at the name meanwhile.
+        let _ = as_owner(uid, gid, || {
+            nix::unistd::unlinkat(
+                &self.dir,
+                self.temp.as_c_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            )
+        });
+    }
+}
+
 /// Removes `name` in `dir` and, if it is a directory, everything below it — without
 /// recursion and with three descriptors at most, whatever the tree's depth (a sandbox can
 /// nest directories far deeper than any stack), never following a link and never leaving
@@ -701,6 +823,68 @@ mod tests {
         let mut out = create_file(dir.as_fd(), "b", 0o600, Existing::Truncate).unwrap();
         out.write_all(b"2").unwrap();
         assert_eq!(std::fs::read(tmp.path().join("x/y/b")).unwrap(), b"2");
+    }
+
+    #[test]
+    fn a_new_file_is_all_or_nothing() {
+        let tmp = shm_dir();
+        std::fs::write(tmp.path().join("kept"), b"old").unwrap();
+        std::fs::set_permissions(
+            tmp.path().join("kept"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o750),
+        )
+        .unwrap();
+        let root = open_root(tmp.path());
+        let dir = open_dir(root.as_fd(), "/", Reach::InRoot(&own())).unwrap();
+        let ids = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let names = || {
+            let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // Dropped part way: the old file as it was, and no temporary left.
+        let new = NewFile::create(dir.as_fd(), "kept", 0o644, ids).unwrap();
+        new.file().write_all(b"half of the new").unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("kept")).unwrap(), b"old");
+        drop(new);
+        assert_eq!(names(), ["kept"]);
+        assert_eq!(std::fs::read(tmp.path().join("kept")).unwrap(), b"old");
+        // Committed: the whole new file, with the old one's mode, and nothing else.
+        let new = NewFile::create(dir.as_fd(), "kept", 0o644, ids).unwrap();
+        new.file().write_all(b"new").unwrap();
+        new.commit().unwrap();
+        assert_eq!(names(), ["kept"]);
+        assert_eq!(std::fs::read(tmp.path().join("kept")).unwrap(), b"new");
+        let mode = std::fs::metadata(tmp.path().join("kept")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o750
+        );
+        // A new name gets the mode asked for.
+        let new = NewFile::create(dir.as_fd(), "fresh", 0o640, ids).unwrap();
+        new.commit().unwrap();
+        let mode = std::fs::metadata(tmp.path().join("fresh")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o640
+        );
+        // What is not a regular file is not replaced.
+        symlink("kept", tmp.path().join("link")).unwrap();
+        let e = NewFile::create(dir.as_fd(), "link", 0o644, ids).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        let e = NewFile::create(dir.as_fd(), "sub", 0o644, ids).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "{e}");
+        nix::unistd::mkfifo(&tmp.path().join("pipe"), Mode::from_bits_truncate(0o666)).unwrap();
+        let e = NewFile::create(dir.as_fd(), "pipe", 0o644, ids).unwrap_err();
+        assert!(refusal(&e).is_some(), "{e}");
+        assert_eq!(names(), ["fresh", "kept", "link", "pipe", "sub"]);
     }
 
     #[test]

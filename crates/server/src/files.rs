@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::{IntoParams, ToSchema};
 
 use upstream_sandbox::HostRoot;
-use upstream_sandbox::hostfs::{self, Existing, Reach, as_owner, split};
+use upstream_sandbox::hostfs::{self, NewFile, Reach, as_owner, split};
 
 use crate::auth::Tenant;
 use crate::daemon::{Daemon, Live};
@@ -148,7 +148,8 @@ fn file_error(path: &str, e: io::Error) -> ApiError {
 }
 
 /// Write a file (made with its parent directories, replaced if it exists) from the raw
-/// request body.
+/// request body: all or nothing — until the whole body is written the file is as it was,
+/// and an upload that fails (no space left, the body broken off) leaves nothing of itself.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
     params(("id" = String, Path), FileQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
@@ -164,18 +165,24 @@ pub async fn upload(
     let path = full_path(&live, &query.path)?;
     let (root, owner) = root_of(&live).await?;
     let target = path.clone();
-    let file = live
+    // Written beside its name and put in place whole: a failed upload (the disk full, the
+    // client gone mid-body) leaves the file as it was and nothing of the new one.
+    let new = live
         .blocking(move || {
-            as_owner(owner.0, owner.1, || {
-                let (parent, name) = split(&target);
-                let dir = hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot(&root.own))?;
-                hostfs::create_file(dir.as_fd(), name, 0o644, Existing::Truncate)
-            })
+            let dir = as_owner(owner.0, owner.1, || {
+                let (parent, _) = split(&target);
+                hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot(&root.own))
+            })?;
+            NewFile::create(dir.as_fd(), split(&target).1, 0o644, owner)
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| file_error(&path, e))?;
-    let mut file = tokio::fs::File::from_std(file);
+    let written = new
+        .file()
+        .try_clone()
+        .map_err(|e| ApiError::internal(format!("{path}: {e}")))?;
+    let mut file = tokio::fs::File::from_std(written);
     let mut stream = body.into_data_stream();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -187,6 +194,11 @@ pub async fn upload(
             .map_err(|e| file_error(&path, e))?;
     }
     file.flush().await.map_err(|e| file_error(&path, e))?;
+    drop(file);
+    live.blocking(move || new.commit())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| file_error(&path, e))?;
     Ok((StatusCode::CREATED, Json(Written { path, size })))
 }
 
