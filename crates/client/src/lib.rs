@@ -66,6 +66,9 @@ pub struct Limits {
     pub cpus: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Bytes of disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u64>,
 }
 
 /// A sandbox as the daemon describes it.
@@ -107,6 +110,12 @@ pub struct Exit {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
+    /// The kernel killed a process of the sandbox for going over its memory limit.
+    #[serde(default)]
+    pub out_of_memory: bool,
+    /// The command failed with the sandbox's disk full: the disk limit, in bytes.
+    #[serde(default)]
+    pub out_of_disk: Option<u64>,
     pub duration_ms: f64,
 }
 

@@ -28,7 +28,7 @@ pub struct JsonBody<T>(pub T);
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
-    /// Bytes of memory, or a size such as `512M`, `2G` (4M to 16T). Default: the daemon's
+    /// Bytes of memory, or a size such as `512M`, `2G` (4M to 1024T). Default: the daemon's
     /// `--default-memory`.
     #[schema(value_type = Option<String>, example = "512M")]
     pub memory: Option<serde_json::Value>,
@@ -92,6 +92,12 @@ pub struct SandboxBody {
     /// rootless daemon has no cgroups to bound memory with, nor a filesystem of the
     /// sandbox's own to bound its disk); empty when every limit holds.
     pub unenforced: Vec<String>,
+    /// `running`, or `gone` once its agent is gone (killed for want of memory, or ended):
+    /// nothing more runs in it, and it waits to be deleted.
+    pub state: String,
+    /// Why it is gone and what to do, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gone: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -105,6 +111,7 @@ pub struct LimitsOut {
 
 impl SandboxBody {
     fn of(live: &Live) -> SandboxBody {
+        let ended = live.ended();
         SandboxBody {
             id: live.id.clone(),
             image: live.shape.image.clone(),
@@ -126,6 +133,8 @@ impl SandboxBody {
             expires_in: live.expires_in(),
             workdir: live.prepared.workdir.clone(),
             unenforced: live.unenforced.clone(),
+            state: if ended.is_some() { "gone" } else { "running" }.into(),
+            gone: ended.map(|e| e.message),
         }
     }
 }
@@ -352,6 +361,13 @@ pub struct ExecResult {
     /// The signal that killed it, if one did.
     pub signal: Option<i32>,
     pub timed_out: bool,
+    /// The kernel killed a process of the sandbox (the command or another) for going over
+    /// the sandbox's memory limit while the command ran: a signal 9 with this set is the
+    /// memory limit's doing.
+    pub out_of_memory: bool,
+    /// The command failed with the sandbox's disk full: the disk limit it ran out of, in
+    /// bytes; null otherwise.
+    pub out_of_disk: Option<u64>,
     pub duration_ms: f64,
     /// Standard output (invalid UTF-8 replaced).
     pub stdout: String,
@@ -465,6 +481,8 @@ pub async fn exec(
                     exit_code,
                     signal,
                     timed_out: outcome.timed_out,
+                    out_of_memory: outcome.out_of_memory,
+                    out_of_disk: outcome.out_of_disk,
                     duration_ms: outcome.duration.as_secs_f64() * 1000.0,
                     truncated: out.truncated || err.truncated,
                     stdout: String::from_utf8_lossy(&out.data).into_owned(),
@@ -502,6 +520,8 @@ pub async fn exec(
                     "exit_code": exit_code,
                     "signal": signal,
                     "timed_out": outcome.timed_out,
+                    "out_of_memory": outcome.out_of_memory,
+                    "out_of_disk": outcome.out_of_disk,
                     "duration_ms": outcome.duration.as_secs_f64() * 1000.0,
                 }});
                 ("exit", exit)

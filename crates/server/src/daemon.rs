@@ -268,6 +268,8 @@ pub struct Live {
     pub processes: Mutex<BTreeMap<i32, Process>>,
     /// The tenant's share of the daemon's blocking threads.
     share: Share,
+    /// Set once its agent is gone: the answer to every later operation.
+    ended: Mutex<Option<ApiError>>,
 }
 
 /// A background command.
@@ -310,9 +312,14 @@ impl Live {
         let result = self
             .blocking(move || {
                 let _busy = busy;
+                if let Some(ended) = live.ended() {
+                    return Err(ended);
+                }
                 let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
                 match guard.as_mut() {
-                    Some(sandbox) => f(sandbox.as_mut()),
+                    Some(sandbox) => {
+                        f(sandbox.as_mut()).map_err(|e| live.settle(sandbox.as_mut(), e))
+                    }
                     None => Err(gone(&live.id)),
                 }
             })
@@ -332,6 +339,9 @@ impl Live {
         let result = self
             .blocking(move || {
                 let _busy = busy;
+                if let Some(ended) = live.ended() {
+                    return Err(ended);
+                }
                 let idle = live
                     .sessions
                     .lock()
@@ -342,7 +352,10 @@ impl Live {
                     None => {
                         let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
                         match guard.as_mut() {
-                            Some(sandbox) => sandbox.session().map_err(ApiError::from)?,
+                            Some(sandbox) => sandbox.session().map_err(|e| {
+                                let e = ApiError::from(e);
+                                live.settle(sandbox.as_mut(), e)
+                            })?,
                             None => return Err(gone(&live.id)),
                         }
                     }
@@ -354,12 +367,24 @@ impl Live {
                     Ok(_) => true,
                     Err(e) => matches!(e, SandboxError::Agent(ClientError::Refused(_))),
                 };
-                let mut idle = live.sessions.lock().unwrap_or_else(|e| e.into_inner());
-                if usable && idle.len() < Self::IDLE_SESSIONS {
-                    idle.push(session);
+                if usable {
+                    live.keep_session(session);
+                } else {
+                    drop(session);
                 }
-                drop(idle);
-                Ok(result?)
+                match result {
+                    Ok(value) => Ok(value),
+                    Err(e @ SandboxError::Agent(ClientError::Refused(_))) => Err(e.into()),
+                    // Whether the agent is gone, or only this session's helper.
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        let mut guard = live.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+                        match guard.as_mut() {
+                            Some(sandbox) => Err(live.settle(sandbox.as_mut(), e)),
+                            None => Err(e),
+                        }
+                    }
+                }
             })
             .await;
         result.map_err(|e| ApiError::internal(format!("an operation failed: {e}")))?
@@ -376,6 +401,67 @@ impl Live {
 
     /// Sessions kept for later commands; more run at once when asked.
     const IDLE_SESSIONS: usize = 2;
+
+    /// Keeps a session for a later command, unless enough are kept.
+    fn keep_session(&self, session: Box<dyn Session>) {
+        let mut idle = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < Self::IDLE_SESSIONS {
+            idle.push(session);
+        }
+    }
+
+    /// The answer to every operation once its agent is gone; `None` while it runs.
+    pub fn ended(&self) -> Option<ApiError> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What an operation's failure means: when it failed inside the daemon or lost its
+    /// connection, the agent is asked for a new session; if it gives none, the agent is
+    /// gone, the sandbox is marked so (its listing says so, and every later operation
+    /// answers at once that it is gone), and the answer says what to do. A session's helper
+    /// killed from inside the sandbox is only that request's failure.
+    fn settle(&self, sandbox: &mut dyn Sandbox, error: ApiError) -> ApiError {
+        if !error.status.is_server_error() && !error.is_agent_gone() {
+            return error;
+        }
+        match sandbox.session() {
+            Ok(session) => {
+                self.keep_session(session);
+                if error.is_agent_gone() {
+                    ApiError::new(
+                        axum::http::StatusCode::BAD_GATEWAY,
+                        "sandbox",
+                        "the connection serving this request inside the sandbox broke off \
+                         (something in the sandbox ended it); the sandbox still runs: try again",
+                    )
+                } else {
+                    error
+                }
+            }
+            // Torn down meanwhile: the request's own answer says so.
+            Err(SandboxError::Interrupted) => error,
+            Err(probe) => {
+                let probe = ApiError::from(probe);
+                if !probe.is_agent_gone() {
+                    return error;
+                }
+                let ended =
+                    ApiError::agent_gone(error.is_out_of_memory() || probe.is_out_of_memory());
+                tracing::warn!(
+                    sandbox = %self.id,
+                    tenant = %self.tenant,
+                    out_of_memory = ended.is_out_of_memory(),
+                    "the sandbox's agent is gone: nothing more runs in it"
+                );
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(ended.clone());
+                ended
+            }
+        }
+    }
 
     /// Marks the sandbox in use (never idle) until the guard is dropped.
     pub fn hold(self: &Arc<Self>) -> Busy {
@@ -866,6 +952,7 @@ impl Daemon {
             sessions: Mutex::new(session.into_iter().collect()),
             processes: Mutex::new(BTreeMap::new()),
             share: self.shares.of(tenant),
+            ended: Mutex::new(None),
         });
         tracing::info!(
             sandbox = %live.id,
@@ -1223,6 +1310,7 @@ mod tests {
             sessions: Mutex::new(Vec::new()),
             processes: Mutex::new(BTreeMap::new()),
             share: Shares::new(1).of("t"),
+            ended: Mutex::new(None),
         });
         (live, counted)
     }

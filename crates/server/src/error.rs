@@ -88,9 +88,56 @@ impl ApiError {
         )
     }
 
+    /// The sandbox's agent is gone — killed for want of memory when `out_of_memory` — so
+    /// nothing more can run in the sandbox.
+    pub fn agent_gone(out_of_memory: bool) -> ApiError {
+        let why = if out_of_memory {
+            "it ran out of memory and the kernel killed its agent"
+        } else {
+            "its agent is gone (killed, or ended)"
+        };
+        ApiError::new(
+            StatusCode::GONE,
+            if out_of_memory {
+                OUT_OF_MEMORY
+            } else {
+                AGENT_GONE
+            },
+            format!(
+                "the sandbox can run nothing more: {why}; delete it (DELETE                  /v1/sandboxes/{{id}}) and make another{}",
+                if out_of_memory {
+                    ", with more memory (`limits.memory`)"
+                } else {
+                    ""
+                }
+            ),
+        )
+    }
+
+    /// Whether this answer says the sandbox's agent is gone.
+    pub fn is_agent_gone(&self) -> bool {
+        self.code == AGENT_GONE || self.code == OUT_OF_MEMORY
+    }
+
+    /// Whether this answer says the sandbox's agent was killed for want of memory.
+    pub fn is_out_of_memory(&self) -> bool {
+        self.code == OUT_OF_MEMORY
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+}
+
+/// The codes of [`ApiError::agent_gone`]: the agent is gone, or was killed for want of
+/// memory.
+pub const AGENT_GONE: &str = "sandbox_gone";
+pub const OUT_OF_MEMORY: &str = "sandbox_out_of_memory";
+
+/// Whether a frame error is the agent's connection breaking (a broken pipe, a reset, an
+/// end mid-frame), not a frame the agent sent wrong.
+fn connection_broke(frame: &(dyn std::error::Error + 'static)) -> bool {
+    frame.source().is_some_and(|s| s.is::<std::io::Error>())
 }
 
 /// Eight random hex digits naming one log line (of work no request asked for).
@@ -140,8 +187,12 @@ impl From<upstream_sandbox::SandboxError> for ApiError {
             }
             // Torn down (deleted, reaped) while the request ran.
             e @ SandboxError::Interrupted => ApiError::conflict(e.to_string()),
-            e @ (SandboxError::Agent(ClientError::Gone) | SandboxError::OutOfMemory) => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "sandbox", e.to_string())
+            // The agent's connection ended: the agent is gone, or the helper serving this
+            // request (the daemon looks which, see `Live::settle`).
+            SandboxError::OutOfMemory => ApiError::agent_gone(true),
+            SandboxError::Agent(ClientError::Gone) => ApiError::agent_gone(false),
+            SandboxError::Agent(ClientError::Frame(frame)) if connection_broke(&frame) => {
+                ApiError::agent_gone(false)
             }
             // Setting a sandbox up is the host's work: its errors name the host's paths.
             e => {

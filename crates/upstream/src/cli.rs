@@ -182,9 +182,13 @@ pub enum SandboxCommand {
         /// `host` or an OCI image.
         #[arg(long, default_value = "host")]
         image: String,
-        /// Memory limit, such as 512M or 2G.
-        #[arg(long, value_parser = parse_size)]
+        /// Memory limit, such as 512M or 2G (default: the daemon's).
+        #[arg(long, value_parser = parse_memory)]
         memory: Option<u64>,
+        /// Disk limit — its root, /tmp and workspace together — such as 2G (default: the
+        /// daemon's).
+        #[arg(long, value_parser = parse_disk)]
+        disk: Option<u64>,
         /// CPU limit, in CPUs.
         #[arg(long)]
         cpus: Option<f64>,
@@ -507,8 +511,8 @@ fn size_within(s: &str, min: u64, max: u64) -> Result<u64, String> {
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
-    use upstream_doc::front_matter::{MAX_SIZE, MIN_MEMORY};
-    size_within(s, MIN_MEMORY, MAX_SIZE)
+    use upstream_doc::front_matter::{MAX_MEMORY, MIN_MEMORY};
+    size_within(s, MIN_MEMORY, MAX_MEMORY)
 }
 
 fn parse_size_or_zero(s: &str) -> Result<u64, String> {

@@ -44,6 +44,7 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
         SandboxCommand::Create {
             image,
             memory,
+            disk,
             cpus,
             network,
             timeout,
@@ -59,6 +60,7 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
                     memory,
                     cpus,
                     pids: None,
+                    disk,
                 }),
                 network: Some(network),
                 timeout: timeout.map(|t| t.as_secs_f64()),
@@ -125,6 +127,19 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
                     Stream::Stderr => stderr.write_all(text.as_bytes()),
                 };
             });
+            if let Ok(exit) = &ran {
+                if exit.out_of_memory {
+                    eprintln!(
+                        "upstream: the sandbox ran out of memory: the kernel killed a process of it"
+                    );
+                }
+                if let Some(limit) = exit.out_of_disk {
+                    eprintln!(
+                        "upstream: the command ran out of disk space (limit {})",
+                        upstream_doc::format_size(limit)
+                    );
+                }
+            }
             match ran {
                 Ok(exit) if exit.timed_out => {
                     eprintln!("upstream: the command timed out");

@@ -1720,3 +1720,341 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert!(local_run.status.success());
     assert!(!crate::util::stderr(&local_run).contains("Daemon:"));
 }
+
+/// The host pid of the sandbox's agent: pid 1 of the pid namespace of the process whose
+/// command line holds `marker`, found up its ancestors.
+fn agent_above(marker: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let found = crate::util::processes_with(marker);
+        if let Some(line) = found.first() {
+            break line.split(':').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "`{marker}` never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let field = |pid: &str, name: &str| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mut agent = found;
+    while field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
+        agent = field(&agent, "PPid:");
+        assert_ne!(agent, "0", "no pid 1 above `{marker}`");
+    }
+    agent.parse().unwrap()
+}
+
+/// A sandbox whose agent is gone answers every later operation with 410 and a sentence
+/// saying so and what to do; its listing says it is gone; it is deleted as any other. A
+/// sandbox beside it runs on (the positive control: the daemon is fine, only the one
+/// sandbox is gone).
+#[test]
+fn a_sandbox_whose_agent_is_gone_says_so_and_is_deleted() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({})));
+    let beside = id(&api.create(json!({})));
+    // A session is kept from this exec: the next one goes to its helper, which is gone too.
+    assert_eq!(api.exec(&sid, &["true"])["exit_code"], 0);
+    let marker = format!("9{}", std::process::id());
+    let (status, started) = api.post(
+        &format!("/v1/sandboxes/{sid}/processes"),
+        json!({ "cmd": ["sleep", marker] }),
+    );
+    assert_eq!(status, 201, "{started}");
+    let agent = agent_above(&format!("sleep {marker}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !crate::util::processes_with(&format!("sleep {marker}")).is_empty() {
+        assert!(Instant::now() < deadline, "the sandbox's processes stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exec = format!("/v1/sandboxes/{sid}/exec");
+    for _ in 0..2 {
+        let (status, body) = api.post(&exec, json!({ "cmd": ["true"] }));
+        assert_eq!((status, error_code(&body)), (410, "sandbox_gone"), "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("agent is gone") && message.contains("delete it"),
+            "{message}"
+        );
+    }
+    // Every other use of it says the same, streamed or not, files and processes alike.
+    let (status, body) = api.post(&exec, json!({ "cmd": ["true"], "stream": true }));
+    assert_eq!(status, 200);
+    assert!(body.to_string().contains("sandbox_gone"), "{body}");
+    let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path=x"));
+    assert_eq!((status, error_code(&body)), (410, "sandbox_gone"), "{body}");
+    let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/processes"));
+    assert_eq!((status, error_code(&body)), (410, "sandbox_gone"), "{body}");
+    let (_, listed) = api.get(&format!("/v1/sandboxes/{sid}"));
+    assert_eq!(listed["state"], "gone", "{listed}");
+    assert!(
+        listed["gone"].as_str().unwrap().contains("agent is gone"),
+        "{listed}"
+    );
+    let (_, fine) = api.get(&format!("/v1/sandboxes/{beside}"));
+    assert_eq!(fine["state"], "running", "{fine}");
+    assert!(fine.get("gone").is_none(), "{fine}");
+    assert_eq!(api.exec(&beside, &["echo", "on"])["stdout"], "on\n");
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
+    let (status, _) = api.get(&format!("/v1/sandboxes/{sid}"));
+    assert_eq!(status, 404);
+    assert!(
+        daemon.log.lock().unwrap().contains("agent is gone"),
+        "the daemon's log does not say it"
+    );
+}
+
+/// A command the kernel kills for the sandbox's memory limit is answered as out of memory,
+/// whole and streamed, and `upstream sandbox exec` says so; one that fills the disk is
+/// answered as out of disk. The commands beside them (the controls) are neither.
+#[test]
+fn an_exec_out_of_memory_or_disk_says_so() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({ "limits": { "memory": "64M", "disk": "32M" } })));
+    let big = ["python3", "-c", "x = b'x' * (300 << 20); print('survived')"];
+    let ran = api.exec(&sid, &big);
+    assert_eq!(ran["signal"], 9, "{ran}");
+    assert_eq!(ran["out_of_memory"], true, "{ran}");
+    assert!(ran["out_of_disk"].is_null(), "{ran}");
+    let (status, streamed) = api.post(
+        &format!("/v1/sandboxes/{sid}/exec"),
+        json!({ "cmd": big, "stream": true }),
+    );
+    assert_eq!(status, 200);
+    assert!(
+        streamed.to_string().contains(r#""out_of_memory":true"#),
+        "{streamed}"
+    );
+    let fine = api.exec(&sid, &["true"]);
+    assert_eq!(
+        (fine["out_of_memory"].clone(), fine["out_of_disk"].clone()),
+        (json!(false), Value::Null),
+        "{fine}"
+    );
+    let full = api.exec(
+        &sid,
+        &["dd", "if=/dev/zero", "of=fill", "bs=1M", "count=64"],
+    );
+    assert_ne!(full["exit_code"], 0, "{full}");
+    assert_eq!(full["out_of_disk"], 32 << 20, "{full}");
+    assert_eq!(full["out_of_memory"], false, "{full}");
+    assert_eq!(api.exec(&sid, &["rm", "fill"])["exit_code"], 0);
+    // The CLI says it in words.
+    let key = api.key.clone().unwrap();
+    let cli = env
+        .command()
+        .env("UPSTREAM_URL", &daemon.url)
+        .env("UPSTREAM_API_KEY", &key)
+        .args(["sandbox", "exec", &sid, "--"])
+        .args(big)
+        .output()
+        .unwrap();
+    assert_eq!(
+        crate::util::code(&cli),
+        137,
+        "{}",
+        crate::util::stderr(&cli)
+    );
+    assert!(
+        crate::util::stderr(&cli).contains("ran out of memory"),
+        "{}",
+        crate::util::stderr(&cli)
+    );
+    let cli = env
+        .command()
+        .env("UPSTREAM_URL", &daemon.url)
+        .env("UPSTREAM_API_KEY", &key)
+        .args(["sandbox", "exec", &sid, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(crate::util::stderr(&cli), "");
+}
+
+/// Bytes of the sandbox's disk in use, as `df` inside it sees them.
+fn disk_used(api: &Api, sid: &str) -> u64 {
+    let df = api.exec(sid, &["sh", "-c", "sync; df -B1 --output=used . | tail -1"]);
+    df["stdout"].as_str().unwrap().trim().parse().unwrap()
+}
+
+/// An upload is all or nothing: past the disk limit it is refused with 507 and leaves no
+/// file and the disk as free as before; broken off by the client it leaves no file; a
+/// complete one replaces the file there in one step (a reader sees the old file or the new
+/// one, never part of it).
+#[test]
+fn an_upload_is_all_or_nothing() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let sid = id(&api.create(json!({ "limits": { "disk": "20M" } })));
+    let put = |path: &str, body: reqwest::blocking::Body| {
+        api.request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{sid}/files?path={path}"),
+        )
+        .body(body)
+        .send()
+    };
+    let listing = || {
+        let (status, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=."));
+        assert_eq!(status, 200, "{listing}");
+        let names: Vec<String> = listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        names
+    };
+    let before = disk_used(&api, &sid);
+    // The daemon may answer "no space" and close before the whole body is sent.
+    let status = put("big.bin", vec![7u8; 30 << 20].into()).map_or(0, |r| r.status().as_u16());
+    assert!(
+        status == 507 || status == 0,
+        "the upload was answered {status}"
+    );
+    assert_eq!(
+        listing(),
+        Vec::<String>::new(),
+        "the failed upload left a file"
+    );
+    let after = disk_used(&api, &sid);
+    assert!(
+        after <= before + (1 << 20),
+        "the disk stays full: {before} bytes used before, {after} after"
+    );
+
+    // A client that goes away mid-body: the daemon sees the body end short.
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&[1u8; 1 << 20]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Dropped without an end: a body of a declared length that never comes.
+    });
+    let mut socket =
+        std::net::TcpStream::connect(daemon.url.trim_start_matches("http://")).unwrap();
+    let key = api.key.clone().unwrap();
+    write!(
+        socket,
+        "PUT /v1/sandboxes/{sid}/files?path=cut.bin HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+        8 << 20
+    )
+    .unwrap();
+    let mut reader = reader;
+    std::io::copy(&mut reader, &mut socket).unwrap();
+    sender.join().unwrap();
+    drop(socket);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names = listing();
+        if names.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken-off upload left {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Control: a complete upload replaces the file; a reader meanwhile sees the old file
+    // whole or the new one whole, never part of either.
+    const SIZE: usize = 4 << 20;
+    assert_eq!(
+        put("whole.bin", vec![b'a'; SIZE].into()).unwrap().status(),
+        201
+    );
+    let read = || {
+        let response = api
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{sid}/files?path=whole.bin"),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        response.bytes().unwrap().to_vec()
+    };
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let seen = std::thread::scope(|scope| {
+        let uploading = scope.spawn(move || put("whole.bin", reqwest::blocking::Body::new(reader)));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            writer.write_all(&[b'b'; SIZE / 4]).unwrap();
+            seen.push(read());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(writer);
+        assert_eq!(uploading.join().unwrap().unwrap().status(), 201);
+        seen
+    });
+    for got in seen {
+        assert!(
+            got == vec![b'a'; SIZE] || got == vec![b'b'; SIZE],
+            "a reader saw {} bytes of a file being replaced",
+            got.len()
+        );
+    }
+    assert_eq!(read(), vec![b'b'; SIZE]);
+    assert_eq!(listing(), ["whole.bin"]);
+}
+
+/// `upstream sandbox create` takes a disk limit as it takes a memory limit, within the
+/// same bounds as a document's.
+#[test]
+fn the_cli_makes_a_sandbox_with_a_disk_limit() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let _daemon = Daemon::start(&env, &[]);
+    let cli = |args: &[&str]| env.command().args(args).output().unwrap();
+    let made = cli(&[
+        "sandbox", "create", "--disk", "64M", "--memory", "128M", "--json",
+    ]);
+    assert!(made.status.success(), "{}", crate::util::stderr(&made));
+    let sandbox: Value = serde_json::from_str(&crate::util::stdout(&made)).unwrap();
+    assert_eq!(sandbox["limits"]["disk"], 64 << 20, "{sandbox}");
+    assert_eq!(sandbox["limits"]["memory"], 128 << 20, "{sandbox}");
+    let df = cli(&[
+        "sandbox",
+        "exec",
+        sandbox["id"].as_str().unwrap(),
+        "--",
+        "df",
+        "-B1M",
+        "--output=size",
+        ".",
+    ]);
+    let size: u64 = crate::util::stdout(&df)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", crate::util::stdout(&df)));
+    assert!(size <= 64, "the workspace has a disk of {size} MiB");
+    for bad in ["1K", "9T", "lots"] {
+        let refused = cli(&["sandbox", "create", "--disk", bad]);
+        assert_eq!(crate::util::code(&refused), 2, "--disk {bad}");
+        assert!(
+            crate::util::stderr(&refused).contains("--disk"),
+            "{}",
+            crate::util::stderr(&refused)
+        );
+    }
+}
