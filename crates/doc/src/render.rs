@@ -37,7 +37,8 @@ pub struct ResultBlock {
     pub output: Captured,
     /// Values the step published through `$UPSTREAM_OUTPUT`.
     pub outputs: Vec<(String, String)>,
-    /// Where the whole output can be read when the document shows only part of it.
+    /// Where the output can be read when the document shows only part of it, said as the
+    /// document says it ("the whole output: upstream show 3 --step 2").
     pub full_output: Option<String>,
 }
 
@@ -126,7 +127,7 @@ impl Document {
                     text.push('\n');
                 }
                 let whole = match &result.full_output {
-                    Some(place) => format!("; the whole output: {place}"),
+                    Some(place) => format!("; {place}"),
                     None => String::new(),
                 };
                 text.push_str(&format!(

@@ -1000,6 +1000,14 @@ struct StepRunner<'a> {
     lost: Option<String>,
 }
 
+/// The most of one step's output its log keeps. The log is the whole output a person reads
+/// with `upstream show --step`, and it lives in the context's store on the host's disk, out
+/// of reach of the sandbox's disk limit: without a bound a step printing in a loop fills the
+/// host's disk. 64 MiB holds the longest build or test logs people read (a few MiB) many
+/// times over, and keeps a turn of many such steps to a size a store can carry; what is
+/// past it is counted (the step's byte counts) and said, not kept.
+pub const MAX_STEP_LOG: u64 = 64 << 20;
+
 /// Everything one step's output goes to.
 struct OutputSinks<'s> {
     redact_out: Redactor,
@@ -1011,6 +1019,8 @@ struct OutputSinks<'s> {
     store: &'s Store,
     log: Option<LogWriter<BlobWriter>>,
     log_error: Option<io::Error>,
+    /// How much of the output the log holds, at most [`MAX_STEP_LOG`].
+    log_kept: u64,
     scratch: Vec<u8>,
 }
 
@@ -1045,7 +1055,9 @@ impl OutputSinks<'_> {
             Stream::Stderr => self.stderr.push(data),
         }
         self.combined.push(data);
-        if self.log_error.is_none() {
+        let room = MAX_STEP_LOG.saturating_sub(self.log_kept);
+        let data = &data[..data.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
+        if self.log_error.is_none() && !data.is_empty() {
             if self.log.is_none() {
                 match self.store.blobs().writer() {
                     Ok(w) => self.log = Some(LogWriter::new(w)),
@@ -1056,12 +1068,16 @@ impl OutputSinks<'_> {
                 Stream::Stdout => LogStream::Stdout,
                 Stream::Stderr => LogStream::Stderr,
             };
-            if let Some(Err(e)) = self.log.as_mut().map(|log| log.chunk(which, data)) {
-                self.log_error = Some(e);
-                self.log = None;
+            match self.log.as_mut().map(|log| log.chunk(which, data)) {
+                Some(Err(e)) => {
+                    self.log_error = Some(e);
+                    self.log = None;
+                }
+                Some(Ok(())) => self.log_kept += data.len() as u64,
+                None => {}
             }
         }
-        observer.event(Event::Output(stream, data));
+        observer.event(Event::Output(stream, &self.scratch));
     }
 
     /// Puts the log in the store.
@@ -1077,6 +1093,15 @@ impl OutputSinks<'_> {
         self.store.blobs().commit(vec![pending])?;
         Ok(Some(id))
     }
+}
+
+/// What a step's record says when its log holds `kept` bytes of the `total` it printed.
+pub fn log_dropped_note(kept: u64, total: u64) -> String {
+    format!(
+        "output past {} was not kept ({} in all)",
+        upstream_doc::format_size(kept),
+        upstream_doc::format_size(total)
+    )
 }
 
 /// `UPSTREAM_CTX_<KEY>` for output `key`: upper case, anything but letters and digits `_`.
@@ -1215,6 +1240,7 @@ impl StepRunner<'_> {
             store: self.store,
             log: None,
             log_error: None,
+            log_kept: 0,
             scratch: Vec::new(),
         };
         let exec = if limit.is_some_and(|l| l.is_zero()) {
@@ -1231,6 +1257,7 @@ impl StepRunner<'_> {
             stdout,
             stderr,
             combined,
+            log_kept,
             ..
         } = sinks;
         let mut record = not_run_record(step);
@@ -1314,8 +1341,27 @@ impl StepRunner<'_> {
         record.stderr = captured_text(&stderr);
         record.stdout_bytes = stdout.total_bytes;
         record.stderr_bytes = stderr.total_bytes;
-        let full_output = (combined.omitted.is_some() && log.is_some())
-            .then(|| format!("upstream show {} --step {}", self.turn_number, step.number));
+        let total = stdout.total_bytes + stderr.total_bytes;
+        let dropped = log.is_some() && log_kept < total;
+        if dropped {
+            let note = log_dropped_note(log_kept, total);
+            record.message = Some(match record.message.take() {
+                Some(m) => format!("{m}; {note}"),
+                None => note,
+            });
+        }
+        let full_output = (combined.omitted.is_some() && log.is_some()).then(|| {
+            let show = format!("upstream show {} --step {}", self.turn_number, step.number);
+            if dropped {
+                format!(
+                    "its first {}: {show} (the rest was not kept; {} in all)",
+                    upstream_doc::format_size(log_kept),
+                    upstream_doc::format_size(total)
+                )
+            } else {
+                format!("the whole output: {show}")
+            }
+        });
         let result = ResultBlock {
             outcome,
             duration,
@@ -1374,10 +1420,19 @@ fn classify(done: &ExecOutcome, limits: &StepLimit, record: &mut StepRecord) -> 
         record.status = StepStatus::OutOfMemory;
         record.message = Some("killed for using more memory than the sandbox's limit".into());
     } else if let (Some(limit), false) = (done.out_of_disk, passed) {
-        record.message = Some(format!(
+        let mut message = format!(
             "out of disk space (limit {})",
             upstream_doc::format_size(limit)
-        ));
+        );
+        if record.number > 1 {
+            // Each step's writes to the workspace are a layer of their own until the turn
+            // ends, kept for --resume: deleting an earlier step's file hides it, and frees
+            // nothing.
+            message.push_str(
+                "; what earlier steps of this turn wrote to the workspace takes disk space until the turn ends, even once deleted (it is what --resume starts from)",
+            );
+        }
+        record.message = Some(message);
         if let Outcome::Exited(code) = outcome {
             outcome = Outcome::OutOfDisk { code, limit };
         }

@@ -425,14 +425,27 @@ pub(crate) fn show_step<R: io::Read>(
     }
     let mut out = ToPerson::new(io::stdout().lock());
     let mut err = ToPerson::new(io::stderr().lock());
-    let result = replay(&mut checked, |stream, data| match stream {
-        LogStream::Stdout => out.write(data),
-        LogStream::Stderr => err.write(data),
+    let mut kept = 0u64;
+    let result = replay(&mut checked, |stream, data| {
+        kept += data.len() as u64;
+        match stream {
+            LogStream::Stdout => out.write(data),
+            LogStream::Stderr => err.write(data),
+        }
     })
     .and_then(|()| out.finish())
     .and_then(|()| err.finish());
     match result {
-        Ok(()) => exit::OK,
+        Ok(()) => {
+            // The log keeps the first MAX_STEP_LOG bytes; the record counts them all.
+            let total = step.stdout_bytes + step.stderr_bytes;
+            if kept < total {
+                drop(out);
+                drop(err);
+                eprintln!("note: {}", upstream_turn::log_dropped_note(kept, total));
+            }
+            exit::OK
+        }
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => exit::OK,
         Err(e) => {
             drop(out);

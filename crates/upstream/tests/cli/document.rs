@@ -747,3 +747,46 @@ fn two_resumes_at_once_resume_once() {
         "the first resume's results are in the document"
     );
 }
+
+/// An output's value goes into the document as a step's output does: escape sequences
+/// removed whole (no ` ]0;PWNED2  [2J` left behind), a bidi override shown escaped; an
+/// output key that is not a name (one holding ESC) is refused with a warning and the step's
+/// message, not kept. Control: a plain output shows as written.
+#[test]
+fn output_values_and_keys_cannot_steer_a_terminal_or_leave_debris() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "outs.md",
+        "```bash\nprintf 'v=\\033]0;PWNED2\\007\\033[2Jx\\342\\200\\256y\\n' >> $UPSTREAM_OUTPUT\n\
+         printf 'k\\033[31m=red\\n' >> $UPSTREAM_OUTPUT\n\
+         echo plain=hello >> $UPSTREAM_OUTPUT\n```\n",
+    );
+    let out = env.upstream(&["run", "outs.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    let doc = fs::read_to_string(&path).unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("**Outputs:**"))
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(
+        line, "**Outputs:** `plain` = `hello` · `v` = `x\\u{202e}y`",
+        "{doc}"
+    );
+    assert!(
+        !doc.contains('\u{1b}') && !doc.contains('\u{202e}'),
+        "{doc}"
+    );
+    assert!(
+        err.contains("warning: step 1: output key `k\\x1b[31m` not kept"),
+        "{err}"
+    );
+    assert!(!err.contains('\u{1b}'), "{err}");
+    let show = stdout(&env.upstream(&["show", "1", "--json"]));
+    assert!(
+        show.contains("output key `k\\\\x1b[31m` not kept"),
+        "{show}"
+    );
+    assert!(!show.contains("\"k\\u001b[31m\""), "{show}");
+}

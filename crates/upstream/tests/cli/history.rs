@@ -402,3 +402,88 @@ fn a_tenant_reads_blobs_of_its_own_store_only() {
         assert_eq!(status, 400, "{bad}: {body}");
     }
 }
+
+/// A resume with no store here refuses without making one, and says the turn may have run
+/// on a daemon. Control: a resume whose store is here says nothing of daemons.
+#[test]
+fn a_local_resume_with_no_store_makes_none_and_names_the_daemon() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write("b.md", "```bash\nfalse\n```\n");
+    let out = env.upstream(&["run", "--resume", "b.md"]);
+    let said = stderr(&out);
+    assert_eq!(code(&out), 2, "{said}");
+    assert!(
+        !env.path(".upstream").exists(),
+        "a refused resume made a store"
+    );
+    assert!(!said.contains("(new)"), "{said}");
+    assert!(said.contains("nothing to resume"), "{said}");
+    assert!(said.contains("--daemon (or --url URL)"), "{said}");
+    // Control: the turn that did not pass is here, and resumes without a word of daemons.
+    let out = env.upstream(&["run", "b.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let out = env.upstream(&["run", "--resume", "b.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("--daemon"), "{}", stderr(&out));
+}
+
+/// Bad input in one document stops them all, and the run names those it did not run.
+#[test]
+fn bad_front_matter_names_the_documents_not_run() {
+    let env = Env::new();
+    env.write("bad.md", "---\nmemory: 4K\n---\n```bash\ntrue\n```\n");
+    env.write("b.md", "```bash\ntrue\n```\n");
+    env.write("c.md", "```bash\ntrue\n```\n");
+    let out = env.upstream(&["run", "bad.md", "b.md", "c.md"]);
+    let said = stderr(&out);
+    assert_eq!(code(&out), 2, "{said}");
+    assert!(said.contains("bad.md:2:9"), "{said}");
+    assert!(said.contains("Not run: b.md, c.md"), "{said}");
+    assert!(!env.path(".upstream").exists(), "{said}");
+    // Control: a single bad document has no others to name.
+    let out = env.upstream(&["run", "bad.md"]);
+    assert!(!stderr(&out).contains("Not run"), "{}", stderr(&out));
+}
+
+/// A project moved after a turn kept its workspace: a run elsewhere reclaims the set (its
+/// store is gone from where it was), and the resume says what clears a kept workspace, not
+/// only a reboot.
+#[test]
+fn a_moved_projects_resume_says_why_its_workspace_is_gone() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let p = env.path("p");
+    std::fs::create_dir(&p).unwrap();
+    std::fs::write(
+        p.join("f.md"),
+        "```bash\necho x > x\n```\n```bash\nfalse\n```\n",
+    )
+    .unwrap();
+    let out = env
+        .command()
+        .current_dir(&p)
+        .env("UPSTREAM_STORE", p.join(".upstream"))
+        .args(["run", "f.md"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let q = env.path("q");
+    std::fs::rename(&p, &q).unwrap();
+    env.write("other.md", "```bash\ntrue\n```\n");
+    let out = env.upstream(&["run", "other.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = env
+        .command()
+        .current_dir(&q)
+        .env("UPSTREAM_STORE", q.join(".upstream"))
+        .args(["run", "--resume", "f.md"])
+        .output()
+        .unwrap();
+    let said = stderr(&out);
+    assert_eq!(code(&out), 2, "{said}");
+    assert!(
+        said.contains("is gone: a reboot, `upstream gc`, or any turn run after this store was moved or removed clears it; run it without --resume"),
+        "{said}"
+    );
+}

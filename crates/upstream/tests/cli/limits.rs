@@ -470,3 +470,132 @@ fn the_daemon_refuses_more_disk_than_its_max() {
     assert_eq!(status, 201, "{made}");
     assert_eq!(made["limits"]["disk"], 512 << 20, "{made}");
 }
+
+/// The bytes of the files under `dir`, as they take the disk.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            disk_usage(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    total
+}
+
+/// A step that prints without end cannot fill the host's disk through its log: the store
+/// keeps its first 64 MiB, counts the rest, and the record, the document and `show --step`
+/// say what was not kept. Control: what was kept is the output as printed.
+#[test]
+fn a_step_printing_past_the_log_bound_keeps_its_first_64_mib_and_says_so() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "loud.md",
+        "```bash\nhead -c 100000000 /dev/zero | tr '\\0' a\n```\n",
+    );
+    let out = env.upstream(&["run", "loud.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let bound = 64u64 << 20;
+    let store = disk_usage(&env.path(".upstream"));
+    assert!(
+        store < bound + (8 << 20),
+        "the store holds {store} bytes for a log bound of {bound}"
+    );
+    let doc = fs::read_to_string(&path).unwrap();
+    let block = result_block(&doc, 1);
+    assert!(
+        block.contains(
+            "its first 64.0 MiB: upstream show 1 --step 1 (the rest was not kept; 95.4 MiB in all)"
+        ),
+        "{block}"
+    );
+    let show = env.upstream(&["show", "1", "--json"]);
+    assert!(
+        crate::util::stdout(&show).contains("output past 64.0 MiB was not kept (95.4 MiB in all)"),
+        "{}",
+        crate::util::stdout(&show)
+    );
+    let step = env.upstream(&["show", "1", "--step", "1"]);
+    assert_eq!(code(&step), 0, "{}", stderr(&step));
+    assert_eq!(step.stdout.len() as u64, bound);
+    assert!(step.stdout.iter().all(|&b| b == b'a'));
+    assert!(
+        stderr(&step).contains("note: output past 64.0 MiB was not kept (95.4 MiB in all)"),
+        "{}",
+        stderr(&step)
+    );
+}
+
+/// A step's output within the bound is kept whole, and nothing says otherwise.
+#[test]
+fn a_step_printing_within_the_log_bound_keeps_it_all() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    env.write(
+        "quiet.md",
+        "```bash\nhead -c 3000000 /dev/zero | tr '\\0' a\n```\n",
+    );
+    let out = env.upstream(&["run", "quiet.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let step = env.upstream(&["show", "1", "--step", "1"]);
+    assert_eq!(step.stdout.len(), 3_000_000);
+    assert!(!stderr(&step).contains("not kept"), "{}", stderr(&step));
+}
+
+/// Deleting a file an earlier step of the turn wrote to the workspace frees nothing until
+/// the turn ends (its layer is what --resume starts from): the step that runs out of disk
+/// says so. Control: the same writes in one step, delete first, fit.
+#[test]
+fn out_of_disk_after_deleting_an_earlier_steps_file_says_the_space_is_held() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let path = env.write(
+        "layers.md",
+        "---\ndisk: 100M\n---\n```bash\nhead -c 70000000 /dev/zero > big\n```\n\
+         ```bash\nrm big && head -c 70000000 /dev/zero > big\n```\n",
+    );
+    let out = env.upstream(&["run", "layers.md"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(
+        err.contains("what earlier steps of this turn wrote to the workspace takes disk space until the turn ends, even once deleted"),
+        "{err}\n{}",
+        fs::read_to_string(&path).unwrap()
+    );
+    env.write(
+        "one.md",
+        "---\ndisk: 100M\n---\n```bash\nhead -c 70000000 /dev/zero > big && rm big && head -c 70000000 /dev/zero > big\n```\n",
+    );
+    let out = env.upstream(&["run", "one.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// Rootless, `doctor` says only memory and cpu limits need writable cgroups: the process
+/// limit is RLIMIT_NPROC and holds without them. Control: it does say cgroups are missing.
+#[test]
+fn rootless_doctor_does_not_say_the_process_limit_needs_cgroups() {
+    use std::os::unix::process::CommandExt;
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let bin = crate::util::binary_for_nobody(&env);
+    let out = std::process::Command::new(&bin)
+        .arg("doctor")
+        .env("UPSTREAM_RUNTIME_DIR", env.path("nobody-runtime"))
+        .env("HOME", env.dir.path())
+        .current_dir(env.dir.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", crate::util::stdout(&out), stderr(&out));
+    assert!(
+        said.contains("memory and cpu limits need writable cgroups"),
+        "{said}"
+    );
+    assert!(!said.contains("process limits need"), "{said}");
+}
