@@ -461,15 +461,41 @@ impl NewFile {
         mode: u32,
         owner: (u32, u32),
     ) -> io::Result<NewFile> {
+        NewFile::make(dir, name, mode, owner, Existing::Truncate)
+    }
+
+    /// Like [`NewFile::create`], but whatever is at `name` but a directory — a file, a
+    /// link, a FIFO — is replaced (the link itself, never what it points to), and the file
+    /// gets `mode` whatever was there.
+    pub fn replacing(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        mode: u32,
+        owner: (u32, u32),
+    ) -> io::Result<NewFile> {
+        NewFile::make(dir, name, mode, owner, Existing::Replace)
+    }
+
+    fn make(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        mode: u32,
+        owner: (u32, u32),
+        existing: Existing,
+    ) -> io::Result<NewFile> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(Errno::EINVAL.into());
         }
         let target = c_name(name)?;
         as_owner(owner.0, owner.1, || {
-            let mode = match path_handle(dir, OsStr::new(name), Reach::Beneath) {
-                Ok(handle) => check(&handle, Want::File, Reach::Beneath)?.st_mode & 0o777,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => mode,
-                Err(e) => return Err(e),
+            let mode = match (existing, path_handle(dir, OsStr::new(name), Reach::Beneath)) {
+                (Existing::Truncate, Ok(handle)) => {
+                    check(&handle, Want::File, Reach::Beneath)?.st_mode & 0o777
+                }
+                (Existing::Truncate, Err(e)) if e.raw_os_error() != Some(libc::ENOENT) => {
+                    return Err(e);
+                }
+                _ => mode,
             };
             let dir = nix::unistd::dup(dir).map_err(io::Error::from)?;
             for _ in 0..8 {
@@ -884,6 +910,24 @@ mod tests {
         nix::unistd::mkfifo(&tmp.path().join("pipe"), Mode::from_bits_truncate(0o666)).unwrap();
         let e = NewFile::create(dir.as_fd(), "pipe", 0o644, ids).unwrap_err();
         assert!(refusal(&e).is_some(), "{e}");
+        assert_eq!(names(), ["fresh", "kept", "link", "pipe", "sub"]);
+        // Replacing: a link is replaced itself (its target kept), a FIFO too; never a
+        // directory.
+        for name in ["link", "pipe"] {
+            let new = NewFile::replacing(dir.as_fd(), name, 0o600, ids).unwrap();
+            new.file().write_all(name.as_bytes()).unwrap();
+            new.commit().unwrap();
+            let st = std::fs::symlink_metadata(tmp.path().join(name)).unwrap();
+            assert!(st.is_file(), "{name}");
+            assert_eq!(
+                std::fs::read(tmp.path().join(name)).unwrap(),
+                name.as_bytes()
+            );
+        }
+        assert_eq!(std::fs::read(tmp.path().join("kept")).unwrap(), b"new");
+        let new = NewFile::replacing(dir.as_fd(), "sub", 0o600, ids).unwrap();
+        assert!(new.commit().is_err());
+        assert!(tmp.path().join("sub").is_dir());
         assert_eq!(names(), ["fresh", "kept", "link", "pipe", "sub"]);
     }
 

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use serde::Serialize;
 use upstream_doc::FrontMatter;
 use upstream_sandbox::HostRoot;
-use upstream_sandbox::hostfs::{self, Existing, Reach};
+use upstream_sandbox::hostfs::{self, Reach};
 use upstream_store::{
     ArtifactKind, ArtifactRow, Blobs, NewArtifact, OutputRow, Store, StoreError, TurnDetail,
     TurnState,
@@ -163,7 +163,8 @@ impl Context {
             let context_dir =
                 hostfs::make_dir_all(root.dir.as_fd(), "/context", Reach::InRoot(&root.own))
                     .map_err(|e| fail("/context", e))?;
-            write_new(&context_dir, "turns.json", &history).map_err(|e| fail(HISTORY_PATH, e))?;
+            write_new(&context_dir, "turns.json", &history, (root.uid, root.gid))
+                .map_err(|e| fail(HISTORY_PATH, e))?;
             if self.artifacts.is_empty() || !restore {
                 return Ok(None);
             }
@@ -274,7 +275,15 @@ pub(crate) struct Saved {
     pub(crate) skipped: Vec<(String, String)>,
 }
 
-/// Writes a new file `name` in `dir` (replacing what is there).
-fn write_new(dir: &std::os::fd::OwnedFd, name: &str, data: &[u8]) -> io::Result<()> {
-    hostfs::create_file(dir.as_fd(), name, 0o644, Existing::Replace)?.write_all(data)
+/// Writes a new file `name` in `dir` (replacing what is there), all or nothing: a write that
+/// fails (the disk full) leaves no part of it.
+fn write_new(
+    dir: &std::os::fd::OwnedFd,
+    name: &str,
+    data: &[u8],
+    owner: (u32, u32),
+) -> io::Result<()> {
+    let new = hostfs::NewFile::replacing(dir.as_fd(), name, 0o644, owner)?;
+    new.file().write_all(data)?;
+    new.commit()
 }
