@@ -246,3 +246,42 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         ApiError::new(status, "bad_request", message)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use upstream_sandbox::{AgentClient, ClientError, ExecRequest, SandboxError};
+
+    /// A sandbox whose agent is gone is answered 410 with what to do, and as out of memory
+    /// when the backend says the kernel killed it for that; a command the agent refuses is
+    /// still the request's 400 (the control).
+    #[test]
+    fn an_agent_gone_is_410_and_says_what_to_do() {
+        let oom = ApiError::from(SandboxError::OutOfMemory);
+        assert_eq!((oom.status, oom.code), (StatusCode::GONE, OUT_OF_MEMORY));
+        assert!(oom.message.contains("ran out of memory"), "{}", oom.message);
+        assert!(oom.message.contains("delete it"), "{}", oom.message);
+        assert!(oom.is_agent_gone() && oom.is_out_of_memory());
+        // The connection's end as a client meets it: a broken pipe on a dead agent's socket.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        let broken = AgentClient::new(ours)
+            .exec(&ExecRequest::default(), &mut |_, _| {})
+            .unwrap_err();
+        assert!(matches!(broken, ClientError::Frame(_)), "{broken:?}");
+        for e in [
+            SandboxError::Agent(broken),
+            SandboxError::Agent(ClientError::Gone),
+        ] {
+            let gone = ApiError::from(e);
+            assert_eq!((gone.status, gone.code), (StatusCode::GONE, AGENT_GONE));
+            assert!(gone.message.contains("agent is gone"), "{}", gone.message);
+            assert!(!gone.is_out_of_memory());
+        }
+        let refused = ApiError::from(SandboxError::Agent(ClientError::Refused(
+            "no program `nope`".into(),
+        )));
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert!(!refused.is_agent_gone());
+    }
+}
