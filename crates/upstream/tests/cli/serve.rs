@@ -2058,3 +2058,62 @@ fn the_cli_makes_a_sandbox_with_a_disk_limit() {
         );
     }
 }
+
+/// The control for a sandbox marked gone: when only the process serving one request in the
+/// sandbox ends (killed from outside it, as a command in the sandbox could), that request
+/// fails with a 502 saying to try again, and the sandbox runs on, not marked gone.
+#[test]
+fn a_request_whose_helper_ends_fails_alone_and_the_sandbox_runs_on() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    let key = daemon.key("t", "t");
+    let api = daemon.client(&key);
+    let sid = id(&api.create(json!({})));
+    let marker = format!("6{}", std::process::id());
+    let other = daemon.client(&key);
+    let path = format!("/v1/sandboxes/{sid}/exec");
+    let running =
+        std::thread::spawn(move || other.post(&path, json!({ "cmd": ["sleep", marker.clone()] })));
+    let marker = format!("sleep 6{}", std::process::id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let command = loop {
+        if let Some(line) = crate::util::processes_with(&marker).first() {
+            break line.split(':').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let field = |pid: &str, name: &str| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let helper = field(&command, "PPid:");
+    assert_ne!(
+        field(&helper, "NSpid:").split_whitespace().last(),
+        Some("1"),
+        "the command's parent is the agent itself, not a helper"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.parse().unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (status, body) = running.join().unwrap();
+    assert_eq!((status, error_code(&body)), (502, "sandbox"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("try again"),
+        "{body}"
+    );
+    assert_eq!(api.exec(&sid, &["echo", "still"])["stdout"], "still\n");
+    let (_, listed) = api.get(&format!("/v1/sandboxes/{sid}"));
+    assert_eq!(listed["state"], "running", "{listed}");
+}
