@@ -85,6 +85,16 @@ pub struct Sandbox {
     pub timeout: Option<f64>,
     pub expires_in: Option<f64>,
     pub workdir: String,
+    /// `running`, or `gone` once its agent is gone (nothing more runs in it).
+    #[serde(default = "running")]
+    pub state: String,
+    /// Why it is gone and what to do, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone: Option<String>,
+}
+
+fn running() -> String {
+    "running".to_string()
 }
 
 /// A command to run.

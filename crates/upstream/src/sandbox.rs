@@ -168,6 +168,7 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
                 ("ID", Align::Left),
                 ("IMAGE", Align::Left),
                 ("CREATED", Align::Left),
+                ("STATE", Align::Left),
                 ("EXPIRES IN", Align::Right),
                 ("LABELS", Align::Left),
             ]);
@@ -178,6 +179,7 @@ pub fn sandbox(args: SandboxArgs) -> u8 {
                     s.id,
                     s.image,
                     crate::table::time(s.created_at as f64 / 1000.0),
+                    s.state,
                     s.expires_in
                         .map_or("never".into(), |e| format!("{}s", e.round())),
                     labels.join(","),

@@ -1807,6 +1807,19 @@ fn a_sandbox_whose_agent_is_gone_says_so_and_is_deleted() {
     );
     let (_, fine) = api.get(&format!("/v1/sandboxes/{beside}"));
     assert_eq!(fine["state"], "running", "{fine}");
+    let listed = env
+        .command()
+        .env("UPSTREAM_URL", &daemon.url)
+        .env("UPSTREAM_API_KEY", api.key.as_deref().unwrap())
+        .args(["sandbox", "ls"])
+        .output()
+        .unwrap();
+    let listed = crate::util::stdout(&listed);
+    let state_of = |id: &str| {
+        let line = listed.lines().find(|l| l.starts_with(id)).unwrap_or("");
+        line.split_whitespace().any(|w| w == "gone")
+    };
+    assert!(state_of(&sid) && !state_of(&beside), "{listed}");
     assert!(fine.get("gone").is_none(), "{fine}");
     assert_eq!(api.exec(&beside, &["echo", "on"])["stdout"], "on\n");
     assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
