@@ -599,3 +599,33 @@ fn rootless_doctor_does_not_say_the_process_limit_needs_cgroups() {
     );
     assert!(!said.contains("process limits need"), "{said}");
 }
+
+/// Through the daemon the same bound protects the tenant's store, and `show --step` read
+/// from the daemon says what was not kept.
+#[test]
+fn a_daemons_turn_printing_past_the_log_bound_keeps_its_first_64_mib() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[]);
+    env.write(
+        "loud.md",
+        "```bash\nhead -c 100000000 /dev/zero | tr '\\0' a\n```\n",
+    );
+    let out = env.upstream(&["run", "--daemon", "loud.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let bound = 64u64 << 20;
+    let state = disk_usage(&env.path("state"));
+    assert!(
+        state < bound + (8 << 20),
+        "the daemon's state holds {state} bytes for a log bound of {bound}"
+    );
+    let step = env.upstream(&["show", "--daemon", "1", "--step", "1"]);
+    assert_eq!(code(&step), 0, "{}", stderr(&step));
+    assert_eq!(step.stdout.len() as u64, bound);
+    assert!(
+        stderr(&step).contains("note: output past 64.0 MiB was not kept (95.4 MiB in all)"),
+        "{}",
+        stderr(&step)
+    );
+    drop(daemon);
+}
