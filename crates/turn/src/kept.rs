@@ -8,6 +8,12 @@
 //! any more, or whose store records no turn that kept it; a set without an owner (kept by an
 //! older upstream) is left alone, and one younger than [`GRACE`] too, since the turn that
 //! kept it records it only after it was kept.
+//!
+//! A store that was moved (`mv p q`) names a set its turn recorded by a path no longer
+//! there: [`adopt`], run before [`reclaim`] by every turn and by `gc`, makes the store there
+//! its owner again, so a moved project resumes if it runs before a turn elsewhere reclaims
+//! the set. There is no grace for a store that is gone: a move and a removal look alike from
+//! the set, and a removed store's sets are what fills the runtime directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,37 @@ pub const GRACE: Duration = Duration::from_secs(120);
 pub fn mark(kept: &Path, store_dir: &Path, number: i64) {
     let store = fs::canonicalize(store_dir).unwrap_or_else(|_| store_dir.to_path_buf());
     let _ = fs::write(kept.join(OWNER), format!("{}\n{number}\n", store.display()));
+}
+
+/// Makes the store in `store_dir` the owner of each of `kept_sets` one of its turns records
+/// but whose owner names another store: the project was moved (`mv p q`), and its sets are
+/// still its own, not a removed store's. Returns how many were adopted.
+pub fn adopt(kept_sets: &[PathBuf], store_dir: &Path) -> usize {
+    if kept_sets.is_empty() || !store_dir.join("store.db").is_file() {
+        return 0;
+    }
+    let Ok(recorded) = Store::kept_workspaces_at(store_dir) else {
+        return 0;
+    };
+    let here = fs::canonicalize(store_dir).unwrap_or_else(|_| store_dir.to_path_buf());
+    let mut adopted = 0;
+    for kept in kept_sets.iter().filter(|k| recorded.contains(k)) {
+        let Ok(text) = fs::read_to_string(kept.join(OWNER)) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let (Some(owner), Some(number)) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        if Path::new(owner) == here {
+            continue;
+        }
+        if let Ok(number) = number.parse::<i64>() {
+            mark(kept, &here, number);
+            adopted += 1;
+        }
+    }
+    adopted
 }
 
 /// Why a kept set is no longer wanted, if it is not.

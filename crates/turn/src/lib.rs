@@ -429,7 +429,10 @@ pub fn run(
     }
     // Workspaces kept by turns whose store (or record) is gone go before this turn opens
     // its store: a store removed and made anew is not the one that kept them.
-    kept::reclaim(&backend.kept_sets(), &|k| backend.discard_kept(k));
+    // A set the store here records is its own, wherever its owner file says it was made.
+    let kept_sets = backend.kept_sets();
+    kept::adopt(&kept_sets, &store_dir);
+    kept::reclaim(&kept_sets, &|k| backend.discard_kept(k));
     let mut store = Store::open(&store_dir)?;
     let context_name = fm
         .context

@@ -695,11 +695,16 @@ pub fn context(command: ContextCommand) -> u8 {
 
 pub fn gc(args: GcArgs) -> u8 {
     // Workspaces kept for resuming by turns whose store or record is gone, whichever store
-    // kept them: nothing can resume them any more.
-    let reclaimed = upstream_turn::kept::reclaim(
-        &upstream_backend_ns::kept_sets(),
-        &upstream_backend_ns::discard_kept_dir,
+    // kept them: nothing can resume them any more. Those the store here records are its
+    // own, though it was moved since.
+    let kept_sets = upstream_backend_ns::kept_sets();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    upstream_turn::kept::adopt(
+        &kept_sets,
+        &upstream_store::locate(&cwd, args.store.store.as_deref()),
     );
+    let reclaimed =
+        upstream_turn::kept::reclaim(&kept_sets, &upstream_backend_ns::discard_kept_dir);
     if reclaimed > 0 && !args.json {
         eprintln!(
             "Removed {reclaimed} workspace{} kept for resuming turns whose store or record is gone",

@@ -446,6 +446,39 @@ fn bad_front_matter_names_the_documents_not_run() {
     assert!(!stderr(&out).contains("Not run"), "{}", stderr(&out));
 }
 
+/// A project moved after a turn kept its workspace, resumed before any other turn runs: the
+/// store that records the kept set adopts it, and the resume starts from it.
+#[test]
+fn a_moved_project_resumes_from_its_kept_workspace() {
+    crate::require_sandbox!();
+    let env = Env::new();
+    let run_in = |dir: &Path, args: &[&str]| {
+        env.command()
+            .current_dir(dir)
+            .env("UPSTREAM_STORE", dir.join(".upstream"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let p = env.path("p");
+    std::fs::create_dir(&p).unwrap();
+    let failing = "```bash\necho x > x\n```\n```bash\nfalse\n```\n";
+    std::fs::write(p.join("f.md"), failing).unwrap();
+    let out = run_in(&p, &["run", "f.md"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let q = env.path("q");
+    std::fs::rename(&p, &q).unwrap();
+    let text = std::fs::read_to_string(q.join("f.md")).unwrap();
+    std::fs::write(q.join("f.md"), text.replace("false", "cat x")).unwrap();
+    let out = run_in(&q, &["run", "--resume", "f.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let doc = std::fs::read_to_string(q.join("f.md")).unwrap();
+    assert!(
+        crate::util::result_block(&doc, 2).contains("```text\nx\n```"),
+        "{doc}"
+    );
+}
+
 /// A project moved after a turn kept its workspace: a run elsewhere reclaims the set (its
 /// store is gone from where it was), and the resume says what clears a kept workspace, not
 /// only a reboot.
