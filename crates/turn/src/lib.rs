@@ -291,7 +291,7 @@ fn find_resume(
     };
     if !kept.is_dir() {
         return Err(TurnError::Resume(format!(
-            "{path}: the workspace turn {} kept at {} is gone: a reboot, `upstream gc`, or any turn run after this store was moved or removed clears it; run it without --resume",
+            "{path}: the workspace turn {} kept at {} is gone: a reboot clears kept workspaces, and `upstream gc` or a turn of another store clears one whose store was moved or removed; run it without --resume",
             last.number,
             kept.display()
         )));

@@ -516,7 +516,7 @@ fn a_moved_projects_resume_says_why_its_workspace_is_gone() {
     let said = stderr(&out);
     assert_eq!(code(&out), 2, "{said}");
     assert!(
-        said.contains("is gone: a reboot, `upstream gc`, or any turn run after this store was moved or removed clears it; run it without --resume"),
+        said.contains("is gone: a reboot clears kept workspaces, and `upstream gc` or a turn of another store clears one whose store was moved or removed; run it without --resume"),
         "{said}"
     );
 }
