@@ -171,6 +171,7 @@ pub fn copy_sparse(template: &Path, image: &Path) -> Result<(), DiskError> {
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
 /// The kernel's `struct loop_info64`.
@@ -200,15 +201,31 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+/// Whether a disk is new (a copy of the template made just now) or was used before (kept
+/// for a resume, or given back): only one used before can still be attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Used {
+    New,
+    Before,
+}
+
 /// Attaches `image` to a free loop device that detaches itself once nothing uses it; returns
-/// the device's path and an open descriptor of it (close it once it is mounted).
-fn attach(image: &Path) -> Result<(PathBuf, OwnedFd), DiskError> {
+/// the device's path and an open descriptor of it (close it once it is mounted). A disk used
+/// before may be attached still: a dead sandbox's mount namespace holds it until the last of
+/// its processes is gone. Its device is used then, so that one filesystem, not two, writes
+/// the image.
+fn attach(image: &Path, used: Used) -> Result<(PathBuf, OwnedFd), DiskError> {
     let backing = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(image)
         .map_err(io_err("open a sandbox's disk"))?;
+    if used == Used::Before {
+        if let Some(attached) = attached(&backing) {
+            return Ok(attached);
+        }
+    }
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -265,9 +282,55 @@ fn attach(image: &Path) -> Result<(PathBuf, OwnedFd), DiskError> {
     })
 }
 
+/// The loop device `image` (open) is attached to, if any, with an open descriptor of it.
+fn attached(image: &fs::File) -> Option<(PathBuf, OwnedFd)> {
+    let st = nix::sys::stat::fstat(image).ok()?;
+    for entry in fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        // `loop/` is there only while the device has a backing file.
+        if !name.starts_with("loop") || !entry.path().join("loop").exists() {
+            continue;
+        }
+        let path = PathBuf::from(format!("/dev/{name}"));
+        let Ok(device) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+        else {
+            continue;
+        };
+        // SAFETY: all-zero bytes are a valid `loop_info64` (plain integers and arrays).
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: LOOP_GET_STATUS64 writes a `loop_info64` of the kernel's layout.
+        let rc = unsafe {
+            libc::ioctl(
+                device.as_raw_fd(),
+                LOOP_GET_STATUS64 as _,
+                &mut info as *mut LoopInfo64,
+            )
+        };
+        if rc == 0 && info.lo_inode == st.st_ino && same_device(info.lo_device, st.st_dev) {
+            return Some((path, device.into()));
+        }
+    }
+    None
+}
+
+/// Whether the kernel's encoding of a device number in `loop_info64` (`huge_encode_dev`)
+/// and the C library's `dev_t` name the same device.
+fn same_device(huge: u64, dev: libc::dev_t) -> bool {
+    let major = (huge >> 8) & 0xfff;
+    let minor = (huge & 0xff) | ((huge >> 12) & 0xfff00);
+    u64::from(libc::major(dev)) == major && u64::from(libc::minor(dev)) == minor
+}
+
 /// Mounts the disk `image` on `target`.
-pub fn mount(image: &Path, target: &Path) -> Result<(), DiskError> {
-    let (device, fd) = attach(image)?;
+fn mount(image: &Path, target: &Path, used: Used) -> Result<(), DiskError> {
+    let (device, fd) = attach(image, used)?;
     let mounted = nix::mount::mount(
         Some(device.as_path()),
         target,
@@ -431,7 +494,15 @@ impl SandboxDir {
                 }
                 None => copy_sparse(&template(templates, limit)?, &image)?,
             }
-            mount(&image, &data)?;
+            mount(
+                &image,
+                &data,
+                if resume.is_some() {
+                    Used::Before
+                } else {
+                    Used::New
+                },
+            )?;
             if resume.is_some() {
                 // The kept layers are moved in from here ([`Layers::prepare`]).
                 fs::rename(data.join(KEPT), data.join(RESUMING))
@@ -549,7 +620,7 @@ fn give_back(path: &Path) {
     };
     // SAFETY: the bytes were written from an `OsStr` by this module.
     let kept = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(kept) });
-    if !is_mounted(&data) && mount(&path.join(IMAGE), &data).is_err() {
+    if !is_mounted(&data) && mount(&path.join(IMAGE), &data, Used::Before).is_err() {
         return;
     }
     crate::layers::return_resumed(&data);
@@ -610,5 +681,65 @@ mod tests {
         let blocks = fs::metadata(&image).unwrap().blocks();
         assert!(blocks * 512 < 1 << 20, "holes stay holes: {blocks} blocks");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A disk still mounted somewhere (a dead sandbox's mount namespace) is mounted again
+    /// through the same device, so one filesystem writes it; a new disk gets a device of its
+    /// own (the control: the two are told apart by the backing file, not by chance).
+    #[test]
+    fn a_disk_used_before_is_attached_through_its_device_if_it_still_has_one() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (needs root): a disk needs a loop device and a mount"
+            );
+            return;
+        }
+        let dir = tempfile_dir("attach");
+        let templates = dir.join("templates");
+        fs::create_dir_all(&templates).unwrap();
+        let template = template(&templates, 16 << 20).unwrap();
+        let (first, second) = (dir.join("first.img"), dir.join("second.img"));
+        copy_sparse(&template, &first).unwrap();
+        copy_sparse(&template, &second).unwrap();
+        let held = dir.join("held");
+        fs::create_dir(&held).unwrap();
+        mount(&first, &held, Used::New).unwrap();
+        let (again, fd) = attach(&first, Used::Before).unwrap();
+        drop(fd);
+        let (other, fd) = attach(&second, Used::New).unwrap();
+        drop(fd);
+        let device_of = |target: &Path| {
+            let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+            table
+                .lines()
+                .find(|l| l.split(' ').nth(4) == target.to_str())
+                .and_then(|l| l.split(" - ").nth(1))
+                .and_then(|rest| rest.split(' ').nth(1))
+                .map(str::to_string)
+                .unwrap()
+        };
+        assert_eq!(Some(device_of(&held).as_str()), again.to_str());
+        assert_ne!(again, other);
+        unmount(&held);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "upstream-disk-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     }
 }
