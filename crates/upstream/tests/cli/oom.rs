@@ -110,34 +110,7 @@ fn a_turn_whose_agent_goes_writes_what_it_has() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let sleeper = loop {
-        let found = crate::util::processes_with(&format!("sleep {marker}"));
-        if let Some(line) = found.first() {
-            break line.split(':').next().unwrap().to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    // The agent is the step's ancestor that is pid 1 of the sandbox's pid namespace.
-    let field = |pid: &str, name: &str| -> String {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let mut agent = sleeper;
-    while field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
-        agent = field(&agent, "PPid:");
-        assert_ne!(agent, "0", "no pid 1 above the step");
-    }
-    let agent: i32 = agent.parse().unwrap();
+    let agent = crate::util::agent_above(&format!("sleep {marker}"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent),
         nix::sys::signal::Signal::SIGKILL,

@@ -1721,35 +1721,6 @@ fn the_cli_uses_the_daemon_for_sandboxes_copies_and_turns() {
     assert!(!crate::util::stderr(&local_run).contains("Daemon:"));
 }
 
-/// The host pid of the sandbox's agent: pid 1 of the pid namespace of the process whose
-/// command line holds `marker`, found up its ancestors.
-fn agent_above(marker: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let found = loop {
-        let found = crate::util::processes_with(marker);
-        if let Some(line) = found.first() {
-            break line.split(':').next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "`{marker}` never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let field = |pid: &str, name: &str| -> String {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let mut agent = found;
-    while field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
-        agent = field(&agent, "PPid:");
-        assert_ne!(agent, "0", "no pid 1 above `{marker}`");
-    }
-    agent.parse().unwrap()
-}
-
 /// A sandbox whose agent is gone answers every later operation with 410 and a sentence
 /// saying so and what to do; its listing says it is gone; it is deleted as any other. A
 /// sandbox beside it runs on (the positive control: the daemon is fine, only the one
@@ -1770,7 +1741,7 @@ fn a_sandbox_whose_agent_is_gone_says_so_and_is_deleted() {
         json!({ "cmd": ["sleep", marker] }),
     );
     assert_eq!(status, 201, "{started}");
-    let agent = agent_above(&format!("sleep {marker}"));
+    let agent = crate::util::agent_above(&format!("sleep {marker}"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent),
         nix::sys::signal::Signal::SIGKILL,
