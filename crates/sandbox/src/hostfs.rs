@@ -409,19 +409,7 @@ pub fn create_file(
             },
             Err(e) => return Err(e),
         }
-        let how = OpenHow::new()
-            .flags(
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_NONBLOCK
-                    | OFlag::O_NOCTTY
-                    | OFlag::O_CLOEXEC,
-            )
-            .mode(Mode::from_bits_truncate(mode))
-            .resolve(Reach::Beneath.flags());
-        match openat2(dir, name, how) {
+        match create_new(dir, name, mode) {
             Ok(fd) => return Ok(File::from(fd)),
             Err(Errno::EEXIST) => continue,
             Err(e) => return Err(e.into()),
@@ -504,19 +492,7 @@ impl NewFile {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos());
                 let temp = format!(".upstream-new-{:x}-{n:x}-{nanos:x}", std::process::id());
-                let how = OpenHow::new()
-                    .flags(
-                        OFlag::O_WRONLY
-                            | OFlag::O_CREAT
-                            | OFlag::O_EXCL
-                            | OFlag::O_NOFOLLOW
-                            | OFlag::O_NONBLOCK
-                            | OFlag::O_NOCTTY
-                            | OFlag::O_CLOEXEC,
-                    )
-                    .mode(Mode::from_bits_truncate(mode))
-                    .resolve(Reach::Beneath.flags());
-                match openat2(&dir, temp.as_str(), how) {
+                match create_new(&dir, temp.as_str(), mode) {
                     Ok(fd) => {
                         // The umask may have taken bits the file is to have.
                         nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
@@ -789,6 +765,23 @@ pub fn as_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
         groups,
     };
     f()
+}
+
+/// Makes file `name` in `dir`, which must not exist (no link is followed, nothing waits).
+fn create_new(dir: impl AsFd, name: &str, mode: u32) -> nix::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+        )
+        .mode(Mode::from_bits_truncate(mode))
+        .resolve(Reach::Beneath.flags());
+    openat2(dir, name, how)
 }
 
 #[cfg(test)]
