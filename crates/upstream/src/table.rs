@@ -110,7 +110,8 @@ mod tests {
         t.print(&mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "PATH                          KIND\na\\x1b]0;t\\x07\\u{202e}b\\x0ac  file\n"
+            // The escaped cell is 27 characters wide: the header is padded to it.
+            "PATH                         KIND\na\\x1b]0;t\\x07\\u{202e}b\\x0ac  file\n"
         );
     }
 
