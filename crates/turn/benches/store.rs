@@ -80,6 +80,12 @@ fn timed(f: impl FnOnce()) -> Duration {
     start.elapsed()
 }
 
+/// `cp -a from to`, which must succeed.
+fn cp_a(from: &Path, to: &Path) {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status();
+    assert!(status.unwrap().success(), "cp -a {}", from.display());
+}
+
 fn open_dir(path: &Path) -> fs::File {
     fs::File::open(path).unwrap()
 }
@@ -106,28 +112,10 @@ fn artifacts_bench() {
         // getting busier or quieter during a round moves both sides alike.
         let mut copy_round = || {
             let copy = work.path().join(format!("copy-{round}"));
-            cp.push(timed(|| {
-                assert!(
-                    Command::new("cp")
-                        .arg("-a")
-                        .arg(&ws)
-                        .arg(&copy)
-                        .status()
-                        .unwrap()
-                        .success()
-                );
-            }));
+            cp.push(timed(|| cp_a(&ws, &copy)));
             fs::remove_dir_all(&copy).unwrap();
             cp_sync.push(timed(|| {
-                assert!(
-                    Command::new("cp")
-                        .arg("-a")
-                        .arg(&ws)
-                        .arg(&copy)
-                        .status()
-                        .unwrap()
-                        .success()
-                );
+                cp_a(&ws, &copy);
                 Command::new("sync").status().unwrap();
             }));
             fs::remove_dir_all(&copy).unwrap();

@@ -110,24 +110,11 @@ fn an_upload_into_tmpfs_is_bounded_by_the_sandboxs_memory() {
     let daemon = Daemon::start(&env, &[]);
     let api = daemon.client(&daemon.key("t", "t"));
     let sid = id(&api.create(json!({ "limits": { "memory": "64M" } })));
-    let put = |path: &str, size: usize| {
-        api.request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sid}/files?path={path}"),
-        )
-        .body(vec![0u8; size])
-        .send()
-        // The daemon may answer "no space" and close before the whole body is sent.
-        .map_or(0, |r| r.status().as_u16())
-    };
+    let put = |path: &str, size: usize| api.upload_zeros(&sid, path, size);
     // Control: a small file goes in.
     assert_eq!(put("/dev/shm/small", 1 << 20), 201);
     let status = put("/dev/shm/big", 256 << 20);
-    let held = api.exec(&sid, &["stat", "-c", "%s", "/dev/shm/big"]);
-    let held: u64 = held["stdout"]
-        .as_str()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let held = api.file_size(&sid, "/dev/shm/big");
     assert!(
         held < 64 << 20,
         "a sandbox limited to 64 MiB holds {held} bytes in its /dev/shm, written by the daemon \

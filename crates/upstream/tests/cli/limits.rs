@@ -241,24 +241,11 @@ fn the_daemons_sandboxes_have_a_disk_limit_and_default_limits() {
     let sandbox = api.create(json!({ "limits": { "disk": "64M" } }));
     assert_eq!(sandbox["limits"]["disk"], 64 << 20, "{sandbox}");
     let sid = id(&sandbox);
-    let put = |path: &str, size: usize| {
-        api.request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sid}/files?path={path}"),
-        )
-        .body(vec![0u8; size])
-        .send()
-        // The daemon may answer "no space" and close before the whole body is sent.
-        .map_or(0, |r| r.status().as_u16())
-    };
+    let put = |path: &str, size: usize| api.upload_zeros(&sid, path, size);
     // Control: a file inside the limit goes in.
     assert_eq!(put("/tmp/small", 8 << 20), 201);
     let status = put("/tmp/big", 256 << 20);
-    let held = api.exec(&sid, &["stat", "-c", "%s", "/tmp/big"]);
-    let held: u64 = held["stdout"]
-        .as_str()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let held = api.file_size(&sid, "/tmp/big");
     assert!(
         held < 64 << 20,
         "a sandbox with a 64 MiB disk holds {held} bytes in its /tmp (PUT answered {status})"

@@ -211,6 +211,26 @@ impl Api {
         assert_eq!(status, 200, "{result}");
         result
     }
+
+    /// Uploads `size` zero bytes to `path` in sandbox `id`; the answer's status, or 0 when
+    /// the daemon answered "no space" and closed before the whole body was sent.
+    pub(crate) fn upload_zeros(&self, id: &str, path: &str, size: usize) -> u16 {
+        self.request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path={path}"),
+        )
+        .body(vec![0u8; size])
+        .send()
+        .map_or(0, |r| r.status().as_u16())
+    }
+
+    /// The size of file `path` in sandbox `id`, as `stat` there sees it (0 when missing).
+    pub(crate) fn file_size(&self, id: &str, path: &str) -> u64 {
+        self.exec(id, &["stat", "-c", "%s", path])["stdout"]
+            .as_str()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 /// Waits up to 20 s for a turn whose client went away to be stopped: its sandbox gone, its
@@ -2060,23 +2080,8 @@ fn a_request_whose_helper_ends_fails_alone_and_the_sandbox_runs_on() {
     let running =
         std::thread::spawn(move || other.post(&path, json!({ "cmd": ["sleep", marker.clone()] })));
     let marker = format!("sleep 6{}", std::process::id());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let command = loop {
-        if let Some(line) = crate::util::processes_with(&marker).first() {
-            break line.split(':').next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the command never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let field = |pid: &str, name: &str| -> String {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let command = crate::util::pid_of(&marker);
+    let field = crate::util::status_field;
     let helper = field(&command, "PPid:");
     assert_ne!(
         field(&helper, "NSpid:").split_whitespace().last(),

@@ -251,33 +251,39 @@ pub fn processes_with(marker: &str) -> Vec<String> {
     found
 }
 
-/// The host pid of the sandbox's agent: pid 1 of the pid namespace of the process whose
-/// command line holds `marker`, found up its ancestors.
-pub fn agent_above(marker: &str) -> i32 {
+/// The pid of the first process whose command line holds `marker`, once there is one
+/// (at most 30 s).
+pub fn pid_of(marker: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let found = loop {
-        let found = processes_with(marker);
-        if let Some(line) = found.first() {
-            break line.split(':').next().unwrap().to_string();
+    loop {
+        if let Some(line) = processes_with(marker).first() {
+            return line.split(':').next().unwrap().to_string();
         }
         assert!(
             std::time::Instant::now() < deadline,
             "`{marker}` never started"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let field = |pid: &str, name: &str| -> String {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let mut agent = found;
-    while field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
-        agent = field(&agent, "PPid:");
+    }
+}
+
+/// Field `name` (`"PPid:"`, `"NSpid:"`) of process `pid`'s /proc status.
+pub fn status_field(pid: &str, name: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The host pid of the sandbox's agent: pid 1 of the pid namespace of the process whose
+/// command line holds `marker`, found up its ancestors.
+pub fn agent_above(marker: &str) -> i32 {
+    let mut agent = pid_of(marker);
+    while status_field(&agent, "NSpid:").split_whitespace().last() != Some("1") {
+        agent = status_field(&agent, "PPid:");
         assert_ne!(agent, "0", "no pid 1 above `{marker}`");
     }
     agent.parse().unwrap()
