@@ -64,6 +64,10 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
     mask.add(Signal::SIGCHLD);
     mask.thread_block()?;
     let mut sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    let score = match role {
+        Role::Agent => Score::open(),
+        Role::Helper => Score::Child,
+    };
     write_frame(&mut conn, &Response::Ready)?;
     let mut background = Background::default();
     loop {
@@ -76,10 +80,12 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
             return Ok(());
         };
         match request {
-            Request::Exec(exec) => match run(&mut conn, &mut sigchld, &exec, &mut background)? {
-                Flow::Continue => {}
-                Flow::Stop => return Ok(()),
-            },
+            Request::Exec(exec) => {
+                match run(&mut conn, &mut sigchld, &exec, &score, &mut background)? {
+                    Flow::Continue => {}
+                    Flow::Stop => return Ok(()),
+                }
+            }
             Request::Spawn { .. } | Request::Wait { .. } | Request::Signal { .. }
                 if role == Role::Helper =>
             {
@@ -119,7 +125,7 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
             } => {
                 let started = output_file(&stdout, exec.user)
                     .and_then(|out| Ok((out, output_file(&stderr, exec.user)?)))
-                    .and_then(|(out, err)| spawn(&exec, &out, &err));
+                    .and_then(|(out, err)| spawn(&exec, &score, &out, &err));
                 let reply = match started {
                     Ok(pid) => {
                         background.started(pid.as_raw());
@@ -383,11 +389,12 @@ fn run(
     conn: &mut UnixStream,
     sigchld: &mut SignalFd,
     req: &ExecRequest,
+    score: &Score,
     background: &mut Background,
 ) -> Result<Flow, AgentError> {
     let start = Instant::now();
     let started = output_pipes().and_then(|(readers, (out_write, err_write))| {
-        spawn(req, &out_write, &err_write).map(|pid| (pid, readers))
+        spawn(req, score, &out_write, &err_write).map(|pid| (pid, readers))
     });
     let (pid, (out, err)) = match started {
         Ok(started) => started,
@@ -590,7 +597,12 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
 ///
 /// See [`spawn_child`]; stdin is the request's (else /dev/null), the working directory the
 /// request's (the agent moves there first, and back to `/` after).
-fn spawn(req: &ExecRequest, out_write: &OwnedFd, err_write: &OwnedFd) -> Result<Pid, String> {
+fn spawn(
+    req: &ExecRequest,
+    score: &Score,
+    out_write: &OwnedFd,
+    err_write: &OwnedFd,
+) -> Result<Pid, String> {
     let Some(program) = req.argv.first() else {
         return Err("no command given".into());
     };
@@ -661,7 +673,26 @@ fn spawn(req: &ExecRequest, out_write: &OwnedFd, err_write: &OwnedFd) -> Result<
             ));
         }
     }
-    let spawned = spawn_child(req.user, &path, &argv, &envp, &stdin, out_write, err_write);
+    let raised = match score {
+        Score::Own(own) => own.raise(),
+        Score::Child => None,
+    };
+    let spawned = match (&raised, req.user) {
+        (Some(raised), None) => {
+            spawn_vfork(raised, &path, &argv, &envp, &stdin, out_write, err_write)
+        }
+        (raised, user) => spawn_child(
+            user,
+            raised.as_ref(),
+            &path,
+            &argv,
+            &envp,
+            &stdin,
+            out_write,
+            err_write,
+        ),
+    };
+    drop(raised);
     // The agent does not stay in the working directory: it would keep the workspace's
     // overlay in use, and the host replaces that between steps.
     let _ = std::env::set_current_dir("/");
@@ -716,14 +747,196 @@ fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> 
 /// sandbox and nothing else.
 const COMMAND_OOM_SCORE: &[u8] = b"1000";
 
-/// Starts a command: fork (the agent is single-threaded, so the child may run any code;
-/// the agent is small, so the fork is cheap), give the child the commands' OOM score, put it
-/// in a process group of its own with an empty signal mask and default SIGPIPE, drop to
-/// `user` when one is given (the child loses every capability when it leaves uid 0), then
-/// exec. An error of the child before exec is the spawn's error.
+/// How a command gets [`COMMAND_OOM_SCORE`].
+enum Score {
+    /// Through the agent's own score, raised while it starts the command (see [`Raised`]).
+    Own(OwnScore),
+    /// The child raises its own before exec: a helper has no [`OwnScore`].
+    Child,
+}
+
+impl Score {
+    /// The agent's own score when it can open it, else [`Score::Child`].
+    fn open() -> Score {
+        match OwnScore::open() {
+            Ok(own) => Score::Own(own),
+            Err(_) => Score::Child,
+        }
+    }
+}
+
+/// The agent's `/proc/self/oom_score_adj`, opened once.
+///
+/// The agent is not dumpable (it left the host's ids for the sandbox's), which makes its
+/// `/proc` files the host's, so it cannot open its own score as it is. It opens it when it
+/// starts serving, the one moment it may be dumpable for two system calls: no other process
+/// of the sandbox exists yet that could reach it through `/proc` meanwhile. A helper, forked
+/// later, could not do the same safely, and uses [`Score::Child`].
+struct OwnScore {
+    file: fs::File,
+}
+
+impl OwnScore {
+    fn open() -> io::Result<OwnScore> {
+        let dumpable = nix::sys::prctl::get_dumpable()?;
+        if !dumpable {
+            nix::sys::prctl::set_dumpable(true)?;
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/oom_score_adj");
+        if !dumpable && nix::sys::prctl::set_dumpable(false).is_err() {
+            // Never serve dumpable: the sandbox could reach the agent's descriptors.
+            // SAFETY: _exit ends the agent before it serves anything.
+            unsafe { libc::_exit(1) }
+        }
+        Ok(OwnScore { file: file? })
+    }
+
+    /// Raises the agent's score to the commands', for a child to inherit; `None` if it
+    /// cannot be read or raised (the child then raises its own).
+    fn raise(&self) -> Option<Raised<'_>> {
+        use std::os::unix::fs::FileExt;
+        let mut was = [0u8; 8];
+        let len = self.file.read_at(&mut was, 0).ok()?;
+        let len = was[..len].trim_ascii_end().len();
+        self.file.write_at(COMMAND_OOM_SCORE, 0).ok()?;
+        Some(Raised {
+            file: &self.file,
+            was,
+            len,
+        })
+    }
+}
+
+/// The agent's score, raised to the commands' while it starts one. The child inherits it
+/// and puts the agent's back ([`Raised::restore`]) first of all, before its exec, so the
+/// agent has the commands' score only while a child is being made; dropping this puts it
+/// back too, for a child that did not get so far.
+///
+/// Raising needs no privilege, and neither does going back: a process may lower its score
+/// as far as the last one a privileged process gave it. Should the sandbox run out of
+/// memory in that moment, the kernel takes the biggest process of the highest score, which
+/// the agent is not.
+struct Raised<'a> {
+    file: &'a fs::File,
+    was: [u8; 8],
+    len: usize,
+}
+
+impl Raised<'_> {
+    /// Puts the agent's score back. Async-signal-safe, for a child before its exec: it
+    /// writes through the agent's descriptor, and so changes the agent's score, not its own.
+    fn restore(&self) -> bool {
+        // SAFETY: writes `len` bytes of a buffer that outlives the call.
+        let written =
+            unsafe { libc::pwrite(self.file.as_raw_fd(), self.was.as_ptr().cast(), self.len, 0) };
+        written == self.len as isize
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        if !self.restore() {
+            // Staying at the commands' score would make the agent a victim like them.
+            // SAFETY: _exit ends the agent; the host sees it go and says so.
+            unsafe { libc::_exit(1) }
+        }
+    }
+}
+
+/// Starts a command as posix_spawn would, in a child that shares the agent's memory until
+/// its exec (`CLONE_VM | CLONE_VFORK`: no page tables copied, the agent suspended until the
+/// exec, none of its pages to copy on write after). The child puts the agent's score back,
+/// takes `stdin`, `out` and `err` as 0, 1 and 2, closes every other descriptor it inherited,
+/// goes into a process group of its own with an empty signal mask and default SIGPIPE, and
+/// execs. It makes only system calls, on data the agent made before.
+fn spawn_vfork(
+    raised: &Raised<'_>,
+    path: &Path,
+    argv: &[CString],
+    envp: &[CString],
+    stdin: &fs::File,
+    out: &OwnedFd,
+    err: &OwnedFd,
+) -> Result<Pid, Errno> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let program = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    let pointers = |strings: &[CString]| {
+        let mut pointers: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        pointers.push(std::ptr::null());
+        pointers
+    };
+    let (argv, envp) = (pointers(argv), pointers(envp));
+    let (stdin, out, err) = (stdin.as_raw_fd(), out.as_raw_fd(), err.as_raw_fd());
+    // The child's errno when it fails before exec: memory it shares with the agent.
+    let failed = AtomicI32::new(0);
+    let child = || -> isize {
+        let fail = || -> ! {
+            failed.store(Errno::last_raw(), Ordering::Relaxed);
+            // SAFETY: ends the child without running anything of the agent's.
+            unsafe { libc::_exit(127) }
+        };
+        if !raised.restore() {
+            fail();
+        }
+        // SAFETY: system calls on descriptors and buffers the agent made and keeps until
+        // this child has exec'd or exited; none of them allocates or takes a lock.
+        unsafe {
+            for (fd, target) in [(stdin, 0), (out, 1), (err, 2)] {
+                if libc::dup2(fd, target) < 0 {
+                    fail();
+                }
+            }
+            if libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0) != 0
+                || libc::setpgid(0, 0) != 0
+            {
+                fail();
+            }
+            let mut empty = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0
+                || libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
+            {
+                fail();
+            }
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        }
+        fail()
+    };
+    // Deep enough for the calls above, which are all that run on it.
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the child runs on `stack` only the calls above; the agent is suspended until it
+    // has exec'd or exited (CLONE_VFORK), so nothing of the agent's changes under it, and all
+    // it uses lives until this function returns.
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(child),
+            &mut stack,
+            nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    }?;
+    match failed.load(Ordering::Relaxed) {
+        0 => Ok(pid),
+        errno => {
+            // The child is gone: reap it so it is not mistaken for a command.
+            let _ = waitpid(pid, None);
+            Err(Errno::from_raw(errno))
+        }
+    }
+}
+
+/// Starts a command: fork (the agent is single-threaded, so the child may run any code),
+/// put the agent's score back when it is `raised` for the child, else give the child the
+/// commands' OOM score itself (a helper, see [`Score::Child`]), put it in a process group of
+/// its own with an empty signal mask and default SIGPIPE, drop to `user` when one is given
+/// (the child loses every capability when it leaves uid 0), then exec. An error of the child before exec is the spawn's error.
 #[allow(clippy::too_many_arguments)]
 fn spawn_child(
     user: Option<(u32, u32)>,
+    raised: Option<&Raised<'_>>,
     path: &Path,
     argv: &[CString],
     envp: &[CString],
@@ -759,6 +972,10 @@ fn spawn_child(
         }
         ForkResult::Child => {
             let setup = (|| -> Result<(), Errno> {
+                // The child has the agent's raised score: the agent's goes back.
+                if raised.is_some_and(|raised| !raised.restore()) {
+                    return Err(Errno::last());
+                }
                 if let Some((uid, gid)) = user {
                     nix::unistd::setgroups(&[])?;
                     let gid = Gid::from_raw(gid);
@@ -786,14 +1003,16 @@ fn spawn_child(
                 // before exec) the host's: this child becomes dumpable, as exec would make
                 // it anyway, so that it can raise its own OOM score. Raising needs no
                 // privilege. Until exec it holds nothing but a copy of the agent's memory.
-                nix::sys::prctl::set_dumpable(true)?;
-                let score = nix::fcntl::open(
-                    "/proc/self/oom_score_adj",
-                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-                    nix::sys::stat::Mode::empty(),
-                )?;
-                nix::unistd::write(&score, COMMAND_OOM_SCORE)?;
-                drop(score);
+                if raised.is_none() {
+                    nix::sys::prctl::set_dumpable(true)?;
+                    let score = nix::fcntl::open(
+                        "/proc/self/oom_score_adj",
+                        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                        nix::sys::stat::Mode::empty(),
+                    )?;
+                    nix::unistd::write(&score, COMMAND_OOM_SCORE)?;
+                    drop(score);
+                }
                 nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
                 nix::sys::signal::sigprocmask(
                     nix::sys::signal::SigmaskHow::SIG_SETMASK,
