@@ -382,6 +382,15 @@ pub fn create_file(
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(Errno::EINVAL.into());
     }
+    // Where nothing is in the way (the most often, and all a replace needs to know), the
+    // create alone does it.
+    if existing == Existing::Replace {
+        match create_new(dir, name, mode) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     // Twice at most: a name made between the look and the create is looked at again.
     for _ in 0..2 {
         match path_handle(dir, OsStr::new(name), Reach::Beneath) {

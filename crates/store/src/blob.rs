@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -237,7 +237,7 @@ impl Blobs {
         let path = self.tmp.join(TEMP_DIR.with(|d| d.to_string())).join(name);
         let file = crate::private::create_file(&path)?;
         Ok(BlobWriter {
-            file: io::BufWriter::with_capacity(256 << 10, file),
+            file: io::BufWriter::with_capacity(64 << 10, file),
             hasher: blake3::Hasher::new(),
             path,
             size: 0,
@@ -346,10 +346,10 @@ impl Blobs {
     pub fn copy_checked(
         &self,
         id: &BlobId,
-        arena: &mut MapArena,
+        buffer: &mut CopyBuffer,
         target: &File,
     ) -> Result<bool, BlobError> {
-        self.fetch(id)?.copy_checked(arena, target)
+        self.fetch(id)?.copy_checked(buffer, target)
     }
 
     /// Reads a whole blob, checked (one pass: the bytes are hashed as they are read, and
@@ -541,18 +541,29 @@ impl OpenBlob {
     }
 
     /// Copies the blob to the end of `target`, checked against its name before a byte is
-    /// copied: it is hashed through a mapping in `arena` (no copy), then copied inside the
-    /// kernel (`sendfile`, as `cp` does). `Ok(false)` when it does not fit in the arena
-    /// (read it with [`OpenBlob::reader`] instead).
-    pub fn copy_checked(&self, arena: &mut MapArena, target: &File) -> Result<bool, BlobError> {
+    /// written: read whole into `buffer`, hashed there, then written from it. One read of the
+    /// page cache and one write, the least a checked copy can do: a copy inside the kernel
+    /// (as `cp` does) needs the bytes read once more to hash them, and hashing them through
+    /// a mapping costs more in page tables than the read. `Ok(false)` when the blob is
+    /// bigger than the buffer may grow (read it with [`OpenBlob::reader`] instead).
+    pub fn copy_checked(&self, buffer: &mut CopyBuffer, target: &File) -> Result<bool, BlobError> {
         let fail = |source: io::Error| BlobError::Io {
             path: self.path.clone(),
             source,
         };
         let len = self.stamp.size as usize;
-        let Some(bytes) = arena.map(&self.file, len).map_err(fail)? else {
+        let Some(bytes) = buffer.take(len) else {
             return Ok(false);
         };
+        self.file
+            .read_exact_at(bytes, 0)
+            .map_err(|e| match e.kind() {
+                // Shorter than it was when opened: it changed.
+                io::ErrorKind::UnexpectedEof => BlobError::Changed {
+                    path: self.path.clone(),
+                },
+                _ => fail(e),
+            })?;
         let actual = BlobId::from_hash(blake3::hash(bytes));
         if actual != self.id {
             return Err(BlobError::Corrupt {
@@ -560,34 +571,13 @@ impl OpenBlob {
                 actual: actual.0,
             });
         }
-        let mut offset: libc::off_t = 0;
-        while (offset as usize) < len {
-            // SAFETY: sendfile between two descriptors this function holds; `offset` is a
-            // local the kernel advances.
-            let n = unsafe {
-                libc::sendfile(
-                    target.as_raw_fd(),
-                    self.file.as_raw_fd(),
-                    &mut offset,
-                    len - offset as usize,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(fail(e));
-            }
-            if n == 0 {
-                break;
-            }
-        }
-        if (offset as usize) < len || !self.stamp.unchanged(&self.file) {
+        if !self.stamp.unchanged(&self.file) {
             return Err(BlobError::Changed {
                 path: self.path.clone(),
             });
         }
+        let mut target = target;
+        target.write_all(bytes).map_err(fail)?;
         Ok(true)
     }
 }
@@ -721,103 +711,27 @@ impl Drop for PendingBlob {
     }
 }
 
-/// Address space reserved for mapping many blobs one after another. Each blob is mapped at
-/// fresh addresses and nothing is unmapped until the arena is full or dropped: unmapping
-/// makes the kernel flush the TLB of every CPU running the process's threads, which per file
-/// would cost more than reading the file.
-#[derive(Debug)]
-pub struct MapArena {
-    base: *mut libc::c_void,
-    size: usize,
-    used: usize,
+/// Memory a thread copies blobs through ([`OpenBlob::copy_checked`]): it grows to the
+/// biggest blob copied so far, up to [`CopyBuffer::MAX`], and is kept for the next.
+#[derive(Debug, Default)]
+pub struct CopyBuffer {
+    bytes: Vec<u8>,
 }
 
-// SAFETY: the arena owns its reservation; it is used by one thread at a time (`&mut self`).
-unsafe impl Send for MapArena {}
+impl CopyBuffer {
+    /// The biggest blob copied whole: bigger ones are read twice instead (hashed, then
+    /// copied), so that a thread never holds more than this.
+    pub const MAX: usize = 4 << 20;
 
-impl MapArena {
-    /// Reserves `size` bytes of address space (no memory).
-    pub fn new(size: usize) -> io::Result<MapArena> {
-        let mut arena = MapArena {
-            base: std::ptr::null_mut(),
-            size,
-            used: 0,
-        };
-        arena.reserve()?;
-        Ok(arena)
-    }
-
-    fn reserve(&mut self) -> io::Result<()> {
-        // SAFETY: an anonymous, inaccessible reservation; nothing refers to it yet.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                self.size,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+    /// `len` bytes of the buffer, grown as needed; `None` past [`CopyBuffer::MAX`].
+    fn take(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > Self::MAX {
+            return None;
         }
-        self.base = base;
-        self.used = 0;
-        Ok(())
-    }
-
-    fn release(&mut self) {
-        if !self.base.is_null() {
-            // SAFETY: unmaps exactly the reservation made in `reserve`.
-            unsafe { libc::munmap(self.base, self.size) };
-            self.base = std::ptr::null_mut();
+        if self.bytes.len() < len {
+            self.bytes.resize(len, 0);
         }
-    }
-
-    /// Maps `len` bytes of `file` read-only; `None` when it can never fit.
-    fn map(&mut self, file: &File, len: usize) -> io::Result<Option<&[u8]>> {
-        if len == 0 {
-            return Ok(Some(&[]));
-        }
-        let pages = len.div_ceil(4096) * 4096;
-        if pages > self.size {
-            return Ok(None);
-        }
-        if self.used + pages > self.size {
-            // Full: one unmap for everything mapped so far, and start again.
-            self.release();
-            self.reserve()?;
-        }
-        // SAFETY: `used + pages <= size`, so the address is inside the reservation.
-        let at = unsafe { self.base.cast::<u8>().add(self.used) }.cast::<libc::c_void>();
-        // SAFETY: maps the file over unused addresses inside this arena's reservation
-        // (MAP_FIXED replaces only the reservation there). The slice handed out lives no
-        // longer than the `&mut self` borrow, before which nothing is unmapped.
-        let ptr = unsafe {
-            libc::mmap(
-                at,
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.used += pages;
-        // SAFETY: `ptr` maps `len` readable bytes until the arena is released.
-        Ok(Some(unsafe {
-            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
-        }))
-    }
-}
-
-impl Drop for MapArena {
-    fn drop(&mut self) {
-        self.release();
+        Some(&mut self.bytes[..len])
     }
 }
 
@@ -959,6 +873,42 @@ mod tests {
     }
 
     #[test]
+    fn a_checked_copy_writes_nothing_of_a_damaged_blob_and_leaves_a_big_one_to_the_stream() {
+        let (_tmp, blobs) = blobs();
+        let mut buffer = CopyBuffer::default();
+        // Positive control: an intact blob is copied whole, after what the target held.
+        let good = blobs.put(b"intact").unwrap();
+        let mut target = tempfile::tempfile().unwrap();
+        target.write_all(b">").unwrap();
+        assert!(blobs.copy_checked(&good, &mut buffer, &target).unwrap());
+        let mut copied = vec![0u8; 7];
+        target.read_exact_at(&mut copied, 0).unwrap();
+        assert_eq!(copied, b">intact");
+        assert_eq!(target.metadata().unwrap().len(), 7);
+        // The buffer, grown for a bigger blob before, copies a smaller one exactly.
+        let big = blobs.put(&vec![5u8; 100_000]).unwrap();
+        let small = blobs.put(b"small").unwrap();
+        let target = tempfile::tempfile().unwrap();
+        assert!(blobs.copy_checked(&big, &mut buffer, &target).unwrap());
+        assert!(blobs.copy_checked(&small, &mut buffer, &target).unwrap());
+        assert_eq!(target.metadata().unwrap().len(), 100_005);
+        // A damaged blob: an error, and not a byte written.
+        let id = blobs.put(b"important data").unwrap();
+        let path = blobs.path(&id);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[3] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let target = tempfile::tempfile().unwrap();
+        let r = blobs.copy_checked(&id, &mut buffer, &target);
+        assert!(matches!(r, Err(BlobError::Corrupt { .. })), "{r:?}");
+        assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");
+        // Past the buffer's bound: left to the caller's stream, nothing written.
+        let huge = blobs.put(&vec![1u8; CopyBuffer::MAX + 1]).unwrap();
+        assert!(!blobs.copy_checked(&huge, &mut buffer, &target).unwrap());
+        assert_eq!(target.metadata().unwrap().len(), 0);
+    }
+
+    #[test]
     fn a_blob_replaced_by_a_link_is_refused_and_its_target_never_read() {
         let (tmp, blobs) = blobs();
         let id = blobs.put(b"the artifact").unwrap();
@@ -985,7 +935,7 @@ mod tests {
         let target = tempfile::tempfile().unwrap();
         refused(
             blobs
-                .copy_checked(&id, &mut MapArena::new(1 << 20).unwrap(), &target)
+                .copy_checked(&id, &mut CopyBuffer::default(), &target)
                 .map(drop),
         );
         assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");

@@ -27,7 +27,9 @@ mod private;
 mod query;
 pub mod schema;
 
-pub use blob::{BlobError, BlobId, BlobReader, BlobWriter, Blobs, MapArena, OpenBlob, PendingBlob};
+pub use blob::{
+    BlobError, BlobId, BlobReader, BlobWriter, Blobs, CopyBuffer, OpenBlob, PendingBlob,
+};
 pub use keys::{ApiKey, KeyOwner, NewKey};
 pub use lock::{ContextLock, LockHolder};
 pub use private::{DIR_MODE, FILE_MODE, make_private_dir};

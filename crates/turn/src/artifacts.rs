@@ -314,6 +314,10 @@ pub fn save(
 }
 
 /// Runs `job(0..count)` on up to one thread per CPU; the results in order.
+///
+/// Each thread takes a run of neighbouring indices at a time: neighbours are files of one
+/// directory, which one thread then makes alone (two making files in one directory queue
+/// for its lock) and finds open from the file before.
 fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -322,6 +326,8 @@ fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
     if workers <= 1 {
         return (0..count).map(job).collect();
     }
+    // Eight runs a thread: short enough that the threads end together.
+    let run = count.div_ceil(workers * 8);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<T>>> =
         (0..count).map(|_| std::sync::Mutex::new(None)).collect();
@@ -329,13 +335,15 @@ fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
         for _ in 0..workers {
             scope.spawn(|| {
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= count {
+                    let first = next.fetch_add(run, std::sync::atomic::Ordering::Relaxed);
+                    if first >= count {
                         break;
                     }
-                    let result = job(i);
-                    if let Ok(mut slot) = slots[i].lock() {
-                        *slot = Some(result);
+                    for (i, slot) in slots.iter().enumerate().skip(first).take(run) {
+                        let result = job(i);
+                        if let Ok(mut slot) = slot.lock() {
+                            *slot = Some(result);
+                        }
                     }
                 }
             });
@@ -539,9 +547,10 @@ pub fn restore(
         });
         result.expect("ran")
     });
-    // The worker threads let their arenas go as they end; this one (which works alone when
-    // there is one file) does it now.
-    ARENA.with_borrow_mut(|arena| *arena = None);
+    // The worker threads let their buffers and directories go as they end; this one (which
+    // works alone when there is one file) does it now.
+    BUFFER.with_borrow_mut(|buffer| *buffer = upstream_store::CopyBuffer::default());
+    PARENT.with_borrow_mut(|parent| *parent = None);
     let mut known = Known::new();
     for (a, r) in files.iter().zip(restored) {
         known.insert(a.path.clone(), r?);
@@ -570,9 +579,14 @@ pub fn restore(
 }
 
 thread_local! {
-    /// Each restoring thread's address space for blobs (1 GiB, reserved, not memory), made
-    /// on first use and let go when a restore ends.
-    static ARENA: std::cell::RefCell<Option<upstream_store::MapArena>> =
+    /// Each restoring thread's buffer for blobs, grown on use and let go when a restore
+    /// ends.
+    static BUFFER: std::cell::RefCell<upstream_store::CopyBuffer> =
+        std::cell::RefCell::new(upstream_store::CopyBuffer::default());
+    /// The directory the thread restored its last file into, by its path below the
+    /// restore's directory: the next file is most often its neighbour. Held for one restore
+    /// only.
+    static PARENT: std::cell::RefCell<Option<(String, OwnedFd)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -586,21 +600,21 @@ fn restore_file(
         source,
     };
     let (parent, name) = split(&a.path);
-    let parent = hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(fail)?;
-    let mut file =
-        hostfs::create_file(parent.as_fd(), name, 0o600, Existing::Replace).map_err(fail)?;
-    // Mapped and checked before a byte is written, so a damaged blob leaves nothing; one
-    // too big for the arena is streamed and checked at its end (the turn then fails).
-    let mapped = ARENA.with_borrow_mut(|arena| -> Result<bool, RestoreError> {
-        if arena.is_none() {
-            *arena = upstream_store::MapArena::new(1 << 30).ok();
-        }
-        let Some(arena) = arena.as_mut() else {
-            return Ok(false);
-        };
-        Ok(blob.copy_checked(arena, &file)?)
-    })?;
-    if !mapped {
+    let mut file = PARENT
+        .with_borrow_mut(|last| -> io::Result<std::fs::File> {
+            if last.as_ref().is_none_or(|(path, _)| path != parent) {
+                *last = None;
+                let fd = hostfs::make_dir_all(dir, parent, Reach::Beneath)?;
+                *last = Some((parent.to_string(), fd));
+            }
+            let (_, fd) = last.as_ref().expect("set above");
+            hostfs::create_file(fd.as_fd(), name, 0o600, Existing::Replace)
+        })
+        .map_err(fail)?;
+    // Read and checked before a byte is written, so a damaged blob leaves nothing; one too
+    // big for the buffer is streamed and checked at its end (the turn then fails).
+    let copied = BUFFER.with_borrow_mut(|buffer| blob.copy_checked(buffer, &file))?;
+    if !copied {
         let mut reader = blob.reader()?;
         io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
             upstream_store::BlobError::Io { source, .. } => fail(source),
