@@ -20,6 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
 use upstream_sandbox::{ExitStatus, SandboxError, SandboxSpec};
 
@@ -355,6 +356,33 @@ pub fn unmount(target: &Path) {
     if nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).is_err() {
         let _ = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH);
     }
+}
+
+/// Unmounts a sandbox's disk on `target` that nothing will read again, without writing
+/// back what is dirty in it: the filesystem is shut down first (`EXT4_IOC_SHUTDOWN`, no log
+/// flush), which drops what the kernel holds for it, and then detached, so the unmount does
+/// not wait for anything. Writing the workspace's last files out to an image about to be
+/// deleted cost a turn 3–9 ms. Anything but ext4 on `target` is only unmounted.
+pub fn discard(target: &Path) {
+    /// `_IOR('X', 125, __u32)` and `EXT4_GOING_FLAGS_NOLOGFLUSH` from linux/ext4.h.
+    const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+    const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+    let root = nix::fcntl::open(
+        target,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    );
+    if let Ok(root) = root {
+        let ext4 = nix::sys::statfs::fstatfs(&root)
+            .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
+        if ext4 {
+            let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+            // SAFETY: the ioctl reads one u32 that outlives the call, on a descriptor this
+            // function holds.
+            unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_SHUTDOWN as _, &flags) };
+        }
+    }
+    let _ = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH);
 }
 
 /// Whether something is mounted on `target` (its device differs from its parent's).
@@ -723,6 +751,53 @@ mod tests {
         assert_eq!(Some(device_of(&held).as_str()), again.to_str());
         assert_ne!(again, other);
         unmount(&held);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A discarded disk is gone from its mount point at once and what was dirty in it never
+    /// reaches its image; the control, a disk unmounted the usual way, writes it out.
+    #[test]
+    fn a_discarded_disk_writes_nothing_back() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (needs root): a disk needs a loop device and a mount"
+            );
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile_dir("discard");
+        let templates = dir.join("templates");
+        fs::create_dir_all(&templates).unwrap();
+        let template = template(&templates, 64 << 20).unwrap();
+        let written = |how: fn(&Path)| {
+            let (image, target) = (dir.join("disk.img"), dir.join("data"));
+            copy_sparse(&template, &image).unwrap();
+            fs::create_dir_all(&target).unwrap();
+            mount(&image, &target, Used::New).unwrap();
+            let before = fs::metadata(&image).unwrap().blocks() * 512;
+            fs::write(target.join("dirty"), vec![7u8; 8 << 20]).unwrap();
+            how(&target);
+            assert!(!is_mounted(&target), "unmounted");
+            // The device lets go of the image once the filesystem is gone; its size on the
+            // host is what reached it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while attached(&File::open(&image).unwrap()).is_some()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let after = fs::metadata(&image).unwrap().blocks() * 512;
+            fs::remove_file(&image).unwrap();
+            after - before
+        };
+        assert!(
+            written(unmount) >= 8 << 20,
+            "an unmount writes the file out"
+        );
+        let discarded = written(discard);
+        assert!(discarded < 1 << 20, "{discarded} bytes written back");
         let _ = fs::remove_dir_all(&dir);
     }
 
