@@ -144,8 +144,14 @@ fn writes_to_host_paths_fail_or_stay_inside() {
 fn fork_bomb_is_capped_and_the_host_stays_responsive() {
     crate::require_root_sandbox!();
     let env = Env::new();
-    // The bomb's complaints go nowhere, so the count is not lost in cut output.
-    let script = "bomb() { bomb | bomb & }\nbomb 2>/dev/null\nwhile (( SECONDS < 4 )); do :; done\nn=0; for p in /proc/[0-9]*; do n=$((n+1)); done\necho \"processes=$n\" >> \"$UPSTREAM_OUTPUT\"";
+    // The bomb's complaints go nowhere, so the count is not lost in cut output. Processes
+    // already dead are not counted: the kernel stops counting one against the cap as it
+    // reaps it, a moment before its /proc entry goes, and a fork may take its place in that
+    // moment. The count uses builtins only: the bomb leaves no room for another fork.
+    let script = "bomb() { bomb | bomb & }\nbomb 2>/dev/null\nwhile (( SECONDS < 4 )); do :; done\n\
+                  n=0; for p in /proc/[0-9]*; do read -r stat < \"$p/stat\" 2>/dev/null || continue; \
+                  rest=${stat##*) }; [[ ${rest%% *} == [ZX] ]] && continue; n=$((n+1)); done\n\
+                  echo \"processes=$n\" >> \"$UPSTREAM_OUTPUT\"";
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
         let done = done.clone();
