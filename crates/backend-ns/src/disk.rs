@@ -332,15 +332,7 @@ fn same_device(huge: u64, dev: libc::dev_t) -> bool {
 /// Mounts the disk `image` on `target`.
 fn mount(image: &Path, target: &Path, used: Used) -> Result<(), DiskError> {
     let (device, fd) = attach(image, used)?;
-    let mounted = nix::mount::mount(
-        Some(device.as_path()),
-        target,
-        Some("ext4"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
-        // The image is sparse: its inode tables read as zeros already, and zeroing them in the
-        // background would only allocate host disk (and make removing the image slow).
-        Some("discard,noinit_itable"),
-    );
+    let mounted = mount_device(&device, target);
     // The mount holds the device now; with the descriptor closed it detaches once unmounted
     // (or at once, if the mount failed).
     drop(fd);
@@ -348,6 +340,28 @@ fn mount(image: &Path, target: &Path, used: Used) -> Result<(), DiskError> {
         what: "mount a sandbox's disk",
         source: io::Error::from_raw_os_error(e as i32),
     })
+}
+
+/// Mounts the disk on loop device `device` on `target`.
+fn mount_device(device: &Path, target: &Path) -> nix::Result<()> {
+    let mount_with = |options: &str| {
+        nix::mount::mount(
+            Some(device),
+            target,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+            Some(options),
+        )
+    };
+    // The image is sparse: its inode tables read as zeros already, and zeroing them in the
+    // background would only allocate host disk (and make removing the image slow). Nor are
+    // the block bitmaps read ahead: for a 10 GiB disk that is 80 of them, 335 KiB of the
+    // host's memory for every sandbox, read from disk behind each mount, where allocating
+    // reads the few a sandbox writes into. Kernels before 5.9 know no such option.
+    match mount_with("discard,noinit_itable,no_prefetch_block_bitmaps") {
+        Err(nix::errno::Errno::EINVAL) => mount_with("discard,noinit_itable"),
+        other => other,
+    }
 }
 
 /// Unmounts what is mounted on `target`, if anything: at once if nothing uses it, else
