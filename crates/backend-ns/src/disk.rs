@@ -730,12 +730,7 @@ mod tests {
     /// own (the control: the two are told apart by the backing file, not by chance).
     #[test]
     fn a_disk_used_before_is_attached_through_its_device_if_it_still_has_one() {
-        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED (needs root): a disk needs a loop device and a mount"
-            );
+        if !can_mount_disks() {
             return;
         }
         let dir = tempfile_dir("attach");
@@ -772,12 +767,7 @@ mod tests {
     /// reaches its image; the control, a disk unmounted the usual way, writes it out.
     #[test]
     fn a_discarded_disk_writes_nothing_back() {
-        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED (needs root): a disk needs a loop device and a mount"
-            );
+        if !can_mount_disks() {
             return;
         }
         use std::os::unix::fs::MetadataExt;
@@ -813,6 +803,19 @@ mod tests {
         let discarded = written(discard);
         assert!(discarded < 1 << 20, "{discarded} bytes written back");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Whether this test may attach and mount disks (root, loop devices); says SKIPPED if not.
+    fn can_mount_disks() -> bool {
+        if nix::unistd::geteuid().is_root() && Path::new("/dev/loop-control").exists() {
+            return true;
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (needs root): a disk needs a loop device and a mount"
+        );
+        false
     }
 
     fn tempfile_dir(name: &str) -> PathBuf {
