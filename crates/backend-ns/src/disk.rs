@@ -372,12 +372,17 @@ pub fn unmount(target: &Path) {
     }
 }
 
-/// Unmounts a sandbox's disk on `target` that nothing will read again, without writing
-/// back what is dirty in it: the filesystem is shut down first (`EXT4_IOC_SHUTDOWN`, no log
-/// flush), which drops what the kernel holds for it, and then detached, so the unmount does
-/// not wait for anything. Writing the workspace's last files out to an image about to be
-/// deleted cost a turn 3–9 ms. Anything but ext4 on `target` is only unmounted.
-pub fn discard(target: &Path) {
+/// Unmounts the disk `image` mounted on `target` that nothing will read again, without
+/// writing back what is dirty in it: the filesystem is shut down first (`EXT4_IOC_SHUTDOWN`,
+/// no log flush), which drops what the kernel holds for it, and then detached, so the
+/// unmount does not wait for anything. Writing the workspace's last files out to an image
+/// about to be deleted cost a turn 3–9 ms.
+///
+/// Only the root of the filesystem on the loop device backed by `image` is ever shut down:
+/// what is on `target` is looked at through the descriptor the shutdown goes to, so a
+/// directory that is no longer a mount point (another process unmounted it first) or some
+/// other filesystem there is only unmounted, never shut down.
+pub fn discard(target: &Path, image: &Path) {
     /// `_IOR('X', 125, __u32)` and `EXT4_GOING_FLAGS_NOLOGFLUSH` from linux/ext4.h.
     const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
     const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
@@ -386,17 +391,36 @@ pub fn discard(target: &Path) {
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     );
-    if let Ok(root) = root {
-        let ext4 = nix::sys::statfs::fstatfs(&root)
-            .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
-        if ext4 {
-            let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
-            // SAFETY: the ioctl reads one u32 that outlives the call, on a descriptor this
-            // function holds.
-            unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_SHUTDOWN as _, &flags) };
-        }
+    if let Ok(root) = root
+        && is_root_of(&root, image)
+    {
+        let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: the ioctl reads one u32 that outlives the call, on a descriptor this
+        // function holds.
+        unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_SHUTDOWN as _, &flags) };
     }
     let _ = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH);
+}
+
+/// Whether `dir` is the root directory of an ext4 filesystem on the loop device whose
+/// backing file is `image`.
+fn is_root_of(dir: &OwnedFd, image: &Path) -> bool {
+    /// The inode number of an ext4 filesystem's root directory.
+    const EXT4_ROOT_INO: u64 = 2;
+    let ext4 = nix::sys::statfs::fstatfs(dir)
+        .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
+    let Ok(st) = nix::sys::stat::fstat(dir) else {
+        return false;
+    };
+    if !ext4 || st.st_ino != EXT4_ROOT_INO {
+        return false;
+    }
+    let Ok(image) = File::open(image) else {
+        return false;
+    };
+    attached(&image)
+        .and_then(|(_, device)| nix::sys::stat::fstat(&device).ok())
+        .is_some_and(|device| device.st_rdev == st.st_dev)
 }
 
 /// Whether something is mounted on `target` (its device differs from its parent's).
@@ -763,6 +787,53 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Discarding shuts down no filesystem but the disk's own: not the one a directory that
+    /// is no longer a mount point lies on (another process unmounted it first), nor a disk
+    /// backed by another image. The filesystem playing the host's is a disk too, so a
+    /// shutdown would show; `a_discarded_disk_writes_nothing_back` is the control that
+    /// discarding does shut down the disk it names.
+    #[test]
+    fn a_discard_shuts_down_only_the_disk_it_names() {
+        if !can_mount_disks() {
+            return;
+        }
+        let dir = tempfile_dir("discard-other");
+        let templates = dir.join("templates");
+        fs::create_dir_all(&templates).unwrap();
+        let template = template(&templates, 64 << 20).unwrap();
+        let (host_image, host) = (dir.join("host.img"), dir.join("host"));
+        copy_sparse(&template, &host_image).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        mount(&host_image, &host, Used::New).unwrap();
+        fs::write(host.join("keep"), b"the host's file").unwrap();
+        // Through a descriptor opened before: a discard unmounts what it is given, and a
+        // filesystem shut down answers every read and write with EIO.
+        let held = File::open(&host).unwrap();
+        let usable = || {
+            let at = |name: &str| format!("/proc/self/fd/{}/{name}", held.as_raw_fd());
+            fs::read(at("keep")).is_ok_and(|b| b == b"the host's file")
+                && fs::write(at("new"), b"x").is_ok()
+        };
+        // A sandbox directory on it whose disk is gone: `data` is a plain directory.
+        let sandbox = host.join("sandbox");
+        fs::create_dir_all(sandbox.join(DATA)).unwrap();
+        fs::write(sandbox.join(IMAGE), b"").unwrap();
+        discard(&sandbox.join(DATA), &sandbox.join(IMAGE));
+        assert!(usable(), "a plain directory's filesystem stays up");
+        // The mount point of another image's disk.
+        let other = dir.join("other.img");
+        copy_sparse(&template, &other).unwrap();
+        discard(&host, &other);
+        assert!(usable(), "another image's disk stays up");
+        // The control, through the same descriptor: discarding the disk by its own image
+        // shuts it down.
+        mount(&host_image, &host, Used::Before).unwrap();
+        discard(&host, &host_image);
+        assert!(!usable(), "the disk named is shut down");
+        drop(held);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// A discarded disk is gone from its mount point at once and what was dirty in it never
     /// reaches its image; the control, a disk unmounted the usual way, writes it out.
     #[test]
@@ -775,14 +846,14 @@ mod tests {
         let templates = dir.join("templates");
         fs::create_dir_all(&templates).unwrap();
         let template = template(&templates, 64 << 20).unwrap();
-        let written = |how: fn(&Path)| {
+        let written = |how: fn(&Path, &Path)| {
             let (image, target) = (dir.join("disk.img"), dir.join("data"));
             copy_sparse(&template, &image).unwrap();
             fs::create_dir_all(&target).unwrap();
             mount(&image, &target, Used::New).unwrap();
             let before = fs::metadata(&image).unwrap().blocks() * 512;
             fs::write(target.join("dirty"), vec![7u8; 8 << 20]).unwrap();
-            how(&target);
+            how(&target, &image);
             assert!(!is_mounted(&target), "unmounted");
             // The device lets go of the image once the filesystem is gone; its size on the
             // host is what reached it.
@@ -797,7 +868,7 @@ mod tests {
             after - before
         };
         assert!(
-            written(unmount) >= 8 << 20,
+            written(|target, _| unmount(target)) >= 8 << 20,
             "an unmount writes the file out"
         );
         let discarded = written(discard);

@@ -585,7 +585,7 @@ impl SandboxDir {
         // goes with it, and the directory it was mounted on is empty.
         let data = self.path.join(disk::DATA);
         if disk::is_mounted(&data) {
-            disk::discard(&data);
+            disk::discard(&data, &self.path.join(disk::IMAGE));
         }
         hostfs::remove_all(&self.path)
     }
