@@ -674,8 +674,8 @@ fn spawn(
         }
     }
     let raised = match score {
-        Score::Own(own) => own.raise(),
-        Score::Child => None,
+        Score::Own(own) if alone() => own.raise(),
+        Score::Own(_) | Score::Child => None,
     };
     let spawned = match (&raised, req.user) {
         (Some(raised), None) => {
@@ -810,10 +810,34 @@ impl OwnScore {
     }
 }
 
-/// The agent's score, raised to the commands' while it starts one. The child inherits it
-/// and puts the agent's back ([`Raised::restore`]) first of all, before its exec, so the
-/// agent has the commands' score only while a child is being made; dropping this puts it
-/// back too, for a child that did not get so far.
+/// Whether no other process of the sandbox exists: the agent is its pid 1 and has no
+/// children (every other process of the sandbox is a descendant of pid 1, or an orphan it
+/// adopted). Only then may the agent raise its own score to start a command: a process
+/// already running could stop the child before it puts the agent's score back, and keep
+/// the agent at the commands' score, suspended, for the kernel to pick.
+fn alone() -> bool {
+    if getpid().as_raw() != 1 {
+        return false;
+    }
+    // SAFETY: all-zero bytes are a valid `siginfo_t`; waitid with WNOWAIT only looks.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    rc == -1 && Errno::last() == Errno::ECHILD
+}
+
+/// The agent's score, raised to the commands' while it starts one, and only while it is
+/// alone in the sandbox ([`alone`]). The child inherits it and puts the agent's back
+/// ([`Raised::restore`]) first of all, before its exec, so the agent has the commands' score
+/// only while a child is being made and nothing else runs; dropping this puts it back too,
+/// for a child that did not get so far.
 ///
 /// Raising needs no privilege, and neither does going back: a process may lower its score
 /// as far as the last one a privileged process gave it. Should the sandbox run out of

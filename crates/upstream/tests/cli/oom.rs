@@ -151,3 +151,42 @@ fn a_step_that_lowers_its_score_costs_only_its_own_sandbox() {
         "{last}\n{err}"
     );
 }
+
+/// The agent raises its own score to start a command only while nothing else runs in the
+/// sandbox: a process already running could stop the child before it puts the agent's score
+/// back, and keep the agent at the commands' score for the kernel to pick. A process
+/// started by the first step watches the agent's score while the steps after it start
+/// their commands; the control is that it read the score at all, and that the last step
+/// sees it still running.
+#[test]
+fn the_agent_never_has_the_commands_score_while_another_process_runs() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let watcher = "( end=$((SECONDS + 30)); while (( SECONDS < end )); do \
+                   read -r s < /proc/1/oom_score_adj; echo \"$s\" >> /tmp/scores.new; \
+                   [[ $s == 1000 ]] && echo raised >> /tmp/raised; \
+                   [[ -e /tmp/stop ]] && break; done; sort -u /tmp/scores.new > /tmp/scores ) \
+                   >/dev/null 2>&1 &";
+    let mut doc = format!("---\nmemory: 256M\n---\n```bash\n{watcher}\n```\n");
+    for _ in 0..40 {
+        doc.push_str("```bash\ntrue\n```\n");
+    }
+    doc.push_str(
+        "```bash\ntouch /tmp/stop; sleep 0.5; echo \"raised=$(cat /tmp/raised 2>/dev/null | wc -l)\"; \
+         echo \"read=$(cat /tmp/scores.new | wc -l)\"; echo \"scores=$(tr '\\n' ' ' < /tmp/scores)\"\n```\n",
+    );
+    let path = env.write("watch.md", doc);
+    let out = env.upstream(&["run", "watch.md"]);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let block = result_block(&text, 42);
+    let read: usize = block
+        .lines()
+        .find_map(|l| l.strip_prefix("read="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in:\n{block}"));
+    assert!(read > 100, "the watcher read the agent's score: {block}");
+    assert!(block.contains("raised=0\n"), "{block}");
+    let agent = if has_sys_resource() { "-999" } else { "0" };
+    assert!(block.contains(&format!("scores={agent} \n")), "{block}");
+}
