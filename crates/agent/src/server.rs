@@ -699,6 +699,10 @@ fn spawn(
     spawned.map_err(|e| match e {
         Errno::ENOENT => format!("`{program}` was not found in the sandbox"),
         Errno::EACCES => format!("cannot start `{program}`: permission denied"),
+        Errno::ETIMEDOUT => format!(
+            "`{program}` did not start within {} s: its process was stopped or could not run              before exec, and was killed",
+            CHILD_START.as_secs()
+        ),
         e => sys("fork", e),
     })
 }
@@ -739,6 +743,9 @@ fn output_file(path: &str, user: Option<(u32, u32)>) -> Result<OwnedFd, String> 
     }
     Ok(file.into())
 }
+
+/// How long a forked child may take from fork to exec.
+const CHILD_START: Duration = Duration::from_secs(10);
 
 /// What a command's OOM score is: the highest, so that when the sandbox runs out of memory
 /// the kernel kills the biggest of the commands, and the agent (whose score is lower: see
@@ -979,7 +986,25 @@ fn spawn_child(
             drop(report_write);
             let mut errno = [0u8; 4];
             let mut got = 0;
+            // A child that neither execs nor fails within this long was stopped (a process
+            // of the sandbox may signal it) or cannot run: it is killed, so the agent is
+            // never held here past the command's own timeout.
+            let deadline = Instant::now() + CHILD_START;
             while got < errno.len() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut fds = [PollFd::new(report_read.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, poll_timeout(Some(left))) {
+                    Ok(0) if Instant::now() >= deadline => {
+                        let _ = kill(child, Signal::SIGKILL);
+                        let _ = nix::sys::wait::waitpid(child, None);
+                        return Err(Errno::ETIMEDOUT);
+                    }
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+                if fds[0].revents().is_none_or(|r| r.is_empty()) {
+                    continue;
+                }
                 match nix::unistd::read(&report_read, &mut errno[got..]) {
                     Ok(0) => break,
                     Ok(n) => got += n,
