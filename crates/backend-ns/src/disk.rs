@@ -757,10 +757,7 @@ mod tests {
         if !can_mount_disks() {
             return;
         }
-        let dir = tempfile_dir("attach");
-        let templates = dir.join("templates");
-        fs::create_dir_all(&templates).unwrap();
-        let template = template(&templates, 16 << 20).unwrap();
+        let (dir, template) = dir_with_template("attach", 16 << 20);
         let (first, second) = (dir.join("first.img"), dir.join("second.img"));
         copy_sparse(&template, &first).unwrap();
         copy_sparse(&template, &second).unwrap();
@@ -797,10 +794,7 @@ mod tests {
         if !can_mount_disks() {
             return;
         }
-        let dir = tempfile_dir("discard-other");
-        let templates = dir.join("templates");
-        fs::create_dir_all(&templates).unwrap();
-        let template = template(&templates, 64 << 20).unwrap();
+        let (dir, template) = dir_with_template("discard-other", 64 << 20);
         let (host_image, host) = (dir.join("host.img"), dir.join("host"));
         copy_sparse(&template, &host_image).unwrap();
         fs::create_dir_all(&host).unwrap();
@@ -842,10 +836,7 @@ mod tests {
             return;
         }
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile_dir("discard");
-        let templates = dir.join("templates");
-        fs::create_dir_all(&templates).unwrap();
-        let template = template(&templates, 64 << 20).unwrap();
+        let (dir, template) = dir_with_template("discard", 64 << 20);
         let written = |how: fn(&Path, &Path)| {
             let (image, target) = (dir.join("disk.img"), dir.join("data"));
             copy_sparse(&template, &image).unwrap();
@@ -887,6 +878,15 @@ mod tests {
             "SKIPPED (needs root): a disk needs a loop device and a mount"
         );
         false
+    }
+
+    /// A test directory `name` holding a disk template of `size` bytes: (directory, template).
+    fn dir_with_template(name: &str, size: u64) -> (PathBuf, PathBuf) {
+        let dir = tempfile_dir(name);
+        let templates = dir.join("templates");
+        fs::create_dir_all(&templates).unwrap();
+        let template = template(&templates, size).unwrap();
+        (dir, template)
     }
 
     fn tempfile_dir(name: &str) -> PathBuf {
