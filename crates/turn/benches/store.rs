@@ -74,10 +74,32 @@ fn median_ratio(cp: &[Duration], ours: &[Duration]) -> f64 {
     ratios[ratios.len() / 2]
 }
 
+/// Times `f`, which starts with memory the guest has just used, for every side alike.
+///
+/// On a virtual machine whose host takes back the memory the guest leaves free (free page
+/// reporting, proactive reclaim), the first touch of such a page is a fault in the host: here
+/// 400 MB took 820 ms to touch the first time and 150 ms just after. Each measured side would
+/// otherwise get whatever its place in the round left it: `cp -a` reuses the pages of the copy
+/// deleted a moment before, while the restore, whose files are the most the round holds at
+/// once (tree, blobs and restored tree), starts on pages the host took back. Beside two busy
+/// loops it then read 0.2–0.6x cp, its CPU time two to four times its time on a quiet
+/// machine; with 1 GB touched before each side, 1.8–2.7x. 400 MB was not enough: new pages of
+/// the page cache do not all come from the ones just let go.
 fn timed(f: impl FnOnce()) -> Duration {
+    touch_memory(5 * FILES * FILE_SIZE);
     let start = Instant::now();
     f();
     start.elapsed()
+}
+
+/// Touches `bytes` of fresh memory, page by page, and lets it go: the next allocations, of
+/// the page cache too, get pages the guest holds.
+fn touch_memory(bytes: usize) {
+    let mut memory = vec![0u8; bytes];
+    for i in (0..bytes).step_by(4096) {
+        memory[i] = 1;
+    }
+    std::hint::black_box(&memory);
 }
 
 /// `cp -a from to`, which must succeed.
