@@ -304,21 +304,27 @@ fn attached(image: &fs::File) -> Option<(PathBuf, OwnedFd)> {
         else {
             continue;
         };
-        // SAFETY: all-zero bytes are a valid `loop_info64` (plain integers and arrays).
-        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-        // SAFETY: LOOP_GET_STATUS64 writes a `loop_info64` of the kernel's layout.
-        let rc = unsafe {
-            libc::ioctl(
-                device.as_raw_fd(),
-                LOOP_GET_STATUS64 as _,
-                &mut info as *mut LoopInfo64,
-            )
-        };
-        if rc == 0 && info.lo_inode == st.st_ino && same_device(info.lo_device, st.st_dev) {
+        if backs(&device, &st) {
             return Some((path, device.into()));
         }
     }
     None
+}
+
+/// Whether the loop device open as `device` has as its backing file the one `image` is the
+/// status of.
+fn backs(device: &File, image: &nix::sys::stat::FileStat) -> bool {
+    // SAFETY: all-zero bytes are a valid `loop_info64` (plain integers and arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes a `loop_info64` of the kernel's layout.
+    let rc = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            LOOP_GET_STATUS64 as _,
+            &mut info as *mut LoopInfo64,
+        )
+    };
+    rc == 0 && info.lo_inode == image.st_ino && same_device(info.lo_device, image.st_dev)
 }
 
 /// Whether the kernel's encoding of a device number in `loop_info64` (`huge_encode_dev`)
@@ -415,12 +421,29 @@ fn is_root_of(dir: &OwnedFd, image: &Path) -> bool {
     if !ext4 || st.st_ino != EXT4_ROOT_INO {
         return false;
     }
-    let Ok(image) = File::open(image) else {
+    let Ok(image) = File::open(image).and_then(|f| Ok(nix::sys::stat::fstat(&f)?)) else {
         return false;
     };
-    attached(&image)
-        .and_then(|(_, device)| nix::sys::stat::fstat(&device).ok())
-        .is_some_and(|device| device.st_rdev == st.st_dev)
+    // The device the directory is on, by its number: one open, not a look at every loop
+    // device (a daemon with a thousand sandboxes has a thousand).
+    let (major, minor) = (libc::major(st.st_dev), libc::minor(st.st_dev));
+    let Ok(link) = fs::read_link(format!("/sys/dev/block/{major}:{minor}")) else {
+        return false;
+    };
+    let Some(name) = link.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    if !name.starts_with("loop") {
+        return false;
+    }
+    let Ok(device) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/dev/{name}"))
+    else {
+        return false;
+    };
+    nix::sys::stat::fstat(&device).is_ok_and(|d| d.st_rdev == st.st_dev) && backs(&device, &image)
 }
 
 /// Whether something is mounted on `target` (its device differs from its parent's).
