@@ -160,6 +160,14 @@ pub enum Response {
     },
 }
 
+/// The version of this protocol. Any change to [`Request`], [`Response`] or what they
+/// carry that an older peer would decode differently takes the next number.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// What a greeting ([`write_hello`]) starts with, so that a peer that speaks something else
+/// entirely is told apart from one of another version.
+const HELLO_MAGIC: &[u8; 14] = b"upstream-agent";
+
 /// Errors reading or writing frames.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -169,6 +177,57 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("agent frame is malformed: {0}")]
     Decode(#[from] postcard::Error),
+    /// The peer's greeting names another version of the protocol.
+    #[error(
+        "the sandbox's agent speaks protocol version {theirs} and this upstream speaks \
+         version {ours}: the agent comes from another build of upstream (a guest image or \
+         snapshot made by an older one?); make it again with this build"
+    )]
+    Version { ours: u32, theirs: u32 },
+    /// The peer's first frame is no greeting at all.
+    #[error(
+        "the sandbox's agent did not greet first: it is not an upstream agent, or one from before protocol versions"
+    )]
+    NoGreeting,
+}
+
+/// Sends this side's greeting: the first frame each side sends on a connection, before any
+/// [`Request`] or [`Response`]. Its layout never changes, whatever the version.
+pub fn write_hello<W: Write>(w: &mut W) -> Result<(), FrameError> {
+    let mut frame = Vec::with_capacity(4 + HELLO_MAGIC.len() + 4);
+    frame.extend_from_slice(&((HELLO_MAGIC.len() + 4) as u32).to_le_bytes());
+    frame.extend_from_slice(HELLO_MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    w.write_all(&frame)?;
+    Ok(())
+}
+
+/// Reads the peer's greeting and checks its version against this side's: `Ok(false)` when
+/// the peer closed the connection before greeting.
+pub fn read_hello<R: Read>(r: &mut R) -> Result<bool, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    if u32::from_le_bytes(len) as usize != HELLO_MAGIC.len() + 4 {
+        return Err(FrameError::NoGreeting);
+    }
+    let mut body = [0u8; HELLO_MAGIC.len() + 4];
+    r.read_exact(&mut body)?;
+    let (magic, version) = body.split_at(HELLO_MAGIC.len());
+    if magic != HELLO_MAGIC {
+        return Err(FrameError::NoGreeting);
+    }
+    let theirs = u32::from_le_bytes(version.try_into().expect("four bytes"));
+    if theirs != PROTOCOL_VERSION {
+        return Err(FrameError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        });
+    }
+    Ok(true)
 }
 
 /// Writes one message as a frame.
@@ -230,6 +289,41 @@ mod tests {
             got.push(m);
         }
         assert_eq!(got, messages);
+    }
+
+    #[test]
+    fn a_greeting_of_this_version_is_taken_and_any_other_named() {
+        let mut wire = Vec::new();
+        write_hello(&mut wire).unwrap();
+        assert!(read_hello(&mut &wire[..]).unwrap());
+        // The same greeting one version on.
+        let mut newer = wire.clone();
+        let at = newer.len() - 4;
+        newer[at..].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        let e = read_hello(&mut &newer[..]).unwrap_err();
+        assert!(
+            matches!(e, FrameError::Version { ours, theirs } if ours == PROTOCOL_VERSION && theirs == ours + 1),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains(&format!("version {}", PROTOCOL_VERSION + 1))
+        );
+        // A message where the greeting should be, as an agent from before greetings sends.
+        let mut old = Vec::new();
+        write_frame(&mut old, &Response::Ready).unwrap();
+        assert!(matches!(
+            read_hello(&mut &old[..]).unwrap_err(),
+            FrameError::NoGreeting
+        ));
+        // Of the right length but another magic.
+        let mut other = wire.clone();
+        other[4] ^= 0xff;
+        assert!(matches!(
+            read_hello(&mut &other[..]).unwrap_err(),
+            FrameError::NoGreeting
+        ));
+        assert!(!read_hello(&mut &[][..]).unwrap(), "closed before greeting");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use nix::unistd::{Pid, getpid};
 
 use crate::protocol::{
     ExecRequest, ExitStatus, FrameError, OUTPUT_CHUNK, Request, Response, Scope, Stream,
-    read_frame, write_frame,
+    read_frame, read_hello, write_frame, write_hello,
 };
 
 /// Why the agent stopped serving.
@@ -40,8 +40,8 @@ pub enum AgentError {
     Io(#[from] io::Error),
 }
 
-/// Serves requests on `conn` until the host asks for shutdown or goes away. Sends
-/// [`Response::Ready`] first.
+/// Serves requests on `conn` until the host asks for shutdown or goes away. Greets the host
+/// ([`write_hello`]) and sends [`Response::Ready`] first, then takes the host's greeting.
 ///
 /// The calling thread must be its process's only one: SIGCHLD is blocked on this thread and
 /// read from a signalfd, and another thread that does not block it could take the signal
@@ -68,7 +68,14 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
         Role::Agent => Score::open(),
         Role::Helper => Score::Child,
     };
+    write_hello(&mut conn)?;
     write_frame(&mut conn, &Response::Ready)?;
+    // The host greets before its first request; one of another version is told so by its
+    // own check of this side's greeting, and this side just stops.
+    if !read_hello(&mut conn)? {
+        kill_everything(None);
+        return Ok(());
+    }
     let mut background = Background::default();
     loop {
         // Between requests, children that end (background commands, helpers whose host
@@ -1294,6 +1301,15 @@ mod tests {
     /// The agent under test runs in a child process of its own: it changes the signal mask and
     /// reaps children, which must not disturb the test harness's threads.
     fn with_agent(f: impl FnOnce(&mut UnixStream)) {
+        let (mut host, mut child) = start_agent();
+        write_hello(&mut host).unwrap();
+        f(&mut host);
+        let _ = write_frame(&mut host, &Request::Shutdown);
+        let _ = child.wait();
+    }
+
+    /// An agent in a child process, greeted by and ready; the host has not greeted yet.
+    fn start_agent() -> (UnixStream, std::process::Child) {
         // Tests run on parallel threads: while one test's agent end is inheritable, no other
         // test may start a child, or that child would hold the socket open too.
         static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -1305,7 +1321,7 @@ mod tests {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
         )
         .unwrap();
-        let mut child = Command::new(exe)
+        let child = Command::new(exe)
             .args([
                 "--exact",
                 "server::tests::agent_process",
@@ -1318,11 +1334,32 @@ mod tests {
             .unwrap();
         drop(agent);
         drop(spawning);
+        assert!(read_hello(&mut host).unwrap(), "the agent greets first");
         let ready: Response = read_frame(&mut host).unwrap().unwrap();
         assert_eq!(ready, Response::Ready);
-        f(&mut host);
-        let _ = write_frame(&mut host, &Request::Shutdown);
-        let _ = child.wait();
+        (host, child)
+    }
+
+    #[test]
+    fn a_host_of_another_protocol_version_is_served_nothing() {
+        let (mut host, mut child) = start_agent();
+        // This side's greeting, one version on, then a request the agent would answer.
+        let mut hello = Vec::new();
+        write_hello(&mut hello).unwrap();
+        let at = hello.len() - 4;
+        hello[at..].copy_from_slice(&(crate::protocol::PROTOCOL_VERSION + 1).to_le_bytes());
+        host.write_all(&hello).unwrap();
+        let _ = write_frame(&mut host, &Request::Exec(exec(&["true"], None)));
+        let answer = read_frame::<_, Response>(&mut host);
+        assert!(
+            matches!(answer, Ok(None) | Err(_)),
+            "the agent answered {answer:?}"
+        );
+        assert!(
+            !child.wait().unwrap().success(),
+            "the agent stops with an error"
+        );
+        // The control, with this version's greeting, is every other test here.
     }
 
     #[test]
@@ -1436,6 +1473,9 @@ mod tests {
             read_frame::<_, Response>(conn).unwrap(),
             Some(Response::Done)
         );
+        let mut host = host;
+        assert!(read_hello(&mut host).unwrap(), "a helper greets first");
+        write_hello(&mut host).unwrap();
         host
     }
 

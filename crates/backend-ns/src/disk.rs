@@ -505,7 +505,12 @@ impl NamespaceBackend {
             return Ok((SandboxDir::claim(path, &self.pool)?, Vec::new()));
         }
         let limit = spec.limits.disk_or_default();
-        let resume = spec.workspace.as_ref().and_then(|w| w.resume.as_deref());
+        let resume = spec
+            .workspace
+            .as_ref()
+            .and_then(|w| w.resume.as_ref())
+            .and_then(|k| self.kept_path(k));
+        let resume = resume.as_deref();
         let why_not = if self.rootless {
             "only root may mount a filesystem of the sandbox's own, so what it writes goes to the host's disk unbounded".to_string()
         } else if resume.is_some_and(|kept| !kept.join(IMAGE).is_file()) {
@@ -521,14 +526,6 @@ impl NamespaceBackend {
             upstream_doc_size(limit)
         );
         Ok((SandboxDir::claim(path, &self.pool)?, vec![note]))
-    }
-}
-
-/// The sets of layers kept for resuming in this user's runtime directory.
-pub fn runtime_kept_sets() -> Vec<PathBuf> {
-    match crate::runtime::runtime_dir(&[]) {
-        Ok(dir) => kept_sets(&dir.join("kept")),
-        Err(_) => Vec::new(),
     }
 }
 

@@ -18,7 +18,7 @@ use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Uid, fork};
-use upstream_agent::protocol::{Response, read_frame, write_frame};
+use upstream_agent::protocol::{Response, read_frame, write_frame, write_hello};
 
 use crate::setup::{FromInit, IdMap, InitConfig, ToInit};
 use crate::{idmap, mounts, security};
@@ -66,10 +66,16 @@ fn run(entry: Entry) -> i32 {
     match prepare(&mut conn, entry) {
         Ok(code) => code,
         Err(message) => {
-            let _ = write_frame(&mut conn, &Response::SetupFailed { message });
+            setup_failed(&mut conn, message);
             SETUP_FAILED
         }
     }
+}
+
+/// Tells the host why the sandbox could not be set up, as the agent's first word would be
+/// (after the greeting the agent would have sent).
+fn setup_failed(conn: &mut UnixStream, message: String) {
+    let _ = write_hello(conn).and_then(|()| write_frame(conn, &Response::SetupFailed { message }));
 }
 
 fn prepare(conn: &mut UnixStream, entry: Entry) -> Result<i32, String> {
@@ -252,7 +258,7 @@ fn stage2(
             security::lock_down(config.max_processes, filter).map_err(|e| e.to_string())
         });
     if let Err(message) = setup {
-        let _ = write_frame(conn, &Response::SetupFailed { message });
+        setup_failed(conn, message);
         return SETUP_FAILED;
     }
     let conn = match conn.try_clone() {

@@ -23,7 +23,7 @@ mod setup;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +36,8 @@ use upstream_agent::protocol::{read_frame, write_frame};
 use upstream_sandbox::hostfs;
 use upstream_sandbox::{
     AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, HostRoot, Image,
-    Interrupter, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session, Stream,
+    Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session,
+    Stream,
 };
 
 use crate::cgroup::{Cgroups, Layout};
@@ -180,31 +181,81 @@ static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
 
 impl Backend for NamespaceBackend {
     fn name(&self) -> &str {
-        "namespaces"
+        BACKEND_NAME
     }
 
-    fn discard_kept(&self, kept: &Path) {
-        // Only what this backend kept.
-        if kept.parent() != Some(self.kept.as_path()) {
-            return;
+    fn discard_kept(&self, kept: &Kept) {
+        if let Some(path) = self.kept_path(kept) {
+            discard_kept_dir(&path);
         }
-        discard_kept_dir(kept);
     }
 
-    fn kept_sets(&self) -> Vec<PathBuf> {
+    fn kept(&self) -> Vec<Kept> {
         disk::kept_sets(&self.kept)
+            .iter()
+            .filter_map(|p| Kept::new(BACKEND_NAME, p.file_name()?.to_str()?))
+            .collect()
+    }
+
+    fn label_kept(&self, kept: &Kept, label: &str) -> io::Result<()> {
+        let path = self.kept_path(kept).ok_or(io::ErrorKind::NotFound)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path.join(KEPT_LABEL))?;
+        io::Write::write_all(&mut file, label.as_bytes())
+    }
+
+    fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
+        let path = self.kept_path(kept)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path.join(KEPT_LABEL))
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        io::Read::read_to_string(&mut io::Read::take(file, 4096), &mut text).ok()?;
+        Some((text, meta.modified().ok()?))
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
         self.create_sandbox(spec)
     }
+
+    fn remove_leftovers(&self) {
+        self.remove_stale();
+    }
 }
 
+/// The namespace backend, as the CLI and the daemon hold it: sandboxes run `init_exe` (this
+/// upstream binary) as their init.
+pub fn open(init_exe: PathBuf) -> Result<upstream_sandbox::SharedBackend, SandboxError> {
+    Ok(std::sync::Arc::new(NamespaceBackend::new(init_exe)?))
+}
+
+/// This backend's name, in what it names ([`Kept`]).
+const BACKEND_NAME: &str = "namespaces";
+
+/// The file in a kept set that holds its label ([`Backend::label_kept`]).
+const KEPT_LABEL: &str = "owner";
+
 impl NamespaceBackend {
+    /// Where the set this backend kept as `kept` is; `None` for another backend's.
+    fn kept_path(&self, kept: &Kept) -> Option<PathBuf> {
+        (kept.backend() == BACKEND_NAME).then(|| self.kept.join(kept.id()))
+    }
+
     /// Removes what sandboxes of upstream processes that are gone left behind: their
     /// directories (once their processes have exited) and their empty cgroups. A new
     /// backend does the directories itself; a long-running one calls this now and then.
-    pub fn remove_leftovers(&self) {
+    fn remove_stale(&self) {
         remove_stale_sandboxes(&self.sandboxes);
         self.layout.get_or_init(Layout::detect).remove_stale();
     }
@@ -269,7 +320,8 @@ impl NamespaceBackend {
         let mut root_layers = 0;
         let mut workspace = None;
         if let Some(ws) = &spec.workspace {
-            let resume = dir.resume_from(ws.resume.as_deref());
+            let kept = ws.resume.as_ref().and_then(|k| self.kept_path(k));
+            let resume = dir.resume_from(kept.as_deref());
             let (prepared, roots) = layers::Layers::prepare(&dir.data, &ws.dir, resume.as_deref())
                 .map_err(|e| {
                     SandboxError::setup(format!("cannot prepare the workspace's layers: {e}"), None)
@@ -591,11 +643,9 @@ impl SandboxDir {
     }
 }
 
-pub use disk::runtime_kept_sets as kept_sets;
-
 /// Removes a workspace kept for resuming (`Sandbox::destroy_keeping`), whatever modes the
 /// sandbox left on what is inside. Only directories under a `kept` directory are touched.
-pub fn discard_kept_dir(kept: &Path) {
+fn discard_kept_dir(kept: &Path) {
     if kept.parent().and_then(Path::file_name) != Some(std::ffi::OsStr::new("kept")) {
         return;
     }
@@ -984,7 +1034,7 @@ impl Sandbox for NamespaceSandbox {
         })
     }
 
-    fn destroy_keeping(mut self: Box<Self>) -> Result<PathBuf, SandboxError> {
+    fn destroy_keeping(mut self: Box<Self>) -> Result<Kept, SandboxError> {
         if self.layers.is_none() {
             self.teardown().ok();
             return Err(SandboxError::setup(
@@ -993,7 +1043,18 @@ impl Sandbox for NamespaceSandbox {
             ));
         }
         match self.teardown_keeping(Ending::Keep) {
-            Ok(Some(kept)) => Ok(kept),
+            Ok(Some(kept)) => kept
+                .file_name()
+                .and_then(|n| Kept::new(BACKEND_NAME, n.to_str()?))
+                .ok_or_else(|| {
+                    SandboxError::setup(
+                        format!(
+                            "the workspace was kept at {}, which has no name to give it",
+                            kept.display()
+                        ),
+                        None,
+                    )
+                }),
             Ok(None) => Err(SandboxError::setup("the workspace was not kept", None)),
             Err(e) => Err(SandboxError::setup(
                 format!("could not keep the sandbox's workspace: {e}"),

@@ -663,6 +663,9 @@ fn remove_all(path: &Path) -> io::Result<()> {
 
 /// Reports a pull as it goes.
 pub trait PullProgress {
+    /// The image is about to be looked up in the cache, and pulled if it is not there.
+    fn starting(&mut self) {}
+
     /// A layer of `size` bytes starts downloading (`cached`: it needs no download).
     fn layer(&mut self, digest: &str, size: u64, cached: bool);
 

@@ -4,7 +4,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use upstream_agent::protocol::{
-    ExecRequest, ExitStatus, FrameError, Request, Response, Stream, read_frame, write_frame,
+    ExecRequest, ExitStatus, FrameError, Request, Response, Stream, read_frame, read_hello,
+    write_frame, write_hello,
 };
 
 /// Errors talking to the agent.
@@ -35,13 +36,15 @@ pub struct Exited {
 
 /// A connection to a sandbox's agent.
 ///
-/// The agent's first word is `Ready` (or why setup failed). A client may send its first
-/// request before that word arrives: requests queue in the connection, and every operation
-/// reads the first word before its own answer. That saves a round trip when a sandbox is
-/// made to run one command.
+/// Each side greets first ([`write_hello`]: the protocol's version), then the agent's first
+/// word is `Ready` (or why setup failed). A client may send its first request before that
+/// word arrives: requests queue in the connection, and every operation reads the first word
+/// before its own answer. That saves a round trip when a sandbox is made to run one command.
 #[derive(Debug)]
 pub struct AgentClient<S> {
     conn: S,
+    /// This side's greeting went out.
+    greeted: bool,
     /// When the agent said it was ready; `None` until then.
     ready_at: Option<Instant>,
 }
@@ -51,12 +54,23 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn new(conn: S) -> AgentClient<S> {
         AgentClient {
             conn,
+            greeted: false,
             ready_at: None,
         }
     }
 
     fn receive(&mut self) -> Result<Response, ClientError> {
         read_frame(&mut self.conn)?.ok_or(ClientError::Gone)
+    }
+
+    /// Sends a request, after this side's greeting the first time.
+    fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        if !self.greeted {
+            write_hello(&mut self.conn)?;
+            self.greeted = true;
+        }
+        write_frame(&mut self.conn, request)?;
+        Ok(())
     }
 
     /// When the agent said it was ready, if it has.
@@ -68,6 +82,13 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn wait_ready(&mut self) -> Result<(), ClientError> {
         if self.ready_at.is_some() {
             return Ok(());
+        }
+        if !self.greeted {
+            write_hello(&mut self.conn)?;
+            self.greeted = true;
+        }
+        if !read_hello(&mut self.conn)? {
+            return Err(ClientError::Gone);
         }
         match self.receive()? {
             Response::Ready => {
@@ -85,7 +106,7 @@ impl<S: Read + Write> AgentClient<S> {
         request: &ExecRequest,
         on_output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<Exited, ClientError> {
-        write_frame(&mut self.conn, &Request::Exec(request.clone()))?;
+        self.send(&Request::Exec(request.clone()))?;
         self.wait_ready()?;
         loop {
             match self.receive()? {
@@ -116,7 +137,7 @@ impl<S: Read + Write> AgentClient<S> {
         request: &Request,
         pick: impl FnOnce(Response) -> Result<T, Response>,
     ) -> Result<T, ClientError> {
-        write_frame(&mut self.conn, request)?;
+        self.send(request)?;
         self.answer(pick)
     }
 
@@ -203,8 +224,7 @@ impl<S: Read + Write> AgentClient<S> {
     }
 
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {
-        write_frame(&mut self.conn, &Request::Shutdown)?;
-        Ok(())
+        self.send(&Request::Shutdown)
     }
 }
 
@@ -217,7 +237,7 @@ impl AgentClient<std::os::unix::net::UnixStream> {
         use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
         let (host, helper) = UnixStream::pair().map_err(FrameError::from)?;
-        write_frame(&mut self.conn, &Request::Connect)?;
+        self.send(&Request::Connect)?;
         let fds = [helper.as_raw_fd()];
         let byte = [0u8; 1];
         let iov = [std::io::IoSlice::new(&byte)];

@@ -9,11 +9,11 @@ pub mod hostfs;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
-pub use spec::{DEFAULT_HOSTNAME, Image, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
+pub use spec::{DEFAULT_HOSTNAME, Image, Kept, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 /// Errors from creating or using a sandbox.
@@ -183,8 +183,9 @@ pub trait Sandbox: Send {
 
     /// Like [`Sandbox::destroy`], but first keeps the layered workspace below its top layer
     /// (what the steps before the last checkpoint wrote) and the root's writable layer, for a
-    /// later sandbox to start from ([`WorkspaceSpec::resume`]). Returns where they are.
-    fn destroy_keeping(self: Box<Self>) -> Result<PathBuf, SandboxError>;
+    /// later sandbox to start from ([`WorkspaceSpec::resume`]). Returns the backend's name
+    /// for what it kept.
+    fn destroy_keeping(self: Box<Self>) -> Result<Kept, SandboxError>;
 }
 
 /// A second way into a running sandbox ([`Sandbox::session`]): commands run here alongside
@@ -206,11 +207,31 @@ pub trait Backend {
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError>;
 
-    /// Removes layers kept by [`Sandbox::destroy_keeping`] that nothing will resume from.
-    fn discard_kept(&self, kept: &Path);
+    /// Removes what [`Sandbox::destroy_keeping`] kept, now that nothing will resume from
+    /// it. A name of another backend's, or of nothing kept, is no error: nothing happens.
+    fn discard_kept(&self, kept: &Kept);
 
-    /// Every set of layers this backend has kept, resumable or not.
-    fn kept_sets(&self) -> Vec<std::path::PathBuf> {
+    /// Everything this backend has kept, resumable or not.
+    fn kept(&self) -> Vec<Kept> {
         Vec::new()
     }
+
+    /// Labels what was kept as `kept` with `label` (who it belongs to: see
+    /// `upstream_turn::kept`), replacing any label before.
+    fn label_kept(&self, _kept: &Kept, _label: &str) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// The label of what was kept as `kept`, and when it was set; `None` without one.
+    fn kept_label(&self, _kept: &Kept) -> Option<(String, std::time::SystemTime)> {
+        None
+    }
+
+    /// Removes what sandboxes of upstream processes that are gone left on the host (a
+    /// long-running daemon calls this now and then).
+    fn remove_leftovers(&self) {}
 }
+
+/// A backend chosen at run time, shared by whoever makes sandboxes (the CLI, the daemon's
+/// tasks).
+pub type SharedBackend = std::sync::Arc<dyn Backend + Send + Sync>;

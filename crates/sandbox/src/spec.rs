@@ -74,8 +74,71 @@ pub const DEFAULT_HOSTNAME: &str = "sandbox";
 pub struct WorkspaceSpec {
     /// The workspace, inside the sandbox (`/workspace`).
     pub dir: String,
-    /// Layers an earlier sandbox kept ([`crate::Sandbox::destroy_keeping`]) to start from.
-    pub resume: Option<PathBuf>,
+    /// What an earlier sandbox kept ([`crate::Sandbox::destroy_keeping`]) to start from.
+    pub resume: Option<Kept>,
+}
+
+/// What a backend kept of a sandbox for a later one to start from
+/// ([`crate::Sandbox::destroy_keeping`], [`WorkspaceSpec::resume`]): a name that only the
+/// backend that made it resolves, recorded as text (`namespaces:4f2a…`). It is no path:
+/// one backend keeps directories, another a disk image, and nothing outside the backend
+/// reaches what the name stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kept {
+    backend: String,
+    id: String,
+}
+
+impl Kept {
+    /// The most bytes of an id.
+    const MAX_ID: usize = 128;
+
+    /// A name of `backend`'s for what it kept as `id`: `None` unless the backend's name is
+    /// lowercase letters and the id letters, digits, `.`, `_` and `-` (not first `.`), so
+    /// that no id read back from a store can lead elsewhere.
+    pub fn new(backend: &str, id: &str) -> Option<Kept> {
+        let backend_ok = !backend.is_empty() && backend.bytes().all(|b| b.is_ascii_lowercase());
+        let id_ok = !id.is_empty()
+            && id.len() <= Kept::MAX_ID
+            && !id.starts_with('.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        (backend_ok && id_ok).then(|| Kept {
+            backend: backend.to_string(),
+            id: id.to_string(),
+        })
+    }
+
+    /// A name as [`Kept`]'s `Display` writes it. An absolute path is what upstream recorded
+    /// before names: `…/kept/<id>`, a set of the namespace backend's.
+    pub fn parse(text: &str) -> Option<Kept> {
+        if text.starts_with('/') {
+            let path = std::path::Path::new(text);
+            if path.parent()?.file_name()? != "kept" {
+                return None;
+            }
+            return Kept::new("namespaces", path.file_name()?.to_str()?);
+        }
+        let (backend, id) = text.split_once(':')?;
+        Kept::new(backend, id)
+    }
+
+    /// The backend that kept it (its [`crate::Backend::name`]).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// What the backend named it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.backend, self.id)
+    }
 }
 
 /// Everything a backend needs to make a sandbox.
@@ -105,5 +168,45 @@ impl Default for SandboxSpec {
             workspace: None,
             scratch_in_memory: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_name_round_trips_and_reads_the_paths_recorded_before_names() {
+        let kept = Kept::new("namespaces", "sb-0193.a_b").unwrap();
+        assert_eq!(kept.to_string(), "namespaces:sb-0193.a_b");
+        assert_eq!(Kept::parse(&kept.to_string()), Some(kept.clone()));
+        assert_eq!(
+            Kept::parse("/var/lib/upstream/kept/sb-0193.a_b"),
+            Some(kept),
+            "a path an older upstream recorded"
+        );
+    }
+
+    #[test]
+    fn a_kept_name_that_could_lead_elsewhere_is_refused() {
+        for bad in [
+            "namespaces:../etc",
+            "namespaces:a/b",
+            "namespaces:..",
+            "namespaces:.hidden",
+            "namespaces:",
+            ":id",
+            "Name:id",
+            "namespaces:a\0b",
+            "namespaces:a b",
+            "no-colon",
+            "/var/lib/upstream/other/x",
+            "/var/lib/upstream/kept/..",
+            "/kept",
+        ] {
+            assert_eq!(Kept::parse(bad), None, "{bad}");
+        }
+        assert!(Kept::new("vm", &"x".repeat(128)).is_some());
+        assert!(Kept::new("vm", &"x".repeat(129)).is_none());
     }
 }

@@ -390,21 +390,7 @@ fn exec_request(live: &Live, body: &ExecBody) -> Result<ExecRequest, ApiError> {
         Some(Some(t)) => Some(t.as_millis().max(1) as u64),
         _ => None,
     };
-    let mut env: BTreeMap<String, String> = [
-        (
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        ),
-        ("HOME", "/root"),
-        ("LANG", "C.UTF-8"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    if let Some((_, _, home)) = &live.prepared.user {
-        env.insert("HOME".into(), home.clone());
-    }
-    env.extend(live.prepared.env.iter().cloned());
+    let mut env = live.base_env.clone();
     env.extend(live.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(body.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     Ok(ExecRequest {
@@ -415,7 +401,7 @@ fn exec_request(live: &Live, body: &ExecBody) -> Result<ExecRequest, ApiError> {
             .clone()
             .unwrap_or_else(|| live.prepared.workdir.clone()),
         timeout_ms,
-        user: live.prepared.user.as_ref().map(|(u, g, _)| (*u, *g)),
+        user: live.user.as_ref().map(|u| (u.uid, u.gid)),
         stdin: stdin_of(body.stdin.as_deref(), body.stdin_base64.as_deref())?,
         timeout_kills: Scope::Command,
         ..ExecRequest::default()

@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use upstream_backend_ns::NamespaceBackend;
 use upstream_sandbox::{
-    Backend, ClientError, Image, Interrupter, Limits, NetworkMode, Sandbox, SandboxError,
-    SandboxSpec, Session, WorkspaceSpec,
+    ClientError, Interrupter, Limits, NetworkMode, Sandbox, SandboxError, SandboxSpec, Session,
+    SharedBackend, WorkspaceSpec,
 };
 use upstream_store::Store;
 use upstream_turn::ImageSource;
@@ -31,8 +30,6 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the daemon keeps its key store and the tenants' context stores.
     pub state_dir: PathBuf,
-    /// The upstream binary, which sandboxes run as their init.
-    pub init_exe: PathBuf,
     /// Warm pools: the shape of their sandboxes and how many to keep ready.
     pub pools: Vec<(Shape, usize)>,
     /// Lifetime of a sandbox that asks for none; `None`: unlimited.
@@ -232,11 +229,8 @@ impl Shape {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub spec: SandboxSpec,
-    /// The image's environment (over the defaults).
-    pub env: Vec<(String, String)>,
+    pub image: upstream_turn::image::Prepared,
     pub workdir: String,
-    /// The image's user (uid, gid, home), whom commands run as; `None`: root.
-    pub user: Option<(u32, u32, String)>,
 }
 
 /// A sandbox handed out to a tenant.
@@ -250,6 +244,11 @@ pub struct Live {
     pub unenforced: Vec<String>,
     /// Environment of every command, over the image's.
     pub env: BTreeMap<String, String>,
+    /// Whom commands run as: the image's user when the sandbox has its ids; `None`: root.
+    pub user: Option<upstream_image::ImageUser>,
+    /// What every command starts with, under [`Live::env`]: the base environment, the
+    /// user's and the image's ([`upstream_turn::image::Prepared::env`]).
+    pub base_env: BTreeMap<String, String>,
     /// Background commands started so far.
     started: AtomicUsize,
     /// Unix time in milliseconds.
@@ -649,7 +648,7 @@ impl Drop for Admitted<'_> {
 /// Everything the daemon holds.
 pub struct Daemon {
     pub config: Config,
-    backend: Arc<NamespaceBackend>,
+    backend: SharedBackend,
     sandboxes: Mutex<Inventory>,
     pub pools: Vec<Arc<Pool>>,
     /// The daemon's own store: API keys.
@@ -671,7 +670,8 @@ pub struct CreateRequest {
 }
 
 impl Daemon {
-    pub fn new(config: Config) -> Result<Daemon, String> {
+    /// A daemon that makes its sandboxes with `backend`.
+    pub fn new(config: Config, backend: SharedBackend) -> Result<Daemon, String> {
         for (shape, _) in &config.pools {
             let limits = config.with_default_limits(shape.limits);
             if let Some(why) = config.refuse_limits(&limits) {
@@ -691,7 +691,6 @@ impl Daemon {
                 shape.key()
             ));
         }
-        let backend = NamespaceBackend::new(config.init_exe.clone()).map_err(|e| e.to_string())?;
         upstream_store::make_private_dir(&config.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
         let keys = Store::open(&config.state_dir.join("keys"))
@@ -714,7 +713,7 @@ impl Daemon {
         let shares = Shares::new(config.max_concurrent_per_tenant);
         Ok(Daemon {
             config,
-            backend: Arc::new(backend),
+            backend,
             sandboxes: Mutex::new(Inventory::default()),
             pools,
             keys: Mutex::new(keys),
@@ -723,8 +722,13 @@ impl Daemon {
         })
     }
 
-    pub fn backend(&self) -> Arc<NamespaceBackend> {
+    pub fn backend(&self) -> SharedBackend {
         self.backend.clone()
+    }
+
+    /// The backend's short name: `namespaces`.
+    pub fn backend_name(&self) -> &str {
+        self.backend.name()
     }
 
     /// The daemon's own directories on the host, as text: an error that names one is
@@ -752,58 +756,30 @@ impl Daemon {
             network: shape.network,
             ..SandboxSpec::default()
         };
-        if shape.image == "host" {
-            let workdir = upstream_doc::front_matter::DEFAULT_WORKDIR.to_string();
-            return Ok(Prepared {
-                spec: SandboxSpec {
-                    image: Image::Host,
-                    workspace: Some(WorkspaceSpec {
-                        dir: workdir.clone(),
-                        resume: None,
-                    }),
-                    ..base
-                },
-                env: Vec::new(),
-                workdir,
-                user: None,
-            });
-        }
-        let reference = upstream_image::Reference::parse(&shape.image)
-            .map_err(|e| ApiError::bad_request(format!("image `{}`: {}", shape.image, e.why)))?;
         struct Quiet;
         impl upstream_image::PullProgress for Quiet {
             fn layer(&mut self, _: &str, _: u64, _: bool) {}
         }
-        let images = &self.config.images;
-        let pulled = upstream_image::pull(&reference, &images.cache, &images.pull, &mut Quiet)
-            .map_err(|e| pull_error(&shape.image, e))?;
-        let user = pulled
-            .config
-            .user(&pulled.rootfs)
-            .map_err(|e| ApiError::bad_request(format!("image `{}`: {e}", shape.image)))?
-            // A rootless daemon's sandboxes map only their root.
-            .filter(|_| nix::unistd::Uid::effective().is_root())
-            .map(|u| (u.uid, u.gid, u.home));
-        let workdir = pulled
-            .config
-            .working_dir
-            .clone()
-            .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
+        let image =
+            upstream_turn::image::prepare(&shape.image, Some(&self.config.images), &mut Quiet)
+                .map_err(|e| match e {
+                    upstream_turn::image::PrepareError::Pull { source, .. } => {
+                        pull_error(&shape.image, source)
+                    }
+                    other => ApiError::bad_request(other.to_string()),
+                })?;
+        let workdir = image.workdir();
         Ok(Prepared {
             spec: SandboxSpec {
-                image: Image::Layers {
-                    reference: shape.image.clone(),
-                    layers: vec![pulled.rootfs],
-                },
+                image: image.image.clone(),
                 workspace: Some(WorkspaceSpec {
                     dir: workdir.clone(),
                     resume: None,
                 }),
                 ..base
             },
-            env: pulled.config.env,
+            image,
             workdir,
-            user,
         })
     }
 
@@ -927,6 +903,11 @@ impl Daemon {
         crate::metrics::claim(tenant, took);
         crate::metrics::handed_out(tenant, from_pool);
         let now = Instant::now();
+        let (user, warning) = prepared.image.user_in(sandbox.info().ids);
+        if let Some(warning) = warning {
+            tracing::warn!(image = %request.shape.image, "{warning}");
+        }
+        let base_env = prepared.image.env(user.as_ref());
         let live = Arc::new(Live {
             id: new_id(),
             tenant: tenant.to_string(),
@@ -935,6 +916,8 @@ impl Daemon {
             metadata: request.metadata,
             unenforced: sandbox.info().unenforced.clone(),
             env,
+            user,
+            base_env,
             started: AtomicUsize::new(0),
             created_at: unix_ms(),
             claim_ms: took.as_secs_f64() * 1000.0,
@@ -1288,13 +1271,18 @@ mod tests {
             shape: Shape::new("host"),
             prepared: Prepared {
                 spec: SandboxSpec::default(),
-                env: Vec::new(),
+                image: upstream_turn::image::Prepared {
+                    image: upstream_sandbox::Image::Host,
+                    pulled: None,
+                    user: None,
+                },
                 workdir: "/workspace".to_string(),
-                user: None,
             },
             metadata: BTreeMap::new(),
             unenforced: Vec::new(),
             env: BTreeMap::new(),
+            user: None,
+            base_env: BTreeMap::new(),
             started: AtomicUsize::new(0),
             created_at: 0,
             claim_ms: 0.0,

@@ -82,11 +82,7 @@ fn full_path(live: &Live, path: &str) -> Result<String, ApiError> {
 /// The sandbox's root and whom its files belong to (the image's user, else its root).
 async fn root_of(live: &Arc<Live>) -> Result<(HostRoot, (u32, u32)), ApiError> {
     let root = live.with(|sandbox| Ok(sandbox.host_root()?)).await?;
-    let (uid, gid) = live
-        .prepared
-        .user
-        .as_ref()
-        .map_or((0, 0), |(u, g, _)| (*u, *g));
+    let (uid, gid) = live.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid));
     let owner = (root.uid + uid, root.gid + gid);
     Ok((root, owner))
 }

@@ -228,6 +228,7 @@ pub enum ServeError {
 /// told the addresses once it listens.
 pub fn serve(
     config: Config,
+    backend: upstream_sandbox::SharedBackend,
     ready: impl FnOnce(&[std::net::SocketAddr]),
 ) -> Result<(), ServeError> {
     // Sandbox inits are started from blocking threads and die with their parent
@@ -239,14 +240,15 @@ pub fn serve(
         .thread_keep_alive(Duration::from_secs(u32::MAX.into()))
         .build()
         .map_err(|e| ServeError::Setup(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(serve_async(config, ready))
+    runtime.block_on(serve_async(config, backend, ready))
 }
 
 async fn serve_async(
     config: Config,
+    backend: upstream_sandbox::SharedBackend,
     ready: impl FnOnce(&[std::net::SocketAddr]),
 ) -> Result<(), ServeError> {
-    let daemon = Arc::new(Daemon::new(config).map_err(ServeError::Setup)?);
+    let daemon = Arc::new(Daemon::new(config, backend).map_err(ServeError::Setup)?);
     let mut bound = Vec::new();
     let mut tcp = Vec::new();
     for address in &daemon.config.listen {

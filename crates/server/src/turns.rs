@@ -12,7 +12,7 @@ use axum::http::header;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use upstream_sandbox::{Backend, Sandbox, SandboxError, SandboxSpec};
+use upstream_sandbox::{Backend, Kept, Sandbox, SandboxError, SandboxSpec};
 use upstream_store::Store;
 use upstream_turn::wire::TurnEvent;
 use upstream_turn::{Cancel, Event, Observer, TurnError, TurnOptions};
@@ -63,7 +63,7 @@ struct Pooled(Arc<Daemon>, String);
 
 impl Backend for Pooled {
     fn name(&self) -> &str {
-        "namespaces"
+        self.0.backend_name()
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
@@ -98,12 +98,20 @@ impl Backend for Pooled {
         }
     }
 
-    fn discard_kept(&self, kept: &std::path::Path) {
+    fn discard_kept(&self, kept: &Kept) {
         self.0.backend().discard_kept(kept);
     }
 
-    fn kept_sets(&self) -> Vec<std::path::PathBuf> {
-        self.0.backend().kept_sets()
+    fn kept(&self) -> Vec<Kept> {
+        self.0.backend().kept()
+    }
+
+    fn label_kept(&self, kept: &Kept, label: &str) -> std::io::Result<()> {
+        self.0.backend().label_kept(kept, label)
+    }
+
+    fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
+        self.0.backend().kept_label(kept)
     }
 }
 

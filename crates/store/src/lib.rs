@@ -445,16 +445,16 @@ impl Store {
         Ok(Some(Resumable {
             number,
             status,
-            kept: Some(PathBuf::from(kept)),
+            kept: Some(kept),
             step,
             source: Some(source),
         }))
     }
 
-    /// Where the turns of the store at `dir` kept their workspaces for resuming, read without
-    /// opening the store as [`Store::open`] does: nothing is created, made private or
-    /// migrated, and a store busy for more than two seconds is an error.
-    pub fn kept_workspaces_at(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    /// What the turns of the store at `dir` kept for resuming (each a backend's name for it),
+    /// read without opening the store as [`Store::open`] does: nothing is created, made
+    /// private or migrated, and a store busy for more than two seconds is an error.
+    pub fn kept_workspaces_at(dir: &Path) -> Result<Vec<String>, StoreError> {
         let db_path = dir.join("store.db");
         let db_err = |source| StoreError::Db {
             path: db_path.clone(),
@@ -472,19 +472,17 @@ impl Store {
         let rows = stmt
             .query_map([], |r| r.get::<_, String>(0))
             .map_err(db_err)?;
-        rows.map(|r| r.map(PathBuf::from))
-            .collect::<Result<_, _>>()
-            .map_err(db_err)
+        rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
     /// Takes the kept workspaces of `document`'s turns in `context` other than `turn` off
-    /// the records (a newer turn supersedes them) and returns where they are, to remove.
+    /// the records (a newer turn supersedes them) and returns their names, to remove.
     pub fn take_superseded(
         &mut self,
         document: &str,
         context: &str,
         turn: i64,
-    ) -> Result<Vec<PathBuf>, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         self.write(|tx| {
             let kept: Vec<(i64, String)> = {
                 let mut stmt = tx.prepare(
@@ -500,14 +498,14 @@ impl Store {
             for (number, _) in &kept {
                 tx.execute("UPDATE turns SET kept = NULL WHERE number = ?1", [number])?;
             }
-            Ok(kept.into_iter().map(|(_, k)| PathBuf::from(k)).collect())
+            Ok(kept.into_iter().map(|(_, k)| k).collect())
         })
     }
 
     /// Removes a context and its turns' records. Their blobs stay until [`Store::gc`].
     /// Returns how many turns went, and the workspaces they kept for resuming, for the
     /// caller to remove.
-    pub fn remove_context(&mut self, name: &str) -> Result<(usize, Vec<PathBuf>), StoreError> {
+    pub fn remove_context(&mut self, name: &str) -> Result<(usize, Vec<String>), StoreError> {
         // Not under a running turn, and no turn starts in the context while it goes.
         let Some(_lock) = self.lock_context(name, &mut |_| {}, &|| true)? else {
             return Err(StoreError::ContextBusy(name.to_string()));
@@ -527,7 +525,7 @@ impl Store {
                 .collect::<Result<_, _>>()?;
             let turns = tx.execute("DELETE FROM turns WHERE context_id = ?1", [id])?;
             tx.execute("DELETE FROM contexts WHERE id = ?1", [id])?;
-            Ok(Some((turns, kept.into_iter().map(PathBuf::from).collect())))
+            Ok(Some((turns, kept)))
         })?;
         removed.ok_or_else(|| StoreError::NoContext(name.to_string()))
     }
@@ -610,8 +608,9 @@ pub struct NewTurn<'a> {
 pub struct Resumable {
     pub number: i64,
     pub status: String,
-    /// Where its workspace was kept; `None` when it was not (it passed, or keeping failed).
-    pub kept: Option<PathBuf>,
+    /// The backend's name for what it kept; `None` when nothing was (it passed, or keeping
+    /// failed).
+    pub kept: Option<String>,
     /// The step to resume at.
     pub step: i64,
     /// The document as it ran.

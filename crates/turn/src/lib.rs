@@ -13,6 +13,7 @@
 
 pub mod artifacts;
 mod context;
+pub mod image;
 pub mod kept;
 mod record;
 pub mod wire;
@@ -33,8 +34,8 @@ use upstream_doc::{
     Redactor, ResultBlock, Step,
 };
 use upstream_sandbox::{
-    Backend, Collect, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Limits,
-    NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
+    Backend, Collect, ExecOutcome, ExecRequest, ExitStatus, FileSpec, Image, Interrupter, Kept,
+    Limits, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Stream,
 };
 use upstream_store::log::{LogStream, LogWriter};
 use upstream_store::{
@@ -232,9 +233,17 @@ impl Turn {
 }
 
 /// Passes a pull's progress on to the turn's observer.
-struct PullEvents<'a>(&'a mut dyn Observer);
+/// A pull's progress as the observer's events; the image's name is the second field.
+struct PullEvents<'a>(&'a mut dyn Observer, &'a str);
 
 impl upstream_image::PullProgress for PullEvents<'_> {
+    fn starting(&mut self) {
+        self.0.event(Event::Image {
+            reference: self.1,
+            pulled: None,
+        });
+    }
+
     fn layer(&mut self, digest: &str, size: u64, cached: bool) {
         self.0.event(Event::ImageLayer {
             digest,
@@ -256,7 +265,7 @@ impl upstream_image::PullProgress for PullEvents<'_> {
 #[derive(Debug, Clone)]
 struct Resume {
     turn: i64,
-    kept: PathBuf,
+    kept: Kept,
     /// The first step to run again (1-based).
     step: usize,
     /// The kept steps' outputs, by step number.
@@ -267,6 +276,7 @@ struct Resume {
 /// again are those that ran.
 fn find_resume(
     store: &Store,
+    backend: &dyn Backend,
     document: &Document,
     shown: &str,
     context: &str,
@@ -289,13 +299,12 @@ fn find_resume(
             }
         )));
     };
-    if !kept.is_dir() {
+    let Some(kept) = Kept::parse(kept).filter(|k| backend.kept().contains(k)) else {
         return Err(TurnError::Resume(format!(
-            "{path}: the workspace turn {} kept at {} is gone: a reboot clears kept workspaces, and `upstream gc` or a turn of another store clears one whose store was moved or removed; run it without --resume",
+            "{path}: the workspace turn {} kept ({kept}) is gone: a reboot clears kept workspaces, and `upstream gc` or a turn of another store clears one whose store was moved or removed; run it without --resume",
             last.number,
-            kept.display()
         )));
-    }
+    };
     let step = last.step.max(1) as usize;
     let bytes = store.blobs().read(source).map_err(StoreError::from)?;
     let before = Document::parse(document.path(), &bytes).map_err(|e| {
@@ -327,7 +336,7 @@ fn find_resume(
         .collect();
     Ok(Resume {
         turn: last.number,
-        kept: kept.clone(),
+        kept,
         step,
         outputs,
     })
@@ -374,46 +383,30 @@ pub fn run(
     let secrets = resolve_secrets(document, options.secrets.as_ref())?;
     let mut spec = sandbox_spec(fm);
     // An image is pulled (or found in the cache) before anything is recorded.
-    let mut image_config = upstream_image::ImageConfig::default();
-    let mut image_user = None;
-    if let Image::Layers { reference, layers } = &mut spec.image {
-        let fail = |reason: String| {
-            TurnError::Sandbox(SandboxError::Image {
-                image: reference.clone(),
-                reason,
-            })
-        };
-        let Some(source) = &options.images else {
-            return Err(fail("this upstream has no image cache configured".into()));
-        };
-        let parsed = upstream_image::Reference::parse(reference).map_err(|e| fail(e.why))?;
+    let prepared = image::prepare(
+        fm.image(),
+        options.images.as_ref(),
+        &mut PullEvents(observer, fm.image()),
+    )
+    .map_err(|e| match e {
+        image::PrepareError::Pull { image, source } => TurnError::Pull { image, source },
+        other => TurnError::Sandbox(SandboxError::Image {
+            image: fm.image().to_string(),
+            reason: match other {
+                image::PrepareError::Reference { why, .. } => why,
+                image::PrepareError::Config { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        }),
+    })?;
+    if let Some(pulled) = &prepared.pulled {
         observer.event(Event::Image {
-            reference,
-            pulled: None,
+            reference: fm.image(),
+            pulled: Some(pulled),
         });
-        let pulled = upstream_image::pull(
-            &parsed,
-            &source.cache,
-            &source.pull,
-            &mut PullEvents(observer),
-        )
-        .map_err(|source| TurnError::Pull {
-            image: reference.clone(),
-            source,
-        })?;
-        observer.event(Event::Image {
-            reference,
-            pulled: Some(&pulled),
-        });
-        *layers = vec![pulled.rootfs.clone()];
-        image_user = pulled.config.user(&pulled.rootfs).map_err(fail)?;
-        image_config = pulled.config;
     }
-    let workdir = fm
-        .workdir
-        .clone()
-        .or_else(|| image_config.working_dir.clone())
-        .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
+    spec.image = prepared.image.clone();
+    let workdir = fm.workdir.clone().unwrap_or_else(|| prepared.workdir());
     let doc_dir = document
         .path()
         .parent()
@@ -430,9 +423,9 @@ pub fn run(
     // Workspaces kept by turns whose store (or record) is gone go before this turn opens
     // its store: a store removed and made anew is not the one that kept them.
     // A set the store here records is its own, wherever its owner file says it was made.
-    let kept_sets = backend.kept_sets();
-    kept::adopt(&kept_sets, &store_dir);
-    kept::reclaim(&kept_sets, &|k| backend.discard_kept(k));
+    let kept_sets = backend.kept();
+    kept::adopt(backend, &kept_sets, &store_dir);
+    kept::reclaim(backend, &kept_sets);
     let mut store = Store::open(&store_dir)?;
     let context_name = fm
         .context
@@ -458,7 +451,13 @@ pub fn run(
         None => shown_path(document.path(), &store_dir),
     };
     let resume = match options.resume {
-        true => Some(find_resume(&store, document, &shown_path, &context_name)?),
+        true => Some(find_resume(
+            &store,
+            backend,
+            document,
+            &shown_path,
+            &context_name,
+        )?),
         false => None,
     };
     spec.workspace = Some(upstream_sandbox::WorkspaceSpec {
@@ -494,8 +493,7 @@ pub fn run(
         started,
         &id,
         resume.as_ref(),
-        &image_config.env,
-        image_user,
+        &prepared,
     );
     let Ran {
         records,
@@ -549,8 +547,8 @@ pub fn run(
         Some((artifacts, summary)) => (artifacts, Some(summary)),
         None => (Vec::new(), None),
     };
-    if let Some((path, _)) = &kept {
-        kept::mark(path, &store_dir, number);
+    if let Some((name, _)) = &kept {
+        kept::mark(backend, name, &store_dir, number);
     }
     turn.kept = kept;
     turn.finish_checked(state, started, sandbox_json, result_blob, artifacts)?;
@@ -559,7 +557,9 @@ pub fn run(
         .store
         .take_superseded(&shown_path, &context_name, number)?
     {
-        backend.discard_kept(&old);
+        if let Some(old) = Kept::parse(&old) {
+            backend.discard_kept(&old);
+        }
     }
     if let Some(summary) = summary {
         observer.event(Event::ContextSaved(&ContextSaved {
@@ -604,8 +604,8 @@ struct TurnInStore {
     store: Store,
     number: i64,
     done: bool,
-    /// Where the workspace was kept for resuming, and the step to resume at.
-    kept: Option<(PathBuf, usize)>,
+    /// What the backend kept for resuming, and the step to resume at.
+    kept: Option<(Kept, usize)>,
 }
 
 impl TurnInStore {
@@ -627,7 +627,7 @@ impl TurnInStore {
                 sandbox,
                 result,
                 artifacts,
-                kept: self.kept.as_ref().map(|(p, _)| p.display().to_string()),
+                kept: self.kept.as_ref().map(|(k, _)| k.to_string()),
                 resume_step: self.kept.as_ref().map(|(_, s)| *s as i64),
             },
         )
@@ -663,8 +663,8 @@ struct Ran {
     sandbox: SandboxRecord,
     saved: Option<(Vec<NewArtifact>, ContextSaved)>,
     status: TurnStatus,
-    /// Where the workspace was kept for resuming, and the step to resume at.
-    kept: Option<(PathBuf, usize)>,
+    /// What the backend kept for resuming, and the step to resume at.
+    kept: Option<(Kept, usize)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -681,8 +681,7 @@ fn run_in_sandbox(
     started: Instant,
     id: &str,
     resume: Option<&Resume>,
-    image_env: &[(String, String)],
-    user: Option<upstream_image::ImageUser>,
+    prepared: &image::Prepared,
 ) -> Result<Ran, TurnError> {
     let fm = document.front_matter();
     let workdir = spec
@@ -701,18 +700,10 @@ fn run_in_sandbox(
     };
     // The image's user runs the steps when the sandbox has its ids (a rootless one maps
     // only its root).
-    let ids = sandbox.info().ids;
-    let user = match user {
-        Some(u) if u.uid >= ids || u.gid >= ids => {
-            observer.event(Event::Warning(&format!(
-                "the image's user {} ({}:{}) does not exist in a rootless sandbox, which maps \
-                 only its root; steps run as root",
-                u.name, u.uid, u.gid
-            )));
-            None
-        }
-        user => user,
-    };
+    let (user, warning) = prepared.user_in(sandbox.info().ids);
+    if let Some(warning) = warning {
+        observer.event(Event::Warning(&warning));
+    }
     // Every phase of the turn ends with its timeout or when it is cancelled: the steps by
     // their timeouts, the restore and the save by asking this between files and chunks.
     let deadline = fm.timeout.and_then(|t| started.checked_add(t));
@@ -777,7 +768,7 @@ fn run_in_sandbox(
         turn_number: turn.number,
         deadline,
         context_env: context.env(),
-        image_env: image_env.to_vec(),
+        base_env: prepared.env(user.as_ref()),
         workdir: workdir.clone(),
         user,
         store: &mut turn.store,
@@ -907,7 +898,7 @@ fn run_in_sandbox(
             None
         }
         (_, Some(step), true) => match sandbox.destroy_keeping() {
-            Ok(path) => Some((path, step)),
+            Ok(kept) => Some((kept, step)),
             Err(e) => {
                 observer.event(Event::Warning(&format!(
                     "the workspace could not be kept for --resume: {e}"
@@ -967,19 +958,6 @@ fn not_run_record(step: &Step) -> StepRecord {
     }
 }
 
-/// The environment every step starts from; the document's `env` and secrets come on top.
-const BASE_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
-    ("HOME", "/root"),
-    ("USER", "root"),
-    ("LANG", "C.UTF-8"),
-    ("TERM", "dumb"),
-    ("UPSTREAM", "1"),
-];
-
 /// Where steps' scripts and `$UPSTREAM_OUTPUT` files live inside the sandbox.
 const SANDBOX_RUN_DIR: &str = "/run/upstream";
 
@@ -992,8 +970,9 @@ struct StepRunner<'a> {
     deadline: Option<Instant>,
     /// `UPSTREAM_CTX_*`: outputs of earlier turns, then of earlier steps of this one.
     context_env: BTreeMap<String, String>,
-    /// The image's environment, under the document's.
-    image_env: Vec<(String, String)>,
+    /// What every step starts with: the base environment, the image's user and the
+    /// image's environment, under the document's.
+    base_env: BTreeMap<String, String>,
     /// Where steps start.
     workdir: String,
     /// The image's user, whom steps run as (root when `None`).
@@ -1125,17 +1104,7 @@ pub fn context_variable(key: &str) -> String {
 impl StepRunner<'_> {
     fn env(&self, step: &Step) -> Vec<(String, String)> {
         let fm = self.document.front_matter();
-        let mut env: BTreeMap<String, String> = BASE_ENV
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        if let Some(user) = &self.user {
-            env.insert("HOME".into(), user.home.clone());
-            env.insert("USER".into(), user.name.clone());
-        }
-        for (k, v) in &self.image_env {
-            env.insert(k.clone(), v.clone());
-        }
+        let mut env = self.base_env.clone();
         env.insert("UPSTREAM_TURN".into(), self.turn_id.to_string());
         env.insert("UPSTREAM_STEP".into(), step.number.to_string());
         env.insert("UPSTREAM_OUTPUT".into(), output_path(step));

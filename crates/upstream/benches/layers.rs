@@ -17,9 +17,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use upstream_backend_ns::NamespaceBackend;
 use upstream_image::{Compression, Owners, unpack_layer};
-use upstream_sandbox::{Backend, ExecRequest, Image, SandboxSpec};
+use upstream_sandbox::{ExecRequest, Image, SandboxSpec};
 
 fn main() {
     let Some(layout) = std::env::var_os("UPSTREAM_BENCH_LAYOUT").map(PathBuf::from) else {
@@ -97,7 +96,7 @@ fn main() {
 
     // Start: the rootfs as one lower against the layers as lowers.
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_upstream"));
-    let backend = NamespaceBackend::new(exe).unwrap();
+    let backend = upstream_backend_ns::open(exe).unwrap();
     let one = vec![work.path().join("assembled")];
     let many: Vec<PathBuf> = (0..layers.len())
         .map(|i| work.path().join("stacked").join(i.to_string()))

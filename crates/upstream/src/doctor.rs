@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use upstream_backend_ns::{NamespaceBackend, probe};
-use upstream_sandbox::{Backend, ExecRequest, SandboxSpec};
+use upstream_backend_ns::probe;
+use upstream_sandbox::{ExecRequest, SandboxSpec};
 
 struct Line {
     name: String,
@@ -48,7 +48,7 @@ pub fn doctor() -> u8 {
 
 fn try_sandbox() -> Line {
     let name = "sandbox".to_string();
-    let result = NamespaceBackend::new(PathBuf::from("/proc/self/exe")).and_then(|backend| {
+    let result = crate::backends::open_here().and_then(|backend| {
         let mut sandbox = backend.create(&SandboxSpec::default())?;
         let request = ExecRequest {
             argv: vec!["/bin/true".into()],

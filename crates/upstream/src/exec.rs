@@ -1,11 +1,9 @@
 //! `upstream exec`: one command in a fresh sandbox, its output streamed, its exit code passed on.
 
 use std::io::Write;
-use std::path::PathBuf;
 
-use upstream_backend_ns::NamespaceBackend;
 use upstream_sandbox::{
-    Backend, ExecRequest, ExitStatus, Image, Limits, NetworkMode, SandboxError, SandboxSpec, Stream,
+    ExecRequest, ExitStatus, Limits, NetworkMode, SandboxError, SandboxSpec, Stream,
 };
 
 use crate::cli::ExecArgs;
@@ -16,45 +14,21 @@ const EXEC_FAILED: u8 = 125;
 const TIMED_OUT: u8 = 124;
 
 pub fn exec(args: ExecArgs) -> u8 {
-    let mut config = upstream_image::ImageConfig::default();
-    let mut user = None;
-    let image = if args.image == "host" {
-        Image::Host
-    } else {
-        // From the cache when it has the image; pulled otherwise.
-        let reference = match upstream_image::Reference::parse(&args.image) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXEC_FAILED;
-            }
-        };
-        let source = crate::run::image_source(&[], false);
-        struct Quiet;
-        impl upstream_image::PullProgress for Quiet {
-            fn layer(&mut self, _: &str, _: u64, _: bool) {}
-        }
-        let pulled = upstream_image::pull(&reference, &source.cache, &source.pull, &mut Quiet)
-            .map_err(|e| e.to_string())
-            .and_then(|pulled| {
-                user = pulled.config.user(&pulled.rootfs)?;
-                Ok(pulled)
-            });
-        match pulled {
-            Ok(pulled) => {
-                config = pulled.config;
-                Image::Layers {
-                    reference: args.image.clone(),
-                    layers: vec![pulled.rootfs],
-                }
-            }
-            Err(e) => {
-                eprintln!("error: cannot run image `{}`: {e}", args.image);
-                return EXEC_FAILED;
-            }
+    // From the cache when it has the image; pulled otherwise.
+    struct Quiet;
+    impl upstream_image::PullProgress for Quiet {
+        fn layer(&mut self, _: &str, _: u64, _: bool) {}
+    }
+    let source = crate::run::image_source(&[], false);
+    let prepared = match upstream_turn::image::prepare(&args.image, Some(&source), &mut Quiet) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXEC_FAILED;
         }
     };
-    let backend = match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
+    let image = prepared.image.clone();
+    let backend = match crate::backends::open_here() {
         Ok(b) => b,
         Err(e) => return failed(&e),
     };
@@ -84,35 +58,14 @@ pub fn exec(args: ExecArgs) -> u8 {
     }
     crate::interrupt::stop_on_signal(sandbox.interrupter());
     // The image's user, when the sandbox has its ids (a rootless one maps only its root).
-    let ids = sandbox.info().ids;
-    if let Some(u) = user.take_if(|u| u.uid >= ids || u.gid >= ids) {
-        eprintln!(
-            "warning: the image's user {} ({}:{}) does not exist in a rootless sandbox; \
-             the command runs as root",
-            u.name, u.uid, u.gid
-        );
-    }
-    let mut env: Vec<(String, String)> = vec![
-        (
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ),
-        ("HOME".into(), "/root".into()),
-        ("LANG".into(), "C.UTF-8".into()),
-    ];
-    if let Some(u) = &user {
-        env[1].1 = u.home.clone();
-        env.push(("USER".into(), u.name.clone()));
+    let (user, warning) = prepared.user_in(sandbox.info().ids);
+    if let Some(warning) = warning {
+        eprintln!("warning: {warning}");
     }
     // Later settings win: the image's over the defaults, `--env` over the image's.
-    for (key, value) in config.env.into_iter().chain(args.env) {
-        env.retain(|(k, _)| *k != key);
-        env.push((key, value));
-    }
-    let cwd = args
-        .workdir
-        .or(config.working_dir)
-        .unwrap_or_else(|| upstream_doc::front_matter::DEFAULT_WORKDIR.to_string());
+    let mut env = prepared.env(user.as_ref());
+    env.extend(args.env);
+    let cwd = args.workdir.unwrap_or_else(|| prepared.workdir());
     let stdin = match (!args.no_stdin).then(piped_stdin).unwrap_or(Ok(Vec::new())) {
         Ok(data) => data,
         Err(message) => {
@@ -127,7 +80,7 @@ pub fn exec(args: ExecArgs) -> u8 {
     let request = ExecRequest {
         argv: args.command,
         stdin,
-        env,
+        env: env.into_iter().collect(),
         cwd,
         timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
         files: Vec::new(),

@@ -3,6 +3,7 @@
 // The binary is where output is decided; the libraries below it never print.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod backends;
 mod cli;
 mod daemon_records;
 mod doctor;

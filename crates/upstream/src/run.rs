@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use upstream_backend_ns::NamespaceBackend;
 use upstream_doc::{Document, terminal};
 use upstream_sandbox::SandboxError;
 use upstream_turn::wire::TurnEvent;
@@ -53,7 +52,7 @@ pub fn run(args: RunArgs) -> u8 {
     };
     let backend = match client {
         Some(_) => None,
-        None => match NamespaceBackend::new(PathBuf::from("/proc/self/exe")) {
+        None => match crate::backends::open_here() {
             Ok(b) => Some(b),
             Err(e) => return sandbox_failed(&e),
         },
@@ -221,7 +220,7 @@ fn say_store(document: &Document, store: &Path, named: bool, resume: bool) {
 
 fn run_one(
     args: &RunArgs,
-    backend: &NamespaceBackend,
+    backend: &upstream_sandbox::SharedBackend,
     document: &Document,
     original: &[u8],
     cancel: &Cancel,
@@ -237,7 +236,7 @@ fn run_one(
     let turn = match upstream_turn::run(
         document,
         original,
-        backend,
+        &**backend,
         &options,
         &mut progress,
         cancel,

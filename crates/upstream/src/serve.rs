@@ -86,6 +86,16 @@ pub fn serve(args: ServeArgs) -> u8 {
             return exit::SANDBOX;
         }
     };
+    let backend = match crate::backends::open(init_exe) {
+        Ok(backend) => backend,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            return exit::SANDBOX;
+        }
+    };
     let mut images = crate::run::image_source(&args.insecure_registry, false);
     // Tenants name the images: only public registries, and those the operator names.
     images.pull.registries = upstream_image::RegistryPolicy::Public {
@@ -109,7 +119,6 @@ pub fn serve(args: ServeArgs) -> u8 {
         listen: args.listen,
         socket: socket.clone(),
         state_dir: state,
-        init_exe,
         pools: args.pool,
         max_sandboxes: args.max_sandboxes,
         max_per_tenant: args.max_per_tenant,
@@ -127,7 +136,7 @@ pub fn serve(args: ServeArgs) -> u8 {
         max_body: args.max_body.min(usize::MAX as u64) as usize,
         images,
     };
-    let served = upstream_server::serve(config, |addresses| {
+    let served = upstream_server::serve(config, backend, |addresses| {
         let listening: Vec<String> = addresses.iter().map(|a| format!("http://{a}")).collect();
         let pools = if pools.is_empty() {
             "no warm pools".to_string()

@@ -678,8 +678,20 @@ pub fn context(command: ContextCommand) -> u8 {
             };
             match store.remove_context(&name) {
                 Ok((turns, kept)) => {
-                    for dir in kept {
-                        upstream_backend_ns::discard_kept_dir(&dir);
+                    if !kept.is_empty() {
+                        match crate::backends::open_here() {
+                            Ok(backend) => {
+                                for kept in
+                                    kept.iter().filter_map(|k| upstream_sandbox::Kept::parse(k))
+                                {
+                                    backend.discard_kept(&kept);
+                                }
+                            }
+                            // What stays is reclaimed by `upstream gc` on a host that can.
+                            Err(e) => eprintln!(
+                                "warning: the workspaces its turns kept for resuming stay until `upstream gc`: {e}"
+                            ),
+                        }
                     }
                     eprintln!(
                         "Removed context {name} and its {turns} turn{}; `upstream gc` frees their stored content",
@@ -697,14 +709,20 @@ pub fn gc(args: GcArgs) -> u8 {
     // Workspaces kept for resuming by turns whose store or record is gone, whichever store
     // kept them: nothing can resume them any more. Those the store here records are its
     // own, though it was moved since.
-    let kept_sets = upstream_backend_ns::kept_sets();
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    upstream_turn::kept::adopt(
-        &kept_sets,
-        &upstream_store::locate(&cwd, args.store.store.as_deref()),
-    );
-    let reclaimed =
-        upstream_turn::kept::reclaim(&kept_sets, &upstream_backend_ns::discard_kept_dir);
+    // A host that cannot make sandboxes has kept nothing either.
+    let reclaimed = match crate::backends::open_here() {
+        Ok(backend) => {
+            let kept = backend.kept();
+            let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+            upstream_turn::kept::adopt(
+                &*backend,
+                &kept,
+                &upstream_store::locate(&cwd, args.store.store.as_deref()),
+            );
+            upstream_turn::kept::reclaim(&*backend, &kept)
+        }
+        Err(_) => 0,
+    };
     if reclaimed > 0 && !args.json {
         eprintln!(
             "Removed {reclaimed} workspace{} kept for resuming turns whose store or record is gone",

@@ -2106,3 +2106,34 @@ fn a_request_whose_helper_ends_fails_alone_and_the_sandbox_runs_on() {
     let (_, listed) = api.get(&format!("/v1/sandboxes/{sid}"));
     assert_eq!(listed["state"], "running", "{listed}");
 }
+
+/// A step, `upstream exec` and a command over HTTP start from one environment: the base
+/// one (`turn/src/image.rs`), whatever runs them.
+#[test]
+fn a_step_exec_and_a_command_over_http_start_with_the_same_environment() {
+    crate::require_root_sandbox!();
+    let env = Env::new();
+    let show = r#"printf '%s|' "$PATH" "$HOME" "$USER" "$LANG" "$TERM" "$UPSTREAM""#;
+    let expected =
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/root|root|C.UTF-8|dumb|1|";
+
+    let doc = env.write("env.md", format!("```bash\n{show}\n```\n"));
+    let out = env.upstream(&["run", doc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", crate::util::stderr(&out));
+    let step = crate::util::result_block(&std::fs::read_to_string(&doc).unwrap(), 1);
+    assert!(step.contains(expected), "the step saw: {step}");
+
+    let out = env.upstream(&["exec", "--", "sh", "-c", show]);
+    assert!(out.status.success(), "{}", crate::util::stderr(&out));
+    assert_eq!(crate::util::stdout(&out), expected, "upstream exec");
+
+    let daemon = Daemon::start(&env, &[]);
+    let api = daemon.client(&daemon.key("t", "acme"));
+    let sid = id(&api.create(json!({})));
+    assert_eq!(
+        api.exec(&sid, &["sh", "-c", show])["stdout"],
+        expected,
+        "over HTTP"
+    );
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{sid}")), 204);
+}
