@@ -267,3 +267,62 @@ fn done(response: Response) -> Result<(), Response> {
         other => Err(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose agent side has already said `from_agent`; what the client writes
+    /// is kept.
+    struct Canned {
+        from_agent: std::io::Cursor<Vec<u8>>,
+        from_host: Vec<u8>,
+    }
+
+    impl Read for Canned {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.from_agent.read(buf)
+        }
+    }
+
+    impl Write for Canned {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.from_host.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn agent_saying(version: u32) -> AgentClient<Canned> {
+        let mut wire = Vec::new();
+        write_hello(&mut wire).unwrap();
+        let at = wire.len() - 4;
+        wire[at..].copy_from_slice(&version.to_le_bytes());
+        write_frame(&mut wire, &Response::Ready).unwrap();
+        AgentClient::new(Canned {
+            from_agent: std::io::Cursor::new(wire),
+            from_host: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn an_agent_of_another_version_is_a_clear_error_and_this_one_is_ready() {
+        use upstream_agent::protocol::PROTOCOL_VERSION;
+        let mut client = agent_saying(PROTOCOL_VERSION + 1);
+        let e = client.wait_ready().unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "protocol version {} and this upstream speaks version {PROTOCOL_VERSION}",
+                PROTOCOL_VERSION + 1
+            )),
+            "{e}"
+        );
+        // The control: this version's agent is ready, and was greeted first.
+        let mut client = agent_saying(PROTOCOL_VERSION);
+        client.wait_ready().unwrap();
+        let mut sent = &client.conn.from_host[..];
+        assert!(read_hello(&mut sent).unwrap());
+    }
+}
