@@ -66,6 +66,8 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
     let mut sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
     let score = match role {
         Role::Agent => Score::open(),
+        // Raised when the helper started, if it could be (`fork_helper`).
+        Role::Helper if own_score_is_the_commands() => Score::Commands,
         Role::Helper => Score::Child,
     };
     write_hello(&mut conn)?;
@@ -296,8 +298,40 @@ fn fork_helper(socket: OwnedFd, main: &UnixStream) -> io::Result<()> {
     match unsafe { fork() }? {
         ForkResult::Child => {
             // The first connection is the agent's alone: a helper holding it would keep
-            // the host from seeing the agent go away.
-            let _ = nix::unistd::close(main.as_raw_fd());
+            // the host from seeing the agent go away. Nor does a helper keep anything else
+            // of the agent's (its score, its signalfd, its standard streams): only its own
+            // connection, at 3.
+            let _ = main;
+            let socket = std::os::fd::IntoRawFd::into_raw_fd(socket);
+            let kept = (|| -> Result<OwnedFd, Errno> {
+                // SAFETY: fcntl, open, dup2 and close_range on descriptors of this helper
+                // only. The connection first goes out of the way (to 10 or above), then
+                // /dev/null onto 0 to 2, the connection to 3, and everything above closes.
+                unsafe {
+                    let high = libc::fcntl(socket, libc::F_DUPFD_CLOEXEC, 10);
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                    if high < 0 || null < 0 {
+                        return Err(Errno::last());
+                    }
+                    for target in 0..3 {
+                        if null != target && libc::dup2(null, target) != target {
+                            return Err(Errno::last());
+                        }
+                    }
+                    if libc::dup2(high, 3) != 3
+                        || libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) != 0
+                        || libc::syscall(libc::SYS_close_range, 4, libc::c_uint::MAX, 0) != 0
+                    {
+                        return Err(Errno::last());
+                    }
+                    Ok(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(3))
+                }
+            })();
+            let Ok(socket) = kept else {
+                // SAFETY: _exit ends the helper without running anything of the agent's.
+                unsafe { libc::_exit(1) }
+            };
+            raise_own_score();
             let code = i32::from(serve_as(UnixStream::from(socket), Role::Helper).is_err());
             // SAFETY: _exit ends the helper without running anything of the agent's.
             unsafe { libc::_exit(code) }
@@ -682,15 +716,26 @@ fn spawn(
     }
     let raised = match score {
         Score::Own(own) if alone() => own.raise(),
-        Score::Own(_) | Score::Child => None,
+        Score::Own(_) | Score::Child | Score::Commands => None,
     };
+    let inherits = matches!(score, Score::Commands);
     let spawned = match (&raised, req.user) {
-        (Some(raised), None) => {
-            spawn_vfork(raised, &path, &argv, &envp, &stdin, out_write, err_write)
+        (Some(raised), None) => spawn_vfork(
+            Some(raised),
+            &path,
+            &argv,
+            &envp,
+            &stdin,
+            out_write,
+            err_write,
+        ),
+        (None, None) if inherits => {
+            spawn_vfork(None, &path, &argv, &envp, &stdin, out_write, err_write)
         }
         (raised, user) => spawn_child(
             user,
             raised.as_ref(),
+            inherits,
             &path,
             &argv,
             &envp,
@@ -765,8 +810,11 @@ const COMMAND_OOM_SCORE: &[u8] = b"1000";
 enum Score {
     /// Through the agent's own score, raised while it starts the command (see [`Raised`]).
     Own(OwnScore),
-    /// The child raises its own before exec: a helper has no [`OwnScore`].
+    /// The child raises its own before exec: for an agent that could not open its own.
     Child,
+    /// This process runs at the commands' score already (a helper raised its own when it
+    /// started, [`raise_own_score`]): a child inherits it.
+    Commands,
 }
 
 impl Score {
@@ -785,7 +833,7 @@ impl Score {
 /// `/proc` files the host's, so it cannot open its own score as it is. It opens it when it
 /// starts serving, the one moment it may be dumpable for two system calls: no other process
 /// of the sandbox exists yet that could reach it through `/proc` meanwhile. A helper, forked
-/// later, could not do the same safely, and uses [`Score::Child`].
+/// later, holds no such descriptor: it raises its own score for good ([`raise_own_score`]).
 struct OwnScore {
     file: fs::File,
 }
@@ -822,6 +870,33 @@ impl OwnScore {
             len,
         })
     }
+}
+
+/// A helper, just forked, raises its own score to the commands', so that what it starts
+/// inherits it (`CLONE_VFORK`, as the agent starts commands when it is alone) and no child
+/// has to raise its own. It is dumpable for the three calls that takes, as a command's
+/// forked child is before its exec, and holds nothing by then but a copy of the agent's
+/// memory and its own connection; a helper the kernel takes for want of memory ends only
+/// its session. Should it fail, the helper's children raise their own ([`Score::Child`]).
+fn raise_own_score() {
+    if nix::sys::prctl::set_dumpable(true).is_err() {
+        return;
+    }
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/oom_score_adj")
+        .and_then(|mut f| f.write_all(COMMAND_OOM_SCORE));
+    if nix::sys::prctl::set_dumpable(false).is_err() {
+        // Never serve dumpable: the sandbox could reach the helper's connection.
+        // SAFETY: _exit ends the helper before it serves anything.
+        unsafe { libc::_exit(1) }
+    }
+}
+
+/// Whether this process's score is the commands'.
+fn own_score_is_the_commands() -> bool {
+    fs::read("/proc/self/oom_score_adj")
+        .is_ok_and(|score| score.trim_ascii_end() == COMMAND_OOM_SCORE)
 }
 
 /// Whether no other process of the sandbox exists: the agent is its pid 1 and has no
@@ -891,7 +966,7 @@ impl Drop for Raised<'_> {
 /// goes into a process group of its own with an empty signal mask and default SIGPIPE, and
 /// execs. It makes only system calls, on data the agent made before.
 fn spawn_vfork(
-    raised: &Raised<'_>,
+    raised: Option<&Raised<'_>>,
     path: &Path,
     argv: &[CString],
     envp: &[CString],
@@ -916,7 +991,7 @@ fn spawn_vfork(
             // SAFETY: ends the child without running anything of the agent's.
             unsafe { libc::_exit(127) }
         };
-        if !raised.restore() {
+        if raised.is_some_and(|raised| !raised.restore()) {
             fail();
         }
         // SAFETY: system calls on descriptors and buffers the agent made and keeps until
@@ -968,13 +1043,14 @@ fn spawn_vfork(
 
 /// Starts a command: fork (the agent is single-threaded, so the child may run any code),
 /// put the agent's score back when it is `raised` for the child, else give the child the
-/// commands' OOM score itself (a helper, see [`Score::Child`]), put it in a process group of
+/// commands' OOM score itself unless it `inherits` it ([`Score::Commands`]), put it in a process group of
 /// its own with an empty signal mask and default SIGPIPE, drop to `user` when one is given
 /// (the child loses every capability when it leaves uid 0), then exec. An error of the child before exec is the spawn's error.
 #[allow(clippy::too_many_arguments)]
 fn spawn_child(
     user: Option<(u32, u32)>,
     raised: Option<&Raised<'_>>,
+    inherits: bool,
     path: &Path,
     argv: &[CString],
     envp: &[CString],
@@ -1059,7 +1135,7 @@ fn spawn_child(
                 // before exec) the host's: this child becomes dumpable, as exec would make
                 // it anyway, so that it can raise its own OOM score. Raising needs no
                 // privilege. Until exec it holds nothing but a copy of the agent's memory.
-                if raised.is_none() {
+                if raised.is_none() && !inherits {
                     nix::sys::prctl::set_dumpable(true)?;
                     let score = nix::fcntl::open(
                         "/proc/self/oom_score_adj",
@@ -1477,6 +1553,36 @@ mod tests {
         assert!(read_hello(&mut host).unwrap(), "a helper greets first");
         write_hello(&mut host).unwrap();
         host
+    }
+
+    /// A command on a second connection has the commands' score from its helper, which
+    /// runs at it too (so commands there start without a fork); the agent does not.
+    #[test]
+    fn a_helper_and_its_commands_have_the_commands_score_and_the_agent_keeps_its_own() {
+        let scores = "c=$(cat /proc/$$/oom_score_adj); h=$(cat /proc/$PPID/oom_score_adj); \
+                      a=$(cut -d' ' -f4 /proc/$PPID/stat); echo $c $h $(cat /proc/$a/oom_score_adj)";
+        with_agent(|conn| {
+            let mut second = connect(conn);
+            assert_eq!(read_frame(&mut second).unwrap(), Some(Response::Ready));
+            let got = request(
+                &mut second,
+                &Request::Exec(exec(&["sh", "-c", scores], None)),
+            );
+            let said = String::from_utf8(output_of(&got, Stream::Stdout)).unwrap();
+            let said: Vec<&str> = said.split_whitespace().collect();
+            assert_eq!(
+                said[..2],
+                ["1000", "1000"],
+                "the command's and its helper's"
+            );
+            assert_ne!(said[2], "1000", "the agent's");
+            // The control: on the first connection the command's parent is the agent.
+            let got = request(conn, &Request::Exec(exec(&["sh", "-c", scores], None)));
+            let said = String::from_utf8(output_of(&got, Stream::Stdout)).unwrap();
+            let said: Vec<&str> = said.split_whitespace().collect();
+            assert_eq!(said[0], "1000", "the command's");
+            assert_ne!(said[1], "1000", "the agent's");
+        });
     }
 
     #[test]
