@@ -752,7 +752,8 @@ fn spawn(
         Errno::ENOENT => format!("`{program}` was not found in the sandbox"),
         Errno::EACCES => format!("cannot start `{program}`: permission denied"),
         Errno::ETIMEDOUT => format!(
-            "`{program}` did not start within {} s: its process was stopped or could not run              before exec, and was killed",
+            "`{program}` did not start within {} s: its process was stopped or could not run \
+             before exec, and was killed",
             CHILD_START.as_secs()
         ),
         e => sys("fork", e),
