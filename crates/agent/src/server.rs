@@ -720,8 +720,9 @@ fn spawn(
     };
     let inherits = matches!(score, Score::Commands);
     let spawned = match (&raised, req.user) {
-        (Some(raised), None) => spawn_vfork(
-            Some(raised),
+        // The child has the commands' score from this process: raised for it, or for good.
+        (raised, None) if raised.is_some() || inherits => spawn_vfork(
+            raised.as_ref(),
             &path,
             &argv,
             &envp,
@@ -729,9 +730,6 @@ fn spawn(
             out_write,
             err_write,
         ),
-        (None, None) if inherits => {
-            spawn_vfork(None, &path, &argv, &envp, &stdin, out_write, err_write)
-        }
         (raised, user) => spawn_child(
             user,
             raised.as_ref(),
