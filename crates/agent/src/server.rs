@@ -47,7 +47,7 @@ pub enum AgentError {
 /// read from a signalfd, and another thread that does not block it could take the signal
 /// first, leaving an exited command unnoticed.
 pub fn serve(conn: UnixStream) -> Result<(), AgentError> {
-    serve_as(conn, Role::Agent)
+    serve_as(conn, Role::Agent, Score::open())
 }
 
 /// Who serves a connection.
@@ -59,17 +59,11 @@ enum Role {
     Helper,
 }
 
-fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
+fn serve_as(mut conn: UnixStream, role: Role, score: Score) -> Result<(), AgentError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block()?;
     let mut sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-    let score = match role {
-        Role::Agent => Score::open(),
-        // Raised when the helper started, if it could be (`fork_helper`).
-        Role::Helper if own_score_is_the_commands() => Score::Commands,
-        Role::Helper => Score::Child,
-    };
     write_hello(&mut conn)?;
     write_frame(&mut conn, &Response::Ready)?;
     // The host greets before its first request; one of another version is told so by its
@@ -119,7 +113,7 @@ fn serve_as(mut conn: UnixStream, role: Role) -> Result<(), AgentError> {
                 write_frame(&mut conn, &Response::Error { message })?;
             }
             Request::Connect => {
-                let reply = match receive_socket(&conn).and_then(|h| fork_helper(h, &conn)) {
+                let reply = match receive_socket(&conn).and_then(fork_helper) {
                     Ok(()) => Response::Done,
                     Err(e) => Response::Error {
                         message: format!("cannot serve another connection: {e}"),
@@ -292,7 +286,7 @@ fn receive_socket(conn: &UnixStream) -> io::Result<OwnedFd> {
 }
 
 /// Forks a helper that serves `socket` and exits when it is done.
-fn fork_helper(socket: OwnedFd, main: &UnixStream) -> io::Result<()> {
+fn fork_helper(socket: OwnedFd) -> io::Result<()> {
     use nix::unistd::{ForkResult, fork};
     // SAFETY: the agent is its process's only thread, so the child starts consistent.
     match unsafe { fork() }? {
@@ -301,7 +295,6 @@ fn fork_helper(socket: OwnedFd, main: &UnixStream) -> io::Result<()> {
             // the host from seeing the agent go away. Nor does a helper keep anything else
             // of the agent's (its score, its signalfd, its standard streams): only its own
             // connection, at 3.
-            let _ = main;
             let socket = std::os::fd::IntoRawFd::into_raw_fd(socket);
             let kept = (|| -> Result<OwnedFd, Errno> {
                 // SAFETY: fcntl, open, dup2 and close_range on descriptors of this helper
@@ -331,8 +324,11 @@ fn fork_helper(socket: OwnedFd, main: &UnixStream) -> io::Result<()> {
                 // SAFETY: _exit ends the helper without running anything of the agent's.
                 unsafe { libc::_exit(1) }
             };
-            raise_own_score();
-            let code = i32::from(serve_as(UnixStream::from(socket), Role::Helper).is_err());
+            let score = match raise_own_score() {
+                true => Score::Commands,
+                false => Score::Child,
+            };
+            let code = i32::from(serve_as(UnixStream::from(socket), Role::Helper, score).is_err());
             // SAFETY: _exit ends the helper without running anything of the agent's.
             unsafe { libc::_exit(code) }
         }
@@ -876,26 +872,23 @@ impl OwnScore {
 /// has to raise its own. It is dumpable for the three calls that takes, as a command's
 /// forked child is before its exec, and holds nothing by then but a copy of the agent's
 /// memory and its own connection; a helper the kernel takes for want of memory ends only
-/// its session. Should it fail, the helper's children raise their own ([`Score::Child`]).
-fn raise_own_score() {
+/// its session. Whether it could: if not, the helper's children raise their own
+/// ([`Score::Child`]).
+fn raise_own_score() -> bool {
     if nix::sys::prctl::set_dumpable(true).is_err() {
-        return;
+        return false;
     }
-    let _ = fs::OpenOptions::new()
+    let raised = fs::OpenOptions::new()
         .write(true)
         .open("/proc/self/oom_score_adj")
-        .and_then(|mut f| f.write_all(COMMAND_OOM_SCORE));
+        .and_then(|mut f| f.write_all(COMMAND_OOM_SCORE))
+        .is_ok();
     if nix::sys::prctl::set_dumpable(false).is_err() {
         // Never serve dumpable: the sandbox could reach the helper's connection.
         // SAFETY: _exit ends the helper before it serves anything.
         unsafe { libc::_exit(1) }
     }
-}
-
-/// Whether this process's score is the commands'.
-fn own_score_is_the_commands() -> bool {
-    fs::read("/proc/self/oom_score_adj")
-        .is_ok_and(|score| score.trim_ascii_end() == COMMAND_OOM_SCORE)
+    raised
 }
 
 /// Whether no other process of the sandbox exists: the agent is its pid 1 and has no

@@ -421,7 +421,7 @@ fn is_root_of(dir: &OwnedFd, image: &Path) -> bool {
     if !ext4 || st.st_ino != EXT4_ROOT_INO {
         return false;
     }
-    let Ok(image) = File::open(image).and_then(|f| Ok(nix::sys::stat::fstat(&f)?)) else {
+    let Ok(image) = nix::sys::stat::stat(image) else {
         return false;
     };
     // The device the directory is on, by its number: one open, not a look at every loop

@@ -11,8 +11,8 @@ pub mod testing;
 pub mod unpack;
 
 pub use pull::{
-    Cache, CachedImage, Credentials, ImageConfig, ImageUser, Pruned, PullError, PullOptions,
-    PullProgress, Pulled, pull,
+    Cache, CachedImage, Credentials, ImageConfig, ImageUser, NoProgress, Pruned, PullError,
+    PullOptions, PullProgress, Pulled, pull,
 };
 pub use reference::{Reference, ReferenceError};
 pub use registries::RegistryPolicy;

@@ -661,6 +661,14 @@ fn remove_all(path: &Path) -> io::Result<()> {
     fs::remove_dir_all(path)
 }
 
+/// Hears nothing of a pull: for callers that show no progress.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl PullProgress for NoProgress {
+    fn layer(&mut self, _: &str, _: u64, _: bool) {}
+}
+
 /// Reports a pull as it goes.
 pub trait PullProgress {
     /// The image is about to be looked up in the cache, and pulled if it is not there.

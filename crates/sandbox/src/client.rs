@@ -63,12 +63,18 @@ impl<S: Read + Write> AgentClient<S> {
         read_frame(&mut self.conn)?.ok_or(ClientError::Gone)
     }
 
-    /// Sends a request, after this side's greeting the first time.
-    fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+    /// Sends this side's greeting, unless it went out already.
+    fn greet(&mut self) -> Result<(), ClientError> {
         if !self.greeted {
             write_hello(&mut self.conn)?;
             self.greeted = true;
         }
+        Ok(())
+    }
+
+    /// Sends a request, after this side's greeting the first time.
+    fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        self.greet()?;
         write_frame(&mut self.conn, request)?;
         Ok(())
     }
@@ -83,10 +89,7 @@ impl<S: Read + Write> AgentClient<S> {
         if self.ready_at.is_some() {
             return Ok(());
         }
-        if !self.greeted {
-            write_hello(&mut self.conn)?;
-            self.greeted = true;
-        }
+        self.greet()?;
         if !read_hello(&mut self.conn)? {
             return Err(ClientError::Gone);
         }

@@ -13,7 +13,6 @@ pub use spec::{DEFAULT_HOSTNAME, Image, Kept, Limits, NetworkMode, SandboxSpec, 
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
 
 use std::os::fd::OwnedFd;
-
 use std::time::Duration;
 
 /// Errors from creating or using a sandbox.

@@ -756,18 +756,17 @@ impl Daemon {
             network: shape.network,
             ..SandboxSpec::default()
         };
-        struct Quiet;
-        impl upstream_image::PullProgress for Quiet {
-            fn layer(&mut self, _: &str, _: u64, _: bool) {}
-        }
-        let image =
-            upstream_turn::image::prepare(&shape.image, Some(&self.config.images), &mut Quiet)
-                .map_err(|e| match e {
-                    upstream_turn::image::PrepareError::Pull { source, .. } => {
-                        pull_error(&shape.image, source)
-                    }
-                    other => ApiError::bad_request(other.to_string()),
-                })?;
+        let image = upstream_turn::image::prepare(
+            &shape.image,
+            Some(&self.config.images),
+            &mut upstream_image::NoProgress,
+        )
+        .map_err(|e| match e {
+            upstream_turn::image::PrepareError::Pull { source, .. } => {
+                pull_error(&shape.image, source)
+            }
+            other => ApiError::bad_request(other.to_string()),
+        })?;
         let workdir = image.workdir();
         Ok(Prepared {
             spec: SandboxSpec {

@@ -164,14 +164,9 @@ mod tests {
         }
     }
 
-    struct Silent;
-    impl PullProgress for Silent {
-        fn layer(&mut self, _: &str, _: u64, _: bool) {}
-    }
-
     #[test]
     fn the_host_image_needs_no_cache_and_starts_in_the_workspace() {
-        let prepared = prepare("host", None, &mut Silent).unwrap();
+        let prepared = prepare("host", None, &mut upstream_image::NoProgress).unwrap();
         assert_eq!(prepared.image, Image::Host);
         assert_eq!(prepared.workdir(), "/workspace");
         assert!(prepared.user.is_none());
@@ -179,10 +174,10 @@ mod tests {
 
     #[test]
     fn an_image_without_a_cache_or_with_a_bad_name_is_refused_by_name() {
-        let e = prepare("python:3.12", None, &mut Silent).unwrap_err();
+        let e = prepare("python:3.12", None, &mut upstream_image::NoProgress).unwrap_err();
         assert!(matches!(e, PrepareError::NoCache { .. }), "{e}");
         assert!(e.to_string().contains("python:3.12"), "{e}");
-        let e = prepare("Not An Image", None, &mut Silent).unwrap_err();
+        let e = prepare("Not An Image", None, &mut upstream_image::NoProgress).unwrap_err();
         assert!(matches!(e, PrepareError::Reference { .. }), "{e}");
     }
 

@@ -232,8 +232,7 @@ impl Turn {
     }
 }
 
-/// Passes a pull's progress on to the turn's observer.
-/// A pull's progress as the observer's events; the image's name is the second field.
+/// Passes a pull's progress on to the turn's observer; the image's name is the second field.
 struct PullEvents<'a>(&'a mut dyn Observer, &'a str);
 
 impl upstream_image::PullProgress for PullEvents<'_> {
@@ -388,16 +387,21 @@ pub fn run(
         options.images.as_ref(),
         &mut PullEvents(observer, fm.image()),
     )
-    .map_err(|e| match e {
-        image::PrepareError::Pull { image, source } => TurnError::Pull { image, source },
-        other => TurnError::Sandbox(SandboxError::Image {
+    .map_err(|e| {
+        let reason = match e {
+            image::PrepareError::Pull { image, source } => {
+                return TurnError::Pull { image, source };
+            }
+            image::PrepareError::Reference { why, .. } => why,
+            image::PrepareError::Config { reason, .. } => reason,
+            image::PrepareError::NoCache { .. } => {
+                "this upstream has no image cache configured".to_string()
+            }
+        };
+        TurnError::Sandbox(SandboxError::Image {
             image: fm.image().to_string(),
-            reason: match other {
-                image::PrepareError::Reference { why, .. } => why,
-                image::PrepareError::Config { reason, .. } => reason,
-                other => other.to_string(),
-            },
-        }),
+            reason,
+        })
     })?;
     if let Some(pulled) = &prepared.pulled {
         observer.event(Event::Image {

@@ -15,12 +15,12 @@ const TIMED_OUT: u8 = 124;
 
 pub fn exec(args: ExecArgs) -> u8 {
     // From the cache when it has the image; pulled otherwise.
-    struct Quiet;
-    impl upstream_image::PullProgress for Quiet {
-        fn layer(&mut self, _: &str, _: u64, _: bool) {}
-    }
     let source = crate::run::image_source(&[], false);
-    let prepared = match upstream_turn::image::prepare(&args.image, Some(&source), &mut Quiet) {
+    let prepared = match upstream_turn::image::prepare(
+        &args.image,
+        Some(&source),
+        &mut upstream_image::NoProgress,
+    ) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");

@@ -88,13 +88,7 @@ pub fn serve(args: ServeArgs) -> u8 {
     };
     let backend = match crate::backends::open(init_exe) {
         Ok(backend) => backend,
-        Err(e) => {
-            eprintln!("error: {e}");
-            if let Some(hint) = e.hint() {
-                eprintln!("hint: {hint}");
-            }
-            return exit::SANDBOX;
-        }
+        Err(e) => return crate::run::sandbox_failed(&e),
     };
     let mut images = crate::run::image_source(&args.insecure_registry, false);
     // Tenants name the images: only public registries, and those the operator names.
