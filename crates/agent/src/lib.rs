@@ -4,7 +4,10 @@
 //! namespace backend, a virtio port for VMs — and does what the host asks: run a command and
 //! stream its output and exit status, signal it, read and write files, shut down.
 
+mod files;
 pub mod protocol;
+pub mod sandboxfs;
 mod server;
+pub mod tree;
 
 pub use server::{AgentError, serve};

@@ -25,6 +25,7 @@ pub enum Request {
     /// Create or replace a file (and its parent directories); answered by `Done` or `Error`.
     WriteFile {
         path: String,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         mode: u32,
     },
@@ -51,6 +52,193 @@ pub enum Request {
     /// it (`Ready` first, then `Exec`, `ReadFile` and `WriteFile`; commands there run
     /// alongside those of every other connection) and answers `Done` here.
     Connect,
+    /// What is at a path, not following a last link; answered by `Meta` (`None` where
+    /// nothing is, or a directory on the way is missing or no directory) or `Failed`.
+    Stat { at: At, reader: Option<Owner> },
+    /// A directory's entries, each with what it is, in name order; answered by any number of
+    /// `Entries`, then `Done` (or `Failed`).
+    List { at: At, reader: Option<Owner> },
+    /// Where a symlink points; answered by `Link` or `Failed`.
+    ReadLink { at: At, reader: Option<Owner> },
+    /// A regular file's bytes from `offset` up to the size it had when opened; answered by
+    /// `Opened`, any number of `Data`, then `Done` (or `Failed` instead of `Opened`, or
+    /// after some `Data` when a read fails).
+    Read {
+        at: At,
+        offset: u64,
+        reader: Option<Owner>,
+    },
+    /// Make a regular file; the host then sends its bytes as any number of `Data` and an
+    /// `End` (or an `Abort`, which leaves nothing of it), and the agent answers `Meta` of
+    /// what was made, or `Failed` — once, after `End` or `Abort`, whenever the failure
+    /// happened (no answer comes before, so a small file costs one round trip).
+    Create {
+        at: At,
+        /// Made with this mode (the umask does not apply), until `End` sets another.
+        mode: u32,
+        how: Create,
+        owner: Owner,
+    },
+    /// Bytes of the file a `Create` makes, at most [`DATA_CHUNK`].
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The end of a `Create`'s bytes: the file gets `mode` and `mtime_ns` where given.
+    End {
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+    },
+    /// The end of a `Create` that is not to be: nothing of the file stays.
+    Abort,
+    /// Make a directory with `mode` (that of a directory there already is left), and with
+    /// `parents` the directories above it that are missing (0755); answered by `Done` or
+    /// `Failed`.
+    MakeDir {
+        at: At,
+        mode: u32,
+        parents: bool,
+        owner: Owner,
+    },
+    /// Make a symlink, replacing a file or link of that name, with its own modification
+    /// time; answered by `Done` or `Failed`.
+    Symlink {
+        at: At,
+        target: String,
+        mtime_ns: i64,
+        owner: Owner,
+    },
+    /// Set a file's or directory's mode and modification time (never through a last link);
+    /// answered by `Done` or `Failed`.
+    SetMeta {
+        at: At,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+        owner: Owner,
+    },
+    /// Remove a file, a link or an empty directory — with `recursive`, a directory and all
+    /// below it; answered by `Done` or `Failed`.
+    Remove {
+        at: At,
+        recursive: bool,
+        owner: Owner,
+    },
+    /// Give a directory of the sandbox's root to `owner` (one of someone else's is left as
+    /// it is); answered by `Done` or `Failed`.
+    Give { at: At, owner: Owner },
+}
+
+/// The largest piece of a file in one `Data` frame.
+pub const DATA_CHUNK: usize = 256 << 10;
+
+/// Whom files belong to, and whose permissions a file operation obeys: a uid and gid of
+/// the sandbox (`(0, 0)`: its root). A `reader` of `None` reads with every permission, as
+/// a save of artifacts does.
+pub type Owner = (u32, u32);
+
+/// Where a file operation works.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum At {
+    /// An absolute path of the sandbox, resolved as in the sandbox but never out of it
+    /// (every link, the last name's too, leads back inside its root), which may cross its
+    /// mounts but must end on one of its own filesystems.
+    Root(String),
+    /// A path relative to a directory (itself resolved as `Root`), resolved below it with
+    /// no link on the way (nor as its last name) and no other mount.
+    Beneath { dir: String, path: String },
+}
+
+impl At {
+    /// The path as a user would name it.
+    pub fn display(&self) -> String {
+        match self {
+            At::Root(path) => path.clone(),
+            At::Beneath { dir, path } if path.is_empty() || path == "." => dir.clone(),
+            At::Beneath { dir, path } => format!("{}/{path}", dir.trim_end_matches('/')),
+        }
+    }
+}
+
+/// What a `Create` does with what is at its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Create {
+    /// Write beside the name and rename over it at `End`: a reader sees the old file or all
+    /// of the new one, and a create that fails leaves the old one. A regular file or nothing
+    /// may be there (a link is refused: files are not written through links).
+    Atomic,
+    /// Like `Atomic`, but a file, link or FIFO there is replaced, never followed, and the
+    /// file gets `mode` whatever was there.
+    AtomicReplacing,
+    /// Make the file in place (what is there, a file or a link, removed first): the fastest,
+    /// for a restore into a workspace nothing else uses.
+    InPlace,
+}
+
+/// What kind of entry a file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl Kind {
+    /// The kind of a `st_mode`.
+    pub fn of_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            _ => Kind::BlockDevice,
+        }
+    }
+
+    /// The kind in words: `a FIFO`, `a regular file`, …
+    pub fn what(self) -> &'static str {
+        match self {
+            Kind::File => "a regular file",
+            Kind::Dir => "a directory",
+            Kind::Symlink => "a symlink",
+            Kind::Fifo => "a FIFO",
+            Kind::Socket => "a socket",
+            Kind::CharDevice => "a character device",
+            Kind::BlockDevice => "a block device",
+        }
+    }
+}
+
+/// What a file is, as `lstat` tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub kind: Kind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Moved by the kernel on every change to the file; nothing in a sandbox can set it.
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Meta {
+    pub fn of(st: &nix::sys::stat::FileStat) -> Meta {
+        Meta {
+            kind: Kind::of_mode(st.st_mode),
+            mode: st.st_mode & 0o7777,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            ino: st.st_ino,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }
+    }
 }
 
 /// What a command's timeout kills.
@@ -83,6 +271,7 @@ pub struct ExecRequest {
     /// directory is given to them.
     pub user: Option<(u32, u32)>,
     /// The command's standard input; empty: `/dev/null`.
+    #[serde(with = "serde_bytes")]
     pub stdin: Vec<u8>,
     /// What the timeout kills.
     pub timeout_kills: Scope,
@@ -99,6 +288,7 @@ pub struct Collect {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSpec {
     pub path: String,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub mode: u32,
 }
@@ -138,6 +328,7 @@ pub enum Response {
     },
     Output {
         stream: Stream,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Exited {
@@ -148,6 +339,7 @@ pub enum Response {
         collected: Option<Result<Vec<u8>, String>>,
     },
     File {
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// How a background command ended, or `None` while it still runs.
@@ -158,11 +350,28 @@ pub enum Response {
     Error {
         message: String,
     },
+    /// What is at a path (`Stat`), or what a `Create` made.
+    Meta(Option<Meta>),
+    /// Some of a directory's entries.
+    Entries(Vec<(String, Meta)>),
+    /// Where a symlink points.
+    Link(String),
+    /// The file a `Read` opened, as it was then: its bytes follow.
+    Opened(Meta),
+    /// Bytes of a file being read, at most [`DATA_CHUNK`].
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A file operation failed: with the error number the kernel gave, or, where upstream
+    /// refused to touch the entry, what it is (`a FIFO`, `on procfs`, …).
+    Failed {
+        errno: Option<i32>,
+        refused: Option<String>,
+        message: String,
+    },
 }
 
 /// The version of this protocol. Any change to [`Request`], [`Response`] or what they
 /// carry that an older peer would decode differently takes the next number.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What a greeting ([`write_hello`]) starts with, so that a peer that speaks something else
 /// entirely is told apart from one of another version.

@@ -73,6 +73,7 @@ fn serve_as(mut conn: UnixStream, role: Role, score: Score) -> Result<(), AgentE
         return Ok(());
     }
     let mut background = Background::default();
+    let mut tree = None;
     loop {
         // Between requests, children that end (background commands, helpers whose host
         // closed their connection) are reaped as they end, not left as zombies until the
@@ -83,6 +84,21 @@ fn serve_as(mut conn: UnixStream, role: Role, score: Score) -> Result<(), AgentE
             return Ok(());
         };
         match request {
+            request @ (Request::Stat { .. }
+            | Request::List { .. }
+            | Request::ReadLink { .. }
+            | Request::Read { .. }
+            | Request::Create { .. }
+            | Request::Data(_)
+            | Request::End { .. }
+            | Request::Abort
+            | Request::MakeDir { .. }
+            | Request::Symlink { .. }
+            | Request::SetMeta { .. }
+            | Request::Remove { .. }
+            | Request::Give { .. }) => {
+                crate::files::serve(&mut conn, &mut tree, request)?;
+            }
             Request::Exec(exec) => {
                 match run(&mut conn, &mut sigchld, &exec, &score, &mut background)? {
                     Flow::Continue => {}

@@ -611,7 +611,7 @@ impl SandboxDir {
             if let Some(kept) = resume {
                 let _ = fs::rename(&image, kept.join(IMAGE));
             }
-            let _ = upstream_sandbox::hostfs::remove_all(path);
+            let _ = upstream_sandbox::sandboxfs::remove_all(path);
             return Err(e);
         }
         Ok(SandboxDir {
@@ -681,7 +681,7 @@ pub(crate) fn end(
             fs::create_dir_all(&target)?;
             fs::rename(dir.path.join(IMAGE), target.join(IMAGE))?;
             if let Some(old) = resumed_from {
-                let _ = upstream_sandbox::hostfs::remove_all(&old);
+                let _ = upstream_sandbox::sandboxfs::remove_all(&old);
             }
             kept = Some(target);
         }
@@ -689,7 +689,7 @@ pub(crate) fn end(
             layers.forget_resume(data);
             layers.remove(data);
             if let Some(old) = resumed_from {
-                let _ = upstream_sandbox::hostfs::remove_all(&old);
+                let _ = upstream_sandbox::sandboxfs::remove_all(&old);
             }
         }
         Ending::Return => give_back(&dir.path),
@@ -723,7 +723,7 @@ fn give_back(path: &Path) {
 /// overlay leaves, which would stop the next mount) go, and empty ones take their place.
 fn tidy(data: &Path) {
     for sub in ["layers", "rootlayers", "upper", "work"] {
-        let _ = upstream_sandbox::hostfs::remove_all(&data.join(sub));
+        let _ = upstream_sandbox::sandboxfs::remove_all(&data.join(sub));
     }
     for sub in ["upper", "work"] {
         let _ = fs::DirBuilder::new().mode(0o755).create(data.join(sub));

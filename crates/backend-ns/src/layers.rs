@@ -253,7 +253,7 @@ impl Layers {
     /// discarded): its directory goes.
     pub fn forget_resume(&self, sandbox_dir: &Path) {
         if let Some((kept, _, _)) = resume_marker(sandbox_dir) {
-            let _ = upstream_sandbox::hostfs::remove_all(&kept);
+            let _ = upstream_sandbox::sandboxfs::remove_all(&kept);
         }
         let _ = fs::remove_file(sandbox_dir.join(RESUME_FROM));
     }
@@ -262,7 +262,7 @@ impl Layers {
     pub fn remove(&self, sandbox_dir: &Path) {
         for sub in ["layers", "rootlayers"] {
             let path = sandbox_dir.join(sub);
-            let _ = upstream_sandbox::hostfs::remove_all(&path);
+            let _ = upstream_sandbox::sandboxfs::remove_all(&path);
         }
     }
 }

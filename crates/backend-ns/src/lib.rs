@@ -33,11 +33,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Uid};
 use upstream_agent::protocol::{read_frame, write_frame};
-use upstream_sandbox::hostfs;
+use upstream_sandbox::files::Tree;
+use upstream_sandbox::sandboxfs;
 use upstream_sandbox::{
-    AgentClient, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, HostRoot, Image,
-    Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session,
-    Stream,
+    AgentClient, AgentFiles, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, Files,
+    Image, Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec,
+    Session, Stream,
 };
 
 use crate::cgroup::{Cgroups, Layout};
@@ -73,7 +74,30 @@ pub struct NamespaceBackend {
     /// Host id ranges for sandboxes, as root.
     ids: Option<ids::Allocator>,
     init_mode: launch::InitMode,
+    files: FilesWay,
 }
+
+/// How the host moves a sandbox's files ([`Sandbox::files`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilesWay {
+    /// On the sandbox's root from the host: the fastest (the default).
+    Host,
+    /// By the agent inside, as for a VM (`UPSTREAM_FILES=agent`): the host never opens a
+    /// file of the sandbox itself.
+    Agent,
+}
+
+impl FilesWay {
+    fn from_env() -> FilesWay {
+        match std::env::var("UPSTREAM_FILES").as_deref() {
+            Ok("agent") => FilesWay::Agent,
+            _ => FilesWay::Host,
+        }
+    }
+}
+
+/// How many connections of its own the agent gets to move files on: as many files at once.
+const FILE_CONNECTIONS: usize = 2;
 
 impl NamespaceBackend {
     /// A backend that starts `init_exe` (an upstream binary) as the init of each sandbox.
@@ -85,7 +109,7 @@ impl NamespaceBackend {
             let temp = runtime_dir.join(format!("{SKELETON_DIR}.tmp-{}", std::process::id()));
             let made = mounts::make_skeleton(&temp).and_then(|()| fs::rename(&temp, &skeleton));
             if made.is_err() {
-                let _ = hostfs::remove_all(&temp);
+                let _ = sandboxfs::remove_all(&temp);
                 // Another upstream may have made it meanwhile; only its absence is an error.
                 if !skeleton.is_dir() {
                     return Err(SandboxError::setup(
@@ -120,6 +144,7 @@ impl NamespaceBackend {
             rootless,
             ids,
             init_mode: launch::InitMode::from_env(),
+            files: FilesWay::from_env(),
         })
     }
 
@@ -309,6 +334,7 @@ impl NamespaceBackend {
             rootless: self.rootless,
             layers: None,
             kept: self.kept.clone(),
+            files: self.files,
             interrupter: Arc::new(NsInterrupter {
                 pid: pid as i32,
                 interrupted: AtomicBool::new(false),
@@ -596,7 +622,7 @@ impl SandboxDir {
             return Ok(());
         }
         let work = self.path.join("work/work");
-        if hostfs::remove_all(&work).is_ok() {
+        if sandboxfs::remove_all(&work).is_ok() {
             return Ok(());
         }
         let _ = self.remove();
@@ -639,7 +665,7 @@ impl SandboxDir {
         if disk::is_mounted(&data) {
             disk::discard(&data, &self.path.join(disk::IMAGE));
         }
-        hostfs::remove_all(&self.path)
+        sandboxfs::remove_all(&self.path)
     }
 }
 
@@ -649,7 +675,7 @@ fn discard_kept_dir(kept: &Path) {
     if kept.parent().and_then(Path::file_name) != Some(std::ffi::OsStr::new("kept")) {
         return;
     }
-    let _ = hostfs::remove_all(kept);
+    let _ = sandboxfs::remove_all(kept);
 }
 
 #[derive(Debug)]
@@ -741,6 +767,7 @@ pub struct NamespaceSandbox {
     layers: Option<layers::Layers>,
     /// Where kept layers go: `<runtime>/kept`.
     kept: PathBuf,
+    files: FilesWay,
 }
 
 impl NamespaceSandbox {
@@ -970,11 +997,20 @@ impl Sandbox for NamespaceSandbox {
         result.map_err(|e| self.map_error(e))
     }
 
-    fn host_root(&self) -> Result<HostRoot, SandboxError> {
+    fn files(&mut self) -> Result<Arc<dyn Files>, SandboxError> {
         let fail =
             |e: String| SandboxError::setup(format!("cannot reach the sandbox's files: {e}"), None);
         if self.child.is_none() {
             return Err(fail("it has ended".into()));
+        }
+        if self.files == FilesWay::Agent {
+            let mut connections = Vec::new();
+            for _ in 0..FILE_CONNECTIONS {
+                let result = self.client()?.connect();
+                self.note_ready();
+                connections.push(result.map_err(|e| self.map_error(e))?);
+            }
+            return Ok(Arc::new(AgentFiles::new(connections)));
         }
         // Before the agent is ready, pid 1 may not have its own root yet: its /proc root
         // would be the host's.
@@ -984,7 +1020,7 @@ impl Sandbox for NamespaceSandbox {
         let pid1 = self.pid1().map_err(fail)?;
         let path = format!("/proc/{pid1}/root");
         let dir = open_path_dir(&path).map_err(|e| fail(format!("{path}: {e}")))?;
-        let (uid, gid) = match &self.id_range {
+        let base = match &self.id_range {
             Some(range) => (range.base, range.base),
             None => (
                 Uid::effective().as_raw(),
@@ -992,9 +1028,9 @@ impl Sandbox for NamespaceSandbox {
             ),
         };
         let table = format!("/proc/{pid1}/mountinfo");
-        let own = hostfs::OwnMounts::read(Path::new(&table))
+        let own = sandboxfs::OwnMounts::read(Path::new(&table))
             .map_err(|e| fail(format!("{table}: {e}")))?;
-        Ok(HostRoot { dir, uid, gid, own })
+        Ok(Arc::new(Tree::new(dir, own, base)))
     }
 
     fn interrupter(&self) -> Arc<dyn Interrupter> {

@@ -79,6 +79,18 @@ impl<S: Read + Write> AgentClient<S> {
         Ok(())
     }
 
+    /// Sends a request with no wait for an answer (file operations read theirs with
+    /// [`AgentClient::next`]).
+    pub(crate) fn post(&mut self, request: &Request) -> Result<(), ClientError> {
+        self.send(request)
+    }
+
+    /// The next answer, after the agent's first word.
+    pub(crate) fn next(&mut self) -> Result<Response, ClientError> {
+        self.wait_ready()?;
+        self.receive()
+    }
+
     /// When the agent said it was ready, if it has.
     pub fn ready_at(&self) -> Option<Instant> {
         self.ready_at

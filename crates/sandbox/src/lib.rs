@@ -5,14 +5,15 @@
 //! the host side of its protocol.
 
 mod client;
-pub mod hostfs;
+pub mod files;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
+pub use files::{AgentFiles, FileWriter, Files};
 pub use spec::{DEFAULT_HOSTNAME, Image, Kept, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
+pub use upstream_agent::sandboxfs;
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 /// Errors from creating or using a sandbox.
@@ -87,22 +88,6 @@ pub struct SandboxInfo {
     pub ids: u32,
 }
 
-/// The sandbox's root directory as the host reaches it, for moving files in and out without
-/// the agent: resolve paths under it with `openat2(RESOLVE_IN_ROOT)` (or `RESOLVE_BENEATH`
-/// from a directory opened that way), so that no path or link inside leads out of the
-/// sandbox. Drop it before destroying the sandbox: it keeps the sandbox's root mounted.
-#[derive(Debug)]
-pub struct HostRoot {
-    pub dir: OwnedFd,
-    /// The host uid and gid of the sandbox's root user: files the host creates in the
-    /// sandbox must be made as them (`setfsuid`), or sandbox root does not own them.
-    pub uid: u32,
-    pub gid: u32,
-    /// The sandbox's own filesystems: the only ones a path resolved under `dir` may be on
-    /// ([`hostfs::Reach::InRoot`]).
-    pub own: hostfs::OwnMounts,
-}
-
 /// A way to stop a sandbox from another thread, such as a Ctrl-C handler.
 pub trait Interrupter: Send + Sync {
     /// Kills the sandbox's processes at once; its owner then sees [`SandboxError::Interrupted`].
@@ -165,8 +150,10 @@ pub trait Sandbox: Send {
     /// Writes a file inside the sandbox.
     fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError>;
 
-    /// The sandbox's root directory, reachable from the host.
-    fn host_root(&self) -> Result<HostRoot, SandboxError>;
+    /// The sandbox's files, to move them in and out ([`Files`]): the host's own way to them
+    /// where it has one, else the agent's. Drop it before destroying the sandbox: it may
+    /// hold the sandbox's root, or connections to its agent.
+    fn files(&mut self) -> Result<std::sync::Arc<dyn Files>, SandboxError>;
 
     /// A handle that can stop this sandbox from elsewhere.
     fn interrupter(&self) -> std::sync::Arc<dyn Interrupter>;

@@ -1,14 +1,11 @@
-//! Files of a sandbox, moved by the host without the agent: the sandbox's root is reached
-//! through its init's `/proc/<pid>/root` and every path goes through
-//! [`upstream_sandbox::hostfs`] — resolved inside the root so that no link leads out, opened
-//! as `O_PATH` first and used only if it is a regular file or directory of the sandbox's own
-//! filesystems (never its `/proc`, `/sys` or devices, never a FIFO), with the sandbox's ids
-//! (`setfsuid`, whose loss of capabilities also makes the host obey the sandbox's
-//! permissions). Bodies stream both ways: memory stays flat whatever the size.
+//! Files of a sandbox, moved through its [`Files`]: every path is resolved inside the
+//! sandbox's root so that no link leads out, and used only if it is a regular file or
+//! directory of the sandbox's own filesystems (never its `/proc`, `/sys` or devices, never a
+//! FIFO), as the sandbox's user the files belong to, so the sandbox's permissions hold (see
+//! [`upstream_sandbox::files`]). Bodies stream both ways: memory stays flat whatever the
+//! size.
 
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use axum::Json;
@@ -18,11 +15,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::{IntoParams, ToSchema};
 
-use upstream_sandbox::HostRoot;
-use upstream_sandbox::hostfs::{self, NewFile, Reach, as_owner, split};
+use upstream_sandbox::Files;
+use upstream_sandbox::files::{At, Create, DATA_CHUNK, Kind, Owner};
+use upstream_sandbox::sandboxfs::{self, split};
 
 use crate::auth::Tenant;
 use crate::daemon::{Daemon, Live};
@@ -79,16 +76,27 @@ fn full_path(live: &Live, path: &str) -> Result<String, ApiError> {
     })
 }
 
-/// The sandbox's root and whom its files belong to (the image's user, else its root).
-async fn root_of(live: &Arc<Live>) -> Result<(HostRoot, (u32, u32)), ApiError> {
-    let root = live.with(|sandbox| Ok(sandbox.host_root()?)).await?;
-    let (uid, gid) = live.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid));
-    let owner = (root.uid + uid, root.gid + gid);
-    Ok((root, owner))
+/// The sandbox's files and whom they belong to (the image's user, else its root).
+async fn files_of(live: &Arc<Live>) -> Result<(Arc<dyn Files>, Owner), ApiError> {
+    let files = live.with(|sandbox| Ok(sandbox.files()?)).await?;
+    let owner = live.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid));
+    Ok((files, owner))
+}
+
+/// Runs file work on a blocking thread of the sandbox's tenant.
+async fn blocking<T: Send + 'static>(
+    live: &Arc<Live>,
+    path: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    live.blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| file_error(path, e))
 }
 
 fn file_error(path: &str, e: io::Error) -> ApiError {
-    if let Some(refused) = hostfs::refusal(&e) {
+    if let Some(refused) = sandboxfs::refusal(&e) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "not_a_file",
@@ -159,72 +167,87 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<Written>), ApiError> {
     let live = daemon.get(&tenant.0, &id)?;
     let path = full_path(&live, &query.path)?;
-    let (root, owner) = root_of(&live).await?;
-    let target = path.clone();
+    let (files, owner) = files_of(&live).await?;
     // Written beside its name and put in place whole: a failed upload (the disk full, the
-    // client gone mid-body) leaves the file as it was and nothing of the new one.
-    let new = live
-        .blocking(move || {
-            let dir = as_owner(owner.0, owner.1, || {
-                let (parent, _) = split(&target);
-                hostfs::make_dir_all(root.dir.as_fd(), parent, Reach::InRoot(&root.own))
+    // client gone mid-body) leaves the file as it was and nothing of the new one. The body's
+    // pieces go to a blocking thread that writes them, a few at a time.
+    let (pieces, mut taken) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let target = At::Root(path.clone());
+    let writing = blocking(&live, &path, move || {
+        let mut new = files.create(&target, 0o644, Create::Atomic, owner)?;
+        let mut size = 0u64;
+        while let Some(piece) = taken.blocking_recv() {
+            new.write_all(&piece)?;
+            size += piece.len() as u64;
+        }
+        new.flush()?;
+        Ok((new, size))
+    });
+    let sending = async {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("the upload of {path} broke off: {e}"))
             })?;
-            NewFile::create(dir.as_fd(), split(&target).1, 0o644, owner)
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| file_error(&path, e))?;
-    let written = new
-        .file()
-        .try_clone()
-        .map_err(|e| ApiError::internal(format!("{path}: {e}")))?;
-    let mut file = tokio::fs::File::from_std(written);
-    let mut stream = body.into_data_stream();
-    let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::bad_request(format!("the upload of {path} broke off: {e}")))?;
-        size += chunk.len() as u64;
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| file_error(&path, e))?;
-    }
-    file.flush().await.map_err(|e| file_error(&path, e))?;
-    drop(file);
-    live.blocking(move || new.commit())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| file_error(&path, e))?;
+            // The writer gone means its write failed: its error is the answer.
+            if pieces.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        drop(pieces);
+        Ok::<(), ApiError>(())
+    };
+    let (written, sent) = tokio::join!(writing, sending);
+    // A body broken off leaves the writer unfinished, and dropping it leaves nothing.
+    let (new, size) = match (written, sent) {
+        (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+        (Ok(written), Ok(())) => written,
+    };
+    blocking(&live, &path, move || new.finish(None, None)).await?;
     Ok((StatusCode::CREATED, Json(Written { path, size })))
 }
 
 /// Streams a file of the sandbox from `offset` on.
 pub async fn download(live: &Arc<Live>, path: &str, offset: u64) -> Result<Response, ApiError> {
     let path = full_path(live, path)?;
-    let (root, owner) = root_of(live).await?;
-    let target = path.clone();
-    let (file, size) = live
-        .blocking(move || {
-            as_owner(owner.0, owner.1, || -> io::Result<(std::fs::File, u64)> {
-                let (file, st) =
-                    hostfs::open_file(root.dir.as_fd(), &target, Reach::InRoot(&root.own))?;
-                Ok((file, st.st_size as u64))
-            })
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| file_error(&path, e))?;
-    let mut file = tokio::fs::File::from_std(file);
-    if offset > 0 {
-        use tokio::io::AsyncSeekExt;
-        file.seek(io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| file_error(&path, e))?;
-    }
+    let (files, owner) = files_of(live).await?;
+    let target = At::Root(path.clone());
+    let (reader, meta) = blocking(live, &path, move || {
+        files.open(&target, offset, Some(owner))
+    })
+    .await?;
     // What the file held when opened, however it grows meanwhile: the length sent is the
     // length promised.
-    let length = size.saturating_sub(offset);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), 256 << 10);
+    let length = meta.size.saturating_sub(offset);
+    let (pieces, taken) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(4);
+    let live = live.clone();
+    let reading = async move {
+        live.blocking(move || {
+            let mut reader = reader;
+            loop {
+                let mut buf = vec![0u8; DATA_CHUNK];
+                let piece = match reader.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(bytes::Bytes::from(buf))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => Err(e),
+                };
+                let failed = piece.is_err();
+                // The client gone: reading on is for nothing.
+                if pieces.blocking_send(piece).is_err() || failed {
+                    return;
+                }
+            }
+        })
+        .await
+    };
+    tokio::spawn(reading);
+    let stream = futures::stream::unfold(taken, |mut taken| async move {
+        taken.recv().await.map(|piece| (piece, taken))
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -263,46 +286,10 @@ pub async fn list(
 ) -> Result<Json<Listing>, ApiError> {
     let live = daemon.get(&tenant.0, &id)?;
     let path = full_path(&live, &query.path)?;
-    let (root, owner) = root_of(&live).await?;
-    let target = path.clone();
-    let entries = live
-        .blocking(move || {
-            as_owner(owner.0, owner.1, || -> io::Result<Vec<Entry>> {
-                let fd = hostfs::open_dir(root.dir.as_fd(), &target, Reach::InRoot(&root.own))?;
-                let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
-                let dir_fd = dir.as_fd().try_clone_to_owned()?;
-                let mut entries = Vec::new();
-                for entry in dir.iter() {
-                    let entry = entry.map_err(io::Error::from)?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name == "." || name == ".." {
-                        continue;
-                    }
-                    let Ok(st) = nix::sys::stat::fstatat(
-                        &dir_fd,
-                        entry.file_name(),
-                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                    ) else {
-                        continue;
-                    };
-                    let kind = match st.st_mode & libc::S_IFMT {
-                        libc::S_IFREG => "file",
-                        libc::S_IFDIR => "dir",
-                        libc::S_IFLNK => "symlink",
-                        _ => "other",
-                    };
-                    entries.push(Entry {
-                        name,
-                        kind: kind.into(),
-                        size: st.st_size as u64,
-                        mode: st.st_mode & 0o7777,
-                        modified: st.st_mtime,
-                    });
-                }
-                entries.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok(entries)
-            })
-        })
+    let (files, owner) = files_of(&live).await?;
+    let target = At::Root(path.clone());
+    let listed = live
+        .blocking(move || files.list(&target, Some(owner)))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| match e.raw_os_error() {
@@ -311,6 +298,22 @@ pub async fn list(
             )),
             _ => file_error(&path, e),
         })?;
+    let entries = listed
+        .into_iter()
+        .map(|(name, meta)| Entry {
+            name,
+            kind: match meta.kind {
+                Kind::File => "file",
+                Kind::Dir => "dir",
+                Kind::Symlink => "symlink",
+                _ => "other",
+            }
+            .into(),
+            size: meta.size,
+            mode: meta.mode,
+            modified: meta.mtime_ns.div_euclid(1_000_000_000),
+        })
+        .collect();
     Ok(Json(Listing { path, entries }))
 }
 
@@ -331,41 +334,17 @@ pub async fn delete(
             "the sandbox's root cannot be deleted",
         ));
     }
-    let (root, owner) = root_of(&live).await?;
-    let target = path.clone();
+    let (files, owner) = files_of(&live).await?;
+    let target = At::Root(path.clone());
     let recursive = query.recursive;
-    live.blocking(move || {
-        as_owner(owner.0, owner.1, || -> io::Result<()> {
-            let (parent, name) = split(&target);
-            let dir = hostfs::open_dir(root.dir.as_fd(), parent, Reach::InRoot(&root.own))?;
-            remove(dir.as_fd(), &hostfs::c_name(name)?, recursive)
-        })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTEMPTY) => ApiError::conflict(format!(
-            "{path} is a directory that is not empty; delete with `recursive=true`"
-        )),
-        _ => file_error(&path, e),
-    })?;
+    live.blocking(move || files.remove(&target, recursive, owner))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY) => ApiError::conflict(format!(
+                "{path} is a directory that is not empty; delete with `recursive=true`"
+            )),
+            _ => file_error(&path, e),
+        })?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Removes `name` in `dir`, never following a link; directories' contents first when
-/// `recursive`.
-fn remove(dir: BorrowedFd<'_>, name: &std::ffi::CStr, recursive: bool) -> io::Result<()> {
-    use nix::unistd::{UnlinkatFlags, unlinkat};
-    if recursive {
-        // Without recursion, however deep the sandbox nested its directories.
-        return hostfs::remove_tree(dir, std::ffi::OsStr::from_bytes(name.to_bytes()));
-    }
-    let st = nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(io::Error::from)?;
-    let flag = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-        UnlinkatFlags::RemoveDir
-    } else {
-        UnlinkatFlags::NoRemoveDir
-    };
-    unlinkat(dir, name, flag).map_err(io::Error::from)
 }

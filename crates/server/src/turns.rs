@@ -314,7 +314,7 @@ pub async fn run_turn(
             }
             TurnError::Pull { image, source } => crate::daemon::pull_error(&image, source),
             // What the document's workdir or artifacts name is the tenant's to fix.
-            TurnError::SaveArtifacts(e) if upstream_sandbox::hostfs::refusal(&e).is_some() => {
+            TurnError::SaveArtifacts(e) if upstream_sandbox::sandboxfs::refusal(&e).is_some() => {
                 ApiError::new(
                     axum::http::StatusCode::FORBIDDEN,
                     "not_a_file",

@@ -347,7 +347,7 @@ impl Blobs {
         &self,
         id: &BlobId,
         buffer: &mut CopyBuffer,
-        target: &File,
+        target: &mut dyn Write,
     ) -> Result<bool, BlobError> {
         self.fetch(id)?.copy_checked(buffer, target)
     }
@@ -546,7 +546,11 @@ impl OpenBlob {
     /// (as `cp` does) needs the bytes read once more to hash them, and hashing them through
     /// a mapping costs more in page tables than the read. `Ok(false)` when the blob is
     /// bigger than the buffer may grow (read it with [`OpenBlob::reader`] instead).
-    pub fn copy_checked(&self, buffer: &mut CopyBuffer, target: &File) -> Result<bool, BlobError> {
+    pub fn copy_checked(
+        &self,
+        buffer: &mut CopyBuffer,
+        target: &mut dyn Write,
+    ) -> Result<bool, BlobError> {
         let fail = |source: io::Error| BlobError::Io {
             path: self.path.clone(),
             source,
@@ -576,7 +580,6 @@ impl OpenBlob {
                 path: self.path.clone(),
             });
         }
-        let mut target = target;
         target.write_all(bytes).map_err(fail)?;
         Ok(true)
     }
@@ -880,7 +883,11 @@ mod tests {
         let good = blobs.put(b"intact").unwrap();
         let mut target = tempfile::tempfile().unwrap();
         target.write_all(b">").unwrap();
-        assert!(blobs.copy_checked(&good, &mut buffer, &target).unwrap());
+        assert!(
+            blobs
+                .copy_checked(&good, &mut buffer, &mut &target)
+                .unwrap()
+        );
         let mut copied = vec![0u8; 7];
         target.read_exact_at(&mut copied, 0).unwrap();
         assert_eq!(copied, b">intact");
@@ -889,8 +896,12 @@ mod tests {
         let big = blobs.put(&vec![5u8; 100_000]).unwrap();
         let small = blobs.put(b"small").unwrap();
         let target = tempfile::tempfile().unwrap();
-        assert!(blobs.copy_checked(&big, &mut buffer, &target).unwrap());
-        assert!(blobs.copy_checked(&small, &mut buffer, &target).unwrap());
+        assert!(blobs.copy_checked(&big, &mut buffer, &mut &target).unwrap());
+        assert!(
+            blobs
+                .copy_checked(&small, &mut buffer, &mut &target)
+                .unwrap()
+        );
         assert_eq!(target.metadata().unwrap().len(), 100_005);
         // A damaged blob: an error, and not a byte written.
         let id = blobs.put(b"important data").unwrap();
@@ -899,12 +910,16 @@ mod tests {
         bytes[3] ^= 1;
         fs::write(&path, bytes).unwrap();
         let target = tempfile::tempfile().unwrap();
-        let r = blobs.copy_checked(&id, &mut buffer, &target);
+        let r = blobs.copy_checked(&id, &mut buffer, &mut &target);
         assert!(matches!(r, Err(BlobError::Corrupt { .. })), "{r:?}");
         assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");
         // Past the buffer's bound: left to the caller's stream, nothing written.
         let huge = blobs.put(&vec![1u8; CopyBuffer::MAX + 1]).unwrap();
-        assert!(!blobs.copy_checked(&huge, &mut buffer, &target).unwrap());
+        assert!(
+            !blobs
+                .copy_checked(&huge, &mut buffer, &mut &target)
+                .unwrap()
+        );
         assert_eq!(target.metadata().unwrap().len(), 0);
     }
 
@@ -935,7 +950,7 @@ mod tests {
         let target = tempfile::tempfile().unwrap();
         refused(
             blobs
-                .copy_checked(&id, &mut CopyBuffer::default(), &target)
+                .copy_checked(&id, &mut CopyBuffer::default(), &mut &target)
                 .map(drop),
         );
         assert_eq!(target.metadata().unwrap().len(), 0, "nothing copied");

@@ -9,11 +9,11 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use upstream_sandbox::files::Tree;
 use upstream_store::{FinishTurn, NewArtifact, NewStep, NewTurn, Store, TurnState};
 use upstream_turn::artifacts::{self, Patterns};
 
@@ -108,10 +108,6 @@ fn cp_a(from: &Path, to: &Path) {
     assert!(status.unwrap().success(), "cp -a {}", from.display());
 }
 
-fn open_dir(path: &Path) -> fs::File {
-    fs::File::open(path).unwrap()
-}
-
 fn artifacts_bench() {
     let work = tempfile::tempdir().unwrap();
     let tree = work.path().join("tree");
@@ -122,6 +118,9 @@ fn artifacts_bench() {
     // Everything read below comes from the page cache, for cp as for upstream.
     Command::new("sync").status().unwrap();
     let patterns = Patterns::new(&["data/".to_string()]).unwrap();
+    // The host's own files, as a sandbox's are reached from the host.
+    let host = Tree::inside().unwrap();
+    let ws_path = ws.to_str().unwrap();
 
     let (mut cp, mut cp_sync, mut save, mut restore, mut again) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -149,9 +148,9 @@ fn artifacts_bench() {
         let store = Store::open(&store_dir).unwrap();
         let mut saved = None;
         save.push(timed(|| {
-            let dir = open_dir(&ws);
             let s = artifacts::save(
-                dir.as_fd(),
+                &host,
+                ws_path,
                 &patterns,
                 store.blobs(),
                 &Default::default(),
@@ -180,21 +179,28 @@ fn artifacts_bench() {
             .collect();
         let target = work.path().join(format!("restored-{round}"));
         fs::create_dir(&target).unwrap();
+        let target_path = target.to_str().unwrap();
         let mut known = None;
         restore.push(timed(|| {
-            let dir = open_dir(&target);
             known = Some(
-                artifacts::restore(dir.as_fd(), &rows, store.blobs(), None, &artifacts::never)
-                    .unwrap(),
+                artifacts::restore(
+                    &host,
+                    target_path,
+                    &rows,
+                    store.blobs(),
+                    (0, 0),
+                    &artifacts::never,
+                )
+                .unwrap(),
             );
         }));
         let known = known.unwrap();
 
         let blobs_before = store.blobs().list().unwrap().len();
         again.push(timed(|| {
-            let dir = open_dir(&target);
             let s = artifacts::save(
-                dir.as_fd(),
+                &host,
+                target_path,
                 &patterns,
                 store.blobs(),
                 &known,

@@ -1,25 +1,21 @@
 //! Artifacts: files of the workspace saved to the store when a turn ends, and restored into the
 //! workspace of the next turn of the same context.
 //!
-//! Both directions work on the sandbox's files from the host, through a directory descriptor
-//! of the workspace that [`hostfs::open_dir`] checked is one of the sandbox's own
-//! filesystems: every path below it is resolved with `openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`, so no name, link or mount inside the sandbox can
-//! lead a save or a restore anywhere else, and every entry is opened first as `O_PATH` and
-//! used only if it is a regular file or a directory (a FIFO put in a file's place is
-//! skipped, never waited on). Symlinks are saved and restored as symlinks, never followed;
-//! file modes and modification times are kept. Both stop, between files and between
-//! chunks of a file, when the turn runs out of time or is cancelled ([`Stop`]).
+//! Both directions work through the sandbox's [`Files`], below the workspace
+//! ([`At::Beneath`]): no name, link or mount inside the sandbox can lead a save or a restore
+//! anywhere else, and every entry is used only if it is a regular file, a directory or a
+//! symlink (a FIFO put in a file's place is skipped, never waited on). Symlinks are saved
+//! and restored as symlinks, never followed; file modes and modification times are kept.
+//! Both stop, between files and between chunks of a file, when the turn runs out of time or
+//! is cancelled ([`Stop`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
 use globset::{GlobBuilder, GlobMatcher};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
-use upstream_sandbox::hostfs::{self, Existing, Reach};
+use upstream_sandbox::Files;
+use upstream_sandbox::files::{At, Create, Kind, Meta, Owner};
+use upstream_sandbox::sandboxfs;
 use upstream_store::{ArtifactKind, ArtifactRow, BlobId, Blobs, NewArtifact, PendingBlob};
 
 /// Why a save or a restore stopped before its end.
@@ -159,21 +155,13 @@ fn is_below(path: &str, dir: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownFile {
     pub ino: u64,
-    pub ctime_ns: i128,
+    pub ctime_ns: i64,
     pub size: u64,
     pub blob: BlobId,
 }
 
 /// Files whose content is known, by path.
 pub type Known = HashMap<String, KnownFile>;
-
-fn ctime_ns(st: &FileStat) -> i128 {
-    st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128
-}
-
-fn mtime_ns(st: &FileStat) -> i64 {
-    st.st_mtime * 1_000_000_000 + st.st_mtime_nsec
-}
 
 /// What a save found.
 #[derive(Debug, Default)]
@@ -190,24 +178,29 @@ pub struct Saved {
     pub bytes_read: u64,
 }
 
-/// Saves what `patterns` match under the workspace `dir` (opened by [`hostfs::open_dir`]):
-/// files into blobs (not yet committed), directories and symlinks as records. Files in
-/// `known` whose inode, ctime and size are unchanged are not read again. A file is read up
-/// to the size it had when opened.
+/// Saves what `patterns` match in the sandbox's workspace `workdir`: files into blobs (not
+/// yet committed), directories and symlinks as records. Files in `known` whose inode, ctime
+/// and size are unchanged are not read again. A file is read up to the size it had when
+/// opened.
 pub fn save(
-    dir: BorrowedFd<'_>,
+    files: &dyn Files,
+    workdir: &str,
     patterns: &Patterns,
     blobs: &Blobs,
     known: &Known,
     stop: Stop<'_>,
 ) -> io::Result<Saved> {
-    let mut found: BTreeMap<String, FileStat> = BTreeMap::new();
+    let ws = Workspace {
+        files,
+        dir: workdir,
+    };
+    let mut found: BTreeMap<String, Meta> = BTreeMap::new();
     for pattern in &patterns.patterns {
         checkpoint(stop)?;
         match pattern {
             Pattern::Literal(path) => {
-                if let Some(st) = lstat(dir, path)? {
-                    take(dir, path, st, &mut found)?;
+                if let Some(meta) = ws.stat(path)? {
+                    take(&ws, path, meta, &mut found)?;
                 }
             }
             Pattern::Glob {
@@ -215,20 +208,19 @@ pub fn save(
                 depth,
                 matcher,
             } => {
-                let start = if base.is_empty() { "." } else { base.as_str() };
-                let Some(st) = lstat(dir, start)? else {
+                let Some(meta) = ws.stat(base)? else {
                     continue;
                 };
-                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+                if meta.kind != Kind::Dir {
                     if matcher.is_match(base) {
-                        take(dir, base, st, &mut found)?;
+                        take(&ws, base, meta, &mut found)?;
                     }
                     continue;
                 }
-                walk(dir, base, &mut |path, st, level| {
+                walk(&ws, base, &mut |path, meta, level| {
                     checkpoint(stop)?;
                     if matcher.is_match(path) {
-                        take(dir, path, st, &mut found)?;
+                        take(&ws, path, meta, &mut found)?;
                         return Ok(false);
                     }
                     Ok(depth.is_none_or(|d| level < d))
@@ -239,29 +231,26 @@ pub fn save(
     let mut saved = Saved::default();
     // Files to read, by index into `saved.artifacts`.
     let mut reads: Vec<(usize, String)> = Vec::new();
-    for (path, st) in found {
+    for (path, meta) in found {
         let mut artifact = NewArtifact {
             path: path.clone(),
             kind: ArtifactKind::File,
-            mode: st.st_mode & 0o7777,
+            mode: meta.mode,
             size: 0,
-            mtime_ns: mtime_ns(&st),
+            mtime_ns: meta.mtime_ns,
             blob: None,
             target: None,
         };
-        match kind_of(&st) {
-            Some(ArtifactKind::Dir) => artifact.kind = ArtifactKind::Dir,
-            Some(ArtifactKind::Symlink) => {
+        match meta.kind {
+            Kind::Dir => artifact.kind = ArtifactKind::Dir,
+            Kind::Symlink => {
                 artifact.kind = ArtifactKind::Symlink;
-                let (parent, name) = split(&path);
-                let parent = open_parent(dir, parent)?;
-                let target = nix::fcntl::readlinkat(&parent, name).map_err(io::Error::from)?;
-                artifact.target = Some(target.to_string_lossy().into_owned());
+                artifact.target = Some(files.read_link(&ws.at(&path), None)?);
             }
-            Some(_) => {
-                artifact.size = st.st_size as u64;
+            Kind::File => {
+                artifact.size = meta.size;
                 let unchanged = known.get(&path).filter(|k| {
-                    k.ino == st.st_ino && k.ctime_ns == ctime_ns(&st) && k.size == artifact.size
+                    k.ino == meta.ino && k.ctime_ns == meta.ctime_ns && k.size == meta.size
                 });
                 match unchanged {
                     Some(k) => {
@@ -273,10 +262,8 @@ pub fn save(
                     None => reads.push((saved.artifacts.len(), path)),
                 }
             }
-            None => {
-                saved
-                    .skipped
-                    .push((path, hostfs::kind_name(&st).to_string()));
+            other => {
+                saved.skipped.push((path, other.what().to_string()));
                 continue;
             }
         }
@@ -284,7 +271,7 @@ pub fn save(
     }
     // Reading and hashing are spread over the CPUs.
     let results = parallel(reads.len(), |i| {
-        read_into_blob(dir, &reads[i].1, blobs, stop)
+        read_into_blob(&ws, &reads[i].1, blobs, stop)
     });
     let mut gone = Vec::new();
     for ((index, path), result) in reads.iter().zip(results) {
@@ -292,8 +279,9 @@ pub fn save(
             Ok(pending) => pending,
             // Swapped since it was listed for something that is not a file: skipped, as
             // it would have been had it been that when listed.
-            Err(e) if hostfs::refusal(&e).is_some() || e.raw_os_error() == Some(libc::ELOOP) => {
-                let what = hostfs::refusal(&e).map_or("a symlink".to_string(), |r| r.what.clone());
+            Err(e) if sandboxfs::refusal(&e).is_some() || e.raw_os_error() == Some(libc::ELOOP) => {
+                let what =
+                    sandboxfs::refusal(&e).map_or("a symlink".to_string(), |r| r.what.clone());
                 saved.skipped.push((path.clone(), what));
                 gone.push(*index);
                 continue;
@@ -310,7 +298,30 @@ pub fn save(
     for index in gone.into_iter().rev() {
         saved.artifacts.remove(index);
     }
+    files.forget();
     Ok(saved)
+}
+
+/// The workspace, through the sandbox's files.
+struct Workspace<'a> {
+    files: &'a dyn Files,
+    dir: &'a str,
+}
+
+impl Workspace<'_> {
+    /// `path` (relative to the workspace) as the sandbox's files take it.
+    fn at(&self, path: &str) -> At {
+        At::Beneath {
+            dir: self.dir.to_string(),
+            path: path.to_string(),
+        }
+    }
+
+    /// What is at `path`, not following a link; `None` where nothing is (or a directory on
+    /// the way is missing, or no directory).
+    fn stat(&self, path: &str) -> io::Result<Option<Meta>> {
+        self.files.stat(&self.at(path), None)
+    }
 }
 
 /// Runs `job(0..count)` on up to one thread per CPU; the results in order.
@@ -356,15 +367,15 @@ fn parallel<T: Send>(count: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
 }
 
 fn read_into_blob(
-    dir: BorrowedFd<'_>,
+    ws: &Workspace<'_>,
     path: &str,
     blobs: &Blobs,
     stop: Stop<'_>,
 ) -> io::Result<PendingBlob> {
     checkpoint(stop)?;
-    let (file, st) = hostfs::open_file(dir, path, Reach::Beneath)?;
+    let (file, _) = ws.files.open(&ws.at(path), 0, None)?;
     let mut writer = blobs.writer()?;
-    copy(file.take(st.st_size as u64), &mut writer, stop)?;
+    copy(file, &mut writer, stop)?;
     writer.finish()
 }
 
@@ -384,102 +395,48 @@ fn copy(mut from: impl Read, to: &mut impl Write, stop: Stop<'_>) -> io::Result<
     }
 }
 
-fn kind_of(st: &FileStat) -> Option<ArtifactKind> {
-    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
-        SFlag::S_IFREG => Some(ArtifactKind::File),
-        SFlag::S_IFDIR => Some(ArtifactKind::Dir),
-        SFlag::S_IFLNK => Some(ArtifactKind::Symlink),
-        _ => None,
-    }
-}
-
 /// Adds `path` (and, for a directory, everything below it) to `found`.
 fn take(
-    dir: BorrowedFd<'_>,
+    ws: &Workspace<'_>,
     path: &str,
-    st: FileStat,
-    found: &mut BTreeMap<String, FileStat>,
+    meta: Meta,
+    found: &mut BTreeMap<String, Meta>,
 ) -> io::Result<()> {
-    let is_dir = kind_of(&st) == Some(ArtifactKind::Dir);
-    found.insert(path.to_string(), st);
+    let is_dir = meta.kind == Kind::Dir;
+    found.insert(path.to_string(), meta);
     if is_dir {
-        walk(dir, path, &mut |p, st, _| {
-            found.insert(p.to_string(), st);
+        walk(ws, path, &mut |p, meta, _| {
+            found.insert(p.to_string(), meta);
             Ok(true)
         })?;
     }
     Ok(())
 }
 
-/// Calls `visit(path, stat, depth)` for everything below directory `path` (`""` for the
+/// Calls `visit(path, meta, depth)` for everything below directory `path` (`""` for the
 /// workspace itself), depth first; `visit` returns whether to go into a directory.
 fn walk(
-    dir: BorrowedFd<'_>,
+    ws: &Workspace<'_>,
     path: &str,
-    visit: &mut dyn FnMut(&str, FileStat, usize) -> io::Result<bool>,
+    visit: &mut dyn FnMut(&str, Meta, usize) -> io::Result<bool>,
 ) -> io::Result<()> {
     let level = if path.is_empty() {
         0
     } else {
         path.split('/').count()
     };
-    let fd = hostfs::open_dir(dir, path, Reach::Beneath)?;
-    let mut names = Vec::new();
-    let mut listing = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
-    for entry in listing.iter() {
-        let entry = entry.map_err(io::Error::from)?;
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        names.push(OsStr::from_bytes(name).to_string_lossy().into_owned());
-    }
-    names.sort();
-    let fd = listing.as_fd();
-    for name in names {
+    for (name, meta) in ws.files.list(&ws.at(path), None)? {
         let child = if path.is_empty() {
-            name.clone()
+            name
         } else {
             format!("{path}/{name}")
         };
-        let st = match fstatat(fd, name.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(nix::errno::Errno::ENOENT) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let descend = visit(&child, st, level + 1)?;
-        if descend && kind_of(&st) == Some(ArtifactKind::Dir) {
-            walk(dir, &child, visit)?;
+        let descend = visit(&child, meta, level + 1)?;
+        if descend && meta.kind == Kind::Dir {
+            walk(ws, &child, visit)?;
         }
     }
     Ok(())
-}
-
-fn lstat(dir: BorrowedFd<'_>, path: &str) -> io::Result<Option<FileStat>> {
-    let (parent, name) = split(path);
-    let parent = match open_parent(dir, parent) {
-        Ok(p) => p,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    match fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(st)),
-        Err(nix::errno::Errno::ENOENT) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn split(path: &str) -> (&str, &str) {
-    match path.rsplit_once('/') {
-        Some((parent, name)) => (parent, name),
-        None => ("", path),
-    }
-}
-
-fn open_parent(dir: BorrowedFd<'_>, parent: &str) -> io::Result<OwnedFd> {
-    hostfs::open_dir(dir, parent, Reach::Beneath)
 }
 
 /// Why a restore failed.
@@ -491,21 +448,21 @@ pub enum RestoreError {
     Io { path: String, source: io::Error },
 }
 
-/// Restores `artifacts` under the workspace `dir` (opened by [`hostfs::open_dir`]): files
-/// from their blobs (each checked against its hash; a damaged one fails the restore),
-/// directories, symlinks, modes and modification times. What is created is made as `owner`
-/// (uid, gid; see [`hostfs::as_owner`]). Returns the restored files, to recognise them at
-/// the next save.
+/// Restores `artifacts` in the sandbox's workspace `workdir`: files from their blobs (each
+/// checked against its hash; a damaged one fails the restore), directories, symlinks, modes
+/// and modification times, all made as sandbox user `owner`. Returns the restored files, to
+/// recognise them at the next save.
 pub fn restore(
-    dir: BorrowedFd<'_>,
+    files: &dyn Files,
+    workdir: &str,
     artifacts: &[ArtifactRow],
     blobs: &Blobs,
-    owner: Option<(u32, u32)>,
+    owner: Owner,
     stop: Stop<'_>,
 ) -> Result<Known, RestoreError> {
-    let as_owner_do = |f: &mut dyn FnMut() -> Result<(), RestoreError>| match owner {
-        Some((uid, gid)) => hostfs::as_owner(uid, gid, f),
-        None => f(),
+    let ws = Workspace {
+        files,
+        dir: workdir,
     };
     let fail = |a: &ArtifactRow, source: io::Error| RestoreError::Io {
         path: a.path.clone(),
@@ -514,67 +471,44 @@ pub fn restore(
     // Directories first (parents sort before children), made writable for what goes inside;
     // their modes are set last.
     let mut dirs = Vec::new();
-    as_owner_do(&mut || {
-        for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Dir) {
-            checkpoint(stop).map_err(|e| fail(a, e))?;
-            let (parent, name) = split(&a.path);
-            let parent =
-                hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(|e| fail(a, e))?;
-            match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                Err(e) => return Err(fail(a, e.into())),
-            }
-            dirs.push(a);
-        }
-        Ok(())
-    })?;
-    let files: Vec<&ArtifactRow> = artifacts
+    for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Dir) {
+        checkpoint(stop).map_err(|e| fail(a, e))?;
+        files
+            .make_dir(&ws.at(&a.path), 0o700, true, owner)
+            .map_err(|e| fail(a, e))?;
+        dirs.push(a);
+    }
+    let to_restore: Vec<&ArtifactRow> = artifacts
         .iter()
         .filter(|a| a.kind == ArtifactKind::File && a.blob.is_some())
         .collect();
-    let restored = parallel(files.len(), |i| {
-        // Opened as upstream itself, before the switch to the owner: the store is private to
-        // upstream's user.
-        let blob = blobs.fetch(files[i].blob.as_ref().expect("files have blobs"))?;
-        let mut result = None;
-        let _ = as_owner_do(&mut || {
-            result = Some(
-                checkpoint(stop)
-                    .map_err(|e| fail(files[i], e))
-                    .and_then(|()| restore_file(dir, files[i], &blob)),
-            );
-            Ok(())
-        });
-        result.expect("ran")
+    let restored = parallel(to_restore.len(), |i| {
+        let a = to_restore[i];
+        // Opened as upstream itself: the store is private to upstream's user.
+        let blob = blobs.fetch(a.blob.as_ref().expect("files have blobs"))?;
+        checkpoint(stop).map_err(|e| fail(a, e))?;
+        let result = restore_file(&ws, a, &blob, owner);
+        // A worker thread lets its directories go as it ends; this one, too.
+        files.forget();
+        result
     });
-    // The worker threads let their buffers and directories go as they end; this one (which
-    // works alone when there is one file) does it now.
     BUFFER.with_borrow_mut(|buffer| *buffer = upstream_store::CopyBuffer::default());
-    PARENT.with_borrow_mut(|parent| *parent = None);
     let mut known = Known::new();
-    for (a, r) in files.iter().zip(restored) {
+    for (a, r) in to_restore.iter().zip(restored) {
         known.insert(a.path.clone(), r?);
     }
-    as_owner_do(&mut || {
-        for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Symlink) {
-            let (parent, name) = split(&a.path);
-            let parent =
-                hostfs::make_dir_all(dir, parent, Reach::Beneath).map_err(|e| fail(a, e))?;
-            remove_entry(&parent, name).map_err(|e| fail(a, e))?;
-            let target = a.target.as_deref().unwrap_or("");
-            nix::unistd::symlinkat(target, &parent, name).map_err(|e| fail(a, e.into()))?;
-            set_link_mtime(&parent, name, a.mtime_ns).map_err(|e| fail(a, e))?;
-        }
-        for a in dirs.iter().rev() {
-            // The directory itself, opened without following a link, so a mode set can only
-            // land on it.
-            let made = open_parent(dir, &a.path).map_err(|e| fail(a, e))?;
-            nix::sys::stat::fchmod(&made, Mode::from_bits_truncate(a.mode))
-                .map_err(|e| fail(a, e.into()))?;
-            set_file_mtime(&made, a.mtime_ns).map_err(|e| fail(a, e))?;
-        }
-        Ok(())
-    })?;
+    for a in artifacts.iter().filter(|a| a.kind == ArtifactKind::Symlink) {
+        let target = a.target.as_deref().unwrap_or("");
+        files
+            .symlink(&ws.at(&a.path), target, a.mtime_ns, owner)
+            .map_err(|e| fail(a, e))?;
+    }
+    for a in dirs.iter().rev() {
+        files
+            .set_meta(&ws.at(&a.path), Some(a.mode), Some(a.mtime_ns), owner)
+            .map_err(|e| fail(a, e))?;
+    }
+    files.forget();
     Ok(known)
 }
 
@@ -583,37 +517,28 @@ thread_local! {
     /// ends.
     static BUFFER: std::cell::RefCell<upstream_store::CopyBuffer> =
         std::cell::RefCell::new(upstream_store::CopyBuffer::default());
-    /// The directory the thread restored its last file into, by its path below the
-    /// restore's directory: the next file is most often its neighbour. Held for one restore
-    /// only.
-    static PARENT: std::cell::RefCell<Option<(String, OwnedFd)>> =
-        const { std::cell::RefCell::new(None) };
 }
 
 fn restore_file(
-    dir: BorrowedFd<'_>,
+    ws: &Workspace<'_>,
     a: &ArtifactRow,
     blob: &upstream_store::OpenBlob,
+    owner: Owner,
 ) -> Result<KnownFile, RestoreError> {
     let fail = |source: io::Error| RestoreError::Io {
         path: a.path.clone(),
         source,
     };
-    let (parent, name) = split(&a.path);
-    let mut file = PARENT
-        .with_borrow_mut(|last| -> io::Result<std::fs::File> {
-            if last.as_ref().is_none_or(|(path, _)| path != parent) {
-                *last = None;
-                let fd = hostfs::make_dir_all(dir, parent, Reach::Beneath)?;
-                *last = Some((parent.to_string(), fd));
-            }
-            let (_, fd) = last.as_ref().expect("set above");
-            hostfs::create_file(fd.as_fd(), name, 0o600, Existing::Replace)
-        })
+    let mut file = ws
+        .files
+        .create(&ws.at(&a.path), 0o600, Create::InPlace, owner)
         .map_err(fail)?;
     // Read and checked before a byte is written, so a damaged blob leaves nothing; one too
     // big for the buffer is streamed and checked at its end (the turn then fails).
-    let copied = BUFFER.with_borrow_mut(|buffer| blob.copy_checked(buffer, &file))?;
+    let copied = BUFFER.with_borrow_mut(|buffer| match file.file() {
+        Some(target) => blob.copy_checked(buffer, &mut &*target),
+        None => blob.copy_checked(buffer, &mut file),
+    })?;
     if !copied {
         let mut reader = blob.reader()?;
         io::copy(&mut reader, &mut file).map_err(|e| match reader.error(e) {
@@ -621,50 +546,14 @@ fn restore_file(
             other => RestoreError::Blob(other),
         })?;
     }
-    nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(a.mode)).map_err(|e| fail(e.into()))?;
-    set_file_mtime(&file, a.mtime_ns).map_err(fail)?;
-    let st = nix::sys::stat::fstat(&file).map_err(|e| fail(e.into()))?;
+    file.flush().map_err(fail)?;
+    let meta = file.finish(Some(a.mode), Some(a.mtime_ns)).map_err(fail)?;
     Ok(KnownFile {
-        ino: st.st_ino,
-        ctime_ns: ctime_ns(&st),
-        size: st.st_size as u64,
+        ino: meta.ino,
+        ctime_ns: meta.ctime_ns,
+        size: meta.size,
         blob: blob.id().clone(),
     })
-}
-
-/// Removes a file or link at `name` (what the image had there) before restoring over it.
-fn remove_entry(parent: &OwnedFd, name: &str) -> io::Result<()> {
-    match nix::unistd::unlinkat(parent, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn timespec(mtime_ns: i64) -> nix::sys::time::TimeSpec {
-    nix::sys::time::TimeSpec::new(
-        mtime_ns.div_euclid(1_000_000_000),
-        mtime_ns.rem_euclid(1_000_000_000),
-    )
-}
-
-/// Sets the modification time of link `name` in `parent`, never following it.
-fn set_link_mtime(parent: &OwnedFd, name: &str, mtime_ns: i64) -> io::Result<()> {
-    use nix::sys::time::TimeSpec;
-    nix::sys::stat::utimensat(
-        parent,
-        name,
-        &TimeSpec::UTIME_OMIT,
-        &timespec(mtime_ns),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(io::Error::from)
-}
-
-/// Sets the modification time of what `fd` holds open.
-fn set_file_mtime(fd: &impl AsFd, mtime_ns: i64) -> io::Result<()> {
-    use nix::sys::time::TimeSpec;
-    nix::sys::stat::futimens(fd, &TimeSpec::UTIME_OMIT, &timespec(mtime_ns))
-        .map_err(io::Error::from)
 }
 
 #[cfg(test)]

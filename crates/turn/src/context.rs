@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
 
 use serde::Serialize;
 use upstream_doc::FrontMatter;
-use upstream_sandbox::HostRoot;
-use upstream_sandbox::hostfs::{self, Reach};
+use upstream_sandbox::Files;
+use upstream_sandbox::files::{At, Create, Kind};
+use upstream_sandbox::sandboxfs;
 use upstream_store::{
     ArtifactKind, ArtifactRow, Blobs, NewArtifact, OutputRow, Store, StoreError, TurnDetail,
     TurnState,
@@ -146,7 +146,7 @@ impl Context {
     /// files belong to `user` (ids in the sandbox) when steps run as one, else to root.
     pub(crate) fn prepare(
         &self,
-        root: HostRoot,
+        files: &dyn Files,
         workdir: &str,
         restore: bool,
         user: Option<(u32, u32)>,
@@ -159,43 +159,31 @@ impl Context {
                 source: e,
             })
         };
-        let workspace = hostfs::as_owner(root.uid, root.gid, || {
-            let context_dir =
-                hostfs::make_dir_all(root.dir.as_fd(), "/context", Reach::InRoot(&root.own))
-                    .map_err(|e| fail("/context", e))?;
-            write_new(&context_dir, "turns.json", &history, (root.uid, root.gid))
-                .map_err(|e| fail(HISTORY_PATH, e))?;
-            if self.artifacts.is_empty() || !restore {
-                return Ok(None);
-            }
-            hostfs::make_dir_all(root.dir.as_fd(), workdir, Reach::InRoot(&root.own))
-                .map(Some)
-                .map_err(|e| fail(workdir, e))
-        })?;
-        let Some(workspace) = workspace else {
+        files
+            .make_dir(&At::Root("/context".into()), 0o755, true, (0, 0))
+            .map_err(|e| fail("/context", e))?;
+        write_new(files, HISTORY_PATH, &history).map_err(|e| fail(HISTORY_PATH, e))?;
+        if self.artifacts.is_empty() || !restore {
             return Ok(Known::new());
-        };
+        }
+        let workspace = At::Root(workdir.to_string());
+        files
+            .make_dir(&workspace, 0o755, true, (0, 0))
+            .map_err(|e| fail(workdir, e))?;
         // Restored files belong to whom the steps run as, and so does the workspace, as the
-        // agent would make it (changing an owner needs the capabilities `setfsuid` drops).
-        let (uid, gid) = user.unwrap_or((0, 0));
-        let owner = (root.uid + uid, root.gid + gid);
+        // agent would make it.
+        let owner = user.unwrap_or((0, 0));
         if user.is_some() {
-            let st =
-                nix::sys::stat::fstat(workspace.as_fd()).map_err(|e| fail(workdir, e.into()))?;
-            if st.st_uid == root.uid {
-                nix::unistd::fchown(
-                    workspace.as_fd(),
-                    Some(nix::unistd::Uid::from_raw(owner.0)),
-                    Some(nix::unistd::Gid::from_raw(owner.1)),
-                )
-                .map_err(|e| fail(workdir, e.into()))?;
-            }
+            files
+                .give(&workspace, owner)
+                .map_err(|e| fail(workdir, e))?;
         }
         Ok(artifacts::restore(
-            workspace.as_fd(),
+            files,
+            workdir,
             &self.artifacts,
             &self.blobs,
-            Some(owner),
+            owner,
             stop,
         )?)
     }
@@ -203,7 +191,7 @@ impl Context {
     /// Saves the artifacts the document names (and records restored ones it deleted).
     pub(crate) fn save(
         &self,
-        root: HostRoot,
+        files: &dyn Files,
         fm: &FrontMatter,
         workdir: &str,
         blobs: &Blobs,
@@ -215,20 +203,29 @@ impl Context {
         if patterns.is_empty() {
             return Ok(None);
         }
-        let workspace = match hostfs::open_dir(root.dir.as_fd(), workdir, Reach::InRoot(&root.own))
-        {
-            Ok(w) => Some(w),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(match hostfs::refusal(&e) {
-                    Some(refused) => refused.at(workdir),
-                    None => io::Error::new(e.kind(), format!("{workdir}: {e}")),
-                });
-            }
+        let at_workdir = |e: io::Error| match sandboxfs::refusal(&e) {
+            Some(refused) if refused.at.is_none() => refused.at(workdir),
+            _ => e,
         };
-        let saved = match &workspace {
-            Some(w) => artifacts::save(w.as_fd(), &patterns, blobs, known, stop)?,
+        let workspace = files
+            .stat(&At::Root(workdir.to_string()), None)
+            .map_err(|e| match sandboxfs::refusal(&e) {
+                Some(refused) => refused.at(workdir),
+                None => io::Error::new(e.kind(), format!("{workdir}: {e}")),
+            })?;
+        let saved = match workspace.map(|meta| meta.kind) {
             None => artifacts::Saved::default(),
+            // A link is followed, inside the sandbox.
+            Some(Kind::Dir | Kind::Symlink) => {
+                artifacts::save(files, workdir, &patterns, blobs, known, stop)
+                    .map_err(at_workdir)?
+            }
+            Some(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("{workdir}: the workspace is not a directory"),
+                ));
+            }
         };
         let mut list = saved.artifacts;
         let bytes = list.iter().map(|a| a.size).sum();
@@ -275,15 +272,16 @@ pub(crate) struct Saved {
     pub(crate) skipped: Vec<(String, String)>,
 }
 
-/// Writes a new file `name` in `dir` (replacing what is there), all or nothing: a write that
-/// fails (the disk full) leaves no part of it.
-fn write_new(
-    dir: &std::os::fd::OwnedFd,
-    name: &str,
-    data: &[u8],
-    owner: (u32, u32),
-) -> io::Result<()> {
-    let new = hostfs::NewFile::replacing(dir.as_fd(), name, 0o644, owner)?;
-    new.file().write_all(data)?;
-    new.commit()
+/// Writes file `path` of the sandbox (replacing what is there, even a link), all or
+/// nothing: a write that fails (the disk full) leaves no part of it.
+fn write_new(files: &dyn Files, path: &str, data: &[u8]) -> io::Result<()> {
+    let mut new = files.create(
+        &At::Root(path.into()),
+        0o644,
+        Create::AtomicReplacing,
+        (0, 0),
+    )?;
+    new.write_all(data)?;
+    new.flush()?;
+    new.finish(None, None).map(drop)
 }

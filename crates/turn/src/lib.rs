@@ -722,9 +722,9 @@ fn run_in_sandbox(
     };
     // A resumed turn's workspace is the one kept, artifacts and all.
     let known = {
-        let root = sandbox.host_root()?;
+        let files = sandbox.files()?;
         let owner = user.as_ref().map(|u| (u.uid, u.gid));
-        match context.prepare(root, &workdir, resume.is_none(), owner, &stop) {
+        match context.prepare(&*files, &workdir, resume.is_none(), owner, &stop) {
             Err(TurnError::Restore(artifacts::RestoreError::Io { source, .. }))
                 if artifacts::Stopped::of(&source) == Some(artifacts::Stopped::Cancelled) =>
             {
@@ -861,8 +861,8 @@ fn run_in_sandbox(
         // What is saved is what the steps left: nothing they started in the background
         // changes it (or swaps a file for a FIFO) while it is read.
         sandbox.stop_processes()?;
-        let root = sandbox.host_root()?;
-        match context.save(root, fm, &workdir, turn.store.blobs(), &known, &stop) {
+        let files = sandbox.files()?;
+        match context.save(&*files, fm, &workdir, turn.store.blobs(), &known, &stop) {
             Ok(Some(context::Saved {
                 artifacts,
                 summary,

@@ -73,55 +73,57 @@ echo "report" > report.md
 
 #[test]
 fn a_turn_starts_where_the_last_one_of_its_context_ended() {
-    crate::require_sandbox!();
-    let env = Env::new();
-    env.write("research.md", RESEARCH);
-    env.write("analysis.md", ANALYSIS);
-    let out = env.upstream(&["run", "research.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(
-        err.contains("Context: 9 artifacts saved (research-pipeline, turn 1)"),
-        "{err}"
-    );
+    crate::util::each_files_way(|| {
+        crate::require_sandbox!();
+        let env = Env::new();
+        env.write("research.md", RESEARCH);
+        env.write("analysis.md", ANALYSIS);
+        let out = env.upstream(&["run", "research.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("Context: 9 artifacts saved (research-pipeline, turn 1)"),
+            "{err}"
+        );
 
-    let out = env.upstream(&["run", "analysis.md"]);
-    let err = stderr(&out);
-    assert_eq!(
-        code(&out),
-        0,
-        "{err}\n{}",
-        result_block(&fs::read_to_string(env.path("analysis.md")).unwrap(), 1)
-    );
-    assert!(
-        err.contains(
-            "Context loaded: 9 artifacts, 2 outputs from previous turns (research-pipeline, turn 1)"
-        ),
-        "{err}"
-    );
-    assert!(
-        err.contains("Context: 7 artifacts saved, 1 deleted (research-pipeline, turn 2)"),
-        "{err}"
-    );
+        let out = env.upstream(&["run", "analysis.md"]);
+        let err = stderr(&out);
+        assert_eq!(
+            code(&out),
+            0,
+            "{err}\n{}",
+            result_block(&fs::read_to_string(env.path("analysis.md")).unwrap(), 1)
+        );
+        assert!(
+            err.contains(
+                "Context loaded: 9 artifacts, 2 outputs from previous turns (research-pipeline, turn 1)"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("Context: 7 artifacts saved, 1 deleted (research-pipeline, turn 2)"),
+            "{err}"
+        );
 
-    // The third turn gets the latest of each, without what the second deleted.
-    env.write(
-        "check.md",
-        "---\ncontext: research-pipeline\n---\n```bash\ntest ! -e results/paper-2.txt\ncat report.md notes.md results/paper-1.txt\n```\n",
-    );
-    let out = env.upstream(&["run", "check.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let block = result_block(&fs::read_to_string(env.path("check.md")).unwrap(), 1);
-    assert!(block.contains("report\nnotes\npaper 1"), "{block}");
+        // The third turn gets the latest of each, without what the second deleted.
+        env.write(
+            "check.md",
+            "---\ncontext: research-pipeline\n---\n```bash\ntest ! -e results/paper-2.txt\ncat report.md notes.md results/paper-1.txt\n```\n",
+        );
+        let out = env.upstream(&["run", "check.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let block = result_block(&fs::read_to_string(env.path("check.md")).unwrap(), 1);
+        assert!(block.contains("report\nnotes\npaper 1"), "{block}");
 
-    // Another context starts empty.
-    env.write(
-        "other.md",
-        "---\ncontext: other\n---\n```bash\ntest ! -e notes.md && test -z \"$UPSTREAM_CTX_PAPER_COUNT\"\npython3 -c 'import json; assert json.load(open(\"/context/turns.json\"))[\"turns\"] == []'\n```\n",
-    );
-    let out = env.upstream(&["run", "other.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(!stderr(&out).contains("Context loaded"), "{}", stderr(&out));
+        // Another context starts empty.
+        env.write(
+            "other.md",
+            "---\ncontext: other\n---\n```bash\ntest ! -e notes.md && test -z \"$UPSTREAM_CTX_PAPER_COUNT\"\npython3 -c 'import json; assert json.load(open(\"/context/turns.json\"))[\"turns\"] == []'\n```\n",
+        );
+        let out = env.upstream(&["run", "other.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(!stderr(&out).contains("Context loaded"), "{}", stderr(&out));
+    });
 }
 
 #[test]
@@ -239,32 +241,34 @@ fn log_show_artifacts_and_contexts_read_the_store() {
 
 #[test]
 fn artifacts_never_follow_links_out_of_the_workspace() {
-    crate::require_sandbox!();
-    let env = Env::new();
-    env.write(
-        "escape.md",
-        "---\nartifacts: [leak, escape/etc/hostname, up]\n---\n```bash\nln -s /etc/hostname leak\nln -s / escape\nln -s .. up\n```\n",
-    );
-    let out = env.upstream(&["run", "escape.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let list = json(&env.upstream(&["artifacts", "--json"]));
-    let list = list.as_array().unwrap();
-    assert_eq!(
-        list.len(),
-        2,
-        "the two links, nothing through them: {list:?}"
-    );
-    assert!(
-        list.iter()
-            .all(|a| a["kind"] == "symlink" && a["blob"].is_null())
-    );
-    // Restored, they are links again, pointing where they did inside the sandbox.
-    env.write(
-        "next.md",
-        "```bash\ntest \"$(readlink leak)\" = /etc/hostname\ntest \"$(readlink up)\" = ..\n```\n",
-    );
-    let out = env.upstream(&["run", "next.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    crate::util::each_files_way(|| {
+        crate::require_sandbox!();
+        let env = Env::new();
+        env.write(
+            "escape.md",
+            "---\nartifacts: [leak, escape/etc/hostname, up]\n---\n```bash\nln -s /etc/hostname leak\nln -s / escape\nln -s .. up\n```\n",
+        );
+        let out = env.upstream(&["run", "escape.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let list = json(&env.upstream(&["artifacts", "--json"]));
+        let list = list.as_array().unwrap();
+        assert_eq!(
+            list.len(),
+            2,
+            "the two links, nothing through them: {list:?}"
+        );
+        assert!(
+            list.iter()
+                .all(|a| a["kind"] == "symlink" && a["blob"].is_null())
+        );
+        // Restored, they are links again, pointing where they did inside the sandbox.
+        env.write(
+            "next.md",
+            "```bash\ntest \"$(readlink leak)\" = /etc/hostname\ntest \"$(readlink up)\" = ..\n```\n",
+        );
+        let out = env.upstream(&["run", "next.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    });
 }
 
 #[test]
@@ -603,68 +607,70 @@ fn a_resume_killed_midway_can_be_resumed_again() {
 
 #[test]
 fn an_unprivileged_user_saves_restores_and_resumes_too() {
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
+    crate::util::each_files_way(|| {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
 
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let nobody = 65534;
-    let work = env.path("nobody");
-    fs::create_dir(&work).unwrap();
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
-    let bin = crate::util::binary_for_nobody(&env);
-    let run = |args: &[&str]| {
-        std::process::Command::new(&bin)
-            .args(args)
-            .current_dir(&work)
-            .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
-            .env("UPSTREAM_STORE", work.join(".upstream"))
-            .env("HOME", &work)
-            .uid(nobody)
-            .gid(nobody)
-            .output()
-            .unwrap()
-    };
-    let write = |name: &str, text: &str| {
-        let path = work.join(name);
-        fs::write(&path, text).unwrap();
-        std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).unwrap();
-        path
-    };
-    write(
-        "one.md",
-        "---\nartifacts: [kept.txt]\n---\n```bash\necho saved > kept.txt\n```\n",
-    );
-    let out = run(&["run", "one.md"]);
-    if stderr(&out).contains("cannot create a user namespace") {
-        crate::util::skip(
-            "SKIPPED: rootless: this kernel does not allow unprivileged user namespaces".into(),
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let nobody = 65534;
+        let work = env.path("nobody");
+        fs::create_dir(&work).unwrap();
+        fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+        let bin = crate::util::binary_for_nobody(&env);
+        let run = |args: &[&str]| {
+            std::process::Command::new(&bin)
+                .args(args)
+                .current_dir(&work)
+                .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+                .env("UPSTREAM_STORE", work.join(".upstream"))
+                .env("HOME", &work)
+                .uid(nobody)
+                .gid(nobody)
+                .output()
+                .unwrap()
+        };
+        let write = |name: &str, text: &str| {
+            let path = work.join(name);
+            fs::write(&path, text).unwrap();
+            std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).unwrap();
+            path
+        };
+        write(
+            "one.md",
+            "---\nartifacts: [kept.txt]\n---\n```bash\necho saved > kept.txt\n```\n",
         );
-        return;
-    }
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let path = write(
-        "two.md",
-        "```bash\ncat kept.txt > seen.txt\n```\n```bash\necho more >> seen.txt; exit 1\n```\n",
-    );
-    let out = run(&["run", "two.md"]);
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
-    // Rootless, the one warning is that the disk limit does not hold.
-    let said = stderr(&out);
-    let warnings: Vec<&str> = said
-        .lines()
-        .filter(|l| l.starts_with("warning") && !l.contains("disk limit (10G) is not enforced"))
-        .collect();
-    assert!(warnings.is_empty(), "{}", stderr(&out));
-    let fixed = fs::read_to_string(&path)
-        .unwrap()
-        .replace("echo more >> seen.txt; exit 1", "cat seen.txt");
-    write("two.md", &fixed);
-    let out = run(&["run", "--resume", "two.md"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let block = result_block(&fs::read_to_string(&path).unwrap(), 2);
-    assert!(block.contains("```text\nsaved\n```"), "{block}");
+        let out = run(&["run", "one.md"]);
+        if stderr(&out).contains("cannot create a user namespace") {
+            crate::util::skip(
+                "SKIPPED: rootless: this kernel does not allow unprivileged user namespaces".into(),
+            );
+            return;
+        }
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let path = write(
+            "two.md",
+            "```bash\ncat kept.txt > seen.txt\n```\n```bash\necho more >> seen.txt; exit 1\n```\n",
+        );
+        let out = run(&["run", "two.md"]);
+        assert_eq!(code(&out), 1, "{}", stderr(&out));
+        // Rootless, the one warning is that the disk limit does not hold.
+        let said = stderr(&out);
+        let warnings: Vec<&str> = said
+            .lines()
+            .filter(|l| l.starts_with("warning") && !l.contains("disk limit (10G) is not enforced"))
+            .collect();
+        assert!(warnings.is_empty(), "{}", stderr(&out));
+        let fixed = fs::read_to_string(&path)
+            .unwrap()
+            .replace("echo more >> seen.txt; exit 1", "cat seen.txt");
+        write("two.md", &fixed);
+        let out = run(&["run", "--resume", "two.md"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let block = result_block(&fs::read_to_string(&path).unwrap(), 2);
+        assert!(block.contains("```text\nsaved\n```"), "{block}");
+    });
 }
 
 /// A store under directories only root may enter (`/root/project`, `mktemp -d`): the
@@ -672,43 +678,45 @@ fn an_unprivileged_user_saves_restores_and_resumes_too() {
 /// and writes into the sandbox as the sandbox's owner.
 #[test]
 fn a_context_in_a_private_directory_carries_its_artifacts() {
-    use std::os::unix::fs::PermissionsExt;
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let project = env.path("private/project");
-    fs::create_dir_all(&project).unwrap();
-    for dir in [env.path("private"), project.clone()] {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    let store = project.join(".upstream");
-    let run = |name: &str, text: &str| {
-        fs::write(project.join(name), text).unwrap();
-        env.command()
-            .current_dir(&project)
-            .env("UPSTREAM_STORE", &store)
-            .args(["run", name])
-            .output()
-            .unwrap()
-    };
-    let first = run(
-        "first.md",
-        "---\ncontext: private\nartifacts: [kept.txt]\n---\n```bash\necho carried > kept.txt\n\
-         echo \"host uid $(awk '$1 == 0 {print $2}' /proc/self/uid_map)\"\n```\n",
-    );
-    assert_eq!(code(&first), 0, "{}", stderr(&first));
-    // The premise: the sandbox's root is not the host's, so it could not enter the store.
-    let doc = fs::read_to_string(project.join("first.md")).unwrap();
-    let host_uid: u32 = result_block(&doc, 1)
-        .lines()
-        .find_map(|l| l.strip_prefix("host uid "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{doc}"));
-    assert_ne!(host_uid, 0, "the sandbox runs as host root:\n{doc}");
-    let second = run(
-        "second.md",
-        "---\ncontext: private\n---\n```bash\ncat kept.txt\n```\n",
-    );
-    let doc = fs::read_to_string(project.join("second.md")).unwrap();
-    assert_eq!(code(&second), 0, "{}\n{doc}", stderr(&second));
-    assert!(result_block(&doc, 1).contains("carried"), "{doc}");
+    crate::util::each_files_way(|| {
+        use std::os::unix::fs::PermissionsExt;
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let project = env.path("private/project");
+        fs::create_dir_all(&project).unwrap();
+        for dir in [env.path("private"), project.clone()] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let store = project.join(".upstream");
+        let run = |name: &str, text: &str| {
+            fs::write(project.join(name), text).unwrap();
+            env.command()
+                .current_dir(&project)
+                .env("UPSTREAM_STORE", &store)
+                .args(["run", name])
+                .output()
+                .unwrap()
+        };
+        let first = run(
+            "first.md",
+            "---\ncontext: private\nartifacts: [kept.txt]\n---\n```bash\necho carried > kept.txt\n\
+             echo \"host uid $(awk '$1 == 0 {print $2}' /proc/self/uid_map)\"\n```\n",
+        );
+        assert_eq!(code(&first), 0, "{}", stderr(&first));
+        // The premise: the sandbox's root is not the host's, so it could not enter the store.
+        let doc = fs::read_to_string(project.join("first.md")).unwrap();
+        let host_uid: u32 = result_block(&doc, 1)
+            .lines()
+            .find_map(|l| l.strip_prefix("host uid "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{doc}"));
+        assert_ne!(host_uid, 0, "the sandbox runs as host root:\n{doc}");
+        let second = run(
+            "second.md",
+            "---\ncontext: private\n---\n```bash\ncat kept.txt\n```\n",
+        );
+        let doc = fs::read_to_string(project.join("second.md")).unwrap();
+        assert_eq!(code(&second), 0, "{}\n{doc}", stderr(&second));
+        assert!(result_block(&doc, 1).contains("carried"), "{doc}");
+    });
 }

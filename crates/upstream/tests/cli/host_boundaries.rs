@@ -42,62 +42,64 @@ fn alive(api: &Api, sid: &str) -> Result<u16, String> {
 /// at every restart.
 #[test]
 fn a_deep_directory_tree_does_not_crash_the_daemon() {
-    crate::require_root_sandbox!();
-    if !Path::new("/usr/bin/python3").exists() {
-        crate::util::skip(
-            "SKIPPED: host_boundaries: needs /usr/bin/python3 for the sandbox".into(),
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        if !Path::new("/usr/bin/python3").exists() {
+            crate::util::skip(
+                "SKIPPED: host_boundaries: needs /usr/bin/python3 for the sandbox".into(),
+            );
+            return;
+        }
+        let env = Env::new();
+        let _cleanup = RemoveRuntime(env.runtime.clone());
+        let daemon = Daemon::start(&env, &[]);
+        let attacker = daemon.client(&daemon.key("a", "attacker"));
+        let victim = daemon.client(&daemon.key("v", "victim"));
+        let theirs = id(&victim.create(json!({})));
+
+        // Control: a shallow tree goes with a recursive delete, and so does its sandbox.
+        let sid = id(&attacker.create(json!({})));
+        let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(10)]);
+        assert_eq!(made["stdout"], "made\n", "{made}");
+        let response = attacker
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/v1/sandboxes/{sid}/files?path=/workspace/deep&recursive=true"),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204);
+
+        // The files API's recursive delete of a deep tree.
+        let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(30_000)]);
+        assert_eq!(made["stdout"], "made\n", "{made}");
+        let deleted = attacker
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/v1/sandboxes/{sid}/files?path=/workspace/deep&recursive=true"),
+            )
+            .send()
+            .map(|r| r.status().as_u16());
+        assert_eq!(
+            alive(&victim, &theirs),
+            Ok(200),
+            "the daemon died on a recursive delete ({deleted:?})"
         );
-        return;
-    }
-    let env = Env::new();
-    let _cleanup = RemoveRuntime(env.runtime.clone());
-    let daemon = Daemon::start(&env, &[]);
-    let attacker = daemon.client(&daemon.key("a", "attacker"));
-    let victim = daemon.client(&daemon.key("v", "victim"));
-    let theirs = id(&victim.create(json!({})));
 
-    // Control: a shallow tree goes with a recursive delete, and so does its sandbox.
-    let sid = id(&attacker.create(json!({})));
-    let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(10)]);
-    assert_eq!(made["stdout"], "made\n", "{made}");
-    let response = attacker
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/sandboxes/{sid}/files?path=/workspace/deep&recursive=true"),
-        )
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 204);
-
-    // The files API's recursive delete of a deep tree.
-    let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(30_000)]);
-    assert_eq!(made["stdout"], "made\n", "{made}");
-    let deleted = attacker
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/sandboxes/{sid}/files?path=/workspace/deep&recursive=true"),
-        )
-        .send()
-        .map(|r| r.status().as_u16());
-    assert_eq!(
-        alive(&victim, &theirs),
-        Ok(200),
-        "the daemon died on a recursive delete ({deleted:?})"
-    );
-
-    // The sandbox's teardown with the tree still in its layer.
-    let sid = id(&attacker.create(json!({})));
-    let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(30_000)]);
-    assert_eq!(made["stdout"], "made\n", "{made}");
-    let deleted = attacker
-        .request(reqwest::Method::DELETE, &format!("/v1/sandboxes/{sid}"))
-        .send()
-        .map(|r| r.status().as_u16());
-    assert_eq!(
-        alive(&victim, &theirs),
-        Ok(200),
-        "the daemon died tearing down a sandbox with a deep tree ({deleted:?})"
-    );
+        // The sandbox's teardown with the tree still in its layer.
+        let sid = id(&attacker.create(json!({})));
+        let made = attacker.exec(&sid, &["python3", "-c", &deep_tree(30_000)]);
+        assert_eq!(made["stdout"], "made\n", "{made}");
+        let deleted = attacker
+            .request(reqwest::Method::DELETE, &format!("/v1/sandboxes/{sid}"))
+            .send()
+            .map(|r| r.status().as_u16());
+        assert_eq!(
+            alive(&victim, &theirs),
+            Ok(200),
+            "the daemon died tearing down a sandbox with a deep tree ({deleted:?})"
+        );
+    });
 }
 
 /// A sandbox's `/dev/shm` and `/run` are memory (its `/tmp` is on its disk). A write the
@@ -105,21 +107,23 @@ fn a_deep_directory_tree_does_not_crash_the_daemon() {
 /// (files API) must not hold more than that limit either.
 #[test]
 fn an_upload_into_tmpfs_is_bounded_by_the_sandboxs_memory() {
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let daemon = Daemon::start(&env, &[]);
-    let api = daemon.client(&daemon.key("t", "t"));
-    let sid = id(&api.create(json!({ "limits": { "memory": "64M" } })));
-    let put = |path: &str, size: usize| api.upload_zeros(&sid, path, size);
-    // Control: a small file goes in.
-    assert_eq!(put("/dev/shm/small", 1 << 20), 201);
-    let status = put("/dev/shm/big", 256 << 20);
-    let held = api.file_size(&sid, "/dev/shm/big");
-    assert!(
-        held < 64 << 20,
-        "a sandbox limited to 64 MiB holds {held} bytes in its /dev/shm, written by the daemon \
-         (PUT answered {status})"
-    );
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let daemon = Daemon::start(&env, &[]);
+        let api = daemon.client(&daemon.key("t", "t"));
+        let sid = id(&api.create(json!({ "limits": { "memory": "64M" } })));
+        let put = |path: &str, size: usize| api.upload_zeros(&sid, path, size);
+        // Control: a small file goes in.
+        assert_eq!(put("/dev/shm/small", 1 << 20), 201);
+        let status = put("/dev/shm/big", 256 << 20);
+        let held = api.file_size(&sid, "/dev/shm/big");
+        assert!(
+            held < 64 << 20,
+            "a sandbox limited to 64 MiB holds {held} bytes in its /dev/shm, written by the daemon \
+             (PUT answered {status})"
+        );
+    });
 }
 
 /// A daemon started in a mount namespace of its own, where the host's `/etc` is an overlay
@@ -202,38 +206,40 @@ fn turn(api: &Api, document: &str) -> String {
 /// not read the host's files as host root, and the next turn must not get them back.
 #[test]
 fn an_artifact_save_does_not_read_the_hosts_etc_on_an_overlay_host() {
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let daemon = OverlayDaemon::start(&env);
-    let api = daemon.client("t");
-    // Control: a step sees the host's /etc, and cannot read the file itself.
-    let probe = turn(
-        &api,
-        "---\nworkdir: /etc\ncontext: probe\n---\n\n\
-         ```bash\ncat /etc/upstream-host-secret || echo step-cannot-read\n\
-         test -r /etc/hostname && echo sees-etc\n```\n",
-    );
-    assert!(probe.contains("step-cannot-read"), "{probe}");
-    assert!(probe.contains("sees-etc"), "{probe}");
-    // The save may refuse (the turn then fails); what matters is what comes back.
-    turn(
-        &api,
-        "---\nworkdir: /etc\nartifacts: [upstream-host-secret]\ncontext: leak\n---\n\n\
-         ```bash\ntrue\n```\n",
-    );
-    let second = turn(
-        &api,
-        "---\nartifacts: [upstream-host-secret, mine.txt]\ncontext: leak\n---\n\n\
-         ```bash\ncat upstream-host-secret 2>/dev/null || true\necho saved > mine.txt\n```\n",
-    );
-    assert!(
-        !second.contains("host-root-only-7f3a"),
-        "a host file only root may read came back to the tenant:\n{second}"
-    );
-    // Control: an artifact of the workspace goes to the next turn.
-    let third = turn(
-        &api,
-        "---\nartifacts: [mine.txt]\ncontext: leak\n---\n\n```bash\ncat mine.txt\n```\n",
-    );
-    assert!(third.contains("saved"), "{third}");
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let daemon = OverlayDaemon::start(&env);
+        let api = daemon.client("t");
+        // Control: a step sees the host's /etc, and cannot read the file itself.
+        let probe = turn(
+            &api,
+            "---\nworkdir: /etc\ncontext: probe\n---\n\n\
+             ```bash\ncat /etc/upstream-host-secret || echo step-cannot-read\n\
+             test -r /etc/hostname && echo sees-etc\n```\n",
+        );
+        assert!(probe.contains("step-cannot-read"), "{probe}");
+        assert!(probe.contains("sees-etc"), "{probe}");
+        // The save may refuse (the turn then fails); what matters is what comes back.
+        turn(
+            &api,
+            "---\nworkdir: /etc\nartifacts: [upstream-host-secret]\ncontext: leak\n---\n\n\
+             ```bash\ntrue\n```\n",
+        );
+        let second = turn(
+            &api,
+            "---\nartifacts: [upstream-host-secret, mine.txt]\ncontext: leak\n---\n\n\
+             ```bash\ncat upstream-host-secret 2>/dev/null || true\necho saved > mine.txt\n```\n",
+        );
+        assert!(
+            !second.contains("host-root-only-7f3a"),
+            "a host file only root may read came back to the tenant:\n{second}"
+        );
+        // Control: an artifact of the workspace goes to the next turn.
+        let third = turn(
+            &api,
+            "---\nartifacts: [mine.txt]\ncontext: leak\n---\n\n```bash\ncat mine.txt\n```\n",
+        );
+        assert!(third.contains("saved"), "{third}");
+    });
 }

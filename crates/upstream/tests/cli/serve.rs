@@ -854,124 +854,128 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_gigabyte_file_goes_in_and_out_streamed_with_memory_flat() {
-    crate::require_root_sandbox!();
-    const SIZE: u64 = 1 << 30;
-    let env = Env::new();
-    let daemon = Daemon::start(&env, &[]);
-    let api = daemon.client(&daemon.key("t", "t"));
-    let sid = id(&api.create(json!({})));
-    let mut pattern = Pattern {
-        left: SIZE,
-        hasher: blake3::Hasher::new(),
-    };
-    let sent_hash = {
-        let (reader, writer) = std::io::pipe().unwrap();
-        let feeder = std::thread::spawn(move || {
-            let mut writer = writer;
-            std::io::copy(&mut pattern, &mut writer).unwrap();
-            pattern.hasher.finalize()
-        });
-        let response = api
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        const SIZE: u64 = 1 << 30;
+        let env = Env::new();
+        let daemon = Daemon::start(&env, &[]);
+        let api = daemon.client(&daemon.key("t", "t"));
+        let sid = id(&api.create(json!({})));
+        let mut pattern = Pattern {
+            left: SIZE,
+            hasher: blake3::Hasher::new(),
+        };
+        let sent_hash = {
+            let (reader, writer) = std::io::pipe().unwrap();
+            let feeder = std::thread::spawn(move || {
+                let mut writer = writer;
+                std::io::copy(&mut pattern, &mut writer).unwrap();
+                pattern.hasher.finalize()
+            });
+            let response = api
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"),
+                )
+                .body(reqwest::blocking::Body::new(reader))
+                .send()
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 201);
+            let written: Value = response.json().unwrap();
+            assert_eq!(written["size"], SIZE);
+            feeder.join().unwrap()
+        };
+        // The command in the sandbox sees it whole.
+        let size = api.exec(&sid, &["stat", "-c", "%s", "big/blob.bin"]);
+        assert_eq!(size["stdout"], format!("{SIZE}\n"));
+        let mut response = api
             .request(
-                reqwest::Method::PUT,
-                &format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"),
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{sid}/files?path=/workspace/big/blob.bin"),
             )
-            .body(reqwest::blocking::Body::new(reader))
             .send()
             .unwrap();
-        assert_eq!(response.status().as_u16(), 201);
-        let written: Value = response.json().unwrap();
-        assert_eq!(written["size"], SIZE);
-        feeder.join().unwrap()
-    };
-    // The command in the sandbox sees it whole.
-    let size = api.exec(&sid, &["stat", "-c", "%s", "big/blob.bin"]);
-    assert_eq!(size["stdout"], format!("{SIZE}\n"));
-    let mut response = api
-        .request(
-            reqwest::Method::GET,
-            &format!("/v1/sandboxes/{sid}/files?path=/workspace/big/blob.bin"),
-        )
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0u64;
-    loop {
-        let n = response.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
+        assert_eq!(response.status().as_u16(), 200);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = response.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            hasher.update(&buf[..n]);
         }
-        got += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    assert_eq!(got, SIZE);
-    assert_eq!(hasher.finalize(), sent_hash);
-    let peak = peak_rss_kib(daemon.child.id());
-    assert!(
-        peak < 128 * 1024,
-        "the daemon peaked at {peak} KiB moving 1 GiB"
-    );
+        assert_eq!(got, SIZE);
+        assert_eq!(hasher.finalize(), sent_hash);
+        let peak = peak_rss_kib(daemon.child.id());
+        assert!(
+            peak < 128 * 1024,
+            "the daemon peaked at {peak} KiB moving 1 GiB"
+        );
 
-    // Listing, deleting, and what cannot be done.
-    let (_, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=big"));
-    assert_eq!(listing["entries"][0]["name"], "blob.bin");
-    assert_eq!(listing["entries"][0]["size"], SIZE);
-    let (status, body) = api.send(
-        reqwest::Method::DELETE,
-        &format!("/v1/sandboxes/{sid}/files?path=big"),
-        None,
-    );
-    assert_eq!((status, error_code(&body)), (409, "conflict"));
-    assert_eq!(
-        api.delete(&format!(
-            "/v1/sandboxes/{sid}/files?path=big&recursive=true"
-        )),
-        204
-    );
-    let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"));
-    assert_eq!((status, error_code(&body)), (404, "not_found"));
+        // Listing, deleting, and what cannot be done.
+        let (_, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=big"));
+        assert_eq!(listing["entries"][0]["name"], "blob.bin");
+        assert_eq!(listing["entries"][0]["size"], SIZE);
+        let (status, body) = api.send(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{sid}/files?path=big"),
+            None,
+        );
+        assert_eq!((status, error_code(&body)), (409, "conflict"));
+        assert_eq!(
+            api.delete(&format!(
+                "/v1/sandboxes/{sid}/files?path=big&recursive=true"
+            )),
+            204
+        );
+        let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path=big/blob.bin"));
+        assert_eq!((status, error_code(&body)), (404, "not_found"));
+    });
 }
 
 #[test]
 fn files_never_lead_out_of_the_sandbox() {
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let secret = env.write("host-secret.txt", "host only\n");
-    let daemon = Daemon::start(&env, &[]);
-    let api = daemon.client(&daemon.key("t", "t"));
-    let sid = id(&api.create(json!({})));
-    // Links planted in the sandbox, pointing at the host's file and at the host's root.
-    let plant = format!(
-        "ln -s {} /workspace/escape && ln -s / /workspace/root && ln -s ../../../../.. /workspace/up",
-        secret.display()
-    );
-    assert_eq!(api.exec(&sid, &["sh", "-c", &plant])["exit_code"], 0);
-    for path in [
-        "escape".to_string(),
-        format!("root{}", secret.display()),
-        format!("up{}", secret.display()),
-        format!("../../..{}", secret.display()),
-        secret.display().to_string(),
-    ] {
-        let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path={path}"));
-        assert_ne!(status, 200, "{path} read the host's file: {body}");
-    }
-    // Writes through them land inside the sandbox, if anywhere.
-    for path in ["escape", "root/tmp/planted", "up/tmp/planted2"] {
-        let _ = api
-            .request(
-                reqwest::Method::PUT,
-                &format!("/v1/sandboxes/{sid}/files?path={path}"),
-            )
-            .body("overwritten")
-            .send()
-            .unwrap();
-    }
-    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host only\n");
-    assert!(!std::path::Path::new("/tmp/planted").exists());
-    assert!(!std::path::Path::new("/tmp/planted2").exists());
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let secret = env.write("host-secret.txt", "host only\n");
+        let daemon = Daemon::start(&env, &[]);
+        let api = daemon.client(&daemon.key("t", "t"));
+        let sid = id(&api.create(json!({})));
+        // Links planted in the sandbox, pointing at the host's file and at the host's root.
+        let plant = format!(
+            "ln -s {} /workspace/escape && ln -s / /workspace/root && ln -s ../../../../.. /workspace/up",
+            secret.display()
+        );
+        assert_eq!(api.exec(&sid, &["sh", "-c", &plant])["exit_code"], 0);
+        for path in [
+            "escape".to_string(),
+            format!("root{}", secret.display()),
+            format!("up{}", secret.display()),
+            format!("../../..{}", secret.display()),
+            secret.display().to_string(),
+        ] {
+            let (status, body) = api.get(&format!("/v1/sandboxes/{sid}/files?path={path}"));
+            assert_ne!(status, 200, "{path} read the host's file: {body}");
+        }
+        // Writes through them land inside the sandbox, if anywhere.
+        for path in ["escape", "root/tmp/planted", "up/tmp/planted2"] {
+            let _ = api
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/sandboxes/{sid}/files?path={path}"),
+                )
+                .body("overwritten")
+                .send()
+                .unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host only\n");
+        assert!(!std::path::Path::new("/tmp/planted").exists());
+        assert!(!std::path::Path::new("/tmp/planted2").exists());
+    });
 }
 
 #[test]
@@ -1903,122 +1907,125 @@ fn disk_used(api: &Api, sid: &str) -> u64 {
 /// one, never part of it).
 #[test]
 fn an_upload_is_all_or_nothing() {
-    crate::require_root_sandbox!();
-    let env = Env::new();
-    let daemon = Daemon::start(&env, &[]);
-    let api = daemon.client(&daemon.key("t", "t"));
-    let sid = id(&api.create(json!({ "limits": { "disk": "20M" } })));
-    let put = |path: &str, body: reqwest::blocking::Body| {
-        api.request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sid}/files?path={path}"),
-        )
-        .body(body)
-        .send()
-    };
-    let listing = || {
-        let (status, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=."));
-        assert_eq!(status, 200, "{listing}");
-        let names: Vec<String> = listing["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string())
-            .collect();
-        names
-    };
-    let before = disk_used(&api, &sid);
-    // The daemon may answer "no space" and close before the whole body is sent.
-    let status = put("big.bin", vec![7u8; 30 << 20].into()).map_or(0, |r| r.status().as_u16());
-    assert!(
-        status == 507 || status == 0,
-        "the upload was answered {status}"
-    );
-    assert_eq!(
-        listing(),
-        Vec::<String>::new(),
-        "the failed upload left a file"
-    );
-    let after = disk_used(&api, &sid);
-    assert!(
-        after <= before + (1 << 20),
-        "the disk stays full: {before} bytes used before, {after} after"
-    );
-
-    // A client that goes away mid-body: the daemon sees the body end short.
-    let (reader, mut writer) = std::io::pipe().unwrap();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&[1u8; 1 << 20]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        // Dropped without an end: a body of a declared length that never comes.
-    });
-    let mut socket =
-        std::net::TcpStream::connect(daemon.url.trim_start_matches("http://")).unwrap();
-    let key = api.key.clone().unwrap();
-    write!(
-        socket,
-        "PUT /v1/sandboxes/{sid}/files?path=cut.bin HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
-        8 << 20
-    )
-    .unwrap();
-    let mut reader = reader;
-    std::io::copy(&mut reader, &mut socket).unwrap();
-    sender.join().unwrap();
-    drop(socket);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let names = listing();
-        if names.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broken-off upload left {names:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    // Control: a complete upload replaces the file; a reader meanwhile sees the old file
-    // whole or the new one whole, never part of either.
-    const SIZE: usize = 4 << 20;
-    assert_eq!(
-        put("whole.bin", vec![b'a'; SIZE].into()).unwrap().status(),
-        201
-    );
-    let read = || {
-        let response = api
-            .request(
-                reqwest::Method::GET,
-                &format!("/v1/sandboxes/{sid}/files?path=whole.bin"),
+    crate::util::each_files_way(|| {
+        crate::require_root_sandbox!();
+        let env = Env::new();
+        let daemon = Daemon::start(&env, &[]);
+        let api = daemon.client(&daemon.key("t", "t"));
+        let sid = id(&api.create(json!({ "limits": { "disk": "20M" } })));
+        let put = |path: &str, body: reqwest::blocking::Body| {
+            api.request(
+                reqwest::Method::PUT,
+                &format!("/v1/sandboxes/{sid}/files?path={path}"),
             )
+            .body(body)
             .send()
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
-        response.bytes().unwrap().to_vec()
-    };
-    let (reader, mut writer) = std::io::pipe().unwrap();
-    let seen = std::thread::scope(|scope| {
-        let uploading = scope.spawn(move || put("whole.bin", reqwest::blocking::Body::new(reader)));
-        let mut seen = Vec::new();
-        for _ in 0..4 {
-            writer.write_all(&[b'b'; SIZE / 4]).unwrap();
-            seen.push(read());
+        };
+        let listing = || {
+            let (status, listing) = api.get(&format!("/v1/sandboxes/{sid}/files/list?path=."));
+            assert_eq!(status, 200, "{listing}");
+            let names: Vec<String> = listing["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect();
+            names
+        };
+        let before = disk_used(&api, &sid);
+        // The daemon may answer "no space" and close before the whole body is sent.
+        let status = put("big.bin", vec![7u8; 30 << 20].into()).map_or(0, |r| r.status().as_u16());
+        assert!(
+            status == 507 || status == 0,
+            "the upload was answered {status}"
+        );
+        assert_eq!(
+            listing(),
+            Vec::<String>::new(),
+            "the failed upload left a file"
+        );
+        let after = disk_used(&api, &sid);
+        assert!(
+            after <= before + (1 << 20),
+            "the disk stays full: {before} bytes used before, {after} after"
+        );
+
+        // A client that goes away mid-body: the daemon sees the body end short.
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&[1u8; 1 << 20]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // Dropped without an end: a body of a declared length that never comes.
+        });
+        let mut socket =
+            std::net::TcpStream::connect(daemon.url.trim_start_matches("http://")).unwrap();
+        let key = api.key.clone().unwrap();
+        write!(
+            socket,
+            "PUT /v1/sandboxes/{sid}/files?path=cut.bin HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+            8 << 20
+        )
+        .unwrap();
+        let mut reader = reader;
+        std::io::copy(&mut reader, &mut socket).unwrap();
+        sender.join().unwrap();
+        drop(socket);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let names = listing();
+            if names.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broken-off upload left {names:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        drop(writer);
-        assert_eq!(uploading.join().unwrap().unwrap().status(), 201);
-        seen
-    });
-    for got in seen {
-        assert!(
-            got == vec![b'a'; SIZE] || got == vec![b'b'; SIZE],
-            "a reader saw {} bytes of a file being replaced",
-            got.len()
+
+        // Control: a complete upload replaces the file; a reader meanwhile sees the old file
+        // whole or the new one whole, never part of either.
+        const SIZE: usize = 4 << 20;
+        assert_eq!(
+            put("whole.bin", vec![b'a'; SIZE].into()).unwrap().status(),
+            201
         );
-    }
-    assert_eq!(read(), vec![b'b'; SIZE]);
-    assert_eq!(listing(), ["whole.bin"]);
+        let read = || {
+            let response = api
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/v1/sandboxes/{sid}/files?path=whole.bin"),
+                )
+                .send()
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            response.bytes().unwrap().to_vec()
+        };
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let seen = std::thread::scope(|scope| {
+            let uploading =
+                scope.spawn(move || put("whole.bin", reqwest::blocking::Body::new(reader)));
+            let mut seen = Vec::new();
+            for _ in 0..4 {
+                writer.write_all(&[b'b'; SIZE / 4]).unwrap();
+                seen.push(read());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(writer);
+            assert_eq!(uploading.join().unwrap().unwrap().status(), 201);
+            seen
+        });
+        for got in seen {
+            assert!(
+                got == vec![b'a'; SIZE] || got == vec![b'b'; SIZE],
+                "a reader saw {} bytes of a file being replaced",
+                got.len()
+            );
+        }
+        assert_eq!(read(), vec![b'b'; SIZE]);
+        assert_eq!(listing(), ["whole.bin"]);
+    });
 }
 
 /// `upstream sandbox create` takes a disk limit as it takes a memory limit, within the

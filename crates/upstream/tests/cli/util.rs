@@ -8,6 +8,26 @@ use std::sync::OnceLock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_upstream");
 
+/// The ways the host can move a sandbox's files (`UPSTREAM_FILES`): itself, on the
+/// sandbox's root, and through the agent inside, as for a VM.
+pub const FILE_WAYS: [&str; 2] = ["host", "agent"];
+
+thread_local! {
+    /// The way every `upstream` an [`Env`] starts moves files: set by [`each_files_way`].
+    static FILES_WAY: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` once for each of [`FILE_WAYS`]: every `upstream` an [`Env`] starts meanwhile
+/// moves the sandbox's files that way, so a promise about files holds for both.
+pub fn each_files_way(test: impl Fn()) {
+    for way in FILE_WAYS {
+        eprintln!("files moved by the {way}:");
+        FILES_WAY.set(Some(way));
+        test();
+        FILES_WAY.set(None);
+    }
+}
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub runtime: PathBuf,
@@ -48,6 +68,9 @@ impl Env {
             .env_remove("UPSTREAM_URL")
             .env_remove("UPSTREAM_API_KEY")
             .env_remove("RUST_BACKTRACE");
+        if let Some(way) = FILES_WAY.get() {
+            cmd.env("UPSTREAM_FILES", way);
+        }
         cmd
     }
 

@@ -37,13 +37,25 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 use nix::sys::statfs::{FsType, fstatfs};
 
-/// The sandbox's own filesystems, by mount: what a path resolved from its root may land on.
-/// They are the overlay and tmpfs mounts of the sandbox's mount table whose superblocks the
-/// host's mount table does not have — so a directory of the host bound in is never one of
-/// them, even where the host's `/etc` is itself an overlay (upstream in a container).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OwnMounts {
-    ids: Vec<u64>,
+/// The sandbox's own filesystems: what a path resolved from its root may land on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnMounts {
+    /// Seen from the host: the overlay and tmpfs mounts of the sandbox's mount table whose
+    /// superblocks the host's mount table does not have — so a directory of the host bound
+    /// in is never one of them, even where the host's `/etc` is itself an overlay (upstream
+    /// in a container).
+    Listed(Vec<u64>),
+    /// Seen from inside, by the agent: every mount of a filesystem that holds files (an
+    /// overlay, tmpfs, a disk's ext4 or erofs), none of the kernel's own (procfs, sysfs,
+    /// devpts, cgroupfs, …). What the agent reaches it may reach anyway; what this keeps
+    /// is that files move the same way through the agent as through the host.
+    Inside,
+}
+
+impl Default for OwnMounts {
+    fn default() -> OwnMounts {
+        OwnMounts::Listed(Vec::new())
+    }
 }
 
 impl OwnMounts {
@@ -73,11 +85,15 @@ impl OwnMounts {
             .filter(|(_, dev, fs)| matches!(*fs, "overlay" | "tmpfs") && !host.contains(dev))
             .map(|(id, _, _)| id)
             .collect();
-        OwnMounts { ids }
+        OwnMounts::Listed(ids)
     }
 
-    fn holds(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
-        Ok(self.ids.contains(&mount_id(fd)?))
+    /// Whether `fd`, on a filesystem of type `kind`, is on one of these mounts.
+    fn holds(&self, fd: BorrowedFd<'_>, kind: FsType) -> io::Result<bool> {
+        match self {
+            OwnMounts::Listed(ids) => Ok(OWN.contains(&kind) && ids.contains(&mount_id(fd)?)),
+            OwnMounts::Inside => Ok(OWN.contains(&kind) || HOLDS_FILES.contains(&kind)),
+        }
     }
 }
 
@@ -172,7 +188,7 @@ impl fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-fn refused(what: impl Into<String>) -> io::Error {
+pub fn refused(what: impl Into<String>) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
         Refused {
@@ -193,6 +209,17 @@ const OWN: &[FsType] = &[
     nix::sys::statfs::OVERLAYFS_SUPER_MAGIC,
     nix::sys::statfs::TMPFS_MAGIC,
 ];
+
+/// Filesystems of disks that a VM's sandbox holds its files on.
+const HOLDS_FILES: &[FsType] = &[
+    nix::sys::statfs::EXT4_SUPER_MAGIC,
+    FsType(EROFS_SUPER_MAGIC),
+    nix::sys::statfs::XFS_SUPER_MAGIC,
+    nix::sys::statfs::BTRFS_SUPER_MAGIC,
+];
+
+/// erofs, which `nix` does not name.
+const EROFS_SUPER_MAGIC: libc::c_long = 0xe0f5_e1e2;
 
 fn fs_name(kind: FsType) -> String {
     use nix::sys::statfs as s;
@@ -217,7 +244,7 @@ fn fs_name(kind: FsType) -> String {
 /// Checks that `fd` is on one of the sandbox's own filesystems, `own`.
 pub fn check_fs(fd: BorrowedFd<'_>, own: &OwnMounts) -> io::Result<()> {
     let kind = fstatfs(fd).map_err(io::Error::from)?.filesystem_type();
-    if OWN.contains(&kind) && own.holds(fd)? {
+    if own.holds(fd, kind)? {
         Ok(())
     } else if OWN.contains(&kind) {
         Err(refused(
@@ -242,12 +269,16 @@ pub fn kind_name(st: &FileStat) -> &'static str {
 
 /// What an entry must be to be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
+pub(crate) enum Want {
     File,
     Dir,
 }
 
-fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach<'_>) -> io::Result<OwnedFd> {
+pub(crate) fn path_handle(
+    at: BorrowedFd<'_>,
+    path: &OsStr,
+    reach: Reach<'_>,
+) -> io::Result<OwnedFd> {
     let follow = match reach {
         Reach::InRoot(_) => OFlag::empty(),
         Reach::Beneath => OFlag::O_NOFOLLOW,
@@ -260,7 +291,7 @@ fn path_handle(at: BorrowedFd<'_>, path: &OsStr, reach: Reach<'_>) -> io::Result
 
 /// Checks an `O_PATH` descriptor: the right kind and, reached from the root, on the
 /// sandbox's own filesystems.
-fn check(handle: &OwnedFd, want: Want, reach: Reach<'_>) -> io::Result<FileStat> {
+pub(crate) fn check(handle: &OwnedFd, want: Want, reach: Reach<'_>) -> io::Result<FileStat> {
     let st = fstat(handle).map_err(io::Error::from)?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
     match (want, kind) {
@@ -279,7 +310,7 @@ fn check(handle: &OwnedFd, want: Want, reach: Reach<'_>) -> io::Result<FileStat>
 
 /// Opens what an `O_PATH` descriptor names, for I/O. Going through `/proc/self/fd` reaches
 /// the very inode the descriptor holds, whatever has been renamed meanwhile.
-fn reopen(handle: &OwnedFd, flags: OFlag) -> io::Result<OwnedFd> {
+pub(crate) fn reopen(handle: &OwnedFd, flags: OFlag) -> io::Result<OwnedFd> {
     let path = format!("/proc/self/fd/{}", handle.as_raw_fd());
     let fd = nix::fcntl::open(
         path.as_str(),
@@ -825,7 +856,10 @@ mod tests {
 1 0 0:30 / / rw - overlay overlay rw\n\
 2 1 0:31 / /usr rw - tmpfs tmpfs rw\n\
 3 1 0:22 / /proc rw - proc proc rw\n";
-        assert_eq!(OwnMounts::from_tables(sandbox, host).ids, [21, 22]);
+        assert_eq!(
+            OwnMounts::from_tables(sandbox, host),
+            OwnMounts::Listed(vec![21, 22])
+        );
     }
 
     fn open_root(dir: &std::path::Path) -> OwnedFd {
