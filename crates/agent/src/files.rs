@@ -3,11 +3,10 @@
 //! host cannot reach (a VM) moves them the same way as one whose files it can.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 
 use crate::protocol::{DATA_CHUNK, Request, Response, read_frame, write_frame};
 use crate::sandboxfs;
-use crate::server::AgentError;
+use crate::server::{AgentError, Conn};
 use crate::tree::Tree;
 
 /// The answer for a failed file operation.
@@ -20,7 +19,7 @@ pub fn failed(e: &io::Error) -> Response {
 }
 
 fn answer<T>(
-    conn: &mut UnixStream,
+    conn: &mut Conn,
     result: io::Result<T>,
     ok: impl FnOnce(T) -> Response,
 ) -> Result<(), AgentError> {
@@ -33,11 +32,7 @@ fn answer<T>(
 }
 
 /// Serves one file request; the tree is opened on the first.
-pub fn serve(
-    conn: &mut UnixStream,
-    tree: &mut Option<Tree>,
-    request: Request,
-) -> Result<(), AgentError> {
+pub fn serve(conn: &mut Conn, tree: &mut Option<Tree>, request: Request) -> Result<(), AgentError> {
     if tree.is_none() {
         match Tree::inside() {
             Ok(t) => *tree = Some(t),
@@ -173,7 +168,7 @@ pub fn serve(
 }
 
 /// Reads a `Create`'s bytes up to its `End` or `Abort`, for one that cannot be made.
-fn skip_body(conn: &mut UnixStream) -> Result<(), AgentError> {
+fn skip_body(conn: &mut Conn) -> Result<(), AgentError> {
     loop {
         match read_frame::<_, Request>(conn)? {
             None | Some(Request::End { .. }) | Some(Request::Abort) => return Ok(()),

@@ -52,6 +52,11 @@ pub enum Request {
     /// it (`Ready` first, then `Exec`, `ReadFile` and `WriteFile`; commands there run
     /// alongside those of every other connection) and answers `Done` here.
     Connect,
+    /// Serve another connection alongside this one, on the VM's virtio port `port` (one the
+    /// host connected to first): the agent forks a helper that opens it and serves it as
+    /// for `Connect`, and answers `Done` here. No descriptor crosses: this is how a second
+    /// connection reaches an agent the host shares no socket with.
+    Attach { port: String },
     /// What is at a path, not following a last link; answered by `Meta` (`None` where
     /// nothing is, or a directory on the way is missing or no directory) or `Failed`.
     Stat { at: At, reader: Option<Owner> },

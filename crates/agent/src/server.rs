@@ -13,7 +13,6 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,14 +39,18 @@ pub enum AgentError {
     Io(#[from] io::Error),
 }
 
-/// Serves requests on `conn` until the host asks for shutdown or goes away. Greets the host
-/// ([`write_hello`]) and sends [`Response::Ready`] first, then takes the host's greeting.
+/// A connection to the host: any byte stream — a Unix socket, a virtio port.
+pub(crate) type Conn = fs::File;
+
+/// Serves requests on `conn` (a Unix socket, a virtio port: any byte stream) until the host
+/// asks for shutdown or goes away. Greets the host ([`write_hello`]) and sends
+/// [`Response::Ready`] first, then takes the host's greeting.
 ///
 /// The calling thread must be its process's only one: SIGCHLD is blocked on this thread and
 /// read from a signalfd, and another thread that does not block it could take the signal
 /// first, leaving an exited command unnoticed.
-pub fn serve(conn: UnixStream) -> Result<(), AgentError> {
-    serve_as(conn, Role::Agent, Score::open())
+pub fn serve(conn: impl Into<OwnedFd>) -> Result<(), AgentError> {
+    serve_as(Conn::from(conn.into()), Role::Agent, Score::open())
 }
 
 /// Who serves a connection.
@@ -59,7 +62,7 @@ enum Role {
     Helper,
 }
 
-fn serve_as(mut conn: UnixStream, role: Role, score: Score) -> Result<(), AgentError> {
+fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block()?;
@@ -127,6 +130,19 @@ fn serve_as(mut conn: UnixStream, role: Role, score: Score) -> Result<(), AgentE
                 drop(receive_socket(&conn));
                 let message = "another connection is asked for on the first one".to_string();
                 write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::Attach { port } if role == Role::Helper => {
+                let message = format!("port {port} is attached on the first connection");
+                write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::Attach { port } => {
+                let reply = match open_port(&port).and_then(fork_helper) {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error {
+                        message: format!("cannot serve port {port}: {e}"),
+                    },
+                };
+                write_frame(&mut conn, &reply)?;
             }
             Request::Connect => {
                 let reply = match receive_socket(&conn).and_then(fork_helper) {
@@ -211,7 +227,7 @@ enum Flow {
 /// Reaps children as they end until the host's connection has something to read (a
 /// request, or its end).
 fn idle_until_request(
-    conn: &UnixStream,
+    conn: &Conn,
     sigchld: &mut SignalFd,
     background: &mut Background,
 ) -> Result<(), AgentError> {
@@ -226,7 +242,7 @@ fn idle_until_request(
 /// Waits up to `timeout` until the host's connection has something to read or a child
 /// ends (whose signal it takes); returns whether the connection is readable.
 fn wait_for_host(
-    conn: &UnixStream,
+    conn: &Conn,
     sigchld: &mut SignalFd,
     timeout: PollTimeout,
 ) -> Result<bool, AgentError> {
@@ -259,7 +275,7 @@ fn poll_timeout(left: Option<Duration>) -> PollTimeout {
 }
 
 /// Takes the socket the host sent after a `Connect` frame: one byte carrying it.
-fn receive_socket(conn: &UnixStream) -> io::Result<OwnedFd> {
+fn receive_socket(conn: &Conn) -> io::Result<OwnedFd> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::{FromRawFd, RawFd};
     let mut byte = [0u8; 1];
@@ -301,7 +317,33 @@ fn receive_socket(conn: &UnixStream) -> io::Result<OwnedFd> {
     }
 }
 
-/// Forks a helper that serves `socket` and exits when it is done.
+/// Where a VM's guest finds its virtio ports by name (made by its init: there is no udev).
+pub const PORTS_DIR: &str = "/dev/virtio-ports";
+
+/// Opens the virtio port named `name` for a helper to serve ([`Request::Attach`]).
+fn open_port(name: &str) -> io::Result<OwnedFd> {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        && !name.starts_with('.');
+    if !plain {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a port's name is letters, digits, `.`, `-` and `_`",
+        ));
+    }
+    let path = format!("{PORTS_DIR}/{name}");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&path)?;
+    Ok(file.into())
+}
+
+/// Forks a helper that serves `socket` (a socket or a port) and exits when it is done.
 fn fork_helper(socket: OwnedFd) -> io::Result<()> {
     use nix::unistd::{ForkResult, fork};
     // SAFETY: the agent is its process's only thread, so the child starts consistent.
@@ -344,7 +386,7 @@ fn fork_helper(socket: OwnedFd) -> io::Result<()> {
                 true => Score::Commands,
                 false => Score::Child,
             };
-            let code = i32::from(serve_as(UnixStream::from(socket), Role::Helper, score).is_err());
+            let code = i32::from(serve_as(Conn::from(socket), Role::Helper, score).is_err());
             // SAFETY: _exit ends the helper without running anything of the agent's.
             unsafe { libc::_exit(code) }
         }
@@ -394,7 +436,7 @@ impl Background {
 
 /// Waits for a background command to end, or for the timeout; answers `Waited`.
 fn wait(
-    conn: &mut UnixStream,
+    conn: &mut Conn,
     sigchld: &mut SignalFd,
     pid: i32,
     timeout_ms: Option<u64>,
@@ -439,7 +481,7 @@ fn wait(
 }
 
 fn run(
-    conn: &mut UnixStream,
+    conn: &mut Conn,
     sigchld: &mut SignalFd,
     req: &ExecRequest,
     score: &Score,
@@ -598,7 +640,7 @@ impl Pipe {
 }
 
 /// Moves one read's worth of a pipe to the host. `Ok(false)` when the pipe is done.
-fn forward(conn: &mut UnixStream, pipe: &mut Option<Pipe>) -> Result<bool, AgentError> {
+fn forward(conn: &mut Conn, pipe: &mut Option<Pipe>) -> Result<bool, AgentError> {
     let Some(p) = pipe.as_mut() else {
         return Ok(false);
     };
@@ -1328,6 +1370,7 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
     use std::process::{Command, Stdio};
     use std::thread;
 
@@ -1780,6 +1823,36 @@ mod tests {
                 ),
                 "{got:?}"
             );
+        });
+    }
+
+    #[test]
+    fn only_a_port_of_the_vm_by_its_plain_name_is_attached() {
+        with_agent(|conn| {
+            for name in ["../../etc/passwd", "a/b", ".hidden", ""] {
+                match one(conn, &Request::Attach { port: name.into() }) {
+                    Response::Error { message } => {
+                        assert!(message.contains("letters, digits"), "{name}: {message}")
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+            }
+            // A plain name that is no port here: refused by the open, and the connection
+            // still serves.
+            match one(conn, &Request::Attach { port: "upstream.9".into() }) {
+                Response::Error { message } => {
+                    assert!(message.contains("No such file"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+            let out = request(conn, &Request::Exec(exec(&["true"], None)));
+            assert!(matches!(
+                out.last(),
+                Some(Response::Exited {
+                    status: ExitStatus::Code(0),
+                    ..
+                })
+            ));
         });
     }
 

@@ -241,6 +241,21 @@ impl<S: Read + Write> AgentClient<S> {
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {
         self.send(&Request::Shutdown)
     }
+
+    /// Another connection to the same agent over a VM's virtio port `port`, whose host end
+    /// `stream` this side connected first: the agent forks a helper that serves the port, as
+    /// for [`AgentClient::connect`], with no descriptor passed.
+    pub fn attach<T: Read + Write>(
+        &mut self,
+        port: &str,
+        stream: T,
+    ) -> Result<AgentClient<T>, ClientError> {
+        let request = Request::Attach {
+            port: port.to_string(),
+        };
+        self.call(&request, done)?;
+        Ok(AgentClient::new(stream))
+    }
 }
 
 impl AgentClient<std::os::unix::net::UnixStream> {
