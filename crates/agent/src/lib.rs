@@ -10,4 +10,4 @@ pub mod sandboxfs;
 mod server;
 pub mod tree;
 
-pub use server::{AgentError, serve};
+pub use server::{AgentError, PORTS_DIR, serve};

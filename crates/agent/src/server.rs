@@ -1839,7 +1839,12 @@ mod tests {
             }
             // A plain name that is no port here: refused by the open, and the connection
             // still serves.
-            match one(conn, &Request::Attach { port: "upstream.9".into() }) {
+            match one(
+                conn,
+                &Request::Attach {
+                    port: "upstream.9".into(),
+                },
+            ) {
                 Response::Error { message } => {
                     assert!(message.contains("No such file"), "{message}")
                 }

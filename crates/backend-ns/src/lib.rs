@@ -16,7 +16,7 @@ mod layers;
 mod mounts;
 mod net;
 pub mod probe;
-pub mod runtime;
+pub use upstream_sandbox::runtime;
 mod security;
 mod setup;
 

@@ -21,6 +21,7 @@ pub const KEYS: &[&str] = &[
     "memory",
     "disk",
     "network",
+    "isolation",
     "artifacts",
     "workdir",
 ];
@@ -114,6 +115,9 @@ pub struct FrontMatter {
     /// `none` (only loopback) or `host`.
     #[serde(default)]
     pub network: Network,
+    /// `namespaces` (the default: the host's kernel) or `vm` (a microVM with its own).
+    #[serde(default)]
+    pub isolation: Isolation,
     /// Paths or globs under the working directory saved after the turn.
     #[serde(default, deserialize_with = "artifact_patterns")]
     pub artifacts: Vec<String>,
@@ -161,6 +165,39 @@ impl std::str::FromStr for Network {
             "none" => Ok(Network::None),
             "host" => Ok(Network::Host),
             other => Err(format!("unknown network `{other}`: use `none` or `host`")),
+        }
+    }
+}
+
+/// What isolates a sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Linux namespaces on the host's kernel.
+    #[default]
+    Namespaces,
+    /// A microVM with a kernel of its own.
+    Vm,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::Vm => "vm",
+        })
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Isolation, String> {
+        match s {
+            "namespaces" => Ok(Isolation::Namespaces),
+            "vm" => Ok(Isolation::Vm),
+            other => Err(format!(
+                "unknown isolation `{other}`: use `namespaces` or `vm`"
+            )),
         }
     }
 }

@@ -13,7 +13,7 @@ mod render;
 pub mod terminal;
 
 pub use error::{ErrorKind, Location, ParseError};
-pub use front_matter::{FrontMatter, Network};
+pub use front_matter::{FrontMatter, Isolation, Network};
 pub use output::{Captured, Omitted, OutputCapture, OutputLimits, Redactor};
 pub use parse::{Document, Language, Step};
 pub use render::{Outcome, ResultBlock, clean_output, format_duration, format_size, signal_name};

@@ -91,6 +91,11 @@ impl<S: Read + Write> AgentClient<S> {
         self.receive()
     }
 
+    /// The byte stream to the agent.
+    pub fn stream(&self) -> &S {
+        &self.conn
+    }
+
     /// When the agent said it was ready, if it has.
     pub fn ready_at(&self) -> Option<Instant> {
         self.ready_at

@@ -6,11 +6,14 @@
 
 mod client;
 pub mod files;
+pub mod runtime;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
 pub use files::{AgentFiles, FileWriter, Files};
-pub use spec::{DEFAULT_HOSTNAME, Image, Kept, Limits, NetworkMode, SandboxSpec, WorkspaceSpec};
+pub use spec::{
+    DEFAULT_HOSTNAME, Image, Isolation, Kept, Limits, NetworkMode, SandboxSpec, WorkspaceSpec,
+};
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
 pub use upstream_agent::sandboxfs;
 

@@ -65,6 +65,25 @@ pub enum NetworkMode {
     Host,
 }
 
+/// What isolates a sandbox: which backend makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// Linux namespaces on the host's kernel.
+    #[default]
+    Namespaces,
+    /// A microVM with a kernel of its own.
+    Vm,
+}
+
+impl Isolation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::Vm => "vm",
+        }
+    }
+}
+
 /// The hostname of a sandbox unless told otherwise.
 pub const DEFAULT_HOSTNAME: &str = "sandbox";
 
@@ -144,6 +163,7 @@ impl std::fmt::Display for Kept {
 /// Everything a backend needs to make a sandbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxSpec {
+    pub isolation: Isolation,
     pub image: Image,
     pub limits: Limits,
     pub network: NetworkMode,
@@ -158,6 +178,7 @@ pub struct SandboxSpec {
 impl Default for SandboxSpec {
     fn default() -> Self {
         SandboxSpec {
+            isolation: Isolation::Namespaces,
             image: Image::Host,
             limits: Limits {
                 pids: Some(Limits::DEFAULT_PIDS),

@@ -362,7 +362,16 @@ pub fn sandbox_spec(front_matter: &FrontMatter) -> SandboxSpec {
             Network::None => NetworkMode::None,
             Network::Host => NetworkMode::Host,
         },
+        isolation: isolation(front_matter.isolation),
         ..SandboxSpec::default()
+    }
+}
+
+/// The sandbox's isolation for a document's (or a request's) `isolation`.
+pub fn isolation(isolation: upstream_doc::Isolation) -> upstream_sandbox::Isolation {
+    match isolation {
+        upstream_doc::Isolation::Namespaces => upstream_sandbox::Isolation::Namespaces,
+        upstream_doc::Isolation::Vm => upstream_sandbox::Isolation::Vm,
     }
 }
 

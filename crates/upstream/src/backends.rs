@@ -1,13 +1,94 @@
-//! The backend that isolates sandboxes, chosen at run time: the rest of the CLI holds it as a
-//! [`SharedBackend`] and never names its type.
+//! The backends that isolate sandboxes, chosen at run time: the rest of the CLI holds them
+//! as one [`SharedBackend`] that makes each sandbox with the backend its spec's isolation
+//! names, and never names their types.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
-use upstream_sandbox::{SandboxError, SharedBackend};
+use upstream_sandbox::{
+    Backend, Isolation, Kept, Sandbox, SandboxError, SandboxSpec, SharedBackend,
+};
 
-/// The backend for this host, its sandboxes running `init_exe` (this program) as their init.
+/// Namespaces always; a VM backend opened when a sandbox first asks for one (a host without
+/// QEMU or a guest kernel runs namespace sandboxes all the same).
+struct Backends {
+    namespaces: SharedBackend,
+    init_exe: PathBuf,
+    vm: OnceLock<Result<SharedBackend, SandboxError>>,
+}
+
+impl Backends {
+    fn vm(&self) -> Result<&SharedBackend, SandboxError> {
+        let opened = self
+            .vm
+            .get_or_init(|| upstream_backend_vm::open(self.init_exe.clone(), None));
+        match opened {
+            Ok(backend) => Ok(backend),
+            Err(e) => Err(SandboxError::setup(e.to_string(), e.hint())),
+        }
+    }
+
+    /// The backend that made what `kept` names.
+    fn of_kept(&self, kept: &Kept) -> Option<&SharedBackend> {
+        if kept.backend() == self.namespaces.name() {
+            return Some(&self.namespaces);
+        }
+        match self.vm.get() {
+            Some(Ok(vm)) if kept.backend() == vm.name() => Some(vm),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for Backends {
+    fn name(&self) -> &str {
+        self.namespaces.name()
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        match spec.isolation {
+            Isolation::Namespaces => self.namespaces.create(spec),
+            Isolation::Vm => self.vm()?.create(spec),
+        }
+    }
+
+    fn discard_kept(&self, kept: &Kept) {
+        if let Some(backend) = self.of_kept(kept) {
+            backend.discard_kept(kept);
+        }
+    }
+
+    fn kept(&self) -> Vec<Kept> {
+        self.namespaces.kept()
+    }
+
+    fn label_kept(&self, kept: &Kept, label: &str) -> std::io::Result<()> {
+        match self.of_kept(kept) {
+            Some(backend) => backend.label_kept(kept, label),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
+        self.of_kept(kept)?.kept_label(kept)
+    }
+
+    fn remove_leftovers(&self) {
+        self.namespaces.remove_leftovers();
+        if let Some(Ok(vm)) = self.vm.get() {
+            vm.remove_leftovers();
+        }
+    }
+}
+
+/// The backends for this host, their sandboxes running `init_exe` (this program) as their
+/// init.
 pub fn open(init_exe: PathBuf) -> Result<SharedBackend, SandboxError> {
-    upstream_backend_ns::open(init_exe)
+    Ok(Arc::new(Backends {
+        namespaces: upstream_backend_ns::open(init_exe.clone())?,
+        init_exe,
+        vm: OnceLock::new(),
+    }))
 }
 
 /// [`open`] with this process's own binary, as the CLI runs it.

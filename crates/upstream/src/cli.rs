@@ -468,6 +468,9 @@ pub struct ExecArgs {
     /// `none` (loopback only) or `host`.
     #[arg(long, default_value = "none")]
     pub network: upstream_doc::Network,
+    /// `namespaces` (the host's kernel) or `vm` (a microVM with a kernel of its own).
+    #[arg(long, default_value = "namespaces")]
+    pub isolation: upstream_doc::Isolation,
     /// Kill the command after this long, such as 30s.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<std::time::Duration>,

@@ -47,6 +47,7 @@ pub fn exec(args: ExecArgs) -> u8 {
             upstream_doc::Network::Host => NetworkMode::Host,
         },
         scratch_in_memory: !args.disk,
+        isolation: upstream_turn::isolation(args.isolation),
         ..SandboxSpec::default()
     };
     let mut sandbox = match backend.create(&spec) {

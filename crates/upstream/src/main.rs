@@ -37,6 +37,10 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
+    // A VM's init is this same binary, started by the guest's kernel from its initramfs.
+    if upstream_backend_vm::guest::is_vm_init() {
+        upstream_backend_vm::guest::main();
+    }
     // The sandbox init is this same binary, started again inside the new namespaces.
     if std::env::args_os()
         .nth(1)

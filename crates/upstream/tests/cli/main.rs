@@ -26,3 +26,4 @@ mod serve_fuzz;
 mod serve_log;
 mod serve_tenancy;
 mod store_trust;
+mod vm;

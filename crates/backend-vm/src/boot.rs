@@ -1,0 +1,461 @@
+//! What a VM boots: a Linux kernel found on the host, and an initramfs this backend makes
+//! from it and from the upstream binary itself, whose `/init` is that binary ([`crate::guest`]).
+//!
+//! The initramfs is made once per (binary, kernel) and kept in the runtime directory. It
+//! holds the binary (and, for a dynamically linked one, the libraries it loads), the kernel
+//! modules the guest needs that the kernel does not have built in — the virtio transports,
+//! console and block devices, overlayfs — with whatever they depend on, in load order, and
+//! `/dev/console`. Module signatures are cut off: checking them costs a guest under TCG tens
+//! of milliseconds of emulated RSA, and a kernel that does not enforce signatures loads the
+//! modules without them.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::guest;
+
+/// Errors finding a kernel or making the initramfs.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(
+        "no kernel for VMs: {0}; run scripts/vm-kernel (it unpacks Debian's \
+         linux-image-cloud-amd64 into {default}), or name one with --kernel or \
+         $UPSTREAM_VM_KERNEL",
+        default = DEFAULT_KERNEL_ROOT
+    )]
+    NoKernel(String),
+    #[error("the kernel {kernel}: {reason}")]
+    Kernel { kernel: PathBuf, reason: String },
+    #[error("cannot make the VM's initramfs at {path}: {source}")]
+    Initramfs { path: PathBuf, source: io::Error },
+}
+
+/// Where `scripts/vm-kernel` unpacks the default guest kernel: `boot/vmlinuz-<version>`
+/// and `lib/modules/<version>` below it.
+pub const DEFAULT_KERNEL_ROOT: &str = "/var/cache/upstream/vm-kernel";
+
+/// A guest kernel and its modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    pub image: PathBuf,
+    pub version: String,
+    /// `lib/modules/<version>` of the kernel, if it has modules.
+    pub modules: Option<PathBuf>,
+}
+
+impl Kernel {
+    /// The kernel to boot: `explicit`, else `$UPSTREAM_VM_KERNEL`, else the newest under
+    /// [`DEFAULT_KERNEL_ROOT`], else the host's own cloud kernel in `/boot`.
+    pub fn find(explicit: Option<&Path>) -> Result<Kernel, BootError> {
+        if let Some(path) = explicit {
+            return Kernel::at(path);
+        }
+        if let Some(path) = std::env::var_os("UPSTREAM_VM_KERNEL") {
+            return Kernel::at(Path::new(&path));
+        }
+        for boot in [
+            PathBuf::from(DEFAULT_KERNEL_ROOT).join("boot"),
+            PathBuf::from("/boot"),
+        ] {
+            let Ok(entries) = fs::read_dir(&boot) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+                })
+                .collect();
+            found.sort();
+            if let Some(newest) = found.pop() {
+                return Kernel::at(&newest);
+            }
+        }
+        Err(BootError::NoKernel(format!(
+            "none under {DEFAULT_KERNEL_ROOT}/boot or /boot"
+        )))
+    }
+
+    /// The kernel image at `path` (`…/boot/vmlinuz-<version>`), with the modules of that
+    /// version beside it (`…/lib/modules/<version>`) or the host's (`/lib/modules`).
+    pub fn at(path: &Path) -> Result<Kernel, BootError> {
+        let fail = |reason: String| BootError::Kernel {
+            kernel: path.to_path_buf(),
+            reason,
+        };
+        let meta = fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(fail("is not a file".into()));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let version = name
+            .strip_prefix("vmlinuz-")
+            .unwrap_or_default()
+            .to_string();
+        let root = path.parent().and_then(Path::parent);
+        let modules = [
+            root.map(|r| r.join("lib/modules").join(&version)),
+            Some(PathBuf::from("/lib/modules").join(&version)),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|dir| !version.is_empty() && dir.join("modules.dep").is_file());
+        Ok(Kernel {
+            image: path.to_path_buf(),
+            version,
+            modules,
+        })
+    }
+}
+
+/// The modules the guest loads (what they need comes along): for virtio-mmio (the microvm
+/// machine) and PCI devices, the console, disks and overlayfs.
+const WANTED_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "overlay",
+];
+
+/// The modules of `kernel` the guest needs, each after what it depends on: paths relative
+/// to its modules directory.
+fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
+    let dep = fs::read_to_string(modules.join("modules.dep"))
+        .map_err(|e| format!("cannot read {}/modules.dep: {e}", modules.display()))?;
+    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    let name_of = |path: &str| -> String {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        file.split(".ko").next().unwrap_or(file).replace('-', "_")
+    };
+    let mut table = std::collections::HashMap::new();
+    for line in dep.lines() {
+        let Some((module, needs)) = line.split_once(':') else {
+            continue;
+        };
+        let needs: Vec<String> = needs.split_whitespace().map(str::to_string).collect();
+        table.insert(name_of(module), (module.trim().to_string(), needs));
+    }
+    let builtin: std::collections::HashSet<String> =
+        builtin.lines().map(|l| name_of(l.trim())).collect();
+    let mut order: Vec<String> = Vec::new();
+    for wanted in WANTED_MODULES {
+        if builtin.contains(*wanted) {
+            continue;
+        }
+        let Some((path, needs)) = table.get(*wanted) else {
+            return Err(format!(
+                "the kernel has no module {wanted}, built in or not"
+            ));
+        };
+        // modules.dep lists every module needed, nearest first: load them farthest first.
+        for need in needs.iter().rev().chain(std::iter::once(path)) {
+            if !order.contains(need) {
+                order.push(need.clone());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// A kernel module without the signature appended to it.
+fn unsigned(module: Vec<u8>) -> Vec<u8> {
+    const MAGIC: &[u8] = b"~Module signature appended~\n";
+    // struct module_signature: five bytes, three of padding, a big-endian u32 length.
+    const INFO: usize = 12;
+    let Some(body) = module.strip_suffix(MAGIC) else {
+        return module;
+    };
+    if body.len() < INFO {
+        return module;
+    }
+    let info = &body[body.len() - INFO..];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    match (body.len() - INFO).checked_sub(sig_len) {
+        Some(end) => body[..end].to_vec(),
+        None => module,
+    }
+}
+
+/// The libraries a dynamically linked `binary` loads, by the paths the loader finds them
+/// at (its interpreter among them); none for a static one.
+fn libraries_of(binary: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| format!("cannot run ldd: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("not a dynamic executable") {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            found.push(PathBuf::from(path));
+        }
+    }
+    Ok(found)
+}
+
+/// The bytes of `binary` without its debug information, which a development build carries
+/// by the hundred megabytes and a guest would have to hold in memory: `strip --strip-debug`
+/// (binutils) where the host has it, else the binary as it is.
+fn without_debug_info(binary: &Path, scratch: &Path) -> io::Result<Vec<u8>> {
+    let stripped = scratch.join(format!("init.{}.stripped", std::process::id()));
+    let ran = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(binary)
+        .stderr(std::process::Stdio::null())
+        .status();
+    let bytes = match ran {
+        Ok(status) if status.success() => fs::read(&stripped),
+        _ => fs::read(binary),
+    };
+    let _ = fs::remove_file(&stripped);
+    bytes
+}
+
+/// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`.
+pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf, BootError> {
+    let fail = |path: &Path, source: io::Error| BootError::Initramfs {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = fs::metadata(binary).map_err(|e| fail(binary, e))?;
+    let kmeta = fs::metadata(&kernel.image).map_err(|e| fail(&kernel.image, e))?;
+    let mut key = blake3::Hasher::new();
+    key.update(b"upstream initramfs 1\0");
+    for m in [&meta, &kmeta] {
+        key.update(&m.dev().to_le_bytes());
+        key.update(&m.ino().to_le_bytes());
+        key.update(&m.size().to_le_bytes());
+        key.update(&m.mtime().to_le_bytes());
+        key.update(&m.mtime_nsec().to_le_bytes());
+    }
+    key.update(kernel.image.as_os_str().as_encoded_bytes());
+    let name = format!("initramfs-{}.cpio", &key.finalize().to_hex()[..24]);
+    let path = cache.join(&name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    fs::create_dir_all(cache).map_err(|e| fail(cache, e))?;
+    let mut cpio = Cpio::default();
+    for dir in ["dev", "proc", "sys", "upstream", "upstream/modules"] {
+        cpio.dir(dir, 0o755);
+    }
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    let exe = without_debug_info(binary, cache).map_err(|e| fail(binary, e))?;
+    cpio.file(guest::INIT_PATH.trim_start_matches('/'), 0o755, &exe);
+    let libraries = libraries_of(binary).map_err(|e| fail(binary, io::Error::other(e)))?;
+    for library in libraries {
+        let bytes = fs::read(&library).map_err(|e| fail(&library, e))?;
+        let inside = library
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .to_string();
+        cpio.parents(&inside);
+        cpio.file(&inside, 0o755, &bytes);
+    }
+    if let Some(modules) = &kernel.modules {
+        let order = modules_in_order(modules).map_err(|reason| BootError::Kernel {
+            kernel: kernel.image.clone(),
+            reason,
+        })?;
+        let mut names = String::new();
+        for module in &order {
+            let source = modules.join(module);
+            let bytes = fs::read(&source).map_err(|e| fail(&source, e))?;
+            let file = module.rsplit('/').next().unwrap_or(module);
+            if module.ends_with(".ko") {
+                cpio.file(&format!("upstream/modules/{file}"), 0o644, &unsigned(bytes));
+            } else {
+                return Err(BootError::Kernel {
+                    kernel: kernel.image.clone(),
+                    reason: format!(
+                        "its module {module} is compressed; the guest loads plain .ko files"
+                    ),
+                });
+            }
+            names.push_str(file);
+            names.push('\n');
+        }
+        cpio.file(
+            guest::MODULES_ORDER.trim_start_matches('/'),
+            0o644,
+            names.as_bytes(),
+        );
+    }
+    let bytes = cpio.finish();
+    // Written beside its name and renamed: two upstreams making it at once each put a
+    // whole one in place.
+    let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
+    let written = fs::File::create(&temp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&temp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(fail(&path, e));
+    }
+    Ok(path)
+}
+
+/// A cpio archive in the "newc" format the kernel unpacks an initramfs from.
+#[derive(Default)]
+struct Cpio {
+    out: Vec<u8>,
+    inode: u32,
+    dirs: std::collections::HashSet<String>,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.inode += 1;
+        let fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.out.extend_from_slice(b"070701");
+        for field in fields {
+            self.out
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str, perm: u32) {
+        if self.dirs.insert(name.to_string()) {
+            self.entry(name, libc::S_IFDIR | perm, (0, 0), &[]);
+        }
+    }
+
+    /// The directories above `path`.
+    fn parents(&mut self, path: &str) {
+        let mut at = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            self.dir(&at.clone(), 0o755);
+        }
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, libc::S_IFREG | perm, (0, 0), data);
+    }
+
+    fn char_device(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
+        self.entry(name, libc::S_IFCHR | perm, (major, minor), &[]);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_cut_off_and_an_unsigned_module_kept() {
+        let mut signed = b"\x7fELF module body".to_vec();
+        let signature = vec![0xabu8; 40];
+        signed.extend_from_slice(&signature);
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&(signature.len() as u32).to_be_bytes());
+        signed.extend_from_slice(b"~Module signature appended~\n");
+        assert_eq!(unsigned(signed), b"\x7fELF module body");
+        assert_eq!(unsigned(b"plain".to_vec()), b"plain");
+        // A length past the start is no signature of this module's: left whole.
+        let mut odd = vec![0u8; 8];
+        odd.extend_from_slice(&u32::MAX.to_be_bytes());
+        odd.extend_from_slice(b"~Module signature appended~\n");
+        assert_eq!(unsigned(odd.clone()), odd);
+    }
+
+    #[test]
+    fn modules_come_after_what_they_need_and_built_in_ones_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/virtio/virtio.ko:\n\
+             kernel/drivers/virtio/virtio_pci_modern_dev.ko:\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/fs/overlayfs/overlay.ko\n",
+        )
+        .unwrap();
+        let order = modules_in_order(dir.path()).unwrap();
+        let at = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
+        assert!(at("/virtio.ko") < at("/virtio_ring.ko"));
+        assert!(at("/virtio_ring.ko") < at("/virtio_mmio.ko"));
+        assert!(at("/virtio_pci_modern_dev.ko") < at("/virtio_pci.ko"));
+        assert_eq!(
+            order.iter().filter(|o| o.ends_with("/virtio.ko")).count(),
+            1
+        );
+        assert!(!order.iter().any(|o| o.contains("overlay")), "{order:?}");
+        // A module the kernel has neither way is an error that names it.
+        fs::write(dir.path().join("modules.builtin"), "").unwrap();
+        let e = modules_in_order(dir.path()).unwrap_err();
+        assert!(e.contains("overlay"), "{e}");
+    }
+
+    #[test]
+    fn the_archive_is_newc_with_a_trailer() {
+        let mut cpio = Cpio::default();
+        cpio.dir("dev", 0o755);
+        cpio.file("init", 0o755, b"abc");
+        let bytes = cpio.finish();
+        assert!(bytes.starts_with(b"070701"));
+        assert_eq!(bytes.len() % 4, 0);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("init\0"));
+        assert!(text.contains("TRAILER!!!\0"));
+    }
+}

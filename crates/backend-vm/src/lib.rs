@@ -1,0 +1,839 @@
+//! The microVM backend: each sandbox is a virtual machine with its own Linux kernel, so code
+//! in it shares nothing with the host's kernel but a few virtio devices.
+//!
+//! A sandbox's VM boots the guest kernel ([`boot::Kernel`]) with an initramfs whose init is
+//! this same upstream binary ([`guest`]); its root is the image as a read-only disk made
+//! once per image ([`disk`]) under an overlay on a disk of the sandbox's own, thrown away
+//! with it, which also holds the workspace. The host speaks the agent protocol to the
+//! guest's agent over virtio-serial ports ([`qemu`]): one for the agent's first connection,
+//! one per session, so no descriptor ever crosses into the guest; files move through the
+//! agent ([`upstream_sandbox::AgentFiles`]), since the host cannot reach the guest's.
+
+pub mod boot;
+pub mod disk;
+pub mod guest;
+pub mod qemu;
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use upstream_sandbox::{
+    AgentClient, AgentFiles, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, Files,
+    Image, Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec,
+    Session, Stream,
+};
+
+use crate::boot::Kernel;
+use crate::qemu::{Accel, Machine};
+
+/// This backend's name, in what it names.
+pub const BACKEND_NAME: &str = "vm";
+
+/// Guest RAM when the document names no memory limit.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+/// How many users a guest has, from 0: all of a Linux system's.
+const GUEST_IDS: u32 = 65_536;
+
+/// How many connections of their own the sandbox's files get.
+const FILE_CONNECTIONS: usize = 2;
+
+/// How to run VMs on this host.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The upstream binary the guest's init is made from.
+    pub init_exe: PathBuf,
+    pub qemu: PathBuf,
+    pub kernel: Kernel,
+    pub accel: Accel,
+    /// Where sandboxes' directories go.
+    pub runtime: PathBuf,
+    /// Where the initramfs and the images' disks are kept between sandboxes.
+    pub cache: PathBuf,
+}
+
+impl VmConfig {
+    /// The configuration from this host and its environment: QEMU from `$UPSTREAM_QEMU` or
+    /// the `PATH`, the kernel from [`Kernel::find`], the accelerator from
+    /// [`Accel::from_env`], disks kept in `$UPSTREAM_VM_CACHE` or the runtime directory.
+    pub fn from_env(init_exe: PathBuf, kernel: Option<&Path>) -> Result<VmConfig, SandboxError> {
+        let runtime = upstream_sandbox::runtime::runtime_dir(&["vm"]).map_err(|e| {
+            let hint = e.hint();
+            SandboxError::setup(e.to_string(), Some(hint.as_str()))
+        })?;
+        let runtime = runtime.join("vm");
+        let cache = std::env::var_os("UPSTREAM_VM_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| runtime.join("cache"));
+        let qemu = match std::env::var_os("UPSTREAM_QEMU") {
+            Some(path) => PathBuf::from(path),
+            None => find_program("qemu-system-x86_64").ok_or_else(|| {
+                SandboxError::setup(
+                    "QEMU is not installed: `isolation: vm` runs sandboxes in qemu-system-x86_64",
+                    Some("install Debian's qemu-system-x86 (scripts/test does), or set $UPSTREAM_QEMU"),
+                )
+            })?,
+        };
+        let kernel = Kernel::find(kernel).map_err(|e| SandboxError::setup(e.to_string(), None))?;
+        // The binary itself, not /proc/self/exe, which names whoever reads it.
+        let init_exe = std::fs::canonicalize(&init_exe).unwrap_or(init_exe);
+        Ok(VmConfig {
+            init_exe,
+            qemu,
+            kernel,
+            accel: Accel::from_env(),
+            runtime,
+            cache,
+        })
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The VM backend.
+#[derive(Debug)]
+pub struct VmBackend {
+    config: VmConfig,
+    /// Made on first use, then kept.
+    initramfs: Mutex<Option<PathBuf>>,
+}
+
+impl VmBackend {
+    pub fn new(config: VmConfig) -> VmBackend {
+        VmBackend {
+            config,
+            initramfs: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn initramfs(&self) -> Result<PathBuf, SandboxError> {
+        let mut made = self.initramfs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = made.as_ref() {
+            return Ok(path.clone());
+        }
+        let path = boot::initramfs(
+            &self.config.cache,
+            &self.config.init_exe,
+            &self.config.kernel,
+        )
+        .map_err(|e| SandboxError::setup(e.to_string(), None))?;
+        *made = Some(path.clone());
+        Ok(path)
+    }
+
+    fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
+        let started = Instant::now();
+        if spec.network != NetworkMode::None {
+            return Err(SandboxError::setup(
+                "a VM sandbox has no network yet: `network: host` needs `isolation: namespaces`",
+                None,
+            ));
+        }
+        if spec.workspace.as_ref().is_some_and(|w| w.resume.is_some()) {
+            return Err(SandboxError::setup(
+                "a VM sandbox cannot resume a kept workspace yet",
+                Some("resume with `isolation: namespaces`"),
+            ));
+        }
+        let initramfs = self.initramfs()?;
+        let root_disk = match &spec.image {
+            Image::Layers { layers, reference } => {
+                let [rootfs] = layers.as_slice() else {
+                    return Err(SandboxError::Image {
+                        image: reference.clone(),
+                        reason: format!(
+                            "a VM takes an image as one unpacked root, not {} layers",
+                            layers.len()
+                        ),
+                    });
+                };
+                disk::root_disk(&self.config.cache.join("roots"), rootfs).map_err(|e| {
+                    SandboxError::Image {
+                        image: reference.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+            Image::Host => {
+                return Err(SandboxError::Image {
+                    image: "host".into(),
+                    reason: "a VM sandbox runs an OCI image: name one (`image: debian:12`)".into(),
+                });
+            }
+        };
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let scratch = dir.join("scratch.ext4");
+        disk::scratch_disk(&scratch, spec.limits.disk_or_default()).map_err(|e| {
+            SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None)
+        })?;
+        let memory = spec.limits.memory.unwrap_or(DEFAULT_MEMORY);
+        let memory_mib = memory.div_ceil(1 << 20).max(128);
+        let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
+        let machine = Machine {
+            qemu: &self.config.qemu,
+            accel: self.config.accel,
+            kernel: &self.config.kernel,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            scratch_disk: &scratch,
+            memory_mib,
+            cpus,
+            hostname: &spec.hostname,
+            dir: &dir,
+        };
+        let (child, mut listeners) = machine.start().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            SandboxError::setup(
+                format!("cannot start {}: {e}", self.config.qemu.display()),
+                None,
+            )
+        })?;
+        let agent_listener = listeners.remove(0);
+        let interrupter = Arc::new(VmInterrupter {
+            pid: child.id() as i32,
+            interrupted: AtomicBool::new(false),
+        });
+        let mut sandbox = VmSandbox {
+            info: SandboxInfo {
+                backend: format!("vm (qemu, {})", self.config.accel.name()),
+                setup: Duration::ZERO,
+                unenforced: Vec::new(),
+                ids: GUEST_IDS,
+            },
+            dir,
+            child: Some(child),
+            client: None,
+            ports: Arc::new(Ports {
+                listeners,
+                free: Mutex::new((1..=qemu::SESSION_PORTS).collect()),
+            }),
+            interrupter,
+            started,
+        };
+        let stream = sandbox.accept(&agent_listener)?;
+        sandbox.client = Some(AgentClient::new(stream));
+        Ok(sandbox)
+    }
+}
+
+impl Backend for VmBackend {
+    fn name(&self) -> &str {
+        BACKEND_NAME
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Ok(Box::new(self.create_vm(spec)?))
+    }
+
+    fn discard_kept(&self, _kept: &Kept) {}
+}
+
+/// Makes a new directory for a sandbox under `parent`.
+fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
+    std::fs::create_dir_all(parent)
+        .map_err(|e| SandboxError::setup(format!("cannot make {}: {e}", parent.display()), None))?;
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = parent.join(format!("{}-{nanos:x}-{attempt}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(SandboxError::setup(
+                    format!("cannot make {}: {e}", dir.display()),
+                    None,
+                ));
+            }
+        }
+    }
+    Err(SandboxError::setup(
+        format!("cannot make a directory under {}", parent.display()),
+        None,
+    ))
+}
+
+/// The session ports of a VM and which are free.
+#[derive(Debug)]
+struct Ports {
+    /// Port `n`'s listener at `n - 1`.
+    listeners: Vec<UnixListener>,
+    free: Mutex<Vec<usize>>,
+}
+
+/// Stops a VM from anywhere: kills its QEMU.
+#[derive(Debug)]
+struct VmInterrupter {
+    pid: i32,
+    interrupted: AtomicBool,
+}
+
+impl Interrupter for VmInterrupter {
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        // SAFETY: kill(2) is async-signal-safe and touches no memory.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A sandbox in a VM.
+#[derive(Debug)]
+pub struct VmSandbox {
+    info: SandboxInfo,
+    dir: PathBuf,
+    child: Option<Child>,
+    client: Option<AgentClient<UnixStream>>,
+    ports: Arc<Ports>,
+    interrupter: Arc<VmInterrupter>,
+    started: Instant,
+}
+
+/// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
+const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
+/// seconds, under KVM a fraction of one; one that hangs (a kernel that cannot boot on this
+/// host's KVM) fails the sandbox with what its console said.
+const BOOT_WITHIN: Duration = Duration::from_secs(90);
+
+impl VmSandbox {
+    /// The connection QEMU makes to `listener` once it runs, unless it exits first.
+    fn accept(&mut self, listener: &UnixListener) -> Result<UnixStream, SandboxError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| SandboxError::setup(format!("cannot wait for the VM: {e}"), None))?;
+        let until = Instant::now() + CONNECT_WITHIN;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).map_err(|e| {
+                        SandboxError::setup(format!("cannot talk to the VM: {e}"), None)
+                    })?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    return Err(SandboxError::setup(
+                        format!("cannot wait for the VM: {e}"),
+                        None,
+                    ));
+                }
+            }
+            if let Some(why) = self.exited() {
+                return Err(SandboxError::setup(why, None));
+            }
+            if Instant::now() >= until {
+                return Err(SandboxError::setup(
+                    format!(
+                        "QEMU did not connect to the sandbox's ports within {} s",
+                        CONNECT_WITHIN.as_secs()
+                    ),
+                    None,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Why the VM is gone, if it is: QEMU's exit and what it and the guest said last.
+    fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok()??;
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            use std::io::Read;
+            let _ = err.read_to_string(&mut stderr);
+        }
+        Some(self.death_notice(status, &stderr))
+    }
+
+    fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
+        let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+        // What the guest's init said last, else the console's last lines.
+        let said: Vec<&str> = console
+            .lines()
+            .filter(|l| l.contains("upstream: "))
+            .collect();
+        let last: Vec<&str> = if said.is_empty() {
+            console
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .rev()
+                .take(6)
+                .collect()
+        } else {
+            said.into_iter().rev().take(3).collect()
+        };
+        let mut notice = format!("the sandbox's VM stopped (QEMU {status})");
+        if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
+            let why = panic
+                .split("Kernel panic - not syncing:")
+                .nth(1)
+                .unwrap_or("")
+                .trim();
+            notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
+        } else if console.contains("Out of memory") {
+            notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
+        }
+        let stderr = stderr.trim();
+        if !stderr.is_empty() {
+            notice.push_str(&format!(
+                "; QEMU said: {}",
+                stderr.lines().last().unwrap_or("")
+            ));
+        }
+        if !last.is_empty() {
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            notice.push_str(&format!("; its console ended with: {}", last.join(" | ")));
+        }
+        notice
+    }
+
+    fn client(&mut self) -> Result<&mut AgentClient<UnixStream>, SandboxError> {
+        if self.interrupter.interrupted.load(Ordering::SeqCst) {
+            return Err(SandboxError::Interrupted);
+        }
+        if self.client.as_ref().is_some_and(|c| c.ready_at().is_none()) {
+            self.boot()?;
+        }
+        self.client
+            .as_mut()
+            .ok_or(SandboxError::Agent(ClientError::Gone))
+    }
+
+    /// Waits for the agent's first word, within [`BOOT_WITHIN`] of QEMU's start.
+    fn boot(&mut self) -> Result<(), SandboxError> {
+        let Some(client) = self.client.as_mut() else {
+            return Err(SandboxError::Agent(ClientError::Gone));
+        };
+        let left = BOOT_WITHIN.saturating_sub(self.started.elapsed());
+        let stream = client.stream();
+        let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        let result = client.wait_ready();
+        let _ = client.stream().set_read_timeout(None);
+        self.note_ready();
+        match result {
+            Ok(()) => Ok(()),
+            Err(ClientError::Frame(upstream_agent::protocol::FrameError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let console =
+                    std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+                let last: Vec<&str> = console.lines().rev().take(4).collect();
+                let last: Vec<&str> = last.into_iter().rev().collect();
+                self.stop_vm();
+                Err(SandboxError::setup(
+                    format!(
+                        "the sandbox's VM did not start within {} s; its console ended with: {}",
+                        BOOT_WITHIN.as_secs(),
+                        last.join(" | ")
+                    ),
+                    Some("`upstream doctor` boots a VM and says what this host lacks"),
+                ))
+            }
+            Err(e) => Err(self.map_error(e)),
+        }
+    }
+
+    fn note_ready(&mut self) {
+        if self.info.setup.is_zero() {
+            if let Some(at) = self.client.as_ref().and_then(|c| c.ready_at()) {
+                self.info.setup = at.duration_since(self.started);
+            }
+        }
+    }
+
+    /// The error of an agent call, in the user's terms: a VM that died says so.
+    fn map_error(&mut self, e: ClientError) -> SandboxError {
+        if self.interrupter.interrupted.load(Ordering::SeqCst) {
+            return SandboxError::Interrupted;
+        }
+        if let ClientError::SetupFailed(message) = e {
+            return SandboxError::setup(message, None);
+        }
+        // The agent went away: the VM is going, or gone; a moment tells.
+        for _ in 0..50 {
+            if let Some(why) = self.exited() {
+                return SandboxError::Workspace(why);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        SandboxError::Agent(e)
+    }
+
+    /// A connection to a helper of the agent on a free session port.
+    fn attach(&mut self) -> Result<(AgentClient<UnixStream>, PortLease), SandboxError> {
+        let mut tried = 0;
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self
+                .ports
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let Some(n) = n else {
+                return Err(SandboxError::setup(
+                    format!(
+                        "all {} session ports of the VM are in use: end a session first",
+                        qemu::SESSION_PORTS
+                    ),
+                    None,
+                ));
+            };
+            let lease = PortLease {
+                n,
+                ports: self.ports.clone(),
+            };
+            let listener = self.ports.listeners[n - 1]
+                .try_clone()
+                .map_err(|e| SandboxError::setup(format!("cannot use the VM's port: {e}"), None))?;
+            let stream = self.accept(&listener)?;
+            let result = self.client()?.attach(&qemu::port_name(n), stream);
+            self.note_ready();
+            match result {
+                Ok(client) => return Ok((client, lease)),
+                // The helper of the port's last session may not have let it go yet.
+                Err(ClientError::Refused(message))
+                    if message.contains("busy") && Instant::now() < until =>
+                {
+                    tried += 1;
+                    drop(lease);
+                    std::thread::sleep(Duration::from_millis(5 * tried.min(20)));
+                }
+                Err(e) => return Err(self.map_error(e)),
+            }
+        }
+    }
+
+    fn stop_vm(&mut self) {
+        if let Some(client) = self.client.as_mut() {
+            let _ = client.request_shutdown();
+        }
+        self.client = None;
+        if let Some(mut child) = self.child.take() {
+            let until = Instant::now() + Duration::from_secs(3);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A session port in use; free again when dropped.
+#[derive(Debug)]
+struct PortLease {
+    n: usize,
+    ports: Arc<Ports>,
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        self.ports
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(0, self.n);
+    }
+}
+
+impl Sandbox for VmSandbox {
+    fn info(&self) -> &SandboxInfo {
+        &self.info
+    }
+
+    fn wait_ready(&mut self) -> Result<(), SandboxError> {
+        self.client().map(drop)
+    }
+
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError> {
+        let result = self.client()?.exec(request, on_output);
+        self.note_ready();
+        let exited = result.map_err(|e| self.map_error(e))?;
+        Ok(ExecOutcome {
+            status: exited.status,
+            timed_out: exited.timed_out,
+            out_of_memory: false,
+            out_of_disk: None,
+            duration: exited.duration,
+            collected: exited.collected,
+        })
+    }
+
+    fn spawn(
+        &mut self,
+        request: &ExecRequest,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<i32, SandboxError> {
+        let result = self.client()?.spawn(request, stdout, stderr);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn wait(
+        &mut self,
+        pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, SandboxError> {
+        let result = self.client()?.wait(pid, timeout);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), SandboxError> {
+        let result = self.client()?.signal(pid, signal);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn stop_processes(&mut self) -> Result<(), SandboxError> {
+        let result = self.client()?.stop_processes();
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn session(&mut self) -> Result<Box<dyn Session>, SandboxError> {
+        let (client, lease) = self.attach()?;
+        Ok(Box::new(VmSession {
+            client,
+            _lease: lease,
+            interrupter: self.interrupter.clone(),
+        }))
+    }
+
+    fn read_file(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, SandboxError> {
+        let result = self.client()?.read_file(path, limit);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError> {
+        let result = self.client()?.write_file(path, data, mode);
+        self.note_ready();
+        result.map_err(|e| self.map_error(e))
+    }
+
+    fn files(&mut self) -> Result<Arc<dyn Files>, SandboxError> {
+        let mut connections = Vec::new();
+        let mut leases = Vec::new();
+        for _ in 0..FILE_CONNECTIONS {
+            let (client, lease) = self.attach()?;
+            connections.push(client);
+            leases.push(lease);
+        }
+        Ok(Arc::new(LeasedFiles {
+            files: AgentFiles::new(connections),
+            _leases: leases,
+        }))
+    }
+
+    fn interrupter(&self) -> Arc<dyn Interrupter> {
+        self.interrupter.clone()
+    }
+
+    fn checkpoint(&mut self) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    fn destroy(mut self: Box<Self>) -> Result<(), SandboxError> {
+        self.stop_vm();
+        std::fs::remove_dir_all(&self.dir).map_err(|e| {
+            SandboxError::setup(
+                format!("could not remove {}: {e}", self.dir.display()),
+                None,
+            )
+        })
+    }
+
+    fn destroy_keeping(mut self: Box<Self>) -> Result<Kept, SandboxError> {
+        self.stop_vm();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Err(SandboxError::setup(
+            "a VM sandbox does not keep its workspace for `--resume` yet",
+            None,
+        ))
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_vm();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Files over connections that hold session ports: the ports are free again with them.
+struct LeasedFiles {
+    files: AgentFiles,
+    _leases: Vec<PortLease>,
+}
+
+impl Files for LeasedFiles {
+    fn stat(
+        &self,
+        at: &upstream_sandbox::files::At,
+        reader: Option<upstream_sandbox::files::Owner>,
+    ) -> io::Result<Option<upstream_sandbox::files::Meta>> {
+        self.files.stat(at, reader)
+    }
+
+    fn list(
+        &self,
+        at: &upstream_sandbox::files::At,
+        reader: Option<upstream_sandbox::files::Owner>,
+    ) -> io::Result<Vec<(String, upstream_sandbox::files::Meta)>> {
+        self.files.list(at, reader)
+    }
+
+    fn read_link(
+        &self,
+        at: &upstream_sandbox::files::At,
+        reader: Option<upstream_sandbox::files::Owner>,
+    ) -> io::Result<String> {
+        self.files.read_link(at, reader)
+    }
+
+    fn open(
+        &self,
+        at: &upstream_sandbox::files::At,
+        offset: u64,
+        reader: Option<upstream_sandbox::files::Owner>,
+    ) -> io::Result<(Box<dyn io::Read + Send>, upstream_sandbox::files::Meta)> {
+        self.files.open(at, offset, reader)
+    }
+
+    fn create(
+        &self,
+        at: &upstream_sandbox::files::At,
+        mode: u32,
+        how: upstream_sandbox::files::Create,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<Box<dyn upstream_sandbox::FileWriter>> {
+        self.files.create(at, mode, how, owner)
+    }
+
+    fn make_dir(
+        &self,
+        at: &upstream_sandbox::files::At,
+        mode: u32,
+        parents: bool,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<()> {
+        self.files.make_dir(at, mode, parents, owner)
+    }
+
+    fn symlink(
+        &self,
+        at: &upstream_sandbox::files::At,
+        target: &str,
+        mtime_ns: i64,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<()> {
+        self.files.symlink(at, target, mtime_ns, owner)
+    }
+
+    fn set_meta(
+        &self,
+        at: &upstream_sandbox::files::At,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<()> {
+        self.files.set_meta(at, mode, mtime_ns, owner)
+    }
+
+    fn remove(
+        &self,
+        at: &upstream_sandbox::files::At,
+        recursive: bool,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<()> {
+        self.files.remove(at, recursive, owner)
+    }
+
+    fn give(
+        &self,
+        at: &upstream_sandbox::files::At,
+        owner: upstream_sandbox::files::Owner,
+    ) -> io::Result<()> {
+        self.files.give(at, owner)
+    }
+}
+
+/// A session of a VM sandbox: a helper of its agent on a port of its own.
+struct VmSession {
+    client: AgentClient<UnixStream>,
+    _lease: PortLease,
+    interrupter: Arc<VmInterrupter>,
+}
+
+impl Session for VmSession {
+    fn exec(
+        &mut self,
+        request: &ExecRequest,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, SandboxError> {
+        let exited = self.client.exec(request, on_output).map_err(|e| {
+            if self.interrupter.interrupted.load(Ordering::SeqCst) {
+                SandboxError::Interrupted
+            } else {
+                SandboxError::Agent(e)
+            }
+        })?;
+        Ok(ExecOutcome {
+            status: exited.status,
+            timed_out: exited.timed_out,
+            out_of_memory: false,
+            out_of_disk: None,
+            duration: exited.duration,
+            collected: exited.collected,
+        })
+    }
+}
+
+/// The VM backend for this host, or why there is none.
+pub fn open(
+    init_exe: PathBuf,
+    kernel: Option<&Path>,
+) -> Result<upstream_sandbox::SharedBackend, SandboxError> {
+    Ok(Arc::new(VmBackend::new(VmConfig::from_env(
+        init_exe, kernel,
+    )?)))
+}

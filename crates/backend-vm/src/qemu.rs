@@ -1,0 +1,222 @@
+//! The QEMU driver: the command line of a sandbox's VM, and its process.
+//!
+//! The machine is QEMU's `microvm` (virtio-mmio devices only, no PCI, no firmware tables to
+//! walk): under TCG it reaches the guest's init a fifth sooner than `q35`. It has no
+//! network device unless asked, a read-only disk for the image and a writable one of the
+//! sandbox's own, and one virtio-serial device whose ports are the agent's connections:
+//! `upstream.0` for the agent's first connection, the others for sessions. Each port's
+//! chardev connects, as a client, to a socket this side listened on before QEMU started (so
+//! no side waits for the other's socket to appear), and connects again when this side
+//! closes it (a session ended).
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::boot::Kernel;
+use crate::guest;
+
+/// How QEMU runs the guest's CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// The host's KVM: a guest at native speed.
+    Kvm,
+    /// QEMU's own translator: any host, slowly.
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// `$UPSTREAM_VM_ACCEL` (`kvm` or `tcg`), else TCG: a `/dev/kvm` may be there and still
+    /// not boot a stock kernel (a paravirtualised one), and only a boot tells.
+    pub fn from_env() -> Accel {
+        match std::env::var("UPSTREAM_VM_ACCEL").as_deref() {
+            Ok("kvm") => Accel::Kvm,
+            _ => Accel::Tcg,
+        }
+    }
+}
+
+/// Ports for sessions, beside the agent's: as many sessions (and file connections) at once.
+pub const SESSION_PORTS: usize = 15;
+
+/// The name of session port `n` (from 1).
+pub fn port_name(n: usize) -> String {
+    format!("upstream.{n}")
+}
+
+/// What a sandbox's VM is made of.
+#[derive(Debug, Clone)]
+pub struct Machine<'a> {
+    pub qemu: &'a Path,
+    pub accel: Accel,
+    pub kernel: &'a Kernel,
+    pub initramfs: &'a Path,
+    pub root_disk: &'a Path,
+    pub scratch_disk: &'a Path,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub hostname: &'a str,
+    /// The sandbox's directory: sockets and the console log go there.
+    pub dir: &'a Path,
+}
+
+/// The socket of port `name` in `dir`.
+pub fn socket_of(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// The guest's console, kept for telling why a VM died.
+pub fn console_of(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+
+/// The TSC rate the guest is told (kHz): under TCG its TSC runs at the host's, and a guest
+/// that calibrates it against the PIT on a microvm sometimes never finishes.
+fn tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+impl Machine<'_> {
+    /// QEMU's arguments for this machine.
+    pub fn args(&self) -> Vec<String> {
+        let mut append = vec![
+            "console=ttyS0".to_string(),
+            "quiet".into(),
+            "panic=-1".into(),
+            format!("rdinit={}", guest::INIT_PATH),
+            "random.trust_cpu=on".into(),
+            "i8042.noaux".into(),
+            "i8042.nomux".into(),
+            "i8042.nopnp".into(),
+            "i8042.dumbkbd".into(),
+            format!("upstream.hostname={}", self.hostname),
+        ];
+        if self.accel == Accel::Tcg {
+            append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
+            if let Some(khz) = tsc_khz() {
+                append.push(format!("tsc_early_khz={khz}"));
+            }
+        }
+        let mut args: Vec<String> = [
+            "-M",
+            "microvm,rtc=on,isa-serial=on",
+            "-accel",
+            self.accel.name(),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-display",
+            "none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if self.accel == Accel::Kvm {
+            args.extend(["-cpu".into(), "host".into()]);
+        } else {
+            args.extend(["-cpu".into(), "max".into()]);
+        }
+        args.extend([
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-kernel".into(),
+            self.kernel.image.display().to_string(),
+            "-initrd".into(),
+            self.initramfs.display().to_string(),
+            "-append".into(),
+            append.join(" "),
+            "-chardev".into(),
+            format!("file,id=console,path={}", console_of(self.dir).display()),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=root,readonly=on,cache=unsafe",
+                self.root_disk.display()
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive=root,serial={}", guest::ROOT_SERIAL),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=scratch,discard=unmap,cache=unsafe",
+                self.scratch_disk.display()
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=scratch,serial={}",
+                guest::SCRATCH_SERIAL
+            ),
+            "-device".into(),
+            format!(
+                "virtio-serial-device,id=ports,max_ports={}",
+                SESSION_PORTS + 2
+            ),
+        ]);
+        for n in 0..=SESSION_PORTS {
+            let name = port_name(n);
+            let id = format!("port{n}");
+            args.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id={id},path={},reconnect-ms=50",
+                    socket_of(self.dir, &name).display()
+                ),
+                "-device".into(),
+                format!(
+                    "virtserialport,bus=ports.0,nr={},chardev={id},name={name}",
+                    n + 1
+                ),
+            ]);
+        }
+        args
+    }
+
+    /// Listens on every port's socket, then starts QEMU, which connects to them.
+    pub fn start(&self) -> std::io::Result<(Child, Vec<UnixListener>)> {
+        let mut listeners = Vec::new();
+        for n in 0..=SESSION_PORTS {
+            let path = socket_of(self.dir, &port_name(n));
+            let _ = std::fs::remove_file(&path);
+            listeners.push(UnixListener::bind(&path)?);
+        }
+        let mut command = Command::new(self.qemu);
+        command
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Killed with upstream if upstream dies first.
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        Ok((child, listeners))
+    }
+}

@@ -1,0 +1,108 @@
+//! Sandboxes in microVMs (`isolation: vm`): QEMU booting the guest kernel, with the agent
+//! as its init. Under TCG (hosts without a KVM that boots a stock kernel) each boot takes
+//! seconds: these tests share what they can.
+
+use upstream_image::testing::{Registry, layer_of_host_programs};
+
+use crate::util::{Env, code, stderr, stdout};
+
+/// Skips the calling test unless this host can run VM sandboxes: QEMU and a guest kernel
+/// (scripts/test installs both). As root or in CI, a missing one is a failure.
+macro_rules! require_vm {
+    () => {
+        if let Some(lack) = $crate::vm::lacks_vm() {
+            $crate::util::skip(format!("SKIPPED: {}: {lack}", module_path!()));
+            return;
+        }
+    };
+}
+
+pub fn lacks_vm() -> Option<String> {
+    let qemu = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    if !qemu {
+        return Some("no qemu-system-x86_64 on this machine (scripts/test installs it)".into());
+    }
+    if upstream_backend_vm::boot::Kernel::find(None).is_err() {
+        return Some("no guest kernel (scripts/vm-kernel unpacks one)".into());
+    }
+    None
+}
+
+/// A registry with a small image of host programs.
+fn image() -> Option<(Registry, String)> {
+    let registry = Registry::start()?;
+    let layer = layer_of_host_programs(
+        &[
+            "/usr/bin/bash",
+            "/usr/bin/cat",
+            "/usr/bin/uname",
+            "/usr/bin/true",
+            "/usr/bin/echo",
+            "/usr/bin/ls",
+            "/usr/bin/id",
+            "/usr/bin/hostname",
+            "/usr/bin/sleep",
+        ],
+        &[("etc/image-marker", b"from the image\n")],
+    );
+    registry.push(
+        "test/vm:1",
+        vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        &["PATH=/usr/bin"],
+    );
+    let name = format!("{}/test/vm:1", registry.host());
+    Some((registry, name))
+}
+
+#[test]
+fn a_command_runs_in_a_vm_with_its_own_kernel() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    let Some((_registry, image)) = image() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let env = Env::new();
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args([
+            "exec",
+            "--isolation",
+            "vm",
+            "--image",
+            &image,
+            "--",
+            "bash",
+            "-c",
+            "uname -r; cat /etc/image-marker; hostname",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let guest_kernel = lines.next().unwrap_or_default();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        guest_kernel,
+        host_kernel.trim(),
+        "the guest runs the host's kernel"
+    );
+    assert!(guest_kernel.ends_with("cloud-amd64"), "{guest_kernel}");
+    assert_eq!(lines.next(), Some("from the image"));
+    assert_eq!(lines.next(), Some(upstream_sandbox::DEFAULT_HOSTNAME));
+    // Control: the same command on namespaces sees the host's kernel.
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args(["exec", "--image", &image, "--", "uname", "-r"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), host_kernel.trim());
+}
