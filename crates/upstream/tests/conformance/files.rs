@@ -238,7 +238,7 @@ pub fn links_and_dot_dot_never_lead_out_of_the_sandbox(bench: &Bench) {
         root("/tmp/links/rel"),
         root("/tmp/links/magic"),
         root(&format!("/tmp/links/top{host}")),
-        root(&format!("/tmp/links/dir/host-secret")),
+        root("/tmp/links/dir/host-secret"),
         root(&format!("/{up}{}", host.trim_start_matches('/'))),
         At::Beneath {
             dir: "/tmp/links".into(),
