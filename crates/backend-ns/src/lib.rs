@@ -102,7 +102,17 @@ const FILE_CONNECTIONS: usize = 2;
 impl NamespaceBackend {
     /// A backend that starts `init_exe` (an upstream binary) as the init of each sandbox.
     pub fn new(init_exe: PathBuf) -> Result<NamespaceBackend, SandboxError> {
-        let runtime_dir = runtime_dir()?;
+        NamespaceBackend::in_runtime_dir(init_exe, None)
+    }
+
+    /// [`NamespaceBackend::new`] with its sandboxes, pool and kept workspaces in `dir` (which
+    /// must be private to this user, as [`runtime`] checks) instead of the runtime directory
+    /// the environment names: several backends in one process each get their own.
+    pub fn in_runtime_dir(
+        init_exe: PathBuf,
+        dir: Option<&Path>,
+    ) -> Result<NamespaceBackend, SandboxError> {
+        let runtime_dir = runtime_dir(dir)?;
         let rootless = !Uid::effective().is_root();
         let skeleton = runtime_dir.join(SKELETON_DIR);
         if !skeleton.is_dir() {
@@ -146,6 +156,13 @@ impl NamespaceBackend {
             init_mode: launch::InitMode::from_env(),
             files: FilesWay::from_env(),
         })
+    }
+
+    /// The same backend moving sandboxes' files `way` ([`Sandbox::files`]), whatever
+    /// `$UPSTREAM_FILES` says.
+    pub fn moving_files(mut self, way: FilesWay) -> NamespaceBackend {
+        self.files = way;
+        self
     }
 
     fn describe(&self) -> String {
@@ -195,8 +212,8 @@ pub(crate) fn open_path_dir(path: &str) -> nix::Result<OwnedFd> {
 
 /// Where sandbox directories live (see [`runtime`]), with its `sandboxes` and pool
 /// directories made.
-fn runtime_dir() -> Result<PathBuf, SandboxError> {
-    runtime::runtime_dir(&["sandboxes", POOL_DIR]).map_err(|e| {
+fn runtime_dir(dir: Option<&Path>) -> Result<PathBuf, SandboxError> {
+    runtime::runtime_dir_in(dir, &["sandboxes", POOL_DIR]).map_err(|e| {
         let hint = e.hint();
         SandboxError::setup(e.to_string(), Some(hint.as_str()))
     })

@@ -101,16 +101,22 @@ pub fn locate(
 /// Finds the runtime directory from this process's environment, makes it if it is missing,
 /// checks it and makes the directories named in `subdirs` inside it.
 pub fn runtime_dir(subdirs: &[&str]) -> Result<PathBuf, RuntimeDirError> {
+    runtime_dir_in(None, subdirs)
+}
+
+/// [`runtime_dir`], at `dir` when given (as `$UPSTREAM_RUNTIME_DIR` would name it) rather than
+/// where the environment says: for whoever holds several backends in one process, each with
+/// a directory of its own. It is checked just the same.
+pub fn runtime_dir_in(dir: Option<&Path>, subdirs: &[&str]) -> Result<PathBuf, RuntimeDirError> {
     let uid = nix::unistd::Uid::effective().as_raw();
     let xdg = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_absolute() && is_private_dir(d, uid));
-    let location = locate(
-        uid,
-        std::env::var_os("UPSTREAM_RUNTIME_DIR"),
-        xdg,
-        &std::env::temp_dir(),
-    );
+    let override_dir = match dir {
+        Some(dir) => Some(dir.as_os_str().to_os_string()),
+        None => std::env::var_os("UPSTREAM_RUNTIME_DIR"),
+    };
+    let location = locate(uid, override_dir, xdg, &std::env::temp_dir());
     let dir = ensure_private(&location, uid)?;
     for sub in subdirs {
         match nix::sys::stat::mkdirat(&dir, *sub, Mode::S_IRWXU) {
