@@ -1363,6 +1363,9 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         path,
     )?;
     f.set_len(0)?;
+    // The mode asked for, whatever the umask took from it at the create (an outputs file
+    // made for every user is 0666) or the file had before.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))?;
     (&f).write_all(data)
 }
 

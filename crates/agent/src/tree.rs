@@ -107,6 +107,12 @@ impl Tree {
         Ok(Tree::new(root, OwnMounts::Inside, (0, 0)))
     }
 
+    /// What `st` is, with its owner as ids of the sandbox: the host's ids of the sandbox's
+    /// users less `base`; one the sandbox does not have is its `nobody` (65534).
+    fn meta(&self, st: &nix::sys::stat::FileStat) -> Meta {
+        meta_inside(st, self.base)
+    }
+
     fn ids(&self, owner: Owner) -> (u32, u32) {
         (self.base.0 + owner.0, self.base.1 + owner.1)
     }
@@ -210,7 +216,7 @@ impl Tree {
             let (parent, name) = split(place.path);
             if name.is_empty() {
                 let dir = self.parent(&place, parent)?;
-                return Ok(Some(Meta::of(&nix::sys::stat::fstat(&dir)?)));
+                return Ok(Some(self.meta(&nix::sys::stat::fstat(&dir)?)));
             }
             let dir = match self.parent(&place, parent) {
                 Ok(dir) => dir,
@@ -221,7 +227,7 @@ impl Tree {
                 Err(e) => return Err(e),
             };
             match fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => Ok(Some(Meta::of(&st))),
+                Ok(st) => Ok(Some(self.meta(&st))),
                 Err(Errno::ENOENT) => Ok(None),
                 Err(e) => Err(e.into()),
             }
@@ -251,7 +257,7 @@ impl Tree {
                     Err(Errno::ENOENT) => continue,
                     Err(e) => return Err(e.into()),
                 };
-                entries.push((name.to_string_lossy().into_owned(), Meta::of(&st)));
+                entries.push((name.to_string_lossy().into_owned(), self.meta(&st)));
             }
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(entries)
@@ -277,7 +283,7 @@ impl Tree {
             if offset > 0 {
                 file.seek(io::SeekFrom::Start(offset))?;
             }
-            Ok((file, Meta::of(&st)))
+            Ok((file, self.meta(&st)))
         })
     }
 
@@ -299,12 +305,18 @@ impl Tree {
                     } else {
                         NewFile::replacing(dir.as_fd(), name, mode, ids)?
                     };
-                    Creating::Atomic(new)
+                    Creating {
+                        made: Made::Atomic(new),
+                        base: self.base,
+                    }
                 }
                 Create::InPlace => {
                     let dir = self.made_parent(at, &place, parent)?;
                     let file = sandboxfs::create_file(dir.as_fd(), name, mode, Existing::Replace)?;
-                    Creating::InPlace(file)
+                    Creating {
+                        made: Made::InPlace(file),
+                        base: self.base,
+                    }
                 }
             })
         })
@@ -479,9 +491,30 @@ impl Tree {
     }
 }
 
+/// What `st` is, its owner given as ids of a sandbox whose root user is `base` here.
+fn meta_inside(st: &nix::sys::stat::FileStat, base: (u32, u32)) -> Meta {
+    let mut meta = Meta::of(st);
+    if base != (0, 0) {
+        let inside = |id: u32, base: u32| match id.checked_sub(base) {
+            Some(id) if id < 65_536 => id,
+            _ => 65_534,
+        };
+        meta.uid = inside(meta.uid, base.0);
+        meta.gid = inside(meta.gid, base.1);
+    }
+    meta
+}
+
 /// A regular file being made ([`Tree::create`]).
 #[derive(Debug)]
-pub enum Creating {
+pub struct Creating {
+    made: Made,
+    /// The tree's `base`, for what the file is at the end.
+    base: (u32, u32),
+}
+
+#[derive(Debug)]
+enum Made {
     /// Beside its name, put in place at the end.
     Atomic(NewFile),
     /// At its name already.
@@ -491,9 +524,9 @@ pub enum Creating {
 impl Creating {
     /// The file, open for writing.
     pub fn file(&self) -> &File {
-        match self {
-            Creating::Atomic(new) => new.file(),
-            Creating::InPlace(file) => file,
+        match &self.made {
+            Made::Atomic(new) => new.file(),
+            Made::InPlace(file) => file,
         }
     }
 
@@ -508,8 +541,8 @@ impl Creating {
         if let Some(mtime_ns) = mtime_ns {
             nix::sys::stat::futimens(file, &TimeSpec::UTIME_OMIT, &timespec(mtime_ns))?;
         }
-        let meta = Meta::of(&nix::sys::stat::fstat(file)?);
-        if let Creating::Atomic(new) = self {
+        let meta = meta_inside(&nix::sys::stat::fstat(file)?, self.base);
+        if let Made::Atomic(new) = self.made {
             new.commit()?;
         }
         Ok(meta)
