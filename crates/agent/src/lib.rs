@@ -5,6 +5,7 @@
 //! stream its output and exit status, signal it, read and write files, shut down.
 
 mod files;
+pub mod net;
 pub mod protocol;
 pub mod sandboxfs;
 mod server;

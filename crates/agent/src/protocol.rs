@@ -342,6 +342,10 @@ pub enum Response {
         micros: u64,
         /// The file the request asked to collect: its bytes, or why it could not be read.
         collected: Option<Result<Vec<u8>, String>>,
+        /// How many processes the kernel has killed for want of memory in the agent's
+        /// cgroup so far, where the agent can tell (a VM's guest, whose limits the agent's
+        /// cgroup holds); `None` where the host tells instead.
+        oom_kills: Option<u64>,
     },
     File {
         #[serde(with = "serde_bytes")]
@@ -376,7 +380,7 @@ pub enum Response {
 
 /// The version of this protocol. Any change to [`Request`], [`Response`] or what they
 /// carry that an older peer would decode differently takes the next number.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// What a greeting ([`write_hello`]) starts with, so that a peer that speaks something else
 /// entirely is told apart from one of another version.
@@ -491,6 +495,7 @@ mod tests {
                 timed_out: true,
                 micros: 12,
                 collected: Some(Ok(b"k=v".to_vec())),
+                oom_kills: Some(1),
             },
         ];
         let mut wire = Vec::new();

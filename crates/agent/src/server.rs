@@ -618,9 +618,22 @@ fn run(
                 .collect
                 .as_ref()
                 .map(|c| read_file(Path::new(&c.path), c.limit)),
+            oom_kills: oom_kills(),
         },
     )?;
     Ok(Flow::Continue)
+}
+
+/// The `oom_kill` count of this process's cgroup, where a cgroup v2 hierarchy is mounted at
+/// `/sys/fs/cgroup` (a VM's guest mounts one; a namespace sandbox has none).
+fn oom_kills() -> Option<u64> {
+    let cgroup = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let events = fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", path.trim())).ok()?;
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// The read end of a command's stdout or stderr.

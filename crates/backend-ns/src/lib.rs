@@ -14,7 +14,6 @@ pub mod init;
 mod launch;
 mod layers;
 mod mounts;
-mod net;
 pub mod probe;
 pub use upstream_sandbox::runtime;
 mod security;

@@ -214,7 +214,8 @@ pub fn build_root(config: &InitConfig, skeleton: Option<&str>) -> Result<(), Mou
             nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
             None,
         );
-        crate::net::loopback_up().map_err(ctx(|| "cannot bring up loopback".to_string()))?;
+        upstream_agent::net::loopback_up()
+            .map_err(ctx(|| "cannot bring up loopback".to_string()))?;
     }
     if !ready_identity {
         write_identity(config)?;

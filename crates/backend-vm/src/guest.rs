@@ -43,8 +43,20 @@ pub fn is_vm_init() -> bool {
     std::process::id() == 1 && std::env::args_os().next().is_some_and(|a| a == INIT_PATH)
 }
 
+/// The kernel command line word that makes the init power off as soon as it starts: the
+/// peer of the boot benchmark (the same kernel and initramfs, no sandbox).
+pub const POWER_OFF_AT_ONCE: &str = "upstream.poweroff";
+
 /// Runs the guest; never returns (the VM powers off).
 pub fn main() -> ! {
+    let cmdline = {
+        // /proc is not mounted yet: the kernel's own copy is read once it is.
+        let _ = mount_dir("proc", "/proc", "proc", MsFlags::empty(), "");
+        fs::read_to_string("/proc/cmdline").unwrap_or_default()
+    };
+    if cmdline.split_whitespace().any(|w| w == POWER_OFF_AT_ONCE) {
+        power_off();
+    }
     let mut port = None;
     if let Err(message) = start(&mut port) {
         log(&format!("cannot start the sandbox: {message}"));
@@ -60,6 +72,7 @@ pub fn main() -> ! {
 }
 
 fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
+    let _ = nix::mount::umount("/proc");
     mount_kernel_filesystems("")?;
     load_modules()?;
     let agent = wait_for_port(AGENT_PORT, Duration::from_secs(20))?;
@@ -75,8 +88,10 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     let layers = format!("lowerdir={LOWER},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work");
     mount_dir("overlay", NEW_ROOT, "overlay", MsFlags::empty(), &layers)?;
     mount_kernel_filesystems(NEW_ROOT)?;
+    limit(NEW_ROOT, &options)?;
     name_ports(NEW_ROOT)?;
     nix::unistd::sethostname(&options.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    upstream_agent::net::loopback_up().map_err(|e| format!("cannot bring up loopback: {e}"))?;
     // Into the new root, as switch_root does: the initramfs cannot be pivoted away from.
     nix::unistd::chdir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
@@ -93,14 +108,27 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Options {
     hostname: String,
+    /// The sandbox's memory limit in bytes, held by its cgroup (the guest has more, for its
+    /// kernel and the agent).
+    memory: Option<u64>,
+    /// Its limit on processes and threads.
+    pids: Option<u64>,
 }
 
 impl Options {
     fn from_cmdline(cmdline: &str) -> Options {
         let mut options = Options {
             hostname: upstream_sandbox::DEFAULT_HOSTNAME.to_string(),
+            memory: None,
+            pids: None,
         };
         for word in cmdline.split_whitespace() {
+            if let Some(n) = word.strip_prefix("upstream.memory=") {
+                options.memory = n.parse().ok();
+            }
+            if let Some(n) = word.strip_prefix("upstream.pids=") {
+                options.pids = n.parse().ok();
+            }
             if let Some(name) = word.strip_prefix("upstream.hostname=") {
                 if !name.is_empty()
                     && name.len() <= 64
@@ -114,6 +142,44 @@ impl Options {
         }
         options
     }
+}
+
+/// The cgroup everything of the sandbox runs in, the agent too: its limits are the
+/// sandbox's.
+pub const SANDBOX_CGROUP: &str = "/sys/fs/cgroup/sandbox";
+
+/// Mounts cgroup v2 under `root` and moves this process (and so all it starts) into a
+/// cgroup with the sandbox's memory and process limits.
+fn limit(root: &str, options: &Options) -> Result<(), String> {
+    let top = format!("{root}/sys/fs/cgroup");
+    mount_dir(
+        "cgroup2",
+        &top,
+        "cgroup2",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        "",
+    )?;
+    let write = |file: &str, value: &str| {
+        fs::write(file, value).map_err(|e| format!("cannot write {value} to {file}: {e}"))
+    };
+    write(&format!("{top}/cgroup.subtree_control"), "+memory +pids")?;
+    let own = format!("{root}{SANDBOX_CGROUP}");
+    fs::create_dir_all(&own).map_err(|e| format!("cannot make {own}: {e}"))?;
+    if let Some(memory) = options.memory {
+        write(&format!("{own}/memory.max"), &memory.to_string())?;
+        write(&format!("{own}/memory.swap.max"), "0").ok();
+    }
+    if let Some(pids) = options.pids {
+        write(&format!("{own}/pids.max"), &pids.to_string())?;
+    }
+    // An allocation is refused by the limit, as on a host with memory to spare, not by the
+    // guest's smaller RAM at the call: a command over its limit is killed for it, and the
+    // host hears that it ran out of memory.
+    write(&format!("{root}/proc/sys/vm/overcommit_memory"), "1")?;
+    write(
+        &format!("{own}/cgroup.procs"),
+        &std::process::id().to_string(),
+    )
 }
 
 /// Mounts /proc, /sys, /dev and the rest under `root` (`""`: the initramfs itself).
@@ -153,13 +219,6 @@ fn mount_kernel_filesystems(root: &str) -> Result<(), String> {
         ),
         (
             "tmpfs",
-            "/tmp",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
-        (
-            "tmpfs",
             "/run",
             "tmpfs",
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -169,6 +228,13 @@ fn mount_kernel_filesystems(root: &str) -> Result<(), String> {
     for (source, target, kind, flags, data) in more {
         mount_dir(source, &format!("{root}{target}"), kind, *flags, data)?;
     }
+    // /tmp is a directory of the root's writable layer, on the sandbox's disk, as on every
+    // backend: what is written there counts against the disk, not the memory.
+    let tmp = format!("{root}/tmp");
+    fs::create_dir_all(&tmp).map_err(|e| format!("cannot make {tmp}: {e}"))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
+        .map_err(|e| format!("cannot open up {tmp}: {e}"))?;
     Ok(())
 }
 
@@ -329,8 +395,11 @@ mod tests {
 
     #[test]
     fn the_hostname_comes_from_the_command_line_when_it_is_a_plain_name() {
-        let o = Options::from_cmdline("quiet upstream.hostname=box-1 panic=-1");
+        let o = Options::from_cmdline(
+            "quiet upstream.hostname=box-1 upstream.memory=67108864 upstream.pids=64 panic=-1",
+        );
         assert_eq!(o.hostname, "box-1");
+        assert_eq!((o.memory, o.pids), (Some(64 << 20), Some(64)));
         let o = Options::from_cmdline("upstream.hostname=a/b");
         assert_eq!(o.hostname, upstream_sandbox::DEFAULT_HOSTNAME);
     }

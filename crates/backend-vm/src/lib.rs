@@ -37,6 +37,11 @@ pub const BACKEND_NAME: &str = "vm";
 /// Guest RAM when the document names no memory limit.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
+/// What a guest has beyond the sandbox's memory limit, for its kernel, its page cache and
+/// the agent (the limit itself is held by the guest's cgroup, so the commands get exactly
+/// it and the guest lives through their running out).
+pub const GUEST_OVERHEAD: u64 = 192 << 20;
+
 /// How many users a guest has, from 0: all of a Linux system's.
 const GUEST_IDS: u32 = 65_536;
 
@@ -62,7 +67,17 @@ impl VmConfig {
     /// the `PATH`, the kernel from [`Kernel::find`], the accelerator from
     /// [`Accel::from_env`], disks kept in `$UPSTREAM_VM_CACHE` or the runtime directory.
     pub fn from_env(init_exe: PathBuf, kernel: Option<&Path>) -> Result<VmConfig, SandboxError> {
-        let runtime = upstream_sandbox::runtime::runtime_dir(&["vm"]).map_err(|e| {
+        VmConfig::in_runtime_dir(init_exe, kernel, None)
+    }
+
+    /// [`VmConfig::from_env`] with sandboxes in runtime directory `runtime` (`None`: the
+    /// environment's).
+    pub fn in_runtime_dir(
+        init_exe: PathBuf,
+        kernel: Option<&Path>,
+        runtime: Option<&Path>,
+    ) -> Result<VmConfig, SandboxError> {
+        let runtime = upstream_sandbox::runtime::runtime_dir_in(runtime, &["vm"]).map_err(|e| {
             let hint = e.hint();
             SandboxError::setup(e.to_string(), Some(hint.as_str()))
         })?;
@@ -180,8 +195,11 @@ impl VmBackend {
         disk::scratch_disk(&scratch, spec.limits.disk_or_default()).map_err(|e| {
             SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None)
         })?;
-        let memory = spec.limits.memory.unwrap_or(DEFAULT_MEMORY);
-        let memory_mib = memory.div_ceil(1 << 20).max(128);
+        let memory = match spec.limits.memory {
+            Some(limit) => limit.saturating_add(GUEST_OVERHEAD),
+            None => DEFAULT_MEMORY,
+        };
+        let memory_mib = memory.div_ceil(1 << 20).max(256);
         let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
         let machine = Machine {
             qemu: &self.config.qemu,
@@ -192,6 +210,8 @@ impl VmBackend {
             scratch_disk: &scratch,
             memory_mib,
             cpus,
+            memory_limit: spec.limits.memory,
+            pids_limit: spec.limits.pids,
             hostname: &spec.hostname,
             dir: &dir,
         };
@@ -223,6 +243,7 @@ impl VmBackend {
             }),
             interrupter,
             started,
+            oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         let stream = sandbox.accept(&agent_listener)?;
         sandbox.client = Some(AgentClient::new(stream));
@@ -303,6 +324,8 @@ pub struct VmSandbox {
     ports: Arc<Ports>,
     interrupter: Arc<VmInterrupter>,
     started: Instant,
+    /// The guest's count of processes killed for want of memory, at the last command's end.
+    oom_kills: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
@@ -587,7 +610,7 @@ impl Sandbox for VmSandbox {
         Ok(ExecOutcome {
             status: exited.status,
             timed_out: exited.timed_out,
-            out_of_memory: false,
+            out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
             out_of_disk: None,
             duration: exited.duration,
             collected: exited.collected,
@@ -633,6 +656,7 @@ impl Sandbox for VmSandbox {
             client,
             _lease: lease,
             interrupter: self.interrupter.clone(),
+            oom_kills: self.oom_kills.clone(),
         }))
     }
 
@@ -802,6 +826,15 @@ struct VmSession {
     client: AgentClient<UnixStream>,
     _lease: PortLease,
     interrupter: Arc<VmInterrupter>,
+    oom_kills: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Whether the guest's count of OOM kills went up since `last`, which it then becomes.
+fn ran_out(last: &std::sync::atomic::AtomicU64, now: Option<u64>) -> bool {
+    match now {
+        Some(now) => last.swap(now, Ordering::SeqCst) < now,
+        None => false,
+    }
 }
 
 impl Session for VmSession {
@@ -820,12 +853,66 @@ impl Session for VmSession {
         Ok(ExecOutcome {
             status: exited.status,
             timed_out: exited.timed_out,
-            out_of_memory: false,
+            out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
             out_of_disk: None,
             duration: exited.duration,
             collected: exited.collected,
         })
     }
+}
+
+/// Boots a guest on `config` to an init that powers off at once, as `upstream doctor` does
+/// to tell whether this host runs VMs: how long QEMU took from its start to its exit.
+pub fn probe(config: &VmConfig) -> Result<Duration, String> {
+    let initramfs = boot::initramfs(&config.cache, &config.init_exe, &config.kernel)
+        .map_err(|e| e.to_string())?;
+    let dir = make_sandbox_dir(&config.runtime.join("sandboxes")).map_err(|e| e.to_string())?;
+    let result = (|| {
+        let disk = dir.join("empty.ext4");
+        disk::scratch_disk(&disk, 16 << 20).map_err(|e| e.to_string())?;
+        let machine = Machine {
+            qemu: &config.qemu,
+            accel: config.accel,
+            kernel: &config.kernel,
+            initramfs: &initramfs,
+            root_disk: &disk,
+            scratch_disk: &disk,
+            memory_mib: DEFAULT_MEMORY >> 20,
+            cpus: 1,
+            memory_limit: None,
+            pids_limit: None,
+            hostname: upstream_sandbox::DEFAULT_HOSTNAME,
+            dir: &dir,
+        };
+        let started = Instant::now();
+        let (mut child, _listeners) = machine
+            .start_with(&[guest::POWER_OFF_AT_ONCE])
+            .map_err(|e| e.to_string())?;
+        loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(status) if status.success() => return Ok(started.elapsed()),
+                Some(status) => {
+                    let mut stderr = String::new();
+                    if let Some(mut err) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = err.read_to_string(&mut stderr);
+                    }
+                    return Err(format!("QEMU {status}: {}", stderr.trim()));
+                }
+                None if started.elapsed() > BOOT_WITHIN => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the guest did not power off within {} s",
+                        BOOT_WITHIN.as_secs()
+                    ));
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// The VM backend for this host, or why there is none.

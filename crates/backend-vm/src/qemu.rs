@@ -63,6 +63,9 @@ pub struct Machine<'a> {
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     pub cpus: u32,
+    /// The sandbox's own limits, which the guest's cgroup holds.
+    pub memory_limit: Option<u64>,
+    pub pids_limit: Option<u64>,
     pub hostname: &'a str,
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
@@ -96,6 +99,11 @@ fn tsc_khz() -> Option<u64> {
 impl Machine<'_> {
     /// QEMU's arguments for this machine.
     pub fn args(&self) -> Vec<String> {
+        self.args_with(&[])
+    }
+
+    /// QEMU's arguments, with `more` words on the kernel's command line.
+    pub fn args_with(&self, more: &[&str]) -> Vec<String> {
         let mut append = vec![
             "console=ttyS0".to_string(),
             "quiet".into(),
@@ -108,6 +116,13 @@ impl Machine<'_> {
             "i8042.dumbkbd".into(),
             format!("upstream.hostname={}", self.hostname),
         ];
+        if let Some(memory) = self.memory_limit {
+            append.push(format!("upstream.memory={memory}"));
+        }
+        if let Some(pids) = self.pids_limit {
+            append.push(format!("upstream.pids={pids}"));
+        }
+        append.extend(more.iter().map(|w| w.to_string()));
         if self.accel == Accel::Tcg {
             append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
             if let Some(khz) = tsc_khz() {
@@ -193,6 +208,11 @@ impl Machine<'_> {
 
     /// Listens on every port's socket, then starts QEMU, which connects to them.
     pub fn start(&self) -> std::io::Result<(Child, Vec<UnixListener>)> {
+        self.start_with(&[])
+    }
+
+    /// [`Machine::start`] with `more` words on the kernel's command line.
+    pub fn start_with(&self, more: &[&str]) -> std::io::Result<(Child, Vec<UnixListener>)> {
         let mut listeners = Vec::new();
         for n in 0..=SESSION_PORTS {
             let path = socket_of(self.dir, &port_name(n));
@@ -201,7 +221,7 @@ impl Machine<'_> {
         }
         let mut command = Command::new(self.qemu);
         command
-            .args(self.args())
+            .args(self.args_with(more))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

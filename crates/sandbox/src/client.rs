@@ -32,6 +32,8 @@ pub struct Exited {
     pub duration: Duration,
     /// The file the request asked to collect.
     pub collected: Option<Result<Vec<u8>, String>>,
+    /// The agent's count of processes killed for want of memory so far, where it keeps one.
+    pub oom_kills: Option<u64>,
 }
 
 /// A connection to a sandbox's agent.
@@ -137,12 +139,14 @@ impl<S: Read + Write> AgentClient<S> {
                     timed_out,
                     micros,
                     collected,
+                    oom_kills,
                 } => {
                     return Ok(Exited {
                         status,
                         timed_out,
                         duration: Duration::from_micros(micros),
                         collected,
+                        oom_kills,
                     });
                 }
                 Response::Error { message } => return Err(ClientError::Refused(message)),

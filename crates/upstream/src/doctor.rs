@@ -25,6 +25,7 @@ pub fn doctor() -> u8 {
         .collect();
     lines.push(kvm());
     lines.push(vmms());
+    lines.push(vm());
     let sandbox = try_sandbox();
     let sandbox_ok = sandbox.ok;
     lines.push(sandbox);
@@ -92,6 +93,46 @@ fn try_sandbox() -> Line {
             ok: false,
             detail: e.to_string(),
             hint: e.hint().map(str::to_string),
+        },
+    }
+}
+
+/// Which VMM, accelerator and guest kernel `isolation: vm` uses, and a boot of one.
+fn vm() -> Line {
+    let name = "vm".to_string();
+    let config =
+        match upstream_backend_vm::VmConfig::from_env(PathBuf::from("/proc/self/exe"), None) {
+            Ok(config) => config,
+            Err(e) => {
+                return Line {
+                    name,
+                    ok: false,
+                    detail: format!("`isolation: vm` is not available: {e}"),
+                    hint: e.hint().map(str::to_string),
+                };
+            }
+        };
+    let what = format!(
+        "{}, {}, kernel {}",
+        config.qemu.display(),
+        config.accel.name(),
+        config.kernel.image.display()
+    );
+    match upstream_backend_vm::probe(&config) {
+        Ok(took) => Line {
+            name,
+            ok: true,
+            detail: format!("{what}: a guest booted and powered off in {:.1} s", took.as_secs_f64()),
+            hint: None,
+        },
+        Err(e) => Line {
+            name,
+            ok: false,
+            detail: format!("{what}: a guest did not boot: {e}"),
+            hint: Some(
+                "with /dev/kvm that cannot boot a stock kernel, leave $UPSTREAM_VM_ACCEL unset (TCG)"
+                    .into(),
+            ),
         },
     }
 }

@@ -14,7 +14,11 @@ use upstream_sandbox::{
 pub struct Case {
     pub name: &'static str,
     pub make: fn(runtime: &Path) -> Result<SharedBackend, SandboxError>,
+    /// What the case changes in every spec a test asks for (a VM's isolation and image).
+    pub adapt: fn(&mut SandboxSpec),
 }
+
+fn as_asked(_: &mut SandboxSpec) {}
 
 /// The upstream binary, which the namespace backend starts as each sandbox's init.
 const BIN: &str = env!("CARGO_BIN_EXE_upstream");
@@ -29,6 +33,7 @@ pub fn namespaces_host_files() -> Case {
     Case {
         name: "namespaces, files by the host",
         make: |runtime| namespaces(runtime, FilesWay::Host),
+        adapt: as_asked,
     }
 }
 
@@ -37,7 +42,240 @@ pub fn namespaces_agent_files() -> Case {
     Case {
         name: "namespaces, files by the agent",
         make: |runtime| namespaces(runtime, FilesWay::Agent),
+        adapt: as_asked,
     }
+}
+
+/// A microVM (QEMU; KVM where the host's can boot a stock kernel, else TCG), its root the
+/// image [`vm_image`] makes of the host's programs.
+pub fn vm() -> Case {
+    Case {
+        name: "vm",
+        make: |runtime| {
+            if let Some(lack) = lacks_vm() {
+                return Err(SandboxError::setup(lack, None));
+            }
+            let config = upstream_backend_vm::VmConfig::in_runtime_dir(
+                PathBuf::from(BIN),
+                None,
+                Some(runtime),
+            )?;
+            let config = upstream_backend_vm::VmConfig {
+                // Made once for the whole run: every test boots the same guest.
+                cache: std::env::temp_dir().join("upstream-conformance-vm-cache"),
+                ..config
+            };
+            Ok(std::sync::Arc::new(upstream_backend_vm::VmBackend::new(
+                config,
+            )))
+        },
+        adapt: |spec| {
+            spec.isolation = upstream_sandbox::Isolation::Vm;
+            if spec.image == upstream_sandbox::Image::Host {
+                spec.image = vm_image();
+            }
+        },
+    }
+}
+
+/// What this machine lacks to run VM sandboxes, if anything.
+fn lacks_vm() -> Option<String> {
+    let qemu = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file())
+    });
+    if !qemu {
+        return Some("no qemu-system-x86_64 (scripts/test installs it)".into());
+    }
+    if let Err(e) = upstream_backend_vm::boot::Kernel::find(None) {
+        return Some(e.to_string());
+    }
+    None
+}
+
+/// The programs a VM's image holds for the suite's commands.
+const VM_PROGRAMS: &[&str] = &[
+    "sh",
+    "bash",
+    "cat",
+    "echo",
+    "sleep",
+    "touch",
+    "test",
+    "stat",
+    "kill",
+    "true",
+    "false",
+    "mkdir",
+    "setsid",
+    "id",
+    "rm",
+    "pwd",
+    "printf",
+    "head",
+    "env",
+    "ln",
+    "timeout",
+    "tr",
+    "seq",
+    "readlink",
+    "od",
+    "grep",
+    "cut",
+    "ls",
+    "python3",
+    "dd",
+    "chmod",
+    "wc",
+    "mkfifo",
+    "tail",
+    "mv",
+    "cp",
+    "find",
+    "sort",
+    "xargs",
+    "basename",
+    "dirname",
+    "uname",
+    "hostname",
+    "sync",
+    "du",
+    "df",
+    "nproc",
+    "date",
+    "expr",
+    "base64",
+    "sha256sum",
+    "ps",
+    "pkill",
+    "pgrep",
+    "chown",
+    "whoami",
+    "nohup",
+    "yes",
+];
+
+/// An image of the host's programs and the libraries they load (python3 with its standard
+/// library), unpacked once for the run: a VM boots an image, never the host's `/usr`.
+fn vm_image() -> upstream_sandbox::Image {
+    static ROOTFS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let rootfs = ROOTFS.get_or_init(|| {
+        // One for every test process of the run (and the next runs): made under a name of
+        // this process's and renamed into place, so one whole tree is what they all find.
+        let done = std::env::temp_dir().join("upstream-conformance-vm-rootfs");
+        if done.join("usr/bin/python3").exists() {
+            return done;
+        }
+        let root = std::env::temp_dir().join(format!(
+            "upstream-conformance-vm-rootfs.{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in [
+            "usr/bin",
+            "usr/lib",
+            "usr/lib64",
+            "etc",
+            "tmp",
+            "root",
+            "workspace",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for (link, to) in [
+            ("bin", "usr/bin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+        ] {
+            std::os::unix::fs::symlink(to, root.join(link)).unwrap();
+        }
+        // A file at its real path, and a link at the path it was named by (through the
+        // host's links, such as /lib64/ld-linux-x86-64.so.2) if that is another.
+        let copy = |named: &Path| {
+            let from = std::fs::canonicalize(named).unwrap();
+            let inside = root.join(from.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+            if !inside.exists() {
+                let status = std::process::Command::new("cp")
+                    .args(["-a", "--no-preserve=ownership"])
+                    .arg(&from)
+                    .arg(&inside)
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "cp {}", from.display());
+            }
+            let link = root.join(named.strip_prefix("/").unwrap());
+            if named != from && std::fs::symlink_metadata(&link).is_err() {
+                std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(&from, &link).unwrap();
+            }
+        };
+        for program in VM_PROGRAMS {
+            let path = which(program);
+            copy(&path);
+            for library in libraries(&path) {
+                copy(&library);
+            }
+        }
+        // The loader where binaries look for it, whatever the host's links.
+        copy(Path::new("/lib64/ld-linux-x86-64.so.2"));
+        let python = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys; print(sys.prefix + '/lib/python' + sys.version[:4].rstrip('.'))",
+            ])
+            .output()
+            .unwrap();
+        let stdlib = String::from_utf8_lossy(&python.stdout).trim().to_string();
+        if Path::new(&stdlib).is_dir() {
+            copy(Path::new(&stdlib));
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        if std::fs::rename(&root, &done).is_err() {
+            // Another process put its tree there first.
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        done
+    });
+    upstream_sandbox::Image::Layers {
+        reference: "conformance/host-programs".into(),
+        layers: vec![rootfs.clone()],
+    }
+}
+
+fn which(program: &str) -> PathBuf {
+    // The system's own first (not a version manager's shim).
+    let system = Path::new("/usr/bin").join(program);
+    if system.is_file() {
+        return system;
+    }
+    let path = std::env::var_os("PATH").unwrap();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no {program} on this machine"))
+}
+
+/// The libraries `binary` loads, by `ldd`.
+fn libraries(binary: &Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            }?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
 }
 
 /// What a test gets: a backend of its case, and a directory of its own on the host.
@@ -72,9 +310,11 @@ pub fn run(case: fn() -> Case, test: fn(&Bench)) {
 impl Bench {
     /// A ready sandbox of `spec`.
     pub fn sandbox(&self, spec: &SandboxSpec) -> Box<dyn Sandbox> {
+        let mut spec = spec.clone();
+        (self.case.adapt)(&mut spec);
         let mut sandbox = self
             .backend
-            .create(spec)
+            .create(&spec)
             .unwrap_or_else(|e| panic!("{}: cannot make a sandbox: {e}", self.case.name));
         sandbox
             .wait_ready()

@@ -62,9 +62,9 @@ macro_rules! conformance {
     };
 }
 
-/// Every backend the suite runs against, one line each. The microVM backend joins here, with
-/// its maker in `harness.rs`.
+/// Every backend the suite runs against, one line each, with its maker in `harness.rs`.
 mod cases {
     conformance!(namespaces_host_files);
     conformance!(namespaces_agent_files);
+    conformance!(vm);
 }

@@ -1,4 +1,5 @@
-//! Networking inside a sandbox with a network namespace of its own: loopback only.
+//! Networking inside a sandbox without network of its own (a namespace, a VM with no
+//! device): loopback only.
 
 use std::io;
 use std::os::fd::AsRawFd;
