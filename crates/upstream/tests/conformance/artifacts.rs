@@ -180,6 +180,23 @@ fn layered(resume: Option<Kept>) -> SandboxSpec {
 
 pub fn a_kept_workspace_is_where_the_next_sandbox_resumes(bench: &Bench) {
     let backend: &dyn Backend = &*bench.backend;
+    if !bench.case.keeps {
+        // A backend that cannot keep a workspace says so, in a sentence, both ways: nothing
+        // is lost silently, and no turn resumes from what was never kept.
+        let mut first = bench.sandbox(&layered(None));
+        check(first.as_mut(), "echo one > /workspace/a.txt");
+        first.checkpoint().unwrap();
+        let e = first.destroy_keeping().unwrap_err();
+        assert!(e.to_string().contains("--resume"), "{e}");
+        let elsewhere = Kept::new(backend.name(), "never-kept").unwrap();
+        let mut spec = layered(Some(elsewhere));
+        (bench.case.adapt)(&mut spec);
+        match backend.create(&spec) {
+            Ok(_) => panic!("{}: a sandbox resumed what was never kept", bench.case.name),
+            Err(e) => assert!(e.to_string().contains("resume"), "{e}"),
+        }
+        return;
+    }
     let mut first = bench.sandbox(&layered(None));
     check(
         first.as_mut(),

@@ -16,6 +16,12 @@ pub struct Case {
     pub make: fn(runtime: &Path) -> Result<SharedBackend, SandboxError>,
     /// What the case changes in every spec a test asks for (a VM's isolation and image).
     pub adapt: fn(&mut SandboxSpec),
+    /// Its default image binds the host's directories in (`image: host` on namespaces).
+    pub binds_host: bool,
+    /// It gives sandboxes the host's network when asked (`network: host`).
+    pub host_network: bool,
+    /// It keeps a layered workspace for `--resume` (`destroy_keeping`).
+    pub keeps: bool,
 }
 
 fn as_asked(_: &mut SandboxSpec) {}
@@ -34,6 +40,9 @@ pub fn namespaces_host_files() -> Case {
         name: "namespaces, files by the host",
         make: |runtime| namespaces(runtime, FilesWay::Host),
         adapt: as_asked,
+        binds_host: true,
+        host_network: true,
+        keeps: true,
     }
 }
 
@@ -43,6 +52,9 @@ pub fn namespaces_agent_files() -> Case {
         name: "namespaces, files by the agent",
         make: |runtime| namespaces(runtime, FilesWay::Agent),
         adapt: as_asked,
+        binds_host: true,
+        host_network: true,
+        keeps: true,
     }
 }
 
@@ -75,6 +87,9 @@ pub fn vm() -> Case {
                 spec.image = vm_image();
             }
         },
+        binds_host: false,
+        host_network: false,
+        keeps: false,
     }
 }
 
