@@ -56,6 +56,90 @@ pub fn scratch_disk(path: &Path, size: u64) -> io::Result<()> {
     mke2fs(path, size, &["-L".as_ref(), "upstream-scratch".as_ref()])
 }
 
+/// [`scratch_disk`] copied from a template of that size made once in `cache`: formatting a
+/// large disk writes its group descriptors and bitmaps each time, copying only what the
+/// template holds (a few megabytes of a sparse file) does not.
+pub fn scratch_disk_from(cache: &Path, path: &Path, size: u64) -> io::Result<()> {
+    let template = cache.join(format!("scratch-{}.ext4", size >> 20));
+    if !template.is_file() {
+        fs::create_dir_all(cache)?;
+        let temp = cache.join(format!(
+            "scratch-{}.ext4.{}.tmp",
+            size >> 20,
+            std::process::id()
+        ));
+        let made = scratch_disk(&temp, size).and_then(|()| fs::rename(&temp, &template));
+        if made.is_err() {
+            let _ = fs::remove_file(&temp);
+            // Another upstream may have made it meanwhile.
+            if !template.is_file() {
+                return made;
+            }
+        }
+    }
+    sparse_copy(&template, path)
+}
+
+/// Copies `from` to a new file `to`, holes and all: by reflink where the filesystem shares
+/// blocks, else only the extents that hold data.
+fn sparse_copy(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let source = fs::File::open(from)?;
+    let target = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both are open.
+    if unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let len = source.metadata()?.len();
+    target.set_len(len)?;
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        // SAFETY: lseek on an open descriptor; it touches no memory.
+        let data = unsafe { libc::lseek(source.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // No data past `at`: the rest is a hole.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(source.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut from_at = data;
+        let mut to_at = data;
+        while from_at < hole {
+            let want = (hole - from_at) as usize;
+            // SAFETY: copy_file_range between two open descriptors, with offsets this
+            // function owns.
+            let n = unsafe {
+                libc::copy_file_range(
+                    source.as_raw_fd(),
+                    &mut from_at,
+                    target.as_raw_fd(),
+                    &mut to_at,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
 fn mke2fs(path: &Path, size: u64, extra: &[&std::ffi::OsStr]) -> io::Result<()> {
     let file = fs::File::create(path)?;
     file.set_len(size)?;
@@ -111,6 +195,39 @@ fn usage(dir: &Path) -> io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scratch_disk_from_its_template_is_a_whole_sparse_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("one.ext4");
+        scratch_disk_from(&dir.path().join("cache"), &disk, 1 << 30).unwrap();
+        let meta = fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 1 << 30);
+        assert!(
+            meta.blocks() * 512 < 64 << 20,
+            "{} bytes taken",
+            meta.blocks() * 512
+        );
+        let out = Command::new("e2fsck")
+            .args(["-n", "-f"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // A second from the same template.
+        let two = dir.path().join("two.ext4");
+        scratch_disk_from(&dir.path().join("cache"), &two, 1 << 30).unwrap();
+        let hash = |path: &Path| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(fs::File::open(path).unwrap()).unwrap();
+            hasher.finalize()
+        };
+        assert_eq!(hash(&disk), hash(&two));
+    }
 
     #[test]
     fn a_root_disk_is_made_once_per_unpacked_image() {
