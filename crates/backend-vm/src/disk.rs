@@ -16,7 +16,7 @@ const ROOT_SLACK: u64 = 64 << 20;
 pub fn root_disk(cache: &Path, rootfs: &Path) -> io::Result<PathBuf> {
     let meta = fs::metadata(rootfs)?;
     let mut key = blake3::Hasher::new();
-    key.update(b"upstream root disk 1\0");
+    key.update(b"upstream root disk 2\0");
     key.update(rootfs.as_os_str().as_encoded_bytes());
     key.update(&meta.dev().to_le_bytes());
     key.update(&meta.ino().to_le_bytes());
@@ -60,7 +60,7 @@ pub fn scratch_disk(path: &Path, size: u64) -> io::Result<()> {
 /// large disk writes its group descriptors and bitmaps each time, copying only what the
 /// template holds (a few megabytes of a sparse file) does not.
 pub fn scratch_disk_from(cache: &Path, path: &Path, size: u64) -> io::Result<()> {
-    let template = cache.join(format!("scratch-{}.ext4", size >> 20));
+    let template = cache.join(format!("scratch-v2-{}.ext4", size >> 20));
     if !template.is_file() {
         fs::create_dir_all(cache)?;
         let temp = cache.join(format!(
@@ -140,6 +140,9 @@ fn sparse_copy(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes an ext4 filesystem without a journal: an image's disk is only read, and a
+/// sandbox's is thrown away with it (a crash loses nothing a journal would have kept), and
+/// mounting one with a journal costs a guest under TCG its setup.
 fn mke2fs(path: &Path, size: u64, extra: &[&std::ffi::OsStr]) -> io::Result<()> {
     let file = fs::File::create(path)?;
     file.set_len(size)?;
