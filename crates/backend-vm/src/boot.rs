@@ -203,24 +203,21 @@ fn libraries_of(binary: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(found)
 }
 
-/// The bytes of `binary` without its debug information, which a development build carries
-/// by the hundred megabytes and a guest would have to hold in memory: `strip --strip-debug`
-/// (binutils) where the host has it, else the binary as it is.
-fn without_debug_info(binary: &Path, scratch: &Path) -> io::Result<Vec<u8>> {
-    let stripped = scratch.join(format!("init.{}.stripped", std::process::id()));
+/// `binary` without its debug information, which a development build carries by the
+/// hundred megabytes and a guest would have to hold in memory: `strip --strip-debug`
+/// (binutils) into `stripped` where the host has it, else the binary as it is.
+fn without_debug_info<'a>(binary: &'a Path, stripped: &'a Path) -> &'a Path {
     let ran = std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
-        .arg(&stripped)
+        .arg(stripped)
         .arg(binary)
         .stderr(std::process::Stdio::null())
         .status();
-    let bytes = match ran {
-        Ok(status) if status.success() => fs::read(&stripped),
-        _ => fs::read(binary),
-    };
-    let _ = fs::remove_file(&stripped);
-    bytes
+    match ran {
+        Ok(status) if status.success() => stripped,
+        _ => binary,
+    }
 }
 
 /// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`.
@@ -247,22 +244,54 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
         return Ok(path);
     }
     fs::create_dir_all(cache).map_err(|e| fail(cache, e))?;
-    let mut cpio = Cpio::default();
-    for dir in ["dev", "proc", "sys", "upstream", "upstream/modules"] {
-        cpio.dir(dir, 0o755);
+    // One at a time in this process (tests make backends side by side), each under a name
+    // of its own and renamed whole into place.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if path.is_file() {
+        return Ok(path);
     }
-    cpio.char_device("dev/console", 0o600, 5, 1);
-    let exe = without_debug_info(binary, cache).map_err(|e| fail(binary, e))?;
-    cpio.file(guest::INIT_PATH.trim_start_matches('/'), 0o755, &exe);
+    let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
+    let stripped = cache.join(format!("{name}.{}.init", std::process::id()));
+    let made = write_initramfs(&temp, &stripped, binary, kernel)
+        .and_then(|()| fs::rename(&temp, &path).map_err(|e| fail(&path, e)));
+    let _ = fs::remove_file(&stripped);
+    if made.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    made.map(|()| path)
+}
+
+/// Writes the initramfs of `binary` and `kernel` to `to`, with `stripped` as scratch.
+fn write_initramfs(
+    to: &Path,
+    stripped: &Path,
+    binary: &Path,
+    kernel: &Kernel,
+) -> Result<(), BootError> {
+    let fail = |path: &Path, source: io::Error| BootError::Initramfs {
+        path: path.to_path_buf(),
+        source,
+    };
+    let out = fs::File::create(to).map_err(|e| fail(to, e))?;
+    let mut cpio = Cpio::new(io::BufWriter::with_capacity(1 << 20, out));
+    let io = |e: io::Error| fail(to, e);
+    for dir in ["dev", "proc", "sys", "upstream", "upstream/modules"] {
+        cpio.dir(dir, 0o755).map_err(io)?;
+    }
+    cpio.char_device("dev/console", 0o600, 5, 1).map_err(io)?;
+    let init = without_debug_info(binary, stripped);
+    cpio.file_from(guest::INIT_PATH.trim_start_matches('/'), 0o755, init)
+        .map_err(|e| fail(init, e))?;
     let libraries = libraries_of(binary).map_err(|e| fail(binary, io::Error::other(e)))?;
     for library in libraries {
-        let bytes = fs::read(&library).map_err(|e| fail(&library, e))?;
         let inside = library
             .to_string_lossy()
             .trim_start_matches('/')
             .to_string();
-        cpio.parents(&inside);
-        cpio.file(&inside, 0o755, &bytes);
+        cpio.parents(&inside).map_err(io)?;
+        cpio.file_from(&inside, 0o755, &library)
+            .map_err(|e| fail(&library, e))?;
     }
     if let Some(modules) = &kernel.modules {
         let order = modules_in_order(modules).map_err(|reason| BootError::Kernel {
@@ -272,11 +301,7 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
         let mut names = String::new();
         for module in &order {
             let source = modules.join(module);
-            let bytes = fs::read(&source).map_err(|e| fail(&source, e))?;
-            let file = module.rsplit('/').next().unwrap_or(module);
-            if module.ends_with(".ko") {
-                cpio.file(&format!("upstream/modules/{file}"), 0o644, &unsigned(bytes));
-            } else {
+            if !module.ends_with(".ko") {
                 return Err(BootError::Kernel {
                     kernel: kernel.image.clone(),
                     reason: format!(
@@ -284,6 +309,10 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
                     ),
                 });
             }
+            let bytes = fs::read(&source).map_err(|e| fail(&source, e))?;
+            let file = module.rsplit('/').next().unwrap_or(module);
+            cpio.file(&format!("upstream/modules/{file}"), 0o644, &unsigned(bytes))
+                .map_err(io)?;
             names.push_str(file);
             names.push('\n');
         }
@@ -291,32 +320,49 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
             guest::MODULES_ORDER.trim_start_matches('/'),
             0o644,
             names.as_bytes(),
-        );
+        )
+        .map_err(io)?;
     }
-    let bytes = cpio.finish();
-    // Written beside its name and renamed: two upstreams making it at once each put a
-    // whole one in place.
-    let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
-    let written = fs::File::create(&temp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&temp, &path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temp);
-        return Err(fail(&path, e));
-    }
-    Ok(path)
+    let mut out = cpio.finish().map_err(io)?;
+    out.flush().map_err(io)?;
+    out.get_ref().sync_all().map_err(io)
 }
 
-/// A cpio archive in the "newc" format the kernel unpacks an initramfs from.
-#[derive(Default)]
-struct Cpio {
-    out: Vec<u8>,
+/// A cpio archive in the "newc" format the kernel unpacks an initramfs from, written as it
+/// is made.
+struct Cpio<W: Write> {
+    out: W,
+    written: u64,
     inode: u32,
     dirs: std::collections::HashSet<String>,
 }
 
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+impl<W: Write> Cpio<W> {
+    fn new(out: W) -> Cpio<W> {
+        Cpio {
+            out,
+            written: 0,
+            inode: 0,
+            dirs: Default::default(),
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad(&mut self) -> io::Result<()> {
+        let pad = (4 - self.written % 4) % 4;
+        self.put(&[0u8; 3][..pad as usize])
+    }
+
+    /// An entry's header and name; its `size` bytes of data follow.
+    fn header(&mut self, name: &str, mode: u32, rdev: (u32, u32), size: u64) -> io::Result<()> {
+        let size = u32::try_from(size).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is over 4 GiB"))
+        })?;
         self.inode += 1;
         let fields = [
             self.inode,
@@ -325,7 +371,7 @@ impl Cpio {
             0,
             1,
             0,
-            data.len() as u32,
+            size,
             0,
             0,
             rdev.0,
@@ -333,32 +379,32 @@ impl Cpio {
             name.len() as u32 + 1,
             0,
         ];
-        self.out.extend_from_slice(b"070701");
+        let mut head = Vec::with_capacity(110 + name.len() + 1);
+        head.extend_from_slice(b"070701");
         for field in fields {
-            self.out
-                .extend_from_slice(format!("{field:08x}").as_bytes());
+            head.extend_from_slice(format!("{field:08x}").as_bytes());
         }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
+        head.extend_from_slice(name.as_bytes());
+        head.push(0);
+        self.put(&head)?;
+        self.pad()
     }
 
-    fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
-            self.out.push(0);
-        }
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
+        self.header(name, mode, rdev, data.len() as u64)?;
+        self.put(data)?;
+        self.pad()
     }
 
-    fn dir(&mut self, name: &str, perm: u32) {
+    fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
         if self.dirs.insert(name.to_string()) {
-            self.entry(name, libc::S_IFDIR | perm, (0, 0), &[]);
+            self.entry(name, libc::S_IFDIR | perm, (0, 0), &[])?;
         }
+        Ok(())
     }
 
     /// The directories above `path`.
-    fn parents(&mut self, path: &str) {
+    fn parents(&mut self, path: &str) -> io::Result<()> {
         let mut at = String::new();
         let parts: Vec<&str> = path.split('/').collect();
         for part in &parts[..parts.len().saturating_sub(1)] {
@@ -366,21 +412,38 @@ impl Cpio {
                 at.push('/');
             }
             at.push_str(part);
-            self.dir(&at.clone(), 0o755);
+            self.dir(&at.clone(), 0o755)?;
         }
+        Ok(())
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
-        self.entry(name, libc::S_IFREG | perm, (0, 0), data);
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+        self.entry(name, libc::S_IFREG | perm, (0, 0), data)
     }
 
-    fn char_device(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
-        self.entry(name, libc::S_IFCHR | perm, (major, minor), &[]);
+    /// A file whose bytes are copied from `from`, never held whole.
+    fn file_from(&mut self, name: &str, perm: u32, from: &Path) -> io::Result<()> {
+        let mut source = fs::File::open(from)?;
+        let size = source.metadata()?.len();
+        self.header(name, libc::S_IFREG | perm, (0, 0), size)?;
+        let copied = io::copy(&mut io::Read::take(&mut source, size), &mut self.out)?;
+        if copied != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} changed while it was copied", from.display()),
+            ));
+        }
+        self.written += copied;
+        self.pad()
     }
 
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        self.out
+    fn char_device(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+        self.entry(name, libc::S_IFCHR | perm, (major, minor), &[])
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
+        Ok(self.out)
     }
 }
 
@@ -441,10 +504,10 @@ mod tests {
 
     #[test]
     fn the_archive_is_newc_with_a_trailer() {
-        let mut cpio = Cpio::default();
-        cpio.dir("dev", 0o755);
-        cpio.file("init", 0o755, b"abc");
-        let bytes = cpio.finish();
+        let mut cpio = Cpio::new(Vec::new());
+        cpio.dir("dev", 0o755).unwrap();
+        cpio.file("init", 0o755, b"abc").unwrap();
+        let bytes = cpio.finish().unwrap();
         assert!(bytes.starts_with(b"070701"));
         assert_eq!(bytes.len() % 4, 0);
         let text = String::from_utf8_lossy(&bytes);

@@ -670,10 +670,9 @@ impl Sandbox for VmSandbox {
             connections.push(client);
             leases.push(lease);
         }
-        Ok(Arc::new(LeasedFiles {
-            files: AgentFiles::new(connections),
-            _leases: leases,
-        }))
+        Ok(Arc::new(
+            AgentFiles::new(connections).holding(Box::new(leases)),
+        ))
     }
 
     fn interrupter(&self) -> Arc<dyn Interrupter> {
@@ -710,104 +709,6 @@ impl Drop for VmSandbox {
             self.stop_vm();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// Files over connections that hold session ports: the ports are free again with them.
-struct LeasedFiles {
-    files: AgentFiles,
-    _leases: Vec<PortLease>,
-}
-
-impl Files for LeasedFiles {
-    fn stat(
-        &self,
-        at: &upstream_sandbox::files::At,
-        reader: Option<upstream_sandbox::files::Owner>,
-    ) -> io::Result<Option<upstream_sandbox::files::Meta>> {
-        self.files.stat(at, reader)
-    }
-
-    fn list(
-        &self,
-        at: &upstream_sandbox::files::At,
-        reader: Option<upstream_sandbox::files::Owner>,
-    ) -> io::Result<Vec<(String, upstream_sandbox::files::Meta)>> {
-        self.files.list(at, reader)
-    }
-
-    fn read_link(
-        &self,
-        at: &upstream_sandbox::files::At,
-        reader: Option<upstream_sandbox::files::Owner>,
-    ) -> io::Result<String> {
-        self.files.read_link(at, reader)
-    }
-
-    fn open(
-        &self,
-        at: &upstream_sandbox::files::At,
-        offset: u64,
-        reader: Option<upstream_sandbox::files::Owner>,
-    ) -> io::Result<(Box<dyn io::Read + Send>, upstream_sandbox::files::Meta)> {
-        self.files.open(at, offset, reader)
-    }
-
-    fn create(
-        &self,
-        at: &upstream_sandbox::files::At,
-        mode: u32,
-        how: upstream_sandbox::files::Create,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<Box<dyn upstream_sandbox::FileWriter>> {
-        self.files.create(at, mode, how, owner)
-    }
-
-    fn make_dir(
-        &self,
-        at: &upstream_sandbox::files::At,
-        mode: u32,
-        parents: bool,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<()> {
-        self.files.make_dir(at, mode, parents, owner)
-    }
-
-    fn symlink(
-        &self,
-        at: &upstream_sandbox::files::At,
-        target: &str,
-        mtime_ns: i64,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<()> {
-        self.files.symlink(at, target, mtime_ns, owner)
-    }
-
-    fn set_meta(
-        &self,
-        at: &upstream_sandbox::files::At,
-        mode: Option<u32>,
-        mtime_ns: Option<i64>,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<()> {
-        self.files.set_meta(at, mode, mtime_ns, owner)
-    }
-
-    fn remove(
-        &self,
-        at: &upstream_sandbox::files::At,
-        recursive: bool,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<()> {
-        self.files.remove(at, recursive, owner)
-    }
-
-    fn give(
-        &self,
-        at: &upstream_sandbox::files::At,
-        owner: upstream_sandbox::files::Owner,
-    ) -> io::Result<()> {
-        self.files.give(at, owner)
     }
 }
 

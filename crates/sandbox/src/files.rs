@@ -265,6 +265,8 @@ impl Pool {
 /// ends).
 pub struct AgentFiles {
     pool: Arc<Pool>,
+    /// Whatever the connections need to stay theirs (a VM's ports), let go with the files.
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl AgentFiles {
@@ -279,6 +281,15 @@ impl AgentFiles {
                 }),
                 returned: Condvar::new(),
             }),
+            _held: None,
+        }
+    }
+
+    /// These files, holding `held` until they are dropped (the ports their connections use).
+    pub fn holding(self, held: Box<dyn std::any::Any + Send + Sync>) -> AgentFiles {
+        AgentFiles {
+            _held: Some(held),
+            ..self
         }
     }
 
