@@ -759,15 +759,19 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         .map_err(|e| e.to_string())?;
     let dir = make_sandbox_dir(&config.runtime.join("sandboxes")).map_err(|e| e.to_string())?;
     let result = (|| {
-        let disk = dir.join("empty.ext4");
-        disk::scratch_disk(&disk, 16 << 20).map_err(|e| e.to_string())?;
+        // Two disks, as a sandbox has: QEMU locks each for the way it opens it.
+        let root = dir.join("root.ext4");
+        let scratch = dir.join("scratch.ext4");
+        for disk in [&root, &scratch] {
+            disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
+        }
         let machine = Machine {
             qemu: &config.qemu,
             accel: config.accel,
             kernel: &config.kernel,
             initramfs: &initramfs,
-            root_disk: &disk,
-            scratch_disk: &disk,
+            root_disk: &root,
+            scratch_disk: &scratch,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
             memory_limit: None,

@@ -106,3 +106,34 @@ fn a_command_runs_in_a_vm_with_its_own_kernel() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), host_kernel.trim());
 }
+
+#[test]
+fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    let env = Env::new();
+    let out = env.upstream(&["doctor"]);
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+        .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("qemu-system-x86_64"), "{line}");
+    assert!(line.contains("vmlinuz-"), "{line}");
+    assert!(line.contains("a guest booted and powered off"), "{line}");
+    // Control: a "kernel" that is no kernel boots nothing, and doctor says so.
+    let not_a_kernel = env.write("vmlinuz-not", "not a kernel");
+    let out = env
+        .command()
+        .env("UPSTREAM_VM_KERNEL", &not_a_kernel)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+        .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
+    assert!(line.starts_with("no"), "{line}");
+}
