@@ -181,7 +181,7 @@ fn unsigned(module: Vec<u8>) -> Vec<u8> {
 
 /// The libraries a dynamically linked `binary` loads, by the paths the loader finds them
 /// at (its interpreter among them); none for a static one.
-fn libraries_of(binary: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn libraries_of(binary: &Path) -> Result<Vec<PathBuf>, String> {
     let out = std::process::Command::new("ldd")
         .arg(binary)
         .output()

@@ -393,19 +393,14 @@ impl VmSandbox {
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
         let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
         // What the guest's init said last, else the console's last lines.
-        let said: Vec<&str> = console
+        let said: String = console
             .lines()
             .filter(|l| l.contains("upstream: "))
+            .map(|l| format!("{l}\n"))
             .collect();
-        let last: Vec<&str> = if said.is_empty() {
-            console
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .rev()
-                .take(6)
-                .collect()
-        } else {
-            said.into_iter().rev().take(3).collect()
+        let last = match said.is_empty() {
+            true => last_lines(&console, 6),
+            false => last_lines(&said, 3),
         };
         let mut notice = format!("the sandbox's VM stopped (QEMU {status})");
         if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
@@ -426,8 +421,7 @@ impl VmSandbox {
             ));
         }
         if !last.is_empty() {
-            let last: Vec<&str> = last.into_iter().rev().collect();
-            notice.push_str(&format!("; its console ended with: {}", last.join(" | ")));
+            notice.push_str(&format!("; its console ended with: {last}"));
         }
         notice
     }
@@ -465,14 +459,13 @@ impl VmSandbox {
             {
                 let console =
                     std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
-                let last: Vec<&str> = console.lines().rev().take(4).collect();
-                let last: Vec<&str> = last.into_iter().rev().collect();
+                let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
                     format!(
                         "the sandbox's VM did not start within {} s; its console ended with: {}",
                         BOOT_WITHIN.as_secs(),
-                        last.join(" | ")
+                        last
                     ),
                     Some("`upstream doctor` boots a VM and says what this host lacks"),
                 ))
@@ -561,6 +554,12 @@ impl VmSandbox {
             let _ = child.wait();
         }
     }
+}
+
+/// The last `n` lines of `text` that are not blank, on one line.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// A session port in use; free again when dropped.

@@ -215,18 +215,8 @@ fn small_rootfs(root: &Path) -> PathBuf {
         }
     };
     copy(Path::new("/usr/bin/true"));
-    let out = std::process::Command::new("ldd")
-        .arg("/usr/bin/true")
-        .output()
-        .unwrap();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let path = match line.split_once("=>") {
-            Some((_, right)) => right.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            copy(Path::new(path));
-        }
+    for library in boot::libraries_of(Path::new("/usr/bin/true")).unwrap() {
+        copy(&library);
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/usr/bin/true\n").unwrap();
     root.to_path_buf()

@@ -227,7 +227,7 @@ fn vm_image() -> upstream_sandbox::Image {
         for program in VM_PROGRAMS {
             let path = which(program);
             copy(&path);
-            for library in libraries(&path) {
+            for library in upstream_backend_vm::boot::libraries_of(&path).unwrap() {
                 copy(&library);
             }
         }
@@ -273,24 +273,6 @@ fn which(program: &str) -> PathBuf {
         .map(|d| d.join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("no {program} on this machine"))
-}
-
-/// The libraries `binary` loads, by `ldd`.
-fn libraries(binary: &Path) -> Vec<PathBuf> {
-    let out = std::process::Command::new("ldd")
-        .arg(binary)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let path = match line.split_once("=>") {
-                Some((_, right)) => right.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            }?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect()
 }
 
 /// What a test gets: a backend of its case, and a directory of its own on the host.
