@@ -13,7 +13,9 @@ pub mod boot;
 pub mod disk;
 pub mod guest;
 pub mod qemu;
+pub mod qmp;
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -121,6 +123,10 @@ pub struct VmBackend {
     config: VmConfig,
     /// Made on first use, then kept.
     initramfs: Mutex<Option<PathBuf>>,
+    /// Snapshots of machines ready to run, by shape ([`Backend::prepare`]).
+    templates: Mutex<HashMap<Shape, Arc<Template>>>,
+    /// Held while a snapshot is taken.
+    snapshotting: Mutex<()>,
 }
 
 impl VmBackend {
@@ -128,6 +134,8 @@ impl VmBackend {
         VmBackend {
             config,
             initramfs: Mutex::new(None),
+            templates: Mutex::new(HashMap::new()),
+            snapshotting: Mutex::new(()),
         }
     }
 
@@ -150,8 +158,8 @@ impl VmBackend {
         Ok(path)
     }
 
-    fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
-        let started = Instant::now();
+    /// The machine a sandbox of `spec` runs on, checking first that a VM can be it.
+    fn shape(&self, spec: &SandboxSpec) -> Result<Shape, SandboxError> {
         if spec.network != NetworkMode::None {
             return Err(SandboxError::setup(
                 "a VM sandbox has no network yet: `network: host` needs `isolation: namespaces`",
@@ -190,47 +198,74 @@ impl VmBackend {
                 });
             }
         };
-        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let scratch = dir.join("scratch.ext4");
-        disk::scratch_disk_from(
-            &self.config.cache.join("disks"),
-            &scratch,
-            spec.limits.disk_or_default(),
-        )
-        .map_err(|e| SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None))?;
         let memory = match spec.limits.memory {
             Some(limit) => limit.saturating_add(GUEST_OVERHEAD),
             None => DEFAULT_MEMORY,
         };
-        let memory_mib = memory.div_ceil(1 << 20).max(256);
-        let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
-        let machine = Machine {
+        Ok(Shape {
+            initramfs,
+            root_disk,
+            memory_mib: memory.div_ceil(1 << 20).max(256),
+            cpus: spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
+            memory_limit: spec.limits.memory,
+            pids_limit: spec.limits.pids,
+            disk: spec.limits.disk_or_default(),
+        })
+    }
+
+    /// The machine of `shape` with its sockets and console in `dir`.
+    fn machine<'a>(
+        &'a self,
+        shape: &'a Shape,
+        scratch: &'a Path,
+        hostname: &'a str,
+        dir: &'a Path,
+        memory: qemu::Memory<'a>,
+    ) -> Machine<'a> {
+        Machine {
             qemu: &self.config.qemu,
             accel: self.config.accel,
             kernel: &self.config.kernel,
-            initramfs: &initramfs,
-            root_disk: &root_disk,
-            scratch_disk: &scratch,
-            memory_mib,
-            cpus,
-            memory_limit: spec.limits.memory,
-            pids_limit: spec.limits.pids,
-            hostname: &spec.hostname,
-            dir: &dir,
+            initramfs: &shape.initramfs,
+            root_disk: &shape.root_disk,
+            scratch_disk: scratch,
+            memory_mib: shape.memory_mib,
+            cpus: shape.cpus,
+            memory_limit: shape.memory_limit,
+            pids_limit: shape.pids_limit,
+            hostname,
+            dir,
+            incoming: matches!(memory, qemu::Memory::PrivateFile(_)),
+            memory,
+        }
+    }
+
+    /// Starts `machine`, whose directory is `dir` (the sandbox's: removed with it), and
+    /// returns the sandbox with no agent connection yet, the listener of the agent's port
+    /// and that of QMP's, if the machine has a monitor.
+    fn start(
+        &self,
+        machine: &Machine,
+        dir: PathBuf,
+        started: Instant,
+    ) -> Result<(VmSandbox, UnixListener, Option<UnixListener>), SandboxError> {
+        let vm = match machine.start() {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(SandboxError::setup(
+                    format!("cannot start {}: {e}", self.config.qemu.display()),
+                    None,
+                ));
+            }
         };
-        let (child, mut listeners) = machine.start().map_err(|e| {
-            let _ = std::fs::remove_dir_all(&dir);
-            SandboxError::setup(
-                format!("cannot start {}: {e}", self.config.qemu.display()),
-                None,
-            )
-        })?;
-        let agent_listener = listeners.remove(0);
+        let mut ports = vm.ports;
+        let agent = ports.remove(0);
         let interrupter = Arc::new(VmInterrupter {
-            pid: child.id() as i32,
+            pid: vm.child.id() as i32,
             interrupted: AtomicBool::new(false),
         });
-        let mut sandbox = VmSandbox {
+        let sandbox = VmSandbox {
             info: SandboxInfo {
                 backend: format!("vm (qemu, {})", self.config.accel.name()),
                 setup: Duration::ZERO,
@@ -238,19 +273,220 @@ impl VmBackend {
                 ids: GUEST_IDS,
             },
             dir,
-            child: Some(child),
+            child: Some(vm.child),
             client: None,
             ports: Arc::new(Ports {
-                listeners,
+                listeners: ports,
                 free: Mutex::new((1..=qemu::SESSION_PORTS).collect()),
             }),
             interrupter,
             started,
             oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        let stream = sandbox.accept(&agent_listener)?;
+        Ok((sandbox, agent, vm.qmp))
+    }
+
+    fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
+        let started = Instant::now();
+        let shape = self.shape(spec)?;
+        let template = self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shape)
+            .cloned();
+        if let Some(template) = template {
+            let mut sandbox = self.restore(&template, started)?;
+            sandbox.renew(&spec.hostname)?;
+            return Ok(sandbox);
+        }
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let scratch = dir.join("scratch.ext4");
+        disk::scratch_disk_from(&self.config.cache.join("disks"), &scratch, shape.disk).map_err(
+            |e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None)
+            },
+        )?;
+        let machine = self.machine(
+            &shape,
+            &scratch,
+            &spec.hostname,
+            &dir,
+            qemu::Memory::Anonymous,
+        );
+        let (mut sandbox, agent, _) = self.start(&machine, dir.clone(), started)?;
+        let stream = sandbox.accept(&agent)?;
         sandbox.client = Some(AgentClient::new(stream));
         Ok(sandbox)
+    }
+
+    /// Boots a machine of `shape` and snapshots it once its agent is ready: its RAM in a
+    /// file QEMU maps shared, its devices' state written beside it, its disk copied.
+    fn snapshot(&self, shape: &Shape) -> Result<Template, SandboxError> {
+        let failed = |e: io::Error| {
+            SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
+        };
+        let template = Template {
+            dir: make_sandbox_dir(&self.config.runtime.join("templates"))?,
+            shape: shape.clone(),
+        };
+        disk::scratch_disk_from(
+            &self.config.cache.join("disks"),
+            &template.scratch(),
+            shape.disk,
+        )
+        .map_err(failed)?;
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let memory = template.memory();
+        let scratch = template.scratch();
+        let machine = self.machine(
+            shape,
+            &scratch,
+            upstream_sandbox::DEFAULT_HOSTNAME,
+            &dir,
+            qemu::Memory::SharedFile(&memory),
+        );
+        let (mut vm, agent, qmp) = self.start(&machine, dir.clone(), Instant::now())?;
+        let stream = vm.accept(&agent)?;
+        vm.client = Some(AgentClient::new(stream));
+        vm.wait_ready()?;
+        // Its generator reseeded last thing, so that every VM restored from it wakes with the
+        // same fresh seed, which its own renewal replaces before it runs anything (the kernel
+        // would otherwise reseed on its own at a moment the snapshot's age decides).
+        vm.renew(upstream_sandbox::DEFAULT_HOSTNAME)?;
+        let qmp = qmp.ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
+        let monitor = vm.accept(&qmp)?;
+        qmp::Monitor::new(monitor)
+            .and_then(|mut monitor| monitor.save(&template.state()))
+            .map_err(failed)?;
+        // Its disk is the template's: what the guest wrote is on it, and nothing more will be.
+        Box::new(vm).destroy()?;
+        Ok(template)
+    }
+
+    /// A sandbox restored from `template`, not yet renewed ([`VmSandbox::renew`]): its
+    /// random generator, clock and hostname are still the snapshot's.
+    fn restore(&self, template: &Template, started: Instant) -> Result<VmSandbox, SandboxError> {
+        let failed = |e: io::Error| {
+            SandboxError::setup(format!("cannot restore the sandbox's VM: {e}"), None)
+        };
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let scratch = dir.join("scratch.ext4");
+        if let Err(e) = disk::sparse_copy(&template.scratch(), &scratch) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(failed(e));
+        }
+        let memory = template.memory();
+        let machine = self.machine(
+            &template.shape,
+            &scratch,
+            upstream_sandbox::DEFAULT_HOSTNAME,
+            &dir,
+            qemu::Memory::PrivateFile(&memory),
+        );
+        let (mut vm, agent, qmp) = self.start(&machine, dir.clone(), started)?;
+        let qmp = qmp.ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
+        let monitor = vm.accept(&qmp)?;
+        let mut monitor = qmp::Monitor::new(monitor).map_err(failed)?;
+        // The agent's port is connected before the guest runs: a guest that found its host
+        // gone would take it as the end of its connection.
+        let stream = vm.accept(&agent)?;
+        monitor.load(&template.state()).map_err(|e| {
+            let why = vm.exited().unwrap_or_else(|| e.to_string());
+            SandboxError::setup(format!("cannot restore the sandbox's VM: {why}"), None)
+        })?;
+        vm.client = Some(AgentClient::resumed(stream));
+        Ok(vm)
+    }
+
+    /// Snapshots a machine for sandboxes of `spec`, unless one of its shape exists: later
+    /// ones are restored from it.
+    fn prepare_shape(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let shape = self.shape(spec)?;
+        // One snapshot at a time: two of one shape would boot twice for nothing.
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&shape)
+        {
+            return Ok(());
+        }
+        let template = Arc::new(self.snapshot(&shape)?);
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shape, template);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "testing")]
+impl VmBackend {
+    /// A sandbox restored from the snapshot of `spec`'s shape (taken now if there is none)
+    /// with nothing renewed: what every restored VM would be without [`VmSandbox::renew`],
+    /// for tests that show the renewal is what sets them apart.
+    pub fn restore_unrenewed(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.prepare_shape(spec)?;
+        let shape = self.shape(spec)?;
+        let template = self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shape)
+            .cloned()
+            .ok_or_else(|| SandboxError::setup("no snapshot of this shape", None))?;
+        Ok(Box::new(self.restore(&template, Instant::now())?))
+    }
+}
+
+/// What a sandbox's machine is made of, but for the sandbox's own disk, directory and name:
+/// what a snapshot is taken of, and restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    initramfs: PathBuf,
+    root_disk: PathBuf,
+    /// Guest RAM.
+    memory_mib: u64,
+    cpus: u32,
+    /// The sandbox's limits, which the guest's cgroup holds.
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+    /// The size of its disk.
+    disk: u64,
+}
+
+/// A snapshot of a machine whose agent was ready: sandboxes of its shape are restored from it
+/// in a fraction of a boot. Removed when dropped; VMs restored from it keep the pages of its
+/// RAM file they mapped.
+#[derive(Debug)]
+struct Template {
+    dir: PathBuf,
+    shape: Shape,
+}
+
+impl Template {
+    /// The guest's RAM.
+    fn memory(&self) -> PathBuf {
+        self.dir.join("memory")
+    }
+
+    /// Its devices' state.
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Its disk, which each restored sandbox gets a copy of.
+    fn scratch(&self) -> PathBuf {
+        self.dir.join("scratch.ext4")
+    }
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -261,6 +497,10 @@ impl Backend for VmBackend {
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
         Ok(Box::new(self.create_vm(spec)?))
+    }
+
+    fn prepare(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        self.prepare_shape(spec)
     }
 
     fn discard_kept(&self, _kept: &Kept) {}
@@ -545,6 +785,24 @@ impl VmSandbox {
         }
     }
 
+    /// Makes a sandbox restored from a snapshot one of its own, before it runs anything: its
+    /// random generator reseeded from the host's, its clock set, its hostname `hostname`.
+    fn renew(&mut self, hostname: &str) -> Result<(), SandboxError> {
+        let mut entropy = [0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| io::Read::read_exact(&mut random, &mut entropy))
+            .map_err(|e| {
+                SandboxError::setup(format!("cannot read the host's random source: {e}"), None)
+            })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let result = self.client()?.renew(hostname, &entropy, now);
+        result.map_err(|e| self.map_error(e))?;
+        self.info.setup = self.started.elapsed();
+        Ok(())
+    }
+
     /// Ends the VM at once: nothing of it is kept (its disk goes with its directory), so
     /// there is nothing to shut down cleanly, and a guest's power-off under TCG takes seconds.
     fn stop_vm(&mut self) {
@@ -777,11 +1035,14 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             pids_limit: None,
             hostname: upstream_sandbox::DEFAULT_HOSTNAME,
             dir: &dir,
+            memory: qemu::Memory::Anonymous,
+            incoming: false,
         };
         let started = Instant::now();
-        let (mut child, _listeners) = machine
+        let mut child = machine
             .start_with(&[guest::POWER_OFF_AT_ONCE])
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .child;
         loop {
             match child.try_wait().map_err(|e| e.to_string())? {
                 Some(status) if status.success() => return Ok(started.elapsed()),

@@ -69,6 +69,38 @@ pub struct Machine<'a> {
     pub hostname: &'a str,
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
+    /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
+    pub memory: Memory<'a>,
+    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`).
+    pub incoming: bool,
+}
+
+/// Where a guest's RAM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory<'a> {
+    /// Anonymous memory of QEMU's, gone with it.
+    Anonymous,
+    /// A file QEMU maps shared: what the guest writes is the file's, so a snapshot of the
+    /// machine need not copy its RAM (QEMU's `x-ignore-shared`), and the file outlives QEMU.
+    SharedFile(&'a Path),
+    /// A snapshot's RAM file mapped private: each restored guest reads the pages it has not
+    /// written from the file — from the page cache all of them share — and its writes are
+    /// its own.
+    PrivateFile(&'a Path),
+}
+
+/// The QMP socket in `dir`: QEMU connects to it as it does to the ports.
+pub fn qmp_socket_of(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+/// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and,
+/// for a machine whose RAM is a file, of its QMP monitor.
+#[derive(Debug)]
+pub struct Started {
+    pub child: Child,
+    pub ports: Vec<UnixListener>,
+    pub qmp: Option<UnixListener>,
 }
 
 /// The socket of port `name` in `dir`.
@@ -149,6 +181,35 @@ impl Machine<'_> {
         } else {
             args.extend(["-cpu".into(), "max".into()]);
         }
+        let memory_object = |path: &Path, share: &str| {
+            format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share={share},prealloc=off",
+                self.memory_mib,
+                path.display()
+            )
+        };
+        match self.memory {
+            Memory::Anonymous => {}
+            Memory::SharedFile(path) => {
+                args.extend(["-object".into(), memory_object(path, "on")]);
+            }
+            Memory::PrivateFile(path) => {
+                args.extend(["-object".into(), memory_object(path, "off")]);
+            }
+        }
+        if self.memory != Memory::Anonymous {
+            args.extend([
+                "-machine".into(),
+                "memory-backend=ram".into(),
+                "-chardev".into(),
+                format!("socket,id=qmp,path={}", qmp_socket_of(self.dir).display()),
+                "-mon".into(),
+                "chardev=qmp,mode=control".into(),
+            ]);
+        }
+        if self.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         args.extend([
             "-m".into(),
             format!("{}M", self.memory_mib),
@@ -206,19 +267,25 @@ impl Machine<'_> {
         args
     }
 
-    /// Listens on every port's socket, then starts QEMU, which connects to them.
-    pub fn start(&self) -> std::io::Result<(Child, Vec<UnixListener>)> {
+    /// Listens on every port's socket (and QMP's), then starts QEMU, which connects to them.
+    pub fn start(&self) -> std::io::Result<Started> {
         self.start_with(&[])
     }
 
     /// [`Machine::start`] with `more` words on the kernel's command line.
-    pub fn start_with(&self, more: &[&str]) -> std::io::Result<(Child, Vec<UnixListener>)> {
-        let mut listeners = Vec::new();
-        for n in 0..=SESSION_PORTS {
-            let path = socket_of(self.dir, &port_name(n));
+    pub fn start_with(&self, more: &[&str]) -> std::io::Result<Started> {
+        let listen = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
-            listeners.push(UnixListener::bind(&path)?);
+            UnixListener::bind(&path)
+        };
+        let mut ports = Vec::new();
+        for n in 0..=SESSION_PORTS {
+            ports.push(listen(socket_of(self.dir, &port_name(n)))?);
         }
+        let qmp = match self.memory {
+            Memory::Anonymous => None,
+            _ => Some(listen(qmp_socket_of(self.dir))?),
+        };
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
@@ -237,6 +304,6 @@ impl Machine<'_> {
             });
         }
         let child = command.spawn()?;
-        Ok((child, listeners))
+        Ok(Started { child, ports, qmp })
     }
 }

@@ -89,6 +89,8 @@ fn main() {
                 pids_limit: Some(upstream_sandbox::Limits::DEFAULT_PIDS),
                 hostname: "sandbox",
                 dir: &dir,
+                memory: qemu::Memory::Anonymous,
+                incoming: false,
             };
             let start = Instant::now();
             let mut child = std::process::Command::new(&config.qemu)
