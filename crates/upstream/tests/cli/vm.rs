@@ -243,7 +243,7 @@ fn a_failed_turn_on_a_vm_resumes_from_its_kept_disk() {
     };
     let path = env.write(
         "vm.md",
-        &doc("echo two > b.txt; echo changed > a.txt; exit 1"),
+        doc("echo two > b.txt; echo changed > a.txt; exit 1"),
     );
     let out = env
         .command()
