@@ -5,7 +5,8 @@
 //!   init that powers off at once (start to exit);
 //! - exec: `true` in a running VM sandbox, p50 and p99;
 //! - ten steps: a sandbox made, ten `true`s run in it one after another and torn down, on a
-//!   VM against the same on namespaces;
+//!   VM against the same on namespaces; and `upstream run` of a document of ten `true`
+//!   steps with `isolation: vm` against the same document on namespaces;
 //! - from a snapshot: a VM sandbox restored from a snapshot of its shape, from `create` to
 //!   its first `true`'s result, against a cold boot to the same (target: 0.1 of it);
 //! - memory: the proportional set size (PSS) of QEMU per idle VM sandbox of a 256 MiB
@@ -188,6 +189,67 @@ fn main() {
         ms(median(&on_ns)),
         ms(median(&on_vm)) / ms(median(&on_ns))
     );
+
+    // A turn of ten trivial steps through `upstream run`, VM against namespaces, the image
+    // from a registry on this machine.
+    if let Some(registry) = upstream_image::testing::Registry::start() {
+        let layer = upstream_image::testing::layer_of_host_programs(
+            &["/usr/bin/bash", "/usr/bin/true"],
+            &[],
+        );
+        registry.push(
+            "bench/steps:1",
+            vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+            &["PATH=/usr/bin"],
+        );
+        let image = format!("{}/bench/steps:1", registry.host());
+        let steps = "```bash\ntrue\n```\n\n".repeat(10);
+        let turn = |isolation: &str, round: usize| {
+            let dir = work.path().join(format!("turn-{isolation}-{round}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let doc = dir.join("turn.md");
+            std::fs::write(
+                &doc,
+                format!("---\nisolation: {isolation}\nimage: {image}\n---\n\n{steps}"),
+            )
+            .unwrap();
+            let start = Instant::now();
+            let out = std::process::Command::new(BIN)
+                .current_dir(&dir)
+                .env("UPSTREAM_RUNTIME_DIR", work.path().join("runtime"))
+                .env("UPSTREAM_CACHE_DIR", work.path().join("cache"))
+                .args(["run", "turn.md"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            start.elapsed()
+        };
+        // Once each first, unmeasured: the image is pulled, the VM's disks made.
+        turn("vm", runs);
+        turn("namespaces", runs);
+        let (mut on_vm, mut on_ns) = (Vec::new(), Vec::new());
+        for round in 0..runs {
+            if round % 2 == 0 {
+                on_vm.push(turn("vm", round));
+                on_ns.push(turn("namespaces", round));
+            } else {
+                on_ns.push(turn("namespaces", round));
+                on_vm.push(turn("vm", round));
+            }
+        }
+        println!(
+            "upstream run of ten trivial steps: isolation vm {:.0} ms, namespaces {:.0} ms, ratio {:.1}",
+            ms(median(&on_vm)),
+            ms(median(&on_ns)),
+            ms(median(&on_vm)) / ms(median(&on_ns))
+        );
+    } else {
+        println!("upstream run of ten trivial steps: not measured (no docker-registry here)");
+    }
 
     // From a snapshot against a cold boot, to the first command's result.
     let first_true = |backend: &VmBackend| {
