@@ -10,6 +10,7 @@
 //! agent ([`upstream_sandbox::AgentFiles`]), since the host cannot reach the guest's.
 
 pub mod boot;
+pub mod confine;
 pub mod disk;
 pub mod guest;
 pub mod qemu;
@@ -29,6 +30,7 @@ use upstream_sandbox::{
 };
 
 use crate::boot::Kernel;
+use crate::confine::Confinement;
 use crate::qemu::{Accel, Machine};
 
 /// This backend's name, in what it names.
@@ -121,6 +123,8 @@ pub struct VmBackend {
     config: VmConfig,
     /// Made on first use, then kept.
     initramfs: Mutex<Option<PathBuf>>,
+    /// What confining VMMs takes of the host, read on first use.
+    host: std::sync::OnceLock<confine::Host>,
 }
 
 impl VmBackend {
@@ -128,7 +132,18 @@ impl VmBackend {
         VmBackend {
             config,
             initramfs: Mutex::new(None),
+            host: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What confining VMMs takes of the host; the first call also removes what VMs of an
+    /// upstream that is gone left behind (their cgroups, killing what runs there, and
+    /// their directories).
+    fn host(&self) -> &confine::Host {
+        self.host.get_or_init(|| {
+            remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+            confine::Host::new()
+        })
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -204,27 +219,43 @@ impl VmBackend {
         };
         let memory_mib = memory.div_ceil(1 << 20).max(256);
         let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
+        let limits = confine::VmmLimits::for_guest(
+            memory_mib << 20,
+            confine::QEMU_OVERHEAD,
+            cpus,
+            spec.limits.cpus,
+        );
+        let confined = self
+            .host()
+            .confine(&dir, &limits)
+            .and_then(|c| Reached::of(c, &self.config, &initramfs, &root_disk, &scratch));
+        let reached = confined.map_err(|e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            SandboxError::setup(e.to_string(), e.hint())
+        })?;
         let machine = Machine {
             qemu: &self.config.qemu,
             accel: self.config.accel,
-            kernel: &self.config.kernel,
-            initramfs: &initramfs,
-            root_disk: &root_disk,
-            scratch_disk: &scratch,
+            kernel: &reached.kernel,
+            initramfs: &reached.initramfs,
+            root_disk: &reached.root_disk,
+            scratch_disk: &reached.scratch_disk,
             memory_mib,
             cpus,
             memory_limit: spec.limits.memory,
             pids_limit: spec.limits.pids,
             hostname: &spec.hostname,
-            dir: &dir,
+            dir: &reached.dir,
         };
-        let (child, mut listeners) = machine.start().map_err(|e| {
-            let _ = std::fs::remove_dir_all(&dir);
-            SandboxError::setup(
-                format!("cannot start {}: {e}", self.config.qemu.display()),
-                None,
-            )
-        })?;
+        let (child, mut listeners) = machine
+            .start_confined(&[], Some(&reached.confinement))
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                SandboxError::setup(
+                    format!("cannot start {}: {e}", self.config.qemu.display()),
+                    None,
+                )
+            })?;
         let agent_listener = listeners.remove(0);
         let interrupter = Arc::new(VmInterrupter {
             pid: child.id() as i32,
@@ -234,11 +265,13 @@ impl VmBackend {
             info: SandboxInfo {
                 backend: format!("vm (qemu, {})", self.config.accel.name()),
                 setup: Duration::ZERO,
-                unenforced: Vec::new(),
+                unenforced: reached.confinement.unenforced().to_vec(),
                 ids: GUEST_IDS,
             },
             dir,
+            disk_limit: spec.limits.disk_or_default(),
             child: Some(child),
+            confinement: Some(reached.confinement),
             client: None,
             ports: Arc::new(Ports {
                 listeners,
@@ -292,6 +325,67 @@ fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
     ))
 }
 
+/// Removes the directories of VM sandboxes whose upstream is gone (`<pid>-…`, as
+/// [`make_sandbox_dir`] names them); their VMMs died with it.
+fn remove_stale_dirs(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process is there.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A VM's files as its confined VMM reaches them, and the confinement.
+struct Reached {
+    confinement: Confinement,
+    kernel: Kernel,
+    initramfs: PathBuf,
+    root_disk: PathBuf,
+    scratch_disk: PathBuf,
+    dir: PathBuf,
+}
+
+impl Reached {
+    fn of(
+        mut confinement: Confinement,
+        config: &VmConfig,
+        initramfs: &Path,
+        root_disk: &Path,
+        scratch_disk: &Path,
+    ) -> Result<Reached, confine::ConfineError> {
+        if config.accel == Accel::Kvm {
+            confinement.allow_device(Path::new("/dev/kvm"))?;
+        }
+        let kernel = Kernel {
+            image: confinement.reach(&config.kernel.image)?,
+            ..config.kernel.clone()
+        };
+        let dir = confinement.dir();
+        Ok(Reached {
+            kernel,
+            initramfs: confinement.reach(initramfs)?,
+            root_disk: confinement.reach(root_disk)?,
+            scratch_disk: dir.join(scratch_disk.file_name().unwrap_or_default()),
+            dir,
+            confinement,
+        })
+    }
+}
+
 /// The session ports of a VM and which are free.
 #[derive(Debug)]
 struct Ports {
@@ -322,7 +416,11 @@ impl Interrupter for VmInterrupter {
 pub struct VmSandbox {
     info: SandboxInfo,
     dir: PathBuf,
+    /// The size of the sandbox's disk.
+    disk_limit: u64,
     child: Option<Child>,
+    /// Its VMM's confinement: dropped (its cgroups removed) once the VMM is gone.
+    confinement: Option<Confinement>,
     client: Option<AgentClient<UnixStream>>,
     ports: Arc<Ports>,
     interrupter: Arc<VmInterrupter>,
@@ -410,6 +508,17 @@ impl VmSandbox {
                 .unwrap_or("")
                 .trim();
             notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
+        } else if let Some(limit) = self
+            .confinement
+            .as_ref()
+            .filter(|c| c.out_of_memory())
+            .map(|c| c.memory_limit())
+        {
+            notice = format!(
+                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's RAM and {} MiB for QEMU itself)",
+                limit >> 20,
+                confine::QEMU_OVERHEAD >> 20
+            );
         } else if console.contains("Out of memory") {
             notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
         }
@@ -493,7 +602,7 @@ impl VmSandbox {
         // The agent went away: the VM is going, or gone; a moment tells.
         for _ in 0..50 {
             if let Some(why) = self.exited() {
-                return SandboxError::Workspace(why);
+                return SandboxError::Gone(why);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -553,6 +662,8 @@ impl VmSandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Whatever else is in the VMM's cgroups is killed, and the cgroups removed.
+        self.confinement = None;
     }
 }
 
@@ -600,7 +711,7 @@ impl Sandbox for VmSandbox {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -643,6 +754,7 @@ impl Sandbox for VmSandbox {
         let (client, lease) = self.attach()?;
         Ok(Box::new(VmSession {
             client,
+            disk_limit: self.disk_limit,
             _lease: lease,
             interrupter: self.interrupter.clone(),
             oom_kills: self.oom_kills.clone(),
@@ -714,6 +826,7 @@ impl Drop for VmSandbox {
 /// A session of a VM sandbox: a helper of its agent on a port of its own.
 struct VmSession {
     client: AgentClient<UnixStream>,
+    disk_limit: u64,
     _lease: PortLease,
     interrupter: Arc<VmInterrupter>,
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
@@ -744,7 +857,7 @@ impl Session for VmSession {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })

@@ -7,13 +7,15 @@
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
 //! no side waits for the other's socket to appear), and connects again when this side
-//! closes it (a session ended).
+//! closes it (a session ended). QEMU runs confined ([`crate::confine`]), with its own system
+//! call filter where it has one.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::boot::Kernel;
+use crate::confine::Confinement;
 use crate::guest;
 
 /// How QEMU runs the guest's CPUs.
@@ -144,6 +146,7 @@ impl Machine<'_> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(crate::confine::qemu_seccomp(self.qemu));
         if self.accel == Accel::Kvm {
             args.extend(["-cpu".into(), "host".into()]);
         } else {
@@ -213,30 +216,31 @@ impl Machine<'_> {
 
     /// [`Machine::start`] with `more` words on the kernel's command line.
     pub fn start_with(&self, more: &[&str]) -> std::io::Result<(Child, Vec<UnixListener>)> {
+        self.start_confined(more, None)
+    }
+
+    /// [`Machine::start_with`], QEMU held by `confinement` ([`crate::confine`]; `None`: it
+    /// only dies with upstream). `dir` is then the directory as QEMU reaches it.
+    pub fn start_confined(
+        &self,
+        more: &[&str],
+        confinement: Option<&Confinement>,
+    ) -> std::io::Result<(Child, Vec<UnixListener>)> {
         let mut listeners = Vec::new();
         for n in 0..=SESSION_PORTS {
             let path = socket_of(self.dir, &port_name(n));
             let _ = std::fs::remove_file(&path);
             listeners.push(UnixListener::bind(&path)?);
         }
+        // A confined QEMU makes nothing in its directory: what it writes is there first.
+        std::fs::File::create(console_of(self.dir))?;
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // Killed with upstream if upstream dies first.
-        // SAFETY: prctl only, between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn()?;
+        let child = crate::confine::spawn(command, confinement)?;
         Ok((child, listeners))
     }
 }

@@ -1257,7 +1257,9 @@ impl StepRunner<'_> {
                 record.message = Some(why.clone());
                 (Outcome::Failed(why), None)
             }
-            Some(Err(e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory))) => {
+            Some(Err(
+                e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory | SandboxError::Gone(_)),
+            )) => {
                 // The agent went away with the sandbox: the step ends here, nothing more can
                 // run, and the turn still records and writes what it has.
                 let message = e.to_string();

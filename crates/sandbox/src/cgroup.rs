@@ -1,11 +1,13 @@
-//! Memory and CPU limits through cgroups, set up from the host side before the sandbox starts.
-//! (The process cap is not a cgroup: see `security`.)
+//! Limits through cgroups, set up from the host side before a sandbox (or a VM's monitor)
+//! starts: memory, CPU and processes, as each user of this module asks. (The namespace
+//! backend caps processes with `RLIMIT_NPROC` instead: see its `security` module.)
 //!
 //! Each controller is placed where this host has it: cgroup v2 when the unified hierarchy
 //! offers the controller, else its v1 hierarchy (hybrid hosts mix the two). A sandbox's
 //! cgroups are created below the cgroup upstream itself runs in, so the sandbox stays inside
 //! any limit upstream was given. A limit that cannot be set is reported, never silently
-//! dropped.
+//! dropped. Each cgroup's name starts with its owner's ([`owner_pid`]): the cgroups of an
+//! upstream that is gone are emptied (their processes killed) and removed by the next one.
 
 use std::fs;
 use std::io;
@@ -15,22 +17,45 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use upstream_sandbox::Limits;
 
 /// A cgroup controller upstream uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
     Memory,
     Cpu,
+    Pids,
 }
 
 impl Controller {
-    pub const ALL: [Controller; 2] = [Controller::Memory, Controller::Cpu];
+    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Cpu, Controller::Pids];
 
     pub fn name(self) -> &'static str {
         match self {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+}
+
+/// The limits a set of cgroups holds; `None` asks for no cgroup of that controller.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Wanted {
+    /// Bytes of memory (and no swap).
+    pub memory: Option<u64>,
+    /// CPUs' worth of time per period.
+    pub cpus: Option<f64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+}
+
+impl Wanted {
+    /// A sandbox's memory and CPU limits (its process limit is held another way).
+    pub fn memory_and_cpus(limits: &crate::Limits) -> Wanted {
+        Wanted {
+            memory: limits.memory,
+            cpus: limits.cpus,
+            pids: None,
         }
     }
 }
@@ -158,7 +183,8 @@ impl Layout {
         self.placements.iter().find(|p| p.controller == controller)
     }
 
-    /// Removes the empty cgroups of sandboxes whose upstream is gone, in every hierarchy.
+    /// Empties (kills what runs there) and removes the cgroups of sandboxes whose upstream
+    /// is gone, in every hierarchy.
     pub fn remove_stale(&self) {
         for place in &self.placements {
             match place.version {
@@ -175,6 +201,8 @@ pub struct Cgroups {
     /// One directory per hierarchy, with the version and the controllers it carries.
     dirs: Vec<(PathBuf, Version)>,
     memory: Option<(PathBuf, Version)>,
+    /// Where each controller was placed.
+    placed: Vec<(Controller, PathBuf)>,
 }
 
 /// Reads how many times the kernel killed a process of a sandbox for lack of memory.
@@ -210,12 +238,13 @@ const HINT: &str = "run as root, or under a delegated cgroup v2 subtree (systemd
 impl Cgroups {
     /// Creates the sandbox's cgroups and sets its limits. Limits that cannot be set are
     /// returned as sentences.
-    pub fn create(layout: &Layout, name: &str, limits: &Limits) -> (Cgroups, Unenforced) {
+    pub fn create(layout: &Layout, name: &str, limits: &Wanted) -> (Cgroups, Unenforced) {
         let mut cgroups = Cgroups::default();
         let mut unenforced = Vec::new();
-        let wanted: [(Controller, bool, String); 2] = [
-            (Controller::Memory, limits.memory.is_some(), "memory".into()),
-            (Controller::Cpu, limits.cpus.is_some(), "cpus".into()),
+        let wanted: [(Controller, bool, &str); 3] = [
+            (Controller::Memory, limits.memory.is_some(), "memory"),
+            (Controller::Cpu, limits.cpus.is_some(), "cpus"),
+            (Controller::Pids, limits.pids.is_some(), "process"),
         ];
         for (controller, asked, what) in wanted {
             if !asked {
@@ -268,6 +297,7 @@ impl Cgroups {
         if place.controller == Controller::Memory {
             self.memory = Some((dir.clone(), place.version));
         }
+        self.placed.push((place.controller, dir.clone()));
         Ok(dir)
     }
 
@@ -277,6 +307,31 @@ impl Cgroups {
             fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// The `cgroup.procs` file of each of the sandbox's cgroups: writing `0` to each moves
+    /// the writer, which a child can do between fork and exec so that it never runs outside.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|(dir, _)| dir.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// The sandbox's cgroup of `controller`, if it has one.
+    pub fn dir_of(&self, controller: Controller) -> Option<&Path> {
+        match controller {
+            Controller::Memory => self.memory.as_ref().map(|(d, _)| d.as_path()),
+            _ => self.placed.iter().find(|(c, _)| *c == controller).map(|(_, d)| d.as_path()),
+        }
+    }
+
+    /// The processes in the sandbox's cgroups.
+    pub fn processes(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = self.dirs.iter().flat_map(|(d, _)| pids_in(d)).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// How many times the kernel has killed a process here for lack of memory.
@@ -298,6 +353,7 @@ impl Cgroups {
             }
         }
         self.memory = None;
+        self.placed.clear();
         result
     }
 
@@ -323,7 +379,7 @@ fn enable_v2(parent: &Path, base: &Path, controller: Controller) -> io::Result<(
     Ok(())
 }
 
-fn apply(dir: &Path, version: Version, controller: Controller, limits: &Limits) -> io::Result<()> {
+fn apply(dir: &Path, version: Version, controller: Controller, limits: &Wanted) -> io::Result<()> {
     let write = |file: &str, value: String| fs::write(dir.join(file), value);
     match (controller, version) {
         (Controller::Memory, Version::V1) => {
@@ -345,6 +401,10 @@ fn apply(dir: &Path, version: Version, controller: Controller, limits: &Limits) 
             }
             Ok(())
         }
+        (Controller::Pids, _) => write(
+            "pids.max",
+            limits.pids.map_or("max".into(), |n| n.to_string()),
+        ),
         (Controller::Cpu, version) => {
             let period: u64 = 100_000;
             let quota = limits.cpus.map(|c| ((c * period as f64) as u64).max(1_000));
@@ -388,31 +448,74 @@ fn empty_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes cgroups left by an upstream process that died without cleaning up: their names
-/// carry the pid of the process that made them.
+/// Removes cgroups left by an upstream process that died without cleaning up, killing what
+/// still runs in them: their names carry the pid of the process that made them (and, in
+/// names made by [`owned_name`], its start time, so a pid used again is not taken for it).
+/// What upstream starts dies with it (a parent-death signal), but only once the *thread*
+/// that started it ends; this is what catches anything that outlived its owner anyway.
 fn remove_stale(base: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(owner) = name.to_str().and_then(owner_pid) else {
+        let Some(name) = name.to_str() else {
             continue;
         };
-        let alive = kill(Pid::from_raw(owner), None).is_ok();
-        if !alive && pids_in(&entry.path()).is_empty() {
-            let _ = fs::remove_dir(entry.path());
+        if owner_pid(name).is_none() || owner_alive(name) {
+            continue;
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = empty_and_remove(&entry.path());
         }
     }
 }
 
-/// The pid in a sandbox name `upstream-<pid>-<n>`.
+/// The pid in a sandbox name `upstream-<pid>-<n>` (or [`owned_name`]'s).
 pub fn owner_pid(name: &str) -> Option<i32> {
     name.strip_prefix("upstream-")?
         .split('-')
         .next()?
         .parse()
         .ok()
+}
+
+/// A name for a cgroup (or anything else) of this process, `upstream-<pid>-<kind><start>-<n>`:
+/// with this process's start time, so that [`owner_alive`] tells this process from a later
+/// one given the same pid.
+pub fn owned_name(kind: &str, n: u32) -> String {
+    let pid = std::process::id();
+    let start = start_time(pid as i32).unwrap_or(0);
+    format!("upstream-{pid}-{kind}{start}-{n}")
+}
+
+/// Whether the upstream process a name was made for ([`owner_pid`]) still runs: its pid is
+/// there and, where the name has one ([`owned_name`]), its start time is the same.
+pub fn owner_alive(name: &str) -> bool {
+    let Some(pid) = owner_pid(name) else {
+        return false;
+    };
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    let start = name
+        .split('-')
+        .nth(2)
+        .map(|kind| kind.trim_start_matches(|c: char| c.is_ascii_alphabetic()))
+        .filter(|digits| !digits.is_empty() && name.split('-').count() > 3)
+        .and_then(|digits| digits.parse::<u64>().ok());
+    match start {
+        Some(start) => start_time(pid) == Some(start),
+        None => true,
+    }
+}
+
+/// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields count from its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -465,12 +568,27 @@ mod tests {
     fn missing_controllers_are_named() {
         let layout = Layout::from_tables("", "", |_| None);
         assert!(layout.placements.is_empty());
-        assert_eq!(layout.missing.len(), 2);
+        assert_eq!(layout.missing.len(), 3);
     }
 
     #[test]
     fn sandbox_names_carry_their_owner() {
         assert_eq!(owner_pid("upstream-1234-7"), Some(1234));
         assert_eq!(owner_pid("other"), None);
+    }
+
+    #[test]
+    fn a_name_with_a_start_time_is_alive_only_for_the_process_that_made_it() {
+        let mine = owned_name("vm", 3);
+        assert_eq!(owner_pid(&mine), Some(std::process::id() as i32));
+        assert!(owner_alive(&mine), "{mine}");
+        // The same pid, started at another time: a process that came after the owner.
+        let start = start_time(std::process::id() as i32).unwrap();
+        let other = format!("upstream-{}-vm{}-3", std::process::id(), start + 1);
+        assert!(!owner_alive(&other), "{other}");
+        // A name without a start time goes by its pid alone.
+        assert!(owner_alive(&format!("upstream-{}-3", std::process::id())));
+        // A pid no process has.
+        assert!(!owner_alive(&format!("upstream-{}-3", i32::MAX)));
     }
 }
