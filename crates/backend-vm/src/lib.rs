@@ -221,7 +221,7 @@ impl VmBackend {
         let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
         let limits = confine::VmmLimits::for_guest(
             memory_mib << 20,
-            confine::QEMU_OVERHEAD,
+            confine::qemu_overhead(self.config.accel),
             cpus,
             spec.limits.cpus,
         );
@@ -489,7 +489,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
-        let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+        let console = console_tail(&self.dir);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -507,17 +507,21 @@ impl VmSandbox {
                 .nth(1)
                 .unwrap_or("")
                 .trim();
-            notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
-        } else if let Some(limit) = self
+            notice = format!(
+                "the sandbox's VM stopped: its kernel panicked ({})",
+                printable(why)
+            );
+        } else if let Some(limits) = self
             .confinement
             .as_ref()
             .filter(|c| c.out_of_memory())
-            .map(|c| c.memory_limit())
+            .map(|c| *c.limits())
         {
             notice = format!(
-                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's RAM and {} MiB for QEMU itself)",
-                limit >> 20,
-                confine::QEMU_OVERHEAD >> 20
+                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's {} MiB of RAM and {} MiB for QEMU itself)",
+                limits.memory >> 20,
+                limits.guest_memory >> 20,
+                (limits.memory - limits.guest_memory) >> 20
             );
         } else if console.contains("Out of memory") {
             notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
@@ -526,7 +530,7 @@ impl VmSandbox {
         if !stderr.is_empty() {
             notice.push_str(&format!(
                 "; QEMU said: {}",
-                stderr.lines().last().unwrap_or("")
+                printable(stderr.lines().last().unwrap_or(""))
             ));
         }
         if !last.is_empty() {
@@ -566,8 +570,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console =
-                    std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+                let console = console_tail(&self.dir);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -667,10 +670,47 @@ impl VmSandbox {
     }
 }
 
-/// The last `n` lines of `text` that are not blank, on one line.
+/// The last `n` lines of `text` that are not blank, on one line, without the control
+/// characters and bidi overrides a guest (or its firmware) put in its console: the text
+/// goes into messages and documents.
 fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<String> = text
+        .lines()
+        .map(printable)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// The last 64 KiB of the guest's console in `dir` (the guest writes as much as it likes).
+fn console_tail(dir: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    const TAIL: u64 = 64 << 10;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(qemu::console_of(dir));
+    let Ok(mut file) = opened else {
+        return String::new();
+    };
+    let size = match file.metadata() {
+        Ok(meta) if meta.is_file() => meta.len(),
+        _ => return String::new(),
+    };
+    let mut bytes = Vec::new();
+    let _ = file
+        .seek(SeekFrom::Start(size.saturating_sub(TAIL)))
+        .and_then(|_| file.take(TAIL).read_to_end(&mut bytes));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn printable(line: &str) -> String {
+    line.chars()
+        .filter(|&c| {
+            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
 }
 
 /// A session port in use; free again when dropped.
@@ -877,23 +917,35 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         for disk in [&root, &scratch] {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
+        // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
+        remove_stale_dirs(&config.runtime.join("sandboxes"));
+        let limits = confine::VmmLimits::for_guest(
+            DEFAULT_MEMORY,
+            confine::qemu_overhead(config.accel),
+            1,
+            None,
+        );
+        let reached = confine::Host::new()
+            .confine(&dir, &limits)
+            .and_then(|c| Reached::of(c, config, &initramfs, &root, &scratch))
+            .map_err(|e| e.to_string())?;
         let machine = Machine {
             qemu: &config.qemu,
             accel: config.accel,
-            kernel: &config.kernel,
-            initramfs: &initramfs,
-            root_disk: &root,
-            scratch_disk: &scratch,
+            kernel: &reached.kernel,
+            initramfs: &reached.initramfs,
+            root_disk: &reached.root_disk,
+            scratch_disk: &reached.scratch_disk,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
             memory_limit: None,
             pids_limit: None,
             hostname: upstream_sandbox::DEFAULT_HOSTNAME,
-            dir: &dir,
+            dir: &reached.dir,
         };
         let started = Instant::now();
         let (mut child, _listeners) = machine
-            .start_with(&[guest::POWER_OFF_AT_ONCE])
+            .start_confined(&[guest::POWER_OFF_AT_ONCE], Some(&reached.confinement))
             .map_err(|e| e.to_string())?;
         loop {
             match child.try_wait().map_err(|e| e.to_string())? {

@@ -35,6 +35,15 @@ impl Accel {
         }
     }
 
+    /// QEMU's `-accel` option: under TCG with its translation cache bounded to
+    /// [`TCG_CACHE_MIB`] (QEMU's default is a GiB, which the VMM's memory would have to hold).
+    pub fn option(self) -> String {
+        match self {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_CACHE_MIB}"),
+        }
+    }
+
     /// `$UPSTREAM_VM_ACCEL` (`kvm` or `tcg`), else TCG: a `/dev/kvm` may be there and still
     /// not boot a stock kernel (a paravirtualised one), and only a boot tells.
     pub fn from_env() -> Accel {
@@ -44,6 +53,11 @@ impl Accel {
         }
     }
 }
+
+/// TCG's translation cache, in MiB: what the guest's code becomes on the host, kept in the
+/// VMM's memory. A guest's boot fills about 64 MiB; when the cache is full QEMU starts it
+/// anew. [`crate::confine::QEMU_OVERHEAD`] counts it.
+pub const TCG_CACHE_MIB: u64 = 128;
 
 /// Ports for sessions, beside the agent's: as many sessions (and file connections) at once.
 pub const SESSION_PORTS: usize = 15;
@@ -134,8 +148,6 @@ impl Machine<'_> {
         let mut args: Vec<String> = [
             "-M",
             "microvm,rtc=on,isa-serial=on",
-            "-accel",
-            self.accel.name(),
             "-nodefaults",
             "-no-user-config",
             "-nographic",
@@ -146,6 +158,7 @@ impl Machine<'_> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(["-accel".into(), self.accel.option()]);
         args.extend(crate::confine::qemu_seccomp(self.qemu));
         if self.accel == Accel::Kvm {
             args.extend(["-cpu".into(), "host".into()]);

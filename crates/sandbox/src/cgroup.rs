@@ -322,7 +322,11 @@ impl Cgroups {
     pub fn dir_of(&self, controller: Controller) -> Option<&Path> {
         match controller {
             Controller::Memory => self.memory.as_ref().map(|(d, _)| d.as_path()),
-            _ => self.placed.iter().find(|(c, _)| *c == controller).map(|(_, d)| d.as_path()),
+            _ => self
+                .placed
+                .iter()
+                .find(|(c, _)| *c == controller)
+                .map(|(_, d)| d.as_path()),
         }
     }
 

@@ -9,8 +9,8 @@ mod client;
 pub mod files;
 pub mod ids;
 pub mod runtime;
-mod spec;
 pub mod spawner;
+mod spec;
 
 pub use client::{AgentClient, ClientError};
 pub use files::{AgentFiles, FileWriter, Files};

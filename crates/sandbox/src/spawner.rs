@@ -10,8 +10,8 @@
 
 use std::io;
 use std::process::{Child, Command};
-use std::sync::mpsc;
 use std::sync::OnceLock;
+use std::sync::mpsc;
 
 type Job = (Command, mpsc::SyncSender<io::Result<Child>>);
 
@@ -114,7 +114,10 @@ mod tests {
         let pid = child.id() as i32;
         // The asking thread is gone: a child it had forked itself would be killed now.
         std::thread::sleep(Duration::from_millis(300));
-        assert!(runs(pid), "the child died with the thread that asked for it");
+        assert!(
+            runs(pid),
+            "the child died with the thread that asked for it"
+        );
         // Control: the same child forked by a thread that ends dies with that thread.
         let mut control = std::thread::spawn(|| sleeper().spawn().unwrap())
             .join()

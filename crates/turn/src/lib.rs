@@ -1267,8 +1267,8 @@ impl StepRunner<'_> {
                     record.status = StepStatus::OutOfMemory;
                     Outcome::OutOfMemory { limit: fm.memory }
                 } else {
-                    record.status = StepStatus::Error;
-                    Outcome::Failed(message.clone())
+                    record.status = StepStatus::Failed;
+                    Outcome::Lost(message.clone())
                 };
                 record.message = Some(message.clone());
                 self.lost = Some(message);
