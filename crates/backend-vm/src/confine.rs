@@ -170,8 +170,13 @@ impl Host {
             layout: Layout::detect(),
             ids,
         };
-        host.layout.remove_stale();
+        host.remove_stale();
         host
+    }
+
+    /// Kills what runs in the cgroups of upstream processes that are gone, and removes them.
+    pub fn remove_stale(&self) {
+        self.layout.remove_stale();
     }
 
     /// Confines a VMM whose files are in `dir` (the sandbox's directory, made by upstream)
@@ -179,7 +184,7 @@ impl Host {
     pub fn confine(&self, dir: &Path, limits: &VmmLimits) -> Result<Confinement, ConfineError> {
         let name =
             upstream_sandbox::cgroup::owned_name("vm", NEXT_VMM.fetch_add(1, Ordering::Relaxed));
-        let (cgroups, unenforced) = Cgroups::create(
+        let (cgroups, monitor_unenforced) = Cgroups::create(
             &self.layout,
             &name,
             &Wanted {
@@ -188,6 +193,10 @@ impl Host {
                 pids: Some(limits.pids),
             },
         );
+        let unenforced = monitor_unenforced
+            .into_iter()
+            .map(|u| format!("the VM's monitor's {u}"))
+            .collect();
         let ids = match &self.ids {
             None => None,
             Some(Err(why)) => return Err(ConfineError::Ids(why.clone())),
@@ -501,6 +510,105 @@ fn no_core_no_new_privileges() -> io::Result<()> {
     Ok(())
 }
 
+/// A VM's files as its confined VMM reaches them (what a [`crate::qemu::Machine`] is told),
+/// and the confinement that holds them open.
+pub struct Reached {
+    pub confinement: Confinement,
+    pub kernel: crate::boot::Kernel,
+    pub initramfs: PathBuf,
+    pub root_disk: PathBuf,
+    /// A file of the VMM's directory.
+    pub scratch_disk: PathBuf,
+    /// The VMM's directory ([`Confinement::dir`]).
+    pub dir: PathBuf,
+}
+
+impl Reached {
+    /// The files of a VM on `config` (its kernel and accelerator), with `initramfs`, the
+    /// image's `root_disk` and `scratch_disk` (in the VMM's directory), as `confinement`'s
+    /// VMM reaches them.
+    pub fn of(
+        mut confinement: Confinement,
+        config: &crate::VmConfig,
+        initramfs: &Path,
+        root_disk: &Path,
+        scratch_disk: &Path,
+    ) -> Result<Reached, ConfineError> {
+        if config.accel == crate::qemu::Accel::Kvm {
+            confinement.allow_device(Path::new("/dev/kvm"))?;
+        }
+        let kernel = crate::boot::Kernel {
+            image: confinement.reach(&config.kernel.image)?,
+            ..config.kernel.clone()
+        };
+        let dir = confinement.dir();
+        Ok(Reached {
+            kernel,
+            initramfs: confinement.reach(initramfs)?,
+            root_disk: confinement.reach(root_disk)?,
+            scratch_disk: dir.join(scratch_disk.file_name().unwrap_or_default()),
+            dir,
+            confinement,
+        })
+    }
+}
+
+/// Removes the directories under `parent` of VMs whose upstream is gone (named `<pid>-…`
+/// for the upstream that made them); their VMMs died with it.
+pub fn remove_stale_dirs(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if gone {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The last `bytes` of a file the VMM (or its guest) writes, such as its console, as much
+/// as it likes: opened without following a link or waiting on a FIFO, a regular file only.
+pub fn read_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let Ok(mut file) = opened else {
+        return String::new();
+    };
+    let size = match file.metadata() {
+        Ok(meta) if meta.is_file() => meta.len(),
+        _ => return String::new(),
+    };
+    let mut tail = Vec::new();
+    let _ = file
+        .seek(SeekFrom::Start(size.saturating_sub(bytes)))
+        .and_then(|_| file.take(bytes).read_to_end(&mut tail));
+    String::from_utf8_lossy(&tail).into_owned()
+}
+
+/// `line` without control characters and bidi overrides: what a guest (or its firmware)
+/// printed, fit to go into a message and a document.
+pub fn printable(line: &str) -> String {
+    line.chars()
+        .filter(|&c| {
+            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
+}
+
 /// QEMU's own system call filter, where this QEMU has one: no obsolete calls, no changing
 /// ids, no new processes or programs, no changing priorities or CPU affinity. Asked of each
 /// QEMU binary once (`-sandbox … -version` fails where it was built without seccomp).
@@ -543,7 +651,8 @@ mod tests {
     /// say so and pass, as they cannot confine anything.
     fn qemu_as_root(test: &str) -> Option<PathBuf> {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("SKIPPED (needs root): {test}");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test}");
             return None;
         }
         let path = std::env::var_os("PATH").unwrap_or_default();

@@ -141,7 +141,7 @@ impl VmBackend {
     /// their directories).
     fn host(&self) -> &confine::Host {
         self.host.get_or_init(|| {
-            remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+            confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
             confine::Host::new()
         })
     }
@@ -228,7 +228,7 @@ impl VmBackend {
         let confined = self
             .host()
             .confine(&dir, &limits)
-            .and_then(|c| Reached::of(c, &self.config, &initramfs, &root_disk, &scratch));
+            .and_then(|c| confine::Reached::of(c, &self.config, &initramfs, &root_disk, &scratch));
         let reached = confined.map_err(|e| {
             let _ = std::fs::remove_dir_all(&dir);
             SandboxError::setup(e.to_string(), e.hint())
@@ -297,6 +297,11 @@ impl Backend for VmBackend {
     }
 
     fn discard_kept(&self, _kept: &Kept) {}
+
+    fn remove_leftovers(&self) {
+        confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+        self.host().remove_stale();
+    }
 }
 
 /// Makes a new directory for a sandbox under `parent`.
@@ -323,67 +328,6 @@ fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
         format!("cannot make a directory under {}", parent.display()),
         None,
     ))
-}
-
-/// Removes the directories of VM sandboxes whose upstream is gone (`<pid>-…`, as
-/// [`make_sandbox_dir`] names them); their VMMs died with it.
-fn remove_stale_dirs(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only asks whether the process is there.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// A VM's files as its confined VMM reaches them, and the confinement.
-struct Reached {
-    confinement: Confinement,
-    kernel: Kernel,
-    initramfs: PathBuf,
-    root_disk: PathBuf,
-    scratch_disk: PathBuf,
-    dir: PathBuf,
-}
-
-impl Reached {
-    fn of(
-        mut confinement: Confinement,
-        config: &VmConfig,
-        initramfs: &Path,
-        root_disk: &Path,
-        scratch_disk: &Path,
-    ) -> Result<Reached, confine::ConfineError> {
-        if config.accel == Accel::Kvm {
-            confinement.allow_device(Path::new("/dev/kvm"))?;
-        }
-        let kernel = Kernel {
-            image: confinement.reach(&config.kernel.image)?,
-            ..config.kernel.clone()
-        };
-        let dir = confinement.dir();
-        Ok(Reached {
-            kernel,
-            initramfs: confinement.reach(initramfs)?,
-            root_disk: confinement.reach(root_disk)?,
-            scratch_disk: dir.join(scratch_disk.file_name().unwrap_or_default()),
-            dir,
-            confinement,
-        })
-    }
 }
 
 /// The session ports of a VM and which are free.
@@ -428,6 +372,9 @@ pub struct VmSandbox {
     /// The guest's count of processes killed for want of memory, at the last command's end.
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// How much of the end of a guest's console a VM that stopped is told by.
+const CONSOLE_TAIL: u64 = 64 << 10;
 
 /// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
@@ -489,7 +436,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
-        let console = console_tail(&self.dir);
+        let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -509,7 +456,7 @@ impl VmSandbox {
                 .trim();
             notice = format!(
                 "the sandbox's VM stopped: its kernel panicked ({})",
-                printable(why)
+                confine::printable(why)
             );
         } else if let Some(limits) = self
             .confinement
@@ -530,7 +477,7 @@ impl VmSandbox {
         if !stderr.is_empty() {
             notice.push_str(&format!(
                 "; QEMU said: {}",
-                printable(stderr.lines().last().unwrap_or(""))
+                confine::printable(stderr.lines().last().unwrap_or(""))
             ));
         }
         if !last.is_empty() {
@@ -570,7 +517,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console = console_tail(&self.dir);
+                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -676,41 +623,10 @@ impl VmSandbox {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<String> = text
         .lines()
-        .map(printable)
+        .map(confine::printable)
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-/// The last 64 KiB of the guest's console in `dir` (the guest writes as much as it likes).
-fn console_tail(dir: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    const TAIL: u64 = 64 << 10;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(qemu::console_of(dir));
-    let Ok(mut file) = opened else {
-        return String::new();
-    };
-    let size = match file.metadata() {
-        Ok(meta) if meta.is_file() => meta.len(),
-        _ => return String::new(),
-    };
-    let mut bytes = Vec::new();
-    let _ = file
-        .seek(SeekFrom::Start(size.saturating_sub(TAIL)))
-        .and_then(|_| file.take(TAIL).read_to_end(&mut bytes));
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn printable(line: &str) -> String {
-    line.chars()
-        .filter(|&c| {
-            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-        })
-        .collect()
 }
 
 /// A session port in use; free again when dropped.
@@ -918,7 +834,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
         // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
-        remove_stale_dirs(&config.runtime.join("sandboxes"));
+        confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
         let limits = confine::VmmLimits::for_guest(
             DEFAULT_MEMORY,
             confine::qemu_overhead(config.accel),
@@ -927,7 +843,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         );
         let reached = confine::Host::new()
             .confine(&dir, &limits)
-            .and_then(|c| Reached::of(c, config, &initramfs, &root, &scratch))
+            .and_then(|c| confine::Reached::of(c, config, &initramfs, &root, &scratch))
             .map_err(|e| e.to_string())?;
         let machine = Machine {
             qemu: &config.qemu,
