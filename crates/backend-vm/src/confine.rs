@@ -794,8 +794,12 @@ mod tests {
         // An owner that is gone: a process that ran and was reaped.
         let mut gone = Command::new("true").spawn().unwrap();
         gone.wait().unwrap();
-        let stale = format!("upstream-{}-vm0-7", gone.id());
         let live = upstream_sandbox::cgroup::owned_name("vm", 1_000_000);
+        let stale = upstream_sandbox::cgroup::owned_name("vm", 7).replacen(
+            &format!("upstream-{}-", std::process::id()),
+            &format!("upstream-{}-", gone.id()),
+            1,
+        );
         let mut sleepers = Vec::new();
         let mut dirs = Vec::new();
         // The live one first: making a cgroup removes stale ones beside it.

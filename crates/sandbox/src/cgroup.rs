@@ -6,8 +6,9 @@
 //! offers the controller, else its v1 hierarchy (hybrid hosts mix the two). A sandbox's
 //! cgroups are created below the cgroup upstream itself runs in, so the sandbox stays inside
 //! any limit upstream was given. A limit that cannot be set is reported, never silently
-//! dropped. Each cgroup's name starts with its owner's ([`owner_pid`]): the cgroups of an
-//! upstream that is gone are emptied (their processes killed) and removed by the next one.
+//! dropped. Each cgroup's name starts with its owner's pid ([`owner_pid`]): the next upstream
+//! removes the cgroups of one that is gone, and kills what still runs in those whose names
+//! say for certain whose they were ([`owned_name`]).
 
 use std::fs;
 use std::io;
@@ -452,11 +453,13 @@ fn empty_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes cgroups left by an upstream process that died without cleaning up, killing what
-/// still runs in them: their names carry the pid of the process that made them (and, in
-/// names made by [`owned_name`], its start time, so a pid used again is not taken for it).
-/// What upstream starts dies with it (a parent-death signal), but only once the *thread*
-/// that started it ends; this is what catches anything that outlived its owner anyway.
+/// Removes cgroups left by an upstream process that died without cleaning up. Their names
+/// carry the pid of the process that made them ([`owner_pid`]); a name made by
+/// [`owned_name`] also carries its pid namespace and start time, so its owner is known to be
+/// gone for certain, and whatever still runs there is killed first. What upstream starts
+/// dies with it (a parent-death signal); this catches anything that outlived its owner
+/// anyway. A name without them (a namespace sandbox's: its init dies with upstream) is only
+/// removed once empty: its pid may be another pid namespace's.
 fn remove_stale(base: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
@@ -466,11 +469,19 @@ fn remove_stale(base: &Path) {
         let Some(name) = name.to_str() else {
             continue;
         };
-        if owner_pid(name).is_none() || owner_alive(name) {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            let _ = empty_and_remove(&entry.path());
+        match owner(name) {
+            Owner::Alive | Owner::Unknown => {}
+            Owner::Gone => {
+                let _ = empty_and_remove(&entry.path());
+            }
+            Owner::GoneIfEmpty => {
+                if pids_in(&entry.path()).is_empty() {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
         }
     }
 }
@@ -484,34 +495,57 @@ pub fn owner_pid(name: &str) -> Option<i32> {
         .ok()
 }
 
-/// A name for a cgroup (or anything else) of this process, `upstream-<pid>-<kind><start>-<n>`:
-/// with this process's start time, so that [`owner_alive`] tells this process from a later
-/// one given the same pid.
+/// A name for a cgroup (or anything else) of this process,
+/// `upstream-<pid>-<kind>-<pid namespace>-<start time>-<n>`: what removes stale cgroups tells
+/// this process from a later one given the same pid, and from one of another pid namespace.
 pub fn owned_name(kind: &str, n: u32) -> String {
     let pid = std::process::id();
     let start = start_time(pid as i32).unwrap_or(0);
-    format!("upstream-{pid}-{kind}{start}-{n}")
+    format!("upstream-{pid}-{kind}-{}-{start}-{n}", pid_namespace())
 }
 
-/// Whether the upstream process a name was made for ([`owner_pid`]) still runs: its pid is
-/// there and, where the name has one ([`owned_name`]), its start time is the same.
-pub fn owner_alive(name: &str) -> bool {
+/// What is known of a name's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Alive,
+    /// Not upstream's name, or one of another pid namespace: not this process's to judge.
+    Unknown,
+    /// An [`owned_name`] of this pid namespace whose process is gone.
+    Gone,
+    /// A name with a pid only, which no process of this pid namespace has.
+    GoneIfEmpty,
+}
+
+fn owner(name: &str) -> Owner {
     let Some(pid) = owner_pid(name) else {
-        return false;
+        return Owner::Unknown;
     };
-    if kill(Pid::from_raw(pid), None).is_err() {
-        return false;
+    let parts: Vec<&str> = name.split('-').collect();
+    let owned = match parts.as_slice() {
+        [_, _, kind, namespace, start, _]
+            if kind.bytes().all(|b| b.is_ascii_alphabetic()) && !kind.is_empty() =>
+        {
+            match (namespace.parse::<u64>(), start.parse::<u64>()) {
+                (Ok(namespace), Ok(start)) => Some((namespace, start)),
+                _ => return Owner::Unknown,
+            }
+        }
+        _ => None,
+    };
+    let running = kill(Pid::from_raw(pid), None).is_ok();
+    match owned {
+        Some((namespace, _)) if namespace != pid_namespace() => Owner::Unknown,
+        Some((_, start)) if running && start_time(pid) == Some(start) => Owner::Alive,
+        Some(_) => Owner::Gone,
+        None if running => Owner::Alive,
+        None => Owner::GoneIfEmpty,
     }
-    let start = name
-        .split('-')
-        .nth(2)
-        .map(|kind| kind.trim_start_matches(|c: char| c.is_ascii_alphabetic()))
-        .filter(|digits| !digits.is_empty() && name.split('-').count() > 3)
-        .and_then(|digits| digits.parse::<u64>().ok());
-    match start {
-        Some(start) => start_time(pid) == Some(start),
-        None => true,
-    }
+}
+
+/// This process's pid namespace, by the inode of `/proc/self/ns/pid`.
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
 }
 
 /// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
@@ -584,15 +618,24 @@ mod tests {
     #[test]
     fn a_name_with_a_start_time_is_alive_only_for_the_process_that_made_it() {
         let mine = owned_name("vm", 3);
-        assert_eq!(owner_pid(&mine), Some(std::process::id() as i32));
-        assert!(owner_alive(&mine), "{mine}");
+        let me = std::process::id();
+        assert_eq!(owner_pid(&mine), Some(me as i32));
+        assert_eq!(owner(&mine), Owner::Alive, "{mine}");
         // The same pid, started at another time: a process that came after the owner.
-        let start = start_time(std::process::id() as i32).unwrap();
-        let other = format!("upstream-{}-vm{}-3", std::process::id(), start + 1);
-        assert!(!owner_alive(&other), "{other}");
-        // A name without a start time goes by its pid alone.
-        assert!(owner_alive(&format!("upstream-{}-3", std::process::id())));
-        // A pid no process has.
-        assert!(!owner_alive(&format!("upstream-{}-3", i32::MAX)));
+        let start = start_time(me as i32).unwrap();
+        let ns = pid_namespace();
+        let later = format!("upstream-{me}-vm-{ns}-{}-3", start + 1);
+        assert_eq!(owner(&later), Owner::Gone, "{later}");
+        // Another pid namespace's: not this process's to judge.
+        let other = format!("upstream-{me}-vm-{}-{}-3", ns + 1, start + 1);
+        assert_eq!(owner(&other), Owner::Unknown, "{other}");
+        // A name with a pid only goes by its pid, and is removed only once empty.
+        assert_eq!(owner(&format!("upstream-{me}-3")), Owner::Alive);
+        assert_eq!(
+            owner(&format!("upstream-{}-3", i32::MAX)),
+            Owner::GoneIfEmpty
+        );
+        assert_eq!(owner("upstream-x-vm-1-2-3"), Owner::Unknown);
+        assert_eq!(owner("something-else"), Owner::Unknown);
     }
 }

@@ -430,12 +430,9 @@ fn the_vmm_is_gone_within_seconds_of_upstream_killed_outright() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(gone_within(vmm, 5), "the VMM outlived upstream");
-    // What upstream could not remove: its VMM's cgroups, empty now; a doctor's boot opens the
-    // VM backend, which removes them.
-    assert!(
-        !crate::util::cgroups_of(left_by).is_empty(),
-        "the control: nothing to remove"
-    );
+    // What upstream could not remove, its VMM's cgroups (empty now), goes when the next
+    // upstream opens the VM backend, as a doctor's boot does (or when any upstream making
+    // cgroups beside them gets there first).
     let out = env.upstream(&["doctor"]);
     assert!(
         crate::util::stdout(&out).contains("a guest booted"),
