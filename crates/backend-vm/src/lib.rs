@@ -10,6 +10,7 @@
 //! agent ([`upstream_sandbox::AgentFiles`]), since the host cannot reach the guest's.
 
 pub mod boot;
+pub mod confine;
 pub mod disk;
 pub mod guest;
 pub mod qemu;
@@ -31,6 +32,7 @@ use upstream_sandbox::{
 };
 
 use crate::boot::Kernel;
+use crate::confine::Confinement;
 use crate::qemu::{Accel, Machine};
 
 /// This backend's name, in what it names.
@@ -127,6 +129,8 @@ pub struct VmBackend {
     templates: Mutex<HashMap<Shape, Arc<Template>>>,
     /// Held while a snapshot is taken.
     snapshotting: Mutex<()>,
+    /// What confining VMMs takes of the host, read on first use.
+    host: std::sync::OnceLock<confine::Host>,
 }
 
 impl VmBackend {
@@ -136,7 +140,19 @@ impl VmBackend {
             initramfs: Mutex::new(None),
             templates: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
+            host: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What confining VMMs takes of the host; the first call also removes what VMs of an
+    /// upstream that is gone left behind (their cgroups, killing what runs there, and
+    /// their directories).
+    fn host(&self) -> &confine::Host {
+        self.host.get_or_init(|| {
+            confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+            confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+            confine::Host::new()
+        })
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -201,58 +217,90 @@ impl VmBackend {
             root_disk,
             memory_mib: memory.div_ceil(1 << 20).max(256),
             cpus: spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
+            cpu_millis: spec.limits.cpus.map(|c| (c * 1000.0).round() as u64),
             memory_limit: spec.limits.memory,
             pids_limit: spec.limits.pids,
             disk: spec.limits.disk_or_default(),
         })
     }
 
-    /// The machine of `shape` with its sockets and console in `dir`.
-    fn machine<'a>(
-        &'a self,
-        shape: &'a Shape,
-        scratch: &'a Path,
-        hostname: &'a str,
-        dir: &'a Path,
-        memory: qemu::Memory<'a>,
-    ) -> Machine<'a> {
-        Machine {
+    /// Starts the machine of `shape` in `dir` (the sandbox's: removed with it, where its disk
+    /// `scratch.ext4` is made already), its VMM confined, and returns the sandbox with no
+    /// agent connection yet, the listener of the agent's port, and that of QMP's and the
+    /// snapshot's state as the VMM reaches it where the machine has a monitor.
+    fn start(
+        &self,
+        shape: &Shape,
+        hostname: &str,
+        dir: PathBuf,
+        ram: Ram,
+        started: Instant,
+    ) -> Result<Booting, SandboxError> {
+        let failed = |dir: &Path, e: String, hint: Option<&str>| {
+            let _ = std::fs::remove_dir_all(dir);
+            SandboxError::setup(e, hint)
+        };
+        let scratch = dir.join("scratch.ext4");
+        if matches!(ram, Ram::Snapshotted) {
+            // What the VMM writes is made for it first: its RAM, and its state once saved.
+            for name in [TEMPLATE_MEMORY, TEMPLATE_STATE] {
+                if let Err(e) = std::fs::File::create(dir.join(name)) {
+                    return Err(failed(&dir, format!("cannot make the snapshot's files: {e}"), None));
+                }
+            }
+        }
+        let limits = confine::VmmLimits::for_guest(
+            shape.memory_mib << 20,
+            confine::qemu_overhead(self.config.accel),
+            shape.cpus,
+            shape.cpu_millis.map(|m| m as f64 / 1000.0),
+        );
+        let confined = self.host().confine(&dir, &limits).and_then(|c| {
+            confine::Reached::of(c, &self.config, &shape.initramfs, &shape.root_disk, &scratch)
+        });
+        let mut reached = confined.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
+        let (memory_path, state) = match ram {
+            Ram::Anonymous => (None, None),
+            Ram::Snapshotted => (Some(reached.dir.join(TEMPLATE_MEMORY)), None),
+            Ram::RestoredFrom(template) => {
+                let reach = |c: &mut Confinement, path: &Path| c.reach(path);
+                let memory = reach(&mut reached.confinement, &template.memory())
+                    .and_then(|m| Ok((m, reach(&mut reached.confinement, &template.state())?)));
+                let (memory, state) =
+                    memory.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
+                (Some(memory), Some(state))
+            }
+        };
+        let memory = match (&ram, &memory_path) {
+            (Ram::Snapshotted, Some(path)) => qemu::Memory::SharedFile(path),
+            (Ram::RestoredFrom(_), Some(path)) => qemu::Memory::PrivateFile(path),
+            _ => qemu::Memory::Anonymous,
+        };
+        let machine = Machine {
             qemu: &self.config.qemu,
             accel: self.config.accel,
-            kernel: &self.config.kernel,
-            initramfs: &shape.initramfs,
-            root_disk: &shape.root_disk,
-            scratch_disk: scratch,
+            kernel: &reached.kernel,
+            initramfs: &reached.initramfs,
+            root_disk: &reached.root_disk,
+            scratch_disk: &reached.scratch_disk,
             memory_mib: shape.memory_mib,
             cpus: shape.cpus,
             memory_limit: shape.memory_limit,
             pids_limit: shape.pids_limit,
             hostname,
-            dir,
+            dir: &reached.dir,
             incoming: matches!(memory, qemu::Memory::PrivateFile(_)),
             memory,
-        }
-    }
-
-    /// Starts `machine`, whose directory is `dir` (the sandbox's: removed with it), and
-    /// returns the sandbox with no agent connection yet, the listener of the agent's port
-    /// and that of QMP's, if the machine has a monitor.
-    fn start(
-        &self,
-        machine: &Machine,
-        dir: PathBuf,
-        started: Instant,
-    ) -> Result<(VmSandbox, UnixListener, Option<UnixListener>), SandboxError> {
-        let vm = match machine.start() {
-            Ok(vm) => vm,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(SandboxError::setup(
+        };
+        let vm = machine
+            .start_confined(&[], Some(&reached.confinement))
+            .map_err(|e| {
+                failed(
+                    &dir,
                     format!("cannot start {}: {e}", self.config.qemu.display()),
                     None,
-                ));
-            }
-        };
+                )
+            })?;
         let mut ports = vm.ports;
         let agent = ports.remove(0);
         let interrupter = Arc::new(VmInterrupter {
@@ -263,11 +311,13 @@ impl VmBackend {
             info: SandboxInfo {
                 backend: format!("vm (qemu, {})", self.config.accel.name()),
                 setup: Duration::ZERO,
-                unenforced: Vec::new(),
+                unenforced: reached.confinement.unenforced().to_vec(),
                 ids: GUEST_IDS,
             },
             dir,
+            disk_limit: shape.disk,
             child: Some(vm.child),
+            confinement: Some(reached.confinement),
             client: None,
             ports: Arc::new(Ports {
                 listeners: ports,
@@ -280,7 +330,12 @@ impl VmBackend {
             resumed_from: None,
             kept_root: PathBuf::new(),
         };
-        Ok((sandbox, agent, vm.qmp))
+        Ok(Booting {
+            sandbox,
+            agent,
+            qmp: vm.qmp,
+            state,
+        })
     }
 
     fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
@@ -341,15 +396,9 @@ impl VmBackend {
                         None,
                     ));
                 }
-                let machine = self.machine(
-                    &shape,
-                    &scratch,
-                    &spec.hostname,
-                    &dir,
-                    qemu::Memory::Anonymous,
-                );
-                let (mut sandbox, agent, _) = self.start(&machine, dir.clone(), started)?;
-                let stream = sandbox.accept(&agent)?;
+                let booting = self.start(&shape, &spec.hostname, dir, Ram::Anonymous, started)?;
+                let mut sandbox = booting.sandbox;
+                let stream = sandbox.accept(&booting.agent)?;
                 sandbox.client = Some(AgentClient::new(stream));
                 sandbox
             }
@@ -371,7 +420,7 @@ impl VmBackend {
     }
 
     /// Boots a machine of `shape` and snapshots it once its agent is ready: its RAM in a
-    /// file QEMU maps shared, its devices' state written beside it, its disk copied.
+    /// file QEMU maps shared, its devices' state written beside it, its disk kept.
     fn snapshot(&self, shape: &Shape) -> Result<Template, SandboxError> {
         let failed = |e: io::Error| {
             SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
@@ -380,36 +429,60 @@ impl VmBackend {
             dir: make_sandbox_dir(&self.config.runtime.join("templates"))?,
             shape: shape.clone(),
         };
-        disk::scratch_disk_from(
-            &self.config.cache.join("disks"),
-            &template.scratch(),
-            shape.disk,
-        )
-        .map_err(failed)?;
         let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let memory = template.memory();
-        let scratch = template.scratch();
-        let machine = self.machine(
+        if let Err(e) =
+            disk::scratch_disk_from(&self.config.cache.join("disks"), &dir.join("scratch.ext4"), shape.disk)
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(failed(e));
+        }
+        let booting = self.start(
             shape,
-            &scratch,
             upstream_sandbox::DEFAULT_HOSTNAME,
-            &dir,
-            qemu::Memory::SharedFile(&memory),
-        );
-        let (mut vm, agent, qmp) = self.start(&machine, dir.clone(), Instant::now())?;
-        let stream = vm.accept(&agent)?;
+            dir.clone(),
+            Ram::Snapshotted,
+            Instant::now(),
+        )?;
+        let mut vm = booting.sandbox;
+        let stream = vm.accept(&booting.agent)?;
         vm.client = Some(AgentClient::new(stream));
         vm.wait_ready()?;
         // Its generator reseeded last thing, so that every VM restored from it wakes with the
         // same fresh seed, which its own renewal replaces before it runs anything (the kernel
         // would otherwise reseed on its own at a moment the snapshot's age decides).
         vm.renew(upstream_sandbox::DEFAULT_HOSTNAME)?;
-        let qmp = qmp.ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
+        let qmp = booting
+            .qmp
+            .ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
         let monitor = vm.accept(&qmp)?;
+        // Where the VMM reaches its directory.
+        let state = match &vm.confinement {
+            Some(confinement) => confinement.dir().join(TEMPLATE_STATE),
+            None => vm.dir.join(TEMPLATE_STATE),
+        };
         qmp::Monitor::new(monitor)
-            .and_then(|mut monitor| monitor.save(&template.state()))
+            .and_then(|mut monitor| monitor.save(&state))
             .map_err(failed)?;
-        // Its disk is the template's: what the guest wrote is on it, and nothing more will be.
+        // Its disk, RAM and state are the template's: what the guest wrote is in them, and
+        // nothing more will be. They become root's, readable (their directory is not).
+        vm.stop_vm();
+        for (name, to) in [
+            ("scratch.ext4", template.scratch()),
+            (TEMPLATE_MEMORY, template.memory()),
+            (TEMPLATE_STATE, template.state()),
+        ] {
+            let from = dir.join(name);
+            std::os::unix::fs::lchown(&from, Some(0), Some(0))
+                .and_then(|()| {
+                    std::fs::set_permissions(&from, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                })
+                .or_else(|e| match nix::unistd::Uid::effective().is_root() {
+                    true => Err(e),
+                    false => Ok(()),
+                })
+                .and_then(|()| std::fs::rename(&from, &to))
+                .map_err(failed)?;
+        }
         Box::new(vm).destroy()?;
         Ok(template)
     }
@@ -421,27 +494,30 @@ impl VmBackend {
             SandboxError::setup(format!("cannot restore the sandbox's VM: {e}"), None)
         };
         let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let scratch = dir.join("scratch.ext4");
-        if let Err(e) = disk::sparse_copy(&template.scratch(), &scratch) {
+        if let Err(e) = disk::sparse_copy(&template.scratch(), &dir.join("scratch.ext4")) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(e));
         }
-        let memory = template.memory();
-        let machine = self.machine(
+        let booting = self.start(
             &template.shape,
-            &scratch,
             upstream_sandbox::DEFAULT_HOSTNAME,
-            &dir,
-            qemu::Memory::PrivateFile(&memory),
-        );
-        let (mut vm, agent, qmp) = self.start(&machine, dir.clone(), started)?;
-        let qmp = qmp.ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
+            dir,
+            Ram::RestoredFrom(template),
+            started,
+        )?;
+        let mut vm = booting.sandbox;
+        let qmp = booting
+            .qmp
+            .ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
+        let state = booting
+            .state
+            .ok_or_else(|| failed(io::Error::other("the snapshot has no state")))?;
         let monitor = vm.accept(&qmp)?;
         let mut monitor = qmp::Monitor::new(monitor).map_err(failed)?;
         // The agent's port is connected before the guest runs: a guest that found its host
         // gone would take it as the end of its connection.
-        let stream = vm.accept(&agent)?;
-        monitor.load(&template.state()).map_err(|e| {
+        let stream = vm.accept(&booting.agent)?;
+        monitor.load(&state).map_err(|e| {
             let why = vm.exited().unwrap_or_else(|| e.to_string());
             SandboxError::setup(format!("cannot restore the sandbox's VM: {why}"), None)
         })?;
@@ -499,12 +575,37 @@ struct Shape {
     root_disk: PathBuf,
     /// Guest RAM.
     memory_mib: u64,
+    /// vCPUs, and the VMM's CPU quota in thousandths of a CPU, if the sandbox has one.
     cpus: u32,
+    cpu_millis: Option<u64>,
     /// The sandbox's limits, which the guest's cgroup holds.
     memory_limit: Option<u64>,
     pids_limit: Option<u64>,
     /// The size of its disk.
     disk: u64,
+}
+
+/// A snapshot's RAM and devices' state, by name in its directory.
+const TEMPLATE_MEMORY: &str = "memory";
+const TEMPLATE_STATE: &str = "state";
+
+/// What a machine's RAM is, for [`VmBackend::start`].
+enum Ram<'a> {
+    /// QEMU's own memory.
+    Anonymous,
+    /// A file of the VM's directory, mapped shared, for a snapshot to be taken of it.
+    Snapshotted,
+    /// A snapshot's RAM, mapped private.
+    RestoredFrom(&'a Template),
+}
+
+/// A machine just started: the sandbox, its agent's port and, with a monitor, QMP's and
+/// the snapshot's state as the VMM reaches it.
+struct Booting {
+    sandbox: VmSandbox,
+    agent: UnixListener,
+    qmp: Option<UnixListener>,
+    state: Option<PathBuf>,
 }
 
 /// A snapshot of a machine whose agent was ready: sandboxes of its shape are restored from it
@@ -519,12 +620,12 @@ struct Template {
 impl Template {
     /// The guest's RAM.
     fn memory(&self) -> PathBuf {
-        self.dir.join("memory")
+        self.dir.join(TEMPLATE_MEMORY)
     }
 
     /// Its devices' state.
     fn state(&self) -> PathBuf {
-        self.dir.join("state")
+        self.dir.join(TEMPLATE_STATE)
     }
 
     /// Its disk, which each restored sandbox gets a copy of.
@@ -595,6 +696,12 @@ impl Backend for VmBackend {
         let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
         Some((text, meta.modified().ok()?))
     }
+
+    fn remove_leftovers(&self) {
+        confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+        confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+        self.host().remove_stale();
+    }
 }
 
 /// A kept set's disk: the sandbox's disk at its last checkpoint.
@@ -662,7 +769,11 @@ impl Interrupter for VmInterrupter {
 pub struct VmSandbox {
     info: SandboxInfo,
     dir: PathBuf,
+    /// The size of the sandbox's disk.
+    disk_limit: u64,
     child: Option<Child>,
+    /// Its VMM's confinement: dropped (its cgroups removed) once the VMM is gone.
+    confinement: Option<Confinement>,
     client: Option<AgentClient<UnixStream>>,
     ports: Arc<Ports>,
     interrupter: Arc<VmInterrupter>,
@@ -676,6 +787,9 @@ pub struct VmSandbox {
     /// Where its backend keeps sets.
     kept_root: PathBuf,
 }
+
+/// How much of the end of a guest's console a VM that stopped is told by.
+const CONSOLE_TAIL: u64 = 64 << 10;
 
 /// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
@@ -737,7 +851,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
-        let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+        let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -755,7 +869,22 @@ impl VmSandbox {
                 .nth(1)
                 .unwrap_or("")
                 .trim();
-            notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
+            notice = format!(
+                "the sandbox's VM stopped: its kernel panicked ({})",
+                confine::printable(why)
+            );
+        } else if let Some(limits) = self
+            .confinement
+            .as_ref()
+            .filter(|c| c.out_of_memory())
+            .map(|c| *c.limits())
+        {
+            notice = format!(
+                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's {} MiB of RAM and {} MiB for QEMU itself)",
+                limits.memory >> 20,
+                limits.guest_memory >> 20,
+                (limits.memory - limits.guest_memory) >> 20
+            );
         } else if console.contains("Out of memory") {
             notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
         }
@@ -763,7 +892,7 @@ impl VmSandbox {
         if !stderr.is_empty() {
             notice.push_str(&format!(
                 "; QEMU said: {}",
-                stderr.lines().last().unwrap_or("")
+                confine::printable(stderr.lines().last().unwrap_or(""))
             ));
         }
         if !last.is_empty() {
@@ -803,8 +932,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console =
-                    std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -839,7 +967,7 @@ impl VmSandbox {
         // The agent went away: the VM is going, or gone; a moment tells.
         for _ in 0..50 {
             if let Some(why) = self.exited() {
-                return SandboxError::Workspace(why);
+                return SandboxError::Gone(why);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -947,12 +1075,20 @@ impl VmSandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Whatever else is in the VMM's cgroups is killed, and the cgroups removed.
+        self.confinement = None;
     }
 }
 
-/// The last `n` lines of `text` that are not blank, on one line.
+/// The last `n` lines of `text` that are not blank, on one line, without the control
+/// characters and bidi overrides a guest (or its firmware) put in its console: the text
+/// goes into messages and documents.
 fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<String> = text
+        .lines()
+        .map(confine::printable)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
@@ -994,7 +1130,7 @@ impl Sandbox for VmSandbox {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -1037,6 +1173,7 @@ impl Sandbox for VmSandbox {
         let (client, lease) = self.attach()?;
         Ok(Box::new(VmSession {
             client,
+            disk_limit: self.disk_limit,
             _lease: lease,
             interrupter: self.interrupter.clone(),
             oom_kills: self.oom_kills.clone(),
@@ -1127,6 +1264,7 @@ impl Drop for VmSandbox {
 /// A session of a VM sandbox: a helper of its agent on a port of its own.
 struct VmSession {
     client: AgentClient<UnixStream>,
+    disk_limit: u64,
     _lease: PortLease,
     interrupter: Arc<VmInterrupter>,
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
@@ -1157,7 +1295,7 @@ impl Session for VmSession {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -1177,25 +1315,37 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         for disk in [&root, &scratch] {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
+        // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
+        confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
+        let limits = confine::VmmLimits::for_guest(
+            DEFAULT_MEMORY,
+            confine::qemu_overhead(config.accel),
+            1,
+            None,
+        );
+        let reached = confine::Host::new()
+            .confine(&dir, &limits)
+            .and_then(|c| confine::Reached::of(c, config, &initramfs, &root, &scratch))
+            .map_err(|e| e.to_string())?;
         let machine = Machine {
             qemu: &config.qemu,
             accel: config.accel,
-            kernel: &config.kernel,
-            initramfs: &initramfs,
-            root_disk: &root,
-            scratch_disk: &scratch,
+            kernel: &reached.kernel,
+            initramfs: &reached.initramfs,
+            root_disk: &reached.root_disk,
+            scratch_disk: &reached.scratch_disk,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
             memory_limit: None,
             pids_limit: None,
             hostname: upstream_sandbox::DEFAULT_HOSTNAME,
-            dir: &dir,
+            dir: &reached.dir,
             memory: qemu::Memory::Anonymous,
             incoming: false,
         };
         let started = Instant::now();
         let mut child = machine
-            .start_with(&[guest::POWER_OFF_AT_ONCE])
+            .start_confined(&[guest::POWER_OFF_AT_ONCE], Some(&reached.confinement))
             .map_err(|e| e.to_string())?
             .child;
         loop {

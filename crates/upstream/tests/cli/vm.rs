@@ -8,6 +8,7 @@ use crate::util::{Env, code, stderr, stdout};
 
 /// Skips the calling test unless this host can run VM sandboxes: QEMU and a guest kernel
 /// (scripts/test installs both). As root or in CI, a missing one is a failure.
+#[macro_export]
 macro_rules! require_vm {
     () => {
         if let Some(lack) = $crate::vm::lacks_vm() {
@@ -31,7 +32,7 @@ pub fn lacks_vm() -> Option<String> {
 }
 
 /// A registry with a small image of host programs.
-fn image() -> Option<(Registry, String)> {
+pub fn image() -> Option<(Registry, String)> {
     let registry = Registry::start()?;
     let layer = layer_of_host_programs(
         &[
@@ -44,6 +45,8 @@ fn image() -> Option<(Registry, String)> {
             "/usr/bin/id",
             "/usr/bin/hostname",
             "/usr/bin/sleep",
+            "/usr/bin/nproc",
+            "/usr/bin/head",
         ],
         &[("etc/image-marker", b"from the image\n")],
     );
