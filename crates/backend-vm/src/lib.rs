@@ -12,6 +12,7 @@
 pub mod boot;
 pub mod disk;
 pub mod guest;
+pub mod network;
 pub mod qemu;
 
 use std::io;
@@ -24,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use upstream_sandbox::{
     AgentClient, AgentFiles, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, Files,
-    Image, Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec,
-    Session, Stream,
+    Image, Interrupter, Kept, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session, Stream,
 };
 
 use crate::boot::Kernel;
@@ -152,12 +152,6 @@ impl VmBackend {
 
     fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
         let started = Instant::now();
-        if spec.network != NetworkMode::None {
-            return Err(SandboxError::setup(
-                "a VM sandbox has no network yet: `network: host` needs `isolation: namespaces`",
-                None,
-            ));
-        }
         if spec.workspace.as_ref().is_some_and(|w| w.resume.is_some()) {
             return Err(SandboxError::setup(
                 "a VM sandbox cannot resume a kept workspace yet",
@@ -216,6 +210,7 @@ impl VmBackend {
             memory_limit: spec.limits.memory,
             pids_limit: spec.limits.pids,
             hostname: &spec.hostname,
+            network: network::Network::of(spec.network),
             dir: &dir,
         };
         let (child, mut listeners) = machine.start().map_err(|e| {
@@ -776,6 +771,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             memory_limit: None,
             pids_limit: None,
             hostname: upstream_sandbox::DEFAULT_HOSTNAME,
+            network: network::Network::None,
             dir: &dir,
         };
         let started = Instant::now();

@@ -2,7 +2,7 @@
 //!
 //! The machine is QEMU's `microvm` (virtio-mmio devices only, no PCI, no firmware tables to
 //! walk): under TCG it reaches the guest's init a fifth sooner than `q35`. It has no
-//! network device unless asked, a read-only disk for the image and a writable one of the
+//! network device unless the sandbox has the host's network ([`crate::network`]), a read-only disk for the image and a writable one of the
 //! sandbox's own, and one virtio-serial device whose ports are the agent's connections:
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::boot::Kernel;
 use crate::guest;
+use crate::network::Network;
 
 /// How QEMU runs the guest's CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,7 @@ pub struct Machine<'a> {
     pub memory_limit: Option<u64>,
     pub pids_limit: Option<u64>,
     pub hostname: &'a str,
+    pub network: Network,
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
 }
@@ -122,6 +124,8 @@ impl Machine<'_> {
         if let Some(pids) = self.pids_limit {
             append.push(format!("upstream.pids={pids}"));
         }
+        let (network_args, network_word) = self.network_args();
+        append.extend(network_word);
         append.extend(more.iter().map(|w| w.to_string()));
         if self.accel == Accel::Tcg {
             append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
@@ -187,6 +191,7 @@ impl Machine<'_> {
                 SESSION_PORTS + 2
             ),
         ]);
+        args.extend(network_args);
         for n in 0..=SESSION_PORTS {
             let name = port_name(n);
             let id = format!("port{n}");
@@ -204,6 +209,12 @@ impl Machine<'_> {
             ]);
         }
         args
+    }
+
+    /// The network device's arguments (none without network) and the kernel command line
+    /// word that tells the guest to bring it up.
+    fn network_args(&self) -> (Vec<String>, Option<String>) {
+        (self.network.qemu_args(), self.network.kernel_word())
     }
 
     /// Listens on every port's socket, then starts QEMU, which connects to them.

@@ -88,6 +88,7 @@ fn main() {
                 memory_limit: None,
                 pids_limit: Some(upstream_sandbox::Limits::DEFAULT_PIDS),
                 hostname: "sandbox",
+                network: upstream_backend_vm::network::Network::None,
                 dir: &dir,
             };
             let start = Instant::now();
