@@ -5,10 +5,10 @@
 //! transports, the console, block devices, overlayfs), names the virtio ports, mounts the
 //! sandbox's root — the image's read-only disk under an overlay whose writable layer is the
 //! sandbox's own disk — brings the network up where the host gave the VM a device
-//! ([`crate::network`]), moves into the root, and then is the agent, serving the host on the port
-//! `upstream.0` until the host asks it to shut down; then it powers the VM off. Whatever
-//! fails on the way is told to the host as the agent's first word (`SetupFailed`), so a
-//! guest that cannot start says why instead of hanging the host.
+//! ([`crate::network`]), moves into the root, and then is the agent, serving the host on
+//! the port `upstream.0` until the host asks it to shut down; then it powers the VM off.
+//! Whatever fails on the way is told to the host as the agent's first word
+//! (`SetupFailed`), so a guest that cannot start says why instead of hanging the host.
 
 use std::fs;
 use std::io::Write;

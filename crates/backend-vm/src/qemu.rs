@@ -2,7 +2,7 @@
 //!
 //! The machine is QEMU's `microvm` (virtio-mmio devices only, no PCI, no firmware tables to
 //! walk): under TCG it reaches the guest's init a fifth sooner than `q35`. It has no
-//! network device unless the sandbox has the host's network ([`crate::network`]), a read-only disk for the image and a writable one of the
+//! network device unless asked, a read-only disk for the image and a writable one of the
 //! sandbox's own, and one virtio-serial device whose ports are the agent's connections:
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
