@@ -4,8 +4,9 @@
 //! The initramfs is made once per (binary, kernel) and kept in the runtime directory. It
 //! holds the binary (and, for a dynamically linked one, the libraries it loads), the kernel
 //! modules the guest needs that the kernel does not have built in — the virtio transports,
-//! console and block devices, overlayfs — with whatever they depend on, in load order, and
-//! `/dev/console`. Module signatures are cut off: checking them costs a guest under TCG tens
+//! console and block devices, overlayfs — with whatever they depend on, in load order, the
+//! network driver's apart (loaded only by a guest with a network device, [`crate::network`]),
+//! and `/dev/console`. Module signatures are cut off: checking them costs a guest under TCG tens
 //! of milliseconds of emulated RSA, and a kernel that does not enforce signatures loads the
 //! modules without them.
 
@@ -14,7 +15,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::guest;
+use crate::{guest, network};
 
 /// Errors finding a kernel or making the initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +117,21 @@ impl Kernel {
     }
 }
 
-/// The modules the guest loads (what they need comes along): the virtio-mmio transport of
+/// The modules every guest loads (what they need comes along): the virtio-mmio transport of
 /// the microvm machine, the console, disks and overlayfs.
 const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"];
 
-/// The modules of `kernel` the guest needs, each after what it depends on: paths relative
-/// to its modules directory.
-fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
+/// The modules a guest with a network device loads after those (`failover` and
+/// `net_failover` come along with `virtio_net`).
+const NETWORK_MODULES: &[&str] = &["virtio_net"];
+
+/// The modules of `kernel` in `wanted` and what they need but `loaded`, each after what it
+/// depends on: paths relative to its modules directory.
+fn modules_in_order(
+    modules: &Path,
+    wanted: &[&str],
+    loaded: &[String],
+) -> Result<Vec<String>, String> {
     let dep = fs::read_to_string(modules.join("modules.dep"))
         .map_err(|e| format!("cannot read {}/modules.dep: {e}", modules.display()))?;
     let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
@@ -141,7 +150,7 @@ fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
     let builtin: std::collections::HashSet<String> =
         builtin.lines().map(|l| name_of(l.trim())).collect();
     let mut order: Vec<String> = Vec::new();
-    for wanted in WANTED_MODULES {
+    for wanted in wanted {
         if builtin.contains(*wanted) {
             continue;
         }
@@ -152,7 +161,7 @@ fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
         };
         // modules.dep lists every module needed, nearest first: load them farthest first.
         for need in needs.iter().rev().chain(std::iter::once(path)) {
-            if !order.contains(need) {
+            if !order.contains(need) && !loaded.contains(need) {
                 order.push(need.clone());
             }
         }
@@ -301,12 +310,14 @@ fn write_initramfs(
             .map_err(|e| fail(&library, e))?;
     }
     if let Some(modules) = &kernel.modules {
-        let order = modules_in_order(modules).map_err(|reason| BootError::Kernel {
+        let fail_kernel = |reason| BootError::Kernel {
             kernel: kernel.image.clone(),
             reason,
-        })?;
-        let mut names = String::new();
-        for module in &order {
+        };
+        let order = modules_in_order(modules, WANTED_MODULES, &[]).map_err(fail_kernel)?;
+        let network = modules_in_order(modules, NETWORK_MODULES, &order).map_err(fail_kernel)?;
+        let (mut names, mut network_names) = (String::new(), String::new());
+        for module in order.iter().chain(&network) {
             let source = modules.join(module);
             if !module.ends_with(".ko") {
                 return Err(BootError::Kernel {
@@ -320,15 +331,20 @@ fn write_initramfs(
             let file = module.rsplit('/').next().unwrap_or(module);
             cpio.file(&format!("upstream/modules/{file}"), 0o644, &unsigned(bytes))
                 .map_err(io)?;
+            let names = match network.contains(module) {
+                true => &mut network_names,
+                false => &mut names,
+            };
             names.push_str(file);
             names.push('\n');
         }
-        cpio.file(
-            guest::MODULES_ORDER.trim_start_matches('/'),
-            0o644,
-            names.as_bytes(),
-        )
-        .map_err(io)?;
+        for (list, names) in [
+            (guest::MODULES_ORDER, names),
+            (network::MODULES_ORDER, network_names),
+        ] {
+            cpio.file(list.trim_start_matches('/'), 0o644, names.as_bytes())
+                .map_err(io)?;
+        }
     }
     let mut out = cpio.finish().map_err(io)?;
     out.flush().map_err(io)?;
@@ -485,6 +501,9 @@ mod tests {
              kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
              kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
              kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko\n\
+             kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko\n\
+             kernel/net/core/failover.ko:\n\
              kernel/drivers/virtio/virtio.ko:\n\
              kernel/drivers/virtio/virtio_pci_modern_dev.ko:\n",
         )
@@ -494,7 +513,7 @@ mod tests {
             "kernel/fs/overlayfs/overlay.ko\n",
         )
         .unwrap();
-        let order = modules_in_order(dir.path()).unwrap();
+        let order = modules_in_order(dir.path(), WANTED_MODULES, &[]).unwrap();
         let at = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
         assert!(at("/virtio.ko") < at("/virtio_ring.ko"));
         assert!(at("/virtio_ring.ko") < at("/virtio_mmio.ko"));
@@ -503,9 +522,16 @@ mod tests {
             1
         );
         assert!(!order.iter().any(|o| o.contains("overlay")), "{order:?}");
+        // The network driver's list holds what the first does not: no module twice.
+        let network = modules_in_order(dir.path(), NETWORK_MODULES, &order).unwrap();
+        let names: Vec<&str> = network
+            .iter()
+            .map(|m| m.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(names, ["failover.ko", "net_failover.ko", "virtio_net.ko"]);
         // A module the kernel has neither way is an error that names it.
         fs::write(dir.path().join("modules.builtin"), "").unwrap();
-        let e = modules_in_order(dir.path()).unwrap_err();
+        let e = modules_in_order(dir.path(), WANTED_MODULES, &[]).unwrap_err();
         assert!(e.contains("overlay"), "{e}");
     }
 

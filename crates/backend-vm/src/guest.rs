@@ -4,10 +4,11 @@
 //! It mounts the kernel's filesystems, loads the modules the initramfs carries (the virtio
 //! transports, the console, block devices, overlayfs), names the virtio ports, mounts the
 //! sandbox's root — the image's read-only disk under an overlay whose writable layer is the
-//! sandbox's own disk — moves into it, and then is the agent, serving the host on the port
-//! `upstream.0` until the host asks it to shut down; then it powers the VM off. Whatever
-//! fails on the way is told to the host as the agent's first word (`SetupFailed`), so a
-//! guest that cannot start says why instead of hanging the host.
+//! sandbox's own disk — brings the network up where the host gave the VM a device
+//! ([`crate::network`]), moves into the root, and then is the agent, serving the host on
+//! the port `upstream.0` until the host asks it to shut down; then it powers the VM off.
+//! Whatever fails on the way is told to the host as the agent's first word
+//! (`SetupFailed`), so a guest that cannot start says why instead of hanging the host.
 
 use std::fs;
 use std::io::Write;
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
 use upstream_agent::protocol::{Response, write_frame, write_hello};
+
+use crate::network::GuestNetwork;
 
 /// The argument the kernel is told to start init with (`rdinit=/init upstream.vm`): how
 /// the binary knows it is a VM's init.
@@ -74,10 +77,11 @@ pub fn main() -> ! {
 fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     let _ = nix::mount::umount("/proc");
     mount_kernel_filesystems("")?;
-    load_modules()?;
+    load_modules(MODULES_ORDER)?;
     let agent = wait_for_port(AGENT_PORT, Duration::from_secs(20))?;
     *port = Some(open_port(&agent)?);
-    let options = Options::from_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let options = Options::from_cmdline(&cmdline);
     let root = disk_by_serial(ROOT_SERIAL)?;
     let scratch = disk_by_serial(SCRATCH_SERIAL)?;
     mount_dir(&root, LOWER, "ext4", MsFlags::MS_RDONLY, "")?;
@@ -95,12 +99,19 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     name_ports(NEW_ROOT)?;
     nix::unistd::sethostname(&options.hostname).map_err(|e| format!("sethostname: {e}"))?;
     upstream_agent::net::loopback_up().map_err(|e| format!("cannot bring up loopback: {e}"))?;
+    let network = GuestNetwork::from_cmdline(&cmdline)?;
+    if let Some(network) = &network {
+        network.bring_up(load_modules)?;
+    }
     // Into the new root, as switch_root does: the initramfs cannot be pivoted away from.
     nix::unistd::chdir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("cannot move the new root into place: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    if let Some(network) = &network {
+        network.name_resolver()?;
+    }
     let conn = port.take().expect("opened above");
     // From here on the agent reports its own failures over its connection.
     let _ = upstream_agent::serve(conn);
@@ -254,14 +265,14 @@ fn mount_dir(
         .map_err(|e| format!("cannot mount {source} ({kind}) on {target}: {e}"))
 }
 
-/// Loads the modules the initramfs carries, in the order its build wrote (each after what
-/// it needs).
-fn load_modules() -> Result<(), String> {
-    let order = match fs::read_to_string(MODULES_ORDER) {
+/// Loads the modules the initramfs carries that the file `list` names, in the order its
+/// build wrote (each after what it needs).
+fn load_modules(list: &str) -> Result<(), String> {
+    let order = match fs::read_to_string(list) {
         Ok(order) => order,
         // A kernel with everything built in needs none.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot read {MODULES_ORDER}: {e}")),
+        Err(e) => return Err(format!("cannot read {list}: {e}")),
     };
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = format!("{MODULES_DIR}/{name}");

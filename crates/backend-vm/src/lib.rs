@@ -13,6 +13,7 @@ pub mod boot;
 pub mod confine;
 pub mod disk;
 pub mod guest;
+pub mod network;
 pub mod qemu;
 pub mod qmp;
 
@@ -27,8 +28,7 @@ use std::time::{Duration, Instant};
 
 use upstream_sandbox::{
     AgentClient, AgentFiles, Backend, ClientError, ExecOutcome, ExecRequest, ExitStatus, Files,
-    Image, Interrupter, Kept, NetworkMode, Sandbox, SandboxError, SandboxInfo, SandboxSpec,
-    Session, Stream,
+    Image, Interrupter, Kept, Sandbox, SandboxError, SandboxInfo, SandboxSpec, Session, Stream,
 };
 
 use crate::boot::Kernel;
@@ -176,12 +176,6 @@ impl VmBackend {
 
     /// The machine a sandbox of `spec` runs on, checking first that a VM can be it.
     fn shape(&self, spec: &SandboxSpec) -> Result<Shape, SandboxError> {
-        if spec.network != NetworkMode::None {
-            return Err(SandboxError::setup(
-                "a VM sandbox has no network yet: `network: host` needs `isolation: namespaces`",
-                None,
-            ));
-        }
         let initramfs = self.initramfs()?;
         let root_disk = match &spec.image {
             Image::Layers { layers, reference } => {
@@ -221,6 +215,7 @@ impl VmBackend {
             memory_limit: spec.limits.memory,
             pids_limit: spec.limits.pids,
             disk: spec.limits.disk_or_default(),
+            host_network: spec.network == upstream_sandbox::NetworkMode::Host,
         })
     }
 
@@ -232,6 +227,7 @@ impl VmBackend {
         &self,
         shape: &Shape,
         hostname: &str,
+        network: network::Network,
         dir: PathBuf,
         ram: Ram,
         started: Instant,
@@ -245,7 +241,11 @@ impl VmBackend {
             // What the VMM writes is made for it first: its RAM, and its state once saved.
             for name in [TEMPLATE_MEMORY, TEMPLATE_STATE] {
                 if let Err(e) = std::fs::File::create(dir.join(name)) {
-                    return Err(failed(&dir, format!("cannot make the snapshot's files: {e}"), None));
+                    return Err(failed(
+                        &dir,
+                        format!("cannot make the snapshot's files: {e}"),
+                        None,
+                    ));
                 }
             }
         }
@@ -256,7 +256,13 @@ impl VmBackend {
             shape.cpu_millis.map(|m| m as f64 / 1000.0),
         );
         let confined = self.host().confine(&dir, &limits).and_then(|c| {
-            confine::Reached::of(c, &self.config, &shape.initramfs, &shape.root_disk, &scratch)
+            confine::Reached::of(
+                c,
+                &self.config,
+                &shape.initramfs,
+                &shape.root_disk,
+                &scratch,
+            )
         });
         let mut reached = confined.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
         let (memory_path, state) = match ram {
@@ -266,8 +272,7 @@ impl VmBackend {
                 let reach = |c: &mut Confinement, path: &Path| c.reach(path);
                 let memory = reach(&mut reached.confinement, &template.memory())
                     .and_then(|m| Ok((m, reach(&mut reached.confinement, &template.state())?)));
-                let (memory, state) =
-                    memory.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
+                let (memory, state) = memory.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
                 (Some(memory), Some(state))
             }
         };
@@ -288,6 +293,7 @@ impl VmBackend {
             memory_limit: shape.memory_limit,
             pids_limit: shape.pids_limit,
             hostname,
+            network,
             dir: &reached.dir,
             incoming: matches!(memory, qemu::Memory::PrivateFile(_)),
             memory,
@@ -396,7 +402,15 @@ impl VmBackend {
                         None,
                     ));
                 }
-                let booting = self.start(&shape, &spec.hostname, dir, Ram::Anonymous, started)?;
+                let network = network::Network::of(spec.network);
+                let booting = self.start(
+                    &shape,
+                    &spec.hostname,
+                    network,
+                    dir,
+                    Ram::Anonymous,
+                    started,
+                )?;
                 let mut sandbox = booting.sandbox;
                 let stream = sandbox.accept(&booting.agent)?;
                 sandbox.client = Some(AgentClient::new(stream));
@@ -428,17 +442,24 @@ impl VmBackend {
         let template = Template {
             dir: make_sandbox_dir(&self.config.runtime.join("templates"))?,
             shape: shape.clone(),
+            network: match shape.host_network {
+                true => network::Network::of(upstream_sandbox::NetworkMode::Host),
+                false => network::Network::None,
+            },
         };
         let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        if let Err(e) =
-            disk::scratch_disk_from(&self.config.cache.join("disks"), &dir.join("scratch.ext4"), shape.disk)
-        {
+        if let Err(e) = disk::scratch_disk_from(
+            &self.config.cache.join("disks"),
+            &dir.join("scratch.ext4"),
+            shape.disk,
+        ) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(e));
         }
         let booting = self.start(
             shape,
             upstream_sandbox::DEFAULT_HOSTNAME,
+            template.network,
             dir.clone(),
             Ram::Snapshotted,
             Instant::now(),
@@ -474,7 +495,10 @@ impl VmBackend {
             let from = dir.join(name);
             std::os::unix::fs::lchown(&from, Some(0), Some(0))
                 .and_then(|()| {
-                    std::fs::set_permissions(&from, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                    std::fs::set_permissions(
+                        &from,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                    )
                 })
                 .or_else(|e| match nix::unistd::Uid::effective().is_root() {
                     true => Err(e),
@@ -501,6 +525,7 @@ impl VmBackend {
         let booting = self.start(
             &template.shape,
             upstream_sandbox::DEFAULT_HOSTNAME,
+            template.network,
             dir,
             Ram::RestoredFrom(template),
             started,
@@ -583,6 +608,8 @@ struct Shape {
     pids_limit: Option<u64>,
     /// The size of its disk.
     disk: u64,
+    /// It has the host's network (user-mode NAT).
+    host_network: bool,
 }
 
 /// A snapshot's RAM and devices' state, by name in its directory.
@@ -615,6 +642,8 @@ struct Booting {
 struct Template {
     dir: PathBuf,
     shape: Shape,
+    /// Its network device, which every VM restored from it has (the guest set it up).
+    network: network::Network,
 }
 
 impl Template {
@@ -1339,6 +1368,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             memory_limit: None,
             pids_limit: None,
             hostname: upstream_sandbox::DEFAULT_HOSTNAME,
+            network: network::Network::None,
             dir: &reached.dir,
             memory: qemu::Memory::Anonymous,
             incoming: false,

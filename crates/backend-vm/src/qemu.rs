@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use crate::boot::Kernel;
 use crate::confine::Confinement;
 use crate::guest;
+use crate::network::Network;
 
 /// How QEMU runs the guest's CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +84,7 @@ pub struct Machine<'a> {
     pub memory_limit: Option<u64>,
     pub pids_limit: Option<u64>,
     pub hostname: &'a str,
+    pub network: Network,
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
     /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
@@ -170,6 +172,8 @@ impl Machine<'_> {
         if let Some(pids) = self.pids_limit {
             append.push(format!("upstream.pids={pids}"));
         }
+        let (network_args, network_word) = self.network_args();
+        append.extend(network_word);
         append.extend(more.iter().map(|w| w.to_string()));
         if self.accel == Accel::Tcg {
             append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
@@ -269,6 +273,7 @@ impl Machine<'_> {
                 SESSION_PORTS + 2
             ),
         ]);
+        args.extend(network_args);
         for n in 0..=SESSION_PORTS {
             let name = port_name(n);
             let id = format!("port{n}");
@@ -286,6 +291,12 @@ impl Machine<'_> {
             ]);
         }
         args
+    }
+
+    /// The network device's arguments (none without network) and the kernel command line
+    /// word that tells the guest to bring it up.
+    fn network_args(&self) -> (Vec<String>, Option<String>) {
+        (self.network.qemu_args(), self.network.kernel_word())
     }
 
     /// Listens on every port's socket (and QMP's), then starts QEMU, which connects to them.

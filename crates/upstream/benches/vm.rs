@@ -3,6 +3,8 @@
 //! - cold boot: a VM sandbox from `create` to its agent's first word, against
 //!   `qemu-system-x86_64` booting the same kernel and initramfs on the same machine to an
 //!   init that powers off at once (start to exit);
+//! - the same cold boot with `network: host` (a virtio-net device on QEMU's user-mode NAT,
+//!   the guest's driver loaded and its interface configured);
 //! - exec: `true` in a running VM sandbox, p50 and p99;
 //! - ten steps: a sandbox made, ten `true`s run in it one after another and torn down, on a
 //!   VM against the same on namespaces; and `upstream run` of a document of ten `true`
@@ -67,15 +69,20 @@ fn main() {
     let initramfs = boot::initramfs(&config.cache, &config.init_exe, &config.kernel).unwrap();
     let root_disk = disk::root_disk(&config.cache.join("roots"), &rootfs).unwrap();
 
-    let (mut cold, mut bare) = (Vec::new(), Vec::new());
+    let networked_spec = SandboxSpec {
+        network: upstream_sandbox::NetworkMode::Host,
+        ..spec.clone()
+    };
+    let (mut cold, mut bare, mut networked) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..runs {
-        let mut ours = || {
+        let boot = |spec: &SandboxSpec, into: &mut Vec<Duration>| {
             let start = Instant::now();
-            let mut sandbox = vm.create(&spec).unwrap();
+            let mut sandbox = vm.create(spec).unwrap();
             sandbox.wait_ready().unwrap();
-            cold.push(start.elapsed());
+            into.push(start.elapsed());
             sandbox.destroy().unwrap();
         };
+        let mut ours = || boot(&spec, &mut cold);
         let mut peer = || {
             let dir = work.path().join(format!("bare-{round}"));
             std::fs::create_dir_all(&dir).unwrap();
@@ -93,6 +100,7 @@ fn main() {
                 memory_limit: None,
                 pids_limit: Some(upstream_sandbox::Limits::DEFAULT_PIDS),
                 hostname: "sandbox",
+                network: upstream_backend_vm::network::Network::None,
                 dir: &dir,
                 memory: qemu::Memory::Anonymous,
                 incoming: false,
@@ -109,11 +117,13 @@ fn main() {
             std::fs::remove_dir_all(&dir).unwrap();
         };
         if round % 2 == 0 {
+            boot(&networked_spec, &mut networked);
             ours();
             peer();
         } else {
             peer();
             ours();
+            boot(&networked_spec, &mut networked);
         }
     }
     let ratio = ms(median(&cold)) / ms(median(&bare));
@@ -122,6 +132,11 @@ fn main() {
         ms(median(&cold)),
         ms(median(&bare)),
         verdict(ratio <= 1.2)
+    );
+    println!(
+        "cold boot to agent ready with network: host: {:.0} ms (median of {runs}), {:+.0} ms against none",
+        ms(median(&networked)),
+        ms(median(&networked)) - ms(median(&cold))
     );
 
     // Exec of `true` in a running VM sandbox.

@@ -292,3 +292,66 @@ fn a_failed_turn_on_a_vm_resumes_from_its_kept_disk() {
     // Nothing is left kept once the resumed turn passed.
     assert!(sets().is_empty(), "{:?}", sets());
 }
+
+#[test]
+fn a_document_with_the_hosts_network_reaches_the_hosts_loopback_from_a_vm() {
+    use std::io::{BufRead, Write};
+    crate::require_root_sandbox!();
+    require_vm!();
+    let Some((_registry, image)) = image() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    // A server on the host's 127.0.0.1 that answers one line.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+        let _ = (&stream).write_all(b"pong from the host\n");
+        let _ = tx.send(line);
+    });
+    let host = upstream_backend_vm::network::HOST_ADDRESS;
+    let env = Env::new();
+    let doc = format!(
+        "---\nisolation: vm\nimage: {image}\nnetwork: host\n---\n\
+         ```bash\n\
+         exec 3<>/dev/tcp/{host}/{port}\n\
+         echo ping >&3\n\
+         read -r reply <&3\n\
+         echo \"$reply\"\n\
+         cat /etc/resolv.conf\n\
+         ls /sys/class/net\n\
+         cat /sys/class/net/eth0/address\n\
+         ```\n"
+    );
+    let path = env.write("net.md", &doc);
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args(["run", "net.md"])
+        .output()
+        .unwrap();
+    let block = crate::util::result_block(&std::fs::read_to_string(&path).unwrap(), 1);
+    assert_eq!(code(&out), 0, "{}\n{block}", stderr(&out));
+    assert!(
+        block.contains(&format!(
+            "pong from the host\nnameserver {}\neth0\nlo\n52:54:00:",
+            upstream_backend_vm::network::RESOLVER
+        )),
+        "{block}"
+    );
+    // A MAC of the sandbox's own, not QEMU's default.
+    assert!(!block.contains("52:54:00:12:34:56"), "{block}");
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
+        "ping\n"
+    );
+}

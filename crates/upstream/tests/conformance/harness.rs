@@ -18,13 +18,31 @@ pub struct Case {
     pub adapt: fn(&mut SandboxSpec),
     /// Its default image binds the host's directories in (`image: host` on namespaces).
     pub binds_host: bool,
-    /// It gives sandboxes the host's network when asked (`network: host`).
-    pub host_network: bool,
+    /// Where a sandbox with the host's network (`network: host`) reaches the host's
+    /// loopback: 127.0.0.1 itself on namespaces, the NAT's gateway in a VM.
+    pub host_address: std::net::Ipv4Addr,
+    /// The resolvers such a sandbox's `/etc/resolv.conf` names.
+    pub resolvers: fn() -> Vec<String>,
     /// It keeps a layered workspace for `--resume` (`destroy_keeping`).
     pub keeps: bool,
 }
 
 fn as_asked(_: &mut SandboxSpec) {}
+
+/// The resolvers of the host's `/etc/resolv.conf`, which a namespace sandbox on the host's
+/// image sees as its own.
+fn hosts_resolvers() -> Vec<String> {
+    nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+}
+
+/// The addresses of the `nameserver` lines of a `resolv.conf`.
+pub fn nameservers(resolv_conf: &str) -> Vec<String> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(|a| a.trim().to_string())
+        .collect()
+}
 
 /// The upstream binary, which the namespace backend starts as each sandbox's init.
 const BIN: &str = env!("CARGO_BIN_EXE_upstream");
@@ -41,7 +59,8 @@ pub fn namespaces_host_files() -> Case {
         make: |runtime| namespaces(runtime, FilesWay::Host),
         adapt: as_asked,
         binds_host: true,
-        host_network: true,
+        host_address: std::net::Ipv4Addr::LOCALHOST,
+        resolvers: hosts_resolvers,
         keeps: true,
     }
 }
@@ -53,7 +72,8 @@ pub fn namespaces_agent_files() -> Case {
         make: |runtime| namespaces(runtime, FilesWay::Agent),
         adapt: as_asked,
         binds_host: true,
-        host_network: true,
+        host_address: std::net::Ipv4Addr::LOCALHOST,
+        resolvers: hosts_resolvers,
         keeps: true,
     }
 }
@@ -71,7 +91,8 @@ pub fn vm() -> Case {
             }
         },
         binds_host: false,
-        host_network: false,
+        host_address: upstream_backend_vm::network::HOST_ADDRESS,
+        resolvers: || vec![upstream_backend_vm::network::RESOLVER.to_string()],
         keeps: true,
     }
 }

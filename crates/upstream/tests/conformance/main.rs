@@ -50,6 +50,7 @@ macro_rules! conformance {
             artifacts::artifacts_round_trip_with_modes_times_links_and_directories,
             artifacts::a_kept_workspace_is_where_the_next_sandbox_resumes,
             network::without_network_only_loopback_and_the_host_is_unreachable,
+            network::with_the_hosts_network_the_host_answers_and_a_resolver_is_named,
         );
     };
     (@tests $case:ident: $($module:ident::$test:ident),* $(,)?) => {
