@@ -391,7 +391,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
-        let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+        let console = console_tail(&self.dir);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -457,8 +457,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console =
-                    std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+                let console = console_tail(&self.dir);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -554,6 +553,28 @@ impl VmSandbox {
             let _ = child.wait();
         }
     }
+}
+
+/// The most of a VM's console that is read back to tell why it stopped.
+const CONSOLE_TAIL: u64 = 64 << 10;
+
+/// The end of the console of the VM in `dir` ([`CONSOLE_TAIL`] bytes at most): what the
+/// guest writes there is the guest's, of any size, and only its end tells why it stopped.
+fn console_tail(dir: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(qemu::console_of(dir)) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut tail = Vec::new();
+    let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 /// The last `n` lines of `text` that are not blank, on one line.
@@ -817,4 +838,24 @@ pub fn open(
     Ok(Arc::new(VmBackend::new(VmConfig::from_env(
         init_exe, kernel,
     )?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_a_guest_flooded_is_read_back_by_its_end_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flood = vec![b'x'; 8 << 20];
+        flood.extend_from_slice(b"\nKernel panic - not syncing: the end\n");
+        std::fs::write(qemu::console_of(dir.path()), &flood).unwrap();
+        let tail = console_tail(dir.path());
+        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
+        assert!(tail.ends_with("Kernel panic - not syncing: the end\n"));
+        // The control: a console shorter than the bound is read whole, and none is empty.
+        std::fs::write(qemu::console_of(dir.path()), "booted\n").unwrap();
+        assert_eq!(console_tail(dir.path()), "booted\n");
+        assert_eq!(console_tail(&dir.path().join("none")), "");
+    }
 }
