@@ -240,9 +240,7 @@ impl<S: Read + Write> AgentClient<S> {
                 Response::Error { message } if !started => {
                     return Err(ClientError::Refused(bounded_message(message)));
                 }
-                other => {
-                    return Err(self.refused_or_out_of_step(other, "a command"));
-                }
+                other => return Err(self.out_of_step(out_of_turn(&other, "a command"))),
             }
         }
     }

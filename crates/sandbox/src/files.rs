@@ -232,7 +232,7 @@ pub fn is_out_of_protocol(e: &io::Error) -> bool {
 
 /// An answer of the agent's that breaks the protocol (`why`), as an error of a file
 /// operation: [`io::ErrorKind::InvalidData`], and the words of [`ClientError::Protocol`].
-pub fn broken(why: String) -> io::Error {
+fn broken(why: String) -> io::Error {
     lost(ClientError::Protocol(bounded_message(why)))
 }
 
