@@ -1099,11 +1099,12 @@ mod vm {
         let before = files_in(&roots);
         assert_eq!(before.len(), 1, "one disk for the image: {before:?}");
         let root = disk_of(ROOT_SERIAL);
-        // A step runs under `bash -e -o pipefail`: what may fail says so and goes on. Its
-        // kernel refuses writes to a disk its device says is read-only, even once root
-        // cleared the flag the kernel keeps (`blockdev --setrw`); but it passes on what
-        // BLKZEROOUT asks (`blkdiscard -z`) to the device with a warning, as older LVM tools
-        // need: those reach QEMU, which must refuse them.
+        // A step runs under `bash -e -o pipefail`: what may fail says so and goes on. The
+        // guest's root tries every way its kernel offers: a write as the disk is, one once it
+        // cleared the flag the kernel keeps (`blockdev --setrw`; the disk's own read-only
+        // flag stays), a mount of its own made writable, and BLKZEROOUT (`blkdiscard -z`),
+        // which its kernel would pass to the device were the disk not in use. Code of its
+        // own in its kernel could go further, to QEMU: which holds the file read-only (below).
         let scratch = disk_of(SCRATCH_SERIAL);
         let files = format!(
             "root={root}\n\
