@@ -57,7 +57,7 @@ pub fn serve(conn: &mut Conn, tree: &mut Option<Tree>, request: Request) -> Resu
                 Err(e) => return answer(conn, Err::<(), _>(e), |()| Response::Done),
             };
             // In frames of a few thousand: a directory may hold more than one frame can.
-            for chunk in entries.chunks(4096) {
+            for chunk in entries.chunks(crate::protocol::ENTRIES_PER_FRAME) {
                 write_frame(conn, &Response::Entries(chunk.to_vec()))?;
             }
             write_frame(conn, &Response::Done)?;

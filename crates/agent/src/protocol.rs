@@ -7,10 +7,19 @@
 use std::io::{self, Read, Write};
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
+
+/// What [`read_frame`] takes in at first for a frame, whatever its length prefix says: the
+/// rest of its memory is taken as its bytes arrive, so a prefix that lies costs nothing.
+const FIRST_READ: usize = 1 << 20;
+
+/// The most directory entries one [`Response::Entries`] carries: the agent sends a large
+/// directory in frames of this many, and a frame of more is refused as it is decoded (a
+/// frame of small entries would otherwise decode to several times its size).
+pub const ENTRIES_PER_FRAME: usize = 4096;
 
 /// The most output bytes one [`Response::Output`] carries.
 pub const OUTPUT_CHUNK: usize = 64 << 10;
@@ -383,8 +392,8 @@ pub enum Response {
     },
     /// What is at a path (`Stat`), or what a `Create` made.
     Meta(Option<Meta>),
-    /// Some of a directory's entries.
-    Entries(Vec<(String, Meta)>),
+    /// Some of a directory's entries, at most [`ENTRIES_PER_FRAME`].
+    Entries(#[serde(deserialize_with = "at_most_a_frame_of_entries")] Vec<(String, Meta)>),
     /// Where a symlink points.
     Link(String),
     /// The file a `Read` opened, as it was then: its bytes follow.
@@ -398,6 +407,66 @@ pub enum Response {
         refused: Option<String>,
         message: String,
     },
+}
+
+impl Response {
+    /// What kind of answer this is, in a word, for an error about one that came out of turn:
+    /// never what it carries, which is the sandbox's and may be megabytes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Ready => "Ready",
+            Response::SetupFailed { .. } => "SetupFailed",
+            Response::Started { .. } => "Started",
+            Response::Output { .. } => "Output",
+            Response::Exited { .. } => "Exited",
+            Response::File { .. } => "File",
+            Response::Waited { .. } => "Waited",
+            Response::Done => "Done",
+            Response::Error { .. } => "Error",
+            Response::Meta(_) => "Meta",
+            Response::Entries(_) => "Entries",
+            Response::Link(_) => "Link",
+            Response::Opened(_) => "Opened",
+            Response::Data(_) => "Data",
+            Response::Failed { .. } => "Failed",
+        }
+    }
+}
+
+/// Decodes [`Response::Entries`], refusing more than [`ENTRIES_PER_FRAME`] before they are
+/// all taken in.
+fn at_most_a_frame_of_entries<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(String, Meta)>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<(String, Meta)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {ENTRIES_PER_FRAME} directory entries")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            if let Some(n) = seq.size_hint().filter(|n| *n > ENTRIES_PER_FRAME) {
+                return Err(serde::de::Error::invalid_length(n, &self));
+            }
+            let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(256));
+            while let Some(entry) = seq.next_element()? {
+                if entries.len() == ENTRIES_PER_FRAME {
+                    return Err(serde::de::Error::invalid_length(
+                        ENTRIES_PER_FRAME + 1,
+                        &self,
+                    ));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Bounded)
 }
 
 /// The version of this protocol. Any change to [`Request`], [`Response`] or what they
@@ -495,8 +564,19 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, 
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Taken in as it arrives: a peer that says a large frame comes and sends little of it
+    // costs what it sent, not what it said.
+    let mut body = Vec::with_capacity(len.min(FIRST_READ));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(FrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the connection ended {} bytes into a frame of {len}",
+                body.len()
+            ),
+        )));
+    }
     Ok(Some(postcard::from_bytes(&body)?))
 }
 

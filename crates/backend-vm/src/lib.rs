@@ -1414,3 +1414,28 @@ pub fn open(
         init_exe, kernel,
     )?)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of the console of the VM in `dir`, as a VM that stopped is told by.
+    fn console_tail(dir: &Path) -> String {
+        confine::read_tail(&qemu::console_of(dir), CONSOLE_TAIL)
+    }
+
+    #[test]
+    fn a_console_a_guest_flooded_is_read_back_by_its_end_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flood = vec![b'x'; 8 << 20];
+        flood.extend_from_slice(b"\nKernel panic - not syncing: the end\n");
+        std::fs::write(qemu::console_of(dir.path()), &flood).unwrap();
+        let tail = console_tail(dir.path());
+        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
+        assert!(tail.ends_with("Kernel panic - not syncing: the end\n"));
+        // The control: a console shorter than the bound is read whole, and none is empty.
+        std::fs::write(qemu::console_of(dir.path()), "booted\n").unwrap();
+        assert_eq!(console_tail(dir.path()), "booted\n");
+        assert_eq!(console_tail(&dir.path().join("none")), "");
+    }
+}

@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -251,15 +251,49 @@ fn which(name: &str) -> Result<PathBuf, ()> {
 /// A gzipped layer holding `programs` from the host (with the libraries they load, at their
 /// real paths, and links from where they are named) in a merged-/usr tree, plus `files`.
 pub fn layer_of_host_programs(programs: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
+    layer_of_host_trees(programs, &[], files)
+}
+
+/// [`layer_of_host_programs`], with whole directory trees of the host too (such as a
+/// language's standard library), each with the names below it to leave out; the libraries
+/// its shared objects load come along.
+pub fn layer_of_host_trees(
+    programs: &[&str],
+    trees: &[(&str, &[&str])],
+    files: &[(&str, &[u8])],
+) -> Vec<u8> {
     let mut paths = std::collections::BTreeSet::new();
-    for program in programs {
-        paths.insert(PathBuf::from(program));
-        let out = Command::new("ldd").arg(program).output().unwrap();
+    let with_libraries = |paths: &mut std::collections::BTreeSet<PathBuf>, file: &Path| {
+        paths.insert(file.to_path_buf());
+        let out = Command::new("ldd").arg(file).output().unwrap();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let lib = line.split("=>").last().unwrap_or("").trim();
             let lib = lib.split(' ').next().unwrap_or("");
             if lib.starts_with('/') {
                 paths.insert(PathBuf::from(lib));
+            }
+        }
+    };
+    for program in programs {
+        with_libraries(&mut paths, Path::new(program));
+    }
+    for (tree, leave_out) in trees {
+        let mut todo = vec![PathBuf::from(tree)];
+        while let Some(dir) = todo.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name();
+                if leave_out.iter().any(|n| name == *n) {
+                    continue;
+                }
+                let kind = entry.file_type().unwrap();
+                if kind.is_dir() {
+                    todo.push(entry.path());
+                } else if kind.is_file() && name.to_string_lossy().ends_with(".so") {
+                    with_libraries(&mut paths, &entry.path());
+                } else if kind.is_file() || kind.is_symlink() {
+                    paths.insert(entry.path());
+                }
             }
         }
     }

@@ -1,4 +1,11 @@
 //! The host side of the agent protocol, over any byte stream.
+//!
+//! Whatever is on the other side is trusted with nothing (a VM's guest is root of its own
+//! kernel and may run an agent of its own making): every frame is bounded before it is taken
+//! in ([`upstream_agent::protocol::read_frame`]), every size and every text the agent sends
+//! is held to what was asked for ([`MAX_MESSAGE`], a read's limit, a collected file's), and
+//! an answer out of turn is an error that puts the connection out of use
+//! ([`ClientError::Protocol`]), never a panic and never an answer taken for another request.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -7,6 +14,10 @@ use upstream_agent::protocol::{
     ExecRequest, ExitStatus, FrameError, Request, Response, Stream, read_frame, read_hello,
     write_frame, write_hello,
 };
+
+/// The most of a message from the agent (a refusal, why setup failed) that is kept: the rest
+/// is cut, so that no text of the sandbox's floods a log, a terminal or a reply.
+pub const MAX_MESSAGE: usize = 4096;
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -17,11 +28,34 @@ pub enum ClientError {
     Gone,
     #[error("{0}")]
     Refused(String),
-    #[error("the agent sent an unexpected answer: {0}")]
-    Unexpected(String),
+    /// The agent answered out of turn, with something of the wrong kind, or more than was
+    /// asked for: the connection is out of step and is used no more.
+    #[error(
+        "the sandbox's agent broke upstream's protocol: {0}; nothing more is asked of it on \
+         this connection (end the sandbox and start another)"
+    )]
+    Protocol(String),
     /// The sandbox could not be set up: the agent's first word was why.
     #[error("{0}")]
     SetupFailed(String),
+}
+
+/// `message` from the agent, cut to [`MAX_MESSAGE`] bytes (on a character boundary).
+pub fn bounded_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(" [cut]");
+    }
+    message
+}
+
+/// An answer of the wrong kind for `what`.
+pub(crate) fn out_of_turn(got: &Response, what: &str) -> String {
+    format!("it answered {} to {what}", got.name())
 }
 
 /// How the agent reported a command's end.
@@ -51,6 +85,8 @@ pub struct AgentClient<S> {
     greeted: bool,
     /// When the agent said it was ready; `None` until then.
     ready_at: Option<Instant>,
+    /// Why the connection is out of step, once it is: every later call fails with it.
+    broken: Option<String>,
 }
 
 impl<S: Read + Write> AgentClient<S> {
@@ -60,6 +96,7 @@ impl<S: Read + Write> AgentClient<S> {
             conn,
             greeted: false,
             ready_at: None,
+            broken: None,
         }
     }
 
@@ -71,11 +108,39 @@ impl<S: Read + Write> AgentClient<S> {
             conn,
             greeted: true,
             ready_at: Some(Instant::now()),
+            broken: None,
         }
     }
 
     fn receive(&mut self) -> Result<Response, ClientError> {
-        read_frame(&mut self.conn)?.ok_or(ClientError::Gone)
+        if let Some(why) = &self.broken {
+            return Err(ClientError::Protocol(why.clone()));
+        }
+        match read_frame(&mut self.conn) {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(ClientError::Gone),
+            // A frame that does not decode leaves nothing to find the next one by.
+            Err(e @ (FrameError::Decode(_) | FrameError::TooLarge(_))) => {
+                Err(self.out_of_step(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts the connection out of use for `why`, and the error that says so.
+    pub(crate) fn out_of_step(&mut self, why: String) -> ClientError {
+        let why = bounded_message(why);
+        self.broken.get_or_insert(why.clone());
+        ClientError::Protocol(why)
+    }
+
+    /// The error for answer `got` where `what` was due: the agent's refusal if it is one,
+    /// else the connection goes out of step.
+    fn refused_or_out_of_step(&mut self, got: Response, what: &str) -> ClientError {
+        match got {
+            Response::Error { message } => ClientError::Refused(bounded_message(message)),
+            other => self.out_of_step(out_of_turn(&other, what)),
+        }
     }
 
     /// Sends this side's greeting, unless it went out already.
@@ -89,6 +154,9 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Sends a request, after this side's greeting the first time.
     fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        if let Some(why) = &self.broken {
+            return Err(ClientError::Protocol(why.clone()));
+        }
         self.greet()?;
         write_frame(&mut self.conn, request)?;
         Ok(())
@@ -130,8 +198,10 @@ impl<S: Read + Write> AgentClient<S> {
                 self.ready_at = Some(Instant::now());
                 Ok(())
             }
-            Response::SetupFailed { message } => Err(ClientError::SetupFailed(message)),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Response::SetupFailed { message } => {
+                Err(ClientError::SetupFailed(bounded_message(message)))
+            }
+            other => Err(self.out_of_step(out_of_turn(&other, "the greeting, before `Ready`"))),
         }
     }
 
@@ -143,10 +213,11 @@ impl<S: Read + Write> AgentClient<S> {
     ) -> Result<Exited, ClientError> {
         self.send(&Request::Exec(request.clone()))?;
         self.wait_ready()?;
+        let mut started = false;
         loop {
             match self.receive()? {
-                Response::Started { .. } => {}
-                Response::Output { stream, data } => on_output(stream, &data),
+                Response::Started { .. } if !started => started = true,
+                Response::Output { stream, data } if started => on_output(stream, &data),
                 Response::Exited {
                     status,
                     timed_out,
@@ -154,7 +225,25 @@ impl<S: Read + Write> AgentClient<S> {
                     collected,
                     oom_kills,
                     disk_full,
-                } => {
+                } if started => {
+                    let limit = request.collect.as_ref().map_or(0, |c| c.limit);
+                    let collected = match collected {
+                        None => None,
+                        Some(_) if request.collect.is_none() => {
+                            return Err(self.out_of_step(
+                                "it sent a file back from a command that asked for none".into(),
+                            ));
+                        }
+                        Some(Ok(bytes)) if bytes.len() as u64 > limit => {
+                            return Err(self.out_of_step(format!(
+                                "it sent {} bytes of a file collected after a command, more \
+                                 than the {limit} asked for",
+                                bytes.len()
+                            )));
+                        }
+                        Some(Ok(bytes)) => Some(Ok(bytes)),
+                        Some(Err(why)) => Some(Err(bounded_message(why))),
+                    };
                     return Ok(Exited {
                         status,
                         timed_out,
@@ -164,8 +253,10 @@ impl<S: Read + Write> AgentClient<S> {
                         disk_full: disk_full.unwrap_or(false),
                     });
                 }
-                Response::Error { message } => return Err(ClientError::Refused(message)),
-                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                Response::Error { message } if !started => {
+                    return Err(ClientError::Refused(bounded_message(message)));
+                }
+                other => return Err(self.out_of_step(out_of_turn(&other, "a command"))),
             }
         }
     }
@@ -177,20 +268,21 @@ impl<S: Read + Write> AgentClient<S> {
         pick: impl FnOnce(Response) -> Result<T, Response>,
     ) -> Result<T, ClientError> {
         self.send(request)?;
-        self.answer(pick)
+        let what = format!("`{}`", request_name(request));
+        self.answer(&what, pick)
     }
 
-    /// Reads the answer to a request sent: what `pick` takes from it, else the agent's
-    /// refusal or an unexpected answer as an error.
+    /// Reads the answer to a request (`what`) sent: what `pick` takes from it, else the
+    /// agent's refusal, or an answer of the wrong kind, which puts the connection out of step.
     fn answer<T>(
         &mut self,
+        what: &str,
         pick: impl FnOnce(Response) -> Result<T, Response>,
     ) -> Result<T, ClientError> {
         self.wait_ready()?;
         match pick(self.receive()?) {
             Ok(value) => Ok(value),
-            Err(Response::Error { message }) => Err(ClientError::Refused(message)),
-            Err(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Err(other) => Err(self.refused_or_out_of_step(other, what)),
         }
     }
 
@@ -199,10 +291,17 @@ impl<S: Read + Write> AgentClient<S> {
             path: path.into(),
             limit,
         };
-        self.call(&request, |r| match r {
+        let data = self.call(&request, |r| match r {
             Response::File { data } => Ok(data),
             other => Err(other),
-        })
+        })?;
+        if data.len() as u64 > limit {
+            return Err(self.out_of_step(format!(
+                "it sent {} bytes of a file read up to {limit}",
+                data.len()
+            )));
+        }
+        Ok(data)
     }
 
     pub fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), ClientError> {
@@ -334,8 +433,40 @@ impl AgentClient<std::os::unix::net::UnixStream> {
             }
         }
         drop(helper);
-        self.answer(done)?;
+        self.answer("`Connect`", done)?;
         Ok(AgentClient::new(host))
+    }
+}
+
+/// A request's name, for an error about its answer.
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Exec(_) => "Exec",
+        Request::ReadFile { .. } => "ReadFile",
+        Request::WriteFile { .. } => "WriteFile",
+        Request::Spawn { .. } => "Spawn",
+        Request::Wait { .. } => "Wait",
+        Request::Signal { .. } => "Signal",
+        Request::StopProcesses => "StopProcesses",
+        Request::Shutdown => "Shutdown",
+        Request::Connect => "Connect",
+        Request::Attach { .. } => "Attach",
+        Request::Stat { .. } => "Stat",
+        Request::List { .. } => "List",
+        Request::ReadLink { .. } => "ReadLink",
+        Request::Read { .. } => "Read",
+        Request::Create { .. } => "Create",
+        Request::Data(_) => "Data",
+        Request::End { .. } => "End",
+        Request::Abort => "Abort",
+        Request::MakeDir { .. } => "MakeDir",
+        Request::Symlink { .. } => "Symlink",
+        Request::SetMeta { .. } => "SetMeta",
+        Request::Remove { .. } => "Remove",
+        Request::Give { .. } => "Give",
+        Request::Renew { .. } => "Renew",
+        Request::Freeze => "Freeze",
+        Request::Thaw => "Thaw",
     }
 }
 

@@ -16,7 +16,20 @@ pub use upstream_agent::protocol::{At, Create, DATA_CHUNK, Kind, Meta, Owner};
 use upstream_agent::protocol::{Request, Response};
 pub use upstream_agent::tree::Tree;
 
-use crate::client::{AgentClient, ClientError};
+use crate::client::{AgentClient, ClientError, bounded_message, out_of_turn};
+
+/// The most entries one listing through the agent holds ...
+pub const MAX_LISTING: usize = 1 << 20;
+
+/// ... and the most bytes their names take, together: a sandbox's agent cannot make the host
+/// hold more of a directory than this, however many frames it sends.
+pub const MAX_LISTING_NAMES: usize = 64 << 20;
+
+/// The longest name of a directory entry the kernel makes (`NAME_MAX`).
+const MAX_NAME: usize = 255;
+
+/// The longest path, and symlink target, the kernel takes (`PATH_MAX` less its NUL).
+const MAX_PATH: usize = 4095;
 
 /// The files of one sandbox. Every path is an [`At`]; `reader` (`None`: with every
 /// permission) and `owner` are users of the sandbox ([`Owner`]).
@@ -192,20 +205,89 @@ fn lost(e: ClientError) -> io::Error {
             io::ErrorKind::BrokenPipe,
             "the sandbox's agent went away while files were moved",
         ),
+        ClientError::Protocol(why) => {
+            io::Error::new(io::ErrorKind::InvalidData, OutOfProtocol(why))
+        }
         other => io::Error::other(other.to_string()),
     }
 }
 
-fn unexpected(response: Response) -> io::Error {
+/// What a file operation's error holds when the sandbox's agent broke the protocol: the
+/// words of [`ClientError::Protocol`].
+#[derive(Debug)]
+pub struct OutOfProtocol(String);
+
+impl std::fmt::Display for OutOfProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        ClientError::Protocol(self.0.clone()).fmt(f)
+    }
+}
+
+impl std::error::Error for OutOfProtocol {}
+
+/// Whether `e` is a file operation's whose sandbox's agent broke the protocol.
+pub fn is_out_of_protocol(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<OutOfProtocol>())
+}
+
+/// An answer of the agent's that breaks the protocol (`why`), as an error of a file
+/// operation: [`io::ErrorKind::InvalidData`], and the words of [`ClientError::Protocol`].
+fn broken(why: String) -> io::Error {
+    lost(ClientError::Protocol(bounded_message(why)))
+}
+
+/// Whether an answer ends its request's answers, whatever it is: one that does not leaves
+/// the connection out of step, and it is closed rather than used again.
+fn is_final(response: &Response) -> bool {
+    matches!(response, Response::Failed { .. } | Response::Error { .. })
+}
+
+/// The error of answer `response` to `what`: the agent's refusal or failure, or an answer
+/// out of turn.
+fn unexpected(response: Response, what: &str) -> io::Error {
     match response {
         Response::Failed {
             errno,
             refused,
             message,
-        } => failure(errno, refused, message),
-        Response::Error { message } => io::Error::other(message),
-        other => io::Error::other(format!("the agent sent an unexpected answer: {other:?}")),
+        } => failure(
+            errno,
+            refused.map(bounded_message),
+            bounded_message(message),
+        ),
+        Response::Error { message } => io::Error::other(bounded_message(message)),
+        other => broken(out_of_turn(&other, what)),
     }
+}
+
+/// Why `name`, an entry of a directory as the agent listed it, can be no such entry: it
+/// would name another place (`..`, `a/b`, the directory itself) or none the kernel makes.
+fn bad_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("an empty name")
+    } else if name == "." || name == ".." {
+        Some("`.` or `..`")
+    } else if name.contains('/') {
+        Some("a name with `/` in it")
+    } else if name.contains('\0') {
+        Some("a name with a NUL in it")
+    } else if name.len() > MAX_NAME {
+        Some("a name longer than 255 bytes")
+    } else {
+        None
+    }
+}
+
+/// Why `meta`, as the agent told it, can be no file's.
+fn bad_meta(meta: &Meta) -> Option<String> {
+    (meta.mode & !0o7777 != 0)
+        .then(|| format!("a mode of {:#o}, past the permission bits", meta.mode))
+}
+
+/// Some of `text` from the sandbox, for an error: at most 64 characters, escaped.
+fn quoted(text: &str) -> String {
+    let cut: String = text.chars().take(64).collect();
+    format!("{cut:?}")
 }
 
 type Client = AgentClient<UnixStream>;
@@ -293,19 +375,31 @@ impl AgentFiles {
         }
     }
 
-    /// Sends `request` on a connection of the pool and picks its one answer.
+    /// Sends `request` (`what`) on a connection of the pool and picks its one answer.
     fn call<T>(
         &self,
         request: &Request,
+        what: &str,
         pick: impl FnOnce(Response) -> Result<T, Response>,
     ) -> io::Result<T> {
         let mut client = self.pool.take()?;
         let result = client.post(request).and_then(|()| client.next());
         match result {
-            Ok(response) => {
-                self.pool.give_back(client);
-                pick(response).map_err(unexpected)
-            }
+            Ok(response) => match pick(response) {
+                Ok(value) => {
+                    self.pool.give_back(client);
+                    Ok(value)
+                }
+                Err(other) => {
+                    // An answer out of turn may have more behind it: the connection is
+                    // closed, not given back to answer another request with them.
+                    match is_final(&other) {
+                        true => self.pool.give_back(client),
+                        false => self.pool.let_go(client),
+                    }
+                    Err(unexpected(other, what))
+                }
+            },
             // A connection that broke is not given back: the agent's helper went with it.
             Err(e) => {
                 self.pool.let_go(client);
@@ -328,10 +422,17 @@ impl Files for AgentFiles {
             at: at.clone(),
             reader,
         };
-        self.call(&request, |r| match r {
+        let meta = self.call(&request, "`Stat`", |r| match r {
             Response::Meta(meta) => Ok(meta),
             other => Err(other),
-        })
+        })?;
+        if let Some(why) = meta.as_ref().and_then(bad_meta) {
+            return Err(broken(format!(
+                "it told {why} of {}",
+                quoted(&at.display())
+            )));
+        }
+        Ok(meta)
     }
 
     fn list(&self, at: &At, reader: Option<Owner>) -> io::Result<Vec<(String, Meta)>> {
@@ -340,15 +441,46 @@ impl Files for AgentFiles {
             at: at.clone(),
             reader,
         };
-        let mut all = Vec::new();
+        let mut all: Vec<(String, Meta)> = Vec::new();
+        let mut names = 0usize;
         let mut next = client.post(&request).and_then(|()| client.next());
         loop {
             match next {
-                Ok(Response::Entries(entries)) => all.extend(entries),
+                Ok(Response::Entries(entries)) => {
+                    let why = entries.iter().find_map(|(name, meta)| {
+                        bad_name(name)
+                            .map(|why| format!("{why} ({})", quoted(name)))
+                            .or_else(|| bad_meta(meta))
+                    });
+                    names += entries.iter().map(|(name, _)| name.len()).sum::<usize>();
+                    let why = why.or_else(|| {
+                        (all.len() + entries.len() > MAX_LISTING || names > MAX_LISTING_NAMES).then(
+                            || {
+                                format!(
+                                    "more than {MAX_LISTING} entries or {} MiB of names, the \
+                                     most a listing holds",
+                                    MAX_LISTING_NAMES >> 20
+                                )
+                            },
+                        )
+                    });
+                    if let Some(why) = why {
+                        // What else it sends of this listing is not read.
+                        self.pool.let_go(client);
+                        return Err(broken(format!(
+                            "it listed {why} in {}",
+                            quoted(&at.display())
+                        )));
+                    }
+                    all.extend(entries);
+                }
                 Ok(Response::Done) => break,
                 Ok(other) => {
-                    self.pool.give_back(client);
-                    return Err(unexpected(other));
+                    match is_final(&other) {
+                        true => self.pool.give_back(client),
+                        false => self.pool.let_go(client),
+                    }
+                    return Err(unexpected(other, "`List`"));
                 }
                 Err(e) => {
                     self.pool.let_go(client);
@@ -366,10 +498,23 @@ impl Files for AgentFiles {
             at: at.clone(),
             reader,
         };
-        self.call(&request, |r| match r {
+        let target = self.call(&request, "`ReadLink`", |r| match r {
             Response::Link(target) => Ok(target),
             other => Err(other),
-        })
+        })?;
+        if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
+            return Err(broken(format!(
+                "it told a link target of {} bytes{} for {}, which no symlink has",
+                target.len(),
+                if target.contains('\0') {
+                    " with a NUL"
+                } else {
+                    ""
+                },
+                quoted(&at.display())
+            )));
+        }
+        Ok(target)
     }
 
     fn open(
@@ -391,17 +536,34 @@ impl Files for AgentFiles {
                 Err(lost(e))
             }
             Ok(Response::Opened(meta)) => {
+                let why = match bad_meta(&meta) {
+                    Some(why) => Some(why),
+                    None if meta.kind != Kind::File => Some(meta.kind.what().to_string()),
+                    None => None,
+                };
+                if let Some(why) = why {
+                    self.pool.let_go(client);
+                    return Err(broken(format!(
+                        "it opened {why} to be read as the regular file {}",
+                        quoted(&at.display())
+                    )));
+                }
                 let reading = AgentReader {
                     client: Some(client),
                     pool: self.pool.clone(),
                     chunk: Vec::new(),
                     at: 0,
+                    left: meta.size.saturating_sub(offset),
+                    path: at.display(),
                 };
                 Ok((Box::new(reading), meta))
             }
             Ok(other) => {
-                self.pool.give_back(client);
-                Err(unexpected(other))
+                match is_final(&other) {
+                    true => self.pool.give_back(client),
+                    false => self.pool.let_go(client),
+                }
+                Err(unexpected(other, "`Read`"))
             }
         }
     }
@@ -438,7 +600,7 @@ impl Files for AgentFiles {
             parents,
             owner,
         };
-        self.call(&request, done)
+        self.call(&request, "`MakeDir`", done)
     }
 
     fn symlink(&self, at: &At, target: &str, mtime_ns: i64, owner: Owner) -> io::Result<()> {
@@ -448,7 +610,7 @@ impl Files for AgentFiles {
             mtime_ns,
             owner,
         };
-        self.call(&request, done)
+        self.call(&request, "`Symlink`", done)
     }
 
     fn set_meta(
@@ -464,7 +626,7 @@ impl Files for AgentFiles {
             mtime_ns,
             owner,
         };
-        self.call(&request, done)
+        self.call(&request, "`SetMeta`", done)
     }
 
     fn remove(&self, at: &At, recursive: bool, owner: Owner) -> io::Result<()> {
@@ -473,7 +635,7 @@ impl Files for AgentFiles {
             recursive,
             owner,
         };
-        self.call(&request, done)
+        self.call(&request, "`Remove`", done)
     }
 
     fn give(&self, at: &At, owner: Owner) -> io::Result<()> {
@@ -481,17 +643,22 @@ impl Files for AgentFiles {
             at: at.clone(),
             owner,
         };
-        self.call(&request, done)
+        self.call(&request, "`Give`", done)
     }
 }
 
-/// A file's bytes as the agent streams them; its connection goes back to the pool at the
-/// end of the file (read to its end, or drained when dropped before).
+/// A file's bytes as the agent streams them, no more than the size it said the file had
+/// when opened; its connection goes back to the pool at the end of the file (read to its
+/// end; closed when dropped before).
 struct AgentReader {
     client: Option<Client>,
     pool: Arc<Pool>,
     chunk: Vec<u8>,
     at: usize,
+    /// What is left of the file as it was opened.
+    left: u64,
+    /// The file, as a user would name it.
+    path: String,
 }
 
 impl AgentReader {
@@ -509,10 +676,22 @@ impl AgentReader {
             }
         };
         match next {
-            Response::Data(data) => {
+            Response::Data(data) if data.len() <= DATA_CHUNK && data.len() as u64 <= self.left => {
+                self.left -= data.len() as u64;
                 self.chunk = data;
                 self.at = 0;
                 Ok(true)
+            }
+            Response::Data(data) => {
+                let client = self.client.take().expect("checked above");
+                self.pool.let_go(client);
+                Err(broken(format!(
+                    "it sent {} bytes of {} where {} were left of the size it said the file \
+                     had (and at most {DATA_CHUNK} come at once)",
+                    data.len(),
+                    quoted(&self.path),
+                    self.left
+                )))
             }
             Response::Done => {
                 let client = self.client.take().expect("checked above");
@@ -520,10 +699,14 @@ impl AgentReader {
                 Ok(false)
             }
             other => {
-                // The agent answered for the whole read: the connection is free again.
+                // A failure ends the read, and the connection is free again; anything else
+                // leaves it out of step.
                 let client = self.client.take().expect("checked above");
-                self.pool.give_back(client);
-                Err(unexpected(other))
+                match is_final(&other) {
+                    true => self.pool.give_back(client),
+                    false => self.pool.let_go(client),
+                }
+                Err(unexpected(other, "`Read`"))
             }
         }
     }
@@ -590,7 +773,14 @@ impl AgentWriter {
         let mut client = self.client.take().ok_or_else(|| lost(ClientError::Gone))?;
         match client.next() {
             Ok(answer) => {
-                self.pool.give_back(client);
+                let in_turn = match end {
+                    Request::Abort => matches!(answer, Response::Done),
+                    _ => matches!(answer, Response::Meta(Some(_))),
+                };
+                match in_turn || is_final(&answer) {
+                    true => self.pool.give_back(client),
+                    false => self.pool.let_go(client),
+                }
                 Ok(answer)
             }
             Err(e) => {
@@ -625,8 +815,11 @@ impl FileWriter for AgentWriter {
     fn finish(mut self: Box<Self>, mode: Option<u32>, mtime_ns: Option<i64>) -> io::Result<Meta> {
         self.send_buffer()?;
         match self.end(&Request::End { mode, mtime_ns })? {
-            Response::Meta(Some(meta)) => Ok(meta),
-            other => Err(unexpected(other)),
+            Response::Meta(Some(meta)) => match bad_meta(&meta) {
+                None => Ok(meta),
+                Some(why) => Err(broken(format!("it told {why} of a file it made"))),
+            },
+            other => Err(unexpected(other, "`End` of a file")),
         }
     }
 }

@@ -134,6 +134,9 @@ impl ApiError {
 pub const AGENT_GONE: &str = "sandbox_gone";
 pub const OUT_OF_MEMORY: &str = "sandbox_out_of_memory";
 
+/// The code of an answer whose sandbox's agent broke the protocol (a 502).
+pub const AGENT_PROTOCOL: &str = "sandbox_agent_protocol";
+
 /// Whether a frame error is the agent's connection breaking (a broken pipe, a reset, an
 /// end mid-frame), not a frame the agent sent wrong.
 fn connection_broke(frame: &(dyn std::error::Error + 'static)) -> bool {
@@ -195,6 +198,13 @@ impl From<upstream_sandbox::SandboxError> for ApiError {
             }
             SandboxError::Agent(ClientError::Frame(frame)) if connection_broke(&frame) => {
                 ApiError::agent_gone(false)
+            }
+            // A VM whose guest ended it (its kernel crashed, it powered off).
+            SandboxError::Workspace(_) => ApiError::agent_gone(false),
+            // What the sandbox's agent sent is not the protocol: the sandbox's doing, told
+            // as a bad answer from upstream of the daemon, never as the daemon's failure.
+            SandboxError::Agent(e @ ClientError::Protocol(_)) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, AGENT_PROTOCOL, e.to_string())
             }
             // Setting a sandbox up is the host's work: its errors name the host's paths.
             e => {

@@ -96,6 +96,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn file_error(path: &str, e: io::Error) -> ApiError {
+    // The sandbox's agent answered outside the protocol (`AgentFiles`).
+    if upstream_sandbox::files::is_out_of_protocol(&e) {
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            crate::error::AGENT_PROTOCOL,
+            format!("{path}: {e}"),
+        );
+    }
     if let Some(refused) = sandboxfs::refusal(&e) {
         return ApiError::new(
             StatusCode::FORBIDDEN,

@@ -395,6 +395,14 @@ fn copy(mut from: impl Read, to: &mut impl Write, stop: Stop<'_>) -> io::Result<
     }
 }
 
+/// The most entries a save takes (files, directories and links together): past it the save
+/// fails, rather than hold without end what a sandbox lists (a VM's agent can list a tree
+/// that has no end).
+pub const MAX_ARTIFACTS: usize = 1 << 20;
+
+/// The longest path below the workspace a save takes: no longer one names a file there.
+const MAX_PATH: usize = 4095;
+
 /// Adds `path` (and, for a directory, everything below it) to `found`.
 fn take(
     ws: &Workspace<'_>,
@@ -403,18 +411,42 @@ fn take(
     found: &mut BTreeMap<String, Meta>,
 ) -> io::Result<()> {
     let is_dir = meta.kind == Kind::Dir;
-    found.insert(path.to_string(), meta);
+    add(found, path, meta)?;
     if is_dir {
         walk(ws, path, &mut |p, meta, _| {
-            found.insert(p.to_string(), meta);
+            add(found, p, meta)?;
             Ok(true)
         })?;
     }
     Ok(())
 }
 
+fn add(found: &mut BTreeMap<String, Meta>, path: &str, meta: Meta) -> io::Result<()> {
+    if found.len() >= MAX_ARTIFACTS && !found.contains_key(path) {
+        return Err(io::Error::other(format!(
+            "the artifacts' patterns match more than {MAX_ARTIFACTS} entries; name fewer, \
+             or pack them into one archive (tar) in a step and name that"
+        )));
+    }
+    found.insert(path.to_string(), meta);
+    Ok(())
+}
+
+/// Whether `path` is one a save may record: relative, below the workspace, each of its
+/// names a name (none empty, `.` or `..`, no NUL).
+pub fn is_artifact_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= MAX_PATH
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|name| !name.is_empty() && name != "." && name != "..")
+}
+
 /// Calls `visit(path, meta, depth)` for everything below directory `path` (`""` for the
-/// workspace itself), depth first; `visit` returns whether to go into a directory.
+/// workspace itself), depth first, in name order; `visit` returns whether to go into a
+/// directory. The directories still to go into are kept on a list of this function's, not
+/// on the stack: however deep a tree, it cannot overflow the thread's.
 fn walk(
     ws: &Workspace<'_>,
     path: &str,
@@ -425,15 +457,35 @@ fn walk(
     } else {
         path.split('/').count()
     };
-    for (name, meta) in ws.files.list(&ws.at(path), None)? {
-        let child = if path.is_empty() {
-            name
-        } else {
-            format!("{path}/{name}")
-        };
-        let descend = visit(&child, meta, level + 1)?;
+    // Each directory's entries, last first, with the depth they are at.
+    let mut todo: Vec<(String, Meta, usize)> = Vec::new();
+    let push_entries = |todo: &mut Vec<(String, Meta, usize)>, dir: &str, level: usize| {
+        let entries = ws.files.list(&ws.at(dir), None)?;
+        for (name, meta) in entries.into_iter().rev() {
+            let child = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            if !is_artifact_path(&child) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the workspace lists {}, which names no file below it (a path of \
+                         at most {MAX_PATH} bytes, of names that are not empty, `.` or `..`)",
+                        upstream_doc::terminal::line(&child.chars().take(120).collect::<String>())
+                    ),
+                ));
+            }
+            todo.push((child, meta, level + 1));
+        }
+        Ok::<(), io::Error>(())
+    };
+    push_entries(&mut todo, path, level)?;
+    while let Some((child, meta, depth)) = todo.pop() {
+        let descend = visit(&child, meta, depth)?;
         if descend && meta.kind == Kind::Dir {
-            walk(ws, &child, visit)?;
+            push_entries(&mut todo, &child, depth)?;
         }
     }
     Ok(())
@@ -468,6 +520,19 @@ pub fn restore(
         path: a.path.clone(),
         source,
     };
+    // What the store holds was saved by this code, which records no other; a row that names
+    // no place below the workspace (a store changed by hand, or by an older upstream that
+    // took a VM's listing on trust) is refused before anything is made.
+    if let Some(a) = artifacts.iter().find(|a| !is_artifact_path(&a.path)) {
+        return Err(fail(
+            a,
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the store records this artifact at a path that is not below the workspace; \
+                 it is not restored",
+            ),
+        ));
+    }
     // Directories first (parents sort before children), made writable for what goes inside;
     // their modes are set last.
     let mut dirs = Vec::new();
@@ -559,6 +624,156 @@ fn restore_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use upstream_sandbox::FileWriter;
+
+    fn meta(kind: Kind) -> Meta {
+        Meta {
+            kind,
+            mode: 0o755,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            ino: 1,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    /// A sandbox's files as a hostile VM's agent may list them: every directory holds a
+    /// directory `a` and entries named `names`, so the tree has no end; what it is asked
+    /// to make is only noted.
+    struct Endless {
+        names: Vec<&'static str>,
+        made: Mutex<Vec<String>>,
+    }
+
+    impl Endless {
+        fn new(names: &[&'static str]) -> Endless {
+            Endless {
+                names: names.to_vec(),
+                made: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn note(&self, at: &At) -> io::Result<()> {
+            self.made.lock().unwrap().push(at.display());
+            Ok(())
+        }
+    }
+
+    impl Files for Endless {
+        fn stat(&self, _: &At, _: Option<Owner>) -> io::Result<Option<Meta>> {
+            Ok(Some(meta(Kind::Dir)))
+        }
+        fn list(&self, _: &At, _: Option<Owner>) -> io::Result<Vec<(String, Meta)>> {
+            let mut entries = vec![("a".to_string(), meta(Kind::Dir))];
+            entries.extend(self.names.iter().map(|n| (n.to_string(), meta(Kind::File))));
+            Ok(entries)
+        }
+        fn read_link(&self, _: &At, _: Option<Owner>) -> io::Result<String> {
+            Err(io::Error::other("no links here"))
+        }
+        fn open(
+            &self,
+            _: &At,
+            _: u64,
+            _: Option<Owner>,
+        ) -> io::Result<(Box<dyn Read + Send>, Meta)> {
+            Ok((Box::new(io::empty()), meta(Kind::File)))
+        }
+        fn create(&self, at: &At, _: u32, _: Create, _: Owner) -> io::Result<Box<dyn FileWriter>> {
+            self.note(at)?;
+            Err(io::Error::other("nothing is made here"))
+        }
+        fn make_dir(&self, at: &At, _: u32, _: bool, _: Owner) -> io::Result<()> {
+            self.note(at)
+        }
+        fn symlink(&self, at: &At, _: &str, _: i64, _: Owner) -> io::Result<()> {
+            self.note(at)
+        }
+        fn set_meta(&self, at: &At, _: Option<u32>, _: Option<i64>, _: Owner) -> io::Result<()> {
+            self.note(at)
+        }
+        fn remove(&self, at: &At, _: bool, _: Owner) -> io::Result<()> {
+            self.note(at)
+        }
+        fn give(&self, at: &At, _: Owner) -> io::Result<()> {
+            self.note(at)
+        }
+    }
+
+    fn save_all(files: &dyn Files) -> io::Result<Saved> {
+        let store = tempfile::tempdir().unwrap();
+        let store = upstream_store::Store::open(store.path()).unwrap();
+        let patterns = Patterns::new(&["results/".into()]).unwrap();
+        save(
+            files,
+            "/workspace",
+            &patterns,
+            store.blobs(),
+            &Known::new(),
+            &never,
+        )
+    }
+
+    #[test]
+    fn a_tree_without_end_stops_the_save_at_the_longest_path_with_no_stack_to_overflow() {
+        let started = std::time::Instant::now();
+        let e = save_all(&Endless::new(&[])).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("at most 4095 bytes"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_listed_name_that_is_no_name_stops_the_save() {
+        for bad in ["..", ".", "", "x/../../etc", "nul\0"] {
+            let e = save_all(&Endless::new(&[bad])).unwrap_err();
+            assert!(
+                e.to_string().contains("names no file below it"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_path_that_is_not_below_the_workspace_is_refused_before_anything_is_made() {
+        let store = tempfile::tempdir().unwrap();
+        let store = upstream_store::Store::open(store.path()).unwrap();
+        let row = |path: &str, kind: ArtifactKind| ArtifactRow {
+            turn: 1,
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            size: 0,
+            mtime_ns: 0,
+            blob: None,
+            target: Some("t".into()),
+        };
+        for bad in ["../escape", "/etc/cron.d/x", "a/./b", "a//b", ""] {
+            let files = Endless::new(&[]);
+            let rows = [
+                row("fine", ArtifactKind::Dir),
+                row(bad, ArtifactKind::Symlink),
+            ];
+            let e =
+                restore(&files, "/workspace", &rows, store.blobs(), (0, 0), &never).unwrap_err();
+            assert!(
+                e.to_string().contains("not below the workspace"),
+                "{bad:?}: {e}"
+            );
+            assert!(files.made.lock().unwrap().is_empty(), "{bad:?}");
+        }
+        // The control: the same rows with a path below the workspace are made.
+        let files = Endless::new(&[]);
+        let rows = [
+            row("fine", ArtifactKind::Dir),
+            row("fine/link", ArtifactKind::Symlink),
+        ];
+        restore(&files, "/workspace", &rows, store.blobs(), (0, 0), &never).unwrap();
+        assert!(!files.made.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn patterns_cover_what_they_would_save() {

@@ -866,6 +866,10 @@ fn run_in_sandbox(
     } else if let Some(why) = &lost {
         observer.event(Event::Warning(&format!("no artifacts were saved: {why}")));
         None
+    } else if fm.artifacts.is_empty() {
+        // Nothing to save: what the steps left running goes with the sandbox, with no wait
+        // for it here (a guest's fork bomb takes its emulated CPU minutes to end).
+        None
     } else {
         // What is saved is what the steps left: nothing they started in the background
         // changes it (or swaps a file for a FIFO) while it is read.
@@ -1258,10 +1262,14 @@ impl StepRunner<'_> {
                 (Outcome::Failed(why), None)
             }
             Some(Err(
-                e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory | SandboxError::Gone(_)),
+                e @ (SandboxError::Agent(_)
+                | SandboxError::OutOfMemory
+                | SandboxError::Gone(_)
+                | SandboxError::Workspace(_)),
             )) => {
-                // The agent went away with the sandbox: the step ends here, nothing more can
-                // run, and the turn still records and writes what it has.
+                // The agent went away with the sandbox (a VM that died takes it along): the
+                // step ends here, nothing more can run, and the turn still records and writes
+                // what it has.
                 let message = e.to_string();
                 let outcome = if matches!(e, SandboxError::OutOfMemory) {
                     record.status = StepStatus::OutOfMemory;

@@ -2,7 +2,7 @@
 //! as its init. Under TCG (hosts without a KVM that boots a stock kernel) each boot takes
 //! seconds: these tests share what they can.
 
-use upstream_image::testing::{Registry, layer_of_host_programs};
+use upstream_image::testing::{Registry, layer_of_host_programs, layer_of_host_trees};
 
 use crate::util::{Env, code, stderr, stdout};
 
@@ -56,6 +56,111 @@ pub fn image() -> Option<(Registry, String)> {
         &["PATH=/usr/bin"],
     );
     let name = format!("{}/test/vm:1", registry.host());
+    Some((registry, name))
+}
+
+/// The programs the isolation attacks run in a VM (`isolation::vm`), beside bash.
+const ATTACK_PROGRAMS: &[&str] = &[
+    "/usr/bin/bash",
+    "/usr/bin/sh",
+    "/usr/bin/cat",
+    "/usr/bin/ls",
+    "/usr/bin/ps",
+    "/usr/bin/grep",
+    "/usr/bin/python3",
+    "/usr/bin/mount",
+    "/usr/bin/umount",
+    "/usr/bin/unshare",
+    "/usr/bin/dd",
+    "/usr/sbin/blockdev",
+    "/usr/bin/sync",
+    "/usr/bin/head",
+    "/usr/bin/tail",
+    "/usr/bin/tr",
+    "/usr/bin/sleep",
+    "/usr/bin/setsid",
+    "/usr/bin/id",
+    "/usr/bin/wc",
+    "/usr/bin/true",
+    "/usr/bin/echo",
+    "/usr/bin/uname",
+    "/usr/bin/hostname",
+    "/usr/bin/mkdir",
+    "/usr/bin/rm",
+    "/usr/bin/yes",
+    "/usr/bin/cmp",
+    "/usr/bin/sha256sum",
+    "/usr/bin/od",
+    "/usr/bin/mkfifo",
+    "/usr/sbin/blkdiscard",
+    "/usr/bin/dmesg",
+];
+
+/// The image the isolation attacks run in a VM from (`isolation::vm`): host programs, and
+/// python with its standard library (less what no attack imports), pushed to a registry of
+/// the test's own.
+pub fn attack_image() -> Option<(Registry, String)> {
+    let registry = Registry::start()?;
+    let python = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import os, sysconfig; print(sysconfig.get_paths()['stdlib']); \
+             print(os.path.basename(sysconfig.get_config_var('LIBPL')))",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&python.stdout).to_string();
+    let mut lines = said.lines();
+    let stdlib = lines.next().unwrap_or_default();
+    // The static library and its makefiles, for building python itself: most of the tree.
+    let config = lines.next().unwrap_or_default();
+    let leave_out: &[&str] = &[
+        config,
+        "test",
+        "idlelib",
+        "tkinter",
+        "lib2to3",
+        "pydoc_data",
+        "ensurepip",
+        "distutils",
+        "site-packages",
+        "dist-packages",
+    ];
+    let files: &[(&str, &[u8])] = &[
+        ("etc/image-marker", b"from the image\n"),
+        // Root's home and /home, as a system has them.
+        ("root/.profile", b""),
+        ("home/.keep", b""),
+        (
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+        ),
+        ("etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
+    ];
+    // Made once for every test process of the run (and the next runs): a layer of the
+    // same programs, made under a name of this process's and renamed into place.
+    let mut key = blake3::Hasher::new();
+    key.update(format!("{ATTACK_PROGRAMS:?} {stdlib} {leave_out:?} {files:?}").as_bytes());
+    let kept = std::env::temp_dir().join(format!(
+        "upstream-test-vm-attack-{}.tar.gz",
+        &key.finalize().to_hex()[..16]
+    ));
+    let layer = match std::fs::read(&kept) {
+        Ok(layer) => layer,
+        Err(_) => {
+            let layer = layer_of_host_trees(ATTACK_PROGRAMS, &[(stdlib, leave_out)], files);
+            let temp = kept.with_extension(format!("{}.tmp", std::process::id()));
+            std::fs::write(&temp, &layer).unwrap();
+            std::fs::rename(&temp, &kept).unwrap();
+            layer
+        }
+    };
+    registry.push(
+        "test/vm-attack:1",
+        vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        &["PATH=/usr/bin:/usr/sbin"],
+    );
+    let name = format!("{}/test/vm-attack:1", registry.host());
     Some((registry, name))
 }
 
