@@ -22,7 +22,7 @@ mod setup;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -240,30 +240,11 @@ impl Backend for NamespaceBackend {
 
     fn label_kept(&self, kept: &Kept, label: &str) -> io::Result<()> {
         let path = self.kept_path(kept).ok_or(io::ErrorKind::NotFound)?;
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path.join(KEPT_LABEL))?;
-        io::Write::write_all(&mut file, label.as_bytes())
+        upstream_sandbox::write_kept_label(&path, label)
     }
 
     fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
-        let path = self.kept_path(kept)?;
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path.join(KEPT_LABEL))
-            .ok()?;
-        let meta = file.metadata().ok()?;
-        if !meta.is_file() {
-            return None;
-        }
-        let mut text = String::new();
-        io::Read::read_to_string(&mut io::Read::take(file, 4096), &mut text).ok()?;
-        Some((text, meta.modified().ok()?))
+        upstream_sandbox::read_kept_label(&self.kept_path(kept)?)
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
@@ -283,9 +264,6 @@ pub fn open(init_exe: PathBuf) -> Result<upstream_sandbox::SharedBackend, Sandbo
 
 /// This backend's name, in what it names ([`Kept`]).
 const BACKEND_NAME: &str = "namespaces";
-
-/// The file in a kept set that holds its label ([`Backend::label_kept`]).
-const KEPT_LABEL: &str = "owner";
 
 impl NamespaceBackend {
     /// Where the set this backend kept as `kept` is; `None` for another backend's.

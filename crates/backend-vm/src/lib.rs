@@ -704,26 +704,11 @@ impl Backend for VmBackend {
         if !path.join(KEPT_DISK).is_file() {
             return Err(io::ErrorKind::NotFound.into());
         }
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path.join(KEPT_LABEL))?;
-        io::Write::write_all(&mut file, label.as_bytes())
+        upstream_sandbox::write_kept_label(&path, label)
     }
 
     fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
-        let path = self.kept_path(kept)?.join(KEPT_LABEL);
-        let meta = std::fs::symlink_metadata(&path).ok()?;
-        if !meta.is_file() {
-            return None;
-        }
-        let text = std::fs::read(&path).ok()?;
-        let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
-        Some((text, meta.modified().ok()?))
+        upstream_sandbox::read_kept_label(&self.kept_path(kept)?)
     }
 
     fn remove_leftovers(&self) {
@@ -735,9 +720,6 @@ impl Backend for VmBackend {
 
 /// A kept set's disk: the sandbox's disk at its last checkpoint.
 const KEPT_DISK: &str = "scratch.ext4";
-
-/// A kept set's label ([`Backend::label_kept`]).
-const KEPT_LABEL: &str = "owner";
 
 /// A sandbox's disk at its last checkpoint, in its directory, while it runs.
 const CHECKPOINT: &str = "checkpoint.ext4";

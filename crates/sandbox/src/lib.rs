@@ -16,6 +16,7 @@ pub use client::{AgentClient, ClientError};
 pub use files::{AgentFiles, FileWriter, Files};
 pub use spec::{
     DEFAULT_HOSTNAME, Image, Isolation, Kept, Limits, NetworkMode, SandboxSpec, WorkspaceSpec,
+    read_kept_label, write_kept_label,
 };
 pub use upstream_agent::protocol::{Collect, ExecRequest, ExitStatus, FileSpec, Scope, Stream};
 pub use upstream_agent::sandboxfs;

@@ -192,6 +192,41 @@ impl Default for SandboxSpec {
     }
 }
 
+/// The file of a kept set that holds its label ([`crate::Backend::label_kept`]).
+const KEPT_LABEL: &str = "owner";
+
+/// Labels the kept set in directory `set` with `label`, replacing any label before: a file
+/// only its owner reads, never a link followed.
+pub fn write_kept_label(set: &std::path::Path, label: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(set.join(KEPT_LABEL))?;
+    std::io::Write::write_all(&mut file, label.as_bytes())
+}
+
+/// The label of the kept set in directory `set` (its first 4 KiB) and when it was set;
+/// `None` without one.
+pub fn read_kept_label(set: &std::path::Path) -> Option<(String, std::time::SystemTime)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(set.join(KEPT_LABEL))
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 4096), &mut text).ok()?;
+    Some((text, meta.modified().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
