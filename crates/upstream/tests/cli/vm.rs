@@ -18,6 +18,22 @@ macro_rules! require_vm {
     };
 }
 
+/// A registry with the VM tests' image ([`image`]) and the image's name, or skips the
+/// calling test (scripts/test installs docker-registry; as root a skip fails the run).
+macro_rules! require_image {
+    () => {
+        match image() {
+            Some(found) => found,
+            None => {
+                crate::util::skip(
+                    "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+                );
+                return;
+            }
+        }
+    };
+}
+
 pub fn lacks_vm() -> Option<String> {
     let qemu = std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file())
@@ -168,12 +184,7 @@ pub fn attack_image() -> Option<(Registry, String)> {
 fn a_command_runs_in_a_vm_with_its_own_kernel() {
     crate::require_root_sandbox!();
     require_vm!();
-    let Some((_registry, image)) = image() else {
-        crate::util::skip(
-            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
-        );
-        return;
-    };
+    let (_registry, image) = require_image!();
     let env = Env::new();
     let out = env
         .command()
@@ -256,12 +267,7 @@ fn a_daemon_fills_a_pool_of_vms_from_a_snapshot() {
 
     crate::require_root_sandbox!();
     require_vm!();
-    let Some((registry, image)) = image() else {
-        crate::util::skip(
-            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
-        );
-        return;
-    };
+    let (registry, image) = require_image!();
     let env = Env::new();
     let pool = format!("{image},isolation=vm=2");
     let daemon = Daemon::start(&env, &["--registry", &registry.host(), "--pool", &pool]);
@@ -337,12 +343,7 @@ fn a_daemon_fills_a_pool_of_vms_from_a_snapshot() {
 fn a_failed_turn_on_a_vm_resumes_from_its_kept_disk() {
     crate::require_root_sandbox!();
     require_vm!();
-    let Some((_registry, image)) = image() else {
-        crate::util::skip(
-            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
-        );
-        return;
-    };
+    let (_registry, image) = require_image!();
     let env = Env::new();
     let doc = |second: &str| {
         format!(
@@ -403,12 +404,7 @@ fn a_document_with_the_hosts_network_reaches_the_hosts_loopback_from_a_vm() {
     use std::io::{BufRead, Write};
     crate::require_root_sandbox!();
     require_vm!();
-    let Some((_registry, image)) = image() else {
-        crate::util::skip(
-            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
-        );
-        return;
-    };
+    let (_registry, image) = require_image!();
     // A server on the host's 127.0.0.1 that answers one line.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
