@@ -247,7 +247,7 @@ fn a_pool_that_cannot_fill_says_why_in_the_log() {
     });
     let message = line["message"].as_str().unwrap();
     assert!(
-        message.contains("cannot prepare the pool's image"),
+        message.contains("cannot prepare the pool's sandboxes"),
         "{line}"
     );
     assert!(message.contains("not public"), "{line}");
