@@ -20,12 +20,13 @@ macro_rules! require_vm {
 
 /// A registry with the VM tests' image ([`image`]) and the image's name, or skips the
 /// calling test (scripts/test installs docker-registry; as root a skip fails the run).
+#[macro_export]
 macro_rules! require_image {
     () => {
-        match image() {
+        match $crate::vm::image() {
             Some(found) => found,
             None => {
-                crate::util::skip(
+                $crate::util::skip(
                     "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
                 );
                 return;

@@ -17,15 +17,7 @@ macro_rules! vm_image {
     () => {{
         crate::require_root_sandbox!();
         crate::require_vm!();
-        match crate::vm::image() {
-            Some(found) => found,
-            None => {
-                crate::util::skip(
-                    "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
-                );
-                return;
-            }
-        }
+        crate::require_image!()
     }};
 }
 
