@@ -149,8 +149,7 @@ impl VmBackend {
     /// their directories).
     fn host(&self) -> &confine::Host {
         self.host.get_or_init(|| {
-            confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
-            confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+            self.remove_stale_dirs();
             confine::Host::new()
         })
     }
@@ -362,12 +361,7 @@ impl VmBackend {
         let shape = self.shape(spec)?;
         let template = match resumed_from {
             Some(_) => None,
-            None => self
-                .templates
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&shape)
-                .cloned(),
+            None => self.template_of(&shape),
         };
         let layered = spec.workspace.is_some();
         let mut sandbox = match template {
@@ -550,26 +544,35 @@ impl VmBackend {
         Ok(vm)
     }
 
-    /// Snapshots a machine for sandboxes of `spec`, unless one of its shape exists: later
-    /// ones are restored from it.
-    fn prepare_shape(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let shape = self.shape(spec)?;
-        // One snapshot at a time: two of one shape would boot twice for nothing.
-        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
-        if self
-            .templates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&shape)
-        {
-            return Ok(());
-        }
-        let template = Arc::new(self.snapshot(&shape)?);
+    /// The snapshot of `shape`, if one was taken.
+    fn template_of(&self, shape: &Shape) -> Option<Arc<Template>> {
         self.templates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(shape, template);
-        Ok(())
+            .get(shape)
+            .cloned()
+    }
+
+    /// The snapshot of `shape`, taken now unless one was: later sandboxes of the shape are
+    /// restored from it.
+    fn template_for(&self, shape: &Shape) -> Result<Arc<Template>, SandboxError> {
+        // One snapshot at a time: two of one shape would boot twice for nothing.
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(template) = self.template_of(shape) {
+            return Ok(template);
+        }
+        let template = Arc::new(self.snapshot(shape)?);
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shape.clone(), template.clone());
+        Ok(template)
+    }
+
+    /// Removes the directories of VMs and snapshots whose upstream is gone.
+    fn remove_stale_dirs(&self) {
+        confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+        confine::remove_stale_dirs(&self.config.runtime.join("templates"));
     }
 }
 
@@ -579,15 +582,7 @@ impl VmBackend {
     /// with nothing renewed: what every restored VM would be without [`VmSandbox::renew`],
     /// for tests that show the renewal is what sets them apart.
     pub fn restore_unrenewed(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
-        self.prepare_shape(spec)?;
-        let shape = self.shape(spec)?;
-        let template = self
-            .templates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&shape)
-            .cloned()
-            .ok_or_else(|| SandboxError::setup("no snapshot of this shape", None))?;
+        let template = self.template_for(&self.shape(spec)?)?;
         Ok(Box::new(self.restore(&template, Instant::now())?))
     }
 }
@@ -679,7 +674,7 @@ impl Backend for VmBackend {
     }
 
     fn prepare(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        self.prepare_shape(spec)
+        self.template_for(&self.shape(spec)?).map(drop)
     }
 
     fn discard_kept(&self, kept: &Kept) {
@@ -712,8 +707,7 @@ impl Backend for VmBackend {
     }
 
     fn remove_leftovers(&self) {
-        confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
-        confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+        self.remove_stale_dirs();
         self.host().remove_stale();
     }
 }
