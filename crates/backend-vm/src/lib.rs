@@ -12,6 +12,7 @@
 pub mod boot;
 pub mod disk;
 pub mod guest;
+pub mod kvm;
 pub mod qemu;
 
 use std::io;
