@@ -13,6 +13,7 @@ pub mod boot;
 pub mod disk;
 pub mod guest;
 pub mod kvm;
+pub mod vmlinux;
 pub mod qemu;
 
 use std::io;
