@@ -15,6 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::guest;
+use crate::vmm::Channel;
 
 /// Errors finding a kernel or making the initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +118,24 @@ impl Kernel {
 }
 
 /// The modules the guest loads (what they need comes along): the virtio-mmio transport of
-/// the microvm machine, the console, disks and overlayfs.
-const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"];
+/// the microvm machine, the agent's channel, disks and overlayfs. A guest reached over
+/// virtio-serial (QEMU) carries the console; one reached over vsock (Firecracker, which has
+/// no virtio console) the vsock transport instead.
+fn wanted_modules(channel: Channel) -> &'static [&'static str] {
+    match channel {
+        Channel::VirtioSerial => &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"],
+        Channel::Vsock => &[
+            "virtio_mmio",
+            "vmw_vsock_virtio_transport",
+            "virtio_blk",
+            "overlay",
+        ],
+    }
+}
 
 /// The modules of `kernel` the guest needs, each after what it depends on: paths relative
 /// to its modules directory.
-fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
+fn modules_in_order(modules: &Path, wanted: &[&str]) -> Result<Vec<String>, String> {
     let dep = fs::read_to_string(modules.join("modules.dep"))
         .map_err(|e| format!("cannot read {}/modules.dep: {e}", modules.display()))?;
     let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
@@ -141,7 +154,7 @@ fn modules_in_order(modules: &Path) -> Result<Vec<String>, String> {
     let builtin: std::collections::HashSet<String> =
         builtin.lines().map(|l| name_of(l.trim())).collect();
     let mut order: Vec<String> = Vec::new();
-    for wanted in WANTED_MODULES {
+    for wanted in wanted {
         if builtin.contains(*wanted) {
             continue;
         }
@@ -220,8 +233,19 @@ fn without_debug_info<'a>(binary: &'a Path, stripped: &'a Path) -> &'a Path {
     }
 }
 
-/// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`.
+/// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`, for a
+/// guest reached over virtio-serial.
 pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf, BootError> {
+    initramfs_for(cache, binary, kernel, Channel::VirtioSerial)
+}
+
+/// [`initramfs`] for a guest reached over `channel`.
+pub fn initramfs_for(
+    cache: &Path,
+    binary: &Path,
+    kernel: &Kernel,
+    channel: Channel,
+) -> Result<PathBuf, BootError> {
     let fail = |path: &Path, source: io::Error| BootError::Initramfs {
         path: path.to_path_buf(),
         source,
@@ -238,6 +262,9 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
         key.update(&m.mtime_nsec().to_le_bytes());
     }
     key.update(kernel.image.as_os_str().as_encoded_bytes());
+    if channel != Channel::VirtioSerial {
+        key.update(b"\0vsock");
+    }
     let name = format!("initramfs-{}.cpio", &key.finalize().to_hex()[..24]);
     let path = cache.join(&name);
     if path.is_file() {
@@ -253,7 +280,7 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
     }
     let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
     let stripped = cache.join(format!("{name}.{}.init", std::process::id()));
-    let made = write_initramfs(&temp, &stripped, binary, kernel)
+    let made = write_initramfs(&temp, &stripped, binary, kernel, channel)
         .and_then(|()| fs::rename(&temp, &path).map_err(|e| fail(&path, e)));
     let _ = fs::remove_file(&stripped);
     if made.is_err() {
@@ -268,6 +295,7 @@ fn write_initramfs(
     stripped: &Path,
     binary: &Path,
     kernel: &Kernel,
+    channel: Channel,
 ) -> Result<(), BootError> {
     let fail = |path: &Path, source: io::Error| BootError::Initramfs {
         path: path.to_path_buf(),
@@ -294,9 +322,11 @@ fn write_initramfs(
             .map_err(|e| fail(&library, e))?;
     }
     if let Some(modules) = &kernel.modules {
-        let order = modules_in_order(modules).map_err(|reason| BootError::Kernel {
-            kernel: kernel.image.clone(),
-            reason,
+        let order = modules_in_order(modules, wanted_modules(channel)).map_err(|reason| {
+            BootError::Kernel {
+                kernel: kernel.image.clone(),
+                reason,
+            }
         })?;
         let mut names = String::new();
         for module in &order {
@@ -487,7 +517,7 @@ mod tests {
             "kernel/fs/overlayfs/overlay.ko\n",
         )
         .unwrap();
-        let order = modules_in_order(dir.path()).unwrap();
+        let order = modules_in_order(dir.path(), wanted_modules(Channel::VirtioSerial)).unwrap();
         let at = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
         assert!(at("/virtio.ko") < at("/virtio_ring.ko"));
         assert!(at("/virtio_ring.ko") < at("/virtio_mmio.ko"));
@@ -498,8 +528,25 @@ mod tests {
         assert!(!order.iter().any(|o| o.contains("overlay")), "{order:?}");
         // A module the kernel has neither way is an error that names it.
         fs::write(dir.path().join("modules.builtin"), "").unwrap();
-        let e = modules_in_order(dir.path()).unwrap_err();
+        let e = modules_in_order(dir.path(), wanted_modules(Channel::VirtioSerial)).unwrap_err();
         assert!(e.contains("overlay"), "{e}");
+    }
+
+    /// Debian's cloud kernel: a vsock guest loads the vsock transport after the vsock core
+    /// it needs, and no console; a virtio-serial guest the console and no vsock.
+    #[test]
+    fn each_channel_carries_its_own_modules() {
+        let kernel = Kernel::find(None).expect("no guest kernel: scripts/vm-kernel unpacks one");
+        let modules = kernel.modules.expect("the guest kernel has modules");
+        let vsock = modules_in_order(&modules, wanted_modules(Channel::Vsock)).unwrap();
+        let at = |order: &[String], m: &str| order.iter().position(|o| o.ends_with(m));
+        let transport = at(&vsock, "/vmw_vsock_virtio_transport.ko").expect("no transport");
+        let core = at(&vsock, "/vsock.ko").expect("no vsock core");
+        assert!(core < transport, "{vsock:?}");
+        assert_eq!(at(&vsock, "/virtio_console.ko"), None);
+        let serial = modules_in_order(&modules, wanted_modules(Channel::VirtioSerial)).unwrap();
+        assert!(at(&serial, "/virtio_console.ko").is_some());
+        assert_eq!(at(&serial, "/vsock.ko"), None);
     }
 
     #[test]

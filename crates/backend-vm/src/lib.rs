@@ -11,10 +11,12 @@
 
 pub mod boot;
 pub mod disk;
+pub mod firecracker;
 pub mod guest;
 pub mod kvm;
-pub mod vmlinux;
 pub mod qemu;
+pub mod vmlinux;
+pub mod vmm;
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};

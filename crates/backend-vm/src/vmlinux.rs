@@ -105,7 +105,8 @@ pub fn extract(image: &[u8]) -> Result<Vec<u8>, String> {
     if image.len() < 0x250 || &image[0x202..0x206] != b"HdrS" {
         return Err("it has no x86 boot header (HdrS at 0x202)".into());
     }
-    let word = |at: usize| u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]]);
+    let word =
+        |at: usize| u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]]);
     let version = u16::from_le_bytes([image[0x206], image[0x207]]);
     if version < 0x208 {
         return Err(format!(
@@ -322,7 +323,11 @@ mod tests {
         let kernel = crate::boot::Kernel::find(None)
             .expect("no guest kernel here: scripts/vm-kernel unpacks Debian's");
         let image = fs::read(&kernel.image).unwrap();
-        assert!(!is_elf64(&image), "{} is a vmlinux already", kernel.image.display());
+        assert!(
+            !is_elf64(&image),
+            "{} is a vmlinux already",
+            kernel.image.display()
+        );
         assert_eq!(&image[0x202..0x206], b"HdrS");
         let elf = extract(&image).unwrap();
         assert!(is_elf64(&elf));
