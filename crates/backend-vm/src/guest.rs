@@ -59,6 +59,31 @@ pub const STOP_BY_REBOOT: &str = "upstream.stop=reboot";
 /// read-only one — rather than by serial, which Firecracker does not let the host set.
 pub const DISKS_BY_MODE: &str = "upstream.disks=by-mode";
 
+/// The words on the kernel's command line of a sandbox's guest, whichever VMM boots it: the
+/// console, the init, entropy and keyboard-controller options, and the sandbox's options
+/// that its init reads ([`Options`]). A driver adds its own.
+pub fn cmdline(hostname: &str, memory_limit: Option<u64>, pids_limit: Option<u64>) -> Vec<String> {
+    let mut words = vec![
+        "console=ttyS0".to_string(),
+        "quiet".into(),
+        "panic=-1".into(),
+        format!("rdinit={INIT_PATH}"),
+        "random.trust_cpu=on".into(),
+        "i8042.noaux".into(),
+        "i8042.nomux".into(),
+        "i8042.nopnp".into(),
+        "i8042.dumbkbd".into(),
+        format!("upstream.hostname={hostname}"),
+    ];
+    if let Some(memory) = memory_limit {
+        words.push(format!("upstream.memory={memory}"));
+    }
+    if let Some(pids) = pids_limit {
+        words.push(format!("upstream.pids={pids}"));
+    }
+    words
+}
+
 /// The virtio device ids the guest tells its transport by.
 const VIRTIO_CONSOLE: u32 = 3;
 const VIRTIO_VSOCK: u32 = 19;
@@ -525,6 +550,15 @@ fn power_off(reboot: bool) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_host_puts_on_the_command_line_the_guest_reads_back() {
+        let words = cmdline("box-2", Some(64 << 20), Some(32)).join(" ");
+        let o = Options::from_cmdline(&words);
+        assert_eq!(o.hostname, "box-2");
+        assert_eq!((o.memory, o.pids), (Some(64 << 20), Some(32)));
+        assert!(words.contains("rdinit=/init"), "{words}");
+    }
 
     #[test]
     fn the_hostname_comes_from_the_command_line_when_it_is_a_plain_name() {

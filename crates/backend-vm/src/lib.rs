@@ -4,10 +4,13 @@
 //! A sandbox's VM boots the guest kernel ([`boot::Kernel`]) with an initramfs whose init is
 //! this same upstream binary ([`guest`]); its root is the image as a read-only disk made
 //! once per image ([`disk`]) under an overlay on a disk of the sandbox's own, thrown away
-//! with it, which also holds the workspace. The host speaks the agent protocol to the
-//! guest's agent over virtio-serial ports ([`qemu`]): one for the agent's first connection,
-//! one per session, so no descriptor ever crosses into the guest; files move through the
-//! agent ([`upstream_sandbox::AgentFiles`]), since the host cannot reach the guest's.
+//! with it, which also holds the workspace. The VM runs in a VMM behind one interface
+//! ([`vmm`]): Firecracker ([`firecracker`]) where a host has it and hardware KVM, QEMU
+//! ([`qemu`]) elsewhere. The host speaks the agent protocol to the guest's agent over
+//! byte streams the VMM carries — virtio-serial ports under QEMU, vsock under Firecracker
+//! — one for the agent's first connection, one per session, so no descriptor ever crosses
+//! into the guest; files move through the agent ([`upstream_sandbox::AgentFiles`]), since
+//! the host cannot reach the guest's.
 
 pub mod boot;
 pub mod disk;
@@ -19,9 +22,8 @@ pub mod vmlinux;
 pub mod vmm;
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +35,9 @@ use upstream_sandbox::{
 };
 
 use crate::boot::Kernel;
-use crate::qemu::{Accel, Machine};
+use crate::firecracker::{Firecracker, Jailer};
+use crate::qemu::{Accel, Qemu};
+use crate::vmm::{MachineSpec, Vm, Vmm, VmmError, VmmKind};
 
 /// This backend's name, in what it names.
 pub const BACKEND_NAME: &str = "vm";
@@ -57,9 +61,13 @@ const FILE_CONNECTIONS: usize = 2;
 pub struct VmConfig {
     /// The upstream binary the guest's init is made from.
     pub init_exe: PathBuf,
-    pub qemu: PathBuf,
+    /// The VMM: QEMU or Firecracker ([`vmm::choose`]).
+    pub vmm: Arc<dyn Vmm>,
+    /// Why this VMM, in a sentence.
+    pub vmm_why: String,
+    /// The VMM's program.
+    pub vmm_binary: PathBuf,
     pub kernel: Kernel,
-    pub accel: Accel,
     /// Where sandboxes' directories go.
     pub runtime: PathBuf,
     /// Where the initramfs and the images' disks are kept between sandboxes.
@@ -67,9 +75,11 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// The configuration from this host and its environment: QEMU from `$UPSTREAM_QEMU` or
-    /// the `PATH`, the kernel from [`Kernel::find`], the accelerator from
-    /// [`Accel::from_env`], disks kept in `$UPSTREAM_VM_CACHE` or the runtime directory.
+    /// The configuration from this host and its environment: the VMM [`vmm::choose`]s
+    /// (`$UPSTREAM_VMM`, else Firecracker — `$UPSTREAM_FIRECRACKER` or the `PATH`'s — where
+    /// `/dev/kvm` runs a stock guest, else QEMU from `$UPSTREAM_QEMU` or the `PATH`), the
+    /// kernel from [`Kernel::find`], QEMU's accelerator from [`Accel::from_env`], disks kept
+    /// in `$UPSTREAM_VM_CACHE` or the runtime directory.
     pub fn from_env(init_exe: PathBuf, kernel: Option<&Path>) -> Result<VmConfig, SandboxError> {
         VmConfig::in_runtime_dir(init_exe, kernel, None)
     }
@@ -89,27 +99,105 @@ impl VmConfig {
         let cache = std::env::var_os("UPSTREAM_VM_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| runtime.join("cache"));
-        let qemu = match std::env::var_os("UPSTREAM_QEMU") {
-            Some(path) => PathBuf::from(path),
-            None => find_program("qemu-system-x86_64").ok_or_else(|| {
-                SandboxError::setup(
-                    "QEMU is not installed: `isolation: vm` runs sandboxes in qemu-system-x86_64",
-                    Some("install Debian's qemu-system-x86 (scripts/test does), or set $UPSTREAM_QEMU"),
+        let firecracker = std::env::var_os("UPSTREAM_FIRECRACKER")
+            .map(PathBuf::from)
+            .or_else(|| find_program("firecracker"));
+        let asked = std::env::var("UPSTREAM_VMM").ok();
+        let choice = vmm::choose(
+            asked.as_deref().filter(|a| !a.is_empty()),
+            firecracker,
+            kvm::stock_guest_runs,
+        )
+        .map_err(|e| SandboxError::setup(e, None))?;
+        let (vmm, vmm_binary): (Arc<dyn Vmm>, PathBuf) = match choice.kind {
+            VmmKind::Firecracker => {
+                let binary = choice.firecracker.clone().unwrap_or_default();
+                let jailer = jailer_of(&binary, &runtime)?;
+                (
+                    Arc::new(Firecracker {
+                        binary: binary.clone(),
+                        jailer,
+                    }),
+                    binary,
                 )
-            })?,
+            }
+            VmmKind::Qemu => {
+                let qemu = match std::env::var_os("UPSTREAM_QEMU") {
+                    Some(path) => PathBuf::from(path),
+                    None => find_program("qemu-system-x86_64").ok_or_else(|| {
+                        SandboxError::setup(
+                            format!(
+                                "QEMU is not installed ({}): `isolation: vm` runs sandboxes in \
+                                 qemu-system-x86_64",
+                                choice.why
+                            ),
+                            Some(
+                                "install Debian's qemu-system-x86 (scripts/test does), or set \
+                                 $UPSTREAM_QEMU; on a host with hardware KVM, Firecracker",
+                            ),
+                        )
+                    })?,
+                };
+                let accel = Accel::from_env();
+                (
+                    Arc::new(Qemu {
+                        qemu: qemu.clone(),
+                        accel,
+                    }),
+                    qemu,
+                )
+            }
         };
         let kernel = Kernel::find(kernel).map_err(|e| SandboxError::setup(e.to_string(), None))?;
         // The binary itself, not /proc/self/exe, which names whoever reads it.
         let init_exe = std::fs::canonicalize(&init_exe).unwrap_or(init_exe);
         Ok(VmConfig {
             init_exe,
-            qemu,
+            vmm,
+            vmm_why: choice.why,
+            vmm_binary,
             kernel,
-            accel: Accel::from_env(),
             runtime,
             cache,
         })
     }
+}
+
+/// Firecracker's jailer, where there is one beside Firecracker or at `$UPSTREAM_JAILER`
+/// (`$UPSTREAM_JAILER=none`: none), with the ids Firecracker drops to
+/// (`$UPSTREAM_JAILER_IDS=uid:gid`, else nobody's, 65534:65534) and its jails in the runtime
+/// directory (on the cache's filesystem unless `$UPSTREAM_VM_CACHE` moves it, so disks are
+/// linked into a jail rather than copied).
+fn jailer_of(firecracker: &Path, runtime: &Path) -> Result<Option<Jailer>, SandboxError> {
+    let binary = match std::env::var_os("UPSTREAM_JAILER") {
+        Some(path) if path == "none" => return Ok(None),
+        Some(path) => Some(PathBuf::from(path)),
+        None => firecracker
+            .parent()
+            .map(|dir| dir.join("jailer"))
+            .filter(|p| p.is_file())
+            .or_else(|| find_program("jailer")),
+    };
+    let Some(binary) = binary else {
+        return Ok(None);
+    };
+    let ids = std::env::var("UPSTREAM_JAILER_IDS").unwrap_or_else(|_| "65534:65534".into());
+    let parsed = ids
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+        .filter(|(u, g)| *u != 0 && *g != 0);
+    let Some((uid, gid)) = parsed else {
+        return Err(SandboxError::setup(
+            format!("$UPSTREAM_JAILER_IDS is {ids:?}: it is uid:gid, neither 0 (`65534:65534`)"),
+            None,
+        ));
+    };
+    Ok(Some(Jailer {
+        binary,
+        uid,
+        gid,
+        chroot_base: runtime.join("jail"),
+    }))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -123,15 +211,15 @@ fn find_program(name: &str) -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct VmBackend {
     config: VmConfig,
-    /// Made on first use, then kept.
-    initramfs: Mutex<Option<PathBuf>>,
+    /// The kernel image and initramfs the VMM boots, made on first use, then kept.
+    boot: Mutex<Option<BootFiles>>,
 }
 
 impl VmBackend {
     pub fn new(config: VmConfig) -> VmBackend {
         VmBackend {
             config,
-            initramfs: Mutex::new(None),
+            boot: Mutex::new(None),
         }
     }
 
@@ -139,19 +227,14 @@ impl VmBackend {
         &self.config
     }
 
-    fn initramfs(&self) -> Result<PathBuf, SandboxError> {
-        let mut made = self.initramfs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = made.as_ref() {
-            return Ok(path.clone());
+    fn boot_files(&self) -> Result<BootFiles, SandboxError> {
+        let mut made = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(files) = made.as_ref() {
+            return Ok(files.clone());
         }
-        let path = boot::initramfs(
-            &self.config.cache,
-            &self.config.init_exe,
-            &self.config.kernel,
-        )
-        .map_err(|e| SandboxError::setup(e.to_string(), None))?;
-        *made = Some(path.clone());
-        Ok(path)
+        let files = boot_files(&self.config).map_err(|e| SandboxError::setup(e, None))?;
+        *made = Some(files.clone());
+        Ok(files)
     }
 
     fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
@@ -168,7 +251,7 @@ impl VmBackend {
                 Some("resume with `isolation: namespaces`"),
             ));
         }
-        let initramfs = self.initramfs()?;
+        let boot = self.boot_files()?;
         let root_disk = match &spec.image {
             Image::Layers { layers, reference } => {
                 let [rootfs] = layers.as_slice() else {
@@ -208,54 +291,73 @@ impl VmBackend {
         };
         let memory_mib = memory.div_ceil(1 << 20).max(256);
         let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
-        let machine = Machine {
-            qemu: &self.config.qemu,
-            accel: self.config.accel,
-            kernel: &self.config.kernel,
-            initramfs: &initramfs,
+        let cmdline = guest::cmdline(&spec.hostname, spec.limits.memory, spec.limits.pids);
+        let machine = MachineSpec {
+            kernel: &boot.kernel,
+            initramfs: &boot.initramfs,
             root_disk: &root_disk,
             scratch_disk: &scratch,
             memory_mib,
             cpus,
-            memory_limit: spec.limits.memory,
-            pids_limit: spec.limits.pids,
-            hostname: &spec.hostname,
+            cmdline: &cmdline,
             dir: &dir,
         };
-        let (child, mut listeners) = machine.start().map_err(|e| {
+        let vm = self.config.vmm.start(&machine).map_err(|e| {
             let _ = std::fs::remove_dir_all(&dir);
             SandboxError::setup(
-                format!("cannot start {}: {e}", self.config.qemu.display()),
+                format!("cannot start {}: {e}", self.config.vmm_binary.display()),
                 None,
             )
         })?;
-        let agent_listener = listeners.remove(0);
         let interrupter = Arc::new(VmInterrupter {
-            pid: child.id() as i32,
+            pid: vm.pid(),
             interrupted: AtomicBool::new(false),
         });
         let mut sandbox = VmSandbox {
             info: SandboxInfo {
-                backend: format!("vm (qemu, {})", self.config.accel.name()),
+                backend: format!("vm ({})", self.config.vmm.describe()),
                 setup: Duration::ZERO,
                 unenforced: Vec::new(),
                 ids: GUEST_IDS,
             },
             dir,
-            child: Some(child),
-            client: None,
+            vmm: self.config.vmm.kind(),
             ports: Arc::new(Ports {
-                listeners,
-                free: Mutex::new((1..=qemu::SESSION_PORTS).collect()),
+                free: Mutex::new((1..=vm.session_channels()).collect()),
             }),
+            vm: Some(vm),
+            client: None,
             interrupter,
             started,
             oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        let stream = sandbox.accept(&agent_listener)?;
+        let stream = sandbox.connect_agent()?;
         sandbox.client = Some(AgentClient::new(stream));
         Ok(sandbox)
     }
+}
+
+/// The kernel image and initramfs a VMM boots.
+#[derive(Debug, Clone)]
+struct BootFiles {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// The boot files of `config`'s VMM, made (or found made) in its cache.
+fn boot_files(config: &VmConfig) -> Result<BootFiles, String> {
+    let kernel = config
+        .vmm
+        .boot_image(&config.kernel, &config.cache)
+        .map_err(|e| e.to_string())?;
+    let initramfs = boot::initramfs_for(
+        &config.cache,
+        &config.init_exe,
+        &config.kernel,
+        config.vmm.channel(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(BootFiles { kernel, initramfs })
 }
 
 impl Backend for VmBackend {
@@ -296,15 +398,13 @@ fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
     ))
 }
 
-/// The session ports of a VM and which are free.
+/// Which of a VM's session channels are free.
 #[derive(Debug)]
 struct Ports {
-    /// Port `n`'s listener at `n - 1`.
-    listeners: Vec<UnixListener>,
     free: Mutex<Vec<usize>>,
 }
 
-/// Stops a VM from anywhere: kills its QEMU.
+/// Stops a VM from anywhere: kills its VMM.
 #[derive(Debug)]
 struct VmInterrupter {
     pid: i32,
@@ -326,7 +426,8 @@ impl Interrupter for VmInterrupter {
 pub struct VmSandbox {
     info: SandboxInfo,
     dir: PathBuf,
-    child: Option<Child>,
+    vmm: VmmKind,
+    vm: Option<Box<dyn Vm>>,
     client: Option<AgentClient<UnixStream>>,
     ports: Arc<Ports>,
     interrupter: Arc<VmInterrupter>,
@@ -335,66 +436,56 @@ pub struct VmSandbox {
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
-const CONNECT_WITHIN: Duration = Duration::from_secs(30);
-
 /// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
 /// seconds, under KVM a fraction of one; one that hangs (a kernel that cannot boot on this
 /// host's KVM) fails the sandbox with what its console said.
 const BOOT_WITHIN: Duration = Duration::from_secs(90);
 
 impl VmSandbox {
-    /// The connection QEMU makes to `listener` once it runs, unless it exits first.
-    fn accept(&mut self, listener: &UnixListener) -> Result<UnixStream, SandboxError> {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| SandboxError::setup(format!("cannot wait for the VM: {e}"), None))?;
-        let until = Instant::now() + CONNECT_WITHIN;
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false).map_err(|e| {
-                        SandboxError::setup(format!("cannot talk to the VM: {e}"), None)
-                    })?;
-                    return Ok(stream);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    return Err(SandboxError::setup(
-                        format!("cannot wait for the VM: {e}"),
-                        None,
-                    ));
-                }
+    /// The agent's first connection, within [`BOOT_WITHIN`] of the VMM's start.
+    fn connect_agent(&mut self) -> Result<UnixStream, SandboxError> {
+        let until = self.started + BOOT_WITHIN;
+        let result = match self.vm.as_mut() {
+            Some(vm) => vm.connect_agent(until),
+            None => return Err(SandboxError::Agent(ClientError::Gone)),
+        };
+        result.map_err(|e| self.vmm_error(e))
+    }
+
+    /// A VMM's error in the user's terms: a VM that stopped says why, one whose guest never
+    /// answered says what its console last said.
+    fn vmm_error(&mut self, e: VmmError) -> SandboxError {
+        if let Some(why) = self.exited() {
+            return SandboxError::setup(why, None);
+        }
+        match e {
+            VmmError::Exited => SandboxError::setup("the sandbox's VM stopped", None),
+            e @ VmmError::Setup(_) if self.vmm == VmmKind::Firecracker => {
+                let console = self
+                    .vm
+                    .as_ref()
+                    .map(|vm| std::fs::read_to_string(vm.console()).unwrap_or_default())
+                    .unwrap_or_default();
+                let last = last_lines(&console, 4);
+                self.stop_vm();
+                SandboxError::setup(
+                    format!("the sandbox's VM did not start: {e}; its console ended with: {last}"),
+                    Some("`upstream doctor` boots a VM and says what this host lacks"),
+                )
             }
-            if let Some(why) = self.exited() {
-                return Err(SandboxError::setup(why, None));
-            }
-            if Instant::now() >= until {
-                return Err(SandboxError::setup(
-                    format!(
-                        "QEMU did not connect to the sandbox's ports within {} s",
-                        CONNECT_WITHIN.as_secs()
-                    ),
-                    None,
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            e => SandboxError::setup(e.to_string(), None),
         }
     }
 
-    /// Why the VM is gone, if it is: QEMU's exit and what it and the guest said last.
+    /// Why the VM is gone, if it is: the VMM's exit and what it and the guest said last.
     fn exited(&mut self) -> Option<String> {
-        let child = self.child.as_mut()?;
-        let status = child.try_wait().ok()??;
-        let mut stderr = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            use std::io::Read;
-            let _ = err.read_to_string(&mut stderr);
-        }
-        Some(self.death_notice(status, &stderr))
+        let vm = self.vm.as_mut()?;
+        let status = vm.process().try_wait().ok()??;
+        let said = vm.last_words();
+        Some(self.death_notice(status, &said))
     }
 
-    fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
+    fn death_notice(&self, status: std::process::ExitStatus, vmm_said: &str) -> String {
         let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
         // What the guest's init said last, else the console's last lines.
         let said: String = console
@@ -406,7 +497,8 @@ impl VmSandbox {
             true => last_lines(&console, 6),
             false => last_lines(&said, 3),
         };
-        let mut notice = format!("the sandbox's VM stopped (QEMU {status})");
+        let vmm = self.vmm.program();
+        let mut notice = format!("the sandbox's VM stopped ({vmm} {status})");
         if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
             let why = panic
                 .split("Kernel panic - not syncing:")
@@ -415,14 +507,11 @@ impl VmSandbox {
                 .trim();
             notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
         } else if console.contains("Out of memory") {
-            notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
+            notice = format!("the sandbox's VM stopped: it ran out of memory ({vmm} {status})");
         }
-        let stderr = stderr.trim();
-        if !stderr.is_empty() {
-            notice.push_str(&format!(
-                "; QEMU said: {}",
-                stderr.lines().last().unwrap_or("")
-            ));
+        let vmm_said = vmm_said.trim();
+        if !vmm_said.is_empty() {
+            notice.push_str(&format!("; {vmm} said: {vmm_said}"));
         }
         if !last.is_empty() {
             notice.push_str(&format!("; its console ended with: {last}"));
@@ -516,10 +605,10 @@ impl VmSandbox {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop();
             let Some(n) = n else {
+                let channels = self.vm.as_ref().map_or(0, |vm| vm.session_channels());
                 return Err(SandboxError::setup(
                     format!(
-                        "all {} session ports of the VM are in use: end a session first",
-                        qemu::SESSION_PORTS
+                        "all {channels} session connections of the VM are in use: end a session first"
                     ),
                     None,
                 ));
@@ -528,11 +617,12 @@ impl VmSandbox {
                 n,
                 ports: self.ports.clone(),
             };
-            let listener = self.ports.listeners[n - 1]
-                .try_clone()
-                .map_err(|e| SandboxError::setup(format!("cannot use the VM's port: {e}"), None))?;
-            let stream = self.accept(&listener)?;
-            let result = self.client()?.attach(&qemu::port_name(n), stream);
+            let connected = match self.vm.as_mut() {
+                Some(vm) => vm.connect_session(n, Instant::now() + Duration::from_secs(5)),
+                None => return Err(SandboxError::Agent(ClientError::Gone)),
+            };
+            let (stream, name) = connected.map_err(|e| self.vmm_error(e))?;
+            let result = self.client()?.attach(&name, stream);
             self.note_ready();
             match result {
                 Ok(client) => return Ok((client, lease)),
@@ -553,9 +643,8 @@ impl VmSandbox {
     /// there is nothing to shut down cleanly, and a guest's power-off under TCG takes seconds.
     fn stop_vm(&mut self) {
         self.client = None;
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
         }
     }
 }
@@ -708,14 +797,14 @@ impl Sandbox for VmSandbox {
 
 impl Drop for VmSandbox {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.vm.is_some() {
             self.stop_vm();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
 
-/// A session of a VM sandbox: a helper of its agent on a port of its own.
+/// A session of a VM sandbox: a helper of its agent on a connection of its own.
 struct VmSession {
     client: AgentClient<UnixStream>,
     _lease: PortLease,
@@ -758,8 +847,7 @@ impl Session for VmSession {
 /// Boots a guest on `config` to an init that powers off at once, as `upstream doctor` does
 /// to tell whether this host runs VMs: how long QEMU took from its start to its exit.
 pub fn probe(config: &VmConfig) -> Result<Duration, String> {
-    let initramfs = boot::initramfs(&config.cache, &config.init_exe, &config.kernel)
-        .map_err(|e| e.to_string())?;
+    let boot = boot_files(config)?;
     let dir = make_sandbox_dir(&config.runtime.join("sandboxes")).map_err(|e| e.to_string())?;
     let result = (|| {
         // Two disks, as a sandbox has: QEMU locks each for the way it opens it.
@@ -768,38 +856,29 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         for disk in [&root, &scratch] {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
-        let machine = Machine {
-            qemu: &config.qemu,
-            accel: config.accel,
-            kernel: &config.kernel,
-            initramfs: &initramfs,
+        let mut cmdline = guest::cmdline(upstream_sandbox::DEFAULT_HOSTNAME, None, None);
+        cmdline.push(guest::POWER_OFF_AT_ONCE.to_string());
+        let machine = MachineSpec {
+            kernel: &boot.kernel,
+            initramfs: &boot.initramfs,
             root_disk: &root,
             scratch_disk: &scratch,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
-            memory_limit: None,
-            pids_limit: None,
-            hostname: upstream_sandbox::DEFAULT_HOSTNAME,
+            cmdline: &cmdline,
             dir: &dir,
         };
+        let vmm = config.vmm.kind().program();
         let started = Instant::now();
-        let (mut child, _listeners) = machine
-            .start_with(&[guest::POWER_OFF_AT_ONCE])
-            .map_err(|e| e.to_string())?;
+        let mut vm = config.vmm.start(&machine).map_err(|e| e.to_string())?;
         loop {
-            match child.try_wait().map_err(|e| e.to_string())? {
+            match vm.process().try_wait().map_err(|e| e.to_string())? {
                 Some(status) if status.success() => return Ok(started.elapsed()),
                 Some(status) => {
-                    let mut stderr = String::new();
-                    if let Some(mut err) = child.stderr.take() {
-                        use std::io::Read;
-                        let _ = err.read_to_string(&mut stderr);
-                    }
-                    return Err(format!("QEMU {status}: {}", stderr.trim()));
+                    return Err(format!("{vmm} {status}: {}", vm.last_words()));
                 }
                 None if started.elapsed() > BOOT_WITHIN => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    vm.kill();
                     return Err(format!(
                         "the guest did not power off within {} s",
                         BOOT_WITHIN.as_secs()

@@ -9,12 +9,15 @@
 //! no side waits for the other's socket to appear), and connects again when this side
 //! closes it (a session ended).
 
-use std::os::unix::net::UnixListener;
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::boot::Kernel;
 use crate::guest;
+use crate::vmm::{Channel, MachineSpec, Vm, Vmm, VmmError, VmmKind};
 
 /// How QEMU runs the guest's CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,17 +59,15 @@ pub fn port_name(n: usize) -> String {
 pub struct Machine<'a> {
     pub qemu: &'a Path,
     pub accel: Accel,
-    pub kernel: &'a Kernel,
+    pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub root_disk: &'a Path,
     pub scratch_disk: &'a Path,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     pub cpus: u32,
-    /// The sandbox's own limits, which the guest's cgroup holds.
-    pub memory_limit: Option<u64>,
-    pub pids_limit: Option<u64>,
-    pub hostname: &'a str,
+    /// The words for the guest on the kernel's command line ([`guest::cmdline`]).
+    pub cmdline: &'a [String],
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
 }
@@ -104,24 +105,7 @@ impl Machine<'_> {
 
     /// QEMU's arguments, with `more` words on the kernel's command line.
     pub fn args_with(&self, more: &[&str]) -> Vec<String> {
-        let mut append = vec![
-            "console=ttyS0".to_string(),
-            "quiet".into(),
-            "panic=-1".into(),
-            format!("rdinit={}", guest::INIT_PATH),
-            "random.trust_cpu=on".into(),
-            "i8042.noaux".into(),
-            "i8042.nomux".into(),
-            "i8042.nopnp".into(),
-            "i8042.dumbkbd".into(),
-            format!("upstream.hostname={}", self.hostname),
-        ];
-        if let Some(memory) = self.memory_limit {
-            append.push(format!("upstream.memory={memory}"));
-        }
-        if let Some(pids) = self.pids_limit {
-            append.push(format!("upstream.pids={pids}"));
-        }
+        let mut append = self.cmdline.to_vec();
         append.extend(more.iter().map(|w| w.to_string()));
         if self.accel == Accel::Tcg {
             append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
@@ -155,7 +139,7 @@ impl Machine<'_> {
             "-smp".into(),
             self.cpus.to_string(),
             "-kernel".into(),
-            self.kernel.image.display().to_string(),
+            self.kernel.display().to_string(),
             "-initrd".into(),
             self.initramfs.display().to_string(),
             "-append".into(),
@@ -238,5 +222,160 @@ impl Machine<'_> {
         }
         let child = command.spawn()?;
         Ok((child, listeners))
+    }
+}
+
+/// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
+const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// The QEMU VMM.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+}
+
+impl Vmm for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        format!("qemu, {}", self.accel.name())
+    }
+
+    fn channel(&self) -> Channel {
+        Channel::VirtioSerial
+    }
+
+    fn boot_image(&self, kernel: &Kernel, _cache: &Path) -> Result<PathBuf, VmmError> {
+        Ok(kernel.image.clone())
+    }
+
+    fn start(&self, spec: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
+        let machine = Machine {
+            qemu: &self.qemu,
+            accel: self.accel,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            root_disk: spec.root_disk,
+            scratch_disk: spec.scratch_disk,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            cmdline: spec.cmdline,
+            dir: spec.dir,
+        };
+        let (child, listeners) = machine.start().map_err(|source| VmmError::Spawn {
+            vmm: self.qemu.display().to_string(),
+            source,
+        })?;
+        Ok(Box::new(QemuVm {
+            child,
+            listeners,
+            dir: spec.dir.to_path_buf(),
+            stderr: None,
+        }))
+    }
+}
+
+/// A QEMU VM: its process and the listeners of its ports.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    /// Port `n`'s listener at `n`.
+    listeners: Vec<UnixListener>,
+    dir: PathBuf,
+    /// QEMU's standard error, once it exited.
+    stderr: Option<String>,
+}
+
+impl QemuVm {
+    /// The connection QEMU makes to port `n`'s socket once it runs, unless it exits first.
+    fn accept(&mut self, n: usize, until: Instant) -> Result<UnixStream, VmmError> {
+        let setup = |what: &str, e: io::Error| VmmError::Setup(format!("{what}: {e}"));
+        let listener = self
+            .listeners
+            .get(n)
+            .ok_or_else(|| VmmError::Setup(format!("the VM has no port {n}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| setup("cannot wait for the VM", e))?;
+        let until = until.min(Instant::now() + CONNECT_WITHIN);
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| setup("cannot talk to the VM", e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(setup("cannot wait for the VM", e)),
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(VmmError::Exited);
+            }
+            if Instant::now() >= until {
+                return Err(VmmError::Timeout {
+                    what: "QEMU did not connect to the sandbox's ports".into(),
+                    within: CONNECT_WITHIN,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn connect_agent(&mut self, until: Instant) -> Result<UnixStream, VmmError> {
+        self.accept(0, until)
+    }
+
+    fn session_channels(&self) -> usize {
+        SESSION_PORTS
+    }
+
+    fn connect_session(
+        &mut self,
+        n: usize,
+        until: Instant,
+    ) -> Result<(UnixStream, String), VmmError> {
+        Ok((self.accept(n, until)?, port_name(n)))
+    }
+
+    fn console(&self) -> PathBuf {
+        console_of(&self.dir)
+    }
+
+    fn last_words(&mut self) -> String {
+        if self.stderr.is_none() && matches!(self.child.try_wait(), Ok(Some(_))) {
+            let mut text = String::new();
+            if let Some(mut err) = self.child.stderr.take() {
+                use std::io::Read;
+                let _ = err.read_to_string(&mut text);
+            }
+            self.stderr = Some(text);
+        }
+        self.stderr
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

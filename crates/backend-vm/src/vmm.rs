@@ -31,6 +31,14 @@ impl VmmKind {
             VmmKind::Firecracker => "firecracker",
         }
     }
+
+    /// The program's name in a sentence.
+    pub fn program(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "QEMU",
+            VmmKind::Firecracker => "Firecracker",
+        }
+    }
 }
 
 /// How the host reaches the guest's agent.
