@@ -553,17 +553,14 @@ impl Vm for FirecrackerVm {
             ),
         };
         self.api.patch("/vm", &json!({ "state": "Paused" }))?;
-        let created = self.api.put(
+        self.api.put(
             "/snapshot/create",
             &json!({
                 "snapshot_type": "Full",
                 "snapshot_path": state,
                 "mem_file_path": memory,
             }),
-        );
-        let resumed = self.api.patch("/vm", &json!({ "state": "Resumed" }));
-        created?;
-        resumed?;
+        )?;
         if self.place.jail.is_some() {
             for (name, to) in [(JAILED_STATE, &to.state), (JAILED_MEMORY, &to.memory)] {
                 let from = self.place.host(name);
@@ -579,6 +576,10 @@ impl Vm for FirecrackerVm {
             }
         }
         Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Ok(self.api.patch("/vm", &json!({ "state": "Resumed" }))?)
     }
 
     fn console(&self) -> PathBuf {

@@ -154,11 +154,19 @@ pub trait Vm: Send + std::fmt::Debug {
         until: Instant,
     ) -> Result<(UnixStream, String), VmmError>;
 
-    /// The guest's state to `to`; the guest runs on afterwards.
+    /// Pauses the guest and writes its state to `to`; it stays paused (so that a disk
+    /// copied now matches the snapshot) until [`Vm::resume`], or is killed.
     fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError> {
         let _ = to;
         Err(VmmError::Unsupported(
             "this VMM does not take snapshots here yet".into(),
+        ))
+    }
+
+    /// Runs a paused guest on.
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported(
+            "this VMM does not pause guests here yet".into(),
         ))
     }
 

@@ -379,7 +379,7 @@ fn a_vm_is_configured_booted_connected_snapshotted_restored_and_killed() {
     assert_eq!(fake.lock().unwrap().connects, [700, 700, 700, 700, 701]);
     assert!(vm.session_channels() > 15);
 
-    // A snapshot: paused, made whole, resumed.
+    // A snapshot: paused and made whole; then resumed.
     let snapshots = setup.root.join("snapshots");
     std::fs::create_dir_all(&snapshots).unwrap();
     let snapshot = Snapshot {
@@ -387,6 +387,7 @@ fn a_vm_is_configured_booted_connected_snapshotted_restored_and_killed() {
         memory: snapshots.join("vm.mem"),
     };
     vm.snapshot(&snapshot).unwrap();
+    vm.resume().unwrap();
     let seen = requests(&fake);
     assert_eq!(
         seen,
