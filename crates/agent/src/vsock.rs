@@ -101,3 +101,25 @@ pub fn accept_live(listener: BorrowedFd, within: Option<Duration>) -> io::Result
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port is the agent's once bound; with nobody connecting, taking a helper's
+    /// connection gives up within its bound instead of holding the agent.
+    #[test]
+    fn a_port_is_bound_once_and_an_empty_listener_gives_up_in_time() {
+        let port = 50_000 + std::process::id() % 10_000;
+        let listener = listen_on(port).unwrap();
+        let again = listen_on(port).unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EADDRINUSE), "{again}");
+        let start = Instant::now();
+        let e = accept_live(listener.as_fd(), Some(Duration::from_millis(100))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Control: another port binds while the first is held.
+        listen_on(port + 1).unwrap();
+    }
+}

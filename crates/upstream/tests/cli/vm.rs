@@ -298,17 +298,17 @@ fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
     let first = sandbox("1-first-0");
     let scratch = first.join("scratch.ext4");
     disk::scratch_disk(&scratch, 64 << 20).unwrap();
-    let machine = |dir: &std::path::PathBuf, scratch: &std::path::PathBuf| MachineSpec {
+    let spec = MachineSpec {
         kernel: &vmlinux,
         initramfs: &initramfs,
         root_disk: &root_disk,
-        scratch_disk: scratch,
+        scratch_disk: &scratch,
         memory_mib: 256,
         cpus: 1,
         cmdline: &cmdline,
-        dir,
+        dir: &first,
     };
-    let mut vm = fc.start(&machine(&first, &scratch)).unwrap();
+    let mut vm = fc.start(&spec).unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     let mut agent = upstream_sandbox::AgentClient::new(vm.connect_agent(until).unwrap());
     agent.wait_ready().unwrap();
@@ -335,7 +335,12 @@ fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
     vm.kill();
 
     let started = Instant::now();
-    let mut restored = fc.restore(&snapshot, &machine(&second, &scratch2)).unwrap();
+    let spec = MachineSpec {
+        scratch_disk: &scratch2,
+        dir: &second,
+        ..spec
+    };
+    let mut restored = fc.restore(&snapshot, &spec).unwrap();
     let mut agent = upstream_sandbox::AgentClient::new(restored.connect_agent(until).unwrap());
     agent.wait_ready().unwrap();
     assert_eq!(
