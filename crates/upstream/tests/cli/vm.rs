@@ -354,3 +354,85 @@ fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
     );
     restored.kill();
 }
+
+/// What a Firecracker guest does differently, tried where it can be: under QEMU, a guest told
+/// to tell its disks apart by mode (`upstream.disks=by-mode`) mounts the read-only one as the
+/// image and the writable one as its own, and one told to stop by rebooting ends its VM so.
+#[test]
+fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
+    use std::time::{Duration, Instant};
+    use upstream_backend_vm::qemu::{Accel, Qemu};
+    use upstream_backend_vm::vmm::{MachineSpec, Vmm};
+    use upstream_backend_vm::{boot, disk, guest};
+    crate::require_root_sandbox!();
+    require_vm!();
+    let qemu = Qemu {
+        qemu: std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+            .unwrap(),
+        accel: Accel::Tcg,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let kernel = boot::Kernel::find(None).unwrap();
+    let initramfs =
+        boot::initramfs(&cache, std::path::Path::new(crate::util::BIN), &kernel).unwrap();
+    host_rootfs(&work.path().join("rootfs"));
+    let root_disk = disk::root_disk(&cache.join("roots"), &work.path().join("rootfs")).unwrap();
+    let mut cmdline = guest::cmdline("by-mode", None, None);
+    cmdline.push(guest::DISKS_BY_MODE.into());
+    cmdline.push(guest::STOP_BY_REBOOT.into());
+    let dir = work.path().join("1-by-mode-0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch.ext4");
+    disk::scratch_disk(&scratch, 64 << 20).unwrap();
+    let spec = MachineSpec {
+        kernel: &kernel.image,
+        initramfs: &initramfs,
+        root_disk: &root_disk,
+        scratch_disk: &scratch,
+        memory_mib: 256,
+        cpus: 1,
+        cmdline: &cmdline,
+        dir: &dir,
+    };
+    let mut vm = qemu.start(&spec).unwrap();
+    let until = Instant::now() + Duration::from_secs(90);
+    let mut agent = upstream_sandbox::AgentClient::new(vm.connect_agent(until).unwrap());
+    agent.wait_ready().unwrap();
+    let request = upstream_sandbox::ExecRequest {
+        argv: vec![
+            "/usr/bin/bash".into(),
+            "-c".into(),
+            "cat /etc/image-marker; echo mine > /tmp/mine; cat /tmp/mine".into(),
+        ],
+        env: vec![("PATH".into(), "/usr/bin".into())],
+        cwd: "/".into(),
+        timeout_ms: Some(30_000),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let exited = agent
+        .exec(&request, &mut |_, d| out.extend_from_slice(d))
+        .unwrap();
+    assert!(exited.status.success(), "{exited:?}");
+    assert_eq!(String::from_utf8(out).unwrap(), "from the image\nmine\n");
+    // Asked to shut down, the guest reboots, which ends QEMU (`-no-reboot`) as it ends
+    // Firecracker.
+    agent.request_shutdown().unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = vm.process().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "the guest did not end its VM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let console = std::fs::read_to_string(vm.console()).unwrap_or_default();
+    assert!(
+        console.contains("reboot: Restarting system"),
+        "no reboot on the console: {console}"
+    );
+}
