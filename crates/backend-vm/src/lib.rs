@@ -99,9 +99,19 @@ impl VmConfig {
         let cache = std::env::var_os("UPSTREAM_VM_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| runtime.join("cache"));
-        let firecracker = std::env::var_os("UPSTREAM_FIRECRACKER")
-            .map(PathBuf::from)
-            .or_else(|| find_program("firecracker"));
+        let firecracker = match std::env::var_os("UPSTREAM_FIRECRACKER") {
+            Some(path) if !Path::new(&path).is_file() => {
+                return Err(SandboxError::setup(
+                    format!(
+                        "$UPSTREAM_FIRECRACKER is {}, which is no file",
+                        Path::new(&path).display()
+                    ),
+                    Some("name Firecracker's binary, or unset it to take the PATH's"),
+                ));
+            }
+            Some(path) => Some(PathBuf::from(path)),
+            None => find_program("firecracker"),
+        };
         let asked = std::env::var("UPSTREAM_VMM").ok();
         let choice = vmm::choose(
             asked.as_deref().filter(|a| !a.is_empty()),

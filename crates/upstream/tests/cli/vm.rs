@@ -107,6 +107,39 @@ fn a_command_runs_in_a_vm_with_its_own_kernel() {
     assert_eq!(stdout(&out).trim(), host_kernel.trim());
 }
 
+/// A VMM asked for that cannot be had is said in a sentence, on every host: a name that is
+/// no VMM's, Firecracker at a path that is no file; and QEMU asked for is QEMU, said so.
+#[test]
+fn doctor_says_why_a_vmm_asked_for_cannot_be_had() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    let env = Env::new();
+    let vm_line = |vars: &[(&str, &str)]| {
+        let mut command = env.command();
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        let text = stdout(&command.arg("doctor").output().unwrap());
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+            .unwrap_or_else(|| panic!("no vm line in:\n{text}"))
+            .to_string()
+    };
+    let line = vm_line(&[("UPSTREAM_VMM", "kvmtool")]);
+    assert!(line.starts_with("no"), "{line}");
+    assert!(line.contains("`qemu` or `firecracker`"), "{line}");
+    let line = vm_line(&[
+        ("UPSTREAM_VMM", "firecracker"),
+        ("UPSTREAM_FIRECRACKER", "/nonexistent/firecracker"),
+    ]);
+    assert!(line.starts_with("no"), "{line}");
+    assert!(line.contains("which is no file"), "{line}");
+    // Control: QEMU asked for is taken, and the line says why.
+    let line = vm_line(&[("UPSTREAM_VMM", "qemu")]);
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("($UPSTREAM_VMM=qemu)"), "{line}");
+}
+
 #[test]
 fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
     crate::require_root_sandbox!();
@@ -119,7 +152,22 @@ fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
         .find(|l| l.split_whitespace().nth(1) == Some("vm"))
         .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
     assert!(line.starts_with("ok"), "{line}");
-    assert!(line.contains("qemu-system-x86_64"), "{line}");
+    assert!(
+        line.contains("qemu-system-x86_64") || line.contains("firecracker ("),
+        "{line}"
+    );
+    // Why this VMM: no Firecracker, a KVM it cannot use, or Firecracker and one it can.
+    assert!(
+        [
+            "no firecracker binary on the PATH",
+            "Firecracker needs hardware KVM",
+            "/dev/kvm runs a stock guest",
+            "$UPSTREAM_VMM=",
+        ]
+        .iter()
+        .any(|why| line.contains(why)),
+        "{line}"
+    );
     assert!(line.contains("vmlinuz-"), "{line}");
     assert!(line.contains("a guest booted and powered off"), "{line}");
     // Control: a "kernel" that is no kernel boots nothing, and doctor says so.
