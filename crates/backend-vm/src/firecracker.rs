@@ -97,6 +97,9 @@ struct Place {
     work: PathBuf,
     /// The jail (`<base>/firecracker/<id>`), removed with the VM.
     jail: Option<PathBuf>,
+    /// The cgroups the jailer makes for the VM (`<controller root>/firecracker/<id>`),
+    /// removed with it.
+    cgroups: Vec<PathBuf>,
 }
 
 impl Place {
@@ -126,6 +129,7 @@ impl Firecracker {
             return Ok(Place {
                 work: machine.dir.to_path_buf(),
                 jail: None,
+                cgroups: Vec::new(),
             });
         };
         let exec_name = self
@@ -133,10 +137,8 @@ impl Firecracker {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "firecracker".into());
-        let jail = jailer
-            .chroot_base
-            .join(&exec_name)
-            .join(Self::id_of(machine.dir));
+        let id = Self::id_of(machine.dir);
+        let jail = jailer.chroot_base.join(&exec_name).join(&id);
         let root = jail.join("root");
         let fail = |what: &str, e: io::Error| {
             VmmError::Setup(format!(
@@ -149,6 +151,13 @@ impl Firecracker {
         let place = Place {
             work: root.clone(),
             jail: Some(jail.clone()),
+            // Where the jailer puts the memory cgroup it is given: under the unified
+            // hierarchy (v2) or the memory controller's (v1), in a parent named after the
+            // binary.
+            cgroups: ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
+                .iter()
+                .map(|base| Path::new(base).join(&exec_name).join(&id))
+                .collect(),
         };
         let mut files: Vec<(&Path, &str)> = vec![
             (machine.kernel, JAILED_KERNEL),
@@ -612,6 +621,10 @@ impl Vm for FirecrackerVm {
             if let Some(jail) = &self.place.jail {
                 let _ = fs::remove_dir_all(jail);
             }
+            // Empty once its process is gone: a cgroup directory goes with rmdir.
+            for cgroup in &self.place.cgroups {
+                let _ = fs::remove_dir(cgroup);
+            }
         }
     }
 }
@@ -664,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn a_jail_holds_links_to_the_vms_files_and_goes_with_it() {
+    fn a_jail_holds_links_to_the_vms_files() {
         let dir = tempfile::tempdir().unwrap();
         let sandbox = dir.path().join("sandboxes/9-a-0");
         fs::create_dir_all(&sandbox).unwrap();

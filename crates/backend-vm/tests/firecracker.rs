@@ -529,3 +529,104 @@ fn a_firecracker_that_exits_at_once_is_told_apart_from_one_that_is_slow() {
     );
     vm.kill();
 }
+
+/// Through the jailer: it is given the VM's id, Firecracker, the ids to drop to, the jails'
+/// base and a memory cgroup; Firecracker is told the files by their names in the jail, where
+/// they are links to the machine's; the jail goes with the VM. The "jailer" here is a script
+/// that makes the jail its working directory, as the real one does, and becomes the fake.
+#[test]
+fn a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_it() {
+    let setup = Setup::new(SLEEPS);
+    let jailer = setup.root.join("jailer");
+    std::fs::write(
+        &jailer,
+        "#!/bin/sh\n\
+         echo \"$*\" > \"$(dirname \"$0\")/jailer.args\"\n\
+         while [ \"$1\" != -- ]; do\n\
+           case \"$1\" in --id) id=$2;; --chroot-base-dir) base=$2;; esac\n\
+           shift 2\n\
+         done\n\
+         shift\n\
+         cd \"$base/firecracker/$id/root\" || exit 9\n\
+         echo \"$$ $PWD $*\" > fake.args\n\
+         exec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = setup.sandbox("7-g-0");
+    let scratch = dir.join("scratch.ext4");
+    let base = setup.root.join("jail");
+    let jail = base.join("firecracker/upstream-7-g-0");
+    let fake = fake_firecracker(&jail.join("root"), Fake::default());
+    let fc = Firecracker {
+        binary: setup.root.join("firecracker"),
+        jailer: Some(upstream_backend_vm::firecracker::Jailer {
+            binary: jailer.clone(),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            chroot_base: base.clone(),
+        }),
+    };
+    let cmdline = Vec::new();
+    let mut vm = fc
+        .start(&machine(&setup, &dir, &scratch, &cmdline))
+        .unwrap();
+    let args = std::fs::read_to_string(setup.root.join("jailer.args")).unwrap();
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    let start = format!(
+        "--id upstream-7-g-0 --exec-file {} --uid {uid} --gid {gid} --chroot-base-dir {} --cgroup-version ",
+        setup.root.join("firecracker").display(),
+        base.display()
+    );
+    assert!(args.starts_with(&start), "{args}");
+    assert!(
+        args.contains(&format!(
+            "={} -- --api-sock fc.sock --log-path fc.log --level Warning",
+            (704u64 + 128) << 20
+        )),
+        "{args}"
+    );
+    let named: HashMap<String, Value> = requests(&fake)
+        .into_iter()
+        .map(|(_, path, body)| (path, body))
+        .collect();
+    assert_eq!(named["/boot-source"]["kernel_image_path"], "vmlinux");
+    assert_eq!(named["/boot-source"]["initrd_path"], "initramfs");
+    assert_eq!(named["/drives/root"]["path_on_host"], "root.ext4");
+    assert_eq!(named["/drives/scratch"]["path_on_host"], "scratch.ext4");
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&jail.join("root/root.ext4")), ino(&setup.root_disk));
+    assert_eq!(ino(&jail.join("root/scratch.ext4")), ino(&scratch));
+    // The agent through the jail's vsock socket.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut agent = AgentClient::new(vm.connect_agent(until).unwrap());
+    assert_eq!(exec(&mut agent, &["id"]), "port 700: id");
+    // A snapshot is made in the jail, by its names there, and moved out to where it was
+    // asked for.
+    let snapshot = Snapshot {
+        state: setup.root.join("jailed.state"),
+        memory: setup.root.join("jailed.mem"),
+    };
+    vm.snapshot(&snapshot).unwrap();
+    let seen = requests(&fake);
+    assert_eq!(
+        seen[1].2,
+        json!({ "snapshot_type": "Full", "snapshot_path": "snapshot.state", "mem_file_path": "snapshot.mem" })
+    );
+    assert_eq!(
+        std::fs::read_to_string(&snapshot.state).unwrap(),
+        "snapshot_path"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&snapshot.memory).unwrap(),
+        "mem_file_path"
+    );
+    assert!(!jail.join("root/snapshot.state").exists());
+    let pid = vm.pid();
+    vm.kill();
+    assert!(!pid_alive(pid));
+    assert!(!jail.exists(), "the jail outlived its VM");
+    // The machine's own files are where they were.
+    assert!(setup.root_disk.is_file() && scratch.is_file());
+}
