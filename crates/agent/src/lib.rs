@@ -7,6 +7,7 @@
 mod files;
 pub mod net;
 pub mod protocol;
+pub mod renew;
 pub mod sandboxfs;
 mod server;
 pub mod tree;

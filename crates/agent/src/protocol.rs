@@ -128,6 +128,17 @@ pub enum Request {
     /// Give a directory of the sandbox's root to `owner` (one of someone else's is left as
     /// it is); answered by `Done` or `Failed`.
     Give { at: At, owner: Owner },
+    /// Make this machine one of its own: a VM restored from a snapshot starts with the
+    /// snapshot's random state, clock and name, which every VM restored from it shares. The
+    /// agent mixes `entropy` (from the host's random source) into the kernel's pool and
+    /// reseeds its generator, sets the clock to `unix_nanos` and the hostname to `hostname`;
+    /// answered by `Done` (or `Error`). Only on the first connection.
+    Renew {
+        hostname: String,
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+        unix_nanos: u64,
+    },
 }
 
 /// The largest piece of a file in one `Data` frame.
@@ -380,7 +391,7 @@ pub enum Response {
 
 /// The version of this protocol. Any change to [`Request`], [`Response`] or what they
 /// carry that an older peer would decode differently takes the next number.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// What a greeting ([`write_hello`]) starts with, so that a peer that speaks something else
 /// entirely is told apart from one of another version.

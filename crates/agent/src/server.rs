@@ -142,6 +142,21 @@ fn serve_as(
                     "the sandbox's processes are stopped on its first connection".to_string();
                 write_frame(&mut conn, &Response::Error { message })?;
             }
+            Request::Renew { .. } if role == Role::Helper => {
+                let message = "a machine is renewed on its first connection".to_string();
+                write_frame(&mut conn, &Response::Error { message })?;
+            }
+            Request::Renew {
+                hostname,
+                entropy,
+                unix_nanos,
+            } => {
+                let reply = match crate::renew::renew(&hostname, &entropy, unix_nanos) {
+                    Ok(()) => Response::Done,
+                    Err(message) => Response::Error { message },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
             Request::StopProcesses => {
                 stop_processes(&mut sigchld, &mut background)?;
                 write_frame(&mut conn, &Response::Done)?;

@@ -82,7 +82,7 @@ pub fn scratch_disk_from(cache: &Path, path: &Path, size: u64) -> io::Result<()>
 
 /// Copies `from` to a new file `to`, holes and all: by reflink where the filesystem shares
 /// blocks, else only the extents that hold data.
-fn sparse_copy(from: &Path, to: &Path) -> io::Result<()> {
+pub fn sparse_copy(from: &Path, to: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let source = fs::File::open(from)?;
     let target = fs::OpenOptions::new()

@@ -126,6 +126,18 @@ impl Firecracker {
     /// the files it needs linked into it.
     fn place(&self, machine: &MachineSpec, extra: &[(&Path, &str)]) -> Result<Place, VmmError> {
         let Some(jailer) = &self.jailer else {
+            // The disk by its name in the working directory, whatever its own path: a
+            // snapshot names it so, and a restore in another directory opens that one's.
+            let named = machine.dir.join(SCRATCH);
+            if machine.scratch_disk != named {
+                let _ = fs::remove_file(&named);
+                std::os::unix::fs::symlink(machine.scratch_disk, &named).map_err(|e| {
+                    VmmError::Setup(format!(
+                        "cannot name the sandbox's disk {}: {e}",
+                        named.display()
+                    ))
+                })?;
+            }
             return Ok(Place {
                 work: machine.dir.to_path_buf(),
                 jail: None,
@@ -163,12 +175,22 @@ impl Firecracker {
             (machine.kernel, JAILED_KERNEL),
             (machine.initramfs, JAILED_INITRAMFS),
             (machine.root_disk, JAILED_ROOT),
-            (machine.scratch_disk, SCRATCH),
         ];
         files.extend_from_slice(extra);
         for (from, name) in files {
             link_or_copy(from, &root.join(name)).map_err(|e| fail(name, e))?;
         }
+        // The sandbox's disk is linked, never copied: what the guest writes must be the
+        // disk's (a snapshot's template disk is what its restores copy).
+        fs::hard_link(machine.scratch_disk, root.join(SCRATCH)).map_err(|e| {
+            fail(
+                &format!(
+                    "{SCRATCH} (the jails' base must be on the filesystem of {})",
+                    machine.scratch_disk.display()
+                ),
+                e,
+            )
+        })?;
         // Firecracker, as its uid, writes the scratch disk and its log.
         fs::write(root.join(LOG), b"").map_err(|e| fail(LOG, e))?;
         for name in [SCRATCH, LOG] {
@@ -185,24 +207,6 @@ impl Firecracker {
             jailed.to_string()
         } else {
             file.display().to_string()
-        }
-    }
-
-    /// How Firecracker names the sandbox's disk: by its name alone when it is in the
-    /// sandbox's directory (Firecracker's working directory) or the jail, so that a snapshot
-    /// restored in another directory opens that directory's disk of the same name.
-    fn scratch_name(&self, machine: &MachineSpec) -> String {
-        if self.jailer.is_some() {
-            return SCRATCH.to_string();
-        }
-        match (
-            machine.scratch_disk.parent(),
-            machine.scratch_disk.file_name(),
-        ) {
-            (Some(parent), Some(name)) if parent == machine.dir => {
-                name.to_string_lossy().into_owned()
-            }
-            _ => machine.scratch_disk.display().to_string(),
         }
     }
 
@@ -367,6 +371,10 @@ impl Vmm for Firecracker {
         Ok(crate::vmlinux::of(&kernel.image, cache)?)
     }
 
+    fn keeps_agent_connection(&self) -> bool {
+        false
+    }
+
     fn start(&self, machine: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
         let mut vm = self.launch(machine, &[])?;
         let mut cmdline: Vec<&str> = machine.cmdline.iter().map(String::as_str).collect();
@@ -397,7 +405,7 @@ impl Vmm for Firecracker {
                     "is_read_only": true,
                 }),
             )?;
-            let scratch = self.scratch_name(machine);
+            let scratch = SCRATCH;
             vm.api.put(
                 "/drives/scratch",
                 &json!({
@@ -708,6 +716,7 @@ mod tests {
             cpus: 1,
             cmdline: &cmdline,
             dir: &sandbox,
+            snapshot_memory: None,
         };
         let place = fc.place(&machine, &[]).unwrap();
         assert_eq!(

@@ -18,9 +18,11 @@ pub mod firecracker;
 pub mod guest;
 pub mod kvm;
 pub mod qemu;
+pub mod qmp;
 pub mod vmlinux;
 pub mod vmm;
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -37,7 +39,7 @@ use upstream_sandbox::{
 use crate::boot::Kernel;
 use crate::firecracker::{Firecracker, Jailer};
 use crate::qemu::{Accel, Qemu};
-use crate::vmm::{MachineSpec, Vm, Vmm, VmmError, VmmKind};
+use crate::vmm::{MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
 
 /// This backend's name, in what it names.
 pub const BACKEND_NAME: &str = "vm";
@@ -223,6 +225,10 @@ pub struct VmBackend {
     config: VmConfig,
     /// The kernel image and initramfs the VMM boots, made on first use, then kept.
     boot: Mutex<Option<BootFiles>>,
+    /// Snapshots of machines ready to run, by shape ([`Backend::prepare`]).
+    templates: Mutex<HashMap<Shape, Arc<Template>>>,
+    /// Held while a snapshot is taken.
+    snapshotting: Mutex<()>,
 }
 
 impl VmBackend {
@@ -230,6 +236,8 @@ impl VmBackend {
         VmBackend {
             config,
             boot: Mutex::new(None),
+            templates: Mutex::new(HashMap::new()),
+            snapshotting: Mutex::new(()),
         }
     }
 
@@ -247,8 +255,8 @@ impl VmBackend {
         Ok(files)
     }
 
-    fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
-        let started = Instant::now();
+    /// The machine a sandbox of `spec` runs on, checking first that a VM can be it.
+    fn shape(&self, spec: &SandboxSpec) -> Result<Shape, SandboxError> {
         if spec.network != NetworkMode::None {
             return Err(SandboxError::setup(
                 "a VM sandbox has no network yet: `network: host` needs `isolation: namespaces`",
@@ -287,43 +295,53 @@ impl VmBackend {
                 });
             }
         };
-        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let scratch = dir.join("scratch.ext4");
-        disk::scratch_disk_from(
-            &self.config.cache.join("disks"),
-            &scratch,
-            spec.limits.disk_or_default(),
-        )
-        .map_err(|e| SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None))?;
         let memory = match spec.limits.memory {
             Some(limit) => limit.saturating_add(GUEST_OVERHEAD),
             None => DEFAULT_MEMORY,
         };
-        let memory_mib = memory.div_ceil(1 << 20).max(256);
-        let cpus = spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32);
-        let cmdline = guest::cmdline(&spec.hostname, spec.limits.memory, spec.limits.pids);
-        let machine = MachineSpec {
-            kernel: &boot.kernel,
-            initramfs: &boot.initramfs,
-            root_disk: &root_disk,
-            scratch_disk: &scratch,
-            memory_mib,
-            cpus,
-            cmdline: &cmdline,
-            dir: &dir,
-        };
-        let vm = self.config.vmm.start(&machine).map_err(|e| {
-            let _ = std::fs::remove_dir_all(&dir);
-            SandboxError::setup(
-                format!("cannot start {}: {e}", self.config.vmm_binary.display()),
-                None,
-            )
-        })?;
+        Ok(Shape {
+            kernel: boot.kernel,
+            initramfs: boot.initramfs,
+            root_disk,
+            memory_mib: memory.div_ceil(1 << 20).max(256),
+            cpus: spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
+            memory_limit: spec.limits.memory,
+            pids_limit: spec.limits.pids,
+            disk: spec.limits.disk_or_default(),
+        })
+    }
+
+    /// The machine of `shape` with its sockets and console in `dir`, the guest's command line
+    /// `cmdline` ([`Shape::cmdline`]).
+    fn machine<'a>(
+        &'a self,
+        shape: &'a Shape,
+        scratch: &'a Path,
+        cmdline: &'a [String],
+        dir: &'a Path,
+        snapshot_memory: Option<&'a Path>,
+    ) -> MachineSpec<'a> {
+        MachineSpec {
+            kernel: &shape.kernel,
+            initramfs: &shape.initramfs,
+            root_disk: &shape.root_disk,
+            scratch_disk: scratch,
+            memory_mib: shape.memory_mib,
+            cpus: shape.cpus,
+            cmdline,
+            dir,
+            snapshot_memory,
+        }
+    }
+
+    /// The sandbox around `vm`, started at `started`, in `dir` (removed with it), with no
+    /// agent connection yet.
+    fn sandbox_of(&self, vm: Box<dyn Vm>, dir: PathBuf, started: Instant) -> VmSandbox {
         let interrupter = Arc::new(VmInterrupter {
             pid: vm.pid(),
             interrupted: AtomicBool::new(false),
         });
-        let mut sandbox = VmSandbox {
+        VmSandbox {
             info: SandboxInfo {
                 backend: format!("vm ({})", self.config.vmm.describe()),
                 setup: Duration::ZERO,
@@ -340,11 +358,257 @@ impl VmBackend {
             interrupter,
             started,
             oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        };
+        }
+    }
+
+    /// Starts `machine`, whose directory is `dir` (the sandbox's: removed with it), and
+    /// returns the sandbox with no agent connection yet.
+    fn start(
+        &self,
+        machine: &MachineSpec,
+        dir: PathBuf,
+        started: Instant,
+    ) -> Result<VmSandbox, SandboxError> {
+        match self.config.vmm.start(machine) {
+            Ok(vm) => Ok(self.sandbox_of(vm, dir, started)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(SandboxError::setup(
+                    format!("cannot start {}: {e}", self.config.vmm_binary.display()),
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
+        let started = Instant::now();
+        let shape = self.shape(spec)?;
+        let template = self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shape)
+            .cloned();
+        if let Some(template) = template {
+            let mut sandbox = self.restore(&template, started)?;
+            sandbox.renew(&spec.hostname)?;
+            return Ok(sandbox);
+        }
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let scratch = dir.join("scratch.ext4");
+        disk::scratch_disk_from(&self.config.cache.join("disks"), &scratch, shape.disk).map_err(
+            |e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None)
+            },
+        )?;
+        let cmdline = shape.cmdline(&spec.hostname);
+        let machine = self.machine(&shape, &scratch, &cmdline, &dir, None);
+        let mut sandbox = self.start(&machine, dir.clone(), started)?;
         let stream = sandbox.connect_agent()?;
         sandbox.client = Some(AgentClient::new(stream));
         Ok(sandbox)
     }
+
+    /// Boots a machine of `shape` and snapshots it once its agent is ready: its RAM in a
+    /// file (QEMU maps it shared from the start, Firecracker writes it), its devices' state
+    /// written beside it, its disk kept.
+    fn snapshot(&self, shape: &Shape) -> Result<Template, SandboxError> {
+        let failed = |e: io::Error| {
+            SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
+        };
+        let template = Template {
+            dir: make_sandbox_dir(&self.config.runtime.join("templates"))?,
+            shape: shape.clone(),
+        };
+        disk::scratch_disk_from(
+            &self.config.cache.join("disks"),
+            &template.scratch(),
+            shape.disk,
+        )
+        .map_err(failed)?;
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let memory = template.memory();
+        let scratch = template.scratch();
+        let cmdline = shape.cmdline(upstream_sandbox::DEFAULT_HOSTNAME);
+        let machine = self.machine(shape, &scratch, &cmdline, &dir, Some(&memory));
+        let mut vm = self.start(&machine, dir.clone(), Instant::now())?;
+        let stream = vm.connect_agent()?;
+        vm.client = Some(AgentClient::new(stream));
+        vm.wait_ready()?;
+        // Its generator reseeded last thing, so that every VM restored from it wakes with the
+        // same fresh seed, which its own renewal replaces before it runs anything (the kernel
+        // would otherwise reseed on its own at a moment the snapshot's age decides).
+        vm.renew(upstream_sandbox::DEFAULT_HOSTNAME)?;
+        let snapshot = template.snapshot();
+        let taken = match vm.vm.as_mut() {
+            Some(machine) => machine.snapshot(&snapshot),
+            None => return Err(SandboxError::Agent(ClientError::Gone)),
+        };
+        taken.map_err(|e| {
+            SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
+        })?;
+        // Its disk is the template's: what the guest wrote is on it, and nothing more will be.
+        Box::new(vm).destroy()?;
+        Ok(template)
+    }
+
+    /// A sandbox restored from `template`, not yet renewed ([`VmSandbox::renew`]): its
+    /// random generator, clock and hostname are still the snapshot's.
+    fn restore(&self, template: &Template, started: Instant) -> Result<VmSandbox, SandboxError> {
+        let failed = |e: io::Error| {
+            SandboxError::setup(format!("cannot restore the sandbox's VM: {e}"), None)
+        };
+        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+        let scratch = dir.join("scratch.ext4");
+        if let Err(e) = disk::sparse_copy(&template.scratch(), &scratch) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(failed(e));
+        }
+        let cmdline = template.shape.cmdline(upstream_sandbox::DEFAULT_HOSTNAME);
+        let machine = self.machine(&template.shape, &scratch, &cmdline, &dir, None);
+        let restored = match self.config.vmm.restore(&template.snapshot(), &machine) {
+            Ok(restored) => restored,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(SandboxError::setup(
+                    format!("cannot restore the sandbox's VM: {e}"),
+                    None,
+                ));
+            }
+        };
+        let mut vm = self.sandbox_of(restored, dir, started);
+        let stream = vm.connect_agent()?;
+        // A guest whose agent kept its connection goes on with it; one whose connections
+        // were reset greets on the new one.
+        vm.client = Some(match self.config.vmm.keeps_agent_connection() {
+            true => AgentClient::resumed(stream),
+            false => AgentClient::new(stream),
+        });
+        Ok(vm)
+    }
+
+    /// Snapshots a machine for sandboxes of `spec`, unless one of its shape exists: later
+    /// ones are restored from it.
+    fn prepare_shape(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let shape = self.shape(spec)?;
+        // One snapshot at a time: two of one shape would boot twice for nothing.
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&shape)
+        {
+            return Ok(());
+        }
+        let template = Arc::new(self.snapshot(&shape)?);
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shape, template);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "testing")]
+impl VmBackend {
+    /// A sandbox restored from the snapshot of `spec`'s shape (taken now if there is none)
+    /// with nothing renewed: what every restored VM would be without [`VmSandbox::renew`],
+    /// for tests that show the renewal is what sets them apart.
+    pub fn restore_unrenewed(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.prepare_shape(spec)?;
+        let shape = self.shape(spec)?;
+        let template = self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shape)
+            .cloned()
+            .ok_or_else(|| SandboxError::setup("no snapshot of this shape", None))?;
+        Ok(Box::new(self.restore(&template, Instant::now())?))
+    }
+}
+
+/// What a sandbox's machine is made of, but for the sandbox's own disk, directory and name:
+/// what a snapshot is taken of, and restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    /// The kernel image the VMM boots, and the initramfs.
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    root_disk: PathBuf,
+    /// Guest RAM.
+    memory_mib: u64,
+    cpus: u32,
+    /// The sandbox's limits, which the guest's cgroup holds.
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+    /// The size of its disk.
+    disk: u64,
+}
+
+/// A snapshot of a machine whose agent was ready: sandboxes of its shape are restored from it
+/// in a fraction of a boot. Removed when dropped; VMs restored from it keep the pages of its
+/// RAM file they mapped.
+#[derive(Debug)]
+struct Template {
+    dir: PathBuf,
+    shape: Shape,
+}
+
+impl Template {
+    /// The guest's RAM.
+    fn memory(&self) -> PathBuf {
+        self.dir.join("memory")
+    }
+
+    /// Its devices' state.
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Its disk, which each restored sandbox gets a copy of.
+    fn scratch(&self) -> PathBuf {
+        self.dir.join("scratch.ext4")
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.state(),
+            memory: self.memory(),
+        }
+    }
+}
+
+impl Shape {
+    /// The words on its guest's kernel command line, for a guest named `hostname`.
+    fn cmdline(&self, hostname: &str) -> Vec<String> {
+        guest::cmdline(hostname, self.memory_limit, self.pids_limit)
+    }
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Backend for VmBackend {
+    fn name(&self) -> &str {
+        BACKEND_NAME
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Ok(Box::new(self.create_vm(spec)?))
+    }
+
+    fn prepare(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        self.prepare_shape(spec)
+    }
+
+    fn discard_kept(&self, _kept: &Kept) {}
 }
 
 /// The kernel image and initramfs a VMM boots.
@@ -368,18 +632,6 @@ fn boot_files(config: &VmConfig) -> Result<BootFiles, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(BootFiles { kernel, initramfs })
-}
-
-impl Backend for VmBackend {
-    fn name(&self) -> &str {
-        BACKEND_NAME
-    }
-
-    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
-        Ok(Box::new(self.create_vm(spec)?))
-    }
-
-    fn discard_kept(&self, _kept: &Kept) {}
 }
 
 /// Makes a new directory for a sandbox under `parent`.
@@ -649,6 +901,24 @@ impl VmSandbox {
         }
     }
 
+    /// Makes a sandbox restored from a snapshot one of its own, before it runs anything: its
+    /// random generator reseeded from the host's, its clock set, its hostname `hostname`.
+    fn renew(&mut self, hostname: &str) -> Result<(), SandboxError> {
+        let mut entropy = [0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| io::Read::read_exact(&mut random, &mut entropy))
+            .map_err(|e| {
+                SandboxError::setup(format!("cannot read the host's random source: {e}"), None)
+            })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let result = self.client()?.renew(hostname, &entropy, now);
+        result.map_err(|e| self.map_error(e))?;
+        self.info.setup = self.started.elapsed();
+        Ok(())
+    }
+
     /// Ends the VM at once: nothing of it is kept (its disk goes with its directory), so
     /// there is nothing to shut down cleanly, and a guest's power-off under TCG takes seconds.
     fn stop_vm(&mut self) {
@@ -877,6 +1147,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             cpus: 1,
             cmdline: &cmdline,
             dir: &dir,
+            snapshot_memory: None,
         };
         let vmm = config.vmm.kind().program();
         let started = Instant::now();

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::boot::Kernel;
 use crate::guest;
-use crate::vmm::{Channel, MachineSpec, Vm, Vmm, VmmError, VmmKind};
+use crate::qmp::Monitor;
+use crate::vmm::{Channel, MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
 
 /// How QEMU runs the guest's CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,38 @@ pub struct Machine<'a> {
     pub cmdline: &'a [String],
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
+    /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
+    pub memory: Memory<'a>,
+    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`).
+    pub incoming: bool,
+}
+
+/// Where a guest's RAM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory<'a> {
+    /// Anonymous memory of QEMU's, gone with it.
+    Anonymous,
+    /// A file QEMU maps shared: what the guest writes is the file's, so a snapshot of the
+    /// machine need not copy its RAM (QEMU's `x-ignore-shared`), and the file outlives QEMU.
+    SharedFile(&'a Path),
+    /// A snapshot's RAM file mapped private: each restored guest reads the pages it has not
+    /// written from the file — from the page cache all of them share — and its writes are
+    /// its own.
+    PrivateFile(&'a Path),
+}
+
+/// The QMP socket in `dir`: QEMU connects to it as it does to the ports.
+pub fn qmp_socket_of(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+/// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and,
+/// for a machine whose RAM is a file, of its QMP monitor.
+#[derive(Debug)]
+pub struct Started {
+    pub child: Child,
+    pub ports: Vec<UnixListener>,
+    pub qmp: Option<UnixListener>,
 }
 
 /// The socket of port `name` in `dir`.
@@ -133,6 +166,35 @@ impl Machine<'_> {
         } else {
             args.extend(["-cpu".into(), "max".into()]);
         }
+        let memory_object = |path: &Path, share: &str| {
+            format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share={share},prealloc=off",
+                self.memory_mib,
+                path.display()
+            )
+        };
+        match self.memory {
+            Memory::Anonymous => {}
+            Memory::SharedFile(path) => {
+                args.extend(["-object".into(), memory_object(path, "on")]);
+            }
+            Memory::PrivateFile(path) => {
+                args.extend(["-object".into(), memory_object(path, "off")]);
+            }
+        }
+        if self.memory != Memory::Anonymous {
+            args.extend([
+                "-machine".into(),
+                "memory-backend=ram".into(),
+                "-chardev".into(),
+                format!("socket,id=qmp,path={}", qmp_socket_of(self.dir).display()),
+                "-mon".into(),
+                "chardev=qmp,mode=control".into(),
+            ]);
+        }
+        if self.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         args.extend([
             "-m".into(),
             format!("{}M", self.memory_mib),
@@ -190,19 +252,25 @@ impl Machine<'_> {
         args
     }
 
-    /// Listens on every port's socket, then starts QEMU, which connects to them.
-    pub fn start(&self) -> std::io::Result<(Child, Vec<UnixListener>)> {
+    /// Listens on every port's socket (and QMP's), then starts QEMU, which connects to them.
+    pub fn start(&self) -> std::io::Result<Started> {
         self.start_with(&[])
     }
 
     /// [`Machine::start`] with `more` words on the kernel's command line.
-    pub fn start_with(&self, more: &[&str]) -> std::io::Result<(Child, Vec<UnixListener>)> {
-        let mut listeners = Vec::new();
-        for n in 0..=SESSION_PORTS {
-            let path = socket_of(self.dir, &port_name(n));
+    pub fn start_with(&self, more: &[&str]) -> std::io::Result<Started> {
+        let listen = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
-            listeners.push(UnixListener::bind(&path)?);
+            UnixListener::bind(&path)
+        };
+        let mut ports = Vec::new();
+        for n in 0..=SESSION_PORTS {
+            ports.push(listen(socket_of(self.dir, &port_name(n)))?);
         }
+        let qmp = match self.memory {
+            Memory::Anonymous => None,
+            _ => Some(listen(qmp_socket_of(self.dir))?),
+        };
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
@@ -221,7 +289,7 @@ impl Machine<'_> {
             });
         }
         let child = command.spawn()?;
-        Ok((child, listeners))
+        Ok(Started { child, ports, qmp })
     }
 }
 
@@ -252,7 +320,41 @@ impl Vmm for Qemu {
         Ok(kernel.image.clone())
     }
 
+    fn keeps_agent_connection(&self) -> bool {
+        // A restored guest's port was open when it was saved and is open still: its chardev
+        // connects to the new QEMU's socket, and the agent goes on where it was.
+        true
+    }
+
     fn start(&self, spec: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
+        let memory = match spec.snapshot_memory {
+            Some(path) => Memory::SharedFile(path),
+            None => Memory::Anonymous,
+        };
+        Ok(Box::new(self.launch(spec, memory)?))
+    }
+
+    fn restore(&self, snapshot: &Snapshot, spec: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
+        let mut vm = self.launch(spec, Memory::PrivateFile(&snapshot.memory))?;
+        let until = Instant::now() + CONNECT_WITHIN;
+        let mut monitor = vm.monitor(until)?;
+        // The agent's port is connected before the guest runs: a guest that found its host
+        // gone would take it as the end of its connection.
+        vm.agent = Some(vm.accept(0, until)?);
+        if let Err(e) = monitor.load(&snapshot.state) {
+            if matches!(vm.child.try_wait(), Ok(Some(_))) {
+                return Err(VmmError::Exited);
+            }
+            vm.kill();
+            return Err(VmmError::Setup(e.to_string()));
+        }
+        vm.monitor = Some(monitor);
+        Ok(Box::new(vm))
+    }
+}
+
+impl Qemu {
+    fn launch(&self, spec: &MachineSpec, memory: Memory) -> Result<QemuVm, VmmError> {
         let machine = Machine {
             qemu: &self.qemu,
             accel: self.accel,
@@ -264,17 +366,23 @@ impl Vmm for Qemu {
             cpus: spec.cpus,
             cmdline: spec.cmdline,
             dir: spec.dir,
+            incoming: matches!(memory, Memory::PrivateFile(_)),
+            memory,
         };
-        let (child, listeners) = machine.start().map_err(|source| VmmError::Spawn {
+        let started = machine.start().map_err(|source| VmmError::Spawn {
             vmm: self.qemu.display().to_string(),
             source,
         })?;
-        Ok(Box::new(QemuVm {
-            child,
-            listeners,
+        Ok(QemuVm {
+            child: started.child,
+            listeners: started.ports,
+            qmp: started.qmp,
+            monitor: None,
+            agent: None,
+            memory: spec.snapshot_memory.map(Path::to_path_buf),
             dir: spec.dir.to_path_buf(),
             stderr: None,
-        }))
+        })
     }
 }
 
@@ -284,6 +392,14 @@ pub struct QemuVm {
     child: Child,
     /// Port `n`'s listener at `n`.
     listeners: Vec<UnixListener>,
+    /// The listener of its monitor, for a machine whose RAM is a file, and the monitor once
+    /// QEMU connected.
+    qmp: Option<UnixListener>,
+    monitor: Option<Monitor>,
+    /// The agent's connection, taken before a restored guest ran.
+    agent: Option<UnixStream>,
+    /// The file its RAM is in, for a machine booted to be snapshotted.
+    memory: Option<PathBuf>,
     dir: PathBuf,
     /// QEMU's standard error, once it exited.
     stderr: Option<String>,
@@ -292,11 +408,38 @@ pub struct QemuVm {
 impl QemuVm {
     /// The connection QEMU makes to port `n`'s socket once it runs, unless it exits first.
     fn accept(&mut self, n: usize, until: Instant) -> Result<UnixStream, VmmError> {
-        let setup = |what: &str, e: io::Error| VmmError::Setup(format!("{what}: {e}"));
         let listener = self
             .listeners
             .get(n)
-            .ok_or_else(|| VmmError::Setup(format!("the VM has no port {n}")))?;
+            .ok_or_else(|| VmmError::Setup(format!("the VM has no port {n}")))?
+            .try_clone()
+            .map_err(|e| VmmError::Setup(format!("cannot use the VM's port: {e}")))?;
+        self.accept_on(&listener, until)
+    }
+
+    /// The machine's monitor, greeted, once QEMU connected to it.
+    fn monitor(&mut self, until: Instant) -> Result<Monitor, VmmError> {
+        let Some(listener) = self.qmp.as_ref() else {
+            return Err(VmmError::Unsupported(
+                "a QEMU machine booted with its RAM anonymous has no snapshot: it is taken of \
+                 one whose RAM is a file"
+                    .into(),
+            ));
+        };
+        let listener = listener
+            .try_clone()
+            .map_err(|e| VmmError::Setup(format!("cannot use the VM's monitor: {e}")))?;
+        let stream = self.accept_on(&listener, until)?;
+        Monitor::new(stream).map_err(|e| VmmError::Setup(e.to_string()))
+    }
+
+    /// The connection QEMU makes to `listener`, unless it exits first.
+    fn accept_on(
+        &mut self,
+        listener: &UnixListener,
+        until: Instant,
+    ) -> Result<UnixStream, VmmError> {
+        let setup = |what: &str, e: io::Error| VmmError::Setup(format!("{what}: {e}"));
         listener
             .set_nonblocking(true)
             .map_err(|e| setup("cannot wait for the VM", e))?;
@@ -336,7 +479,10 @@ impl Vm for QemuVm {
     }
 
     fn connect_agent(&mut self, until: Instant) -> Result<UnixStream, VmmError> {
-        self.accept(0, until)
+        match self.agent.take() {
+            Some(stream) => Ok(stream),
+            None => self.accept(0, until),
+        }
     }
 
     fn session_channels(&self) -> usize {
@@ -349,6 +495,35 @@ impl Vm for QemuVm {
         until: Instant,
     ) -> Result<(UnixStream, String), VmmError> {
         Ok((self.accept(n, until)?, port_name(n)))
+    }
+
+    fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError> {
+        if self.memory.as_deref() != Some(to.memory.as_path()) {
+            return Err(VmmError::Unsupported(format!(
+                "a QEMU machine's snapshot keeps its RAM where the machine has it ({}), not at {}",
+                self.memory
+                    .as_deref()
+                    .map_or("anonymous memory".into(), |m| m.display().to_string()),
+                to.memory.display()
+            )));
+        }
+        if self.monitor.is_none() {
+            let monitor = self.monitor(Instant::now() + CONNECT_WITHIN)?;
+            self.monitor = Some(monitor);
+        }
+        let Some(monitor) = self.monitor.as_mut() else {
+            return Err(VmmError::Setup("the VM has no monitor".into()));
+        };
+        monitor
+            .save(&to.state)
+            .map_err(|e| VmmError::Setup(e.to_string()))
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        match self.monitor.as_mut() {
+            Some(monitor) => monitor.resume().map_err(|e| VmmError::Setup(e.to_string())),
+            None => Err(VmmError::Setup("the VM has no monitor to resume it".into())),
+        }
     }
 
     fn console(&self) -> PathBuf {

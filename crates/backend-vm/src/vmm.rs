@@ -92,6 +92,10 @@ pub struct MachineSpec<'a> {
     pub cmdline: &'a [String],
     /// The sandbox's directory: sockets, the console log and the VMM's own files go there.
     pub dir: &'a Path,
+    /// Where the guest's RAM goes when the machine is booted to be snapshotted: QEMU keeps
+    /// it in this file from the start (so a snapshot need not copy it), Firecracker writes
+    /// it there when the snapshot is taken.
+    pub snapshot_memory: Option<&'a Path>,
 }
 
 /// The files of a snapshot of a running guest.
@@ -117,6 +121,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// The kernel image to boot for `kernel`, made (and kept in `cache`) if this VMM needs
     /// one of its own.
     fn boot_image(&self, kernel: &Kernel, cache: &Path) -> Result<PathBuf, VmmError>;
+
+    /// Whether a restored guest's agent goes on with the connection it had when the
+    /// snapshot was taken (QEMU: its virtio port stays open), or greets anew on a new one
+    /// (Firecracker: a restore resets every vsock connection).
+    fn keeps_agent_connection(&self) -> bool;
 
     /// Starts `machine`; its guest boots on its own.
     fn start(&self, machine: &MachineSpec) -> Result<Box<dyn Vm>, VmmError>;

@@ -270,6 +270,7 @@ fn machine<'a>(
         cpus: 2,
         cmdline,
         dir,
+        snapshot_memory: None,
     }
 }
 

@@ -61,6 +61,17 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// A client of an agent that greeted, and was greeted by, a client before this one: the
+    /// agent of a VM restored from a snapshot taken once it was ready, which waits for its
+    /// next request on a connection the restored VM reconnected.
+    pub fn resumed(conn: S) -> AgentClient<S> {
+        AgentClient {
+            conn,
+            greeted: true,
+            ready_at: Some(Instant::now()),
+        }
+    }
+
     fn receive(&mut self) -> Result<Response, ClientError> {
         read_frame(&mut self.conn)?.ok_or(ClientError::Gone)
     }
@@ -245,6 +256,21 @@ impl<S: Read + Write> AgentClient<S> {
     /// Kills every process of the sandbox but the agent, and waits until they are gone.
     pub fn stop_processes(&mut self) -> Result<(), ClientError> {
         self.call(&Request::StopProcesses, done)
+    }
+
+    /// Makes a restored machine one of its own ([`Request::Renew`]).
+    pub fn renew(
+        &mut self,
+        hostname: &str,
+        entropy: &[u8],
+        unix_nanos: u64,
+    ) -> Result<(), ClientError> {
+        let request = Request::Renew {
+            hostname: hostname.into(),
+            entropy: entropy.to_vec(),
+            unix_nanos,
+        };
+        self.call(&request, done)
     }
 
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {

@@ -200,6 +200,13 @@ pub trait Backend {
     /// it. A name of another backend's, or of nothing kept, is no error: nothing happens.
     fn discard_kept(&self, kept: &Kept);
 
+    /// Gets ready to make sandboxes of `spec`'s shape quickly, as a warm pool does before it
+    /// fills: the VM backend boots one machine and snapshots it, and restores later ones of
+    /// that shape from the snapshot. Backends with nothing to prepare do nothing.
+    fn prepare(&self, _spec: &SandboxSpec) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
     /// Everything this backend has kept, resumable or not.
     fn kept(&self) -> Vec<Kept> {
         Vec::new()

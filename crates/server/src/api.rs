@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use upstream_sandbox::{ExecRequest, ExitStatus, Limits, NetworkMode, Scope, Stream};
+use upstream_sandbox::{ExecRequest, ExitStatus, Isolation, Limits, NetworkMode, Scope, Stream};
 
 use crate::auth::Tenant;
 use crate::bounds;
@@ -56,6 +56,9 @@ pub struct CreateSandbox {
     pub limits: LimitsBody,
     /// `none` (only loopback, the default) or `host`.
     pub network: Option<String>,
+    /// `namespaces` (the default: the host's kernel, namespaces and cgroups) or `vm` (a
+    /// microVM with a kernel of its own).
+    pub isolation: Option<String>,
     /// Seconds without use after which the sandbox is torn down (at most 31536000, 365
     /// days); 0: never. Default: the daemon's `--idle-timeout`.
     pub timeout: Option<f64>,
@@ -75,6 +78,8 @@ pub struct SandboxBody {
     pub image: String,
     pub limits: LimitsOut,
     pub network: String,
+    /// `namespaces` or `vm`.
+    pub isolation: String,
     pub metadata: BTreeMap<String, String>,
     /// Unix time in milliseconds.
     pub created_at: u64,
@@ -124,6 +129,10 @@ impl SandboxBody {
             network: match live.shape.network {
                 NetworkMode::None => "none".into(),
                 NetworkMode::Host => "host".into(),
+            },
+            isolation: match live.shape.isolation {
+                Isolation::Namespaces => "namespaces".into(),
+                Isolation::Vm => "vm".into(),
             },
             metadata: live.metadata.clone(),
             created_at: live.created_at,
@@ -189,6 +198,15 @@ impl CreateSandbox {
                 )));
             }
         };
+        let isolation = match self.isolation.as_deref() {
+            None | Some("namespaces") => Isolation::Namespaces,
+            Some("vm") => Isolation::Vm,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "`isolation` is `{other}`; use `namespaces` or `vm`"
+                )));
+            }
+        };
         let cpus = match self.limits.cpus {
             Some(c) => Some(bounds::cpus(c, "limits.cpus")?),
             None => None,
@@ -206,6 +224,7 @@ impl CreateSandbox {
                 disk: disk(&self.limits.disk)?,
             },
             network,
+            isolation,
         };
         let idle = bounds::seconds(self.timeout, "timeout")?;
         let lifetime = bounds::seconds(self.lifetime, "lifetime")?;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use upstream_sandbox::{
-    ClientError, Interrupter, Limits, NetworkMode, Sandbox, SandboxError, SandboxSpec, Session,
-    SharedBackend, WorkspaceSpec,
+    ClientError, Interrupter, Isolation, Limits, NetworkMode, Sandbox, SandboxError, SandboxSpec,
+    Session, SharedBackend, WorkspaceSpec,
 };
 use upstream_store::Store;
 use upstream_turn::ImageSource;
@@ -126,17 +126,19 @@ impl Config {
 /// The tenant of requests on the local socket.
 pub const LOCAL_TENANT: &str = "local";
 
-/// The image, limits and network a sandbox is made with: what a warm pool is keyed by.
+/// The image, limits, network and isolation a sandbox is made with: what a warm pool is
+/// keyed by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shape {
     pub image: String,
     pub limits: Limits,
     pub network: NetworkMode,
+    pub isolation: Isolation,
 }
 
 impl Shape {
-    /// `IMAGE[,memory=SIZE][,disk=SIZE][,cpus=N][,pids=N][,network=none|host]`: a pool's shape as
-    /// `--pool` names it.
+    /// `IMAGE[,memory=SIZE][,disk=SIZE][,cpus=N][,pids=N][,network=none|host]
+    /// [,isolation=namespaces|vm]`: a pool's shape as `--pool` names it.
     pub fn parse(text: &str) -> Result<Shape, String> {
         let mut parts = text.split(',');
         let image = parts
@@ -181,9 +183,17 @@ impl Shape {
                         _ => return Err(format!("network `{value}`: use none or host")),
                     }
                 }
+                "isolation" => {
+                    shape.isolation = match value {
+                        "namespaces" => Isolation::Namespaces,
+                        "vm" => Isolation::Vm,
+                        _ => return Err(format!("isolation `{value}`: use namespaces or vm")),
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown `{key}`; a pool takes memory, disk, cpus, pids and network"
+                        "unknown `{key}`; a pool takes memory, disk, cpus, pids, network and \
+                         isolation"
                     ));
                 }
             }
@@ -199,10 +209,12 @@ impl Shape {
                 ..Limits::default()
             },
             network: NetworkMode::None,
+            isolation: Isolation::Namespaces,
         }
     }
 
-    /// `python:3.12 memory=… cpus=… pids=… network=none`: a pool's name in metrics.
+    /// `python:3.12 memory=… cpus=… pids=… network=host isolation=vm`: a pool's name in
+    /// metrics.
     pub fn key(&self) -> String {
         let mut key = self.image.clone();
         if let Some(m) = self.limits.memory {
@@ -219,6 +231,9 @@ impl Shape {
         }
         if self.network == NetworkMode::Host {
             key.push_str(" network=host");
+        }
+        if self.isolation == Isolation::Vm {
+            key.push_str(" isolation=vm");
         }
         key
     }
@@ -754,6 +769,7 @@ impl Daemon {
         let base = SandboxSpec {
             limits: self.config.with_default_limits(shape.limits),
             network: shape.network,
+            isolation: shape.isolation,
             ..SandboxSpec::default()
         };
         let image = upstream_turn::image::prepare(
@@ -796,6 +812,7 @@ impl Daemon {
             let limits = self.config.with_default_limits(p.shape.limits);
             p.shape.image == shape.image
                 && p.shape.network == shape.network
+                && p.shape.isolation == shape.isolation
                 && limits == shape.limits
         })
     }
@@ -1025,7 +1042,14 @@ impl Daemon {
                 None => {
                     let daemon = self.clone();
                     let shape = pool.shape.clone();
-                    match tokio::task::spawn_blocking(move || daemon.prepare(&shape)).await {
+                    // The image, then the backend: a pool of VMs boots one and snapshots it,
+                    // and is filled by restoring that snapshot.
+                    let prepare = move || {
+                        let prepared = daemon.prepare(&shape)?;
+                        daemon.backend.prepare(&prepared.spec)?;
+                        Ok::<_, ApiError>(prepared)
+                    };
+                    match tokio::task::spawn_blocking(prepare).await {
                         Ok(Ok(p)) => {
                             *pool.prepared.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(p.clone());
@@ -1034,7 +1058,7 @@ impl Daemon {
                         Ok(Err(e)) => {
                             tracing::warn!(
                                 pool = %pool.shape.key(),
-                                "cannot prepare the pool's image (trying again in 5 s): {}",
+                                "cannot prepare the pool's sandboxes (trying again in 5 s): {}",
                                 e.message
                             );
                             *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =

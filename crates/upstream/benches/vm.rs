@@ -99,6 +99,8 @@ fn main() {
                 cpus: 1,
                 cmdline: &cmdline,
                 dir: &dir,
+                memory: qemu::Memory::Anonymous,
+                incoming: false,
             };
             let start = Instant::now();
             let mut child = std::process::Command::new(&config.vmm_binary)

@@ -52,6 +52,13 @@ impl Backend for Backends {
         }
     }
 
+    fn prepare(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        match spec.isolation {
+            Isolation::Namespaces => self.namespaces.prepare(spec),
+            Isolation::Vm => self.vm()?.prepare(spec),
+        }
+    }
+
     fn discard_kept(&self, kept: &Kept) {
         if let Some(backend) = self.of_kept(kept) {
             backend.discard_kept(kept);

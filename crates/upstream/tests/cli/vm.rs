@@ -186,6 +186,90 @@ fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
     assert!(line.starts_with("no"), "{line}");
 }
 
+/// A daemon's pool of VMs is filled by restoring a snapshot of one booted guest; what it
+/// hands out are machines of their own, and sandboxes of other shapes boot as before.
+#[test]
+fn a_daemon_fills_a_pool_of_vms_from_a_snapshot() {
+    use serde_json::json;
+
+    use crate::serve::{Daemon, id, unix_request};
+
+    crate::require_root_sandbox!();
+    require_vm!();
+    let Some((registry, image)) = image() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let env = Env::new();
+    let pool = format!("{image},isolation=vm=2");
+    let daemon = Daemon::start(&env, &["--registry", &registry.host(), "--pool", &pool]);
+    let api = daemon.client(&daemon.key("t", "t"));
+    let metric = format!("upstream_pool_ready{{pool=\"{image} isolation=vm\"}} ");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let (_, text) = unix_request(&daemon.socket, "GET", "/metrics", "");
+        let ready = text
+            .lines()
+            .find_map(|l| l.strip_prefix(metric.as_str()))
+            .map_or(0, |n| n.parse::<usize>().unwrap());
+        if ready == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {text}\nthe daemon warned: {}",
+            daemon
+                .log
+                .lock()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.contains(" INFO "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let identity = [
+        "bash",
+        "-c",
+        "cat /proc/sys/kernel/random/boot_id; uname -r",
+    ];
+    let mut boot_ids = Vec::new();
+    for _ in 0..2 {
+        let sandbox = api.create(json!({ "image": image, "isolation": "vm" }));
+        assert_eq!(sandbox["from_pool"], true, "{sandbox}");
+        assert_eq!(sandbox["isolation"], "vm", "{sandbox}");
+        let ran = api.exec(&id(&sandbox), &identity);
+        let out = ran["stdout"].as_str().unwrap().to_string();
+        let mut lines = out.lines();
+        boot_ids.push(lines.next().unwrap().to_string());
+        assert!(lines.next().unwrap().ends_with("cloud-amd64"), "{out}");
+    }
+    assert_ne!(boot_ids[0], boot_ids[1], "two pooled VMs are one machine");
+    // Another shape is booted on the spot, and is a VM all the same.
+    let other = api.create(json!({
+        "image": image, "isolation": "vm", "limits": { "memory": "300M" }
+    }));
+    assert_eq!(other["from_pool"], false, "{other}");
+    let ran = api.exec(&id(&other), &identity);
+    assert!(
+        ran["stdout"].as_str().unwrap().contains("cloud-amd64"),
+        "{ran}"
+    );
+    // An isolation that is none is refused in a sentence.
+    let (status, body) = api.post(
+        "/v1/sandboxes",
+        json!({ "image": image, "isolation": "chroot" }),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.to_string().contains("use `namespaces` or `vm`"),
+        "{body}"
+    );
+}
+
 /// Firecracker's binary, if this host can run it: a `firecracker` on the PATH and a
 /// `/dev/kvm` that runs a stock guest (`kvm::stock_guest_runs`). Otherwise says why, as a
 /// lack of hardware.
@@ -355,6 +439,7 @@ fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
         cpus: 1,
         cmdline: &cmdline,
         dir: &first,
+        snapshot_memory: None,
     };
     let mut vm = fc.start(&spec).unwrap();
     let until = Instant::now() + Duration::from_secs(30);
@@ -444,6 +529,7 @@ fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
         cpus: 1,
         cmdline: &cmdline,
         dir: &dir,
+        snapshot_memory: None,
     };
     let mut vm = qemu.start(&spec).unwrap();
     let until = Instant::now() + Duration::from_secs(90);

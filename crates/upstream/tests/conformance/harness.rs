@@ -63,24 +63,7 @@ pub fn namespaces_agent_files() -> Case {
 pub fn vm() -> Case {
     Case {
         name: "vm",
-        make: |runtime| {
-            if let Some(lack) = lacks_vm() {
-                return Err(SandboxError::setup(lack, None));
-            }
-            let config = upstream_backend_vm::VmConfig::in_runtime_dir(
-                PathBuf::from(BIN),
-                None,
-                Some(runtime),
-            )?;
-            let config = upstream_backend_vm::VmConfig {
-                // Made once for the whole run: every test boots the same guest.
-                cache: std::env::temp_dir().join("upstream-conformance-vm-cache"),
-                ..config
-            };
-            Ok(std::sync::Arc::new(upstream_backend_vm::VmBackend::new(
-                config,
-            )))
-        },
+        make: |runtime| Ok(std::sync::Arc::new(vm_backend(runtime)?)),
         adapt: |spec| {
             spec.isolation = upstream_sandbox::Isolation::Vm;
             if spec.image == upstream_sandbox::Image::Host {
@@ -91,6 +74,60 @@ pub fn vm() -> Case {
         host_network: false,
         keeps: false,
     }
+}
+
+/// A microVM as [`vm`], each restored from a snapshot of its shape (taken when a sandbox of
+/// it is first asked for), as a daemon's warm pool of VMs is filled.
+pub fn vm_restored() -> Case {
+    Case {
+        name: "vm restored from a snapshot",
+        make: |runtime| {
+            let backend: SharedBackend = std::sync::Arc::new(vm_backend(runtime)?);
+            Ok(std::sync::Arc::new(FromSnapshots(backend)))
+        },
+        ..vm()
+    }
+}
+
+/// Prepares each sandbox's shape before making it, so each is restored from a snapshot.
+struct FromSnapshots(SharedBackend);
+
+impl upstream_sandbox::Backend for FromSnapshots {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.0.prepare(spec)?;
+        self.0.create(spec)
+    }
+
+    fn discard_kept(&self, kept: &upstream_sandbox::Kept) {
+        self.0.discard_kept(kept)
+    }
+}
+
+/// The VM backend of [`vm`] itself, for tests of what only it does, in `runtime`.
+pub fn vm_backend(runtime: &Path) -> Result<upstream_backend_vm::VmBackend, SandboxError> {
+    if let Some(lack) = lacks_vm() {
+        return Err(SandboxError::setup(lack, None));
+    }
+    let config =
+        upstream_backend_vm::VmConfig::in_runtime_dir(PathBuf::from(BIN), None, Some(runtime))?;
+    Ok(upstream_backend_vm::VmBackend::new(
+        upstream_backend_vm::VmConfig {
+            // Made once for the whole run: every test boots the same guest.
+            cache: std::env::temp_dir().join("upstream-conformance-vm-cache"),
+            ..config
+        },
+    ))
+}
+
+/// A spec of the image [`vm`] boots.
+pub fn vm_spec() -> SandboxSpec {
+    let mut spec = SandboxSpec::default();
+    (vm().adapt)(&mut spec);
+    spec
 }
 
 /// What this machine lacks to run VM sandboxes, if anything.

@@ -19,6 +19,7 @@ mod files;
 mod limits;
 mod network;
 mod sessions;
+mod snapshots;
 mod timeouts;
 
 /// One `#[test]` per conformance test for the case `$case` (a function of `harness`).
@@ -67,4 +68,5 @@ mod cases {
     conformance!(namespaces_host_files);
     conformance!(namespaces_agent_files);
     conformance!(vm);
+    conformance!(vm_restored);
 }
