@@ -132,13 +132,7 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// Starts a machine from `snapshot` in `machine.dir`, which holds a scratch disk as the
     /// snapshotted machine's was when it was taken; the guest runs on from where it was.
-    fn restore(&self, snapshot: &Snapshot, machine: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
-        let _ = (snapshot, machine);
-        Err(VmmError::Unsupported(format!(
-            "{} does not restore snapshots here yet",
-            self.kind().name()
-        )))
-    }
+    fn restore(&self, snapshot: &Snapshot, machine: &MachineSpec) -> Result<Box<dyn Vm>, VmmError>;
 }
 
 /// A running VM.
@@ -164,20 +158,13 @@ pub trait Vm: Send + std::fmt::Debug {
     ) -> Result<(UnixStream, String), VmmError>;
 
     /// Pauses the guest and writes its state to `to`; it stays paused (so that a disk
-    /// copied now matches the snapshot) until [`Vm::resume`], or is killed.
-    fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError> {
-        let _ = to;
-        Err(VmmError::Unsupported(
-            "this VMM does not take snapshots here yet".into(),
-        ))
-    }
+    /// copied now matches the snapshot) until [`Vm::resume`], or is killed. A QEMU machine
+    /// keeps its RAM where [`MachineSpec::snapshot_memory`] put it at boot, which must be
+    /// `to.memory`.
+    fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError>;
 
     /// Runs a paused guest on.
-    fn resume(&mut self) -> Result<(), VmmError> {
-        Err(VmmError::Unsupported(
-            "this VMM does not pause guests here yet".into(),
-        ))
-    }
+    fn resume(&mut self) -> Result<(), VmmError>;
 
     /// Where the guest's console is written.
     fn console(&self) -> PathBuf;
