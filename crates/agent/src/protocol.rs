@@ -139,6 +139,13 @@ pub enum Request {
         entropy: Vec<u8>,
         unix_nanos: u64,
     },
+    /// Flush the sandbox's own disk and hold every write to it (`FIFREEZE`), so that the host
+    /// can copy the disk whole and consistent (a VM's checkpoint); answered by `Done` once
+    /// frozen (or `Error` where there is no disk of the sandbox's own). Only on the first
+    /// connection; writers wait until `Thaw`.
+    Freeze,
+    /// Let writes to the sandbox's disk go on (`FITHAW`); answered by `Done` (or `Error`).
+    Thaw,
 }
 
 /// The largest piece of a file in one `Data` frame.

@@ -1,10 +1,13 @@
-//! A restored machine made one of its own ([`Request::Renew`](crate::protocol::Request)):
-//! every VM restored from one snapshot wakes with the snapshot's random generator, clock and
-//! name, so until it is told otherwise two of them would draw the same "random" bytes.
+//! A VM's requests of its whole machine. A restored machine made one of its own
+//! ([`Request::Renew`](crate::protocol::Request)): every VM restored from one snapshot wakes
+//! with the snapshot's random generator, clock and name, so until it is told otherwise two of
+//! them would draw the same "random" bytes. And the sandbox's disk frozen while the host
+//! copies it for a checkpoint (`Freeze`, `Thaw`).
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 use nix::sys::time::TimeSpec;
 use nix::time::{ClockId, clock_settime};
@@ -66,4 +69,44 @@ pub fn renew(hostname: &str, entropy: &[u8], unix_nanos: u64) -> Result<(), Stri
         .map_err(|e| format!("cannot set the clock: {e}"))?;
     nix::unistd::sethostname(hostname).map_err(|e| format!("cannot set the hostname: {e}"))?;
     Ok(())
+}
+
+/// A directory of the filesystem on the sandbox's own disk, held by a VM's init before it
+/// moves into the sandbox's root (from which that filesystem, under the overlay, cannot be
+/// named): what [`freeze`] and [`thaw`] act on.
+static SCRATCH: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Holds `dir`, a directory of the sandbox's own disk, for [`freeze`] and [`thaw`].
+pub fn hold_scratch(dir: OwnedFd) {
+    let _ = SCRATCH.set(dir);
+}
+
+/// `FIFREEZE`: `_IOWR('X', 119, int)`.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+/// `FITHAW`: `_IOWR('X', 120, int)`.
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+fn scratch_ioctl(request: libc::c_ulong, what: &str) -> Result<(), String> {
+    let Some(dir) = SCRATCH.get() else {
+        return Err("this sandbox has no disk of its own to freeze".into());
+    };
+    let arg: libc::c_int = 0;
+    // SAFETY: FIFREEZE and FITHAW take an int argument they ignore; `dir` is an open fd.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), request as _, &arg) } != 0 {
+        return Err(format!(
+            "cannot {what} the sandbox's disk: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Flushes the sandbox's disk and holds writes to it until [`thaw`].
+pub fn freeze() -> Result<(), String> {
+    scratch_ioctl(FIFREEZE, "freeze")
+}
+
+/// Lets writes to the sandbox's disk go on.
+pub fn thaw() -> Result<(), String> {
+    scratch_ioctl(FITHAW, "thaw")
 }

@@ -142,8 +142,9 @@ fn serve_as(
                     "the sandbox's processes are stopped on its first connection".to_string();
                 write_frame(&mut conn, &Response::Error { message })?;
             }
-            Request::Renew { .. } if role == Role::Helper => {
-                let message = "a machine is renewed on its first connection".to_string();
+            Request::Renew { .. } | Request::Freeze | Request::Thaw if role == Role::Helper => {
+                let message = "a machine is renewed, and its disk frozen, on its first connection"
+                    .to_string();
                 write_frame(&mut conn, &Response::Error { message })?;
             }
             Request::Renew {
@@ -152,6 +153,17 @@ fn serve_as(
                 unix_nanos,
             } => {
                 let reply = match crate::renew::renew(&hostname, &entropy, unix_nanos) {
+                    Ok(()) => Response::Done,
+                    Err(message) => Response::Error { message },
+                };
+                write_frame(&mut conn, &reply)?;
+            }
+            request @ (Request::Freeze | Request::Thaw) => {
+                let done = match request {
+                    Request::Freeze => crate::renew::freeze(),
+                    _ => crate::renew::thaw(),
+                };
+                let reply = match done {
                     Ok(()) => Response::Done,
                     Err(message) => Response::Error { message },
                 };

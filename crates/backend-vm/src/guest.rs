@@ -154,6 +154,9 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     for dir in [format!("{SCRATCH}/upper"), format!("{SCRATCH}/work")] {
         fs::create_dir_all(&dir).map_err(|e| format!("cannot make {dir}: {e}"))?;
     }
+    // The sandbox's disk, held for checkpoints: under the overlay it has no name inside.
+    let scratch_dir = fs::File::open(SCRATCH).map_err(|e| format!("cannot open {SCRATCH}: {e}"))?;
+    upstream_agent::renew::hold_scratch(scratch_dir.into());
     let layers = format!("lowerdir={LOWER},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work");
     mount_dir("overlay", NEW_ROOT, "overlay", MsFlags::empty(), &layers)?;
     mount_kernel_filesystems(NEW_ROOT)?;

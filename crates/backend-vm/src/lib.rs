@@ -263,12 +263,6 @@ impl VmBackend {
                 None,
             ));
         }
-        if spec.workspace.as_ref().is_some_and(|w| w.resume.is_some()) {
-            return Err(SandboxError::setup(
-                "a VM sandbox cannot resume a kept workspace yet",
-                Some("resume with `isolation: namespaces`"),
-            ));
-        }
         let boot = self.boot_files()?;
         let root_disk = match &spec.image {
             Image::Layers { layers, reference } => {
@@ -358,6 +352,9 @@ impl VmBackend {
             interrupter,
             started,
             oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            layered: false,
+            resumed_from: None,
+            kept_root: PathBuf::new(),
         }
     }
 
@@ -383,32 +380,84 @@ impl VmBackend {
 
     fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
         let started = Instant::now();
+        let resume = spec.workspace.as_ref().and_then(|w| w.resume.as_ref());
+        let resumed_from = match resume {
+            Some(kept) => Some(self.kept_path(kept).filter(|p| p.is_dir()).ok_or_else(|| {
+                SandboxError::setup(
+                    format!(
+                        "nothing is kept as `{kept}` to resume: a VM sandbox resumes only what a \
+                         VM sandbox kept"
+                    ),
+                    Some("run the turn again without --resume"),
+                )
+            })?),
+            None => None,
+        };
         let shape = self.shape(spec)?;
-        let template = self
-            .templates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&shape)
-            .cloned();
-        if let Some(template) = template {
-            let mut sandbox = self.restore(&template, started)?;
-            sandbox.renew(&spec.hostname)?;
-            return Ok(sandbox);
-        }
-        let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let scratch = dir.join("scratch.ext4");
-        disk::scratch_disk_from(&self.config.cache.join("disks"), &scratch, shape.disk).map_err(
-            |e| {
-                let _ = std::fs::remove_dir_all(&dir);
-                SandboxError::setup(format!("cannot make the sandbox's disk: {e}"), None)
-            },
-        )?;
-        let cmdline = shape.cmdline(&spec.hostname);
-        let machine = self.machine(&shape, &scratch, &cmdline, &dir, None);
-        let mut sandbox = self.start(&machine, dir.clone(), started)?;
-        let stream = sandbox.connect_agent()?;
-        sandbox.client = Some(AgentClient::new(stream));
+        let template = match resumed_from {
+            Some(_) => None,
+            None => self
+                .templates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&shape)
+                .cloned(),
+        };
+        let layered = spec.workspace.is_some();
+        let mut sandbox = match template {
+            Some(template) => {
+                let mut sandbox = self.restore(&template, started)?;
+                if layered {
+                    sandbox.first_checkpoint(&template.scratch())?;
+                }
+                sandbox.renew(&spec.hostname)?;
+                sandbox
+            }
+            None => {
+                let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
+                let scratch = dir.join("scratch.ext4");
+                let made = match &resumed_from {
+                    Some(kept) => disk::sparse_copy(&kept.join(KEPT_DISK), &scratch),
+                    None => disk::scratch_disk_from(
+                        &self.config.cache.join("disks"),
+                        &scratch,
+                        shape.disk,
+                    ),
+                };
+                // What a sandbox that keeps its workspace starts from is its first checkpoint.
+                let made = made.and_then(|()| match layered {
+                    true => disk::sparse_copy(&scratch, &dir.join(CHECKPOINT)),
+                    false => Ok(()),
+                });
+                if let Err(e) = made {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(SandboxError::setup(
+                        format!("cannot make the sandbox's disk: {e}"),
+                        None,
+                    ));
+                }
+                let cmdline = shape.cmdline(&spec.hostname);
+                let machine = self.machine(&shape, &scratch, &cmdline, &dir, None);
+                let mut sandbox = self.start(&machine, dir.clone(), started)?;
+                let stream = sandbox.connect_agent()?;
+                sandbox.client = Some(AgentClient::new(stream));
+                sandbox
+            }
+        };
+        sandbox.layered = layered;
+        sandbox.resumed_from = resumed_from;
+        sandbox.kept_root = self.kept_root();
         Ok(sandbox)
+    }
+
+    /// Where kept sandbox disks go: `<id>/scratch.ext4`, with its label beside it.
+    fn kept_root(&self) -> PathBuf {
+        self.config.runtime.join("kept")
+    }
+
+    /// Where the set kept as `kept` is; `None` for another backend's.
+    fn kept_path(&self, kept: &Kept) -> Option<PathBuf> {
+        (kept.backend() == BACKEND_NAME).then(|| self.kept_root().join(kept.id()))
     }
 
     /// Boots a machine of `shape` and snapshots it once its agent is ready: its RAM in a
@@ -608,7 +657,49 @@ impl Backend for VmBackend {
         self.prepare_shape(spec)
     }
 
-    fn discard_kept(&self, _kept: &Kept) {}
+    fn discard_kept(&self, kept: &Kept) {
+        if let Some(path) = self.kept_path(kept) {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+
+    fn kept(&self) -> Vec<Kept> {
+        let Ok(entries) = std::fs::read_dir(self.kept_root()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().join(KEPT_DISK).is_file())
+            .filter_map(|e| Kept::new(BACKEND_NAME, e.file_name().to_str()?))
+            .collect()
+    }
+
+    fn label_kept(&self, kept: &Kept, label: &str) -> io::Result<()> {
+        let path = self.kept_path(kept).ok_or(io::ErrorKind::NotFound)?;
+        if !path.join(KEPT_DISK).is_file() {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path.join(KEPT_LABEL))?;
+        io::Write::write_all(&mut file, label.as_bytes())
+    }
+
+    fn kept_label(&self, kept: &Kept) -> Option<(String, std::time::SystemTime)> {
+        let path = self.kept_path(kept)?.join(KEPT_LABEL);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        let text = std::fs::read(&path).ok()?;
+        let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
+        Some((text, meta.modified().ok()?))
+    }
 }
 
 /// The kernel image and initramfs a VMM boots.
@@ -633,6 +724,15 @@ fn boot_files(config: &VmConfig) -> Result<BootFiles, String> {
     .map_err(|e| e.to_string())?;
     Ok(BootFiles { kernel, initramfs })
 }
+
+/// A kept set's disk: the sandbox's disk at its last checkpoint.
+const KEPT_DISK: &str = "scratch.ext4";
+
+/// A kept set's label ([`Backend::label_kept`]).
+const KEPT_LABEL: &str = "owner";
+
+/// A sandbox's disk at its last checkpoint, in its directory, while it runs.
+const CHECKPOINT: &str = "checkpoint.ext4";
 
 /// Makes a new directory for a sandbox under `parent`.
 fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
@@ -696,6 +796,12 @@ pub struct VmSandbox {
     started: Instant,
     /// The guest's count of processes killed for want of memory, at the last command's end.
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
+    /// It keeps its workspace for `--resume`: its disk is copied at each checkpoint.
+    layered: bool,
+    /// The kept set it resumed, let go once it ends (well, or kept anew).
+    resumed_from: Option<PathBuf>,
+    /// Where its backend keeps sets.
+    kept_root: PathBuf,
 }
 
 /// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
@@ -901,6 +1007,36 @@ impl VmSandbox {
         }
     }
 
+    /// Its first checkpoint: a copy of `disk`, what its own disk was made from.
+    fn first_checkpoint(&mut self, disk: &Path) -> Result<(), SandboxError> {
+        disk::sparse_copy(disk, &self.dir.join(CHECKPOINT))
+            .map_err(|e| SandboxError::setup(format!("cannot keep the sandbox's disk: {e}"), None))
+    }
+
+    /// Copies its disk as it is now, whole and consistent: the guest flushes it and holds
+    /// its writes (`FIFREEZE`) while the host copies.
+    fn take_checkpoint(&mut self) -> Result<(), SandboxError> {
+        let frozen = self.client()?.freeze();
+        frozen.map_err(|e| self.map_error(e))?;
+        let temp = self.dir.join(format!("{CHECKPOINT}.tmp"));
+        let _ = std::fs::remove_file(&temp);
+        let copied = disk::sparse_copy(&self.dir.join("scratch.ext4"), &temp)
+            .and_then(|()| std::fs::rename(&temp, self.dir.join(CHECKPOINT)));
+        let thawed = self.client()?.thaw();
+        thawed.map_err(|e| self.map_error(e))?;
+        copied.map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            SandboxError::setup(format!("cannot keep the sandbox's disk: {e}"), None)
+        })
+    }
+
+    /// Lets the kept set it resumed go: what it holds is superseded.
+    fn let_resumed_go(&mut self) {
+        if let Some(path) = self.resumed_from.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+
     /// Makes a sandbox restored from a snapshot one of its own, before it runs anything: its
     /// random generator reseeded from the host's, its clock set, its hostname `hostname`.
     fn renew(&mut self, hostname: &str) -> Result<(), SandboxError> {
@@ -1052,11 +1188,15 @@ impl Sandbox for VmSandbox {
     }
 
     fn checkpoint(&mut self) -> Result<(), SandboxError> {
-        Ok(())
+        match self.layered {
+            true => self.take_checkpoint(),
+            false => Ok(()),
+        }
     }
 
     fn destroy(mut self: Box<Self>) -> Result<(), SandboxError> {
         self.stop_vm();
+        self.let_resumed_go();
         std::fs::remove_dir_all(&self.dir).map_err(|e| {
             SandboxError::setup(
                 format!("could not remove {}: {e}", self.dir.display()),
@@ -1066,12 +1206,27 @@ impl Sandbox for VmSandbox {
     }
 
     fn destroy_keeping(mut self: Box<Self>) -> Result<Kept, SandboxError> {
+        // What is kept is the last checkpoint, a copy of its own: the VM has nothing to finish.
         self.stop_vm();
+        let kept = (|| {
+            if !self.layered {
+                return Err("this sandbox has no layered workspace to keep".to_string());
+            }
+            let set = make_sandbox_dir(&self.kept_root).map_err(|e| e.to_string())?;
+            let id = set
+                .file_name()
+                .and_then(|n| Kept::new(BACKEND_NAME, n.to_str()?))
+                .ok_or("a kept set with no name")?;
+            std::fs::rename(self.dir.join(CHECKPOINT), set.join(KEPT_DISK)).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&set);
+                format!("could not keep the sandbox's disk: {e}")
+            })?;
+            Ok(id)
+        })();
         let _ = std::fs::remove_dir_all(&self.dir);
-        Err(SandboxError::setup(
-            "a VM sandbox does not keep its workspace for `--resume` yet",
-            None,
-        ))
+        let kept = kept.map_err(|why| SandboxError::setup(why, None))?;
+        self.let_resumed_go();
+        Ok(kept)
     }
 }
 

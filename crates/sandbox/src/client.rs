@@ -273,6 +273,16 @@ impl<S: Read + Write> AgentClient<S> {
         self.call(&request, done)
     }
 
+    /// Freezes the sandbox's own disk ([`Request::Freeze`]) until [`AgentClient::thaw`].
+    pub fn freeze(&mut self) -> Result<(), ClientError> {
+        self.call(&Request::Freeze, done)
+    }
+
+    /// Lets writes to the sandbox's disk go on ([`Request::Thaw`]).
+    pub fn thaw(&mut self) -> Result<(), ClientError> {
+        self.call(&Request::Thaw, done)
+    }
+
     pub fn request_shutdown(&mut self) -> Result<(), ClientError> {
         self.send(&Request::Shutdown)
     }

@@ -5,7 +5,12 @@
 //!   init that powers off at once (start to exit);
 //! - exec: `true` in a running VM sandbox, p50 and p99;
 //! - ten steps: a sandbox made, ten `true`s run in it one after another and torn down, on a
-//!   VM against the same on namespaces.
+//!   VM against the same on namespaces; and `upstream run` of a document of ten `true`
+//!   steps with `isolation: vm` against the same document on namespaces;
+//! - from a snapshot: a VM sandbox restored from a snapshot of its shape, from `create` to
+//!   its first `true`'s result, against a cold boot to the same (target: 0.1 of it);
+//! - memory: the proportional set size (PSS) of QEMU per idle VM sandbox of a 256 MiB
+//!   guest with 20 idle, restored from a snapshot (target: 40 MiB), and of cold-booted ones.
 //!
 //! Needs root, QEMU and a guest kernel (`scripts/vm-kernel`); says so and does nothing
 //! without. `UPSTREAM_BENCH_RUNS` sets the rounds (default 5).
@@ -194,6 +199,161 @@ fn main() {
         ms(median(&on_ns)),
         ms(median(&on_vm)) / ms(median(&on_ns))
     );
+
+    // A turn of ten trivial steps through `upstream run`, VM against namespaces, the image
+    // from a registry on this machine.
+    if let Some(registry) = upstream_image::testing::Registry::start() {
+        let layer = upstream_image::testing::layer_of_host_programs(
+            &["/usr/bin/bash", "/usr/bin/true"],
+            &[],
+        );
+        registry.push(
+            "bench/steps:1",
+            vec![(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+            &["PATH=/usr/bin"],
+        );
+        let image = format!("{}/bench/steps:1", registry.host());
+        let steps = "```bash\ntrue\n```\n\n".repeat(10);
+        let turn = |isolation: &str, round: usize| {
+            let dir = work.path().join(format!("turn-{isolation}-{round}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let doc = dir.join("turn.md");
+            std::fs::write(
+                &doc,
+                format!("---\nisolation: {isolation}\nimage: {image}\n---\n\n{steps}"),
+            )
+            .unwrap();
+            let start = Instant::now();
+            let out = std::process::Command::new(BIN)
+                .current_dir(&dir)
+                .env("UPSTREAM_RUNTIME_DIR", work.path().join("runtime"))
+                .env("UPSTREAM_CACHE_DIR", work.path().join("cache"))
+                .args(["run", "turn.md"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            start.elapsed()
+        };
+        // Once each first, unmeasured: the image is pulled, the VM's disks made.
+        turn("vm", runs);
+        turn("namespaces", runs);
+        let (mut on_vm, mut on_ns) = (Vec::new(), Vec::new());
+        for round in 0..runs {
+            if round % 2 == 0 {
+                on_vm.push(turn("vm", round));
+                on_ns.push(turn("namespaces", round));
+            } else {
+                on_ns.push(turn("namespaces", round));
+                on_vm.push(turn("vm", round));
+            }
+        }
+        println!(
+            "upstream run of ten trivial steps: isolation vm {:.0} ms, namespaces {:.0} ms, ratio {:.1}",
+            ms(median(&on_vm)),
+            ms(median(&on_ns)),
+            ms(median(&on_vm)) / ms(median(&on_ns))
+        );
+    } else {
+        println!("upstream run of ten trivial steps: not measured (no docker-registry here)");
+    }
+
+    // From a snapshot against a cold boot, to the first command's result.
+    let first_true = |backend: &VmBackend| {
+        let start = Instant::now();
+        let mut sandbox = backend.create(&spec).unwrap();
+        let outcome = sandbox.exec(&request, &mut |_, _| {}).unwrap();
+        assert!(outcome.status.success());
+        let took = start.elapsed();
+        sandbox.destroy().unwrap();
+        took
+    };
+    let restoring = VmBackend::new(config.clone());
+    restoring.prepare(&spec).unwrap();
+    let (mut restored, mut booted) = (Vec::new(), Vec::new());
+    for round in 0..runs {
+        if round % 2 == 0 {
+            restored.push(first_true(&restoring));
+            booted.push(first_true(&vm));
+        } else {
+            booted.push(first_true(&vm));
+            restored.push(first_true(&restoring));
+        }
+    }
+    let ratio = ms(median(&restored)) / ms(median(&booted));
+    println!(
+        "to the first command's result: restored from a snapshot {:.0} ms, booted cold {:.0} ms (medians of {runs}); ratio {ratio:.3} (target <= 0.1) {}",
+        ms(median(&restored)),
+        ms(median(&booted)),
+        verdict(ratio <= 0.1)
+    );
+
+    // Memory of idle VMs of a 256 MiB guest: 20 restored, then 5 booted cold.
+    let small = SandboxSpec {
+        limits: upstream_sandbox::Limits {
+            memory: Some((256 << 20) - upstream_backend_vm::GUEST_OVERHEAD),
+            ..spec.limits
+        },
+        ..spec.clone()
+    };
+    restoring.prepare(&small).unwrap();
+    let idle = |backend: &VmBackend, count: usize| {
+        let mut sandboxes = Vec::new();
+        for _ in 0..count {
+            let mut sandbox = backend.create(&small).unwrap();
+            let outcome = sandbox.exec(&request, &mut |_, _| {}).unwrap();
+            assert!(outcome.status.success());
+            sandboxes.push(sandbox);
+        }
+        // Idle: what the guests do once their command is done.
+        std::thread::sleep(Duration::from_secs(3));
+        let pss = vmm_pss();
+        assert_eq!(pss.len(), count, "one QEMU per sandbox");
+        for sandbox in sandboxes {
+            sandbox.destroy().unwrap();
+        }
+        pss.iter().sum::<u64>() as f64 / count as f64 / f64::from(1 << 20)
+    };
+    let restored_pss = idle(&restoring, 20);
+    let cold_pss = idle(&vm, 5);
+    println!(
+        "PSS per idle VM sandbox of a 256 MiB guest: {restored_pss:.1} MiB with 20 restored from a snapshot (target <= 40) {}; {cold_pss:.1} MiB with 5 booted cold; ratio {:.2}",
+        verdict(restored_pss <= 40.0),
+        restored_pss / cold_pss
+    );
+}
+
+/// The proportional set size of each QEMU this process started, in bytes.
+fn vmm_pss() -> Vec<u64> {
+    let me = std::process::id().to_string();
+    let mut sizes = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: the command may hold spaces, the part after it not.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1);
+        if !head.contains("(qemu-system-x86") || ppid != Some(me.as_str()) {
+            continue;
+        }
+        let Ok(rollup) = std::fs::read_to_string(dir.join("smaps_rollup")) else {
+            continue;
+        };
+        let kib: u64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        sizes.push(kib << 10);
+    }
+    sizes
 }
 
 fn median(times: &[Duration]) -> Duration {

@@ -33,10 +33,10 @@ impl Backends {
         if kept.backend() == self.namespaces.name() {
             return Some(&self.namespaces);
         }
-        match self.vm.get() {
-            Some(Ok(vm)) if kept.backend() == vm.name() => Some(vm),
-            _ => None,
+        if kept.backend() == upstream_backend_vm::BACKEND_NAME {
+            return self.vm().ok();
         }
+        None
     }
 }
 
@@ -66,7 +66,12 @@ impl Backend for Backends {
     }
 
     fn kept(&self) -> Vec<Kept> {
-        self.namespaces.kept()
+        let mut kept = self.namespaces.kept();
+        // A host that runs no VMs has kept none.
+        if let Ok(vm) = self.vm() {
+            kept.extend(vm.kept());
+        }
+        kept
     }
 
     fn label_kept(&self, kept: &Kept, label: &str) -> std::io::Result<()> {

@@ -270,6 +270,74 @@ fn a_daemon_fills_a_pool_of_vms_from_a_snapshot() {
     );
 }
 
+/// A turn on a VM that fails is resumed at the failed step, on a VM again, with the disk as
+/// it was before that step: what the step wrote before failing is gone, what came before is
+/// there, inside the workspace and out.
+#[test]
+fn a_failed_turn_on_a_vm_resumes_from_its_kept_disk() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    let Some((_registry, image)) = image() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let env = Env::new();
+    let doc = |second: &str| {
+        format!(
+            "---\nisolation: vm\nimage: {image}\n---\n\n```bash\necho one > a.txt; echo made > /tmp/m\n```\n\n```bash\n{second}\n```\n"
+        )
+    };
+    let path = env.write(
+        "vm.md",
+        doc("echo two > b.txt; echo changed > a.txt; exit 1"),
+    );
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args(["run", "vm.md"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let kept = env.runtime.join("vm/kept");
+    let sets = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&kept)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        sets().len(),
+        1,
+        "the failed turn kept its disk: {:?}",
+        sets()
+    );
+    let failed = std::fs::read_to_string(&path).unwrap();
+    // The fix: step 2 rewritten, step 1 and its result as they were.
+    let fixed = failed.replace(
+        "echo two > b.txt; echo changed > a.txt; exit 1",
+        "cat a.txt /tmp/m; test ! -e b.txt && echo clean",
+    );
+    assert_ne!(fixed, failed);
+    std::fs::write(&path, fixed).unwrap();
+    let out = env
+        .command()
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .args(["run", "--resume", "vm.md"])
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(code(&out), 0, "{}\n{text}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Resuming turn 1 at step 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(text.contains("one\nmade\nclean"), "{text}");
+    // Nothing is left kept once the resumed turn passed.
+    assert!(sets().is_empty(), "{:?}", sets());
+}
+
 /// Firecracker's binary, if this host can run it: a `firecracker` on the PATH and a
 /// `/dev/kvm` that runs a stock guest (`kvm::stock_guest_runs`). Otherwise says why, as a
 /// lack of hardware.

@@ -72,7 +72,7 @@ pub fn vm() -> Case {
         },
         binds_host: false,
         host_network: false,
-        keeps: false,
+        keeps: true,
     }
 }
 
@@ -104,6 +104,10 @@ impl upstream_sandbox::Backend for FromSnapshots {
 
     fn discard_kept(&self, kept: &upstream_sandbox::Kept) {
         self.0.discard_kept(kept)
+    }
+
+    fn kept(&self) -> Vec<upstream_sandbox::Kept> {
+        self.0.kept()
     }
 }
 
