@@ -364,6 +364,10 @@ pub enum Response {
         /// cgroup so far, where the agent can tell (a VM's guest, whose limits the agent's
         /// cgroup holds); `None` where the host tells instead.
         oom_kills: Option<u64>,
+        /// For a command that failed, whether the filesystem of the sandbox's root (its
+        /// writable layer's) was then full (`sandboxfs::is_full`): what the host of a VM,
+        /// which cannot look, reports as out of disk. `None` for a command that passed.
+        disk_full: Option<bool>,
     },
     File {
         #[serde(with = "serde_bytes")]
@@ -514,6 +518,7 @@ mod tests {
                 micros: 12,
                 collected: Some(Ok(b"k=v".to_vec())),
                 oom_kills: Some(1),
+                disk_full: Some(true),
             },
         ];
         let mut wire = Vec::new();

@@ -681,6 +681,23 @@ fn opened_up(dirs: &[BorrowedFd<'_>], op: impl Fn() -> nix::Result<()>) -> nix::
 
 /// Removes the host path `path` and everything below it ([`remove_tree`]); a path that is
 /// not there is removed already.
+/// Whether the filesystem at `target` is full, or so nearly that a write failed for it: less
+/// than 1% or 1 MiB free, whichever is larger.
+pub fn is_full(target: &std::path::Path) -> bool {
+    let Ok(target) = CString::new(target.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs fills the zeroed struct from a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(target.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let size = st.f_blocks.saturating_mul(st.f_frsize);
+    free < (size / 100).max(1 << 20) || st.f_favail == 0
+}
+
 pub fn remove_all(path: &std::path::Path) -> io::Result<()> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(Errno::EINVAL.into());

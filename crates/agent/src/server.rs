@@ -694,6 +694,7 @@ fn run(
                 .as_ref()
                 .map(|c| read_file(Path::new(&c.path), c.limit)),
             oom_kills: oom_kills(),
+            disk_full: (!status.success()).then(|| crate::sandboxfs::is_full(Path::new("/"))),
         },
     )?;
     Ok(Flow::Continue)

@@ -12,7 +12,6 @@
 //! It needs root (a loop device and a mount of the host); rootless, the limit is not enforced,
 //! and the sandbox says so.
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -458,22 +457,7 @@ pub fn is_mounted(target: &Path) -> bool {
     at.is_dir() && at.dev() != parent.dev()
 }
 
-/// Whether the filesystem at `target` is full, or so nearly that a write failed for it: less
-/// than 1% or 1 MiB free, whichever is larger.
-pub fn is_full(target: &Path) -> bool {
-    let Ok(target) = CString::new(target.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statvfs fills the zeroed struct from a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(target.as_ptr(), &mut st) } != 0 {
-        return false;
-    }
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
-    let size = st.f_blocks.saturating_mul(st.f_frsize);
-    free < (size / 100).max(1 << 20) || st.f_favail == 0
-}
+pub use upstream_sandbox::sandboxfs::is_full;
 
 /// A sandbox directory's disk.
 #[derive(Debug)]

@@ -6,10 +6,10 @@
 //! the upstream binary again as the sandbox's init ([`init::main`]), which builds the sandbox
 //! and becomes its agent. The host then talks to the agent over a socket pair.
 
-pub mod cgroup;
+pub use upstream_sandbox::cgroup;
 pub mod disk;
 mod idmap;
-pub mod ids;
+pub use upstream_sandbox::ids;
 pub mod init;
 mod launch;
 mod layers;
@@ -400,7 +400,11 @@ impl NamespaceBackend {
         };
         if spec.limits.memory.is_some() || spec.limits.cpus.is_some() {
             let layout = self.layout.get_or_init(Layout::detect);
-            let (cgroups, unenforced) = Cgroups::create(layout, &name, &spec.limits);
+            let (cgroups, unenforced) = Cgroups::create(
+                layout,
+                &name,
+                &cgroup::Wanted::memory_and_cpus(&spec.limits),
+            );
             sandbox.cgroups = cgroups;
             sandbox.info.unenforced.extend(unenforced);
         }

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::cgroup::{Layout, Version};
+use crate::cgroup::{Controller, Layout, Version};
 
 /// One fact about the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,10 +79,13 @@ pub fn checks() -> Vec<Check> {
             )
         })
         .collect();
-    let all_writable = layout.missing.is_empty()
+    // Namespaces use memory and cpu; the process limit holds without a cgroup.
+    let used = |c: &Controller| *c != Controller::Pids;
+    let all_writable = !layout.missing.iter().any(|(c, _)| used(c))
         && layout
             .placements
             .iter()
+            .filter(|p| used(&p.controller))
             .all(|p| nix::unistd::access(&p.parent, nix::unistd::AccessFlags::W_OK).is_ok());
     let kind = match (
         layout.unified.is_some(),

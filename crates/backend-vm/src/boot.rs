@@ -253,7 +253,7 @@ pub fn initramfs_for(
     let meta = fs::metadata(binary).map_err(|e| fail(binary, e))?;
     let kmeta = fs::metadata(&kernel.image).map_err(|e| fail(&kernel.image, e))?;
     let mut key = blake3::Hasher::new();
-    key.update(b"upstream initramfs 2\0");
+    key.update(b"upstream initramfs 3\0");
     for m in [&meta, &kmeta] {
         key.update(&m.dev().to_le_bytes());
         key.update(&m.ino().to_le_bytes());
@@ -280,7 +280,14 @@ pub fn initramfs_for(
     }
     let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
     let stripped = cache.join(format!("{name}.{}.init", std::process::id()));
+    // Readable by the VMM, which runs as a user of its own and reaches it through a
+    // descriptor upstream opened (`confine`); the cache directory stays private.
     let made = write_initramfs(&temp, &stripped, binary, kernel, channel)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&temp, fs::Permissions::from_mode(0o644))
+                .map_err(|e| fail(&temp, e))
+        })
         .and_then(|()| fs::rename(&temp, &path).map_err(|e| fail(&path, e)));
     let _ = fs::remove_file(&stripped);
     if made.is_err() {

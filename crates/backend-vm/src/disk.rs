@@ -16,7 +16,7 @@ const ROOT_SLACK: u64 = 64 << 20;
 pub fn root_disk(cache: &Path, rootfs: &Path) -> io::Result<PathBuf> {
     let meta = fs::metadata(rootfs)?;
     let mut key = blake3::Hasher::new();
-    key.update(b"upstream root disk 2\0");
+    key.update(b"upstream root disk 3\0");
     key.update(rootfs.as_os_str().as_encoded_bytes());
     key.update(&meta.dev().to_le_bytes());
     key.update(&meta.ino().to_le_bytes());
@@ -44,6 +44,9 @@ pub fn root_disk(cache: &Path, rootfs: &Path) -> io::Result<PathBuf> {
             "upstream-root".as_ref(),
         ],
     )
+    // Readable by the VMM, which runs as a user of its own and reaches it through a
+    // descriptor upstream opened (`confine`); the cache directory stays private.
+    .and_then(|()| fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o644)))
     .and_then(|()| fs::rename(&temp, &path));
     if result.is_err() {
         let _ = fs::remove_file(&temp);

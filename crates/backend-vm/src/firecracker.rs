@@ -264,18 +264,8 @@ impl Firecracker {
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::piped());
-        // Killed with upstream if upstream dies first.
-        // SAFETY: prctl only, between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().map_err(spawn)?;
+        // Forked by upstream's spawning thread, killed with upstream if upstream dies first.
+        let child = crate::confine::spawn(command, machine.confinement).map_err(spawn)?;
         let mut vm = FirecrackerVm {
             child,
             api: Api::new(&place.host(API_SOCKET)),
@@ -365,6 +355,19 @@ impl Vmm for Firecracker {
 
     fn channel(&self) -> Channel {
         Channel::Vsock
+    }
+
+    fn memory_overhead(&self) -> u64 {
+        // Firecracker itself takes a few MiB; its jailer's cgroup allows 128.
+        128 << 20
+    }
+
+    fn uses_kvm(&self) -> bool {
+        true
+    }
+
+    fn confines_itself(&self) -> bool {
+        self.jailer.is_some()
     }
 
     fn boot_image(&self, kernel: &Kernel, cache: &Path) -> Result<PathBuf, VmmError> {
@@ -717,6 +720,7 @@ mod tests {
             cmdline: &cmdline,
             dir: &sandbox,
             snapshot_memory: None,
+            confinement: None,
         };
         let place = fc.place(&machine, &[]).unwrap();
         assert_eq!(

@@ -13,6 +13,7 @@
 //! the host cannot reach the guest's.
 
 pub mod boot;
+pub mod confine;
 pub mod disk;
 pub mod firecracker;
 pub mod guest;
@@ -37,6 +38,7 @@ use upstream_sandbox::{
 };
 
 use crate::boot::Kernel;
+use crate::confine::Confinement;
 use crate::firecracker::{Firecracker, Jailer};
 use crate::qemu::{Accel, Qemu};
 use crate::vmm::{MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
@@ -229,6 +231,8 @@ pub struct VmBackend {
     templates: Mutex<HashMap<Shape, Arc<Template>>>,
     /// Held while a snapshot is taken.
     snapshotting: Mutex<()>,
+    /// What confining VMMs takes of the host, read on first use.
+    host: std::sync::OnceLock<confine::Host>,
 }
 
 impl VmBackend {
@@ -238,7 +242,19 @@ impl VmBackend {
             boot: Mutex::new(None),
             templates: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
+            host: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What confining VMMs takes of the host; the first call also removes what VMs of an
+    /// upstream that is gone left behind (their cgroups, killing what runs there, and
+    /// their directories).
+    fn host(&self) -> &confine::Host {
+        self.host.get_or_init(|| {
+            confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+            confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+            confine::Host::new()
+        })
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -299,55 +315,151 @@ impl VmBackend {
             root_disk,
             memory_mib: memory.div_ceil(1 << 20).max(256),
             cpus: spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
+            cpu_millis: spec.limits.cpus.map(|c| (c * 1000.0).round() as u64),
             memory_limit: spec.limits.memory,
             pids_limit: spec.limits.pids,
             disk: spec.limits.disk_or_default(),
         })
     }
 
-    /// The machine of `shape` with its sockets and console in `dir`, the guest's command line
-    /// `cmdline` ([`Shape::cmdline`]).
-    fn machine<'a>(
-        &'a self,
-        shape: &'a Shape,
-        scratch: &'a Path,
-        cmdline: &'a [String],
-        dir: &'a Path,
-        snapshot_memory: Option<&'a Path>,
-    ) -> MachineSpec<'a> {
-        MachineSpec {
-            kernel: &shape.kernel,
-            initramfs: &shape.initramfs,
-            root_disk: &shape.root_disk,
-            scratch_disk: scratch,
+    /// Starts the machine of `shape` in `dir` (the sandbox's: removed with it, where its disk
+    /// `scratch.ext4` is made already) — booted, booted to be snapshotted, or restored from a
+    /// snapshot, as `ram` says — and returns the sandbox with no agent connection yet. QEMU
+    /// runs confined ([`confine`]); Firecracker confines itself, through its jailer where one
+    /// is installed.
+    fn start(
+        &self,
+        shape: &Shape,
+        hostname: &str,
+        dir: PathBuf,
+        ram: Ram,
+        started: Instant,
+    ) -> Result<VmSandbox, SandboxError> {
+        let failed = |dir: &Path, e: String, hint: Option<&str>| {
+            let _ = std::fs::remove_dir_all(dir);
+            SandboxError::setup(e, hint)
+        };
+        let scratch = dir.join("scratch.ext4");
+        if matches!(ram, Ram::Snapshotted) {
+            // What the VMM writes is made for it first: its RAM, and its state once saved.
+            for name in [TEMPLATE_MEMORY, TEMPLATE_STATE] {
+                if let Err(e) = std::fs::File::create(dir.join(name)) {
+                    return Err(failed(
+                        &dir,
+                        format!("cannot make the snapshot's files: {e}"),
+                        None,
+                    ));
+                }
+            }
+        }
+        let mut reached = match self.config.vmm.kind() {
+            VmmKind::Qemu => {
+                let limits = confine::VmmLimits::for_guest(
+                    shape.memory_mib << 20,
+                    self.config.vmm.memory_overhead(),
+                    shape.cpus,
+                    shape.cpu_millis.map(|m| m as f64 / 1000.0),
+                );
+                let confined = self.host().confine(&dir, &limits).and_then(|c| {
+                    confine::Reached::of(
+                        c,
+                        self.config.vmm.uses_kvm(),
+                        &shape.kernel,
+                        &shape.initramfs,
+                        &shape.root_disk,
+                        &scratch,
+                    )
+                });
+                Some(confined.map_err(|e| failed(&dir, e.to_string(), e.hint()))?)
+            }
+            VmmKind::Firecracker => None,
+        };
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
+            Some(r) => (
+                r.kernel.clone(),
+                r.initramfs.clone(),
+                r.root_disk.clone(),
+                r.scratch_disk.clone(),
+                r.dir.clone(),
+            ),
+            None => (
+                shape.kernel.clone(),
+                shape.initramfs.clone(),
+                shape.root_disk.clone(),
+                scratch.clone(),
+                dir.clone(),
+            ),
+        };
+        let (snapshot_memory, snapshot) = match ram {
+            Ram::Anonymous => (None, None),
+            Ram::Snapshotted => (Some(vmm_dir.join(TEMPLATE_MEMORY)), None),
+            Ram::RestoredFrom(template) => match reached.as_mut() {
+                Some(r) => {
+                    let c = &mut r.confinement;
+                    let reach = c
+                        .reach(&template.memory())
+                        .and_then(|memory| Ok((memory, c.reach(&template.state())?)));
+                    let (memory, state) =
+                        reach.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
+                    (None, Some(Snapshot { state, memory }))
+                }
+                None => (None, Some(template.snapshot())),
+            },
+        };
+        let cmdline = shape.cmdline(hostname);
+        let machine = MachineSpec {
+            kernel: &kernel,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            scratch_disk: &scratch_disk,
             memory_mib: shape.memory_mib,
             cpus: shape.cpus,
-            cmdline,
-            dir,
-            snapshot_memory,
+            cmdline: &cmdline,
+            dir: &vmm_dir,
+            snapshot_memory: snapshot_memory.as_deref(),
+            confinement: reached.as_ref().map(|r| &r.confinement),
+        };
+        let vm = match &snapshot {
+            Some(snapshot) => self.config.vmm.restore(snapshot, &machine),
+            None => self.config.vmm.start(&machine),
+        };
+        let vm = vm.map_err(|e| {
+            let what = match snapshot {
+                Some(_) => "cannot restore the sandbox's VM".to_string(),
+                None => format!("cannot start {}", self.config.vmm_binary.display()),
+            };
+            failed(&dir, format!("{what}: {e}"), None)
+        })?;
+        let mut unenforced = Vec::new();
+        match &reached {
+            Some(r) => unenforced.extend(r.confinement.unenforced().iter().cloned()),
+            None if !self.config.vmm.confines_itself() => unenforced.push(
+                "the VMM's own confinement: Firecracker runs without its jailer (none is \
+                 installed beside it)"
+                    .to_string(),
+            ),
+            None => {}
         }
-    }
-
-    /// The sandbox around `vm`, started at `started`, in `dir` (removed with it), with no
-    /// agent connection yet.
-    fn sandbox_of(&self, vm: Box<dyn Vm>, dir: PathBuf, started: Instant) -> VmSandbox {
         let interrupter = Arc::new(VmInterrupter {
             pid: vm.pid(),
             interrupted: AtomicBool::new(false),
         });
-        VmSandbox {
+        Ok(VmSandbox {
             info: SandboxInfo {
                 backend: format!("vm ({})", self.config.vmm.describe()),
                 setup: Duration::ZERO,
-                unenforced: Vec::new(),
+                unenforced,
                 ids: GUEST_IDS,
             },
             dir,
+            vmm_dir,
+            disk_limit: shape.disk,
             vmm: self.config.vmm.kind(),
             ports: Arc::new(Ports {
                 free: Mutex::new((1..=vm.session_channels()).collect()),
             }),
             vm: Some(vm),
+            confinement: reached.map(|r| r.confinement),
             client: None,
             interrupter,
             started,
@@ -355,27 +467,7 @@ impl VmBackend {
             layered: false,
             resumed_from: None,
             kept_root: PathBuf::new(),
-        }
-    }
-
-    /// Starts `machine`, whose directory is `dir` (the sandbox's: removed with it), and
-    /// returns the sandbox with no agent connection yet.
-    fn start(
-        &self,
-        machine: &MachineSpec,
-        dir: PathBuf,
-        started: Instant,
-    ) -> Result<VmSandbox, SandboxError> {
-        match self.config.vmm.start(machine) {
-            Ok(vm) => Ok(self.sandbox_of(vm, dir, started)),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(SandboxError::setup(
-                    format!("cannot start {}: {e}", self.config.vmm_binary.display()),
-                    None,
-                ))
-            }
-        }
+        })
     }
 
     fn create_vm(&self, spec: &SandboxSpec) -> Result<VmSandbox, SandboxError> {
@@ -436,9 +528,8 @@ impl VmBackend {
                         None,
                     ));
                 }
-                let cmdline = shape.cmdline(&spec.hostname);
-                let machine = self.machine(&shape, &scratch, &cmdline, &dir, None);
-                let mut sandbox = self.start(&machine, dir.clone(), started)?;
+                let mut sandbox =
+                    self.start(&shape, &spec.hostname, dir, Ram::Anonymous, started)?;
                 let stream = sandbox.connect_agent()?;
                 sandbox.client = Some(AgentClient::new(stream));
                 sandbox
@@ -461,8 +552,7 @@ impl VmBackend {
     }
 
     /// Boots a machine of `shape` and snapshots it once its agent is ready: its RAM in a
-    /// file (QEMU maps it shared from the start, Firecracker writes it), its devices' state
-    /// written beside it, its disk kept.
+    /// file QEMU maps shared, its devices' state written beside it, its disk kept.
     fn snapshot(&self, shape: &Shape) -> Result<Template, SandboxError> {
         let failed = |e: io::Error| {
             SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
@@ -471,18 +561,22 @@ impl VmBackend {
             dir: make_sandbox_dir(&self.config.runtime.join("templates"))?,
             shape: shape.clone(),
         };
-        disk::scratch_disk_from(
-            &self.config.cache.join("disks"),
-            &template.scratch(),
-            shape.disk,
-        )
-        .map_err(failed)?;
         let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let memory = template.memory();
-        let scratch = template.scratch();
-        let cmdline = shape.cmdline(upstream_sandbox::DEFAULT_HOSTNAME);
-        let machine = self.machine(shape, &scratch, &cmdline, &dir, Some(&memory));
-        let mut vm = self.start(&machine, dir.clone(), Instant::now())?;
+        if let Err(e) = disk::scratch_disk_from(
+            &self.config.cache.join("disks"),
+            &dir.join("scratch.ext4"),
+            shape.disk,
+        ) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(failed(e));
+        }
+        let mut vm = self.start(
+            shape,
+            upstream_sandbox::DEFAULT_HOSTNAME,
+            dir.clone(),
+            Ram::Snapshotted,
+            Instant::now(),
+        )?;
         let stream = vm.connect_agent()?;
         vm.client = Some(AgentClient::new(stream));
         vm.wait_ready()?;
@@ -490,7 +584,11 @@ impl VmBackend {
         // same fresh seed, which its own renewal replaces before it runs anything (the kernel
         // would otherwise reseed on its own at a moment the snapshot's age decides).
         vm.renew(upstream_sandbox::DEFAULT_HOSTNAME)?;
-        let snapshot = template.snapshot();
+        // Its RAM and state where the VMM reaches its directory.
+        let snapshot = Snapshot {
+            state: vm.vmm_dir.join(TEMPLATE_STATE),
+            memory: vm.vmm_dir.join(TEMPLATE_MEMORY),
+        };
         let taken = match vm.vm.as_mut() {
             Some(machine) => machine.snapshot(&snapshot),
             None => return Err(SandboxError::Agent(ClientError::Gone)),
@@ -498,7 +596,29 @@ impl VmBackend {
         taken.map_err(|e| {
             SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
         })?;
-        // Its disk is the template's: what the guest wrote is on it, and nothing more will be.
+        // Its disk, RAM and state are the template's: what the guest wrote is in them, and
+        // nothing more will be. They become root's, readable (their directory is not).
+        vm.stop_vm();
+        for (name, to) in [
+            ("scratch.ext4", template.scratch()),
+            (TEMPLATE_MEMORY, template.memory()),
+            (TEMPLATE_STATE, template.state()),
+        ] {
+            let from = dir.join(name);
+            std::os::unix::fs::lchown(&from, Some(0), Some(0))
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &from,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                    )
+                })
+                .or_else(|e| match nix::unistd::Uid::effective().is_root() {
+                    true => Err(e),
+                    false => Ok(()),
+                })
+                .and_then(|()| std::fs::rename(&from, &to))
+                .map_err(failed)?;
+        }
         Box::new(vm).destroy()?;
         Ok(template)
     }
@@ -510,24 +630,17 @@ impl VmBackend {
             SandboxError::setup(format!("cannot restore the sandbox's VM: {e}"), None)
         };
         let dir = make_sandbox_dir(&self.config.runtime.join("sandboxes"))?;
-        let scratch = dir.join("scratch.ext4");
-        if let Err(e) = disk::sparse_copy(&template.scratch(), &scratch) {
+        if let Err(e) = disk::sparse_copy(&template.scratch(), &dir.join("scratch.ext4")) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(e));
         }
-        let cmdline = template.shape.cmdline(upstream_sandbox::DEFAULT_HOSTNAME);
-        let machine = self.machine(&template.shape, &scratch, &cmdline, &dir, None);
-        let restored = match self.config.vmm.restore(&template.snapshot(), &machine) {
-            Ok(restored) => restored,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(SandboxError::setup(
-                    format!("cannot restore the sandbox's VM: {e}"),
-                    None,
-                ));
-            }
-        };
-        let mut vm = self.sandbox_of(restored, dir, started);
+        let mut vm = self.start(
+            &template.shape,
+            upstream_sandbox::DEFAULT_HOSTNAME,
+            dir,
+            Ram::RestoredFrom(template),
+            started,
+        )?;
         let stream = vm.connect_agent()?;
         // A guest whose agent kept its connection goes on with it; one whose connections
         // were reset greets on the new one.
@@ -590,12 +703,28 @@ struct Shape {
     root_disk: PathBuf,
     /// Guest RAM.
     memory_mib: u64,
+    /// vCPUs, and the VMM's CPU quota in thousandths of a CPU, if the sandbox has one.
     cpus: u32,
+    cpu_millis: Option<u64>,
     /// The sandbox's limits, which the guest's cgroup holds.
     memory_limit: Option<u64>,
     pids_limit: Option<u64>,
     /// The size of its disk.
     disk: u64,
+}
+
+/// A snapshot's RAM and devices' state, by name in its directory.
+const TEMPLATE_MEMORY: &str = "memory";
+const TEMPLATE_STATE: &str = "state";
+
+/// What a machine's RAM is, for [`VmBackend::start`].
+enum Ram<'a> {
+    /// QEMU's own memory.
+    Anonymous,
+    /// A file of the VM's directory, mapped shared, for a snapshot to be taken of it.
+    Snapshotted,
+    /// A snapshot's RAM, mapped private.
+    RestoredFrom(&'a Template),
 }
 
 /// A snapshot of a machine whose agent was ready: sandboxes of its shape are restored from it
@@ -610,12 +739,12 @@ struct Template {
 impl Template {
     /// The guest's RAM.
     fn memory(&self) -> PathBuf {
-        self.dir.join("memory")
+        self.dir.join(TEMPLATE_MEMORY)
     }
 
     /// Its devices' state.
     fn state(&self) -> PathBuf {
-        self.dir.join("state")
+        self.dir.join(TEMPLATE_STATE)
     }
 
     /// Its disk, which each restored sandbox gets a copy of.
@@ -699,6 +828,12 @@ impl Backend for VmBackend {
         let text = std::fs::read(&path).ok()?;
         let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
         Some((text, meta.modified().ok()?))
+    }
+
+    fn remove_leftovers(&self) {
+        confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
+        confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+        self.host().remove_stale();
     }
 }
 
@@ -788,8 +923,14 @@ impl Interrupter for VmInterrupter {
 pub struct VmSandbox {
     info: SandboxInfo,
     dir: PathBuf,
+    /// The same directory as its VMM reaches it ([`confine::Confinement::dir`]).
+    vmm_dir: PathBuf,
+    /// The size of the sandbox's disk.
+    disk_limit: u64,
     vmm: VmmKind,
     vm: Option<Box<dyn Vm>>,
+    /// Its VMM's confinement: dropped (its cgroups removed) once the VMM is gone.
+    confinement: Option<Confinement>,
     client: Option<AgentClient<UnixStream>>,
     ports: Arc<Ports>,
     interrupter: Arc<VmInterrupter>,
@@ -803,6 +944,9 @@ pub struct VmSandbox {
     /// Where its backend keeps sets.
     kept_root: PathBuf,
 }
+
+/// How much of the end of a guest's console a VM that stopped is told by.
+const CONSOLE_TAIL: u64 = 64 << 10;
 
 /// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
 /// seconds, under KVM a fraction of one; one that hangs (a kernel that cannot boot on this
@@ -829,11 +973,7 @@ impl VmSandbox {
         match e {
             VmmError::Exited => SandboxError::setup("the sandbox's VM stopped", None),
             e @ VmmError::Setup(_) if self.vmm == VmmKind::Firecracker => {
-                let console = self
-                    .vm
-                    .as_ref()
-                    .map(|vm| std::fs::read_to_string(vm.console()).unwrap_or_default())
-                    .unwrap_or_default();
+                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 SandboxError::setup(
@@ -854,7 +994,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, vmm_said: &str) -> String {
-        let console = std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+        let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -873,13 +1013,28 @@ impl VmSandbox {
                 .nth(1)
                 .unwrap_or("")
                 .trim();
-            notice = format!("the sandbox's VM stopped: its kernel panicked ({why})");
+            notice = format!(
+                "the sandbox's VM stopped: its kernel panicked ({})",
+                confine::printable(why)
+            );
+        } else if let Some(limits) = self
+            .confinement
+            .as_ref()
+            .filter(|c| c.out_of_memory())
+            .map(|c| *c.limits())
+        {
+            notice = format!(
+                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's {} MiB of RAM and {} MiB for QEMU itself)",
+                limits.memory >> 20,
+                limits.guest_memory >> 20,
+                (limits.memory - limits.guest_memory) >> 20
+            );
         } else if console.contains("Out of memory") {
             notice = format!("the sandbox's VM stopped: it ran out of memory ({vmm} {status})");
         }
         let vmm_said = vmm_said.trim();
         if !vmm_said.is_empty() {
-            notice.push_str(&format!("; {vmm} said: {vmm_said}"));
+            notice.push_str(&format!("; {vmm} said: {}", confine::printable(vmm_said)));
         }
         if !last.is_empty() {
             notice.push_str(&format!("; its console ended with: {last}"));
@@ -918,8 +1073,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console =
-                    std::fs::read_to_string(qemu::console_of(&self.dir)).unwrap_or_default();
+                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -954,7 +1108,7 @@ impl VmSandbox {
         // The agent went away: the VM is going, or gone; a moment tells.
         for _ in 0..50 {
             if let Some(why) = self.exited() {
-                return SandboxError::Workspace(why);
+                return SandboxError::Gone(why);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1062,12 +1216,20 @@ impl VmSandbox {
         if let Some(mut vm) = self.vm.take() {
             vm.kill();
         }
+        // Whatever else is in the VMM's cgroups is killed, and the cgroups removed.
+        self.confinement = None;
     }
 }
 
-/// The last `n` lines of `text` that are not blank, on one line.
+/// The last `n` lines of `text` that are not blank, on one line, without the control
+/// characters and bidi overrides a guest (or its firmware) put in its console: the text
+/// goes into messages and documents.
 fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<String> = text
+        .lines()
+        .map(confine::printable)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
@@ -1109,7 +1271,7 @@ impl Sandbox for VmSandbox {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -1152,6 +1314,7 @@ impl Sandbox for VmSandbox {
         let (client, lease) = self.attach()?;
         Ok(Box::new(VmSession {
             client,
+            disk_limit: self.disk_limit,
             _lease: lease,
             interrupter: self.interrupter.clone(),
             oom_kills: self.oom_kills.clone(),
@@ -1242,6 +1405,7 @@ impl Drop for VmSandbox {
 /// A session of a VM sandbox: a helper of its agent on a connection of its own.
 struct VmSession {
     client: AgentClient<UnixStream>,
+    disk_limit: u64,
     _lease: PortLease,
     interrupter: Arc<VmInterrupter>,
     oom_kills: Arc<std::sync::atomic::AtomicU64>,
@@ -1272,7 +1436,7 @@ impl Session for VmSession {
             status: exited.status,
             timed_out: exited.timed_out,
             out_of_memory: ran_out(&self.oom_kills, exited.oom_kills),
-            out_of_disk: None,
+            out_of_disk: exited.disk_full.then_some(self.disk_limit),
             duration: exited.duration,
             collected: exited.collected,
         })
@@ -1291,18 +1455,62 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
         for disk in [&root, &scratch] {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
+        // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
+        let reached = match config.vmm.kind() {
+            VmmKind::Qemu => {
+                confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
+                let limits = confine::VmmLimits::for_guest(
+                    DEFAULT_MEMORY,
+                    config.vmm.memory_overhead(),
+                    1,
+                    None,
+                );
+                let reached = confine::Host::new()
+                    .confine(&dir, &limits)
+                    .and_then(|c| {
+                        confine::Reached::of(
+                            c,
+                            config.vmm.uses_kvm(),
+                            &boot.kernel,
+                            &boot.initramfs,
+                            &root,
+                            &scratch,
+                        )
+                    })
+                    .map_err(|e| e.to_string())?;
+                Some(reached)
+            }
+            VmmKind::Firecracker => None,
+        };
         let mut cmdline = guest::cmdline(upstream_sandbox::DEFAULT_HOSTNAME, None, None);
         cmdline.push(guest::POWER_OFF_AT_ONCE.to_string());
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
+            Some(r) => (
+                r.kernel.clone(),
+                r.initramfs.clone(),
+                r.root_disk.clone(),
+                r.scratch_disk.clone(),
+                r.dir.clone(),
+            ),
+            None => (
+                boot.kernel.clone(),
+                boot.initramfs.clone(),
+                root.clone(),
+                scratch.clone(),
+                dir.clone(),
+            ),
+        };
         let machine = MachineSpec {
-            kernel: &boot.kernel,
-            initramfs: &boot.initramfs,
-            root_disk: &root,
-            scratch_disk: &scratch,
+            kernel: &kernel,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            scratch_disk: &scratch_disk,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
             cmdline: &cmdline,
-            dir: &dir,
+            dir: &vmm_dir,
             snapshot_memory: None,
+            confinement: reached.as_ref().map(|r| &r.confinement),
         };
         let vmm = config.vmm.kind().program();
         let started = Instant::now();

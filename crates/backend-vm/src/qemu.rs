@@ -7,7 +7,8 @@
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
 //! no side waits for the other's socket to appear), and connects again when this side
-//! closes it (a session ended).
+//! closes it (a session ended). QEMU runs confined ([`crate::confine`]), with its own system
+//! call filter where it has one.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::boot::Kernel;
+use crate::confine::Confinement;
 use crate::guest;
 use crate::qmp::Monitor;
 use crate::vmm::{Channel, MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
@@ -37,6 +39,15 @@ impl Accel {
         }
     }
 
+    /// QEMU's `-accel` option: under TCG with its translation cache bounded to
+    /// [`TCG_CACHE_MIB`] (QEMU's default is a GiB, which the VMM's memory would have to hold).
+    pub fn option(self) -> String {
+        match self {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_CACHE_MIB}"),
+        }
+    }
+
     /// `$UPSTREAM_VM_ACCEL` (`kvm` or `tcg`), else TCG: a `/dev/kvm` may be there and still
     /// not boot a stock kernel (a paravirtualised one), and only a boot tells.
     pub fn from_env() -> Accel {
@@ -46,6 +57,11 @@ impl Accel {
         }
     }
 }
+
+/// TCG's translation cache, in MiB: what the guest's code becomes on the host, kept in the
+/// VMM's memory. A guest's boot fills about 64 MiB; when the cache is full QEMU starts it
+/// anew. [`crate::confine::QEMU_OVERHEAD`] counts it.
+pub const TCG_CACHE_MIB: u64 = 128;
 
 /// Ports for sessions, beside the agent's: as many sessions (and file connections) at once.
 pub const SESSION_PORTS: usize = 15;
@@ -149,8 +165,6 @@ impl Machine<'_> {
         let mut args: Vec<String> = [
             "-M",
             "microvm,rtc=on,isa-serial=on",
-            "-accel",
-            self.accel.name(),
             "-nodefaults",
             "-no-user-config",
             "-nographic",
@@ -161,14 +175,16 @@ impl Machine<'_> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(["-accel".into(), self.accel.option()]);
+        args.extend(crate::confine::qemu_seccomp(self.qemu));
         if self.accel == Accel::Kvm {
             args.extend(["-cpu".into(), "host".into()]);
         } else {
             args.extend(["-cpu".into(), "max".into()]);
         }
-        let memory_object = |path: &Path, share: &str| {
+        let memory_object = |path: &Path, how: &str| {
             format!(
-                "memory-backend-file,id=ram,size={}M,mem-path={},share={share},prealloc=off",
+                "memory-backend-file,id=ram,size={}M,mem-path={},{how},prealloc=off",
                 self.memory_mib,
                 path.display()
             )
@@ -176,10 +192,15 @@ impl Machine<'_> {
         match self.memory {
             Memory::Anonymous => {}
             Memory::SharedFile(path) => {
-                args.extend(["-object".into(), memory_object(path, "on")]);
+                args.extend(["-object".into(), memory_object(path, "share=on")]);
             }
+            // The file opened read-only (no restored guest can change the snapshot), its
+            // mapping private and writable (`rom=off`).
             Memory::PrivateFile(path) => {
-                args.extend(["-object".into(), memory_object(path, "off")]);
+                args.extend([
+                    "-object".into(),
+                    memory_object(path, "share=off,readonly=on,rom=off"),
+                ]);
             }
         }
         if self.memory != Memory::Anonymous {
@@ -259,6 +280,16 @@ impl Machine<'_> {
 
     /// [`Machine::start`] with `more` words on the kernel's command line.
     pub fn start_with(&self, more: &[&str]) -> std::io::Result<Started> {
+        self.start_confined(more, None)
+    }
+
+    /// [`Machine::start_with`], QEMU held by `confinement` ([`crate::confine`]; `None`: it
+    /// only dies with upstream). `dir` is then the directory as QEMU reaches it.
+    pub fn start_confined(
+        &self,
+        more: &[&str],
+        confinement: Option<&Confinement>,
+    ) -> std::io::Result<Started> {
         let listen = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path)
@@ -271,24 +302,15 @@ impl Machine<'_> {
             Memory::Anonymous => None,
             _ => Some(listen(qmp_socket_of(self.dir))?),
         };
+        // A confined QEMU makes nothing in its directory: what it writes is there first.
+        std::fs::File::create(console_of(self.dir))?;
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // Killed with upstream if upstream dies first.
-        // SAFETY: prctl only, between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn()?;
+        let child = crate::confine::spawn(command, confinement)?;
         Ok(Started { child, ports, qmp })
     }
 }
@@ -314,6 +336,18 @@ impl Vmm for Qemu {
 
     fn channel(&self) -> Channel {
         Channel::VirtioSerial
+    }
+
+    fn memory_overhead(&self) -> u64 {
+        crate::confine::qemu_overhead(self.accel)
+    }
+
+    fn uses_kvm(&self) -> bool {
+        self.accel == Accel::Kvm
+    }
+
+    fn confines_itself(&self) -> bool {
+        false
     }
 
     fn boot_image(&self, kernel: &Kernel, _cache: &Path) -> Result<PathBuf, VmmError> {
@@ -369,10 +403,12 @@ impl Qemu {
             incoming: matches!(memory, Memory::PrivateFile(_)),
             memory,
         };
-        let started = machine.start().map_err(|source| VmmError::Spawn {
-            vmm: self.qemu.display().to_string(),
-            source,
-        })?;
+        let started = machine
+            .start_confined(&[], spec.confinement)
+            .map_err(|source| VmmError::Spawn {
+                vmm: self.qemu.display().to_string(),
+                source,
+            })?;
         Ok(QemuVm {
             child: started.child,
             listeners: started.ports,

@@ -96,6 +96,9 @@ pub struct MachineSpec<'a> {
     /// it in this file from the start (so a snapshot need not copy it), Firecracker writes
     /// it there when the snapshot is taken.
     pub snapshot_memory: Option<&'a Path>,
+    /// What holds the VMM ([`crate::confine`]), if upstream confines it; its files above
+    /// are then paths as the VMM reaches them.
+    pub confinement: Option<&'a crate::confine::Confinement>,
 }
 
 /// The files of a snapshot of a running guest.
@@ -117,6 +120,17 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// How the guest's agent is reached: which modules the initramfs carries.
     fn channel(&self) -> Channel;
+
+    /// What the VMM's process takes beyond its guest's RAM, for the memory cgroup that
+    /// holds it.
+    fn memory_overhead(&self) -> u64;
+
+    /// Whether it opens `/dev/kvm`.
+    fn uses_kvm(&self) -> bool;
+
+    /// Whether it confines itself (Firecracker's jailer), so that upstream's own
+    /// confinement ([`crate::confine`]) is not what holds it.
+    fn confines_itself(&self) -> bool;
 
     /// The kernel image to boot for `kernel`, made (and kept in `cache`) if this VMM needs
     /// one of its own.

@@ -192,6 +192,7 @@ fn fake_agent(mut conn: UnixStream, label: &str) {
                     micros: 1,
                     collected: None,
                     oom_kills: None,
+                    disk_full: None,
                 },
             ],
             Request::Attach { port } if port == upstream_agent::vsock::ATTACH_NAME => {
@@ -271,6 +272,7 @@ fn machine<'a>(
         cmdline,
         dir,
         snapshot_memory: None,
+        confinement: None,
     }
 }
 

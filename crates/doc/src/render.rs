@@ -24,6 +24,8 @@ pub enum Outcome {
     OutOfDisk { code: i32, limit: u64 },
     /// The step could not be started.
     Failed(String),
+    /// The sandbox died while the step ran (its agent, its VM): why.
+    Lost(String),
     /// The turn stopped before this step.
     NotRun,
 }
@@ -74,6 +76,7 @@ impl ResultBlock {
                 format_size(*limit)
             )),
             Outcome::Failed(why) => format!("could not start: {why}"),
+            Outcome::Lost(why) => format!("failed: {why}"),
             Outcome::NotRun => "not run".to_string(),
         }
     }

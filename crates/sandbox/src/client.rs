@@ -34,6 +34,8 @@ pub struct Exited {
     pub collected: Option<Result<Vec<u8>, String>>,
     /// The agent's count of processes killed for want of memory so far, where it keeps one.
     pub oom_kills: Option<u64>,
+    /// The command failed with the sandbox's root filesystem full, as the agent saw it.
+    pub disk_full: bool,
 }
 
 /// A connection to a sandbox's agent.
@@ -151,6 +153,7 @@ impl<S: Read + Write> AgentClient<S> {
                     micros,
                     collected,
                     oom_kills,
+                    disk_full,
                 } => {
                     return Ok(Exited {
                         status,
@@ -158,6 +161,7 @@ impl<S: Read + Write> AgentClient<S> {
                         duration: Duration::from_micros(micros),
                         collected,
                         oom_kills,
+                        disk_full: disk_full.unwrap_or(false),
                     });
                 }
                 Response::Error { message } => return Err(ClientError::Refused(message)),

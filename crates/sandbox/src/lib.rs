@@ -4,9 +4,12 @@
 //! these types. Every backend runs the same agent inside the sandbox, and [`AgentClient`] is
 //! the host side of its protocol.
 
+pub mod cgroup;
 mod client;
 pub mod files;
+pub mod ids;
 pub mod runtime;
+pub mod spawner;
 mod spec;
 
 pub use client::{AgentClient, ClientError};
@@ -40,6 +43,10 @@ pub enum SandboxError {
     /// The sandbox lost its workspace: nothing more can run in it.
     #[error("{0}")]
     Workspace(String),
+    /// The sandbox died (its VM stopped: a guest's kernel panic, its monitor killed or out
+    /// of memory): nothing more can run in it. The message says what happened.
+    #[error("{0}")]
+    Gone(String),
     /// The kernel killed the sandbox's agent for want of memory (where upstream could not
     /// make it the last process to go): nothing more can run in it.
     #[error("the sandbox ran out of memory and its agent was killed")]

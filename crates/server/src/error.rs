@@ -190,7 +190,9 @@ impl From<upstream_sandbox::SandboxError> for ApiError {
             // The agent's connection ended: the agent is gone, or the helper serving this
             // request (the daemon looks which, see `Live::settle`).
             SandboxError::OutOfMemory => ApiError::agent_gone(true),
-            SandboxError::Agent(ClientError::Gone) => ApiError::agent_gone(false),
+            SandboxError::Agent(ClientError::Gone) | SandboxError::Gone(_) => {
+                ApiError::agent_gone(false)
+            }
             SandboxError::Agent(ClientError::Frame(frame)) if connection_broke(&frame) => {
                 ApiError::agent_gone(false)
             }

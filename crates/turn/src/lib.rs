@@ -1257,7 +1257,9 @@ impl StepRunner<'_> {
                 record.message = Some(why.clone());
                 (Outcome::Failed(why), None)
             }
-            Some(Err(e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory))) => {
+            Some(Err(
+                e @ (SandboxError::Agent(_) | SandboxError::OutOfMemory | SandboxError::Gone(_)),
+            )) => {
                 // The agent went away with the sandbox: the step ends here, nothing more can
                 // run, and the turn still records and writes what it has.
                 let message = e.to_string();
@@ -1265,8 +1267,8 @@ impl StepRunner<'_> {
                     record.status = StepStatus::OutOfMemory;
                     Outcome::OutOfMemory { limit: fm.memory }
                 } else {
-                    record.status = StepStatus::Error;
-                    Outcome::Failed(message.clone())
+                    record.status = StepStatus::Failed;
+                    Outcome::Lost(message.clone())
                 };
                 record.message = Some(message.clone());
                 self.lost = Some(message);

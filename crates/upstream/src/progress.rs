@@ -114,7 +114,11 @@ fn status_text_raw(record: &StepRecord) -> String {
                 None => with_time(format!("failed: exit {code}")),
             },
             (None, Some(sig)) => with_time(format!("failed: killed by {}", signal_name(sig))),
-            _ => with_time("failed".into()),
+            // The sandbox died under it: why.
+            _ => match &record.message {
+                Some(why) => format!("failed: {why}"),
+                None => with_time("failed".into()),
+            },
         },
         StepStatus::TimedOut => match record.duration_ms {
             Some(ms) => format!(

@@ -27,3 +27,4 @@ mod serve_log;
 mod serve_tenancy;
 mod store_trust;
 mod vm;
+mod vm_limits;

@@ -8,6 +8,7 @@ use crate::util::{Env, code, stderr, stdout};
 
 /// Skips the calling test unless this host can run VM sandboxes: QEMU and a guest kernel
 /// (scripts/test installs both). As root or in CI, a missing one is a failure.
+#[macro_export]
 macro_rules! require_vm {
     () => {
         if let Some(lack) = $crate::vm::lacks_vm() {
@@ -31,7 +32,7 @@ pub fn lacks_vm() -> Option<String> {
 }
 
 /// A registry with a small image of host programs.
-fn image() -> Option<(Registry, String)> {
+pub fn image() -> Option<(Registry, String)> {
     let registry = Registry::start()?;
     let layer = layer_of_host_programs(
         &[
@@ -44,6 +45,8 @@ fn image() -> Option<(Registry, String)> {
             "/usr/bin/id",
             "/usr/bin/hostname",
             "/usr/bin/sleep",
+            "/usr/bin/nproc",
+            "/usr/bin/head",
         ],
         &[("etc/image-marker", b"from the image\n")],
     );
@@ -508,6 +511,7 @@ fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
         cmdline: &cmdline,
         dir: &first,
         snapshot_memory: None,
+        confinement: None,
     };
     let mut vm = fc.start(&spec).unwrap();
     let until = Instant::now() + Duration::from_secs(30);
@@ -598,6 +602,7 @@ fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
         cmdline: &cmdline,
         dir: &dir,
         snapshot_memory: None,
+        confinement: None,
     };
     let mut vm = qemu.start(&spec).unwrap();
     let until = Instant::now() + Duration::from_secs(90);

@@ -257,3 +257,23 @@ pub fn request_files_get_their_mode_and_a_user_may_write_one_made_for_all(bench:
     }
     assert_eq!(ran.stdout(), "666\n700\n", "the modes asked for");
 }
+
+/// A sandbox outlives the thread that made it: what dies with upstream (a parent-death
+/// signal, which the kernel ties to the *thread* that forked) must not die with one of
+/// upstream's threads, such as a daemon's blocking thread let go when idle.
+pub fn a_sandbox_made_on_a_thread_that_ends_keeps_running(bench: &Bench) {
+    let mut sandbox = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut sandbox = bench.default_sandbox();
+            assert_eq!(check(sandbox.as_mut(), "echo made"), "made\n");
+            sandbox
+        })
+        .join()
+        .unwrap()
+    });
+    // The thread is gone: a child it forked got SIGKILL as it ended.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(check(sandbox.as_mut(), "echo still here"), "still here\n");
+    let ran = exec(sandbox.as_mut(), &sh("sleep 1; echo later")).unwrap();
+    assert_eq!(ran.stdout(), "later\n");
+}

@@ -33,6 +33,7 @@ macro_rules! conformance {
             exec::request_files_go_in_first_and_collect_reads_one_back,
             exec::request_files_get_their_mode_and_a_user_may_write_one_made_for_all,
             exec::an_interrupt_stops_a_running_command,
+            exec::a_sandbox_made_on_a_thread_that_ends_keeps_running,
             background::background_commands_spawn_write_their_output_and_are_waited_for,
             background::a_signal_reaches_a_background_commands_process_group,
             background::stop_processes_ends_every_command_and_keeps_the_sandbox,

@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
 /// How many ids each sandbox has: 0..65535 inside.
 pub const RANGE_SIZE: u32 = 65_536;
 /// The first host id sandboxes are given.
@@ -181,18 +184,18 @@ impl Allocator {
         for i in 0..slots.len() {
             let slot = slots[(start + i) % slots.len()];
             let path = self.dir.join(format!("{slot}.lock"));
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|source| IdsError::Lock {
-                    path: path.clone(),
-                    source,
-                })?;
+            // Read-only: a holder the lock is handed to (a sandbox's pid 1, a VM's monitor
+            // running as the range's first id) can write nothing through it.
+            let file: File = nix::fcntl::open(
+                &path,
+                OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map(File::from)
+            .map_err(|errno| IdsError::Lock {
+                path: path.clone(),
+                source: errno.into(),
+            })?;
             // SAFETY: flock on a descriptor this function owns; it takes no pointers.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {

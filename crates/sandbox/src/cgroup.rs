@@ -1,11 +1,14 @@
-//! Memory and CPU limits through cgroups, set up from the host side before the sandbox starts.
-//! (The process cap is not a cgroup: see `security`.)
+//! Limits through cgroups, set up from the host side before a sandbox (or a VM's monitor)
+//! starts: memory, CPU and processes, as each user of this module asks. (The namespace
+//! backend caps processes with `RLIMIT_NPROC` instead: see its `security` module.)
 //!
 //! Each controller is placed where this host has it: cgroup v2 when the unified hierarchy
 //! offers the controller, else its v1 hierarchy (hybrid hosts mix the two). A sandbox's
 //! cgroups are created below the cgroup upstream itself runs in, so the sandbox stays inside
 //! any limit upstream was given. A limit that cannot be set is reported, never silently
-//! dropped.
+//! dropped. Each cgroup's name starts with its owner's pid ([`owner_pid`]): the next upstream
+//! removes the cgroups of one that is gone, and kills what still runs in those whose names
+//! say for certain whose they were ([`owned_name`]).
 
 use std::fs;
 use std::io;
@@ -15,22 +18,45 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use upstream_sandbox::Limits;
 
 /// A cgroup controller upstream uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
     Memory,
     Cpu,
+    Pids,
 }
 
 impl Controller {
-    pub const ALL: [Controller; 2] = [Controller::Memory, Controller::Cpu];
+    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Cpu, Controller::Pids];
 
     pub fn name(self) -> &'static str {
         match self {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+}
+
+/// The limits a set of cgroups holds; `None` asks for no cgroup of that controller.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Wanted {
+    /// Bytes of memory (and no swap).
+    pub memory: Option<u64>,
+    /// CPUs' worth of time per period.
+    pub cpus: Option<f64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+}
+
+impl Wanted {
+    /// A sandbox's memory and CPU limits (its process limit is held another way).
+    pub fn memory_and_cpus(limits: &crate::Limits) -> Wanted {
+        Wanted {
+            memory: limits.memory,
+            cpus: limits.cpus,
+            pids: None,
         }
     }
 }
@@ -158,7 +184,8 @@ impl Layout {
         self.placements.iter().find(|p| p.controller == controller)
     }
 
-    /// Removes the empty cgroups of sandboxes whose upstream is gone, in every hierarchy.
+    /// Empties (kills what runs there) and removes the cgroups of sandboxes whose upstream
+    /// is gone, in every hierarchy.
     pub fn remove_stale(&self) {
         for place in &self.placements {
             match place.version {
@@ -175,6 +202,8 @@ pub struct Cgroups {
     /// One directory per hierarchy, with the version and the controllers it carries.
     dirs: Vec<(PathBuf, Version)>,
     memory: Option<(PathBuf, Version)>,
+    /// Where each controller was placed.
+    placed: Vec<(Controller, PathBuf)>,
 }
 
 /// Reads how many times the kernel killed a process of a sandbox for lack of memory.
@@ -210,12 +239,13 @@ const HINT: &str = "run as root, or under a delegated cgroup v2 subtree (systemd
 impl Cgroups {
     /// Creates the sandbox's cgroups and sets its limits. Limits that cannot be set are
     /// returned as sentences.
-    pub fn create(layout: &Layout, name: &str, limits: &Limits) -> (Cgroups, Unenforced) {
+    pub fn create(layout: &Layout, name: &str, limits: &Wanted) -> (Cgroups, Unenforced) {
         let mut cgroups = Cgroups::default();
         let mut unenforced = Vec::new();
-        let wanted: [(Controller, bool, String); 2] = [
-            (Controller::Memory, limits.memory.is_some(), "memory".into()),
-            (Controller::Cpu, limits.cpus.is_some(), "cpus".into()),
+        let wanted: [(Controller, bool, &str); 3] = [
+            (Controller::Memory, limits.memory.is_some(), "memory"),
+            (Controller::Cpu, limits.cpus.is_some(), "cpus"),
+            (Controller::Pids, limits.pids.is_some(), "process"),
         ];
         for (controller, asked, what) in wanted {
             if !asked {
@@ -268,6 +298,7 @@ impl Cgroups {
         if place.controller == Controller::Memory {
             self.memory = Some((dir.clone(), place.version));
         }
+        self.placed.push((place.controller, dir.clone()));
         Ok(dir)
     }
 
@@ -277,6 +308,35 @@ impl Cgroups {
             fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// The `cgroup.procs` file of each of the sandbox's cgroups: writing `0` to each moves
+    /// the writer, which a child can do between fork and exec so that it never runs outside.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|(dir, _)| dir.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// The sandbox's cgroup of `controller`, if it has one.
+    pub fn dir_of(&self, controller: Controller) -> Option<&Path> {
+        match controller {
+            Controller::Memory => self.memory.as_ref().map(|(d, _)| d.as_path()),
+            _ => self
+                .placed
+                .iter()
+                .find(|(c, _)| *c == controller)
+                .map(|(_, d)| d.as_path()),
+        }
+    }
+
+    /// The processes in the sandbox's cgroups.
+    pub fn processes(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = self.dirs.iter().flat_map(|(d, _)| pids_in(d)).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// How many times the kernel has killed a process here for lack of memory.
@@ -298,6 +358,7 @@ impl Cgroups {
             }
         }
         self.memory = None;
+        self.placed.clear();
         result
     }
 
@@ -323,7 +384,7 @@ fn enable_v2(parent: &Path, base: &Path, controller: Controller) -> io::Result<(
     Ok(())
 }
 
-fn apply(dir: &Path, version: Version, controller: Controller, limits: &Limits) -> io::Result<()> {
+fn apply(dir: &Path, version: Version, controller: Controller, limits: &Wanted) -> io::Result<()> {
     let write = |file: &str, value: String| fs::write(dir.join(file), value);
     match (controller, version) {
         (Controller::Memory, Version::V1) => {
@@ -345,6 +406,10 @@ fn apply(dir: &Path, version: Version, controller: Controller, limits: &Limits) 
             }
             Ok(())
         }
+        (Controller::Pids, _) => write(
+            "pids.max",
+            limits.pids.map_or("max".into(), |n| n.to_string()),
+        ),
         (Controller::Cpu, version) => {
             let period: u64 = 100_000;
             let quota = limits.cpus.map(|c| ((c * period as f64) as u64).max(1_000));
@@ -388,31 +453,107 @@ fn empty_and_remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes cgroups left by an upstream process that died without cleaning up: their names
-/// carry the pid of the process that made them.
+/// Removes cgroups left by an upstream process that died without cleaning up. Their names
+/// carry the pid of the process that made them ([`owner_pid`]); a name made by
+/// [`owned_name`] also carries its pid namespace and start time, so its owner is known to be
+/// gone for certain, and whatever still runs there is killed first. What upstream starts
+/// dies with it (a parent-death signal); this catches anything that outlived its owner
+/// anyway. A name without them (a namespace sandbox's: its init dies with upstream) is only
+/// removed once empty: its pid may be another pid namespace's.
 fn remove_stale(base: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(owner) = name.to_str().and_then(owner_pid) else {
+        let Some(name) = name.to_str() else {
             continue;
         };
-        let alive = kill(Pid::from_raw(owner), None).is_ok();
-        if !alive && pids_in(&entry.path()).is_empty() {
-            let _ = fs::remove_dir(entry.path());
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match owner(name) {
+            Owner::Alive | Owner::Unknown => {}
+            Owner::Gone => {
+                let _ = empty_and_remove(&entry.path());
+            }
+            Owner::GoneIfEmpty => {
+                if pids_in(&entry.path()).is_empty() {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
         }
     }
 }
 
-/// The pid in a sandbox name `upstream-<pid>-<n>`.
+/// The pid in a sandbox name `upstream-<pid>-<n>` (or [`owned_name`]'s).
 pub fn owner_pid(name: &str) -> Option<i32> {
     name.strip_prefix("upstream-")?
         .split('-')
         .next()?
         .parse()
         .ok()
+}
+
+/// A name for a cgroup (or anything else) of this process,
+/// `upstream-<pid>-<kind>-<pid namespace>-<start time>-<n>`: what removes stale cgroups tells
+/// this process from a later one given the same pid, and from one of another pid namespace.
+pub fn owned_name(kind: &str, n: u32) -> String {
+    let pid = std::process::id();
+    let start = start_time(pid as i32).unwrap_or(0);
+    format!("upstream-{pid}-{kind}-{}-{start}-{n}", pid_namespace())
+}
+
+/// What is known of a name's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Alive,
+    /// Not upstream's name, or one of another pid namespace: not this process's to judge.
+    Unknown,
+    /// An [`owned_name`] of this pid namespace whose process is gone.
+    Gone,
+    /// A name with a pid only, which no process of this pid namespace has.
+    GoneIfEmpty,
+}
+
+fn owner(name: &str) -> Owner {
+    let Some(pid) = owner_pid(name) else {
+        return Owner::Unknown;
+    };
+    let parts: Vec<&str> = name.split('-').collect();
+    let owned = match parts.as_slice() {
+        [_, _, kind, namespace, start, _]
+            if kind.bytes().all(|b| b.is_ascii_alphabetic()) && !kind.is_empty() =>
+        {
+            match (namespace.parse::<u64>(), start.parse::<u64>()) {
+                (Ok(namespace), Ok(start)) => Some((namespace, start)),
+                _ => return Owner::Unknown,
+            }
+        }
+        _ => None,
+    };
+    let running = kill(Pid::from_raw(pid), None).is_ok();
+    match owned {
+        Some((namespace, _)) if namespace != pid_namespace() => Owner::Unknown,
+        Some((_, start)) if running && start_time(pid) == Some(start) => Owner::Alive,
+        Some(_) => Owner::Gone,
+        None if running => Owner::Alive,
+        None => Owner::GoneIfEmpty,
+    }
+}
+
+/// This process's pid namespace, by the inode of `/proc/self/ns/pid`.
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields count from its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -465,12 +606,36 @@ mod tests {
     fn missing_controllers_are_named() {
         let layout = Layout::from_tables("", "", |_| None);
         assert!(layout.placements.is_empty());
-        assert_eq!(layout.missing.len(), 2);
+        assert_eq!(layout.missing.len(), 3);
     }
 
     #[test]
     fn sandbox_names_carry_their_owner() {
         assert_eq!(owner_pid("upstream-1234-7"), Some(1234));
         assert_eq!(owner_pid("other"), None);
+    }
+
+    #[test]
+    fn a_name_with_a_start_time_is_alive_only_for_the_process_that_made_it() {
+        let mine = owned_name("vm", 3);
+        let me = std::process::id();
+        assert_eq!(owner_pid(&mine), Some(me as i32));
+        assert_eq!(owner(&mine), Owner::Alive, "{mine}");
+        // The same pid, started at another time: a process that came after the owner.
+        let start = start_time(me as i32).unwrap();
+        let ns = pid_namespace();
+        let later = format!("upstream-{me}-vm-{ns}-{}-3", start + 1);
+        assert_eq!(owner(&later), Owner::Gone, "{later}");
+        // Another pid namespace's: not this process's to judge.
+        let other = format!("upstream-{me}-vm-{}-{}-3", ns + 1, start + 1);
+        assert_eq!(owner(&other), Owner::Unknown, "{other}");
+        // A name with a pid only goes by its pid, and is removed only once empty.
+        assert_eq!(owner(&format!("upstream-{me}-3")), Owner::Alive);
+        assert_eq!(
+            owner(&format!("upstream-{}-3", i32::MAX)),
+            Owner::GoneIfEmpty
+        );
+        assert_eq!(owner("upstream-x-vm-1-2-3"), Owner::Unknown);
+        assert_eq!(owner("something-else"), Owner::Unknown);
     }
 }
