@@ -1,7 +1,7 @@
 //! The agent: the process that runs inside every sandbox as its init, whatever the backend.
 //!
 //! It speaks one framed protocol ([`protocol`]) over a byte stream — a Unix socket for the
-//! namespace backend, a virtio port for VMs — and does what the host asks: run a command and
+//! namespace backend, a virtio port or a vsock stream for VMs — and does what the host asks: run a command and
 //! stream its output and exit status, signal it, read and write files, shut down.
 
 mod files;
@@ -11,5 +11,6 @@ pub mod renew;
 pub mod sandboxfs;
 mod server;
 pub mod tree;
+pub mod vsock;
 
-pub use server::{AgentError, PORTS_DIR, serve};
+pub use server::{AgentError, Ended, PORTS_DIR, Sessions, serve, serve_with};

@@ -50,7 +50,23 @@ pub(crate) type Conn = fs::File;
 /// read from a signalfd, and another thread that does not block it could take the signal
 /// first, leaving an exited command unnoticed.
 pub fn serve(conn: impl Into<OwnedFd>) -> Result<(), AgentError> {
-    serve_as(Conn::from(conn.into()), Role::Agent, Score::open())
+    serve_as(
+        Conn::from(conn.into()),
+        Role::Agent,
+        Score::open(),
+        Sessions::Ports,
+    )
+    .map(drop)
+}
+
+/// [`serve`], with helpers attached from `sessions`; why it stopped.
+pub fn serve_with(conn: impl Into<OwnedFd>, sessions: Sessions) -> Result<Ended, AgentError> {
+    serve_as(
+        Conn::from(conn.into()),
+        Role::Agent,
+        Score::open(),
+        sessions,
+    )
 }
 
 /// Who serves a connection.
@@ -62,7 +78,12 @@ enum Role {
     Helper,
 }
 
-fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> {
+fn serve_as(
+    mut conn: Conn,
+    role: Role,
+    score: Score,
+    sessions: Sessions,
+) -> Result<Ended, AgentError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block()?;
@@ -73,7 +94,7 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
     // own check of this side's greeting, and this side just stops.
     if !read_hello(&mut conn)? {
         kill_everything(None);
-        return Ok(());
+        return Ok(Ended::HostGone);
     }
     let mut background = Background::default();
     let mut tree = None;
@@ -84,7 +105,7 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
         idle_until_request(&conn, &mut sigchld, &mut background)?;
         let Some(request) = read_frame::<_, Request>(&mut conn)? else {
             kill_everything(None);
-            return Ok(());
+            return Ok(Ended::HostGone);
         };
         match request {
             request @ (Request::Stat { .. }
@@ -105,7 +126,7 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
             Request::Exec(exec) => {
                 match run(&mut conn, &mut sigchld, &exec, &score, &mut background)? {
                     Flow::Continue => {}
-                    Flow::Stop => return Ok(()),
+                    Flow::Stop(ended) => return Ok(ended),
                 }
             }
             Request::Spawn { .. } | Request::Wait { .. } | Request::Signal { .. }
@@ -163,7 +184,13 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
                 write_frame(&mut conn, &Response::Error { message })?;
             }
             Request::Attach { port } => {
-                let reply = match open_port(&port).and_then(fork_helper) {
+                let opened = match sessions {
+                    Sessions::Vsock(listener) if port == crate::vsock::ATTACH_NAME => {
+                        crate::vsock::accept_live(listener, Some(crate::vsock::ATTACH_WITHIN))
+                    }
+                    _ => open_port(&port),
+                };
+                let reply = match opened.and_then(fork_helper) {
                     Ok(()) => Response::Done,
                     Err(e) => Response::Error {
                         message: format!("cannot serve port {port}: {e}"),
@@ -200,7 +227,7 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
             Request::Wait { pid, timeout_ms } => {
                 match wait(&mut conn, &mut sigchld, pid, timeout_ms, &mut background)? {
                     Flow::Continue => {}
-                    Flow::Stop => return Ok(()),
+                    Flow::Stop(ended) => return Ok(ended),
                 }
             }
             Request::Signal { pid, signal } => {
@@ -240,7 +267,7 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
             Request::Shutdown => {
                 kill_everything(None);
                 write_frame(&mut conn, &Response::Done)?;
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
         }
     }
@@ -248,7 +275,26 @@ fn serve_as(mut conn: Conn, role: Role, score: Score) -> Result<(), AgentError> 
 
 enum Flow {
     Continue,
-    Stop,
+    Stop(Ended),
+}
+
+/// Why the agent stopped serving a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The host asked it to shut down.
+    Shutdown,
+    /// The host's connection ended (or greeted in another version).
+    HostGone,
+}
+
+/// Where the helpers a host asks for with [`Request::Attach`] are served from.
+#[derive(Debug, Clone, Copy)]
+pub enum Sessions<'a> {
+    /// The VM's virtio ports, by name in [`PORTS_DIR`].
+    Ports,
+    /// Connections to this vsock listener ([`crate::vsock::SESSION_PORT`]), attached by
+    /// the name [`crate::vsock::ATTACH_NAME`].
+    Vsock(BorrowedFd<'a>),
 }
 
 /// Reaps children as they end until the host's connection has something to read (a
@@ -413,7 +459,9 @@ fn fork_helper(socket: OwnedFd) -> io::Result<()> {
                 true => Score::Commands,
                 false => Score::Child,
             };
-            let code = i32::from(serve_as(Conn::from(socket), Role::Helper, score).is_err());
+            let code = i32::from(
+                serve_as(Conn::from(socket), Role::Helper, score, Sessions::Ports).is_err(),
+            );
             // SAFETY: _exit ends the helper without running anything of the agent's.
             unsafe { libc::_exit(code) }
         }
@@ -490,11 +538,11 @@ fn wait(
                 Some(Request::Shutdown) => {
                     kill_everything(None);
                     write_frame(conn, &Response::Done)?;
-                    return Ok(Flow::Stop);
+                    return Ok(Flow::Stop(Ended::Shutdown));
                 }
                 None => {
                     kill_everything(None);
-                    return Ok(Flow::Stop);
+                    return Ok(Flow::Stop(Ended::HostGone));
                 }
                 Some(_) => write_frame(
                     conn,
@@ -588,12 +636,12 @@ fn run(
                     kill_everything(Some(pid));
                     reap(Some(pid), background);
                     write_frame(conn, &Response::Done)?;
-                    return Ok(Flow::Stop);
+                    return Ok(Flow::Stop(Ended::Shutdown));
                 }
                 None => {
                     // The host went away: nobody is left to report to.
                     kill_everything(Some(pid));
-                    return Ok(Flow::Stop);
+                    return Ok(Flow::Stop(Ended::HostGone));
                 }
                 Some(_) => write_frame(
                     conn,

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::vmm::Channel;
 use crate::{guest, network};
 
 /// Errors finding a kernel or making the initramfs.
@@ -118,8 +119,20 @@ impl Kernel {
 }
 
 /// The modules every guest loads (what they need comes along): the virtio-mmio transport of
-/// the microvm machine, the console, disks and overlayfs.
-const WANTED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"];
+/// the microvm machine, the agent's channel, disks and overlayfs. A guest reached over
+/// virtio-serial (QEMU) carries the console; one reached over vsock (Firecracker, which has
+/// no virtio console) the vsock transport instead.
+fn wanted_modules(channel: Channel) -> &'static [&'static str] {
+    match channel {
+        Channel::VirtioSerial => &["virtio_mmio", "virtio_console", "virtio_blk", "overlay"],
+        Channel::Vsock => &[
+            "virtio_mmio",
+            "vmw_vsock_virtio_transport",
+            "virtio_blk",
+            "overlay",
+        ],
+    }
+}
 
 /// The modules a guest with a network device loads after those (`failover` and
 /// `net_failover` come along with `virtio_net`).
@@ -229,8 +242,19 @@ fn without_debug_info<'a>(binary: &'a Path, stripped: &'a Path) -> &'a Path {
     }
 }
 
-/// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`.
+/// Makes (or finds, made before) the initramfs for `binary` and `kernel` in `cache`, for a
+/// guest reached over virtio-serial.
 pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf, BootError> {
+    initramfs_for(cache, binary, kernel, Channel::VirtioSerial)
+}
+
+/// [`initramfs`] for a guest reached over `channel`.
+pub fn initramfs_for(
+    cache: &Path,
+    binary: &Path,
+    kernel: &Kernel,
+    channel: Channel,
+) -> Result<PathBuf, BootError> {
     let fail = |path: &Path, source: io::Error| BootError::Initramfs {
         path: path.to_path_buf(),
         source,
@@ -247,6 +271,9 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
         key.update(&m.mtime_nsec().to_le_bytes());
     }
     key.update(kernel.image.as_os_str().as_encoded_bytes());
+    if channel != Channel::VirtioSerial {
+        key.update(b"\0vsock");
+    }
     let name = format!("initramfs-{}.cpio", &key.finalize().to_hex()[..24]);
     let path = cache.join(&name);
     if path.is_file() {
@@ -264,7 +291,7 @@ pub fn initramfs(cache: &Path, binary: &Path, kernel: &Kernel) -> Result<PathBuf
     let stripped = cache.join(format!("{name}.{}.init", std::process::id()));
     // Readable by the VMM, which runs as a user of its own and reaches it through a
     // descriptor upstream opened (`confine`); the cache directory stays private.
-    let made = write_initramfs(&temp, &stripped, binary, kernel)
+    let made = write_initramfs(&temp, &stripped, binary, kernel, channel)
         .and_then(|()| {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&temp, fs::Permissions::from_mode(0o644))
@@ -284,6 +311,7 @@ fn write_initramfs(
     stripped: &Path,
     binary: &Path,
     kernel: &Kernel,
+    channel: Channel,
 ) -> Result<(), BootError> {
     let fail = |path: &Path, source: io::Error| BootError::Initramfs {
         path: path.to_path_buf(),
@@ -314,7 +342,7 @@ fn write_initramfs(
             kernel: kernel.image.clone(),
             reason,
         };
-        let order = modules_in_order(modules, WANTED_MODULES, &[]).map_err(fail_kernel)?;
+        let order = modules_in_order(modules, wanted_modules(channel), &[]).map_err(fail_kernel)?;
         let network = modules_in_order(modules, NETWORK_MODULES, &order).map_err(fail_kernel)?;
         let (mut names, mut network_names) = (String::new(), String::new());
         for module in order.iter().chain(&network) {
@@ -513,7 +541,8 @@ mod tests {
             "kernel/fs/overlayfs/overlay.ko\n",
         )
         .unwrap();
-        let order = modules_in_order(dir.path(), WANTED_MODULES, &[]).unwrap();
+        let order =
+            modules_in_order(dir.path(), wanted_modules(Channel::VirtioSerial), &[]).unwrap();
         let at = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
         assert!(at("/virtio.ko") < at("/virtio_ring.ko"));
         assert!(at("/virtio_ring.ko") < at("/virtio_mmio.ko"));
@@ -531,8 +560,27 @@ mod tests {
         assert_eq!(names, ["failover.ko", "net_failover.ko", "virtio_net.ko"]);
         // A module the kernel has neither way is an error that names it.
         fs::write(dir.path().join("modules.builtin"), "").unwrap();
-        let e = modules_in_order(dir.path(), WANTED_MODULES, &[]).unwrap_err();
+        let e =
+            modules_in_order(dir.path(), wanted_modules(Channel::VirtioSerial), &[]).unwrap_err();
         assert!(e.contains("overlay"), "{e}");
+    }
+
+    /// Debian's cloud kernel: a vsock guest loads the vsock transport after the vsock core
+    /// it needs, and no console; a virtio-serial guest the console and no vsock.
+    #[test]
+    fn each_channel_carries_its_own_modules() {
+        let kernel = Kernel::find(None).expect("no guest kernel: scripts/vm-kernel unpacks one");
+        let modules = kernel.modules.expect("the guest kernel has modules");
+        let vsock = modules_in_order(&modules, wanted_modules(Channel::Vsock), &[]).unwrap();
+        let at = |order: &[String], m: &str| order.iter().position(|o| o.ends_with(m));
+        let transport = at(&vsock, "/vmw_vsock_virtio_transport.ko").expect("no transport");
+        let core = at(&vsock, "/vsock.ko").expect("no vsock core");
+        assert!(core < transport, "{vsock:?}");
+        assert_eq!(at(&vsock, "/virtio_console.ko"), None);
+        let serial =
+            modules_in_order(&modules, wanted_modules(Channel::VirtioSerial), &[]).unwrap();
+        assert!(at(&serial, "/virtio_console.ko").is_some());
+        assert_eq!(at(&serial, "/vsock.ko"), None);
     }
 
     #[test]

@@ -514,7 +514,7 @@ fn no_core_no_new_privileges() -> io::Result<()> {
 /// and the confinement that holds them open.
 pub struct Reached {
     pub confinement: Confinement,
-    pub kernel: crate::boot::Kernel,
+    pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub root_disk: PathBuf,
     /// A file of the VMM's directory.
@@ -524,23 +524,21 @@ pub struct Reached {
 }
 
 impl Reached {
-    /// The files of a VM on `config` (its kernel and accelerator), with `initramfs`, the
-    /// image's `root_disk` and `scratch_disk` (in the VMM's directory), as `confinement`'s
-    /// VMM reaches them.
+    /// The files of a VM — the kernel image its VMM boots, `initramfs`, the image's
+    /// `root_disk` and `scratch_disk` (in the VMM's directory) — as `confinement`'s VMM
+    /// reaches them; `/dev/kvm` too where it uses KVM (`kvm`).
     pub fn of(
         mut confinement: Confinement,
-        config: &crate::VmConfig,
+        kvm: bool,
+        kernel: &Path,
         initramfs: &Path,
         root_disk: &Path,
         scratch_disk: &Path,
     ) -> Result<Reached, ConfineError> {
-        if config.accel == crate::qemu::Accel::Kvm {
+        if kvm {
             confinement.allow_device(Path::new("/dev/kvm"))?;
         }
-        let kernel = crate::boot::Kernel {
-            image: confinement.reach(&config.kernel.image)?,
-            ..config.kernel.clone()
-        };
+        let kernel = confinement.reach(kernel)?;
         let dir = confinement.dir();
         Ok(Reached {
             kernel,

@@ -2,13 +2,16 @@
 //! from the initramfs this backend builds ([`crate::boot`]).
 //!
 //! It mounts the kernel's filesystems, loads the modules the initramfs carries (the virtio
-//! transports, the console, block devices, overlayfs), names the virtio ports, mounts the
-//! sandbox's root — the image's read-only disk under an overlay whose writable layer is the
-//! sandbox's own disk — brings the network up where the host gave the VM a device
-//! ([`crate::network`]), moves into the root, and then is the agent, serving the host on
-//! the port `upstream.0` until the host asks it to shut down; then it powers the VM off.
-//! Whatever fails on the way is told to the host as the agent's first word
-//! (`SetupFailed`), so a guest that cannot start says why instead of hanging the host.
+//! transports, the console or vsock, block devices, overlayfs), finds how the host reaches
+//! it — the virtio port `upstream.0` (QEMU), or, with no virtio console but a vsock device
+//! (Firecracker), a vsock listener it opens and takes the host's first connection on —
+//! names the virtio ports, mounts the sandbox's root — the image's read-only disk under an
+//! overlay whose writable layer is the sandbox's own disk — brings the network up where the
+//! host gave the VM a device ([`crate::network`]), moves into the root, and then is the
+//! agent, serving the host until it asks the agent to shut down; then it powers the VM off
+//! (or reboots it, which ends a Firecracker VM). Whatever fails on the way is told to the
+//! host as the agent's first word (`SetupFailed`), so a guest that cannot start says why
+//! instead of hanging the host.
 
 use std::fs;
 use std::io::Write;
@@ -50,6 +53,50 @@ pub fn is_vm_init() -> bool {
 /// peer of the boot benchmark (the same kernel and initramfs, no sandbox).
 pub const POWER_OFF_AT_ONCE: &str = "upstream.poweroff";
 
+/// The word that makes the guest end its VM with a reboot rather than a power-off: a
+/// Firecracker guest has no way to power off, and Firecracker exits when its guest reboots
+/// (`reboot=k`, through the keyboard controller).
+pub const STOP_BY_REBOOT: &str = "upstream.stop=reboot";
+
+/// The word that makes the guest tell its disks apart by mode — the image's is the
+/// read-only one — rather than by serial, which Firecracker does not let the host set.
+pub const DISKS_BY_MODE: &str = "upstream.disks=by-mode";
+
+/// The words on the kernel's command line of a sandbox's guest, whichever VMM boots it: the
+/// console, the init, entropy and keyboard-controller options, and the sandbox's options
+/// that its init reads ([`Options`]). A driver adds its own.
+pub fn cmdline(
+    hostname: &str,
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+    network: crate::network::Network,
+) -> Vec<String> {
+    let mut words = vec![
+        "console=ttyS0".to_string(),
+        "quiet".into(),
+        "panic=-1".into(),
+        format!("rdinit={INIT_PATH}"),
+        "random.trust_cpu=on".into(),
+        "i8042.noaux".into(),
+        "i8042.nomux".into(),
+        "i8042.nopnp".into(),
+        "i8042.dumbkbd".into(),
+        format!("upstream.hostname={hostname}"),
+    ];
+    if let Some(memory) = memory_limit {
+        words.push(format!("upstream.memory={memory}"));
+    }
+    if let Some(pids) = pids_limit {
+        words.push(format!("upstream.pids={pids}"));
+    }
+    words.extend(network.kernel_word());
+    words
+}
+
+/// The virtio device ids the guest tells its transport by.
+const VIRTIO_CONSOLE: u32 = 3;
+const VIRTIO_VSOCK: u32 = 19;
+
 /// Runs the guest; never returns (the VM powers off).
 pub fn main() -> ! {
     let cmdline = {
@@ -57,8 +104,9 @@ pub fn main() -> ! {
         let _ = mount_dir("proc", "/proc", "proc", MsFlags::empty(), "");
         fs::read_to_string("/proc/cmdline").unwrap_or_default()
     };
+    let reboot = cmdline.split_whitespace().any(|w| w == STOP_BY_REBOOT);
     if cmdline.split_whitespace().any(|w| w == POWER_OFF_AT_ONCE) {
-        power_off();
+        power_off(reboot);
     }
     let mut port = None;
     if let Err(message) = start(&mut port) {
@@ -71,19 +119,46 @@ pub fn main() -> ! {
             let _ = write_hello(&mut port).and_then(|()| write_frame(&mut port, &failed));
         }
     }
-    power_off()
+    power_off(reboot)
+}
+
+/// How the host reaches this guest's agent.
+enum Transport {
+    /// The virtio port [`AGENT_PORT`], at this device.
+    Port(String),
+    /// virtio-vsock: the agent listens ([`upstream_agent::vsock`]).
+    Vsock,
 }
 
 fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     let _ = nix::mount::umount("/proc");
     mount_kernel_filesystems("")?;
     load_modules(MODULES_ORDER)?;
-    let agent = wait_for_port(AGENT_PORT, Duration::from_secs(20))?;
-    *port = Some(open_port(&agent)?);
+    // A vsock guest listens before anything else, so the host's first connection, through
+    // which a failure on the way is told, is taken as soon as it comes.
+    let mut vsock = None;
+    match wait_for_transport(Duration::from_secs(20))? {
+        Transport::Port(agent) => *port = Some(open_port(&agent)?),
+        Transport::Vsock => {
+            use upstream_agent::vsock::{AGENT_PORT, SESSION_PORT, accept, listen_on};
+            let listen =
+                |n| listen_on(n).map_err(|e| format!("cannot listen on vsock port {n}: {e}"));
+            let (agent, sessions) = (listen(AGENT_PORT)?, listen(SESSION_PORT)?);
+            *port = Some(
+                accept(&agent).map_err(|e| format!("cannot take the host's connection: {e}"))?,
+            );
+            vsock = Some((agent, sessions));
+        }
+    }
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let options = Options::from_cmdline(&cmdline);
-    let root = disk_by_serial(ROOT_SERIAL)?;
-    let scratch = disk_by_serial(SCRATCH_SERIAL)?;
+    let (root, scratch) = match options.disks_by_mode {
+        false => (
+            disk_by_serial(ROOT_SERIAL)?,
+            disk_by_serial(SCRATCH_SERIAL)?,
+        ),
+        true => (disk_by_mode(true)?, disk_by_mode(false)?),
+    };
     mount_dir(&root, LOWER, "ext4", MsFlags::MS_RDONLY, "")?;
     mount_dir(&scratch, SCRATCH, "ext4", MsFlags::MS_NOATIME, "")?;
     for dir in [format!("{SCRATCH}/upper"), format!("{SCRATCH}/work")] {
@@ -114,8 +189,68 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     }
     let conn = port.take().expect("opened above");
     // From here on the agent reports its own failures over its connection.
-    let _ = upstream_agent::serve(conn);
-    Ok(())
+    let Some((agent, sessions)) = vsock else {
+        let _ = upstream_agent::serve(conn);
+        return Ok(());
+    };
+    // Over vsock a first connection that ends without a shutdown is followed by the next:
+    // a snapshot's restore resets every vsock connection, and the host connects again.
+    let mut conn = conn;
+    loop {
+        use std::os::fd::AsFd;
+        let sessions = upstream_agent::Sessions::Vsock(sessions.as_fd());
+        match upstream_agent::serve_with(conn, sessions) {
+            Ok(upstream_agent::Ended::Shutdown) => return Ok(()),
+            Ok(upstream_agent::Ended::HostGone) | Err(_) => {}
+        }
+        conn = match upstream_agent::vsock::accept(&agent) {
+            Ok(next) => next,
+            Err(e) => return Err(format!("cannot take the host's next connection: {e}")),
+        };
+    }
+}
+
+/// How the host reaches the agent, once the devices are there: the virtio port
+/// [`AGENT_PORT`], else a virtio-vsock device in a guest without a virtio console.
+fn wait_for_transport(within: Duration) -> Result<Transport, String> {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(device) = ports()
+            .into_iter()
+            .find(|(n, _)| n == AGENT_PORT)
+            .map(|(_, d)| d)
+        {
+            if Path::new(&device).exists() {
+                return Ok(Transport::Port(device));
+            }
+        }
+        let devices = virtio_devices();
+        if devices.contains(&VIRTIO_VSOCK) && !devices.contains(&VIRTIO_CONSOLE) {
+            return Ok(Transport::Vsock);
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "neither the virtio port {AGENT_PORT} nor a vsock device appeared within {} s \
+                 (are virtio_console or vmw_vsock_virtio_transport loaded?)",
+                within.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The ids of the guest's virtio devices (`/sys/bus/virtio/devices/*/device`).
+fn virtio_devices() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/sys/bus/virtio/devices") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let id = fs::read_to_string(e.path().join("device")).ok()?;
+            u32::from_str_radix(id.trim().trim_start_matches("0x"), 16).ok()
+        })
+        .collect()
 }
 
 /// What the host tells the guest on the kernel's command line (`upstream.<name>=<value>`).
@@ -127,6 +262,8 @@ struct Options {
     memory: Option<u64>,
     /// Its limit on processes and threads.
     pids: Option<u64>,
+    /// The disks are told apart by mode ([`DISKS_BY_MODE`]), not by serial.
+    disks_by_mode: bool,
 }
 
 impl Options {
@@ -135,8 +272,12 @@ impl Options {
             hostname: upstream_sandbox::DEFAULT_HOSTNAME.to_string(),
             memory: None,
             pids: None,
+            disks_by_mode: false,
         };
         for word in cmdline.split_whitespace() {
+            if word == DISKS_BY_MODE {
+                options.disks_by_mode = true;
+            }
             if let Some(n) = word.strip_prefix("upstream.memory=") {
                 options.memory = n.parse().ok();
             }
@@ -297,25 +438,6 @@ fn load_modules(list: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The device of the virtio port named `name` (`/dev/vport0p1`), once the kernel made it.
-fn wait_for_port(name: &str, within: Duration) -> Result<String, String> {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(device) = ports().into_iter().find(|(n, _)| n == name).map(|(_, d)| d) {
-            if Path::new(&device).exists() {
-                return Ok(device);
-            }
-        }
-        if Instant::now() >= until {
-            return Err(format!(
-                "the virtio port {name} did not appear within {} s (is virtio_console loaded?)",
-                within.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Every named virtio port: its name and device.
 fn ports() -> Vec<(String, String)> {
     let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") else {
@@ -385,6 +507,46 @@ fn disk_by_serial(serial: &str) -> Result<String, String> {
     }
 }
 
+/// The virtio disk that is read-only (`read_only`: the image's) or writable (the
+/// sandbox's): one of each, or none is taken.
+fn disk_by_mode(read_only: bool) -> Result<String, String> {
+    let until = Instant::now() + Duration::from_secs(10);
+    let want = if read_only { "1" } else { "0" };
+    loop {
+        let mut found = Vec::new();
+        if let Ok(entries) = fs::read_dir("/sys/block") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("vd") {
+                    continue;
+                }
+                let ro = fs::read_to_string(entry.path().join("ro")).unwrap_or_default();
+                if ro.trim() == want {
+                    found.push(format!("/dev/{name}"));
+                }
+            }
+        }
+        match found.as_slice() {
+            [device] if Path::new(device).exists() => return Ok(device.clone()),
+            [_, _, ..] => {
+                return Err(format!(
+                    "more than one {} virtio disk: {}",
+                    if read_only { "read-only" } else { "writable" },
+                    found.join(", ")
+                ));
+            }
+            _ => {}
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "no {} virtio disk (is virtio_blk loaded?)",
+                if read_only { "read-only" } else { "writable" }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A line in the kernel's log, which the host keeps as the VM's console.
 fn log(message: &str) {
     if let Ok(mut kmsg) = fs::OpenOptions::new().write(true).open("/dev/kmsg") {
@@ -392,9 +554,11 @@ fn log(message: &str) {
     }
 }
 
-fn power_off() -> ! {
+fn power_off(reboot: bool) -> ! {
     nix::unistd::sync();
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    if !reboot {
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    }
     // Without a way to power off (no ACPI on a microvm), a reboot, which `-no-reboot`
     // turns into QEMU's exit.
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
@@ -408,13 +572,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_the_host_puts_on_the_command_line_the_guest_reads_back() {
+        use crate::network::Network;
+        let words = cmdline("box-2", Some(64 << 20), Some(32), Network::None).join(" ");
+        let o = Options::from_cmdline(&words);
+        assert_eq!(o.hostname, "box-2");
+        assert_eq!((o.memory, o.pids), (Some(64 << 20), Some(32)));
+        assert!(words.contains("rdinit=/init"), "{words}");
+        assert_eq!(GuestNetwork::from_cmdline(&words), Ok(None));
+        // With the host's network, the guest reads back where its NAT is.
+        let host = upstream_sandbox::NetworkMode::Host;
+        let words = cmdline("box-2", None, None, Network::of(host)).join(" ");
+        let network = GuestNetwork::from_cmdline(&words).unwrap().unwrap();
+        assert_eq!(network.gateway, crate::network::HOST_ADDRESS);
+    }
+
+    #[test]
     fn the_hostname_comes_from_the_command_line_when_it_is_a_plain_name() {
         let o = Options::from_cmdline(
             "quiet upstream.hostname=box-1 upstream.memory=67108864 upstream.pids=64 panic=-1",
         );
         assert_eq!(o.hostname, "box-1");
         assert_eq!((o.memory, o.pids), (Some(64 << 20), Some(64)));
-        let o = Options::from_cmdline("upstream.hostname=a/b");
+        assert!(!o.disks_by_mode);
+        let o = Options::from_cmdline("upstream.hostname=a/b upstream.disks=by-mode");
         assert_eq!(o.hostname, upstream_sandbox::DEFAULT_HOSTNAME);
+        assert!(o.disks_by_mode);
     }
 }

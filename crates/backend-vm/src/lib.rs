@@ -4,24 +4,30 @@
 //! A sandbox's VM boots the guest kernel ([`boot::Kernel`]) with an initramfs whose init is
 //! this same upstream binary ([`guest`]); its root is the image as a read-only disk made
 //! once per image ([`disk`]) under an overlay on a disk of the sandbox's own, thrown away
-//! with it, which also holds the workspace. The host speaks the agent protocol to the
-//! guest's agent over virtio-serial ports ([`qemu`]): one for the agent's first connection,
-//! one per session, so no descriptor ever crosses into the guest; files move through the
-//! agent ([`upstream_sandbox::AgentFiles`]), since the host cannot reach the guest's.
+//! with it, which also holds the workspace. The VM runs in a VMM behind one interface
+//! ([`vmm`]): Firecracker ([`firecracker`]) where a host has it and hardware KVM, QEMU
+//! ([`qemu`]) elsewhere. The host speaks the agent protocol to the guest's agent over
+//! byte streams the VMM carries — virtio-serial ports under QEMU, vsock under Firecracker
+//! — one for the agent's first connection, one per session, so no descriptor ever crosses
+//! into the guest; files move through the agent ([`upstream_sandbox::AgentFiles`]), since
+//! the host cannot reach the guest's.
 
 pub mod boot;
 pub mod confine;
 pub mod disk;
+pub mod firecracker;
 pub mod guest;
+pub mod kvm;
 pub mod network;
 pub mod qemu;
 pub mod qmp;
+pub mod vmlinux;
+pub mod vmm;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +39,9 @@ use upstream_sandbox::{
 
 use crate::boot::Kernel;
 use crate::confine::Confinement;
-use crate::qemu::{Accel, Machine};
+use crate::firecracker::{Firecracker, Jailer};
+use crate::qemu::{Accel, Qemu};
+use crate::vmm::{MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
 
 /// This backend's name, in what it names.
 pub const BACKEND_NAME: &str = "vm";
@@ -57,9 +65,13 @@ const FILE_CONNECTIONS: usize = 2;
 pub struct VmConfig {
     /// The upstream binary the guest's init is made from.
     pub init_exe: PathBuf,
-    pub qemu: PathBuf,
+    /// The VMM: QEMU or Firecracker ([`vmm::choose`]).
+    pub vmm: Arc<dyn Vmm>,
+    /// Why this VMM, in a sentence.
+    pub vmm_why: String,
+    /// The VMM's program.
+    pub vmm_binary: PathBuf,
     pub kernel: Kernel,
-    pub accel: Accel,
     /// Where sandboxes' directories go.
     pub runtime: PathBuf,
     /// Where the initramfs and the images' disks are kept between sandboxes.
@@ -67,9 +79,11 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// The configuration from this host and its environment: QEMU from `$UPSTREAM_QEMU` or
-    /// the `PATH`, the kernel from [`Kernel::find`], the accelerator from
-    /// [`Accel::from_env`], disks kept in `$UPSTREAM_VM_CACHE` or the runtime directory.
+    /// The configuration from this host and its environment: the VMM [`vmm::choose`]s
+    /// (`$UPSTREAM_VMM`, else Firecracker — `$UPSTREAM_FIRECRACKER` or the `PATH`'s — where
+    /// `/dev/kvm` runs a stock guest, else QEMU from `$UPSTREAM_QEMU` or the `PATH`), the
+    /// kernel from [`Kernel::find`], QEMU's accelerator from [`Accel::from_env`], disks kept
+    /// in `$UPSTREAM_VM_CACHE` or the runtime directory.
     pub fn from_env(init_exe: PathBuf, kernel: Option<&Path>) -> Result<VmConfig, SandboxError> {
         VmConfig::in_runtime_dir(init_exe, kernel, None)
     }
@@ -89,27 +103,115 @@ impl VmConfig {
         let cache = std::env::var_os("UPSTREAM_VM_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| runtime.join("cache"));
-        let qemu = match std::env::var_os("UPSTREAM_QEMU") {
-            Some(path) => PathBuf::from(path),
-            None => find_program("qemu-system-x86_64").ok_or_else(|| {
-                SandboxError::setup(
-                    "QEMU is not installed: `isolation: vm` runs sandboxes in qemu-system-x86_64",
-                    Some("install Debian's qemu-system-x86 (scripts/test does), or set $UPSTREAM_QEMU"),
+        let firecracker = match std::env::var_os("UPSTREAM_FIRECRACKER") {
+            Some(path) if !Path::new(&path).is_file() => {
+                return Err(SandboxError::setup(
+                    format!(
+                        "$UPSTREAM_FIRECRACKER is {}, which is no file",
+                        Path::new(&path).display()
+                    ),
+                    Some("name Firecracker's binary, or unset it to take the PATH's"),
+                ));
+            }
+            Some(path) => Some(PathBuf::from(path)),
+            None => find_program("firecracker"),
+        };
+        let asked = std::env::var("UPSTREAM_VMM").ok();
+        let choice = vmm::choose(
+            asked.as_deref().filter(|a| !a.is_empty()),
+            firecracker,
+            kvm::stock_guest_runs,
+        )
+        .map_err(|e| SandboxError::setup(e, None))?;
+        let (vmm, vmm_binary): (Arc<dyn Vmm>, PathBuf) = match choice.kind {
+            VmmKind::Firecracker => {
+                let binary = choice.firecracker.clone().unwrap_or_default();
+                let jailer = jailer_of(&binary, &runtime)?;
+                (
+                    Arc::new(Firecracker {
+                        binary: binary.clone(),
+                        jailer,
+                    }),
+                    binary,
                 )
-            })?,
+            }
+            VmmKind::Qemu => {
+                let qemu = match std::env::var_os("UPSTREAM_QEMU") {
+                    Some(path) => PathBuf::from(path),
+                    None => find_program("qemu-system-x86_64").ok_or_else(|| {
+                        SandboxError::setup(
+                            format!(
+                                "QEMU is not installed ({}): `isolation: vm` runs sandboxes in \
+                                 qemu-system-x86_64",
+                                choice.why
+                            ),
+                            Some(
+                                "install Debian's qemu-system-x86 (scripts/test does), or set \
+                                 $UPSTREAM_QEMU; on a host with hardware KVM, Firecracker",
+                            ),
+                        )
+                    })?,
+                };
+                let accel = Accel::from_env();
+                (
+                    Arc::new(Qemu {
+                        qemu: qemu.clone(),
+                        accel,
+                    }),
+                    qemu,
+                )
+            }
         };
         let kernel = Kernel::find(kernel).map_err(|e| SandboxError::setup(e.to_string(), None))?;
         // The binary itself, not /proc/self/exe, which names whoever reads it.
         let init_exe = std::fs::canonicalize(&init_exe).unwrap_or(init_exe);
         Ok(VmConfig {
             init_exe,
-            qemu,
+            vmm,
+            vmm_why: choice.why,
+            vmm_binary,
             kernel,
-            accel: Accel::from_env(),
             runtime,
             cache,
         })
     }
+}
+
+/// Firecracker's jailer, where there is one beside Firecracker or at `$UPSTREAM_JAILER`
+/// (`$UPSTREAM_JAILER=none`: none), with the ids Firecracker drops to
+/// (`$UPSTREAM_JAILER_IDS=uid:gid`, else nobody's, 65534:65534) and its jails in the runtime
+/// directory (on the cache's filesystem unless `$UPSTREAM_VM_CACHE` moves it, so disks are
+/// linked into a jail rather than copied).
+fn jailer_of(firecracker: &Path, runtime: &Path) -> Result<Option<Jailer>, SandboxError> {
+    let binary = match std::env::var_os("UPSTREAM_JAILER") {
+        Some(path) if path == "none" => return Ok(None),
+        Some(path) => Some(PathBuf::from(path)),
+        None => firecracker
+            .parent()
+            .map(|dir| dir.join("jailer"))
+            .filter(|p| p.is_file())
+            .or_else(|| find_program("jailer")),
+    };
+    let Some(binary) = binary else {
+        return Ok(None);
+    };
+    let ids = std::env::var("UPSTREAM_JAILER_IDS").unwrap_or_else(|_| "65534:65534".into());
+    let parsed = ids
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+        .filter(|(u, g)| *u != 0 && *g != 0);
+    let Some((uid, gid)) = parsed else {
+        return Err(SandboxError::setup(
+            format!("$UPSTREAM_JAILER_IDS is {ids:?}: it is uid:gid, neither 0 (`65534:65534`)"),
+            None,
+        ));
+    };
+    Ok(Some(Jailer {
+        binary,
+        uid,
+        gid,
+        chroot_base: runtime.join("jail"),
+    }))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -123,8 +225,8 @@ fn find_program(name: &str) -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct VmBackend {
     config: VmConfig,
-    /// Made on first use, then kept.
-    initramfs: Mutex<Option<PathBuf>>,
+    /// The kernel image and initramfs the VMM boots, made on first use, then kept.
+    boot: Mutex<Option<BootFiles>>,
     /// Snapshots of machines ready to run, by shape ([`Backend::prepare`]).
     templates: Mutex<HashMap<Shape, Arc<Template>>>,
     /// Held while a snapshot is taken.
@@ -137,7 +239,7 @@ impl VmBackend {
     pub fn new(config: VmConfig) -> VmBackend {
         VmBackend {
             config,
-            initramfs: Mutex::new(None),
+            boot: Mutex::new(None),
             templates: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(()),
             host: std::sync::OnceLock::new(),
@@ -158,24 +260,19 @@ impl VmBackend {
         &self.config
     }
 
-    fn initramfs(&self) -> Result<PathBuf, SandboxError> {
-        let mut made = self.initramfs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = made.as_ref() {
-            return Ok(path.clone());
+    fn boot_files(&self) -> Result<BootFiles, SandboxError> {
+        let mut made = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(files) = made.as_ref() {
+            return Ok(files.clone());
         }
-        let path = boot::initramfs(
-            &self.config.cache,
-            &self.config.init_exe,
-            &self.config.kernel,
-        )
-        .map_err(|e| SandboxError::setup(e.to_string(), None))?;
-        *made = Some(path.clone());
-        Ok(path)
+        let files = boot_files(&self.config).map_err(|e| SandboxError::setup(e, None))?;
+        *made = Some(files.clone());
+        Ok(files)
     }
 
     /// The machine a sandbox of `spec` runs on, checking first that a VM can be it.
     fn shape(&self, spec: &SandboxSpec) -> Result<Shape, SandboxError> {
-        let initramfs = self.initramfs()?;
+        let boot = self.boot_files()?;
         let root_disk = match &spec.image {
             Image::Layers { layers, reference } => {
                 let [rootfs] = layers.as_slice() else {
@@ -206,7 +303,8 @@ impl VmBackend {
             None => DEFAULT_MEMORY,
         };
         Ok(Shape {
-            initramfs,
+            kernel: boot.kernel,
+            initramfs: boot.initramfs,
             root_disk,
             memory_mib: memory.div_ceil(1 << 20).max(256),
             cpus: spec.limits.cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
@@ -219,9 +317,10 @@ impl VmBackend {
     }
 
     /// Starts the machine of `shape` in `dir` (the sandbox's: removed with it, where its disk
-    /// `scratch.ext4` is made already), its VMM confined, and returns the sandbox with no
-    /// agent connection yet, the listener of the agent's port, and that of QMP's and the
-    /// snapshot's state as the VMM reaches it where the machine has a monitor.
+    /// `scratch.ext4` is made already) — booted, booted to be snapshotted, or restored from a
+    /// snapshot, as `ram` says — and returns the sandbox with no agent connection yet. QEMU
+    /// runs confined ([`confine`]); Firecracker confines itself, through its jailer where one
+    /// is installed.
     fn start(
         &self,
         shape: &Shape,
@@ -230,7 +329,7 @@ impl VmBackend {
         dir: PathBuf,
         ram: Ram,
         started: Instant,
-    ) -> Result<Booting, SandboxError> {
+    ) -> Result<VmSandbox, SandboxError> {
         let failed = |dir: &Path, e: String, hint: Option<&str>| {
             let _ = std::fs::remove_dir_all(dir);
             SandboxError::setup(e, hint)
@@ -248,98 +347,122 @@ impl VmBackend {
                 }
             }
         }
-        let limits = confine::VmmLimits::for_guest(
-            shape.memory_mib << 20,
-            confine::qemu_overhead(self.config.accel),
-            shape.cpus,
-            shape.cpu_millis.map(|m| m as f64 / 1000.0),
-        );
-        let confined = self.host().confine(&dir, &limits).and_then(|c| {
-            confine::Reached::of(
-                c,
-                &self.config,
-                &shape.initramfs,
-                &shape.root_disk,
-                &scratch,
-            )
-        });
-        let mut reached = confined.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
-        let (memory_path, state) = match ram {
-            Ram::Anonymous => (None, None),
-            Ram::Snapshotted => (Some(reached.dir.join(TEMPLATE_MEMORY)), None),
-            Ram::RestoredFrom(template) => {
-                let reach = |c: &mut Confinement, path: &Path| c.reach(path);
-                let memory = reach(&mut reached.confinement, &template.memory())
-                    .and_then(|m| Ok((m, reach(&mut reached.confinement, &template.state())?)));
-                let (memory, state) = memory.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
-                (Some(memory), Some(state))
+        let mut reached = match self.config.vmm.kind() {
+            VmmKind::Qemu => {
+                let limits = confine::VmmLimits::for_guest(
+                    shape.memory_mib << 20,
+                    self.config.vmm.memory_overhead(),
+                    shape.cpus,
+                    shape.cpu_millis.map(|m| m as f64 / 1000.0),
+                );
+                let confined = self.host().confine(&dir, &limits).and_then(|c| {
+                    confine::Reached::of(
+                        c,
+                        self.config.vmm.uses_kvm(),
+                        &shape.kernel,
+                        &shape.initramfs,
+                        &shape.root_disk,
+                        &scratch,
+                    )
+                });
+                Some(confined.map_err(|e| failed(&dir, e.to_string(), e.hint()))?)
             }
+            VmmKind::Firecracker => None,
         };
-        let memory = match (&ram, &memory_path) {
-            (Ram::Snapshotted, Some(path)) => qemu::Memory::SharedFile(path),
-            (Ram::RestoredFrom(_), Some(path)) => qemu::Memory::PrivateFile(path),
-            _ => qemu::Memory::Anonymous,
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
+            Some(r) => (
+                r.kernel.clone(),
+                r.initramfs.clone(),
+                r.root_disk.clone(),
+                r.scratch_disk.clone(),
+                r.dir.clone(),
+            ),
+            None => (
+                shape.kernel.clone(),
+                shape.initramfs.clone(),
+                shape.root_disk.clone(),
+                scratch.clone(),
+                dir.clone(),
+            ),
         };
-        let machine = Machine {
-            qemu: &self.config.qemu,
-            accel: self.config.accel,
-            kernel: &reached.kernel,
-            initramfs: &reached.initramfs,
-            root_disk: &reached.root_disk,
-            scratch_disk: &reached.scratch_disk,
+        let (snapshot_memory, snapshot) = match ram {
+            Ram::Anonymous => (None, None),
+            Ram::Snapshotted => (Some(vmm_dir.join(TEMPLATE_MEMORY)), None),
+            Ram::RestoredFrom(template) => match reached.as_mut() {
+                Some(r) => {
+                    let c = &mut r.confinement;
+                    let reach = c
+                        .reach(&template.memory())
+                        .and_then(|memory| Ok((memory, c.reach(&template.state())?)));
+                    let (memory, state) =
+                        reach.map_err(|e| failed(&dir, e.to_string(), e.hint()))?;
+                    (None, Some(Snapshot { state, memory }))
+                }
+                None => (None, Some(template.snapshot())),
+            },
+        };
+        let cmdline = shape.cmdline(hostname, network);
+        let machine = MachineSpec {
+            kernel: &kernel,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            scratch_disk: &scratch_disk,
             memory_mib: shape.memory_mib,
             cpus: shape.cpus,
-            memory_limit: shape.memory_limit,
-            pids_limit: shape.pids_limit,
-            hostname,
+            cmdline: &cmdline,
             network,
-            dir: &reached.dir,
-            incoming: matches!(memory, qemu::Memory::PrivateFile(_)),
-            memory,
+            dir: &vmm_dir,
+            snapshot_memory: snapshot_memory.as_deref(),
+            confinement: reached.as_ref().map(|r| &r.confinement),
         };
-        let vm = machine
-            .start_confined(&[], Some(&reached.confinement))
-            .map_err(|e| {
-                failed(
-                    &dir,
-                    format!("cannot start {}: {e}", self.config.qemu.display()),
-                    None,
-                )
-            })?;
-        let mut ports = vm.ports;
-        let agent = ports.remove(0);
+        let vm = match &snapshot {
+            Some(snapshot) => self.config.vmm.restore(snapshot, &machine),
+            None => self.config.vmm.start(&machine),
+        };
+        let vm = vm.map_err(|e| {
+            let what = match snapshot {
+                Some(_) => "cannot restore the sandbox's VM".to_string(),
+                None => format!("cannot start {}", self.config.vmm_binary.display()),
+            };
+            failed(&dir, format!("{what}: {e}"), None)
+        })?;
+        let mut unenforced = Vec::new();
+        match &reached {
+            Some(r) => unenforced.extend(r.confinement.unenforced().iter().cloned()),
+            None if !self.config.vmm.confines_itself() => unenforced.push(
+                "the VMM's own confinement: Firecracker runs without its jailer (none is \
+                 installed beside it)"
+                    .to_string(),
+            ),
+            None => {}
+        }
         let interrupter = Arc::new(VmInterrupter {
-            pid: vm.child.id() as i32,
+            pid: vm.pid(),
             interrupted: AtomicBool::new(false),
         });
-        let sandbox = VmSandbox {
+        Ok(VmSandbox {
             info: SandboxInfo {
-                backend: format!("vm (qemu, {})", self.config.accel.name()),
+                backend: format!("vm ({})", self.config.vmm.describe()),
                 setup: Duration::ZERO,
-                unenforced: reached.confinement.unenforced().to_vec(),
+                unenforced,
                 ids: GUEST_IDS,
             },
             dir,
+            vmm_dir,
             disk_limit: shape.disk,
-            child: Some(vm.child),
-            confinement: Some(reached.confinement),
-            client: None,
+            vmm: self.config.vmm.kind(),
             ports: Arc::new(Ports {
-                listeners: ports,
-                free: Mutex::new((1..=qemu::SESSION_PORTS).collect()),
+                free: Mutex::new((1..=vm.session_channels()).collect()),
             }),
+            vm: Some(vm),
+            confinement: reached.map(|r| r.confinement),
+            client: None,
             interrupter,
             started,
             oom_kills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             layered: false,
             resumed_from: None,
             kept_root: PathBuf::new(),
-        };
-        Ok(Booting {
-            sandbox,
-            agent,
-            qmp: vm.qmp,
-            state,
         })
     }
 
@@ -397,7 +520,7 @@ impl VmBackend {
                     ));
                 }
                 let network = network::Network::of(spec.network);
-                let booting = self.start(
+                let mut sandbox = self.start(
                     &shape,
                     &spec.hostname,
                     network,
@@ -405,8 +528,7 @@ impl VmBackend {
                     Ram::Anonymous,
                     started,
                 )?;
-                let mut sandbox = booting.sandbox;
-                let stream = sandbox.accept(&booting.agent)?;
+                let stream = sandbox.connect_agent()?;
                 sandbox.client = Some(AgentClient::new(stream));
                 sandbox
             }
@@ -450,7 +572,7 @@ impl VmBackend {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(e));
         }
-        let booting = self.start(
+        let mut vm = self.start(
             shape,
             upstream_sandbox::DEFAULT_HOSTNAME,
             template.network,
@@ -458,26 +580,25 @@ impl VmBackend {
             Ram::Snapshotted,
             Instant::now(),
         )?;
-        let mut vm = booting.sandbox;
-        let stream = vm.accept(&booting.agent)?;
+        let stream = vm.connect_agent()?;
         vm.client = Some(AgentClient::new(stream));
         vm.wait_ready()?;
         // Its generator reseeded last thing, so that every VM restored from it wakes with the
         // same fresh seed, which its own renewal replaces before it runs anything (the kernel
         // would otherwise reseed on its own at a moment the snapshot's age decides).
         vm.renew(upstream_sandbox::DEFAULT_HOSTNAME)?;
-        let qmp = booting
-            .qmp
-            .ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
-        let monitor = vm.accept(&qmp)?;
-        // Where the VMM reaches its directory.
-        let state = match &vm.confinement {
-            Some(confinement) => confinement.dir().join(TEMPLATE_STATE),
-            None => vm.dir.join(TEMPLATE_STATE),
+        // Its RAM and state where the VMM reaches its directory.
+        let snapshot = Snapshot {
+            state: vm.vmm_dir.join(TEMPLATE_STATE),
+            memory: vm.vmm_dir.join(TEMPLATE_MEMORY),
         };
-        qmp::Monitor::new(monitor)
-            .and_then(|mut monitor| monitor.save(&state))
-            .map_err(failed)?;
+        let taken = match vm.vm.as_mut() {
+            Some(machine) => machine.snapshot(&snapshot),
+            None => return Err(SandboxError::Agent(ClientError::Gone)),
+        };
+        taken.map_err(|e| {
+            SandboxError::setup(format!("cannot snapshot the sandbox's VM: {e}"), None)
+        })?;
         // Its disk, RAM and state are the template's: what the guest wrote is in them, and
         // nothing more will be. They become root's, readable (their directory is not).
         vm.stop_vm();
@@ -516,7 +637,7 @@ impl VmBackend {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(e));
         }
-        let booting = self.start(
+        let mut vm = self.start(
             &template.shape,
             upstream_sandbox::DEFAULT_HOSTNAME,
             template.network,
@@ -524,23 +645,13 @@ impl VmBackend {
             Ram::RestoredFrom(template),
             started,
         )?;
-        let mut vm = booting.sandbox;
-        let qmp = booting
-            .qmp
-            .ok_or_else(|| failed(io::Error::other("the machine has no monitor")))?;
-        let state = booting
-            .state
-            .ok_or_else(|| failed(io::Error::other("the snapshot has no state")))?;
-        let monitor = vm.accept(&qmp)?;
-        let mut monitor = qmp::Monitor::new(monitor).map_err(failed)?;
-        // The agent's port is connected before the guest runs: a guest that found its host
-        // gone would take it as the end of its connection.
-        let stream = vm.accept(&booting.agent)?;
-        monitor.load(&state).map_err(|e| {
-            let why = vm.exited().unwrap_or_else(|| e.to_string());
-            SandboxError::setup(format!("cannot restore the sandbox's VM: {why}"), None)
-        })?;
-        vm.client = Some(AgentClient::resumed(stream));
+        let stream = vm.connect_agent()?;
+        // A guest whose agent kept its connection goes on with it; one whose connections
+        // were reset greets on the new one.
+        vm.client = Some(match self.config.vmm.keeps_agent_connection() {
+            true => AgentClient::resumed(stream),
+            false => AgentClient::new(stream),
+        });
         Ok(vm)
     }
 
@@ -591,6 +702,8 @@ impl VmBackend {
 /// what a snapshot is taken of, and restored to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Shape {
+    /// The kernel image the VMM boots, and the initramfs.
+    kernel: PathBuf,
     initramfs: PathBuf,
     root_disk: PathBuf,
     /// Guest RAM.
@@ -621,15 +734,6 @@ enum Ram<'a> {
     RestoredFrom(&'a Template),
 }
 
-/// A machine just started: the sandbox, its agent's port and, with a monitor, QMP's and
-/// the snapshot's state as the VMM reaches it.
-struct Booting {
-    sandbox: VmSandbox,
-    agent: UnixListener,
-    qmp: Option<UnixListener>,
-    state: Option<PathBuf>,
-}
-
 /// A snapshot of a machine whose agent was ready: sandboxes of its shape are restored from it
 /// in a fraction of a boot. Removed when dropped; VMs restored from it keep the pages of its
 /// RAM file they mapped.
@@ -655,6 +759,20 @@ impl Template {
     /// Its disk, which each restored sandbox gets a copy of.
     fn scratch(&self) -> PathBuf {
         self.dir.join("scratch.ext4")
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.state(),
+            memory: self.memory(),
+        }
+    }
+}
+
+impl Shape {
+    /// The words on its guest's kernel command line, for a guest named `hostname`.
+    fn cmdline(&self, hostname: &str, network: network::Network) -> Vec<String> {
+        guest::cmdline(hostname, self.memory_limit, self.pids_limit, network)
     }
 }
 
@@ -712,6 +830,29 @@ impl Backend for VmBackend {
     }
 }
 
+/// The kernel image and initramfs a VMM boots.
+#[derive(Debug, Clone)]
+struct BootFiles {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// The boot files of `config`'s VMM, made (or found made) in its cache.
+fn boot_files(config: &VmConfig) -> Result<BootFiles, String> {
+    let kernel = config
+        .vmm
+        .boot_image(&config.kernel, &config.cache)
+        .map_err(|e| e.to_string())?;
+    let initramfs = boot::initramfs_for(
+        &config.cache,
+        &config.init_exe,
+        &config.kernel,
+        config.vmm.channel(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(BootFiles { kernel, initramfs })
+}
+
 /// A kept set's disk: the sandbox's disk at its last checkpoint.
 const KEPT_DISK: &str = "scratch.ext4";
 
@@ -744,15 +885,13 @@ fn make_sandbox_dir(parent: &Path) -> Result<PathBuf, SandboxError> {
     ))
 }
 
-/// The session ports of a VM and which are free.
+/// Which of a VM's session channels are free.
 #[derive(Debug)]
 struct Ports {
-    /// Port `n`'s listener at `n - 1`.
-    listeners: Vec<UnixListener>,
     free: Mutex<Vec<usize>>,
 }
 
-/// Stops a VM from anywhere: kills its QEMU.
+/// Stops a VM from anywhere: kills its VMM.
 #[derive(Debug)]
 struct VmInterrupter {
     pid: i32,
@@ -774,9 +913,12 @@ impl Interrupter for VmInterrupter {
 pub struct VmSandbox {
     info: SandboxInfo,
     dir: PathBuf,
+    /// The same directory as its VMM reaches it ([`confine::Confinement::dir`]).
+    vmm_dir: PathBuf,
     /// The size of the sandbox's disk.
     disk_limit: u64,
-    child: Option<Child>,
+    vmm: VmmKind,
+    vm: Option<Box<dyn Vm>>,
     /// Its VMM's confinement: dropped (its cgroups removed) once the VMM is gone.
     confinement: Option<Confinement>,
     client: Option<AgentClient<UnixStream>>,
@@ -796,66 +938,52 @@ pub struct VmSandbox {
 /// How much of the end of a guest's console a VM that stopped is told by.
 const CONSOLE_TAIL: u64 = 64 << 10;
 
-/// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
-const CONNECT_WITHIN: Duration = Duration::from_secs(30);
-
 /// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
 /// seconds, under KVM a fraction of one; one that hangs (a kernel that cannot boot on this
 /// host's KVM) fails the sandbox with what its console said.
 const BOOT_WITHIN: Duration = Duration::from_secs(90);
 
 impl VmSandbox {
-    /// The connection QEMU makes to `listener` once it runs, unless it exits first.
-    fn accept(&mut self, listener: &UnixListener) -> Result<UnixStream, SandboxError> {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| SandboxError::setup(format!("cannot wait for the VM: {e}"), None))?;
-        let until = Instant::now() + CONNECT_WITHIN;
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false).map_err(|e| {
-                        SandboxError::setup(format!("cannot talk to the VM: {e}"), None)
-                    })?;
-                    return Ok(stream);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    return Err(SandboxError::setup(
-                        format!("cannot wait for the VM: {e}"),
-                        None,
-                    ));
-                }
+    /// The agent's first connection, within [`BOOT_WITHIN`] of the VMM's start.
+    fn connect_agent(&mut self) -> Result<UnixStream, SandboxError> {
+        let until = self.started + BOOT_WITHIN;
+        let result = match self.vm.as_mut() {
+            Some(vm) => vm.connect_agent(until),
+            None => return Err(SandboxError::Agent(ClientError::Gone)),
+        };
+        result.map_err(|e| self.vmm_error(e))
+    }
+
+    /// A VMM's error in the user's terms: a VM that stopped says why, one whose guest never
+    /// answered says what its console last said.
+    fn vmm_error(&mut self, e: VmmError) -> SandboxError {
+        if let Some(why) = self.exited() {
+            return SandboxError::setup(why, None);
+        }
+        match e {
+            VmmError::Exited => SandboxError::setup("the sandbox's VM stopped", None),
+            e @ VmmError::Setup(_) if self.vmm == VmmKind::Firecracker => {
+                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
+                let last = last_lines(&console, 4);
+                self.stop_vm();
+                SandboxError::setup(
+                    format!("the sandbox's VM did not start: {e}; its console ended with: {last}"),
+                    Some("`upstream doctor` boots a VM and says what this host lacks"),
+                )
             }
-            if let Some(why) = self.exited() {
-                return Err(SandboxError::setup(why, None));
-            }
-            if Instant::now() >= until {
-                return Err(SandboxError::setup(
-                    format!(
-                        "QEMU did not connect to the sandbox's ports within {} s",
-                        CONNECT_WITHIN.as_secs()
-                    ),
-                    None,
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            e => SandboxError::setup(e.to_string(), None),
         }
     }
 
-    /// Why the VM is gone, if it is: QEMU's exit and what it and the guest said last.
+    /// Why the VM is gone, if it is: the VMM's exit and what it and the guest said last.
     fn exited(&mut self) -> Option<String> {
-        let child = self.child.as_mut()?;
-        let status = child.try_wait().ok()??;
-        let mut stderr = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            use std::io::Read;
-            let _ = err.read_to_string(&mut stderr);
-        }
-        Some(self.death_notice(status, &stderr))
+        let vm = self.vm.as_mut()?;
+        let status = vm.process().try_wait().ok()??;
+        let said = vm.last_words();
+        Some(self.death_notice(status, &said))
     }
 
-    fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
+    fn death_notice(&self, status: std::process::ExitStatus, vmm_said: &str) -> String {
         let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
@@ -867,7 +995,8 @@ impl VmSandbox {
             true => last_lines(&console, 6),
             false => last_lines(&said, 3),
         };
-        let mut notice = format!("the sandbox's VM stopped (QEMU {status})");
+        let vmm = self.vmm.program();
+        let mut notice = format!("the sandbox's VM stopped ({vmm} {status})");
         if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
             let why = panic
                 .split("Kernel panic - not syncing:")
@@ -891,14 +1020,11 @@ impl VmSandbox {
                 (limits.memory - limits.guest_memory) >> 20
             );
         } else if console.contains("Out of memory") {
-            notice = format!("the sandbox's VM stopped: it ran out of memory (QEMU {status})");
+            notice = format!("the sandbox's VM stopped: it ran out of memory ({vmm} {status})");
         }
-        let stderr = stderr.trim();
-        if !stderr.is_empty() {
-            notice.push_str(&format!(
-                "; QEMU said: {}",
-                confine::printable(stderr.lines().last().unwrap_or(""))
-            ));
+        let vmm_said = vmm_said.trim();
+        if !vmm_said.is_empty() {
+            notice.push_str(&format!("; {vmm} said: {}", confine::printable(vmm_said)));
         }
         if !last.is_empty() {
             notice.push_str(&format!("; its console ended with: {last}"));
@@ -991,10 +1117,10 @@ impl VmSandbox {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop();
             let Some(n) = n else {
+                let channels = self.vm.as_ref().map_or(0, |vm| vm.session_channels());
                 return Err(SandboxError::setup(
                     format!(
-                        "all {} session ports of the VM are in use: end a session first",
-                        qemu::SESSION_PORTS
+                        "all {channels} session connections of the VM are in use: end a session first"
                     ),
                     None,
                 ));
@@ -1003,11 +1129,12 @@ impl VmSandbox {
                 n,
                 ports: self.ports.clone(),
             };
-            let listener = self.ports.listeners[n - 1]
-                .try_clone()
-                .map_err(|e| SandboxError::setup(format!("cannot use the VM's port: {e}"), None))?;
-            let stream = self.accept(&listener)?;
-            let result = self.client()?.attach(&qemu::port_name(n), stream);
+            let connected = match self.vm.as_mut() {
+                Some(vm) => vm.connect_session(n, Instant::now() + Duration::from_secs(5)),
+                None => return Err(SandboxError::Agent(ClientError::Gone)),
+            };
+            let (stream, name) = connected.map_err(|e| self.vmm_error(e))?;
+            let result = self.client()?.attach(&name, stream);
             self.note_ready();
             match result {
                 Ok(client) => return Ok((client, lease)),
@@ -1076,9 +1203,8 @@ impl VmSandbox {
     /// there is nothing to shut down cleanly, and a guest's power-off under TCG takes seconds.
     fn stop_vm(&mut self) {
         self.client = None;
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
         }
         // Whatever else is in the VMM's cgroups is killed, and the cgroups removed.
         self.confinement = None;
@@ -1259,14 +1385,14 @@ impl Sandbox for VmSandbox {
 
 impl Drop for VmSandbox {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.vm.is_some() {
             self.stop_vm();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
 
-/// A session of a VM sandbox: a helper of its agent on a port of its own.
+/// A session of a VM sandbox: a helper of its agent on a connection of its own.
 struct VmSession {
     client: AgentClient<UnixStream>,
     disk_limit: u64,
@@ -1310,8 +1436,7 @@ impl Session for VmSession {
 /// Boots a guest on `config` to an init that powers off at once, as `upstream doctor` does
 /// to tell whether this host runs VMs: how long QEMU took from its start to its exit.
 pub fn probe(config: &VmConfig) -> Result<Duration, String> {
-    let initramfs = boot::initramfs(&config.cache, &config.init_exe, &config.kernel)
-        .map_err(|e| e.to_string())?;
+    let boot = boot_files(config)?;
     let dir = make_sandbox_dir(&config.runtime.join("sandboxes")).map_err(|e| e.to_string())?;
     let result = (|| {
         // Two disks, as a sandbox has: QEMU locks each for the way it opens it.
@@ -1321,53 +1446,79 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
         // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
-        confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
-        let limits = confine::VmmLimits::for_guest(
-            DEFAULT_MEMORY,
-            confine::qemu_overhead(config.accel),
-            1,
+        let reached = match config.vmm.kind() {
+            VmmKind::Qemu => {
+                confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
+                let limits = confine::VmmLimits::for_guest(
+                    DEFAULT_MEMORY,
+                    config.vmm.memory_overhead(),
+                    1,
+                    None,
+                );
+                let reached = confine::Host::new()
+                    .confine(&dir, &limits)
+                    .and_then(|c| {
+                        confine::Reached::of(
+                            c,
+                            config.vmm.uses_kvm(),
+                            &boot.kernel,
+                            &boot.initramfs,
+                            &root,
+                            &scratch,
+                        )
+                    })
+                    .map_err(|e| e.to_string())?;
+                Some(reached)
+            }
+            VmmKind::Firecracker => None,
+        };
+        let mut cmdline = guest::cmdline(
+            upstream_sandbox::DEFAULT_HOSTNAME,
             None,
+            None,
+            network::Network::None,
         );
-        let reached = confine::Host::new()
-            .confine(&dir, &limits)
-            .and_then(|c| confine::Reached::of(c, config, &initramfs, &root, &scratch))
-            .map_err(|e| e.to_string())?;
-        let machine = Machine {
-            qemu: &config.qemu,
-            accel: config.accel,
-            kernel: &reached.kernel,
-            initramfs: &reached.initramfs,
-            root_disk: &reached.root_disk,
-            scratch_disk: &reached.scratch_disk,
+        cmdline.push(guest::POWER_OFF_AT_ONCE.to_string());
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
+            Some(r) => (
+                r.kernel.clone(),
+                r.initramfs.clone(),
+                r.root_disk.clone(),
+                r.scratch_disk.clone(),
+                r.dir.clone(),
+            ),
+            None => (
+                boot.kernel.clone(),
+                boot.initramfs.clone(),
+                root.clone(),
+                scratch.clone(),
+                dir.clone(),
+            ),
+        };
+        let machine = MachineSpec {
+            kernel: &kernel,
+            initramfs: &initramfs,
+            root_disk: &root_disk,
+            scratch_disk: &scratch_disk,
             memory_mib: DEFAULT_MEMORY >> 20,
             cpus: 1,
-            memory_limit: None,
-            pids_limit: None,
-            hostname: upstream_sandbox::DEFAULT_HOSTNAME,
+            cmdline: &cmdline,
             network: network::Network::None,
-            dir: &reached.dir,
-            memory: qemu::Memory::Anonymous,
-            incoming: false,
+            dir: &vmm_dir,
+            snapshot_memory: None,
+            confinement: reached.as_ref().map(|r| &r.confinement),
         };
+        let vmm = config.vmm.kind().program();
         let started = Instant::now();
-        let mut child = machine
-            .start_confined(&[guest::POWER_OFF_AT_ONCE], Some(&reached.confinement))
-            .map_err(|e| e.to_string())?
-            .child;
+        let mut vm = config.vmm.start(&machine).map_err(|e| e.to_string())?;
         loop {
-            match child.try_wait().map_err(|e| e.to_string())? {
+            match vm.process().try_wait().map_err(|e| e.to_string())? {
                 Some(status) if status.success() => return Ok(started.elapsed()),
                 Some(status) => {
-                    let mut stderr = String::new();
-                    if let Some(mut err) = child.stderr.take() {
-                        use std::io::Read;
-                        let _ = err.read_to_string(&mut stderr);
-                    }
-                    return Err(format!("QEMU {status}: {}", stderr.trim()));
+                    return Err(format!("{vmm} {status}: {}", vm.last_words()));
                 }
                 None if started.elapsed() > BOOT_WITHIN => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    vm.kill();
                     return Err(format!(
                         "the guest did not power off within {} s",
                         BOOT_WITHIN.as_secs()

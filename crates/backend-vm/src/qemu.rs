@@ -10,14 +10,18 @@
 //! closes it (a session ended). QEMU runs confined ([`crate::confine`]), with its own system
 //! call filter where it has one.
 
-use std::os::unix::net::UnixListener;
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::boot::Kernel;
 use crate::confine::Confinement;
 use crate::guest;
 use crate::network::Network;
+use crate::qmp::Monitor;
+use crate::vmm::{Channel, MachineSpec, Snapshot, Vm, Vmm, VmmError, VmmKind};
 
 /// How QEMU runs the guest's CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,17 +77,16 @@ pub fn port_name(n: usize) -> String {
 pub struct Machine<'a> {
     pub qemu: &'a Path,
     pub accel: Accel,
-    pub kernel: &'a Kernel,
+    pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub root_disk: &'a Path,
     pub scratch_disk: &'a Path,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     pub cpus: u32,
-    /// The sandbox's own limits, which the guest's cgroup holds.
-    pub memory_limit: Option<u64>,
-    pub pids_limit: Option<u64>,
-    pub hostname: &'a str,
+    /// The words for the guest on the kernel's command line ([`guest::cmdline`]).
+    pub cmdline: &'a [String],
+    /// The guest's network device, if any ([`crate::network`]); its word is in `cmdline`.
     pub network: Network,
     /// The sandbox's directory: sockets and the console log go there.
     pub dir: &'a Path,
@@ -154,26 +157,7 @@ impl Machine<'_> {
 
     /// QEMU's arguments, with `more` words on the kernel's command line.
     pub fn args_with(&self, more: &[&str]) -> Vec<String> {
-        let mut append = vec![
-            "console=ttyS0".to_string(),
-            "quiet".into(),
-            "panic=-1".into(),
-            format!("rdinit={}", guest::INIT_PATH),
-            "random.trust_cpu=on".into(),
-            "i8042.noaux".into(),
-            "i8042.nomux".into(),
-            "i8042.nopnp".into(),
-            "i8042.dumbkbd".into(),
-            format!("upstream.hostname={}", self.hostname),
-        ];
-        if let Some(memory) = self.memory_limit {
-            append.push(format!("upstream.memory={memory}"));
-        }
-        if let Some(pids) = self.pids_limit {
-            append.push(format!("upstream.pids={pids}"));
-        }
-        let (network_args, network_word) = self.network_args();
-        append.extend(network_word);
+        let mut append = self.cmdline.to_vec();
         append.extend(more.iter().map(|w| w.to_string()));
         if self.accel == Accel::Tcg {
             append.extend(["tsc=reliable".into(), "no_timer_check".into()]);
@@ -241,7 +225,7 @@ impl Machine<'_> {
             "-smp".into(),
             self.cpus.to_string(),
             "-kernel".into(),
-            self.kernel.image.display().to_string(),
+            self.kernel.display().to_string(),
             "-initrd".into(),
             self.initramfs.display().to_string(),
             "-append".into(),
@@ -273,7 +257,7 @@ impl Machine<'_> {
                 SESSION_PORTS + 2
             ),
         ]);
-        args.extend(network_args);
+        args.extend(self.network.qemu_args());
         for n in 0..=SESSION_PORTS {
             let name = port_name(n);
             let id = format!("port{n}");
@@ -291,12 +275,6 @@ impl Machine<'_> {
             ]);
         }
         args
-    }
-
-    /// The network device's arguments (none without network) and the kernel command line
-    /// word that tells the guest to bring it up.
-    fn network_args(&self) -> (Vec<String>, Option<String>) {
-        (self.network.qemu_args(), self.network.kernel_word())
     }
 
     /// Listens on every port's socket (and QMP's), then starts QEMU, which connects to them.
@@ -338,5 +316,282 @@ impl Machine<'_> {
             .stderr(Stdio::piped());
         let child = crate::confine::spawn(command, confinement)?;
         Ok(Started { child, ports, qmp })
+    }
+}
+
+/// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
+const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+
+/// The QEMU VMM.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+}
+
+impl Vmm for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        format!("qemu, {}", self.accel.name())
+    }
+
+    fn channel(&self) -> Channel {
+        Channel::VirtioSerial
+    }
+
+    fn memory_overhead(&self) -> u64 {
+        crate::confine::qemu_overhead(self.accel)
+    }
+
+    fn uses_kvm(&self) -> bool {
+        self.accel == Accel::Kvm
+    }
+
+    fn confines_itself(&self) -> bool {
+        false
+    }
+
+    fn boot_image(&self, kernel: &Kernel, _cache: &Path) -> Result<PathBuf, VmmError> {
+        Ok(kernel.image.clone())
+    }
+
+    fn keeps_agent_connection(&self) -> bool {
+        // A restored guest's port was open when it was saved and is open still: its chardev
+        // connects to the new QEMU's socket, and the agent goes on where it was.
+        true
+    }
+
+    fn start(&self, spec: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
+        let memory = match spec.snapshot_memory {
+            Some(path) => Memory::SharedFile(path),
+            None => Memory::Anonymous,
+        };
+        Ok(Box::new(self.launch(spec, memory)?))
+    }
+
+    fn restore(&self, snapshot: &Snapshot, spec: &MachineSpec) -> Result<Box<dyn Vm>, VmmError> {
+        let mut vm = self.launch(spec, Memory::PrivateFile(&snapshot.memory))?;
+        let until = Instant::now() + CONNECT_WITHIN;
+        let mut monitor = vm.monitor(until)?;
+        // The agent's port is connected before the guest runs: a guest that found its host
+        // gone would take it as the end of its connection.
+        vm.agent = Some(vm.accept(0, until)?);
+        if let Err(e) = monitor.load(&snapshot.state) {
+            if matches!(vm.child.try_wait(), Ok(Some(_))) {
+                return Err(VmmError::Exited);
+            }
+            vm.kill();
+            return Err(VmmError::Setup(e.to_string()));
+        }
+        vm.monitor = Some(monitor);
+        Ok(Box::new(vm))
+    }
+}
+
+impl Qemu {
+    fn launch(&self, spec: &MachineSpec, memory: Memory) -> Result<QemuVm, VmmError> {
+        let machine = Machine {
+            qemu: &self.qemu,
+            accel: self.accel,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            root_disk: spec.root_disk,
+            scratch_disk: spec.scratch_disk,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            cmdline: spec.cmdline,
+            network: spec.network,
+            dir: spec.dir,
+            incoming: matches!(memory, Memory::PrivateFile(_)),
+            memory,
+        };
+        let started = machine
+            .start_confined(&[], spec.confinement)
+            .map_err(|source| VmmError::Spawn {
+                vmm: self.qemu.display().to_string(),
+                source,
+            })?;
+        Ok(QemuVm {
+            child: started.child,
+            listeners: started.ports,
+            qmp: started.qmp,
+            monitor: None,
+            agent: None,
+            memory: spec.snapshot_memory.map(Path::to_path_buf),
+            dir: spec.dir.to_path_buf(),
+            stderr: None,
+        })
+    }
+}
+
+/// A QEMU VM: its process and the listeners of its ports.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    /// Port `n`'s listener at `n`.
+    listeners: Vec<UnixListener>,
+    /// The listener of its monitor, for a machine whose RAM is a file, and the monitor once
+    /// QEMU connected.
+    qmp: Option<UnixListener>,
+    monitor: Option<Monitor>,
+    /// The agent's connection, taken before a restored guest ran.
+    agent: Option<UnixStream>,
+    /// The file its RAM is in, for a machine booted to be snapshotted.
+    memory: Option<PathBuf>,
+    dir: PathBuf,
+    /// QEMU's standard error, once it exited.
+    stderr: Option<String>,
+}
+
+impl QemuVm {
+    /// The connection QEMU makes to port `n`'s socket once it runs, unless it exits first.
+    fn accept(&mut self, n: usize, until: Instant) -> Result<UnixStream, VmmError> {
+        let listener = self
+            .listeners
+            .get(n)
+            .ok_or_else(|| VmmError::Setup(format!("the VM has no port {n}")))?
+            .try_clone()
+            .map_err(|e| VmmError::Setup(format!("cannot use the VM's port: {e}")))?;
+        self.accept_on(&listener, until)
+    }
+
+    /// The machine's monitor, greeted, once QEMU connected to it.
+    fn monitor(&mut self, until: Instant) -> Result<Monitor, VmmError> {
+        let Some(listener) = self.qmp.as_ref() else {
+            return Err(VmmError::Unsupported(
+                "a QEMU machine booted with its RAM anonymous has no snapshot: it is taken of \
+                 one whose RAM is a file"
+                    .into(),
+            ));
+        };
+        let listener = listener
+            .try_clone()
+            .map_err(|e| VmmError::Setup(format!("cannot use the VM's monitor: {e}")))?;
+        let stream = self.accept_on(&listener, until)?;
+        Monitor::new(stream).map_err(|e| VmmError::Setup(e.to_string()))
+    }
+
+    /// The connection QEMU makes to `listener`, unless it exits first.
+    fn accept_on(
+        &mut self,
+        listener: &UnixListener,
+        until: Instant,
+    ) -> Result<UnixStream, VmmError> {
+        let setup = |what: &str, e: io::Error| VmmError::Setup(format!("{what}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| setup("cannot wait for the VM", e))?;
+        let until = until.min(Instant::now() + CONNECT_WITHIN);
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| setup("cannot talk to the VM", e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(setup("cannot wait for the VM", e)),
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(VmmError::Exited);
+            }
+            if Instant::now() >= until {
+                return Err(VmmError::Timeout {
+                    what: "QEMU did not connect to the sandbox's ports".into(),
+                    within: CONNECT_WITHIN,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn connect_agent(&mut self, until: Instant) -> Result<UnixStream, VmmError> {
+        match self.agent.take() {
+            Some(stream) => Ok(stream),
+            None => self.accept(0, until),
+        }
+    }
+
+    fn session_channels(&self) -> usize {
+        SESSION_PORTS
+    }
+
+    fn connect_session(
+        &mut self,
+        n: usize,
+        until: Instant,
+    ) -> Result<(UnixStream, String), VmmError> {
+        Ok((self.accept(n, until)?, port_name(n)))
+    }
+
+    fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError> {
+        if self.memory.as_deref() != Some(to.memory.as_path()) {
+            return Err(VmmError::Unsupported(format!(
+                "a QEMU machine's snapshot keeps its RAM where the machine has it ({}), not at {}",
+                self.memory
+                    .as_deref()
+                    .map_or("anonymous memory".into(), |m| m.display().to_string()),
+                to.memory.display()
+            )));
+        }
+        if self.monitor.is_none() {
+            let monitor = self.monitor(Instant::now() + CONNECT_WITHIN)?;
+            self.monitor = Some(monitor);
+        }
+        let Some(monitor) = self.monitor.as_mut() else {
+            return Err(VmmError::Setup("the VM has no monitor".into()));
+        };
+        monitor
+            .save(&to.state)
+            .map_err(|e| VmmError::Setup(e.to_string()))
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        match self.monitor.as_mut() {
+            Some(monitor) => monitor.resume().map_err(|e| VmmError::Setup(e.to_string())),
+            None => Err(VmmError::Setup("the VM has no monitor to resume it".into())),
+        }
+    }
+
+    fn console(&self) -> PathBuf {
+        console_of(&self.dir)
+    }
+
+    fn last_words(&mut self) -> String {
+        if self.stderr.is_none() && matches!(self.child.try_wait(), Ok(Some(_))) {
+            let mut text = String::new();
+            if let Some(mut err) = self.child.stderr.take() {
+                use std::io::Read;
+                let _ = err.read_to_string(&mut text);
+            }
+            self.stderr = Some(text);
+        }
+        self.stderr
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

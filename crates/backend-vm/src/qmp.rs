@@ -92,6 +92,12 @@ impl Monitor {
         Ok(())
     }
 
+    /// Runs a paused machine on.
+    pub fn resume(&mut self) -> io::Result<()> {
+        self.execute("cont", &qmp::cont {})?;
+        Ok(())
+    }
+
     /// Waits for the migration under way to end.
     fn until_migrated(&mut self, what: &str) -> io::Result<()> {
         let until = Instant::now() + MIGRATE_WITHIN;

@@ -51,6 +51,13 @@ fn main() {
             return;
         }
     };
+    if config.vmm.kind() != upstream_backend_vm::vmm::VmmKind::Qemu {
+        eprintln!(
+            "vm: the VMM here is {} and this measures QEMU against itself: set UPSTREAM_VMM=qemu",
+            config.vmm.describe()
+        );
+        return;
+    }
     let rootfs = small_rootfs(&work.path().join("rootfs"));
     let image = Image::Layers {
         reference: "bench/true".into(),
@@ -88,25 +95,29 @@ fn main() {
             std::fs::create_dir_all(&dir).unwrap();
             let scratch = dir.join("scratch.ext4");
             disk::scratch_disk(&scratch, 1 << 30).unwrap();
+            let cmdline = guest::cmdline(
+                "sandbox",
+                None,
+                Some(upstream_sandbox::Limits::DEFAULT_PIDS),
+                upstream_backend_vm::network::Network::None,
+            );
             let machine = qemu::Machine {
-                qemu: &config.qemu,
-                accel: config.accel,
-                kernel: &config.kernel,
+                qemu: &config.vmm_binary,
+                accel: qemu::Accel::from_env(),
+                kernel: &config.kernel.image,
                 initramfs: &initramfs,
                 root_disk: &root_disk,
                 scratch_disk: &scratch,
                 memory_mib: upstream_backend_vm::DEFAULT_MEMORY >> 20,
                 cpus: 1,
-                memory_limit: None,
-                pids_limit: Some(upstream_sandbox::Limits::DEFAULT_PIDS),
-                hostname: "sandbox",
+                cmdline: &cmdline,
                 network: upstream_backend_vm::network::Network::None,
                 dir: &dir,
                 memory: qemu::Memory::Anonymous,
                 incoming: false,
             };
             let start = Instant::now();
-            let mut child = std::process::Command::new(&config.qemu)
+            let mut child = std::process::Command::new(&config.vmm_binary)
                 .args(machine.args_with(&[guest::POWER_OFF_AT_ONCE]))
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

@@ -97,7 +97,7 @@ fn try_sandbox() -> Line {
     }
 }
 
-/// Which VMM, accelerator and guest kernel `isolation: vm` uses, and a boot of one.
+/// Which VMM (and why), accelerator and guest kernel `isolation: vm` uses, and a boot of one.
 fn vm() -> Line {
     let name = "vm".to_string();
     let config =
@@ -113,26 +113,36 @@ fn vm() -> Line {
             }
         };
     let what = format!(
-        "{}, {}, kernel {}",
-        config.qemu.display(),
-        config.accel.name(),
+        "{} at {} ({}), kernel {}",
+        config.vmm.describe(),
+        config.vmm_binary.display(),
+        config.vmm_why,
         config.kernel.image.display()
     );
+    let hint = match config.vmm.kind() {
+        upstream_backend_vm::vmm::VmmKind::Qemu => {
+            "with /dev/kvm that cannot boot a stock kernel, leave $UPSTREAM_VM_ACCEL unset (TCG)"
+        }
+        upstream_backend_vm::vmm::VmmKind::Firecracker => {
+            "Firecracker needs hardware KVM and version 1.8 or later (it finds the guest's \
+             devices through ACPI); $UPSTREAM_VMM=qemu runs QEMU instead"
+        }
+    };
     match upstream_backend_vm::probe(&config) {
         Ok(took) => Line {
             name,
             ok: true,
-            detail: format!("{what}: a guest booted and powered off in {:.1} s", took.as_secs_f64()),
+            detail: format!(
+                "{what}: a guest booted and powered off in {:.1} s",
+                took.as_secs_f64()
+            ),
             hint: None,
         },
         Err(e) => Line {
             name,
             ok: false,
             detail: format!("{what}: a guest did not boot: {e}"),
-            hint: Some(
-                "with /dev/kvm that cannot boot a stock kernel, leave $UPSTREAM_VM_ACCEL unset (TCG)"
-                    .into(),
-            ),
+            hint: Some(hint.into()),
         },
     }
 }

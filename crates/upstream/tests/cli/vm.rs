@@ -227,6 +227,39 @@ fn a_command_runs_in_a_vm_with_its_own_kernel() {
     assert_eq!(stdout(&out).trim(), host_kernel.trim());
 }
 
+/// A VMM asked for that cannot be had is said in a sentence, on every host: a name that is
+/// no VMM's, Firecracker at a path that is no file; and QEMU asked for is QEMU, said so.
+#[test]
+fn doctor_says_why_a_vmm_asked_for_cannot_be_had() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    let env = Env::new();
+    let vm_line = |vars: &[(&str, &str)]| {
+        let mut command = env.command();
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        let text = stdout(&command.arg("doctor").output().unwrap());
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+            .unwrap_or_else(|| panic!("no vm line in:\n{text}"))
+            .to_string()
+    };
+    let line = vm_line(&[("UPSTREAM_VMM", "kvmtool")]);
+    assert!(line.starts_with("no"), "{line}");
+    assert!(line.contains("`qemu` or `firecracker`"), "{line}");
+    let line = vm_line(&[
+        ("UPSTREAM_VMM", "firecracker"),
+        ("UPSTREAM_FIRECRACKER", "/nonexistent/firecracker"),
+    ]);
+    assert!(line.starts_with("no"), "{line}");
+    assert!(line.contains("which is no file"), "{line}");
+    // Control: QEMU asked for is taken, and the line says why.
+    let line = vm_line(&[("UPSTREAM_VMM", "qemu")]);
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("($UPSTREAM_VMM=qemu)"), "{line}");
+}
+
 #[test]
 fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
     crate::require_root_sandbox!();
@@ -239,7 +272,22 @@ fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
         .find(|l| l.split_whitespace().nth(1) == Some("vm"))
         .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
     assert!(line.starts_with("ok"), "{line}");
-    assert!(line.contains("qemu-system-x86_64"), "{line}");
+    assert!(
+        line.contains("qemu-system-x86_64") || line.contains("firecracker ("),
+        "{line}"
+    );
+    // Why this VMM: no Firecracker, a KVM it cannot use, or Firecracker and one it can.
+    assert!(
+        [
+            "no firecracker binary on the PATH",
+            "Firecracker needs hardware KVM",
+            "/dev/kvm runs a stock guest",
+            "$UPSTREAM_VMM=",
+        ]
+        .iter()
+        .any(|why| line.contains(why)),
+        "{line}"
+    );
     assert!(line.contains("vmlinuz-"), "{line}");
     assert!(line.contains("a guest booted and powered off"), "{line}");
     // Control: a "kernel" that is no kernel boots nothing, and doctor says so.
@@ -455,5 +503,320 @@ fn a_document_with_the_hosts_network_reaches_the_hosts_loopback_from_a_vm() {
     assert_eq!(
         rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
         "ping\n"
+    );
+}
+
+/// Firecracker's binary, if this host can run it: a `firecracker` on the PATH and a
+/// `/dev/kvm` that runs a stock guest (`kvm::stock_guest_runs`). Otherwise says why, as a
+/// lack of hardware.
+fn firecracker_here() -> Option<std::path::PathBuf> {
+    let binary = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("firecracker"))
+            .find(|p| p.is_file())
+    });
+    let why = match binary {
+        None => "no firecracker binary on the PATH".to_string(),
+        Some(binary) => match upstream_backend_vm::kvm::stock_guest_runs() {
+            Ok(()) => return Some(binary),
+            Err(why) => format!("no hardware KVM: {why}"),
+        },
+    };
+    crate::util::skip_for(
+        crate::util::Lack::Hardware,
+        format!(
+            "{}: no firecracker binary / no hardware KVM ({why})",
+            module_path!()
+        ),
+    );
+    None
+}
+
+#[test]
+fn a_command_runs_in_a_firecracker_vm() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    if firecracker_here().is_none() {
+        return;
+    }
+    let Some((_registry, image)) = image() else {
+        crate::util::skip(
+            "SKIPPED: no docker-registry on this machine (scripts/test installs it)".into(),
+        );
+        return;
+    };
+    let env = Env::new();
+    let run = |vmm: &str| {
+        env.command()
+            .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+            .env("UPSTREAM_VMM", vmm)
+            .args([
+                "exec",
+                "--isolation",
+                "vm",
+                "--image",
+                &image,
+                "--",
+                "bash",
+                "-c",
+                "uname -r; cat /etc/image-marker; hostname",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run("firecracker");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert!(
+        lines.next().unwrap_or_default().ends_with("cloud-amd64"),
+        "{text}"
+    );
+    assert_eq!(lines.next(), Some("from the image"));
+    assert_eq!(lines.next(), Some(upstream_sandbox::DEFAULT_HOSTNAME));
+    // doctor names Firecracker and why.
+    let out = env
+        .command()
+        .env("UPSTREAM_VMM", "firecracker")
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+        .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("firecracker"), "{line}");
+    assert!(line.contains("$UPSTREAM_VMM=firecracker"), "{line}");
+}
+
+/// A root of host programs for a guest, unpacked: the programs, their libraries and a
+/// marker.
+fn host_rootfs(at: &std::path::Path) {
+    for program in [
+        "/usr/bin/bash",
+        "/usr/bin/cat",
+        "/usr/bin/uname",
+        "/usr/bin/true",
+    ] {
+        let mut files =
+            upstream_backend_vm::boot::libraries_of(std::path::Path::new(program)).unwrap();
+        files.push(program.into());
+        for file in files {
+            let inside = at.join(file.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+            std::fs::copy(&file, &inside).unwrap();
+        }
+    }
+    std::fs::create_dir_all(at.join("etc")).unwrap();
+    std::fs::write(at.join("etc/image-marker"), "from the image\n").unwrap();
+}
+
+#[test]
+fn a_firecracker_vm_runs_a_command_from_its_snapshot() {
+    use std::time::{Duration, Instant};
+    use upstream_backend_vm::vmm::{Channel, MachineSpec, Snapshot, Vmm};
+    use upstream_backend_vm::{boot, disk, firecracker::Firecracker, guest};
+    crate::require_root_sandbox!();
+    require_vm!();
+    let Some(binary) = firecracker_here() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let kernel = boot::Kernel::find(None).unwrap();
+    let fc = Firecracker {
+        binary,
+        jailer: None,
+    };
+    let vmlinux = fc.boot_image(&kernel, &cache).unwrap();
+    let initramfs = boot::initramfs_for(
+        &cache,
+        std::path::Path::new(crate::util::BIN),
+        &kernel,
+        Channel::Vsock,
+    )
+    .unwrap();
+    host_rootfs(&work.path().join("rootfs"));
+    let root_disk = disk::root_disk(&cache.join("roots"), &work.path().join("rootfs")).unwrap();
+    let cmdline = guest::cmdline(
+        "snap",
+        None,
+        None,
+        upstream_backend_vm::network::Network::None,
+    );
+    let sandbox = |name: &str| {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let exec = |client: &mut upstream_sandbox::AgentClient<std::os::unix::net::UnixStream>,
+                script: &str| {
+        let request = upstream_sandbox::ExecRequest {
+            argv: vec!["/usr/bin/bash".into(), "-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin".into())],
+            cwd: "/".into(),
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let exited = client
+            .exec(&request, &mut |_, d| out.extend_from_slice(d))
+            .unwrap();
+        assert!(exited.status.success(), "{exited:?}");
+        String::from_utf8(out).unwrap()
+    };
+
+    let first = sandbox("1-first-0");
+    let scratch = first.join("scratch.ext4");
+    disk::scratch_disk(&scratch, 64 << 20).unwrap();
+    let spec = MachineSpec {
+        kernel: &vmlinux,
+        initramfs: &initramfs,
+        root_disk: &root_disk,
+        scratch_disk: &scratch,
+        memory_mib: 256,
+        cpus: 1,
+        cmdline: &cmdline,
+        network: upstream_backend_vm::network::Network::None,
+        dir: &first,
+        snapshot_memory: None,
+        confinement: None,
+    };
+    let mut vm = fc.start(&spec).unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut agent = upstream_sandbox::AgentClient::new(vm.connect_agent(until).unwrap());
+    agent.wait_ready().unwrap();
+    assert_eq!(
+        exec(
+            &mut agent,
+            "cat /etc/image-marker; echo before > /tmp/mark; hostname"
+        ),
+        "from the image\nsnap\n"
+    );
+    // The agent lets its first connection go, and the snapshot is taken of a guest that
+    // listens for the next.
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(200));
+    let snapshot = Snapshot {
+        state: work.path().join("vm.state"),
+        memory: work.path().join("vm.mem"),
+    };
+    vm.snapshot(&snapshot).unwrap();
+    // The restored guest's disk is the snapshotted one's as it was when it was taken.
+    let second = sandbox("2-second-0");
+    let scratch2 = second.join("scratch.ext4");
+    std::fs::copy(&scratch, &scratch2).unwrap();
+    vm.kill();
+
+    let started = Instant::now();
+    let spec = MachineSpec {
+        scratch_disk: &scratch2,
+        dir: &second,
+        ..spec
+    };
+    let mut restored = fc.restore(&snapshot, &spec).unwrap();
+    let mut agent = upstream_sandbox::AgentClient::new(restored.connect_agent(until).unwrap());
+    agent.wait_ready().unwrap();
+    assert_eq!(
+        exec(&mut agent, "cat /tmp/mark; uname -r"),
+        format!("before\n{}\n", kernel.version)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a restore took {:?}",
+        started.elapsed()
+    );
+    restored.kill();
+}
+
+/// What a Firecracker guest does differently, tried where it can be: under QEMU, a guest told
+/// to tell its disks apart by mode (`upstream.disks=by-mode`) mounts the read-only one as the
+/// image and the writable one as its own, and one told to stop by rebooting ends its VM so.
+#[test]
+fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
+    use std::time::{Duration, Instant};
+    use upstream_backend_vm::qemu::{Accel, Qemu};
+    use upstream_backend_vm::vmm::{MachineSpec, Vmm};
+    use upstream_backend_vm::{boot, disk, guest};
+    crate::require_root_sandbox!();
+    require_vm!();
+    let qemu = Qemu {
+        qemu: std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+            .unwrap(),
+        accel: Accel::Tcg,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let kernel = boot::Kernel::find(None).unwrap();
+    let initramfs =
+        boot::initramfs(&cache, std::path::Path::new(crate::util::BIN), &kernel).unwrap();
+    host_rootfs(&work.path().join("rootfs"));
+    let root_disk = disk::root_disk(&cache.join("roots"), &work.path().join("rootfs")).unwrap();
+    let mut cmdline = guest::cmdline(
+        "by-mode",
+        None,
+        None,
+        upstream_backend_vm::network::Network::None,
+    );
+    cmdline.push(guest::DISKS_BY_MODE.into());
+    cmdline.push(guest::STOP_BY_REBOOT.into());
+    let dir = work.path().join("1-by-mode-0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch.ext4");
+    disk::scratch_disk(&scratch, 64 << 20).unwrap();
+    let spec = MachineSpec {
+        kernel: &kernel.image,
+        initramfs: &initramfs,
+        root_disk: &root_disk,
+        scratch_disk: &scratch,
+        memory_mib: 256,
+        cpus: 1,
+        cmdline: &cmdline,
+        network: upstream_backend_vm::network::Network::None,
+        dir: &dir,
+        snapshot_memory: None,
+        confinement: None,
+    };
+    let mut vm = qemu.start(&spec).unwrap();
+    let until = Instant::now() + Duration::from_secs(90);
+    let mut agent = upstream_sandbox::AgentClient::new(vm.connect_agent(until).unwrap());
+    agent.wait_ready().unwrap();
+    let request = upstream_sandbox::ExecRequest {
+        argv: vec![
+            "/usr/bin/bash".into(),
+            "-c".into(),
+            "cat /etc/image-marker; echo mine > /tmp/mine; cat /tmp/mine".into(),
+        ],
+        env: vec![("PATH".into(), "/usr/bin".into())],
+        cwd: "/".into(),
+        timeout_ms: Some(30_000),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let exited = agent
+        .exec(&request, &mut |_, d| out.extend_from_slice(d))
+        .unwrap();
+    assert!(exited.status.success(), "{exited:?}");
+    assert_eq!(String::from_utf8(out).unwrap(), "from the image\nmine\n");
+    // Asked to shut down, the guest reboots, which ends QEMU (`-no-reboot`) as it ends
+    // Firecracker.
+    agent.request_shutdown().unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = vm.process().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "the guest did not end its VM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let console = std::fs::read_to_string(vm.console()).unwrap_or_default();
+    assert!(
+        console.contains("reboot: Restarting system"),
+        "no reboot on the console: {console}"
     );
 }
