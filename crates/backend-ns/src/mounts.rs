@@ -21,27 +21,10 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::setup::InitConfig;
 
-/// Host directories shared, read-only, into a host-image sandbox.
-const HOST_DIRS: &[&str] = &["usr", "etc"];
-/// Top-level entries that are links into /usr on merged-/usr hosts, directories elsewhere.
-const USR_LINKS: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
-/// Directories every sandbox root has.
-const SKELETON: &[&str] = &[
-    "usr",
-    "etc",
-    "proc",
-    "dev",
-    "sys",
-    "tmp",
-    "run",
-    "workspace",
-    "root",
-    "home",
-    "var",
-    "var/tmp",
-    "opt",
-    "mnt",
-];
+use upstream_sandbox::host_image::{
+    SHARED_DIRS as HOST_DIRS, SKELETON, SKELETON_MODES, USR_LINKS, identity_files,
+};
+
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Why the root could not be built.
@@ -258,9 +241,9 @@ pub fn make_skeleton(dir: &Path) -> io::Result<()> {
     for (file, content) in identity_files(upstream_sandbox::DEFAULT_HOSTNAME) {
         fs::write(dir.join("run/upstream").join(file), content)?;
     }
-    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
-    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    fs::set_permissions(dir.join("var/tmp"), fs::Permissions::from_mode(0o1777))?;
+    for (sub, mode) in SKELETON_MODES {
+        fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(*mode))?;
+    }
     for name in USR_LINKS {
         if let Ok(target) = fs::read_link(format!("/{name}")) {
             symlink(&target, dir.join(name))?;
@@ -388,14 +371,6 @@ fn build_dev(prepared: bool, shm_size: &str) -> Result<(), MountError> {
         Some(&format!("mode=1777{shm_size}")),
     )?;
     Ok(())
-}
-
-/// The contents of /etc/hostname and /etc/hosts for a sandbox named `hostname`.
-fn identity_files(hostname: &str) -> [(&'static str, String); 2] {
-    let hosts = format!(
-        "127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback {hostname}\n"
-    );
-    [("hostname", format!("{hostname}\n")), ("hosts", hosts)]
 }
 
 /// Binds `root/run/upstream/{hostname,hosts}` over the image's /etc files (made when an image

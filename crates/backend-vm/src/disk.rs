@@ -1,5 +1,5 @@
-//! A VM's disks: the image as a read-only ext4 disk made once per unpacked image and kept,
-//! and a disk of the sandbox's own — sparse, as large as its disk limit — for the overlay's
+//! A VM's disks: the image as a read-only ext4 disk made once per unpacked image and kept
+//! (the host's files for `image: host`: [`crate::host_disk`]), and a disk of the sandbox's own — sparse, as large as its disk limit — for the overlay's
 //! writable layer and the workspace, thrown away with it. Both are made with `mke2fs`
 //! (from a directory, `-d`), which needs no privilege and no loop device.
 
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Room a root disk has beyond what its files take, for ext4's own structures.
-const ROOT_SLACK: u64 = 64 << 20;
+pub(crate) const ROOT_SLACK: u64 = 64 << 20;
 
 /// The read-only disk of the image unpacked at `rootfs`, made in `cache` the first time.
 pub fn root_disk(cache: &Path, rootfs: &Path) -> io::Result<PathBuf> {
@@ -146,7 +146,7 @@ pub fn sparse_copy(from: &Path, to: &Path) -> io::Result<()> {
 /// Makes an ext4 filesystem without a journal: an image's disk is only read, and a
 /// sandbox's is thrown away with it (a crash loses nothing a journal would have kept), and
 /// mounting one with a journal costs a guest under TCG its setup.
-fn mke2fs(path: &Path, size: u64, extra: &[&std::ffi::OsStr]) -> io::Result<()> {
+pub(crate) fn mke2fs(path: &Path, size: u64, extra: &[&std::ffi::OsStr]) -> io::Result<()> {
     let file = fs::File::create(path)?;
     file.set_len(size)?;
     drop(file);

@@ -17,6 +17,7 @@ pub mod confine;
 pub mod disk;
 pub mod firecracker;
 pub mod guest;
+pub mod host_disk;
 pub mod kvm;
 pub mod network;
 pub mod qemu;
@@ -76,6 +77,8 @@ pub struct VmConfig {
     pub runtime: PathBuf,
     /// Where the initramfs and the images' disks are kept between sandboxes.
     pub cache: PathBuf,
+    /// The root whose trees the disk of `image: host` is made of ([`host_disk`]): `/`.
+    pub host_root: PathBuf,
 }
 
 impl VmConfig {
@@ -173,6 +176,7 @@ impl VmConfig {
             kernel,
             runtime,
             cache,
+            host_root: PathBuf::from("/"),
         })
     }
 }
@@ -233,11 +237,18 @@ pub struct VmBackend {
     snapshotting: Mutex<()>,
     /// What confining VMMs takes of the host, read on first use.
     host: std::sync::OnceLock<confine::Host>,
+    /// The disks of the host's files, for `image: host`, and when they were last checked.
+    host_disks: host_disk::HostDisks,
 }
 
 impl VmBackend {
     pub fn new(config: VmConfig) -> VmBackend {
         VmBackend {
+            host_disks: host_disk::HostDisks::new(
+                config.cache.join("host"),
+                config.host_root.clone(),
+                host_disk::RECHECK,
+            ),
             config,
             boot: Mutex::new(None),
             templates: Mutex::new(HashMap::new()),
@@ -291,12 +302,7 @@ impl VmBackend {
                     }
                 })?
             }
-            Image::Host => {
-                return Err(SandboxError::Image {
-                    image: "host".into(),
-                    reason: "a VM sandbox runs an OCI image: name one (`image: debian:12`)".into(),
-                });
-            }
+            Image::Host => self.host_disk(&mut |_| {})?,
         };
         let memory = match spec.limits.memory {
             Some(limit) => limit.saturating_add(GUEST_OVERHEAD),
@@ -314,6 +320,23 @@ impl VmBackend {
             disk: spec.limits.disk_or_default(),
             host_network: spec.network == upstream_sandbox::NetworkMode::Host,
         })
+    }
+
+    /// The disk of the host's files as they are, made now if there is none (`making` is
+    /// told first). Snapshots of machines on an older disk, which is gone, go too.
+    fn host_disk(&self, making: &mut dyn FnMut(&str)) -> Result<PathBuf, SandboxError> {
+        let disk = self.host_disks.disk(making).map_err(|e| match e {
+            host_disk::HostDiskError::Read { .. } => SandboxError::Image {
+                image: "host".into(),
+                reason: e.to_string(),
+            },
+            e => SandboxError::setup(e.to_string(), e.hint()),
+        })?;
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|shape, _| shape.root_disk == disk || shape.root_disk.is_file());
+        Ok(disk)
     }
 
     /// Starts the machine of `shape` in `dir` (the sandbox's: removed with it, where its disk
@@ -793,6 +816,17 @@ impl Backend for VmBackend {
 
     fn prepare(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         self.template_for(&self.shape(spec)?).map(drop)
+    }
+
+    fn make_root(
+        &self,
+        spec: &SandboxSpec,
+        making: &mut dyn FnMut(&str),
+    ) -> Result<(), SandboxError> {
+        match spec.image {
+            Image::Host => self.host_disk(making).map(drop),
+            Image::Layers { .. } => Ok(()),
+        }
     }
 
     fn discard_kept(&self, kept: &Kept) {

@@ -7,6 +7,7 @@
 pub mod cgroup;
 mod client;
 pub mod files;
+pub mod host_image;
 pub mod ids;
 pub mod runtime;
 pub mod spawner;
@@ -212,6 +213,18 @@ pub trait Backend {
     /// fills: the VM backend boots one machine and snapshots it, and restores later ones of
     /// that shape from the snapshot. Backends with nothing to prepare do nothing.
     fn prepare(&self, _spec: &SandboxSpec) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    /// Makes what sandboxes of `spec` start from where this backend makes that once and has
+    /// not made it yet (the VM backend's disk of the host's files, for `image: host`),
+    /// telling `making` first, in a sentence, what it makes: it takes long.
+    /// [`Backend::create`] makes it too, without a word; this is for whoever shows progress.
+    fn make_root(
+        &self,
+        _spec: &SandboxSpec,
+        _making: &mut dyn FnMut(&str),
+    ) -> Result<(), SandboxError> {
         Ok(())
     }
 

@@ -800,6 +800,8 @@ impl Daemon {
 
     /// Makes a sandbox and waits until it is ready: blocking.
     fn make(&self, spec: &SandboxSpec) -> Result<Box<dyn Sandbox>, SandboxError> {
+        self.backend
+            .make_root(spec, &mut |what| tracing::info!("{what}"))?;
         let mut sandbox = self.backend.create(spec)?;
         sandbox.wait_ready()?;
         Ok(sandbox)
@@ -1046,6 +1048,9 @@ impl Daemon {
                     // and is filled by restoring that snapshot.
                     let prepare = move || {
                         let prepared = daemon.prepare(&shape)?;
+                        daemon
+                            .backend
+                            .make_root(&prepared.spec, &mut |what| tracing::info!("{what}"))?;
                         daemon.backend.prepare(&prepared.spec)?;
                         Ok::<_, ApiError>(prepared)
                     };

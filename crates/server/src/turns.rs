@@ -98,6 +98,17 @@ impl Backend for Pooled {
         }
     }
 
+    fn make_root(
+        &self,
+        spec: &SandboxSpec,
+        making: &mut dyn FnMut(&str),
+    ) -> Result<(), SandboxError> {
+        self.0.backend().make_root(spec, &mut |what| {
+            tracing::info!(tenant = %self.1, "{what}");
+            making(what);
+        })
+    }
+
     fn discard_kept(&self, kept: &Kept) {
         self.0.backend().discard_kept(kept);
     }

@@ -111,6 +111,9 @@ pub enum Event<'a> {
     },
     /// Every layer has arrived; the rootfs is being made.
     ImageUnpacking,
+    /// Something sandboxes start from is being made, once, and takes long (the VM
+    /// backend's disk of the host's files): what, in a sentence.
+    Building(&'a str),
     /// Something the user should know that does not stop the turn.
     Warning(&'a str),
     /// Another turn of the context is running (turn `turn` of process `pid`, where known):
@@ -701,6 +704,7 @@ fn run_in_sandbox(
         .workspace
         .as_ref()
         .map_or_else(|| fm.workdir().to_string(), |w| w.dir.clone());
+    backend.make_root(spec, &mut |what| observer.event(Event::Building(what)))?;
     let mut sandbox = backend.create(spec)?;
     sandbox.wait_ready()?;
     cancel.watch(Some(sandbox.interrupter()));

@@ -70,6 +70,11 @@ pub enum TurnEvent {
         bytes: u64,
     },
     ImageUnpacking,
+    /// Something sandboxes start from is being made, once (the VM backend's disk of the
+    /// host's files): what, in a sentence.
+    Building {
+        what: String,
+    },
     Warning {
         message: String,
     },
@@ -164,6 +169,9 @@ impl TurnEvent {
                 bytes: *bytes,
             },
             Event::ImageUnpacking => TurnEvent::ImageUnpacking,
+            Event::Building(what) => TurnEvent::Building {
+                what: what.to_string(),
+            },
             Event::Warning(message) => TurnEvent::Warning {
                 message: message.to_string(),
             },
@@ -267,6 +275,7 @@ impl TurnEvent {
                 })
             }
             TurnEvent::ImageUnpacking => observer.event(Event::ImageUnpacking),
+            TurnEvent::Building { what } => observer.event(Event::Building(what)),
             TurnEvent::Warning { message } => observer.event(Event::Warning(message)),
             TurnEvent::Waiting { context, turn } => observer.event(Event::Waiting {
                 context,
@@ -330,6 +339,9 @@ mod tests {
                 bytes: 10,
             },
             TurnEvent::ImageUnpacking,
+            TurnEvent::Building {
+                what: "Building the host's root disk for VMs".into(),
+            },
             TurnEvent::Image {
                 reference: "python:3.12".into(),
                 ready: Some(ImageReady {

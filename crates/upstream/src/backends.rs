@@ -59,6 +59,17 @@ impl Backend for Backends {
         }
     }
 
+    fn make_root(
+        &self,
+        spec: &SandboxSpec,
+        making: &mut dyn FnMut(&str),
+    ) -> Result<(), SandboxError> {
+        match spec.isolation {
+            Isolation::Namespaces => self.namespaces.make_root(spec, making),
+            Isolation::Vm => self.vm()?.make_root(spec, making),
+        }
+    }
+
     fn discard_kept(&self, kept: &Kept) {
         if let Some(backend) = self.of_kept(kept) {
             backend.discard_kept(kept);

@@ -50,6 +50,9 @@ pub fn exec(args: ExecArgs) -> u8 {
         isolation: upstream_turn::isolation(args.isolation),
         ..SandboxSpec::default()
     };
+    if let Err(e) = backend.make_root(&spec, &mut |what| eprintln!("{what} ...")) {
+        return failed(&e);
+    }
     let mut sandbox = match backend.create(&spec) {
         Ok(s) => s,
         Err(e) => return failed(&e),

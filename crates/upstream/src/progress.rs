@@ -182,6 +182,7 @@ impl Observer for Progress {
                 ));
             }
             Event::Warning(text) => self.line(&format!("warning: {text}")),
+            Event::Building(what) => self.line(&format!("{what} ...")),
             Event::Waiting { context, turn, pid } => {
                 // Ctrl-C stops the wait as it would stop the turn.
                 crate::interrupt::install(&self.cancel);
