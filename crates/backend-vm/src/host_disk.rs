@@ -441,6 +441,15 @@ fn remove_work(work: &Path) {
     let _ = fs::remove_dir(work);
 }
 
+/// What a VM cache holds for the host's files as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskState {
+    /// Their disk, and what it takes of the cache's filesystem.
+    Made { path: PathBuf, taken: u64 },
+    /// None yet: the files take `bytes`; `older`: there is a disk of them as they were.
+    Unmade { bytes: u64, older: bool },
+}
+
 /// The host's disks in a VM cache, and what a backend last found of the host's files.
 #[derive(Debug)]
 pub struct HostDisks {
@@ -484,6 +493,38 @@ impl HostDisks {
         Ok(path)
     }
 
+    /// The shared tree of `survey` the cache is in, if it is in one.
+    fn inside_a_tree(&self, survey: &Survey) -> Option<PathBuf> {
+        let dir = fs::canonicalize(&self.dir).ok()?;
+        survey
+            .shared
+            .iter()
+            .filter_map(|name| fs::canonicalize(self.source.join(name)).ok())
+            .find(|tree| dir.starts_with(tree))
+    }
+
+    /// What the cache holds for the host's files as they are now, as `upstream doctor`
+    /// tells it (walking them, as [`HostDisks::disk`] does).
+    pub fn state(&self) -> Result<DiskState, HostDiskError> {
+        let survey = survey(&self.source)?;
+        let path = self.dir.join(survey.disk_name());
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(DiskState::Made {
+                path,
+                taken: meta.blocks() * 512,
+            }),
+            Err(_) => Ok(DiskState::Unmade {
+                bytes: survey.bytes,
+                older: fs::read_dir(&self.dir).is_ok_and(|d| {
+                    d.flatten().any(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.starts_with("host-") && name.ends_with(".ext4")
+                    })
+                }),
+            }),
+        }
+    }
+
     /// Makes the disk of `survey` unless another upstream did while this one waited for
     /// the cache's lock; then removes the older disks and what builders that died left.
     fn make(&self, survey: &Survey) -> Result<(), HostDiskError> {
@@ -494,6 +535,13 @@ impl HostDisks {
             return Err(HostDiskError::Build(io::Error::last_os_error()));
         }
         let name = survey.disk_name();
+        if let Some(tree) = self.inside_a_tree(survey) {
+            return Err(HostDiskError::Build(io::Error::other(format!(
+                "the VM cache {} is inside the host's {}, which its disk copies",
+                self.dir.display(),
+                tree.display()
+            ))));
+        }
         if !self.dir.join(&name).is_file() {
             // What is here but the lock and the disks is a dead builder's: this one holds
             // the lock.
@@ -521,5 +569,271 @@ impl HostDisks {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A host's root in small: programs in /usr, /bin a link into it and /sbin a directory
+    /// of its own, /etc with a file anyone may read, one only root may, and a directory
+    /// only root may enter.
+    fn fake_host(at: &Path) {
+        let file = |rel: &str, content: &str, mode: u32| {
+            let path = at.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, content).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        file("usr/bin/hello", "#!/bin/sh\necho hi\n", 0o755);
+        file("usr/lib/x86_64/libx.so", "library\n", 0o644);
+        file("usr/lib/python3/m.py", "x = 1\n", 0o644);
+        file("sbin/tool", "tool\n", 0o755);
+        file("etc/visible", "for all\n", 0o644);
+        file("etc/secret", "s3cret\n", 0o600);
+        file("etc/private/key", "private key\n", 0o644);
+        file("etc/hostname", "the-hosts-name\n", 0o644);
+        file("etc/hosts", "10.1.2.3 the-hosts-name\n", 0o644);
+        fs::set_permissions(at.join("etc/private"), fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink("usr/bin", at.join("bin")).unwrap();
+        // Not shared: nothing of it goes in.
+        file("home/user/notes", "mine\n", 0o644);
+    }
+
+    /// Whether this test may build disks (as root); says why not otherwise.
+    fn as_root(test: &str) -> bool {
+        let root = nix::unistd::Uid::effective().is_root();
+        if !root {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test}");
+        }
+        root
+    }
+
+    /// What debugfs says of `path` in `disk` (`cat`, `stat`, `ls -l`).
+    fn debugfs(disk: &Path, request: &str) -> String {
+        let out = Command::new("debugfs")
+            .args(["-R", request])
+            .arg(disk)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_host_files_but_not_compiled_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let first = survey(&host).unwrap();
+        assert_eq!(survey(&host).unwrap().fingerprint, first.fingerprint);
+        let hidden: Vec<&Path> = first.hidden().collect();
+        assert_eq!(
+            hidden,
+            [Path::new("etc/private"), Path::new("etc/secret")],
+            "{hidden:?}"
+        );
+        assert_eq!(first.shared, ["usr", "etc", "sbin"]);
+        assert_eq!(first.links, [("bin", PathBuf::from("usr/bin"))]);
+        // Python compiling a module as it runs changes nothing.
+        let cache = host.join("usr/lib/python3/__pycache__");
+        fs::create_dir(&cache).unwrap();
+        fs::write(cache.join("m.cpython-311.pyc"), "compiled").unwrap();
+        assert_eq!(survey(&host).unwrap().fingerprint, first.fingerprint);
+        // What a package install, an edit in /etc or a change of mode does, does.
+        let mut seen = vec![first.fingerprint.clone()];
+        let mut changed = |what: &str, change: &dyn Fn()| {
+            change();
+            let now = survey(&host).unwrap().fingerprint;
+            assert!(
+                !seen.contains(&now),
+                "{what} left the fingerprint as it was"
+            );
+            seen.push(now);
+        };
+        changed("a new library", &|| {
+            fs::write(host.join("usr/lib/x86_64/liby.so"), "y").unwrap()
+        });
+        changed("an edit in place", &|| {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(host.join("etc/visible"))
+                .unwrap();
+            f.write_all(b"more\n").unwrap();
+        });
+        changed("a change of mode", &|| {
+            fs::set_permissions(host.join("etc/visible"), fs::Permissions::from_mode(0o640))
+                .unwrap()
+        });
+        changed("a file replaced by another", &|| {
+            fs::write(host.join("usr/bin/hello.new"), "#!/bin/sh\n").unwrap();
+            fs::rename(host.join("usr/bin/hello.new"), host.join("usr/bin/hello")).unwrap();
+        });
+        changed("a link moved", &|| {
+            fs::remove_file(host.join("bin")).unwrap();
+            std::os::unix::fs::symlink("usr/sbin", host.join("bin")).unwrap();
+        });
+        // The file that became private is now hidden.
+        assert!(
+            survey(&host)
+                .unwrap()
+                .hidden()
+                .any(|p| p == Path::new("etc/visible"))
+        );
+    }
+
+    #[test]
+    fn a_host_disk_holds_what_a_namespace_sandbox_may_read_and_no_more() {
+        if !as_root("a_host_disk_holds_what_a_namespace_sandbox_may_read_and_no_more") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let cache = dir.path().join("cache");
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let disks = HostDisks::new(cache.clone(), host.clone(), Duration::ZERO);
+        let mut told = Vec::new();
+        let disk = disks.disk(&mut |what| told.push(what.to_string())).unwrap();
+        assert_eq!(told, [BUILDING]);
+        // Nothing was mounted where the host sees it, and nothing of the build is left.
+        assert_eq!(fs::read_to_string("/proc/self/mountinfo").unwrap(), mounts);
+        let mut left: Vec<String> = fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [disk.file_name().unwrap().to_str().unwrap(), "lock"]);
+        assert_eq!(fs::metadata(&disk).unwrap().mode() & 0o777, 0o644);
+        // What anyone may read is there; so is what a sandbox runs.
+        assert_eq!(debugfs(&disk, "cat /etc/visible"), "for all\n");
+        assert_eq!(debugfs(&disk, "cat /usr/bin/hello"), "#!/bin/sh\necho hi\n");
+        assert_eq!(debugfs(&disk, "cat /sbin/tool"), "tool\n");
+        assert!(debugfs(&disk, "stat /bin").contains("Fast link dest: \"usr/bin\""));
+        // The control: the host's secret is there to be read, on the host.
+        assert_eq!(
+            fs::read_to_string(host.join("etc/secret")).unwrap(),
+            "s3cret\n"
+        );
+        // On the disk, it is there by name and mode, and empty.
+        assert_eq!(debugfs(&disk, "cat /etc/secret"), "");
+        let stat = debugfs(&disk, "stat /etc/secret");
+        assert!(
+            stat.contains("Mode:  0600") && stat.contains("Size: 0"),
+            "{stat}"
+        );
+        // The directory only root may enter is there, empty.
+        let listed = debugfs(&disk, "ls -l /etc/private");
+        assert!(!listed.contains("key"), "{listed}");
+        assert!(debugfs(&disk, "stat /etc/private").contains("Mode:  0700"));
+        assert_eq!(debugfs(&disk, "cat /etc/private/key"), "");
+        // The sandbox's name, not the host's.
+        assert_eq!(debugfs(&disk, "cat /etc/hostname"), "sandbox\n");
+        let hosts = debugfs(&disk, "cat /etc/hosts");
+        assert!(hosts.contains("localhost sandbox") && !hosts.contains("the-hosts-name"));
+        // Nothing of the host but its shared trees.
+        assert!(!debugfs(&disk, "ls -l /home").contains("user"));
+        for (sub, mode) in [("/tmp", "01777"), ("/root", "0700"), ("/workspace", "0755")] {
+            let stat = debugfs(&disk, &format!("stat {sub}"));
+            assert!(stat.contains(&format!("Mode:  {mode}")), "{sub}: {stat}");
+        }
+        let out = Command::new("e2fsck")
+            .args(["-n", "-f"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    #[test]
+    fn a_host_disk_is_made_once_and_again_when_the_host_files_change() {
+        if !as_root("a_host_disk_is_made_once_and_again_when_the_host_files_change") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let cache = dir.path().join("cache");
+        let disks = HostDisks::new(cache.clone(), host.clone(), Duration::ZERO);
+        let mut told = 0;
+        let first = disks.disk(&mut |_| told += 1).unwrap();
+        let made = fs::metadata(&first).unwrap();
+        // Walked again, the same files: the same disk, not made again.
+        let again = disks.disk(&mut |_| told += 1).unwrap();
+        assert_eq!((&again, told), (&first, 1));
+        let now = fs::metadata(&again).unwrap();
+        assert_eq!(
+            (now.ino(), now.mtime(), now.mtime_nsec()),
+            (made.ino(), made.mtime(), made.mtime_nsec())
+        );
+        // Another backend on the same cache takes it too.
+        let other = HostDisks::new(cache.clone(), host.clone(), Duration::ZERO);
+        assert_eq!(other.disk(&mut |_| told += 1).unwrap(), first);
+        assert_eq!(
+            other.state().unwrap(),
+            DiskState::Made {
+                path: first.clone(),
+                taken: now.blocks() * 512
+            }
+        );
+        // A backend that walked them a moment ago does not walk them again.
+        let patient = HostDisks::new(cache.clone(), host.clone(), Duration::from_secs(3600));
+        assert_eq!(patient.disk(&mut |_| {}).unwrap(), first);
+        fs::write(host.join("usr/bin/new"), "new\n").unwrap();
+        assert!(matches!(
+            other.state().unwrap(),
+            DiskState::Unmade { older: true, .. }
+        ));
+        assert_eq!(patient.disk(&mut |_| {}).unwrap(), first);
+        // A change of the host's files gets a new disk, which has it; the older goes.
+        let second = disks.disk(&mut |_| told += 1).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(told, 2);
+        assert_eq!(debugfs(&second, "cat /usr/bin/new"), "new\n");
+        assert!(!first.exists(), "the older disk was kept");
+    }
+
+    #[test]
+    fn two_builders_at_once_make_the_disk_once() {
+        if !as_root("two_builders_at_once_make_the_disk_once") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let cache = dir.path().join("cache");
+        let made: Vec<(PathBuf, u64)> = std::thread::scope(|s| {
+            let builders: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let disks = HostDisks::new(cache.clone(), host.clone(), Duration::ZERO);
+                        let disk = disks.disk(&mut |_| {}).unwrap();
+                        let ino = fs::metadata(&disk).unwrap().ino();
+                        (disk, ino)
+                    })
+                })
+                .collect();
+            builders.into_iter().map(|b| b.join().unwrap()).collect()
+        });
+        assert_eq!(made[0], made[1], "each builder made a disk of its own");
+        assert_eq!(fs::metadata(&made[0].0).unwrap().ino(), made[0].1);
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 2, "lock and disk");
+    }
+
+    #[test]
+    fn a_cache_inside_the_trees_it_copies_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let disks = HostDisks::new(host.join("usr/cache"), host.clone(), Duration::ZERO);
+        let e = disks.disk(&mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("is inside the host's"), "{e}");
     }
 }

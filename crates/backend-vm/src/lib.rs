@@ -1566,6 +1566,18 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
     result
 }
 
+/// What `config`'s cache holds of the disk of `image: host` for the host's files as they
+/// are now.
+pub fn host_disk_state(config: &VmConfig) -> Result<host_disk::DiskState, String> {
+    host_disk::HostDisks::new(
+        config.cache.join("host"),
+        config.host_root.clone(),
+        host_disk::RECHECK,
+    )
+    .state()
+    .map_err(|e| e.to_string())
+}
+
 /// The VM backend for this host, or why there is none.
 pub fn open(
     init_exe: PathBuf,

@@ -133,8 +133,9 @@ fn vm() -> Line {
             name,
             ok: true,
             detail: format!(
-                "{what}: a guest booted and powered off in {:.1} s",
-                took.as_secs_f64()
+                "{what}: a guest booted and powered off in {:.1} s; {}",
+                took.as_secs_f64(),
+                host_disk(&config)
             ),
             hint: None,
         },
@@ -144,6 +145,29 @@ fn vm() -> Line {
             detail: format!("{what}: a guest did not boot: {e}"),
             hint: Some(hint.into()),
         },
+    }
+}
+
+/// What the VM cache holds of the disk `image: host` VMs boot, in a clause.
+fn host_disk(config: &upstream_backend_vm::VmConfig) -> String {
+    use upstream_backend_vm::host_disk::DiskState;
+    let size = upstream_doc::format_size;
+    match upstream_backend_vm::host_disk_state(config) {
+        Ok(DiskState::Made { path, taken }) => format!(
+            "`image: host` VMs boot {} ({}), made of the host's files as they are",
+            path.display(),
+            size(taken)
+        ),
+        Ok(DiskState::Unmade { bytes, older }) => format!(
+            "the next `image: host` VM first makes a disk of the host's /usr and /etc ({}              to copy, minutes){}",
+            size(bytes),
+            if older {
+                ": the host's files changed since the last one"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => format!("`image: host` VMs cannot be made: {e}"),
     }
 }
 
