@@ -48,6 +48,22 @@ pub fn lacks_vm() -> Option<String> {
     None
 }
 
+/// The VM cache of the tests that share one, for every test of the run (and the next
+/// runs): the initramfs, and the disk of the host's files that `image: host` VMs boot
+/// (gigabytes, made once per state of the host's files).
+pub fn shared_vm_cache() -> std::path::PathBuf {
+    std::env::temp_dir().join("upstream-cli-vm-cache")
+}
+
+/// The path of the disk of the host's files as they are now in [`shared_vm_cache`], and
+/// whether it is made.
+fn host_disk_now() -> (std::path::PathBuf, bool) {
+    let survey = upstream_backend_vm::host_disk::survey(std::path::Path::new("/")).unwrap();
+    let path = shared_vm_cache().join("host").join(survey.disk_name());
+    let made = path.is_file();
+    (path, made)
+}
+
 /// A registry with a small image of host programs.
 pub fn image() -> Option<(Registry, String)> {
     let registry = Registry::start()?;
@@ -819,4 +835,173 @@ fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
         console.contains("reboot: Restarting system"),
         "no reboot on the console: {console}"
     );
+}
+
+/// `image: host` on a VM: the host's programs and /etc, as a namespace sandbox sees them,
+/// from a disk of the host's files, under the guest's own kernel; what the guest writes
+/// stays in it, and what only root may read on the host is not there to read. A second
+/// sandbox boots the same disk.
+#[test]
+fn a_vm_of_the_host_image_runs_the_hosts_programs_on_its_own_kernel() {
+    use std::os::unix::fs::MetadataExt;
+    crate::require_root_sandbox!();
+    require_vm!();
+    let env = Env::new();
+    let marker = format!("upstream-vm-host-{}", std::process::id());
+    // The guest's root reads anything on its disk: what is not there cannot be read.
+    let shadow = std::fs::metadata("/etc/shadow").unwrap();
+    assert_eq!(
+        shadow.mode() & 0o004,
+        0,
+        "the host's /etc/shadow is for anyone"
+    );
+    assert!(shadow.len() > 0);
+    let script = format!(
+        "echo \"kernel=$(uname -r)\"\n\
+         echo \"env=$(/usr/bin/env | grep -c '^PATH=')\"\n\
+         echo \"python=$(python3 -c 'print(6 * 7)')\"\n\
+         echo \"os-release=$(sha256sum < /etc/os-release)\"\n\
+         echo \"passwd=$(sha256sum < /etc/passwd)\"\n\
+         echo \"shadow=$(wc -c < /etc/shadow)\"\n\
+         echo \"hostname=$(cat /etc/hostname)\"\n\
+         echo guest > /etc/{marker} && echo guest > /usr/{marker} &&\n\
+         echo \"wrote=$(cat /etc/{marker} /usr/{marker} | tr '\\n' ' ')\"\n"
+    );
+    let (disk, made) = host_disk_now();
+    let out = env
+        .command()
+        .env("UPSTREAM_VM_CACHE", shared_vm_cache())
+        .args(["exec", "--isolation", "vm", "--", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The user is told while the disk is made, and only then.
+    assert_eq!(
+        stderr(&out).contains(upstream_backend_vm::host_disk::BUILDING),
+        !made,
+        "{}",
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let said = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+            .to_string()
+    };
+    let sha = |path: &str| {
+        let out = std::process::Command::new("sha256sum")
+            .stdin(std::fs::File::open(path).unwrap())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let guest_kernel = said("kernel");
+    assert_ne!(
+        guest_kernel,
+        host_kernel.trim(),
+        "the guest runs the host's kernel"
+    );
+    assert!(guest_kernel.ends_with("cloud-amd64"), "{guest_kernel}");
+    assert_eq!(said("env"), "1");
+    assert_eq!(said("python"), "42");
+    assert_eq!(said("os-release"), sha("/etc/os-release"));
+    // The control: a file anyone may read is read whole; the one only root (and the
+    // shadow group) may is there empty.
+    assert_eq!(said("passwd"), sha("/etc/passwd"));
+    assert_eq!(said("shadow"), "0");
+    assert_eq!(said("hostname"), upstream_sandbox::DEFAULT_HOSTNAME);
+    assert_eq!(said("wrote"), "guest guest ");
+    for tree in ["/etc", "/usr"] {
+        let path = std::path::Path::new(tree).join(&marker);
+        assert!(!path.exists(), "the guest wrote {}", path.display());
+    }
+    let first = std::fs::metadata(&disk).unwrap();
+    // A document of `isolation: vm` and no image boots the same disk: not made again.
+    let doc = env.write(
+        "host.md",
+        "---\nisolation: vm\n---\n```bash\nuname -r; cat /etc/os-release\n```\n",
+    );
+    let out = env
+        .command()
+        .env("UPSTREAM_VM_CACHE", shared_vm_cache())
+        .args(["run", doc.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let result = crate::util::result_block(&std::fs::read_to_string(&doc).unwrap(), 1);
+    assert_eq!(code(&out), 0, "{}\n{result}", stderr(&out));
+    assert!(result.contains("cloud-amd64"), "{result}");
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
+    assert!(
+        result.contains(os_release.lines().next().unwrap()),
+        "{result}"
+    );
+    assert!(
+        !stderr(&out).contains(upstream_backend_vm::host_disk::BUILDING),
+        "{}",
+        stderr(&out)
+    );
+    let again = std::fs::metadata(&disk).unwrap();
+    assert_eq!(
+        (again.ino(), again.mtime(), again.mtime_nsec()),
+        (first.ino(), first.mtime(), first.mtime_nsec()),
+        "the host's disk was made again"
+    );
+}
+
+/// A daemon's pool of `image: host` VMs is filled from a snapshot of a machine on the
+/// host's disk, and what it hands out runs the host's programs.
+#[test]
+fn a_daemon_fills_a_pool_of_host_image_vms() {
+    use serde_json::json;
+
+    use crate::serve::{Daemon, id, unix_request};
+
+    crate::require_root_sandbox!();
+    require_vm!();
+    let env = Env::new();
+    let mut command = std::process::Command::new(crate::util::BIN);
+    command
+        .env("UPSTREAM_RUNTIME_DIR", &env.runtime)
+        .env("UPSTREAM_CACHE_DIR", env.path("cache"))
+        .env("UPSTREAM_VM_CACHE", shared_vm_cache());
+    let daemon = Daemon::start_with(
+        command,
+        env.path("state"),
+        env.runtime.clone(),
+        &["--pool", "host,isolation=vm=1"],
+    );
+    let api = daemon.client(&daemon.key("t", "t"));
+    let metric = "upstream_pool_ready{pool=\"host isolation=vm\"} 1";
+    // Making the host's disk, if this is the first test to need it, takes minutes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    loop {
+        let (_, text) = unix_request(&daemon.socket, "GET", "/metrics", "");
+        if text.lines().any(|l| l == metric) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {text}\nthe daemon said: {}",
+            daemon.log.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let sandbox = api.create(json!({ "isolation": "vm" }));
+    assert_eq!(sandbox["from_pool"], true, "{sandbox}");
+    let ran = api.exec(
+        &id(&sandbox),
+        &[
+            "bash",
+            "-c",
+            "uname -r; python3 -c 'print(6 * 7)'; cat /etc/os-release",
+        ],
+    );
+    let out = ran["stdout"].as_str().unwrap();
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().ends_with("cloud-amd64"), "{ran}");
+    assert_eq!(lines.next(), Some("42"), "{ran}");
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
+    assert_eq!(lines.next(), os_release.lines().next(), "{ran}");
 }

@@ -35,10 +35,7 @@ fn vm_document(image: &str, front: &str, steps: &[&str]) -> String {
 fn start_run(env: &Env, doc: &str) -> Child {
     env.command()
         .env("UPSTREAM_CACHE_DIR", env.path("cache"))
-        .env(
-            "UPSTREAM_VM_CACHE",
-            std::env::temp_dir().join("upstream-cli-vm-cache"),
-        )
+        .env("UPSTREAM_VM_CACHE", crate::vm::shared_vm_cache())
         .args(["run", "-v", doc])
         .stderr(Stdio::piped())
         .spawn()
