@@ -365,13 +365,7 @@ impl VmBackend {
                 }
             }
         }
-        // The VMM's own limits, whichever it is: the guest's RAM and what the VMM takes itself.
-        let limits = confine::VmmLimits::for_guest(
-            shape.memory_mib << 20,
-            self.config.vmm.memory_overhead(),
-            shape.cpus,
-            shape.cpu_millis.map(|m| m as f64 / 1000.0),
-        );
+        let limits = shape.vmm_limits(self.config.vmm.as_ref());
         // A VMM that confines itself (a jailed Firecracker) is given its cgroups and user.
         let jailed = match self.config.vmm.confines_itself() {
             true => Some(
@@ -743,6 +737,19 @@ struct Shape {
     disk: u64,
     /// It has the host's network (user-mode NAT).
     host_network: bool,
+}
+
+impl Shape {
+    /// What the VMM of a machine of this shape may use, whichever VMM it is: the guest's
+    /// RAM and what the VMM takes itself, its vCPUs' and the sandbox's CPUs.
+    fn vmm_limits(&self, vmm: &dyn Vmm) -> confine::VmmLimits {
+        confine::VmmLimits::for_guest(
+            self.memory_mib << 20,
+            vmm.memory_overhead(),
+            self.cpus,
+            self.cpu_millis.map(|m| m as f64 / 1000.0),
+        )
+    }
 }
 
 /// A snapshot's RAM and devices' state, by name in its directory.
@@ -1576,6 +1583,38 @@ mod tests {
     /// The end of the console of the VM in `dir`, as a VM that stopped is told by.
     fn console_tail(dir: &Path) -> String {
         confine::read_tail(&qemu::console_of(dir), CONSOLE_TAIL)
+    }
+
+    #[test]
+    fn each_vmms_limits_are_its_guests_ram_and_its_own_overhead() {
+        let shape = Shape {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            root_disk: PathBuf::new(),
+            memory_mib: 704,
+            cpus: 2,
+            cpu_millis: Some(1500),
+            memory_limit: None,
+            pids_limit: None,
+            disk: 1 << 30,
+            host_network: false,
+        };
+        let firecracker = Firecracker {
+            binary: "/usr/bin/firecracker".into(),
+            jailer: None,
+        };
+        let limits = shape.vmm_limits(&firecracker);
+        assert_eq!(limits.memory, (704 + 128) << 20);
+        assert_eq!(limits.guest_memory, 704 << 20);
+        assert_eq!((limits.cpus, limits.pids), (1.5, confine::VMM_THREADS + 2));
+        let qemu = Qemu {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        assert_eq!(
+            shape.vmm_limits(&qemu).memory,
+            (704 << 20) + confine::qemu_overhead(Accel::Tcg)
+        );
     }
 
     #[test]

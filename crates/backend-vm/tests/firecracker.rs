@@ -1037,7 +1037,7 @@ fn stand_in(out: &Path) {
         .arg("--chroot-base-dir")
         .arg(&jailed.base)
         .args(["--", "--api-sock", "fc.sock"]);
-    let _unkept = upstream_backend_vm::confine::spawn(command, None).unwrap();
+    let mut unkept = upstream_backend_vm::confine::spawn(command, None).unwrap();
     let fake_args = unkept_jail.join("root/fake.args");
     let until = Instant::now() + Duration::from_secs(20);
     while !fake_args.exists() {
@@ -1056,4 +1056,7 @@ fn stand_in(out: &Path) {
     std::fs::write(out.join("started.new"), text).unwrap();
     std::fs::rename(out.join("started.new"), out.join("started")).unwrap();
     std::thread::sleep(Duration::from_secs(60));
+    // Not killed: nothing is left behind.
+    let _ = unkept.kill();
+    let _ = unkept.wait();
 }
