@@ -61,6 +61,9 @@ const JAILED_ROOT: &str = "root.ext4";
 const JAILED_STATE: &str = "snapshot.state";
 const JAILED_MEMORY: &str = "snapshot.mem";
 
+/// How much of the end of Firecracker's log its last words are looked for in.
+const LOG_TAIL: u64 = 16 << 10;
+
 /// How long Firecracker has to open its API socket.
 const API_WITHIN: Duration = Duration::from_secs(10);
 
@@ -580,7 +583,7 @@ impl FirecrackerVm {
 /// then `OK <host port>` once the guest took it (a guest not listening yet: the stream ends).
 pub fn connect_vsock(socket: &Path, port: u32) -> Result<UnixStream, String> {
     let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        jail::connect_unfollowed(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     // Firecracker answers once the guest did, or ends the stream; a guest that never
     // answers is tried again.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -654,28 +657,12 @@ impl Vm for FirecrackerVm {
         )?;
         if self.place.jail.is_some() {
             for (name, to) in [(JAILED_STATE, &to.state), (JAILED_MEMORY, &to.memory)] {
-                let from = self.place.host(name);
-                let moved = fs::rename(&from, to)
-                    .or_else(|_| fs::copy(&from, to).map(drop))
-                    // Upstream's, read-only, no longer this VM's: every VM restored from it
-                    // reads it as a user of its own.
-                    .and_then(|()| {
-                        std::os::unix::fs::chown(
-                            to,
-                            Some(nix::unistd::geteuid().as_raw()),
-                            Some(nix::unistd::getegid().as_raw()),
-                        )
-                    })
-                    .and_then(|()| {
-                        fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o444))
-                    });
-                moved.map_err(|e| {
+                jail::take_out(&self.place.host(name), to).map_err(|e| {
                     VmmError::Setup(format!(
                         "cannot move the snapshot out of the jail to {}: {e}",
                         to.display()
                     ))
                 })?;
-                let _ = fs::remove_file(from);
             }
         }
         Ok(())
@@ -697,7 +684,9 @@ impl Vm for FirecrackerVm {
             }
             self.stderr = Some(text);
         }
-        let log = fs::read_to_string(self.place.host(LOG)).unwrap_or_default();
+        // Its log is in a directory a jailed Firecracker owns: read as the console is, a
+        // regular file only, never through a link, its end only.
+        let log = crate::confine::read_tail(&self.place.host(LOG), LOG_TAIL);
         let said: Vec<&str> = log
             .lines()
             .chain(self.stderr.as_deref().unwrap_or("").lines())

@@ -267,7 +267,10 @@ impl Setup {
     }
 }
 
-const SLEEPS: &str = "#!/bin/sh\necho \"$$ $PWD $*\" > fake.args\nexec sleep 600\n";
+/// The fake Firecracker: notes its pid, working directory and arguments (whole when the file
+/// appears: the fake API starts then), and sleeps.
+const SLEEPS: &str =
+    "#!/bin/sh\necho \"$$ $PWD $*\" > fake.args.new\nmv fake.args.new fake.args\nexec sleep 600\n";
 
 fn machine<'a>(
     setup: &'a Setup,
@@ -588,7 +591,8 @@ const JAILER: &str = "#!/bin/sh\n\
      shift\n\
      cd \"$base/firecracker/$id/root\" || exit 9\n\
      echo \"$args\" > ../jailer.args\n\
-     echo \"$$ $PWD $*\" > fake.args\n\
+     echo \"$$ $PWD $*\" > fake.args.new\n\
+     mv fake.args.new fake.args\n\
      exec setpriv --reuid=\"$uid\" --regid=\"$gid\" --clear-groups sleep 600\n";
 
 /// As root: a jailer drops to other users, and VMs' monitors get users of their own. Not
@@ -920,6 +924,69 @@ fn jailed_vms_run_as_users_of_their_own_in_cgroups_sized_for_their_guests() {
     vm.kill();
 }
 
+/// A jailed Firecracker owns its jail's root, so what upstream reads or reaches there once it
+/// ran may be a link it planted there: its log is read as a regular file only, never through
+/// a link, and its sockets are reached only as sockets, so a link to another VM's socket (or
+/// any of the host's) leads nowhere. The controls: the log's own words are read, the link
+/// does lead to the other VM's agent when followed, and that VM's own socket reaches it.
+#[test]
+fn links_a_jailed_firecracker_plants_in_its_jail_lead_nowhere() {
+    if !as_root("links_a_jailed_firecracker_plants_in_its_jail_lead_nowhere") {
+        return;
+    }
+    let jailed = Jailed::new(&std::env::temp_dir());
+    let fc = jailed.firecracker(None);
+    let host = Host::new();
+    let cmdline = Vec::new();
+    let mut vms = Vec::new();
+    for name in ["9-i-0", "9-i-1"] {
+        let dir = jailed.setup.sandbox(name);
+        fake_firecracker(&jailed.jail(name).join("root"), Fake::default());
+        let confinement = host.confine(&dir, &limits(&fc)).unwrap();
+        let scratch = dir.join("scratch.ext4");
+        let vm = fc
+            .start(&MachineSpec {
+                confinement: Some(&confinement),
+                ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+            })
+            .unwrap();
+        vms.push((vm, confinement));
+    }
+    let (root, other) = (
+        jailed.jail("9-i-0").join("root"),
+        jailed.jail("9-i-1").join("root"),
+    );
+    // Its log: its own words are read; a link to a host file is not followed.
+    std::fs::write(root.join("fc.log"), "the log's own words\n").unwrap();
+    assert!(vms[0].0.last_words().contains("the log's own words"));
+    let secret = jailed.setup.root.join("secret");
+    std::fs::write(&secret, "the host's secret\n").unwrap();
+    std::fs::remove_file(root.join("fc.log")).unwrap();
+    std::os::unix::fs::symlink(&secret, root.join("fc.log")).unwrap();
+    let said = vms[0].0.last_words();
+    assert!(!said.contains("secret"), "{said}");
+    // Its vsock socket: a link to the other VM's leads there if followed, and nowhere here.
+    std::fs::remove_file(root.join("v.sock")).unwrap();
+    std::os::unix::fs::symlink(other.join("v.sock"), root.join("v.sock")).unwrap();
+    let mut followed = UnixStream::connect(root.join("v.sock")).unwrap();
+    followed.write_all(b"CONNECT 700\n").unwrap();
+    let mut ok = [0u8; 3];
+    followed.read_exact(&mut ok).unwrap();
+    assert_eq!(
+        &ok, b"OK ",
+        "the link does not lead to the other VM's agent"
+    );
+    let until = Instant::now() + Duration::from_millis(300);
+    let e = vms[0].0.connect_agent(until).unwrap_err();
+    assert!(e.to_string().contains("no socket"), "{e}");
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut agent = AgentClient::new(vms[1].0.connect_agent(until).unwrap());
+    assert_eq!(exec(&mut agent, &["true"]), "port 700: true");
+    for (mut vm, _) in vms {
+        vm.kill();
+    }
+}
+
 /// What stands in for upstream in
 /// [`a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright`]: where it writes what
 /// it started, in the environment of this binary run again as that test.
@@ -993,8 +1060,9 @@ fn a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright() {
         "the control died with upstream: the jailer kept its parent-death signal, and the \
          test shows nothing"
     );
-    // What upstream could not remove goes when the next one opens the VM backend.
-    assert!(cgroup.is_dir() && jail.is_dir());
+    // What upstream could not remove goes when the next one opens the VM backend (its
+    // cgroup, when any upstream does: another test of this binary's may be first).
+    assert!(jail.is_dir());
     let _next = Host::new();
     jail::remove_stale_jails(jail.parent().unwrap().parent().unwrap());
     assert!(!cgroup.exists(), "{} remains", cgroup.display());

@@ -38,8 +38,9 @@
 use std::ffi::{CString, OsString};
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -282,6 +283,79 @@ impl Drop for Namespace {
     }
 }
 
+/// Connects to the Unix socket at `path` without following a link there: a jailed
+/// Firecracker owns the directory its sockets are in, and could have put a link to another
+/// of the host's sockets (another VM's, a daemon's) in their place. The socket is opened as a
+/// path (`O_PATH`, `O_NOFOLLOW`), checked to be a socket, and connected to through its
+/// descriptor.
+pub fn connect_unfollowed(path: &Path) -> io::Result<UnixStream> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let stat = nix::sys::stat::fstat(&fd)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is no socket", path.display()),
+        ));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Moves `from`, a file Firecracker wrote in its jail, to `to` outside it, made upstream's and
+/// read-only (every VM restored from a snapshot reads it as a user of its own). As the jail
+/// is Firecracker's to change, `from` is opened without following a link or waiting on a
+/// FIFO, and must be a regular file of one link; what lands at `to` must be that file (else it
+/// is removed), and it is changed through the descriptor opened, never through a path.
+pub(crate) fn take_out(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "{} is not a file of Firecracker's own",
+            from.display()
+        )));
+    }
+    let taken = match fs::rename(from, to) {
+        Ok(()) => {
+            let landed = fs::symlink_metadata(to)?;
+            if (landed.dev(), landed.ino()) != (meta.dev(), meta.ino()) {
+                let _ = fs::remove_file(to);
+                return Err(io::Error::other(format!(
+                    "{} was changed as it was moved",
+                    from.display()
+                )));
+            }
+            file
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let _ = fs::remove_file(to);
+            let mut copy = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(to)?;
+            io::copy(&mut &file, &mut copy)?;
+            let _ = fs::remove_file(from);
+            copy
+        }
+        Err(e) => return Err(e),
+    };
+    std::os::unix::fs::fchown(
+        &taken,
+        Some(nix::unistd::geteuid().as_raw()),
+        Some(nix::unistd::getegid().as_raw()),
+    )?;
+    taken.set_permissions(fs::Permissions::from_mode(0o444))
+}
+
 /// Removes the jails under `base` (`<base>/<Firecracker's name>/upstream-<pid>-…`) of VMs
 /// whose upstream is gone: their Firecrackers died with it, and their cgroups are swept
 /// with QEMU's ([`crate::confine::Host::new`]).
@@ -318,6 +392,68 @@ mod tests {
         assert!(e.to_string().contains("not pid 1"), "{e}");
         let keeper = Keeper::of(Path::new("/usr/bin/upstream"));
         assert_eq!(keeper.args, [KEEPER_ARG]);
+    }
+
+    #[test]
+    fn a_link_planted_for_a_socket_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("other.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // The control: the socket itself is reached.
+        assert!(connect_unfollowed(&socket).is_ok());
+        // A link to it, where a VM's socket should be, is not.
+        let planted = dir.path().join("v.sock");
+        std::os::unix::fs::symlink(&socket, &planted).unwrap();
+        assert!(
+            UnixStream::connect(&planted).is_ok(),
+            "the link leads to the socket"
+        );
+        let e = connect_unfollowed(&planted).unwrap_err();
+        assert!(e.to_string().contains("no socket"), "{e}");
+        // Nor is a file that is no socket.
+        let file = dir.path().join("fc.sock");
+        fs::write(&file, "").unwrap();
+        assert!(connect_unfollowed(&file).is_err());
+    }
+
+    #[test]
+    fn what_is_taken_out_of_a_jail_is_a_file_of_its_own_and_nothing_it_leads_to() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (jail, out) = (dir.path().join("jail"), dir.path().join("out"));
+        fs::create_dir_all(&jail).unwrap();
+        fs::create_dir_all(&out).unwrap();
+        // A host file a link in the jail leads to: neither moved nor changed.
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "secret").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = jail.join("snapshot.state");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(take_out(&link, &out.join("state")).is_err());
+        assert_eq!(fs::metadata(&secret).unwrap().mode() & 0o777, 0o600);
+        assert!(!out.join("state").exists());
+        // A FIFO is refused at once, not waited on.
+        let fifo = jail.join("snapshot.mem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(take_out(&fifo, &out.join("mem")).is_err());
+        // A second link to a file (its disk, say) is refused.
+        let disk = jail.join("scratch.ext4");
+        fs::write(&disk, "disk").unwrap();
+        let mode = fs::metadata(&disk).unwrap().mode();
+        let linked = jail.join("linked");
+        fs::hard_link(&disk, &linked).unwrap();
+        assert!(take_out(&linked, &out.join("mem")).is_err());
+        assert_eq!(fs::metadata(&disk).unwrap().mode(), mode);
+        // The control: a file of its own is moved out, upstream's and read-only.
+        let written = jail.join("written");
+        fs::write(&written, "state").unwrap();
+        fs::set_permissions(&written, fs::Permissions::from_mode(0o600)).unwrap();
+        take_out(&written, &out.join("state")).unwrap();
+        assert!(!written.exists());
+        let meta = fs::metadata(out.join("state")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o444);
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        assert_eq!(fs::read_to_string(out.join("state")).unwrap(), "state");
     }
 
     #[test]
