@@ -183,7 +183,8 @@ impl VmConfig {
 /// filesystem unless `$UPSTREAM_VM_CACHE` moves it, so disks are linked into a jail rather
 /// than copied) and `exe` (upstream's binary) as the keeper of their pid namespace. Each
 /// VM's Firecracker drops to a uid and gid of its own, unless `$UPSTREAM_JAILER_IDS=uid:gid`
-/// names one for all (a host whose ids upstream's ranges cannot use, say).
+/// names one for all (an operator's own user for Firecracker), which the sandbox then lists as
+/// unenforced.
 fn jailer_of(
     firecracker: &Path,
     runtime: &Path,
