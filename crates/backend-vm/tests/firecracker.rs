@@ -987,6 +987,85 @@ fn links_a_jailed_firecracker_plants_in_its_jail_lead_nowhere() {
     }
 }
 
+/// Set for this binary run again to kill its own keeper, which would end the VMs of every
+/// other test running beside it.
+const ALONE: &str = "UPSTREAM_TEST_FIRECRACKER_ALONE";
+
+/// A keeper killed by hand takes its namespace's VMs with it (none outlives it), and the
+/// next jailed VM starts under a new keeper, in a new namespace. Run in this binary started
+/// again, alone.
+#[test]
+fn a_keeper_killed_takes_its_vms_with_it_and_the_next_vm_gets_a_new_one() {
+    let name = "a_keeper_killed_takes_its_vms_with_it_and_the_next_vm_gets_a_new_one";
+    if std::env::var_os(ALONE).is_some() {
+        return keeper_killed();
+    }
+    if !as_root(name) {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, "1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("1 passed"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn keeper_killed() {
+    let jailed = Jailed::new(&std::env::temp_dir());
+    let fc = jailed.firecracker(None);
+    let host = Host::new();
+    let cmdline = Vec::new();
+    let start = |name: &str| {
+        let dir = jailed.setup.sandbox(name);
+        fake_firecracker(&jailed.jail(name).join("root"), Fake::default());
+        let confinement = host.confine(&dir, &limits(&fc)).unwrap();
+        let scratch = dir.join("scratch.ext4");
+        let vm = fc
+            .start(&MachineSpec {
+                confinement: Some(&confinement),
+                ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+            })
+            .unwrap();
+        (vm, confinement)
+    };
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let (first, _held) = start("10-j-0");
+    let namespace = ns(&first.pid().to_string()).unwrap();
+    // The keeper: the process of that namespace that is pid 1 there.
+    let keeper = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&pid| {
+            ns(&pid.to_string()).as_ref() == Some(&namespace)
+                && std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                    s.lines()
+                        .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))
+                })
+        })
+        .expect("no keeper in the VM's namespace");
+    assert!(runs(first.pid()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        gone_within(first.pid(), Duration::from_secs(5)),
+        "a VM outlived its keeper"
+    );
+    let (mut second, _held) = start("10-j-1");
+    assert!(runs(second.pid()));
+    assert_ne!(ns(&second.pid().to_string()).unwrap(), namespace);
+    second.kill();
+}
+
 /// What stands in for upstream in
 /// [`a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright`]: where it writes what
 /// it started, in the environment of this binary run again as that test.

@@ -33,7 +33,8 @@
 //! thread lives as long as upstream, so the jailers' parent is upstream (`Child` watches and
 //! reaps them as any child), and the keeper's parent-death signal comes when upstream ends,
 //! never before. A keeper that is gone (killed by hand: its VMs went with it) is replaced
-//! on the next start.
+//! on the next start. The thread makes no thread of its own: a thread whose children go to
+//! another pid namespace cannot (`CLONE_THREAD` there is `EINVAL`).
 
 use std::ffi::{CString, OsString};
 use std::fs;
@@ -205,21 +206,52 @@ fn spawn_in_namespace(command: Command, keeper: &Keeper) -> io::Result<Child> {
 
 /// The jails' thread: forks each jailer into the keeper's namespace.
 fn serve(jobs: mpsc::Receiver<Job>) {
-    // This thread's own pid namespace (upstream's), to come back to before making another.
-    let own = fs::File::open("/proc/thread-self/ns/pid");
-    let mut namespace: Option<Namespace> = None;
+    let mut jails = Jails {
+        // This thread's own pid namespace (upstream's), to come back to before making
+        // another.
+        own: fs::File::open("/proc/thread-self/ns/pid"),
+        namespace: None,
+        retired: Vec::new(),
+    };
     for (mut command, keeper, answer) in jobs {
-        let spawned = (|| {
-            if !namespace.as_mut().is_some_and(Namespace::alive) {
-                namespace = None;
-                let own = own.as_ref().map_err(|e| {
-                    io::Error::other(format!("cannot read upstream's pid namespace: {e}"))
-                })?;
-                namespace = Some(Namespace::new(own, &keeper)?);
-            }
-            command.spawn()
-        })();
+        jails
+            .retired
+            .retain_mut(|k| matches!(k.try_wait(), Ok(None)));
+        let mut spawned = jails.spawn(&mut command, &keeper);
+        // A keeper that ended just now: its namespace takes no process (ENOMEM). Once more,
+        // in a new one.
+        if spawned
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOMEM))
+            && !jails.namespace.as_ref().is_some_and(Namespace::alive)
+        {
+            spawned = jails.spawn(&mut command, &keeper);
+        }
         let _ = answer.send(spawned);
+    }
+}
+
+/// What the jails' thread holds.
+struct Jails {
+    own: io::Result<fs::File>,
+    namespace: Option<Namespace>,
+    /// Keepers of namespaces that ended, reaped once they are through: a keeper's end waits
+    /// for every process of its namespace to be reaped, by upstream as their parent.
+    retired: Vec<Child>,
+}
+
+impl Jails {
+    /// Spawns `command` in the keeper's namespace, made anew (its keeper started as `keeper`
+    /// says) if there is none or its keeper is ending.
+    fn spawn(&mut self, command: &mut Command, keeper: &Keeper) -> io::Result<Child> {
+        if !self.namespace.as_ref().is_some_and(Namespace::alive) {
+            self.retired.extend(self.namespace.take().map(|n| n.keeper));
+            let own = self.own.as_ref().map_err(|e| {
+                io::Error::other(format!("cannot read upstream's pid namespace: {e}"))
+            })?;
+            self.namespace = Some(Namespace::new(own, keeper)?);
+        }
+        command.spawn()
     }
 }
 
@@ -229,6 +261,10 @@ struct Namespace {
     /// The end of the keeper's standard input that only upstream holds (close-on-exec):
     /// closed when upstream ends, however it ends.
     _upstream_end: OwnedFd,
+    /// The other end of the keeper's standard output, which it never writes: it hangs up
+    /// as the keeper starts to end, before the keeper waits for its namespace to empty
+    /// (and so before `try_wait` would tell).
+    life: OwnedFd,
 }
 
 impl Namespace {
@@ -244,15 +280,15 @@ impl Namespace {
         // Back to upstream's own first: a namespace is made below the one this thread is in.
         nix::sched::setns(own, CloneFlags::CLONE_NEWPID).map_err(|e| fail("setns", e))?;
         nix::sched::unshare(CloneFlags::CLONE_NEWPID).map_err(|e| fail("unshare", e))?;
-        let (read, write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e))?;
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e));
+        let ((read, write), (life, lives)) = (pipe()?, pipe()?);
         let mut command = Command::new(&keeper.program);
         command
             .args(&keeper.args)
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::from(read))
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(lives))
             .stderr(Stdio::null());
         // SAFETY: killed_with_parent makes only async-signal-safe calls.
         unsafe {
@@ -267,19 +303,21 @@ impl Namespace {
         Ok(Namespace {
             keeper,
             _upstream_end: write,
+            life,
         })
     }
 
-    /// Whether its keeper runs: a namespace whose init is gone takes no process.
-    fn alive(&mut self) -> bool {
-        matches!(self.keeper.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = self.keeper.kill();
-        let _ = self.keeper.wait();
+    /// Whether its keeper runs: a namespace whose init is ending takes no process.
+    fn alive(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.life.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => true,
+            Ok(_) => !fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => false,
+        }
     }
 }
 
