@@ -348,6 +348,12 @@ impl Confinement {
         self.cgroups.dir_of(controller)
     }
 
+    /// The `cgroup.procs` file of each of the VMM's cgroups, for a VMM that is started
+    /// another way ([`crate::firecracker::jail`]) to join them before it execs.
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.cgroups.procs_files()
+    }
+
     /// Gives what is in the VMM's directory to the VMM (its disk, its sockets, the files it
     /// writes), as upstream made it.
     fn give_directory(&self) -> Result<(), ConfineError> {
@@ -437,7 +443,7 @@ fn fd_path(fd: RawFd) -> PathBuf {
 }
 
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `file`.
-fn join_cgroup(file: &CString) -> io::Result<()> {
+pub(crate) fn join_cgroup(file: &CString) -> io::Result<()> {
     // SAFETY: open, write and close of a descriptor this function owns, on a string made
     // before the fork; all async-signal-safe.
     unsafe {
@@ -457,7 +463,7 @@ fn join_cgroup(file: &CString) -> io::Result<()> {
 
 /// Marks every descriptor from 3 up close-on-exec but those in `keep`, which stay open
 /// across the exec at the same numbers.
-fn hand_over(keep: &[RawFd]) -> io::Result<()> {
+pub(crate) fn hand_over(keep: &[RawFd]) -> io::Result<()> {
     // SAFETY: close_range and fcntl on this process's own descriptors; async-signal-safe.
     unsafe {
         // Everything this process opens is close-on-exec already; this makes sure. A
@@ -494,7 +500,7 @@ fn become_user(id: u32, groups: &[u32]) -> io::Result<()> {
 }
 
 /// No core dump (the VMM's memory is the guest's) and no new privileges past the exec.
-fn no_core_no_new_privileges() -> io::Result<()> {
+pub(crate) fn no_core_no_new_privileges() -> io::Result<()> {
     let none = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

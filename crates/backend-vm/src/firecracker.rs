@@ -3,9 +3,10 @@
 //!
 //! Firecracker is started with its API on a Unix socket in the sandbox's directory
 //! (`firecracker --api-sock fc.sock`), or through `jailer` where one is configured: then it
-//! runs chrooted in a jail of its own, as an unprivileged uid and gid, in a cgroup holding
-//! its memory, and everything it opens is hard-linked into the jail (copied where the jail
-//! is on another filesystem). It is configured with `PUT /machine-config`, `/boot-source`
+//! runs chrooted in a jail of its own, as the VM's own uid and gid, in the VM's cgroups, and
+//! dies with upstream ([`jail`]); everything it opens is hard-linked into the jail (copied
+//! where the jail is on another filesystem, or where the VM's user could not read it). It is
+//! configured with `PUT /machine-config`, `/boot-source`
 //! (the `vmlinux` of [`crate::vmlinux`], the initramfs, the command line), `/drives/root`
 //! (read-only), `/drives/scratch`, `/vsock` and `/actions` `InstanceStart`; a refusal is
 //! Firecracker's own `fault_message` in a [`VmmError::Api`].
@@ -26,6 +27,7 @@
 //! a restored agent is simply connected to again.
 
 pub mod api;
+pub mod jail;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -59,6 +61,9 @@ const JAILED_ROOT: &str = "root.ext4";
 const JAILED_STATE: &str = "snapshot.state";
 const JAILED_MEMORY: &str = "snapshot.mem";
 
+/// How much of the end of Firecracker's log its last words are looked for in.
+const LOG_TAIL: u64 = 16 << 10;
+
 /// How long Firecracker has to open its API socket.
 const API_WITHIN: Duration = Duration::from_secs(10);
 
@@ -75,12 +80,15 @@ pub const CMDLINE: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jailer {
     pub binary: PathBuf,
-    /// The uid and gid Firecracker drops to.
-    pub uid: u32,
-    pub gid: u32,
+    /// The uid and gid every VM's Firecracker drops to, where they are to share one
+    /// (`$UPSTREAM_JAILER_IDS`); else each drops to its VM's own, its confinement's
+    /// ([`crate::confine::Confinement::user`]).
+    pub shared_ids: Option<(u32, u32)>,
     /// Where jails are made (`<base>/firecracker/<id>/root`): best on the filesystem of the
     /// cache, so the disks are linked into a jail rather than copied.
     pub chroot_base: PathBuf,
+    /// The first process of the pid namespace jailers run in ([`jail`]).
+    pub keeper: jail::Keeper,
 }
 
 /// The Firecracker VMM.
@@ -98,9 +106,8 @@ struct Place {
     work: PathBuf,
     /// The jail (`<base>/firecracker/<id>`), removed with the VM.
     jail: Option<PathBuf>,
-    /// The cgroups the jailer makes for the VM (`<controller root>/firecracker/<id>`),
-    /// removed with it.
-    cgroups: Vec<PathBuf>,
+    /// The uid and gid a jailed Firecracker drops to.
+    ids: Option<(u32, u32)>,
 }
 
 impl Place {
@@ -123,6 +130,25 @@ impl Firecracker {
         format!("upstream-{name}")
     }
 
+    /// The uid and gid the jailer drops `machine`'s Firecracker to: the ids all VMs share,
+    /// else the VM's own (its confinement's), else (not root, so none is taken) upstream's.
+    fn jailed_ids(jailer: &Jailer, machine: &MachineSpec) -> Result<(u32, u32), VmmError> {
+        if let Some(ids) = jailer.shared_ids {
+            return Ok(ids);
+        }
+        if let Some(id) = machine.confinement.and_then(|c| c.user()) {
+            return Ok((id, id));
+        }
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        if uid.is_root() {
+            return Err(VmmError::Setup(
+                "a jailed Firecracker runs as a user of its own, and none was taken for this VM"
+                    .into(),
+            ));
+        }
+        Ok((uid.as_raw(), gid.as_raw()))
+    }
+
     /// Where the VM's files go, made ready for Firecracker to open: the jail is made and
     /// the files it needs linked into it.
     fn place(&self, machine: &MachineSpec, extra: &[(&Path, &str)]) -> Result<Place, VmmError> {
@@ -142,9 +168,10 @@ impl Firecracker {
             return Ok(Place {
                 work: machine.dir.to_path_buf(),
                 jail: None,
-                cgroups: Vec::new(),
+                ids: None,
             });
         };
+        let (uid, gid) = Self::jailed_ids(jailer, machine)?;
         let exec_name = self
             .binary
             .file_name()
@@ -164,13 +191,7 @@ impl Firecracker {
         let place = Place {
             work: root.clone(),
             jail: Some(jail.clone()),
-            // Where the jailer puts the memory cgroup it is given: under the unified
-            // hierarchy (v2) or the memory controller's (v1), in a parent named after the
-            // binary.
-            cgroups: ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
-                .iter()
-                .map(|base| Path::new(base).join(&exec_name).join(&id))
-                .collect(),
+            ids: Some((uid, gid)),
         };
         let mut files: Vec<(&Path, &str)> = vec![
             (machine.kernel, JAILED_KERNEL),
@@ -179,7 +200,7 @@ impl Firecracker {
         ];
         files.extend_from_slice(extra);
         for (from, name) in files {
-            link_or_copy(from, &root.join(name)).map_err(|e| fail(name, e))?;
+            link_for(from, &root.join(name), uid, gid).map_err(|e| fail(name, e))?;
         }
         // The sandbox's disk is linked, never copied: what the guest writes must be the
         // disk's (a snapshot's template disk is what its restores copy).
@@ -195,7 +216,7 @@ impl Firecracker {
         // Firecracker, as its uid, writes the scratch disk and its log.
         fs::write(root.join(LOG), b"").map_err(|e| fail(LOG, e))?;
         for name in [SCRATCH, LOG] {
-            std::os::unix::fs::chown(root.join(name), Some(jailer.uid), Some(jailer.gid))
+            std::os::unix::fs::chown(root.join(name), Some(uid), Some(gid))
                 .map_err(|e| fail(name, e))?;
         }
         Ok(place)
@@ -212,8 +233,8 @@ impl Firecracker {
     }
 
     /// The command that starts Firecracker (through the jailer, if there is one) in
-    /// `place`, for a guest of `memory_mib`.
-    fn command(&self, place: &Place, id: &str, memory_mib: u64) -> Command {
+    /// `place`.
+    fn command(&self, place: &Place, id: &str) -> Command {
         let firecracker_args = [
             "--api-sock",
             API_SOCKET,
@@ -233,8 +254,9 @@ impl Firecracker {
                 command
             }
             Some(jailer) => {
+                let (uid, gid) = place.ids.unwrap_or_default();
                 let mut command = Command::new(&jailer.binary);
-                command.args(jailer_args(jailer, &self.binary, id, memory_mib));
+                command.args(jailer_args(jailer, &self.binary, id, uid, gid));
                 command.arg("--").args(firecracker_args);
                 command
             }
@@ -260,13 +282,19 @@ impl Firecracker {
             let _ = fs::remove_file(place.host(name));
         }
         let console = fs::File::create(machine.dir.join("console.log")).map_err(spawn)?;
-        let mut command = self.command(&place, &id, machine.memory_mib);
+        let mut command = self.command(&place, &id);
         command
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::piped());
-        // Forked by upstream's spawning thread, killed with upstream if upstream dies first.
-        let child = crate::confine::spawn(command, machine.confinement).map_err(spawn)?;
+        let child = match &self.jailer {
+            // In the VM's cgroups, in the keeper's pid namespace: killed with upstream
+            // whatever the jailer does to its credentials.
+            Some(jailer) => jail::spawn(command, machine.confinement, &jailer.keeper),
+            // Forked by upstream's spawning thread, killed with upstream if it dies first.
+            None => crate::confine::spawn(command, machine.confinement),
+        }
+        .map_err(spawn)?;
         let mut vm = FirecrackerVm {
             child,
             api: Api::new(&place.host(API_SOCKET)),
@@ -296,39 +324,50 @@ impl Firecracker {
     }
 }
 
-/// The jailer's arguments before `--`.
-fn jailer_args(jailer: &Jailer, firecracker: &Path, id: &str, memory_mib: u64) -> Vec<String> {
-    // The VMM's memory: the guest's and Firecracker's own (a few MiB), with room.
-    let memory = (memory_mib + 128) << 20;
-    let (version, limit) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        ("2", format!("memory.max={memory}"))
-    } else {
-        ("1", format!("memory.limit_in_bytes={memory}"))
-    };
+/// The jailer's arguments before `--`: no `--cgroup`, as the jailer is in the VM's
+/// cgroups before it runs ([`jail::spawn`]).
+fn jailer_args(jailer: &Jailer, firecracker: &Path, id: &str, uid: u32, gid: u32) -> Vec<String> {
     [
         "--id",
         id,
         "--exec-file",
         &firecracker.display().to_string(),
         "--uid",
-        &jailer.uid.to_string(),
+        &uid.to_string(),
         "--gid",
-        &jailer.gid.to_string(),
+        &gid.to_string(),
         "--chroot-base-dir",
         &jailer.chroot_base.display().to_string(),
-        "--cgroup-version",
-        version,
-        "--cgroup",
-        &limit,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-/// Hard-links `from` to `to`, or copies it where they are on different filesystems.
-fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+/// The largest file that is copied into a jail because its VM's user could not read it.
+const COPIED_AT_MOST: u64 = 256 << 20;
+
+/// Puts `from`, a file the VM only reads, at `to` in a jail whose Firecracker runs as
+/// `uid`:`gid`: hard-linked, or copied where they are on different filesystems; copied and
+/// given to the VM's user where only its owner (or group) may read it — a kernel in `/boot`
+/// on some distributions —, if it is small.
+fn link_for(from: &Path, to: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let _ = fs::remove_file(to);
+    let meta = fs::metadata(from)?;
+    let readable = meta.mode() & 0o004 != 0 || meta.uid() == uid;
+    if !readable {
+        if meta.len() > COPIED_AT_MOST {
+            return Err(io::Error::other(format!(
+                "the VM's user cannot read {}: only its owner may, and it is too large to copy; \
+                 make it readable by others (its directory may stay private)",
+                from.display()
+            )));
+        }
+        fs::copy(from, to)?;
+        std::os::unix::fs::chown(to, Some(uid), Some(gid))?;
+        return fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o400));
+    }
     match fs::hard_link(from, to) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => fs::copy(from, to).map(drop),
@@ -344,12 +383,19 @@ impl Vmm for Firecracker {
     fn describe(&self) -> String {
         match &self.jailer {
             None => format!("firecracker ({})", self.binary.display()),
+            Some(Jailer {
+                binary,
+                shared_ids: Some((uid, gid)),
+                ..
+            }) => format!(
+                "firecracker ({}, jailed by {}, every VM as {uid}:{gid})",
+                self.binary.display(),
+                binary.display(),
+            ),
             Some(j) => format!(
-                "firecracker ({}, jailed by {} as {}:{})",
+                "firecracker ({}, jailed by {}, each VM as a user of its own)",
                 self.binary.display(),
                 j.binary.display(),
-                j.uid,
-                j.gid
             ),
         }
     }
@@ -359,7 +405,8 @@ impl Vmm for Firecracker {
     }
 
     fn memory_overhead(&self) -> u64 {
-        // Firecracker itself takes a few MiB; its jailer's cgroup allows 128.
+        // Firecracker itself takes a few MiB (its own heap, the devices' queues, the API
+        // and vCPU threads' stacks); its cgroup allows 128 beyond the guest's RAM.
         128 << 20
     }
 
@@ -369,6 +416,25 @@ impl Vmm for Firecracker {
 
     fn confines_itself(&self) -> bool {
         self.jailer.is_some()
+    }
+
+    fn unenforced(&self) -> Vec<String> {
+        match &self.jailer {
+            None => vec![
+                "the VMM's own confinement: Firecracker runs without its jailer (none is \
+                 installed beside it)"
+                    .to_string(),
+            ],
+            Some(Jailer {
+                shared_ids: Some((uid, gid)),
+                ..
+            }) => vec![format!(
+                "a user of its own for each VM's monitor: every jailed Firecracker runs as \
+                 {uid}:{gid} ($UPSTREAM_JAILER_IDS), so a guest that broke into one could reach \
+                 the others' files and processes"
+            )],
+            Some(_) => Vec::new(),
+        }
     }
 
     fn boot_image(&self, kernel: &Kernel, cache: &Path) -> Result<PathBuf, VmmError> {
@@ -517,7 +583,7 @@ impl FirecrackerVm {
 /// then `OK <host port>` once the guest took it (a guest not listening yet: the stream ends).
 pub fn connect_vsock(socket: &Path, port: u32) -> Result<UnixStream, String> {
     let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        jail::connect_unfollowed(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     // Firecracker answers once the guest did, or ends the stream; a guest that never
     // answers is tried again.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -591,16 +657,12 @@ impl Vm for FirecrackerVm {
         )?;
         if self.place.jail.is_some() {
             for (name, to) in [(JAILED_STATE, &to.state), (JAILED_MEMORY, &to.memory)] {
-                let from = self.place.host(name);
-                fs::rename(&from, to)
-                    .or_else(|_| fs::copy(&from, to).map(drop))
-                    .map_err(|e| {
-                        VmmError::Setup(format!(
-                            "cannot move the snapshot out of the jail to {}: {e}",
-                            to.display()
-                        ))
-                    })?;
-                let _ = fs::remove_file(from);
+                jail::take_out(&self.place.host(name), to).map_err(|e| {
+                    VmmError::Setup(format!(
+                        "cannot move the snapshot out of the jail to {}: {e}",
+                        to.display()
+                    ))
+                })?;
             }
         }
         Ok(())
@@ -622,7 +684,9 @@ impl Vm for FirecrackerVm {
             }
             self.stderr = Some(text);
         }
-        let log = fs::read_to_string(self.place.host(LOG)).unwrap_or_default();
+        // Its log is in a directory a jailed Firecracker owns: read as the console is, a
+        // regular file only, never through a link, its end only.
+        let log = crate::confine::read_tail(&self.place.host(LOG), LOG_TAIL);
         let said: Vec<&str> = log
             .lines()
             .chain(self.stderr.as_deref().unwrap_or("").lines())
@@ -637,12 +701,9 @@ impl Vm for FirecrackerVm {
             self.killed = true;
             let _ = self.child.kill();
             let _ = self.child.wait();
+            // Its cgroups go with its confinement, its user is free again then.
             if let Some(jail) = &self.place.jail {
                 let _ = fs::remove_dir_all(jail);
-            }
-            // Empty once its process is gone: a cgroup directory goes with rmdir.
-            for cgroup in &self.place.cgroups {
-                let _ = fs::remove_dir(cgroup);
             }
         }
     }
@@ -665,19 +726,24 @@ mod tests {
         assert!(id.len() <= 64);
     }
 
-    #[test]
-    fn the_jailer_gets_the_uid_the_chroot_and_a_memory_bound() {
-        let jailer = Jailer {
+    fn jailer(shared_ids: Option<(u32, u32)>, chroot_base: PathBuf) -> Jailer {
+        Jailer {
             binary: "/usr/bin/jailer".into(),
-            uid: 4000,
-            gid: 4001,
-            chroot_base: "/run/upstream/vm/jail".into(),
-        };
+            shared_ids,
+            chroot_base,
+            keeper: jail::Keeper::of(Path::new("/usr/bin/upstream")),
+        }
+    }
+
+    #[test]
+    fn the_jailer_gets_the_vms_ids_and_the_chroot_and_makes_no_cgroup_of_its_own() {
+        let jailer = jailer(None, "/run/upstream/vm/jail".into());
         let args = jailer_args(
             &jailer,
             Path::new("/usr/bin/firecracker"),
             "upstream-1",
-            512,
+            4000,
+            4001,
         );
         let after = |flag: &str| {
             args.iter()
@@ -691,8 +757,56 @@ mod tests {
         assert_eq!(after("--uid"), "4000");
         assert_eq!(after("--gid"), "4001");
         assert_eq!(after("--chroot-base-dir"), "/run/upstream/vm/jail");
-        let limit = after("--cgroup");
-        assert!(limit.ends_with(&format!("={}", 640u64 << 20)), "{limit}");
+        // It is in the VM's cgroups before it runs: it makes none.
+        assert!(!args.iter().any(|a| a.starts_with("--cgroup")), "{args:?}");
+    }
+
+    #[test]
+    fn each_vm_drops_to_its_own_ids_unless_all_share_one() {
+        let cmdline = Vec::new();
+        let path = Path::new("/none");
+        let machine = MachineSpec {
+            kernel: path,
+            initramfs: path,
+            root_disk: path,
+            scratch_disk: path,
+            memory_mib: 256,
+            cpus: 1,
+            cmdline: &cmdline,
+            network: crate::network::Network::None,
+            dir: path,
+            snapshot_memory: None,
+            confinement: None,
+        };
+        let shared = jailer(Some((4000, 4001)), "/j".into());
+        assert_eq!(
+            Firecracker::jailed_ids(&shared, &machine).unwrap(),
+            (4000, 4001)
+        );
+        let own = jailer(None, "/j".into());
+        let ids = Firecracker::jailed_ids(&own, &machine);
+        if nix::unistd::geteuid().is_root() {
+            // As root a VM without a user of its own taken for it is not started as root.
+            let e = ids.unwrap_err();
+            assert!(e.to_string().contains("a user of its own"), "{e}");
+        } else {
+            let me = (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            );
+            assert_eq!(ids.unwrap(), me);
+        }
+        let fc = |jailer| Firecracker {
+            binary: "/usr/bin/firecracker".into(),
+            jailer,
+        };
+        assert!(fc(Some(own)).unenforced().is_empty());
+        let said = fc(Some(shared)).unenforced().join(" ");
+        assert!(
+            said.contains("4000:4001") && said.contains("UPSTREAM_JAILER_IDS"),
+            "{said}"
+        );
+        assert!(fc(None).unenforced()[0].contains("without its jailer"));
     }
 
     #[test]
@@ -710,12 +824,13 @@ mod tests {
         fs::write(&scratch, "scratch").unwrap();
         let fc = Firecracker {
             binary: "/usr/bin/firecracker".into(),
-            jailer: Some(Jailer {
-                binary: "/usr/bin/jailer".into(),
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-                chroot_base: dir.path().join("jail"),
-            }),
+            jailer: Some(jailer(
+                Some((
+                    nix::unistd::getuid().as_raw(),
+                    nix::unistd::getgid().as_raw(),
+                )),
+                dir.path().join("jail"),
+            )),
         };
         let cmdline = Vec::new();
         let machine = MachineSpec {
@@ -747,7 +862,7 @@ mod tests {
             assert_eq!(inside.ino(), fs::metadata(of).unwrap().ino(), "{name}");
         }
         assert_eq!(fc.name_of(&root, JAILED_ROOT), "root.ext4");
-        let command = fc.command(&place, "upstream-9-a-0", 256);
+        let command = fc.command(&place, "upstream-9-a-0");
         let args: Vec<String> = command
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())

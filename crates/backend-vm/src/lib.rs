@@ -129,7 +129,8 @@ impl VmConfig {
         let (vmm, vmm_binary): (Arc<dyn Vmm>, PathBuf) = match choice.kind {
             VmmKind::Firecracker => {
                 let binary = choice.firecracker.clone().unwrap_or_default();
-                let jailer = jailer_of(&binary, &runtime)?;
+                let exe = std::fs::canonicalize(&init_exe).unwrap_or_else(|_| init_exe.clone());
+                let jailer = jailer_of(&binary, &runtime, &exe)?;
                 (
                     Arc::new(Firecracker {
                         binary: binary.clone(),
@@ -182,11 +183,17 @@ impl VmConfig {
 }
 
 /// Firecracker's jailer, where there is one beside Firecracker or at `$UPSTREAM_JAILER`
-/// (`$UPSTREAM_JAILER=none`: none), with the ids Firecracker drops to
-/// (`$UPSTREAM_JAILER_IDS=uid:gid`, else nobody's, 65534:65534) and its jails in the runtime
-/// directory (on the cache's filesystem unless `$UPSTREAM_VM_CACHE` moves it, so disks are
-/// linked into a jail rather than copied).
-fn jailer_of(firecracker: &Path, runtime: &Path) -> Result<Option<Jailer>, SandboxError> {
+/// (`$UPSTREAM_JAILER=none`: none), with its jails in the runtime directory (on the cache's
+/// filesystem unless `$UPSTREAM_VM_CACHE` moves it, so disks are linked into a jail rather
+/// than copied) and `exe` (upstream's binary) as the keeper of their pid namespace. Each
+/// VM's Firecracker drops to a uid and gid of its own, unless `$UPSTREAM_JAILER_IDS=uid:gid`
+/// names one for all (an operator's own user for Firecracker), which the sandbox then lists as
+/// unenforced.
+fn jailer_of(
+    firecracker: &Path,
+    runtime: &Path,
+    exe: &Path,
+) -> Result<Option<Jailer>, SandboxError> {
     let binary = match std::env::var_os("UPSTREAM_JAILER") {
         Some(path) if path == "none" => return Ok(None),
         Some(path) => Some(PathBuf::from(path)),
@@ -199,23 +206,35 @@ fn jailer_of(firecracker: &Path, runtime: &Path) -> Result<Option<Jailer>, Sandb
     let Some(binary) = binary else {
         return Ok(None);
     };
-    let ids = std::env::var("UPSTREAM_JAILER_IDS").unwrap_or_else(|_| "65534:65534".into());
-    let parsed = ids
-        .split_once(':')
-        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
-        .filter(|(u, g)| *u != 0 && *g != 0);
-    let Some((uid, gid)) = parsed else {
-        return Err(SandboxError::setup(
-            format!("$UPSTREAM_JAILER_IDS is {ids:?}: it is uid:gid, neither 0 (`65534:65534`)"),
-            None,
-        ));
+    let shared_ids = match std::env::var("UPSTREAM_JAILER_IDS") {
+        Err(_) => None,
+        Ok(ids) => {
+            let parsed = ids
+                .split_once(':')
+                .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+                .filter(|(u, g)| *u != 0 && *g != 0);
+            if parsed.is_none() {
+                return Err(SandboxError::setup(
+                    format!(
+                        "$UPSTREAM_JAILER_IDS is {ids:?}: it is uid:gid, neither 0 (`65534:65534`)"
+                    ),
+                    Some("unset it to give each VM a user of its own"),
+                ));
+            }
+            parsed
+        }
     };
     Ok(Some(Jailer {
         binary,
-        uid,
-        gid,
-        chroot_base: runtime.join("jail"),
+        shared_ids,
+        chroot_base: jail_base(runtime),
+        keeper: firecracker::jail::Keeper::of(exe),
     }))
+}
+
+/// Where Firecracker's jails are, in the runtime directory `runtime`.
+fn jail_base(runtime: &Path) -> PathBuf {
+    runtime.join("jail")
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -370,14 +389,18 @@ impl VmBackend {
                 }
             }
         }
+        let limits = shape.vmm_limits(self.config.vmm.as_ref());
+        // A VMM that confines itself (a jailed Firecracker) is given its cgroups and user.
+        let jailed = match self.config.vmm.confines_itself() {
+            true => Some(
+                self.host()
+                    .confine(&dir, &limits)
+                    .map_err(|e| failed(&dir, e.to_string(), e.hint()))?,
+            ),
+            false => None,
+        };
         let mut reached = match self.config.vmm.kind() {
             VmmKind::Qemu => {
-                let limits = confine::VmmLimits::for_guest(
-                    shape.memory_mib << 20,
-                    self.config.vmm.memory_overhead(),
-                    shape.cpus,
-                    shape.cpu_millis.map(|m| m as f64 / 1000.0),
-                );
                 let confined = self.host().confine(&dir, &limits).and_then(|c| {
                     confine::Reached::of(
                         c,
@@ -436,7 +459,7 @@ impl VmBackend {
             network,
             dir: &vmm_dir,
             snapshot_memory: snapshot_memory.as_deref(),
-            confinement: reached.as_ref().map(|r| &r.confinement),
+            confinement: reached.as_ref().map(|r| &r.confinement).or(jailed.as_ref()),
         };
         let vm = match &snapshot {
             Some(snapshot) => self.config.vmm.restore(snapshot, &machine),
@@ -449,16 +472,12 @@ impl VmBackend {
             };
             failed(&dir, format!("{what}: {e}"), None)
         })?;
-        let mut unenforced = Vec::new();
-        match &reached {
-            Some(r) => unenforced.extend(r.confinement.unenforced().iter().cloned()),
-            None if !self.config.vmm.confines_itself() => unenforced.push(
-                "the VMM's own confinement: Firecracker runs without its jailer (none is \
-                 installed beside it)"
-                    .to_string(),
-            ),
-            None => {}
-        }
+        let confinement = reached.map(|r| r.confinement).or(jailed);
+        let mut unenforced: Vec<String> = confinement
+            .as_ref()
+            .map(|c| c.unenforced().to_vec())
+            .unwrap_or_default();
+        unenforced.extend(self.config.vmm.unenforced());
         let interrupter = Arc::new(VmInterrupter {
             pid: vm.pid(),
             interrupted: AtomicBool::new(false),
@@ -478,7 +497,7 @@ impl VmBackend {
                 free: Mutex::new((1..=vm.session_channels()).collect()),
             }),
             vm: Some(vm),
-            confinement: reached.map(|r| r.confinement),
+            confinement,
             client: None,
             interrupter,
             started,
@@ -703,10 +722,11 @@ impl VmBackend {
         Ok(template)
     }
 
-    /// Removes the directories of VMs and snapshots whose upstream is gone.
+    /// Removes the directories of VMs, snapshots and jails whose upstream is gone.
     fn remove_stale_dirs(&self) {
         confine::remove_stale_dirs(&self.config.runtime.join("sandboxes"));
         confine::remove_stale_dirs(&self.config.runtime.join("templates"));
+        firecracker::jail::remove_stale_jails(&jail_base(&self.config.runtime));
     }
 }
 
@@ -741,6 +761,19 @@ struct Shape {
     disk: u64,
     /// It has the host's network (user-mode NAT).
     host_network: bool,
+}
+
+impl Shape {
+    /// What the VMM of a machine of this shape may use, whichever VMM it is: the guest's
+    /// RAM and what the VMM takes itself, its vCPUs' and the sandbox's CPUs.
+    fn vmm_limits(&self, vmm: &dyn Vmm) -> confine::VmmLimits {
+        confine::VmmLimits::for_guest(
+            self.memory_mib << 20,
+            vmm.memory_overhead(),
+            self.cpus,
+            self.cpu_millis.map(|m| m as f64 / 1000.0),
+        )
+    }
 }
 
 /// A snapshot's RAM and devices' state, by name in its directory.
@@ -1048,7 +1081,7 @@ impl VmSandbox {
             .map(|c| *c.limits())
         {
             notice = format!(
-                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's {} MiB of RAM and {} MiB for QEMU itself)",
+                "the sandbox's VM stopped: its VMM ran out of memory (the VMM's limit is {} MiB: the guest's {} MiB of RAM and {} MiB for {vmm} itself)",
                 limits.memory >> 20,
                 limits.guest_memory >> 20,
                 (limits.memory - limits.guest_memory) >> 20
@@ -1480,16 +1513,18 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             disk::scratch_disk(disk, 16 << 20).map_err(|e| e.to_string())?;
         }
         // Confined as a sandbox's VMM is, so that a confinement this host cannot give shows.
+        confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
+        firecracker::jail::remove_stale_jails(&jail_base(&config.runtime));
+        let host = confine::Host::new();
+        let limits =
+            confine::VmmLimits::for_guest(DEFAULT_MEMORY, config.vmm.memory_overhead(), 1, None);
+        let jailed = match config.vmm.confines_itself() {
+            true => Some(host.confine(&dir, &limits).map_err(|e| e.to_string())?),
+            false => None,
+        };
         let reached = match config.vmm.kind() {
             VmmKind::Qemu => {
-                confine::remove_stale_dirs(&config.runtime.join("sandboxes"));
-                let limits = confine::VmmLimits::for_guest(
-                    DEFAULT_MEMORY,
-                    config.vmm.memory_overhead(),
-                    1,
-                    None,
-                );
-                let reached = confine::Host::new()
+                let reached = host
                     .confine(&dir, &limits)
                     .and_then(|c| {
                         confine::Reached::of(
@@ -1540,7 +1575,7 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             network: network::Network::None,
             dir: &vmm_dir,
             snapshot_memory: None,
-            confinement: reached.as_ref().map(|r| &r.confinement),
+            confinement: reached.as_ref().map(|r| &r.confinement).or(jailed.as_ref()),
         };
         let vmm = config.vmm.kind().program();
         let started = Instant::now();
@@ -1595,6 +1630,38 @@ mod tests {
     /// The end of the console of the VM in `dir`, as a VM that stopped is told by.
     fn console_tail(dir: &Path) -> String {
         confine::read_tail(&qemu::console_of(dir), CONSOLE_TAIL)
+    }
+
+    #[test]
+    fn each_vmms_limits_are_its_guests_ram_and_its_own_overhead() {
+        let shape = Shape {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            root_disk: PathBuf::new(),
+            memory_mib: 704,
+            cpus: 2,
+            cpu_millis: Some(1500),
+            memory_limit: None,
+            pids_limit: None,
+            disk: 1 << 30,
+            host_network: false,
+        };
+        let firecracker = Firecracker {
+            binary: "/usr/bin/firecracker".into(),
+            jailer: None,
+        };
+        let limits = shape.vmm_limits(&firecracker);
+        assert_eq!(limits.memory, (704 + 128) << 20);
+        assert_eq!(limits.guest_memory, 704 << 20);
+        assert_eq!((limits.cpus, limits.pids), (1.5, confine::VMM_THREADS + 2));
+        let qemu = Qemu {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+        };
+        assert_eq!(
+            shape.vmm_limits(&qemu).memory,
+            (704 << 20) + confine::qemu_overhead(Accel::Tcg)
+        );
     }
 
     #[test]

@@ -100,7 +100,8 @@ pub struct MachineSpec<'a> {
     /// it there when the snapshot is taken.
     pub snapshot_memory: Option<&'a Path>,
     /// What holds the VMM ([`crate::confine`]), if upstream confines it; its files above
-    /// are then paths as the VMM reaches them.
+    /// are then paths as the VMM reaches them (but for a VMM that confines itself,
+    /// [`Vmm::confines_itself`], which is given host paths and its cgroups and user only).
     pub confinement: Option<&'a crate::confine::Confinement>,
 }
 
@@ -131,9 +132,16 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Whether it opens `/dev/kvm`.
     fn uses_kvm(&self) -> bool;
 
-    /// Whether it confines itself (Firecracker's jailer), so that upstream's own
-    /// confinement ([`crate::confine`]) is not what holds it.
+    /// Whether it confines itself (Firecracker's jailer): upstream then gives it a
+    /// confinement ([`crate::confine`]: cgroups and a user of its own) that it applies
+    /// itself, rather than one it is spawned into and reaches its files through.
     fn confines_itself(&self) -> bool;
+
+    /// What of a VMM's confinement this one does not have, as sentences for the sandbox's
+    /// `unenforced`.
+    fn unenforced(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// The kernel image to boot for `kernel`, made (and kept in `cache`) if this VMM needs
     /// one of its own.

@@ -3,7 +3,10 @@
 //! every request, and on the vsock socket serves the `CONNECT <port>` handshake with a fake
 //! agent behind it. The "firecracker" the driver starts is a shell script that notes its
 //! arguments and sleeps, so the driver's process handling is real: it is spawned, watched
-//! and killed. Runs anywhere: no KVM, no Firecracker.
+//! and killed. Runs anywhere: no KVM, no Firecracker. The "jailer" is a script too: it
+//! enters the jail as the real one does and drops to the uid and gid it is given before it
+//! becomes the fake Firecracker (`setpriv`), which clears its parent-death signal as the real
+//! jailer's drop does.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -18,10 +21,13 @@ use upstream_agent::protocol::{
     ExecRequest, ExitStatus, Request, Response, Stream, read_frame, read_hello, write_frame,
     write_hello,
 };
-use upstream_backend_vm::firecracker::Firecracker;
+use upstream_backend_vm::confine::{Host, VmmLimits};
+use upstream_backend_vm::firecracker::jail::{self, Keeper};
+use upstream_backend_vm::firecracker::{Firecracker, Jailer};
 use upstream_backend_vm::network::Network;
 use upstream_backend_vm::vmm::{MachineSpec, Snapshot, Vmm, VmmError};
 use upstream_sandbox::AgentClient;
+use upstream_sandbox::cgroup::Controller;
 
 /// What the fake saw and how it answers.
 #[derive(Default)]
@@ -223,7 +229,12 @@ struct Setup {
 
 impl Setup {
     fn new(script: &str) -> Setup {
-        let temp = tempfile::tempdir().unwrap();
+        Setup::in_dir(script, &std::env::temp_dir())
+    }
+
+    /// A setup in a temporary directory under `parent`.
+    fn in_dir(script: &str, parent: &Path) -> Setup {
+        let temp = tempfile::tempdir_in(parent).unwrap();
         let root = temp.path().to_path_buf();
         for name in ["vmlinux", "initramfs", "root.ext4"] {
             std::fs::write(root.join(name), name).unwrap();
@@ -256,7 +267,10 @@ impl Setup {
     }
 }
 
-const SLEEPS: &str = "#!/bin/sh\necho \"$$ $PWD $*\" > fake.args\nexec sleep 600\n";
+/// The fake Firecracker: notes its pid, working directory and arguments (whole when the file
+/// appears: the fake API starts then), and sleeps.
+const SLEEPS: &str =
+    "#!/bin/sh\necho \"$$ $PWD $*\" > fake.args.new\nmv fake.args.new fake.args\nexec sleep 600\n";
 
 fn machine<'a>(
     setup: &'a Setup,
@@ -563,61 +577,193 @@ fn a_firecracker_that_exits_at_once_is_told_apart_from_one_that_is_slow() {
     vm.kill();
 }
 
-/// Through the jailer: it is given the VM's id, Firecracker, the ids to drop to, the jails'
-/// base and a memory cgroup; Firecracker is told the files by their names in the jail, where
-/// they are links to the machine's; the jail goes with the VM. The "jailer" here is a script
-/// that makes the jail its working directory, as the real one does, and becomes the fake.
+/// A jailer that does what the real one does to the process and the jail, as far as a test
+/// sees: it notes its arguments in the jail (`jailer.args`), enters the jail's root, and
+/// becomes Firecracker as the uid and gid it was given, with no other group.
+const JAILER: &str = "#!/bin/sh\n\
+     args=\"$*\"\n\
+     while [ \"$1\" != -- ]; do\n\
+       case \"$1\" in\n\
+         --id) id=$2;; --chroot-base-dir) base=$2;; --uid) uid=$2;; --gid) gid=$2;;\n\
+       esac\n\
+       shift 2\n\
+     done\n\
+     shift\n\
+     cd \"$base/firecracker/$id/root\" || exit 9\n\
+     echo \"$args\" > ../jailer.args\n\
+     echo \"$$ $PWD $*\" > fake.args.new\n\
+     mv fake.args.new fake.args\n\
+     exec setpriv --reuid=\"$uid\" --regid=\"$gid\" --clear-groups sleep 600\n";
+
+/// As root: a jailer drops to other users, and VMs' monitors get users of their own. Not
+/// root, the test says so and passes, as nothing can be jailed.
+fn as_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test}");
+    false
+}
+
+/// The keeper of the jailed VMs' pid namespace in these tests: this test binary, running
+/// [`jail_keeper`] (upstream's binary runs the same code with `KEEPER_ARG`).
+fn keeper() -> Keeper {
+    Keeper {
+        program: std::env::current_exe().unwrap(),
+        args: ["jail_keeper", "--exact", "--test-threads=1", "--quiet"]
+            .map(Into::into)
+            .to_vec(),
+    }
+}
+
+/// The keeper's code, as this binary runs it when the driver starts it as pid 1 of the jailed
+/// VMs' namespace ([`keeper`]): it returns once upstream (the test process) is gone. Run as
+/// a test, not as pid 1, it shows that it refuses to be anything but that namespace's first
+/// process.
+#[test]
+fn jail_keeper() {
+    let kept = jail::keep();
+    if std::process::id() != 1 {
+        assert!(matches!(kept, Err(jail::KeeperError::NotInit)), "{kept:?}");
+    }
+}
+
+/// A jailed setup: the fake Firecracker, the fake jailer, and where jails go.
+struct Jailed {
+    setup: Setup,
+    jailer: PathBuf,
+    base: PathBuf,
+}
+
+impl Jailed {
+    fn new(parent: &Path) -> Jailed {
+        let setup = Setup::in_dir(SLEEPS, parent);
+        let jailer = setup.root.join("jailer");
+        std::fs::write(&jailer, JAILER).unwrap();
+        std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let base = setup.root.join("jail");
+        Jailed {
+            setup,
+            jailer,
+            base,
+        }
+    }
+
+    fn firecracker(&self, shared_ids: Option<(u32, u32)>) -> Firecracker {
+        Firecracker {
+            binary: self.setup.root.join("firecracker"),
+            jailer: Some(Jailer {
+                binary: self.jailer.clone(),
+                shared_ids,
+                chroot_base: self.base.clone(),
+                keeper: keeper(),
+            }),
+        }
+    }
+
+    /// The jail of the VM whose sandbox's directory is named `name`.
+    fn jail(&self, name: &str) -> PathBuf {
+        self.base.join(format!("firecracker/upstream-{name}"))
+    }
+}
+
+/// The limits lib.rs gives a VM of this test's machine: its RAM and Firecracker's stated
+/// overhead.
+fn limits(fc: &Firecracker) -> VmmLimits {
+    VmmLimits::for_guest(704 << 20, fc.memory_overhead(), 2, None)
+}
+
+/// A field of `/proc/<pid>/status` (its first word).
+fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// The uid and gid process `pid` runs as, once the fake jailer (which notes where it is
+/// before it drops to them) has become the fake Firecracker.
+fn ids_of(pid: i32) -> (String, String) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ids = (status_field(pid, "Uid:"), status_field(pid, "Gid:"));
+        if ids.0 != "0" || Instant::now() >= until {
+            return ids;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is still there (and not a zombie waiting to be reaped).
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 2..].chars().next()?;
+            Some(state != 'Z')
+        })
+        .unwrap_or(false)
+}
+
+fn gone_within(pid: i32, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while runs(pid) {
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Whether the id range whose first id is `base` is free (its lock can be taken).
+fn range_is_free(base: u32) -> bool {
+    use std::os::fd::AsRawFd;
+    let slot = (base - upstream_sandbox::ids::FIRST_ID) / upstream_sandbox::ids::RANGE_SIZE;
+    let path = upstream_sandbox::runtime::ids_dir()
+        .unwrap()
+        .join(format!("{slot}.lock"));
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor of this function's; released when it is closed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Through the jailer: it is given the VM's id, Firecracker, the VM's own ids and the jails'
+/// base, and no cgroup of its own (it is in the VM's before it runs); Firecracker is told the
+/// files by their names in the jail, where they are links to the machine's; the jail goes
+/// with the VM.
 #[test]
 fn a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_it() {
-    let setup = Setup::new(SLEEPS);
-    let jailer = setup.root.join("jailer");
-    std::fs::write(
-        &jailer,
-        "#!/bin/sh\n\
-         echo \"$*\" > \"$(dirname \"$0\")/jailer.args\"\n\
-         while [ \"$1\" != -- ]; do\n\
-           case \"$1\" in --id) id=$2;; --chroot-base-dir) base=$2;; esac\n\
-           shift 2\n\
-         done\n\
-         shift\n\
-         cd \"$base/firecracker/$id/root\" || exit 9\n\
-         echo \"$$ $PWD $*\" > fake.args\n\
-         exec sleep 600\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if !as_root("a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_it") {
+        return;
+    }
+    let jailed = Jailed::new(&std::env::temp_dir());
+    let setup = &jailed.setup;
     let dir = setup.sandbox("7-g-0");
     let scratch = dir.join("scratch.ext4");
-    let base = setup.root.join("jail");
-    let jail = base.join("firecracker/upstream-7-g-0");
+    let jail = jailed.jail("7-g-0");
     let fake = fake_firecracker(&jail.join("root"), Fake::default());
-    let fc = Firecracker {
-        binary: setup.root.join("firecracker"),
-        jailer: Some(upstream_backend_vm::firecracker::Jailer {
-            binary: jailer.clone(),
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
-            chroot_base: base.clone(),
-        }),
-    };
+    let fc = jailed.firecracker(None);
+    let confinement = Host::new().confine(&dir, &limits(&fc)).unwrap();
     let cmdline = Vec::new();
     let mut vm = fc
-        .start(&machine(&setup, &dir, &scratch, &cmdline))
+        .start(&MachineSpec {
+            confinement: Some(&confinement),
+            ..machine(setup, &dir, &scratch, &cmdline)
+        })
         .unwrap();
-    let args = std::fs::read_to_string(setup.root.join("jailer.args")).unwrap();
-    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    let start = format!(
-        "--id upstream-7-g-0 --exec-file {} --uid {uid} --gid {gid} --chroot-base-dir {} --cgroup-version ",
-        setup.root.join("firecracker").display(),
-        base.display()
-    );
-    assert!(args.starts_with(&start), "{args}");
-    assert!(
-        args.contains(&format!(
-            "={} -- --api-sock fc.sock --log-path fc.log --level Warning",
-            (704u64 + 128) << 20
-        )),
-        "{args}"
+    let args = std::fs::read_to_string(jail.join("jailer.args")).unwrap();
+    let id = confinement.user().unwrap();
+    assert_eq!(
+        args.trim(),
+        format!(
+            "--id upstream-7-g-0 --exec-file {} --uid {id} --gid {id} --chroot-base-dir {} \
+             -- --api-sock fc.sock --log-path fc.log --level Warning",
+            setup.root.join("firecracker").display(),
+            jailed.base.display()
+        )
     );
     let named: HashMap<String, Value> = requests(&fake)
         .into_iter()
@@ -636,7 +782,8 @@ fn a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_
     let mut agent = AgentClient::new(vm.connect_agent(until).unwrap());
     assert_eq!(exec(&mut agent, &["id"]), "port 700: id");
     // A snapshot is made in the jail, by its names there, and moved out to where it was
-    // asked for.
+    // asked for: upstream's and read-only, for every VM restored from it to read as its own
+    // user.
     let snapshot = Snapshot {
         state: setup.root.join("jailed.state"),
         memory: setup.root.join("jailed.mem"),
@@ -647,14 +794,14 @@ fn a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_
         seen[1].2,
         json!({ "snapshot_type": "Full", "snapshot_path": "snapshot.state", "mem_file_path": "snapshot.mem" })
     );
-    assert_eq!(
-        std::fs::read_to_string(&snapshot.state).unwrap(),
-        "snapshot_path"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&snapshot.memory).unwrap(),
-        "mem_file_path"
-    );
+    for (file, written) in [
+        (&snapshot.state, "snapshot_path"),
+        (&snapshot.memory, "mem_file_path"),
+    ] {
+        assert_eq!(std::fs::read_to_string(file).unwrap(), written);
+        let meta = std::fs::metadata(file).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o444));
+    }
     assert!(!jail.join("root/snapshot.state").exists());
     let pid = vm.pid();
     vm.kill();
@@ -662,4 +809,322 @@ fn a_jailed_vm_sees_its_files_by_their_names_in_the_jail_and_its_jail_goes_with_
     assert!(!jail.exists(), "the jail outlived its VM");
     // The machine's own files are where they were.
     assert!(setup.root_disk.is_file() && scratch.is_file());
+}
+
+/// Two jailed VMs drop to users of their own — no two alike, each its confinement's, the
+/// first id of a host range held for the VM — and the jail's files Firecracker writes are
+/// that user's; each runs in the VM's own cgroups, sized for its guest's RAM and
+/// Firecracker's overhead, in the keeper's pid namespace rather than upstream's. A VM ended
+/// leaves no process, no jail, no cgroup, and its ids are free again. With
+/// `$UPSTREAM_JAILER_IDS` (the control) every VM is given those.
+#[test]
+fn jailed_vms_run_as_users_of_their_own_in_cgroups_sized_for_their_guests() {
+    if !as_root("jailed_vms_run_as_users_of_their_own_in_cgroups_sized_for_their_guests") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let jailed = Jailed::new(&std::env::temp_dir());
+    let fc = jailed.firecracker(None);
+    let host = Host::new();
+    let cmdline = Vec::new();
+    let mut vms = Vec::new();
+    for name in ["8-h-0", "8-h-1"] {
+        let dir = jailed.setup.sandbox(name);
+        let jail = jailed.jail(name);
+        fake_firecracker(&jail.join("root"), Fake::default());
+        let confinement = host.confine(&dir, &limits(&fc)).unwrap();
+        let scratch = dir.join("scratch.ext4");
+        let vm = fc
+            .start(&MachineSpec {
+                confinement: Some(&confinement),
+                ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+            })
+            .unwrap();
+        vms.push((vm, confinement, jail, dir));
+    }
+    let mut ids = Vec::new();
+    for (vm, confinement, jail, dir) in &vms {
+        let pid = vm.pid();
+        let id = confinement.user().unwrap();
+        assert!(id >= upstream_sandbox::ids::FIRST_ID, "{id}");
+        // The jailer was told the VM's ids, and Firecracker runs as them.
+        let args = std::fs::read_to_string(jail.join("jailer.args")).unwrap();
+        assert!(args.contains(&format!("--uid {id} --gid {id} ")), "{args}");
+        assert_eq!(ids_of(pid), (id.to_string(), id.to_string()));
+        // What Firecracker writes in its jail is its own; the sandbox's disk is the same file.
+        for name in ["scratch.ext4", "fc.log"] {
+            let meta = std::fs::metadata(jail.join("root").join(name)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (id, id), "{name}");
+        }
+        assert_eq!(
+            std::fs::metadata(dir.join("scratch.ext4")).unwrap().uid(),
+            id
+        );
+        assert!(!range_is_free(id), "a running VM's range is free");
+        // In the VM's own cgroups: memory for the guest's RAM and Firecracker's overhead.
+        let memory = confinement.cgroup(Controller::Memory).unwrap();
+        let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+        let limit = ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(memory.join(f)).ok())
+            .unwrap();
+        assert_eq!(limit.trim(), ((704u64 + 128) << 20).to_string());
+        let pids = confinement.cgroup(Controller::Pids).unwrap();
+        let procs = std::fs::read_to_string(pids.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+        // In the keeper's pid namespace, not upstream's: its pid there is another.
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+        assert_ne!(ns(&pid.to_string()), ns("self"));
+        let nspid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nspid = nspid.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert_eq!(nspid.split_whitespace().count(), 3, "{nspid}");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "two VMs share a user");
+    let (vm0, vm1) = (&vms[0].0, &vms[1].0);
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    assert_eq!(ns(vm0.pid()), ns(vm1.pid()), "one keeper's namespace");
+    // Ended: no process, no jail; once its confinement goes, no cgroup, and its ids are free.
+    for ((mut vm, confinement, jail, _), id) in vms.into_iter().zip(ids) {
+        let pid = vm.pid();
+        let cgroups: Vec<PathBuf> = [Controller::Memory, Controller::Pids, Controller::Cpu]
+            .iter()
+            .filter_map(|c| confinement.cgroup(*c).map(Path::to_path_buf))
+            .collect();
+        vm.kill();
+        assert!(!runs(pid), "the VM's Firecracker outlived it");
+        assert!(!jail.exists(), "the jail outlived its VM");
+        drop(confinement);
+        for cgroup in cgroups {
+            assert!(!cgroup.exists(), "{} outlived its VM", cgroup.display());
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        // A child another test forks holds the lock's descriptor until it execs.
+        while !range_is_free(id) {
+            assert!(Instant::now() < until, "the ended VM's ids are still held");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // The control: ids named for all VMs are every VM's, whatever its confinement.
+    let shared = jailed.firecracker(Some((65533, 65532)));
+    let dir = jailed.setup.sandbox("8-h-2");
+    let jail = jailed.jail("8-h-2");
+    fake_firecracker(&jail.join("root"), Fake::default());
+    let confinement = host.confine(&dir, &limits(&shared)).unwrap();
+    let scratch = dir.join("scratch.ext4");
+    let mut vm = shared
+        .start(&MachineSpec {
+            confinement: Some(&confinement),
+            ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+        })
+        .unwrap();
+    assert_eq!(ids_of(vm.pid()), ("65533".into(), "65532".into()));
+    assert!(shared.unenforced()[0].contains("65533:65532"));
+    vm.kill();
+}
+
+/// A jailed Firecracker owns its jail's root, so what upstream reads or reaches there once it
+/// ran may be a link it planted there: its log is read as a regular file only, never through
+/// a link, and its sockets are reached only as sockets, so a link to another VM's socket (or
+/// any of the host's) leads nowhere. The controls: the log's own words are read, the link
+/// does lead to the other VM's agent when followed, and that VM's own socket reaches it.
+#[test]
+fn links_a_jailed_firecracker_plants_in_its_jail_lead_nowhere() {
+    if !as_root("links_a_jailed_firecracker_plants_in_its_jail_lead_nowhere") {
+        return;
+    }
+    let jailed = Jailed::new(&std::env::temp_dir());
+    let fc = jailed.firecracker(None);
+    let host = Host::new();
+    let cmdline = Vec::new();
+    let mut vms = Vec::new();
+    for name in ["9-i-0", "9-i-1"] {
+        let dir = jailed.setup.sandbox(name);
+        fake_firecracker(&jailed.jail(name).join("root"), Fake::default());
+        let confinement = host.confine(&dir, &limits(&fc)).unwrap();
+        let scratch = dir.join("scratch.ext4");
+        let vm = fc
+            .start(&MachineSpec {
+                confinement: Some(&confinement),
+                ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+            })
+            .unwrap();
+        vms.push((vm, confinement));
+    }
+    let (root, other) = (
+        jailed.jail("9-i-0").join("root"),
+        jailed.jail("9-i-1").join("root"),
+    );
+    // Its log: its own words are read; a link to a host file is not followed.
+    std::fs::write(root.join("fc.log"), "the log's own words\n").unwrap();
+    assert!(vms[0].0.last_words().contains("the log's own words"));
+    let secret = jailed.setup.root.join("secret");
+    std::fs::write(&secret, "the host's secret\n").unwrap();
+    std::fs::remove_file(root.join("fc.log")).unwrap();
+    std::os::unix::fs::symlink(&secret, root.join("fc.log")).unwrap();
+    let said = vms[0].0.last_words();
+    assert!(!said.contains("secret"), "{said}");
+    // Its vsock socket: a link to the other VM's leads there if followed, and nowhere here.
+    std::fs::remove_file(root.join("v.sock")).unwrap();
+    std::os::unix::fs::symlink(other.join("v.sock"), root.join("v.sock")).unwrap();
+    let mut followed = UnixStream::connect(root.join("v.sock")).unwrap();
+    followed.write_all(b"CONNECT 700\n").unwrap();
+    let mut ok = [0u8; 3];
+    followed.read_exact(&mut ok).unwrap();
+    assert_eq!(
+        &ok, b"OK ",
+        "the link does not lead to the other VM's agent"
+    );
+    let until = Instant::now() + Duration::from_millis(300);
+    let e = vms[0].0.connect_agent(until).unwrap_err();
+    assert!(e.to_string().contains("no socket"), "{e}");
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut agent = AgentClient::new(vms[1].0.connect_agent(until).unwrap());
+    assert_eq!(exec(&mut agent, &["true"]), "port 700: true");
+    for (mut vm, _) in vms {
+        vm.kill();
+    }
+}
+
+/// What stands in for upstream in
+/// [`a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright`]: where it writes what
+/// it started, in the environment of this binary run again as that test.
+const STAND_IN: &str = "UPSTREAM_TEST_FIRECRACKER_STAND_IN";
+
+/// Upstream killed outright (SIGKILL: no teardown, no signal handler) takes its jailed VM
+/// with it within seconds, although the jailer cleared the parent-death signal; the next
+/// upstream removes the cgroups and the jail it left. "Upstream" is this test binary run
+/// again, which starts a jailed VM the way the backend does. The controls: while it lives its
+/// VM lives; and a fake Firecracker it started through the same jailer in its own pid
+/// namespace, with only the parent-death signal to end it (as jailed VMs were before the
+/// keeper), outlives it — the jailer's drop cleared the signal, so it is the keeper's
+/// namespace that ends the jailed one.
+#[test]
+fn a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright() {
+    if let Some(out) = std::env::var_os(STAND_IN) {
+        return stand_in(Path::new(&out));
+    }
+    if !as_root("a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright") {
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let mut upstream = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_jailed_vm_is_gone_within_seconds_of_upstream_killed_outright",
+            "--exact",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(STAND_IN, temp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = temp.path().join("started");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        if let Some(status) = upstream.try_wait().unwrap() {
+            let mut said = String::new();
+            let _ = upstream.stderr.take().unwrap().read_to_string(&mut said);
+            panic!("the stand-in for upstream ended ({status}): {said}");
+        }
+        assert!(Instant::now() < until, "the stand-in started no VM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&started).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let [jailed, unkept] = [lines[0], lines[1]].map(|p| p.parse::<i32>().unwrap());
+    let (cgroup, jail) = (PathBuf::from(lines[2]), PathBuf::from(lines[3]));
+    // While upstream lives, its VM lives.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        runs(jailed) && runs(unkept),
+        "a VM died with upstream alive"
+    );
+    assert!(cgroup.is_dir() && jail.is_dir());
+
+    upstream.kill().unwrap();
+    upstream.wait().unwrap();
+    let jailed_gone = gone_within(jailed, Duration::from_secs(5));
+    let unkept_lives = runs(unkept);
+    for pid in [jailed, unkept] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(jailed_gone, "the jailed VM outlived upstream");
+    assert!(
+        unkept_lives,
+        "the control died with upstream: the jailer kept its parent-death signal, and the \
+         test shows nothing"
+    );
+    // What upstream could not remove goes when the next one opens the VM backend (its
+    // cgroup, when any upstream does: another test of this binary's may be first).
+    assert!(jail.is_dir());
+    let _next = Host::new();
+    jail::remove_stale_jails(jail.parent().unwrap().parent().unwrap());
+    assert!(!cgroup.exists(), "{} remains", cgroup.display());
+    assert!(!jail.exists(), "{} remains", jail.display());
+}
+
+/// The stand-in for upstream: starts a jailed VM as the backend does (its confinement, the
+/// keeper's namespace) and the control, writes their pids, its VM's memory cgroup and jail
+/// to `out`/`started`, and waits to be killed (a minute at most).
+fn stand_in(out: &Path) {
+    let jailed = Jailed::new(out);
+    let name = format!("{}-s-0", std::process::id());
+    let dir = jailed.setup.sandbox(&name);
+    let jail = jailed.jail(&name);
+    fake_firecracker(&jail.join("root"), Fake::default());
+    let fc = jailed.firecracker(None);
+    let confinement = Host::new().confine(&dir, &limits(&fc)).unwrap();
+    let scratch = dir.join("scratch.ext4");
+    let cmdline = Vec::new();
+    let vm = fc
+        .start(&MachineSpec {
+            confinement: Some(&confinement),
+            ..machine(&jailed.setup, &dir, &scratch, &cmdline)
+        })
+        .unwrap();
+    // The control: the same jailer, forked by upstream's spawning thread with SIGKILL as its
+    // parent-death signal and nothing else to end it.
+    let unkept_jail = jailed.jail("0-control-0");
+    std::fs::create_dir_all(unkept_jail.join("root")).unwrap();
+    let mut command = std::process::Command::new(&jailed.jailer);
+    command
+        .args([
+            "--id",
+            "upstream-0-control-0",
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+        ])
+        .arg("--chroot-base-dir")
+        .arg(&jailed.base)
+        .args(["--", "--api-sock", "fc.sock"]);
+    let mut unkept = upstream_backend_vm::confine::spawn(command, None).unwrap();
+    let fake_args = unkept_jail.join("root/fake.args");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !fake_args.exists() {
+        assert!(Instant::now() < until, "the control did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let unkept_pid = std::fs::read_to_string(&fake_args).unwrap();
+    let unkept_pid = unkept_pid.split_whitespace().next().unwrap();
+    let memory = confinement.cgroup(Controller::Memory).unwrap();
+    let text = format!(
+        "{}\n{unkept_pid}\n{}\n{}\n",
+        vm.pid(),
+        memory.display(),
+        jail.display()
+    );
+    std::fs::write(out.join("started.new"), text).unwrap();
+    std::fs::rename(out.join("started.new"), out.join("started")).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    // Not killed: nothing is left behind.
+    let _ = unkept.kill();
+    let _ = unkept.wait();
 }

@@ -41,6 +41,17 @@ fn main() -> ExitCode {
     if upstream_backend_vm::guest::is_vm_init() {
         upstream_backend_vm::guest::main();
     }
+    // The keeper of the pid namespace jailed Firecrackers run in is this same binary too:
+    // it ends, and the kernel kills the namespace's VMs, when upstream does.
+    if upstream_backend_vm::firecracker::jail::is_keeper() {
+        return match upstream_backend_vm::firecracker::jail::keep() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("upstream: {e}");
+                ExitCode::from(exit::BAD_INPUT)
+            }
+        };
+    }
     // The sandbox init is this same binary, started again inside the new namespaces.
     if std::env::args_os()
         .nth(1)

@@ -12,7 +12,6 @@
 //! or panic this side.
 
 use std::io::{self, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,7 +59,7 @@ impl Api {
 
     /// Whether the socket takes connections yet.
     pub fn is_up(&self) -> bool {
-        UnixStream::connect(&self.socket).is_ok()
+        super::jail::connect_unfollowed(&self.socket).is_ok()
     }
 
     pub fn put(&self, path: &str, body: &serde_json::Value) -> Result<(), ApiError> {
@@ -87,10 +86,11 @@ impl Api {
         body: Option<&serde_json::Value>,
     ) -> Result<Vec<u8>, ApiError> {
         let call = format!("{method} {path}");
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| ApiError::Connect {
-            socket: self.socket.clone(),
-            source,
-        })?;
+        let mut stream =
+            super::jail::connect_unfollowed(&self.socket).map_err(|source| ApiError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
         let io = |source| ApiError::Io {
             call: call.clone(),
             source,

@@ -1005,3 +1005,57 @@ fn a_daemon_fills_a_pool_of_host_image_vms() {
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
     assert_eq!(lines.next(), os_release.lines().next(), "{ran}");
 }
+
+/// The binary is the keeper of the pid namespace jailed Firecrackers run in
+/// (`__vm-jail-keeper`) only as that namespace's first process, and ends when upstream's end
+/// of its standard input closes, which ends the namespace's VMs; the backend's tests start
+/// jailed VMs under the same keeper code (`backend-vm tests/firecracker.rs`).
+#[test]
+fn the_binary_keeps_the_jailed_vms_namespace_only_as_its_first_process_and_ends_with_upstream() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let out = Command::new(crate::util::BIN)
+        .arg("__vm-jail-keeper")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("not pid 1"), "{}", stderr(&out));
+    if !crate::util::is_root() {
+        crate::util::skip_for(
+            crate::util::Lack::Root,
+            format!("{}: needs root (a pid namespace)", module_path!()),
+        );
+        return;
+    }
+    // As pid 1 of a namespace of its own, its standard input a pipe the test holds.
+    let mut keeper = Command::new("unshare")
+        .args(["--pid", "--fork", crate::util::BIN, "__vm-jail-keeper"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut upstream_end = keeper.stdin.take().unwrap();
+    upstream_end
+        .write_all(b"anything written is not an end")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        keeper.try_wait().unwrap().is_none(),
+        "the keeper ended while upstream's end was open"
+    );
+    drop(upstream_end);
+    let until = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = keeper.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= until {
+            let _ = keeper.kill();
+            panic!("the keeper outlived upstream's end of its pipe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
