@@ -230,7 +230,6 @@ pub fn build(source: &Path, survey: &Survey, dir: &Path) -> Result<PathBuf, Host
     let temp = dir.join(format!("{}.{}.tmp", survey.disk_name(), std::process::id()));
     remove_work(&work);
     let result = (|| {
-        let binds = lay_out(source, survey, &work).map_err(HostDiskError::Build)?;
         // The skeleton, the trees and the host's links, and an inode for each with as many
         // to spare; half as much room again as the files take.
         let inodes = survey.entries + SKELETON.len() as u64 + 64;
@@ -239,7 +238,8 @@ pub fn build(source: &Path, survey: &Survey, dir: &Path) -> Result<PathBuf, Host
         let root = work.join("root");
         std::thread::scope(|s| {
             s.spawn(|| {
-                in_mounts_of_own(&binds, || {
+                let binds = || lay_out(source, survey, &work).map_err(HostDiskError::Build);
+                in_mounts_of_own(binds, || {
                     crate::disk::mke2fs(
                         &temp,
                         size,
@@ -352,11 +352,12 @@ fn like(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
     fs::File::open(path)?.set_times(times)
 }
 
-/// Runs `then` on a thread whose mount namespace is its own, with `binds` made there
-/// (read-only): the host's mounts never change, and the namespace is gone once the thread
-/// and what it started are.
+/// Takes a mount namespace of its own for this thread, makes there (read-only) the binds
+/// `binds` lays out, and runs `then`: the host's mounts never change, and the namespace is
+/// gone once the thread and what it started are. Without the privilege to, nothing is
+/// laid out.
 fn in_mounts_of_own<T>(
-    binds: &[Bind],
+    binds: impl FnOnce() -> Result<Vec<Bind>, HostDiskError>,
     then: impl FnOnce() -> Result<T, HostDiskError>,
 ) -> Result<T, HostDiskError> {
     // A thread of a process with others may take a mount namespace of its own (unlike a
@@ -383,7 +384,7 @@ fn in_mounts_of_own<T>(
             os(e)
         )))
     })?;
-    for bind in binds {
+    for bind in &binds()? {
         let failed = |e: nix::Error| {
             HostDiskError::Build(io::Error::other(format!(
                 "cannot bind {} onto {}: {}",
@@ -826,6 +827,41 @@ mod tests {
         assert_eq!(made[0], made[1], "each builder made a disk of its own");
         assert_eq!(fs::metadata(&made[0].0).unwrap().ino(), made[0].1);
         assert_eq!(fs::read_dir(&cache).unwrap().count(), 2, "lock and disk");
+    }
+
+    #[test]
+    fn without_root_the_disk_is_refused_in_a_sentence_saying_what_to_do() {
+        if !as_root("without_root_the_disk_is_refused_in_a_sentence_saying_what_to_do") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        fake_host(&host);
+        let found = survey(&host).unwrap();
+        let cache = dir.path().join("cache");
+        fs::create_dir(&cache).unwrap();
+        fs::set_permissions(&cache, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        // A thread of its own as nobody (credentials are per thread below glibc), which
+        // has no capability left.
+        let refused = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setresuid for this thread only; it touches no memory.
+                let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+                assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+                build(&host, &found, &cache)
+            })
+            .join()
+            .unwrap()
+        });
+        let e = refused.unwrap_err();
+        assert!(matches!(e, HostDiskError::NeedsRoot(_)), "{e}");
+        assert!(e.to_string().contains("needs root"), "{e}");
+        assert!(e.hint().unwrap().contains("run upstream as root"));
+        // Nothing is left of the attempt; the control: as root the same build is made.
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 0);
+        let disk = build(&host, &found, &cache).unwrap();
+        assert_eq!(debugfs(&disk, "cat /etc/visible"), "for all\n");
     }
 
     #[test]
