@@ -11,6 +11,7 @@
 //! call filter where it has one.
 
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -347,6 +348,21 @@ impl Machine<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if self.incoming {
+            // A restored VM's own memory is what it changed of the snapshot's RAM and the
+            // translation cache it fills anew: worth counting in pages of 4 KiB. Left to
+            // the host's huge pages, which QEMU asks for, each 2 MiB of the cache and of
+            // the firmware's RAM (a few KiB of it used) is taken whole at its first write:
+            // 2.4 MiB more per idle VM, measured. (The snapshot's RAM, a file mapped
+            // private, has none either way.)
+            // SAFETY: prctl is async-signal-safe and touches no memory of this process's.
+            unsafe {
+                command.pre_exec(|| match libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         let child = crate::confine::spawn(command, confinement)?;
         Ok(Started { child, ports, qmp })
     }
