@@ -77,8 +77,11 @@ pub fn main() -> ! {
 fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     let _ = nix::mount::umount("/proc");
     mount_kernel_filesystems("")?;
+    let events = device_events();
     load_modules(MODULES_ORDER)?;
-    let agent = wait_for_port(AGENT_PORT, Duration::from_secs(20))?;
+    let agent = wait_for_port(AGENT_PORT, Duration::from_secs(20), events.as_ref())?;
+    // The kernel would go on queueing events no one reads.
+    drop(events);
     *port = Some(open_port(&agent)?);
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let options = Options::from_cmdline(&cmdline);
@@ -297,8 +300,34 @@ fn load_modules(list: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The kernel's device events (`NETLINK_KOBJECT_UEVENT`), for waiting on a port without
+/// polling; `None` where the socket cannot be had (then the wait polls).
+fn device_events() -> Option<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    let events = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkKObjectUEvent,
+    )
+    .ok()?;
+    // Group 1: the kernel's own events (udev's are group 2).
+    bind(events.as_raw_fd(), &NetlinkAddr::new(0, 1)).ok()?;
+    Some(events)
+}
+
 /// The device of the virtio port named `name` (`/dev/vport0p1`), once the kernel made it.
-fn wait_for_port(name: &str, within: Duration) -> Result<String, String> {
+///
+/// The console driver adds the ports one by one and names them only once all are added
+/// (the host's names queue behind its adds): under TCG that takes a few hundred
+/// milliseconds, which a wait that looked every few milliseconds took its share of. This
+/// one looks when the kernel says a device came or changed (`events`, opened before the
+/// driver was loaded), and at least every 50 ms.
+fn wait_for_port(name: &str, within: Duration, events: Option<&OwnedFd>) -> Result<String, String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
     let until = Instant::now() + within;
     loop {
         if let Some(device) = ports().into_iter().find(|(n, _)| n == name).map(|(_, d)| d) {
@@ -306,13 +335,32 @@ fn wait_for_port(name: &str, within: Duration) -> Result<String, String> {
                 return Ok(device);
             }
         }
-        if Instant::now() >= until {
+        let now = Instant::now();
+        if now >= until {
             return Err(format!(
                 "the virtio port {name} did not appear within {} s (is virtio_console loaded?)",
                 within.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        let Some(events) = events else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let wait = (until - now).min(Duration::from_millis(50));
+        let mut fds = [PollFd::new(events.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(wait).unwrap_or(PollTimeout::ZERO),
+        );
+        // What the events say is not read: the ports are looked at anew after them all.
+        let mut message = [0u8; 4096];
+        while nix::sys::socket::recv(
+            events.as_raw_fd(),
+            &mut message,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+        {}
     }
 }
 
