@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,7 +93,9 @@ pub struct Machine<'a> {
     pub dir: &'a Path,
     /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
     pub memory: Memory<'a>,
-    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`).
+    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`): a
+    /// machine given no kernel, initramfs or kernel command line (the snapshot's RAM holds
+    /// its kernel, booted).
     pub incoming: bool,
 }
 
@@ -224,12 +227,21 @@ impl Machine<'_> {
             format!("{}M", self.memory_mib),
             "-smp".into(),
             self.cpus.to_string(),
-            "-kernel".into(),
-            self.kernel.display().to_string(),
-            "-initrd".into(),
-            self.initramfs.display().to_string(),
-            "-append".into(),
-            append.join(" "),
+        ]);
+        // A machine restored from a snapshot boots nothing: its kernel is in the snapshot's
+        // RAM. Given one, QEMU would keep the kernel's image in its own memory for the
+        // firmware to load (14 MiB of Debian's, in every restored VM).
+        if !self.incoming {
+            args.extend([
+                "-kernel".into(),
+                self.kernel.display().to_string(),
+                "-initrd".into(),
+                self.initramfs.display().to_string(),
+                "-append".into(),
+                append.join(" "),
+            ]);
+        }
+        args.extend([
             "-chardev".into(),
             format!("file,id=console,path={}", console_of(self.dir).display()),
             "-serial".into(),
@@ -314,6 +326,21 @@ impl Machine<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if self.incoming {
+            // A restored VM's own memory is what it changed of the snapshot's RAM and the
+            // translation cache it fills anew: worth counting in pages of 4 KiB. Left to
+            // the host's huge pages, which QEMU asks for, each 2 MiB of the cache and of
+            // the firmware's RAM (a few KiB of it used) is taken whole at its first write:
+            // 2.4 MiB more per idle VM, measured. (The snapshot's RAM, a file mapped
+            // private, has none either way.)
+            // SAFETY: prctl is async-signal-safe and touches no memory of this process's.
+            unsafe {
+                command.pre_exec(|| match libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         let child = crate::confine::spawn(command, confinement)?;
         Ok(Started { child, ports, qmp })
     }
