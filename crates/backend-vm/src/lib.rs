@@ -11,6 +11,7 @@
 
 pub mod boot;
 pub mod confine;
+pub mod console;
 pub mod disk;
 pub mod guest;
 pub mod network;
@@ -322,6 +323,7 @@ impl VmBackend {
             dir,
             disk_limit: shape.disk,
             child: Some(vm.child),
+            console: vm.console,
             confinement: Some(reached.confinement),
             client: None,
             ports: Arc::new(Ports {
@@ -777,6 +779,8 @@ pub struct VmSandbox {
     /// The size of the sandbox's disk.
     disk_limit: u64,
     child: Option<Child>,
+    /// The end of its guest's console.
+    console: console::Console,
     /// Its VMM's confinement: dropped (its cgroups removed) once the VMM is gone.
     confinement: Option<Confinement>,
     client: Option<AgentClient<UnixStream>>,
@@ -793,8 +797,9 @@ pub struct VmSandbox {
     kept_root: PathBuf,
 }
 
-/// How much of the end of a guest's console a VM that stopped is told by.
-const CONSOLE_TAIL: u64 = 64 << 10;
+/// How long a VMM that is gone may take to let go of its console: what it wrote is read
+/// to its end within it.
+const CONSOLE_CLOSED_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long QEMU has to connect a port's socket: a VM that cannot start says so within it.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
@@ -856,7 +861,7 @@ impl VmSandbox {
     }
 
     fn death_notice(&self, status: std::process::ExitStatus, stderr: &str) -> String {
-        let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
+        let console = self.console.tail_once_closed(CONSOLE_CLOSED_WITHIN);
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -937,7 +942,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
+                let console = self.console.tail();
                 let last = last_lines(&console, 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
@@ -1389,29 +1394,4 @@ pub fn open(
     Ok(Arc::new(VmBackend::new(VmConfig::from_env(
         init_exe, kernel,
     )?)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The end of the console of the VM in `dir`, as a VM that stopped is told by.
-    fn console_tail(dir: &Path) -> String {
-        confine::read_tail(&qemu::console_of(dir), CONSOLE_TAIL)
-    }
-
-    #[test]
-    fn a_console_a_guest_flooded_is_read_back_by_its_end_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut flood = vec![b'x'; 8 << 20];
-        flood.extend_from_slice(b"\nKernel panic - not syncing: the end\n");
-        std::fs::write(qemu::console_of(dir.path()), &flood).unwrap();
-        let tail = console_tail(dir.path());
-        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
-        assert!(tail.ends_with("Kernel panic - not syncing: the end\n"));
-        // The control: a console shorter than the bound is read whole, and none is empty.
-        std::fs::write(qemu::console_of(dir.path()), "booted\n").unwrap();
-        assert_eq!(console_tail(dir.path()), "booted\n");
-        assert_eq!(console_tail(&dir.path().join("none")), "");
-    }
 }

@@ -7,15 +7,20 @@
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
 //! no side waits for the other's socket to appear), and connects again when this side
-//! closes it (a session ended). QEMU runs confined ([`crate::confine`]), with its own system
-//! call filter where it has one.
+//! closes it (a session ended). The guest's serial console goes to a pipe upstream reads
+//! ([`crate::console`]). QEMU runs confined ([`crate::confine`]), with its own system call
+//! filter where it has one, and in a root of its own that holds the firmware a `microvm`
+//! loads ([`firmware_of`]).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use crate::boot::Kernel;
 use crate::confine::Confinement;
+use crate::console::Console;
 use crate::guest;
 use crate::network::Network;
 
@@ -85,7 +90,7 @@ pub struct Machine<'a> {
     pub pids_limit: Option<u64>,
     pub hostname: &'a str,
     pub network: Network,
-    /// The sandbox's directory: sockets and the console log go there.
+    /// The sandbox's directory, where its sockets are, as QEMU reaches it.
     pub dir: &'a Path,
     /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
     pub memory: Memory<'a>,
@@ -113,12 +118,13 @@ pub fn qmp_socket_of(dir: &Path) -> PathBuf {
 }
 
 /// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and,
-/// for a machine whose RAM is a file, of its QMP monitor.
+/// for a machine whose RAM is a file, of its QMP monitor, and its guest's console.
 #[derive(Debug)]
 pub struct Started {
     pub child: Child,
     pub ports: Vec<UnixListener>,
     pub qmp: Option<UnixListener>,
+    pub console: Console,
 }
 
 /// The socket of port `name` in `dir`.
@@ -126,9 +132,63 @@ pub fn socket_of(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
-/// The guest's console, kept for telling why a VM died.
-pub fn console_of(dir: &Path) -> PathBuf {
-    dir.join("console.log")
+/// The descriptor set QEMU is handed its console's pipe in (`-add-fd`), which its serial
+/// port's chardev opens as `/dev/fdset/N`.
+const CONSOLE_FDSET: u32 = 1;
+
+/// The arguments that send the guest's serial console to descriptor `fd`: a `file`
+/// chardev on the descriptor set it is handed in, appending (a pipe cannot be truncated).
+fn console_args(fd: i32) -> Vec<String> {
+    vec![
+        "-add-fd".into(),
+        format!("fd={fd},set={CONSOLE_FDSET}"),
+        "-chardev".into(),
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+        "-serial".into(),
+        "chardev:console".into(),
+    ]
+}
+
+/// The firmware a `microvm` machine may load: its BIOS (SeaBIOS built for it, or qboot
+/// where it has no ACPI) and the option ROMs that boot a kernel given by `-kernel` (a
+/// bzImage, or a PVH ELF).
+const MICROVM_FIRMWARE: [&str; 5] = [
+    "bios-microvm.bin",
+    "qboot.rom",
+    "linuxboot_dma.bin",
+    "linuxboot.bin",
+    "pvh.bin",
+];
+
+/// Where QEMU `qemu` finds each of the firmware a `microvm` loads that it has: in the first
+/// of its firmware directories (`-L help`, in the order it searches them) that holds it.
+/// These go in the root of its own a confined QEMU runs in, at those paths. Asked of each
+/// QEMU binary once.
+pub fn firmware_of(qemu: &Path) -> Vec<PathBuf> {
+    static KNOWN: OnceLock<Mutex<Vec<(PathBuf, Vec<PathBuf>)>>> = OnceLock::new();
+    let known = KNOWN.get_or_init(|| Mutex::new(Vec::new()));
+    let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, found)) = known.iter().find(|(p, _)| p == qemu) {
+        return found.clone();
+    }
+    let dirs = Command::new(qemu)
+        .args(["-L", "help"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    let found: Vec<PathBuf> = MICROVM_FIRMWARE
+        .iter()
+        .filter_map(|name| {
+            dirs.lines()
+                .map(|dir| Path::new(dir.trim()).join(name))
+                .find(|path| path.is_absolute() && path.is_file())
+        })
+        .collect();
+    known.push((qemu.to_path_buf(), found.clone()));
+    found
 }
 
 /// The TSC rate the guest is told (kHz): under TCG its TSC runs at the host's, and a guest
@@ -147,7 +207,8 @@ fn tsc_khz() -> Option<u64> {
 }
 
 impl Machine<'_> {
-    /// QEMU's arguments for this machine.
+    /// QEMU's arguments for this machine, but its console's ([`Machine::start`] adds them:
+    /// they name the descriptor of a pipe made as QEMU starts).
     pub fn args(&self) -> Vec<String> {
         self.args_with(&[])
     }
@@ -246,10 +307,6 @@ impl Machine<'_> {
             self.initramfs.display().to_string(),
             "-append".into(),
             append.join(" "),
-            "-chardev".into(),
-            format!("file,id=console,path={}", console_of(self.dir).display()),
-            "-serial".into(),
-            "chardev:console".into(),
             "-drive".into(),
             format!(
                 "file={},format=raw,if=none,id=root,readonly=on,cache=unsafe",
@@ -316,27 +373,40 @@ impl Machine<'_> {
         more: &[&str],
         confinement: Option<&Confinement>,
     ) -> std::io::Result<Started> {
+        // Where this process reaches the directory QEMU reaches at `dir`.
+        let host_dir = confinement.map_or_else(|| self.dir.to_path_buf(), |c| c.host_dir());
         let listen = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path)
         };
         let mut ports = Vec::new();
         for n in 0..=SESSION_PORTS {
-            ports.push(listen(socket_of(self.dir, &port_name(n)))?);
+            ports.push(listen(socket_of(&host_dir, &port_name(n)))?);
         }
         let qmp = match self.memory {
             Memory::Anonymous => None,
-            _ => Some(listen(qmp_socket_of(self.dir))?),
+            _ => Some(listen(qmp_socket_of(&host_dir))?),
         };
-        // A confined QEMU makes nothing in its directory: what it writes is there first.
-        std::fs::File::create(console_of(self.dir))?;
+        let (console, writer) = Console::open()?;
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
+            .args(console_args(writer.as_raw_fd()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let child = crate::confine::spawn(command, confinement)?;
-        Ok(Started { child, ports, qmp })
+        let firmware = firmware_of(self.qemu);
+        let mut files: Vec<&Path> = firmware.iter().map(PathBuf::as_path).collect();
+        files.extend(self.network.host_files());
+        let child =
+            crate::confine::spawn_handing(command, confinement, &[writer.as_raw_fd()], &files)?;
+        // QEMU holds the pipe's write end now; once it is gone the console reads its end.
+        drop(writer);
+        Ok(Started {
+            child,
+            ports,
+            qmp,
+            console,
+        })
     }
 }
