@@ -122,7 +122,7 @@ impl Console {
 
 /// The thread that reads every console: it polls their pipes (and its own, which wakes it
 /// when a console is added) and keeps what it reads in each [`Console`]. A pipe is closed
-/// once its writers are gone, or its [`Console`] is.
+/// once its writers are gone.
 #[derive(Debug)]
 struct Keeper {
     /// Consoles added since the thread last looked.
@@ -199,14 +199,16 @@ fn keep(added: &Added, wakened: OwnedFd) {
             if polled[index].revents == 0 {
                 return true;
             }
-            let Some(console) = console.upgrade() else {
-                return false;
-            };
             let (read, closed) = match nix::unistd::read(fd.as_fd(), &mut buffer) {
                 Ok(0) => (0, true),
                 Ok(n) => (n, false),
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => (0, false),
                 Err(_) => (0, true),
+            };
+            // A console no one holds is read to its end all the same, and what it says let
+            // go: its VMM's writes never fail for it.
+            let Some(console) = console.upgrade() else {
+                return !closed;
             };
             let mut state = console.state.lock().unwrap_or_else(|e| e.into_inner());
             state.take(&buffer[..read]);
@@ -275,6 +277,24 @@ mod tests {
             console.tail_once_closed(Duration::from_secs(10)),
             "first\nlast\n"
         );
+    }
+
+    #[test]
+    fn a_vmm_whose_console_is_let_go_writes_on() {
+        let writer = |stdout: OwnedFd| {
+            Command::new("sh")
+                .args(["-c", "sleep 0.3; head -c 1048576 /dev/zero"])
+                .stdout(Stdio::from(stdout))
+                .status()
+                .unwrap()
+        };
+        let (console, write) = Console::open().unwrap();
+        drop(console);
+        assert!(writer(write).success(), "the writer's pipe was closed");
+        // The control: a pipe whose reader is gone kills the same writer (SIGPIPE).
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        drop(read);
+        assert!(!writer(write).success());
     }
 
     /// The threads of this process.

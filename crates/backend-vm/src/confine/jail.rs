@@ -298,28 +298,32 @@ fn open_tree(source: Source) -> io::Result<OwnedFd> {
     }
 }
 
-/// Whether VMMs can have a root of their own here, and why not: it takes root, and
-/// `open_tree` (Linux 5.2).
+/// Whether VMMs can have a root of their own here, and why not: it takes root with the
+/// right to mount (which a container may not give), and `open_tree` (Linux 5.2).
 pub fn available() -> Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err("a root of its own needs upstream to run as root".into());
     }
     let probe = CString::new("/").map_err(|e| e.to_string())?;
-    // SAFETY: open_tree without OPEN_TREE_CLONE on "/" opens a descriptor of it, closed
-    // at once; it reads the NUL-terminated path.
+    // SAFETY: open_tree copies the mount of "/" (not those below it), detached, and opens
+    // a descriptor of the copy, closed at once (which lets the copy go); it reads the
+    // NUL-terminated path.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             probe.as_ptr(),
-            libc::OPEN_TREE_CLOEXEC,
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
         )
     };
     if fd < 0 {
-        return Err(format!(
-            "this kernel cannot copy mounts for a root of its own ({}; Linux 5.2 and later can)",
-            io::Error::last_os_error()
-        ));
+        let error = io::Error::last_os_error();
+        return Err(match error.raw_os_error() {
+            Some(libc::ENOSYS) => format!(
+                "this kernel cannot copy mounts for a root of its own ({error}; Linux 5.2 and later can)"
+            ),
+            _ => format!("upstream may not copy mounts for a root of its own ({error})"),
+        });
     }
     // SAFETY: the descriptor was just opened and is this function's.
     drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
