@@ -55,10 +55,10 @@ use std::sync::{Mutex, OnceLock};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-
-pub mod jail;
 use upstream_sandbox::cgroup::{Cgroups, Controller, Layout, Wanted};
 use upstream_sandbox::ids::{Allocator, IdRange};
+
+pub mod jail;
 
 /// What a QEMU process takes beyond its guest's RAM and (under TCG) its translation cache,
 /// which its memory cgroup allows it on top of both ([`qemu_overhead`]).
