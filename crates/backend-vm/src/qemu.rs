@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use crate::boot::Kernel;
 use crate::confine::Confinement;
@@ -165,9 +165,9 @@ const MICROVM_FIRMWARE: [&str; 5] = [
 /// These go in the root of its own a confined QEMU runs in, at those paths. Asked of each
 /// QEMU binary once.
 pub fn firmware_of(qemu: &Path) -> Vec<PathBuf> {
-    static KNOWN: OnceLock<Mutex<Vec<(PathBuf, Vec<PathBuf>)>>> = OnceLock::new();
-    let known = KNOWN.get_or_init(|| Mutex::new(Vec::new()));
-    let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
+    type Known = Vec<(PathBuf, Vec<PathBuf>)>;
+    static KNOWN: Mutex<Known> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, found)) = known.iter().find(|(p, _)| p == qemu) {
         return found.clone();
     }

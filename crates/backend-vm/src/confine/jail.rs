@@ -26,7 +26,7 @@
 //! read-only and its root (`pivot_root`), and detaches the host's root from under it.
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -42,7 +42,7 @@ pub const DIR: &str = "/vm";
 pub const REACHED: &str = "/reached";
 
 /// Where, in the VMM's new mount namespace, its root is laid out before it becomes its root.
-const STAGE: &str = "/tmp";
+const STAGE: &CStr = c"/tmp";
 
 /// What a piece of the VMM's root is, which says how it is mounted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,11 +141,11 @@ impl Jail {
     /// Makes this process's root the jail's. To be called between fork and exec, as root:
     /// it only makes system calls, allocates nothing and takes no lock.
     pub fn enter(&self) -> io::Result<()> {
-        const TMPFS: &[u8] = b"tmpfs\0";
-        const OPTIONS: &[u8] = b"mode=0755,size=64k,nr_inodes=4096\0";
-        const STAGED: &[u8] = b"/tmp\0";
-        const ROOT: &[u8] = b"/\0";
-        const HERE: &[u8] = b".\0";
+        const TMPFS: &CStr = c"tmpfs";
+        const OPTIONS: &CStr = c"mode=0755,size=64k,nr_inodes=4096";
+        const ROOT: &CStr = c"/";
+        const HERE: &CStr = c".";
+        const EMPTY: &CStr = c"";
         let fail = |done: libc::c_long| {
             if done < 0 {
                 Err(io::Error::last_os_error())
@@ -160,7 +160,7 @@ impl Jail {
             fail(
                 libc::mount(
                     std::ptr::null(),
-                    ROOT.as_ptr().cast(),
+                    ROOT.as_ptr(),
                     std::ptr::null(),
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
@@ -169,9 +169,9 @@ impl Jail {
             )?;
             fail(
                 libc::mount(
-                    TMPFS.as_ptr().cast(),
-                    STAGED.as_ptr().cast(),
-                    TMPFS.as_ptr().cast(),
+                    TMPFS.as_ptr(),
+                    STAGE.as_ptr(),
+                    TMPFS.as_ptr(),
                     libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     OPTIONS.as_ptr().cast(),
                 )
@@ -199,7 +199,7 @@ impl Jail {
                 fail(libc::syscall(
                     libc::SYS_move_mount,
                     mount.tree.as_raw_fd(),
-                    b"\0".as_ptr(),
+                    EMPTY.as_ptr(),
                     libc::AT_FDCWD,
                     mount.at.as_ptr(),
                     libc::MOVE_MOUNT_F_EMPTY_PATH,
@@ -218,7 +218,7 @@ impl Jail {
             fail(
                 libc::mount(
                     std::ptr::null(),
-                    STAGED.as_ptr().cast(),
+                    STAGE.as_ptr(),
                     std::ptr::null(),
                     libc::MS_REMOUNT
                         | libc::MS_RDONLY
@@ -229,15 +229,15 @@ impl Jail {
                 )
                 .into(),
             )?;
-            fail(libc::chdir(STAGED.as_ptr().cast()).into())?;
+            fail(libc::chdir(STAGE.as_ptr()).into())?;
             // The stage becomes the root, and the old root, stacked on it, is let go.
             fail(libc::syscall(
                 libc::SYS_pivot_root,
                 HERE.as_ptr(),
                 HERE.as_ptr(),
             ))?;
-            fail(libc::umount2(HERE.as_ptr().cast(), libc::MNT_DETACH).into())?;
-            fail(libc::chdir(ROOT.as_ptr().cast()).into())?;
+            fail(libc::umount2(HERE.as_ptr(), libc::MNT_DETACH).into())?;
+            fail(libc::chdir(ROOT.as_ptr()).into())?;
         }
         Ok(())
     }
@@ -261,14 +261,14 @@ fn inside(path: &Path) -> Option<PathBuf> {
 
 /// Where `at` of the root is on the stage.
 fn staged(at: &Path) -> Result<CString, String> {
-    let mut bytes = STAGE.as_bytes().to_vec();
+    let mut bytes = STAGE.to_bytes().to_vec();
     bytes.extend_from_slice(at.as_os_str().as_bytes());
     CString::new(bytes).map_err(|_| format!("{} has a NUL in its name", at.display()))
 }
 
 /// The path of the root that `staged` is on the stage.
 fn unstaged(staged: &CString) -> PathBuf {
-    let bytes = &staged.as_bytes()[STAGE.len()..];
+    let bytes = &staged.as_bytes()[STAGE.to_bytes().len()..];
     PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
 }
 
