@@ -1095,9 +1095,10 @@ mod vm {
         t.assert_a_new_sandbox_works();
     }
 
-    /// The QEMU processes running a machine whose parent is process `parent` (not those
-    /// asked what they have: `-version`, `-L help`), once there is one.
-    fn vmms_of(parent: u32) -> Vec<u32> {
+    /// The QEMU processes running a machine whose parent is `run` (not those asked what
+    /// they have: `-version`, `-L help`), once there is one; what `run` said if it ends first.
+    fn vmms_of(run: &mut std::process::Child) -> Vec<u32> {
+        let parent = run.id();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let found: Vec<u32> = fs::read_dir("/proc")
@@ -1119,6 +1120,12 @@ mod vm {
                 .collect();
             if !found.is_empty() {
                 return found;
+            }
+            if let Some(status) = run.try_wait().unwrap() {
+                let mut said = String::new();
+                use std::io::Read;
+                let _ = run.stderr.take().map(|mut e| e.read_to_string(&mut said));
+                panic!("upstream ended ({status}) before its VM ran: {said}");
             }
             assert!(Instant::now() < deadline, "upstream started no QEMU");
             std::thread::sleep(Duration::from_millis(20));
@@ -1197,7 +1204,7 @@ mod vm {
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            let vmm = vmms_of(run.id())[0];
+            let vmm = vmms_of(&mut run)[0];
             let root = PathBuf::from(format!("/proc/{vmm}/root"));
             let deadline = Instant::now() + Duration::from_secs(60);
             while !root.join("vm/upstream.0.sock").exists() {
