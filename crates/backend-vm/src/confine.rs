@@ -22,14 +22,20 @@
 //!   LSM transition raises it), with no core dumps (its memory is the guest's), an empty
 //!   environment (upstream's may hold a document's secrets) and no descriptor of
 //!   upstream's but the ones handed to it.
-//! - **reaches only its own files.** Its directory (the sandbox's, where its sockets, its
-//!   console and the sandbox's disk are) belongs to root and only the VMM's group may
-//!   search it: the VMM cannot make, remove or replace anything there, so nothing upstream
-//!   reads there later can be a link or a FIFO the VMM planted; what it writes is made
-//!   first and given to it when it starts. It reaches the directory through a descriptor
-//!   (`/proc/self/fd/N`), never through the runtime directory above, which stays private,
-//!   and the files it only reads (the kernel, the initramfs, the image's disk) through
-//!   descriptors upstream opened ([`Confinement::reach`]).
+//! - **reaches only its own files.** Its directory (the sandbox's, where its sockets and
+//!   the sandbox's disk are) belongs to root and only the VMM's group may search it: the
+//!   VMM cannot make, remove or replace anything there, so nothing upstream reads there
+//!   later can be a link or a FIFO the VMM planted; what it writes is made first and given
+//!   to it when it starts. The files it only reads (the kernel, the initramfs, the image's
+//!   disk, a snapshot's RAM and state) are reached through descriptors upstream opened
+//!   ([`Confinement::reach`]); its console is a pipe ([`crate::console`]).
+//! - **as root, sees nothing else of the host's files** ([`jail`]): it runs in a mount
+//!   namespace of its own whose root holds its program and the libraries it loads, the
+//!   files its driver names (QEMU's firmware), `/dev/null`, `/dev/urandom` and its
+//!   devices, the files it reads (under `/reached`) and its directory (at `/vm`), and no
+//!   `/proc`. Not as root, it reaches its directory and those files through descriptors
+//!   (`/proc/self/fd/N`) and sees what upstream's user sees, which its sandbox's
+//!   `unenforced` says ([`unconfined_here`]).
 //! - **dies with upstream and with its sandbox.** It is forked by upstream's spawning
 //!   thread with SIGKILL as its parent-death signal (`upstream_sandbox::spawner`: a child
 //!   forked by a thread that ends would die with that thread), and its sandbox's teardown
@@ -38,7 +44,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -51,6 +57,8 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use upstream_sandbox::cgroup::{Cgroups, Controller, Layout, Wanted};
 use upstream_sandbox::ids::{Allocator, IdRange};
+
+pub mod jail;
 
 /// What a QEMU process takes beyond its guest's RAM and (under TCG) its translation cache,
 /// which its memory cgroup allows it on top of both ([`qemu_overhead`]).
@@ -123,6 +131,8 @@ pub enum ConfineError {
     },
     #[error("the VM's monitor cannot read {path}: only its owner may, and it is too large to copy")]
     Unreadable { path: PathBuf },
+    #[error("cannot give the VM's monitor a root of its own: {0}")]
+    Jail(String),
 }
 
 impl ConfineError {
@@ -135,6 +145,9 @@ impl ConfineError {
             ConfineError::Unreadable { .. } => {
                 Some("make the file readable by others (its directory may stay private)")
             }
+            ConfineError::Jail(_) => Some(
+                "name the VMM by the absolute path of its binary ($UPSTREAM_QEMU), whose libraries its loader finds",
+            ),
             _ => None,
         }
     }
@@ -152,6 +165,8 @@ pub struct Host {
     layout: Layout,
     /// As root; why not, when the id range lock directory cannot be had.
     ids: Option<Result<Allocator, String>>,
+    /// Whether VMMs get a root of their own ([`jail`]), and why not.
+    jail: Result<(), String>,
 }
 
 static NEXT_VMM: AtomicU32 = AtomicU32::new(0);
@@ -169,6 +184,7 @@ impl Host {
         let host = Host {
             layout: Layout::detect(),
             ids,
+            jail: jail::available(),
         };
         host.remove_stale();
         host
@@ -193,10 +209,13 @@ impl Host {
                 pids: Some(limits.pids),
             },
         );
-        let unenforced = monitor_unenforced
+        let mut unenforced: Vec<String> = monitor_unenforced
             .into_iter()
             .map(|u| format!("the VM's monitor's {u}"))
             .collect();
+        if let Err(why) = &self.jail {
+            unenforced.push(unjailed(why));
+        }
         let ids = match &self.ids {
             None => None,
             Some(Err(why)) => return Err(ConfineError::Ids(why.clone())),
@@ -222,7 +241,9 @@ impl Host {
         Ok(Confinement {
             dir: dir.to_path_buf(),
             dir_fd,
+            jailed: self.jail.is_ok() && ids.is_some(),
             reached: Vec::new(),
+            devices: Vec::new(),
             groups: Vec::new(),
             cgroups,
             unenforced,
@@ -230,6 +251,19 @@ impl Host {
             limits: *limits,
         })
     }
+}
+
+/// What a VMM is not held to on this host beyond its cgroups' limits, as sentences: as
+/// root, nothing; else that it sees the host's files as upstream's user does.
+pub fn unconfined_here() -> Vec<String> {
+    match jail::available() {
+        Ok(()) => Vec::new(),
+        Err(why) => vec![unjailed(&why)],
+    }
+}
+
+fn unjailed(why: &str) -> String {
+    format!("the VM's monitor sees the host's files as upstream's user does: {why}")
 }
 
 impl Default for Host {
@@ -243,11 +277,15 @@ impl Default for Host {
 /// emptied and removed and its user is free again.
 #[derive(Debug)]
 pub struct Confinement {
-    /// The VMM's directory, and the descriptor it reaches it through.
+    /// The VMM's directory, and the descriptor it is reached through.
     dir: PathBuf,
     dir_fd: OwnedFd,
-    /// Files elsewhere the VMM reads, open for it.
-    reached: Vec<OwnedFd>,
+    /// The VMM gets a root of its own ([`jail`]).
+    jailed: bool,
+    /// Files elsewhere the VMM reads, open for it, and where it reaches each.
+    reached: Vec<(OwnedFd, PathBuf)>,
+    /// The devices it may open, which its root holds.
+    devices: Vec<PathBuf>,
     /// Its supplementary groups.
     groups: Vec<u32>,
     cgroups: Cgroups,
@@ -258,16 +296,26 @@ pub struct Confinement {
 }
 
 impl Confinement {
-    /// The VMM's directory as the VMM reaches it (and this process too): through the
-    /// descriptor of it both hold at the same number.
+    /// The VMM's directory as the VMM reaches it: [`jail::DIR`] in a root of its own, else
+    /// through the descriptor of it this process holds at the same number.
     pub fn dir(&self) -> PathBuf {
+        match self.jailed {
+            true => PathBuf::from(jail::DIR),
+            false => self.host_dir(),
+        }
+    }
+
+    /// The VMM's directory as this process reaches it (to bind its sockets, say): through
+    /// its descriptor, never through the private runtime directory above it.
+    pub fn host_dir(&self) -> PathBuf {
         fd_path(self.dir_fd.as_raw_fd())
     }
 
-    /// A path the VMM can read `path` at, a file outside its directory it only reads: a
-    /// descriptor of it this process opens, which the VMM reopens read-only. A file only its
-    /// owner may read (a kernel in `/boot` on some distributions) is copied into the VMM's
-    /// directory, if it is small.
+    /// A path the VMM can read `path` at, a file outside its directory it only reads, opened
+    /// by this process: in the VMM's root, under [`jail::REACHED`], else through the
+    /// descriptor, which the VMM reopens read-only. A file only its owner may read (a
+    /// kernel in `/boot` on some distributions) is copied into the VMM's directory, if it
+    /// is small.
     pub fn reach(&mut self, path: &Path) -> Result<PathBuf, ConfineError> {
         let file =
             fs::File::open(path).map_err(ConfineError::io(format!("open {}", path.display())))?;
@@ -276,8 +324,15 @@ impl Confinement {
             .map_err(ConfineError::io(format!("stat {}", path.display())))?;
         let readable = self.ids.is_none() || meta.mode() & 0o004 != 0;
         if readable {
-            let seen = fd_path(file.as_raw_fd());
-            self.reached.push(file.into());
+            let seen = match self.jailed {
+                true => Path::new(jail::REACHED).join(format!(
+                    "{}-{}",
+                    self.reached.len(),
+                    plain_name(path)
+                )),
+                false => fd_path(file.as_raw_fd()),
+            };
+            self.reached.push((file.into(), seen.clone()));
             return Ok(seen);
         }
         if meta.len() > 256 << 20 {
@@ -309,10 +364,12 @@ impl Confinement {
             fs::metadata(path).map_err(ConfineError::io(format!("stat {}", path.display())))?;
         let mode = meta.mode() & 0o777;
         if mode & 0o006 == 0o006 {
+            self.devices.push(path.to_path_buf());
             return Ok(());
         }
         if mode & 0o060 == 0o060 && meta.gid() != 0 {
             self.groups.push(meta.gid());
+            self.devices.push(path.to_path_buf());
             return Ok(());
         }
         Err(ConfineError::Device {
@@ -382,10 +439,22 @@ impl Confinement {
         Ok(())
     }
 
-    /// Starts `command` (the VMM) confined: in its cgroups, as its user, holding the
-    /// descriptors of what it reaches and nothing else of this process's, dying with
-    /// upstream.
-    pub fn spawn(&self, mut command: Command) -> io::Result<Child> {
+    /// Starts `command` (the VMM) confined: in its cgroups, as its user, in a root of its
+    /// own (as root), holding the descriptors of what it reaches and nothing else of this
+    /// process's, dying with upstream.
+    pub fn spawn(&self, command: Command) -> io::Result<Child> {
+        self.spawn_handing(command, &[], &[])
+    }
+
+    /// [`Confinement::spawn`], handing the VMM descriptors `handed` too (at their numbers)
+    /// and, in its root, the host's `files` at their own paths, read-only (firmware a driver
+    /// knows its VMM loads).
+    pub fn spawn_handing(
+        &self,
+        mut command: Command,
+        handed: &[RawFd],
+        files: &[&Path],
+    ) -> io::Result<Child> {
         self.give_directory()
             .map_err(|e| io::Error::other(e.to_string()))?;
         let procs: Vec<CString> = self
@@ -394,8 +463,21 @@ impl Confinement {
             .iter()
             .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
             .collect();
-        let mut keep: Vec<RawFd> = vec![self.dir_fd.as_raw_fd()];
-        keep.extend(self.reached.iter().map(|f| f.as_raw_fd()));
+        let jail = match self.jailed {
+            true => Some(
+                self.jail(&command, files)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            ),
+            false => None,
+        };
+        // In a root of its own the VMM reaches its files by their paths there.
+        let mut keep: Vec<RawFd> = match self.jailed {
+            true => Vec::new(),
+            false => std::iter::once(self.dir_fd.as_raw_fd())
+                .chain(self.reached.iter().map(|(f, _)| f.as_raw_fd()))
+                .collect(),
+        };
+        keep.extend_from_slice(handed);
         if let Some(range) = &self.ids {
             keep.push(range.lock().as_raw_fd());
         }
@@ -404,12 +486,16 @@ impl Confinement {
         command.env_clear();
         // SAFETY: the closure runs between fork and exec in a multi-threaded process: it
         // makes only async-signal-safe system calls (open, write, close, fcntl,
-        // close_range, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) and
-        // allocates nothing: its strings and lists were made before the fork.
+        // close_range, unshare, mount, mkdir, move_mount, chdir, pivot_root, umount2,
+        // setgroups, setresgid, setresuid, setrlimit, prctl, getppid) and allocates
+        // nothing: its strings and lists were made before the fork.
         unsafe {
             command.pre_exec(move || {
                 for file in &procs {
                     join_cgroup(file)?;
+                }
+                if let Some(jail) = &jail {
+                    jail.enter()?;
                 }
                 hand_over(&keep)?;
                 if let Some((id, groups)) = &user {
@@ -421,21 +507,93 @@ impl Confinement {
         }
         upstream_sandbox::spawner::spawn(command)
     }
+
+    /// The root of its own `command`'s VMM runs in, with the host's `files` in it.
+    fn jail(&self, command: &Command, files: &[&Path]) -> Result<jail::Jail, ConfineError> {
+        use jail::{Piece, Source, What};
+        let program = Path::new(command.get_program());
+        if !program.is_absolute() {
+            return Err(ConfineError::Jail(format!(
+                "{} is not an absolute path",
+                program.display()
+            )));
+        }
+        let runs_on = jail::runs_on(program).map_err(ConfineError::Jail)?;
+        fn host(path: &Path, what: What) -> Piece<'_> {
+            Piece {
+                source: Source::Path(path),
+                at: path,
+                what,
+            }
+        }
+        let mut pieces = vec![host(program, What::Program)];
+        pieces.extend(runs_on.libraries.iter().map(|l| host(l, What::Program)));
+        pieces.extend(runs_on.cache.iter().map(|c| host(c, What::Data)));
+        for device in ["/dev/null", "/dev/urandom"] {
+            pieces.push(host(Path::new(device), What::Device));
+        }
+        pieces.extend(self.devices.iter().map(|d| host(d, What::Device)));
+        pieces.extend(files.iter().map(|f| host(f, What::Data)));
+        pieces.extend(self.reached.iter().map(|(fd, at)| Piece {
+            source: Source::Open(fd.as_fd()),
+            at,
+            what: What::Data,
+        }));
+        let dir = Path::new(jail::DIR);
+        pieces.push(Piece {
+            source: Source::Open(self.dir_fd.as_fd()),
+            at: dir,
+            what: What::Directory,
+        });
+        jail::Jail::new(&pieces).map_err(ConfineError::Jail)
+    }
 }
 
 /// Starts a VMM `confinement` holds, or (`None`: a boot probe, say) one that only dies with
 /// upstream, with an empty environment.
-pub fn spawn(mut command: Command, confinement: Option<&Confinement>) -> io::Result<Child> {
+pub fn spawn(command: Command, confinement: Option<&Confinement>) -> io::Result<Child> {
+    spawn_handing(command, confinement, &[], &[])
+}
+
+/// [`spawn`], handing the VMM descriptors `handed` and, confined, the host's `files`
+/// ([`Confinement::spawn_handing`]).
+pub fn spawn_handing(
+    mut command: Command,
+    confinement: Option<&Confinement>,
+    handed: &[RawFd],
+    files: &[&Path],
+) -> io::Result<Child> {
     if let Some(confinement) = confinement {
-        return confinement.spawn(command);
+        return confinement.spawn_handing(command, handed, files);
     }
     let parent = std::process::id() as libc::pid_t;
+    let handed = handed.to_vec();
     command.env_clear();
-    // SAFETY: die_with_parent makes only async-signal-safe calls.
+    // SAFETY: hand_over and die_with_parent make only async-signal-safe calls, on a list
+    // made before the fork.
     unsafe {
-        command.pre_exec(move || upstream_sandbox::spawner::die_with_parent(parent));
+        command.pre_exec(move || {
+            hand_over(&handed)?;
+            upstream_sandbox::spawner::die_with_parent(parent)
+        });
     }
     upstream_sandbox::spawner::spawn(command)
+}
+
+/// `path`'s file name with nothing but letters, digits, `.`, `-` and `_` (a VMM's command
+/// line takes `,` and `=` as its own).
+fn plain_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map_or("file".into(), |n| n.to_string_lossy());
+    name.chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect()
 }
 
 fn fd_path(fd: RawFd) -> PathBuf {
@@ -580,29 +738,6 @@ pub fn remove_stale_dirs(parent: &Path) {
     }
 }
 
-/// The last `bytes` of a file the VMM (or its guest) writes, such as its console, as much
-/// as it likes: opened without following a link or waiting on a FIFO, a regular file only.
-pub fn read_tail(path: &Path, bytes: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path);
-    let Ok(mut file) = opened else {
-        return String::new();
-    };
-    let size = match file.metadata() {
-        Ok(meta) if meta.is_file() => meta.len(),
-        _ => return String::new(),
-    };
-    let mut tail = Vec::new();
-    let _ = file
-        .seek(SeekFrom::Start(size.saturating_sub(bytes)))
-        .and_then(|_| file.take(bytes).read_to_end(&mut tail));
-    String::from_utf8_lossy(&tail).into_owned()
-}
-
 /// `line` without control characters and bidi overrides: what a guest (or its firmware)
 /// printed, fit to go into a message and a document.
 pub fn printable(line: &str) -> String {
@@ -711,14 +846,10 @@ mod tests {
         Ok(uid)
     }
 
-    #[test]
-    fn a_confined_vmm_cannot_open_a_file_only_root_may_read() {
-        let Some(qemu) = qemu_as_root("a_confined_vmm_cannot_open_a_file_only_root_may_read")
-        else {
-            return;
-        };
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        // A root-only file where any user may look for it: a 0755 directory in /tmp.
+    /// A file only root may read, in a directory any user may search (0755, in /tmp), and
+    /// a file any user may read in a private one (0700): what the VMM's user could not and
+    /// could open, were they in its root. Each 1 MiB, as a disk QEMU opens.
+    fn host_files() -> (tempfile::TempDir, PathBuf, tempfile::TempDir, PathBuf) {
         let open_dir = tempfile::Builder::new()
             .prefix("upstream-confine-")
             .tempdir()
@@ -727,39 +858,6 @@ mod tests {
         let secret = open_dir.path().join("secret");
         fs::write(&secret, vec![7u8; 1 << 20]).unwrap();
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-        // The VMM's own directory, with a file upstream made for it.
-        let vm_dir = tempfile::Builder::new()
-            .prefix("upstream-confine-vm-")
-            .tempdir()
-            .unwrap();
-        fs::write(vm_dir.path().join("given"), vec![7u8; 1 << 20]).unwrap();
-        fs::set_permissions(
-            vm_dir.path().join("given"),
-            fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-
-        let host = Host::new();
-        let limits = VmmLimits::for_guest(64 << 20, QEMU_OVERHEAD, 1, None);
-        let confinement = host.confine(vm_dir.path(), &limits).unwrap();
-        let uid = confinement.user().unwrap();
-        assert_ne!(uid, 0);
-
-        let refused = opened(confinement.spawn(qemu_opening(&qemu, &secret)).unwrap());
-        let said = refused.expect_err("the confined VMM opened a file only root may read");
-        assert!(said.contains("Permission denied"), "{said}");
-        // Control: QEMU as root opens the same file.
-        assert_eq!(
-            opened(spawn(qemu_opening(&qemu, &secret), None).unwrap()),
-            Ok(0)
-        );
-        // Control: the confined VMM opens the file of its own directory, as that user.
-        let given = confinement.dir().join("given");
-        assert_eq!(
-            opened(confinement.spawn(qemu_opening(&qemu, &given)).unwrap()),
-            Ok(uid)
-        );
-        // Upstream's private directories are out of its reach whatever their files' modes.
         let private = tempfile::Builder::new()
             .prefix("upstream-confine-private-")
             .tempdir()
@@ -768,15 +866,200 @@ mod tests {
         let readable = private.path().join("readable");
         fs::write(&readable, vec![7u8; 1 << 20]).unwrap();
         fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).unwrap();
-        let said = opened(confinement.spawn(qemu_opening(&qemu, &readable)).unwrap())
-            .expect_err("the confined VMM reached into a private directory");
-        assert!(said.contains("Permission denied"), "{said}");
-        // ... but a file handed to it is reached through its descriptor.
-        let mut confinement = confinement;
+        (open_dir, secret, private, readable)
+    }
+
+    /// A directory for a VMM, with a file upstream made for it (root's, 0600, as upstream
+    /// makes the sandbox's disk).
+    fn vm_dir() -> tempfile::TempDir {
+        let vm_dir = tempfile::Builder::new()
+            .prefix("upstream-confine-vm-")
+            .tempdir()
+            .unwrap();
+        let given = vm_dir.path().join("given");
+        fs::write(&given, vec![7u8; 1 << 20]).unwrap();
+        fs::set_permissions(&given, fs::Permissions::from_mode(0o600)).unwrap();
+        vm_dir
+    }
+
+    #[test]
+    fn a_confined_vmm_opens_its_own_files_and_none_of_the_hosts() {
+        let Some(qemu) = qemu_as_root("a_confined_vmm_opens_its_own_files_and_none_of_the_hosts")
+        else {
+            return;
+        };
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let (_open_dir, secret, _private, readable) = host_files();
+        let vm_dir = vm_dir();
+        let host = Host::new();
+        let limits = VmmLimits::for_guest(64 << 20, QEMU_OVERHEAD, 1, None);
+        let mut confinement = host.confine(vm_dir.path(), &limits).unwrap();
+        let uid = confinement.user().unwrap();
+        assert_ne!(uid, 0);
+        assert!(
+            confinement.unenforced().is_empty(),
+            "{:?}",
+            confinement.unenforced()
+        );
+
+        // A real QEMU, in its root of its own: neither host file is there to open.
+        for file in [&secret, &readable] {
+            let said = opened(confinement.spawn(qemu_opening(&qemu, file)).unwrap())
+                .expect_err("the confined VMM opened a host file");
+            assert!(said.contains("No such file or directory"), "{said}");
+        }
+        // Control: QEMU as root, unconfined, opens both.
+        for file in [&secret, &readable] {
+            assert_eq!(
+                opened(spawn(qemu_opening(&qemu, file), None).unwrap()),
+                Ok(0)
+            );
+        }
+        // Control: the confined VMM opens the file of its own directory, as its own user.
+        let given = confinement.dir().join("given");
+        assert_eq!(given, Path::new("/vm/given"));
+        assert_eq!(
+            opened(confinement.spawn(qemu_opening(&qemu, &given)).unwrap()),
+            Ok(uid)
+        );
+        // ... and a file reached for it, read-only, through the descriptor upstream opened.
         let reached = confinement.reach(&readable).unwrap();
+        assert!(reached.starts_with(jail::REACHED), "{}", reached.display());
         assert_eq!(
             opened(confinement.spawn(qemu_opening(&qemu, &reached)).unwrap()),
             Ok(uid)
+        );
+        // Its user still counts in its root: a host file only root may read, put there
+        // as it is, is refused to it.
+        let said = opened(
+            confinement
+                .spawn_handing(qemu_opening(&qemu, &secret), &[], &[&secret])
+                .unwrap(),
+        )
+        .expect_err("the confined VMM opened a file only root may read");
+        assert!(said.contains("Permission denied"), "{said}");
+    }
+
+    /// What `sh` finds of the paths it is given, and of the root, with builtins only (no
+    /// other program is in a VMM's root): `present`/`absent` by `[ -e ]` (a stat), `read`
+    /// and the first line where a redirection opens it, the root's entries by a glob.
+    const PROBE: &str = r#"for p in "$@"; do
+        if [ -e "$p" ]; then echo "present $p"; else echo "absent $p"; fi
+        if read -r line < "$p"; then echo "read $p: $line"; fi
+    done 2>/dev/null
+    echo "root:" /*"#;
+
+    fn probe(files: &[&Path]) -> Command {
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", PROBE, "probe"])
+            .args(files)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    fn probed(child: Child) -> String {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn a_confined_vmm_cannot_stat_what_the_host_lets_anyone_read() {
+        if !nix::unistd::Uid::effective().is_root() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (needs root): a_confined_vmm_cannot_stat_what_the_host_lets_anyone_read"
+            );
+            return;
+        }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        // What the host lets any user read: a world-readable file in a world-searchable
+        // directory, and the host's users.
+        let open_dir = tempfile::Builder::new()
+            .prefix("upstream-confine-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(open_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let public = open_dir.path().join("public");
+        fs::write(&public, "anyone may read this\n").unwrap();
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+        let passwd = Path::new("/etc/passwd");
+        let vm_dir = vm_dir();
+        fs::write(vm_dir.path().join("given"), "the VM's own\n").unwrap();
+        let kernel = open_dir.path().join("kernel");
+        fs::write(&kernel, "a file it reads\n").unwrap();
+        fs::set_permissions(&kernel, fs::Permissions::from_mode(0o644)).unwrap();
+
+        // `sh` in place of the VMM, confined as the VMM is.
+        let host = Host::new();
+        let limits = VmmLimits::for_guest(64 << 20, QEMU_OVERHEAD, 1, None);
+        let mut confinement = host.confine(vm_dir.path(), &limits).unwrap();
+        let reached = confinement.reach(&kernel).unwrap();
+        let given = confinement.dir().join("given");
+        let elsewhere = [
+            passwd,
+            public.as_path(),
+            open_dir.path(),
+            Path::new("/proc/self/status"),
+            Path::new("/sys/kernel"),
+            Path::new("/home"),
+            Path::new("/root"),
+            Path::new("/tmp"),
+            Path::new("/etc"),
+        ];
+        let mut asked: Vec<&Path> = elsewhere.to_vec();
+        asked.extend([given.as_path(), reached.as_path()]);
+        let inside = probed(confinement.spawn(probe(&asked)).unwrap());
+        for path in elsewhere {
+            let p = path.display();
+            assert!(inside.contains(&format!("absent {p}\n")), "{p}:\n{inside}");
+            assert!(!inside.contains(&format!("read {p}:")), "{p}:\n{inside}");
+        }
+        // Control: its own files are there, and read, as its own user.
+        assert!(
+            inside.contains(&format!("read {}: the VM's own\n", given.display())),
+            "{inside}"
+        );
+        assert!(
+            inside.contains(&format!("read {}: a file it reads\n", reached.display())),
+            "{inside}"
+        );
+        // Its root: what it runs on and what it was given, nothing of the host's.
+        let root = inside
+            .lines()
+            .find_map(|l| l.strip_prefix("root: "))
+            .unwrap_or_else(|| panic!("{inside}"));
+        let mut entries: Vec<&str> = root.split_whitespace().collect();
+        entries.retain(|e| !["/lib", "/lib64", "/usr", "/bin"].contains(e));
+        assert_eq!(entries, ["/dev", "/reached", "/vm"], "{root}");
+
+        // The control: the same probe, unconfined, finds the host's files it was denied.
+        let outside = probed(spawn(probe(&elsewhere), None).unwrap());
+        for path in [passwd, public.as_path(), open_dir.path(), Path::new("/etc")] {
+            let p = path.display();
+            assert!(
+                outside.contains(&format!("present {p}\n")),
+                "{p}:\n{outside}"
+            );
+        }
+        assert!(
+            outside.contains(&format!(
+                "read {}: anyone may read this\n",
+                public.display()
+            )),
+            "{outside}"
+        );
+        assert!(
+            outside.contains(&format!("read {}: root:", passwd.display())),
+            "{outside}"
         );
     }
 

@@ -281,11 +281,13 @@ impl Firecracker {
         for name in [API_SOCKET, VSOCK_SOCKET] {
             let _ = fs::remove_file(place.host(name));
         }
-        let console = fs::File::create(machine.dir.join("console.log")).map_err(spawn)?;
+        // The guest's console is Firecracker's standard output: a pipe whose end upstream
+        // keeps ([`crate::console`]), as it does QEMU's.
+        let (console, writer) = crate::console::Console::open().map_err(spawn)?;
         let mut command = self.command(&place, &id);
         command
             .stdin(Stdio::null())
-            .stdout(console)
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped());
         let child = match &self.jailer {
             // In the VM's cgroups, in the keeper's pid namespace: killed with upstream
@@ -298,7 +300,7 @@ impl Firecracker {
         let mut vm = FirecrackerVm {
             child,
             api: Api::new(&place.host(API_SOCKET)),
-            dir: machine.dir.to_path_buf(),
+            console,
             place,
             stderr: None,
             killed: false,
@@ -544,8 +546,8 @@ impl Vmm for Firecracker {
 pub struct FirecrackerVm {
     child: Child,
     api: Api,
-    /// The sandbox's directory.
-    dir: PathBuf,
+    /// The guest's console, its last 64 KiB as upstream keeps it.
+    console: crate::console::Console,
     place: Place,
     /// Firecracker's standard error, once it exited.
     stderr: Option<String>,
@@ -672,8 +674,8 @@ impl Vm for FirecrackerVm {
         Ok(self.api.patch("/vm", &json!({ "state": "Resumed" }))?)
     }
 
-    fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
+    fn console(&self) -> &crate::console::Console {
+        &self.console
     }
 
     fn last_words(&mut self) -> String {
@@ -686,7 +688,7 @@ impl Vm for FirecrackerVm {
         }
         // Its log is in a directory a jailed Firecracker owns: read as the console is, a
         // regular file only, never through a link, its end only.
-        let log = crate::confine::read_tail(&self.place.host(LOG), LOG_TAIL);
+        let log = read_tail(&self.place.host(LOG), LOG_TAIL);
         let said: Vec<&str> = log
             .lines()
             .chain(self.stderr.as_deref().unwrap_or("").lines())
@@ -713,6 +715,30 @@ impl Drop for FirecrackerVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The last `bytes` of a file Firecracker writes in a directory it may own (its log), as
+/// long as it likes: opened without following a link or waiting on a FIFO, a regular file
+/// only.
+fn read_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let Ok(mut file) = opened else {
+        return String::new();
+    };
+    let size = match file.metadata() {
+        Ok(meta) if meta.is_file() => meta.len(),
+        _ => return String::new(),
+    };
+    let mut tail = Vec::new();
+    let _ = file
+        .seek(SeekFrom::Start(size.saturating_sub(bytes)))
+        .and_then(|_| file.take(bytes).read_to_end(&mut tail));
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 pub mod boot;
 pub mod confine;
+pub mod console;
 pub mod disk;
 pub mod firecracker;
 pub mod guest;
@@ -1002,8 +1003,9 @@ pub struct VmSandbox {
     kept_root: PathBuf,
 }
 
-/// How much of the end of a guest's console a VM that stopped is told by.
-const CONSOLE_TAIL: u64 = 64 << 10;
+/// How long a VMM that is gone may take to let go of its console: what it wrote is read
+/// to its end within it.
+const CONSOLE_CLOSED_WITHIN: Duration = Duration::from_secs(2);
 
 /// How long a guest has from QEMU's start to its agent's first word: a boot under TCG takes
 /// seconds, under KVM a fraction of one; one that hangs (a kernel that cannot boot on this
@@ -1030,8 +1032,7 @@ impl VmSandbox {
         match e {
             VmmError::Exited => SandboxError::setup("the sandbox's VM stopped", None),
             e @ VmmError::Setup(_) if self.vmm == VmmKind::Firecracker => {
-                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
-                let last = last_lines(&console, 4);
+                let last = last_lines(&self.console_tail(), 4);
                 self.stop_vm();
                 SandboxError::setup(
                     format!("the sandbox's VM did not start: {e}; its console ended with: {last}"),
@@ -1050,8 +1051,19 @@ impl VmSandbox {
         Some(self.death_notice(status, &said))
     }
 
+    /// What the guest's console has said so far (its last 64 KiB).
+    fn console_tail(&self) -> String {
+        self.vm
+            .as_ref()
+            .map(|vm| vm.console().tail())
+            .unwrap_or_default()
+    }
+
     fn death_notice(&self, status: std::process::ExitStatus, vmm_said: &str) -> String {
-        let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
+        let console = match &self.vm {
+            Some(vm) => vm.console().tail_once_closed(CONSOLE_CLOSED_WITHIN),
+            None => String::new(),
+        };
         // What the guest's init said last, else the console's last lines.
         let said: String = console
             .lines()
@@ -1130,8 +1142,7 @@ impl VmSandbox {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let console = confine::read_tail(&qemu::console_of(&self.dir), CONSOLE_TAIL);
-                let last = last_lines(&console, 4);
+                let last = last_lines(&self.console_tail(), 4);
                 self.stop_vm();
                 Err(SandboxError::setup(
                     format!(
@@ -1627,11 +1638,6 @@ pub fn open(
 mod tests {
     use super::*;
 
-    /// The end of the console of the VM in `dir`, as a VM that stopped is told by.
-    fn console_tail(dir: &Path) -> String {
-        confine::read_tail(&qemu::console_of(dir), CONSOLE_TAIL)
-    }
-
     #[test]
     fn each_vmms_limits_are_its_guests_ram_and_its_own_overhead() {
         let shape = Shape {
@@ -1662,20 +1668,5 @@ mod tests {
             shape.vmm_limits(&qemu).memory,
             (704 << 20) + confine::qemu_overhead(Accel::Tcg)
         );
-    }
-
-    #[test]
-    fn a_console_a_guest_flooded_is_read_back_by_its_end_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut flood = vec![b'x'; 8 << 20];
-        flood.extend_from_slice(b"\nKernel panic - not syncing: the end\n");
-        std::fs::write(qemu::console_of(dir.path()), &flood).unwrap();
-        let tail = console_tail(dir.path());
-        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
-        assert!(tail.ends_with("Kernel panic - not syncing: the end\n"));
-        // The control: a console shorter than the bound is read whole, and none is empty.
-        std::fs::write(qemu::console_of(dir.path()), "booted\n").unwrap();
-        assert_eq!(console_tail(dir.path()), "booted\n");
-        assert_eq!(console_tail(&dir.path().join("none")), "");
     }
 }

@@ -87,6 +87,17 @@ impl Network {
         ]
     }
 
+    /// The host's files QEMU reads for it, which its root of its own holds: for the NAT, the
+    /// resolver's configuration, whose name servers the NAT's resolver (`10.0.2.3`) asks.
+    pub fn host_files(&self) -> Vec<&'static Path> {
+        let resolv = Path::new("/etc/resolv.conf");
+        match self {
+            Network::None => Vec::new(),
+            Network::Nat { .. } if resolv.is_file() => vec![resolv],
+            Network::Nat { .. } => Vec::new(),
+        }
+    }
+
     /// The kernel command line word that tells the guest to bring its network up, if any.
     pub fn kernel_word(&self) -> Option<String> {
         match self {

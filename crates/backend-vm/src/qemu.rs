@@ -7,18 +7,22 @@
 //! `upstream.0` for the agent's first connection, the others for sessions. Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
 //! no side waits for the other's socket to appear), and connects again when this side
-//! closes it (a session ended). QEMU runs confined ([`crate::confine`]), with its own system
-//! call filter where it has one.
+//! closes it (a session ended). The guest's serial console goes to a pipe upstream reads
+//! ([`crate::console`]). QEMU runs confined ([`crate::confine`]), with its own system call
+//! filter where it has one, and in a root of its own that holds the firmware a `microvm`
+//! loads ([`firmware_of`]).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::boot::Kernel;
 use crate::confine::Confinement;
+use crate::console::Console;
 use crate::guest;
 use crate::network::Network;
 use crate::qmp::Monitor;
@@ -89,13 +93,11 @@ pub struct Machine<'a> {
     pub cmdline: &'a [String],
     /// The guest's network device, if any ([`crate::network`]); its word is in `cmdline`.
     pub network: Network,
-    /// The sandbox's directory: sockets and the console log go there.
+    /// The sandbox's directory, where its sockets are, as QEMU reaches it.
     pub dir: &'a Path,
     /// Guest RAM in a file rather than anonymous memory: a snapshot's (see [`Memory`]).
     pub memory: Memory<'a>,
-    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`): a
-    /// machine given no kernel, initramfs or kernel command line (the snapshot's RAM holds
-    /// its kernel, booted).
+    /// Start paused, waiting for a snapshot's state over QMP (`-incoming defer`).
     pub incoming: bool,
 }
 
@@ -119,12 +121,13 @@ pub fn qmp_socket_of(dir: &Path) -> PathBuf {
 }
 
 /// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and,
-/// for a machine whose RAM is a file, of its QMP monitor.
+/// for a machine whose RAM is a file, of its QMP monitor, and its guest's console.
 #[derive(Debug)]
 pub struct Started {
     pub child: Child,
     pub ports: Vec<UnixListener>,
     pub qmp: Option<UnixListener>,
+    pub console: Console,
 }
 
 /// The socket of port `name` in `dir`.
@@ -132,9 +135,63 @@ pub fn socket_of(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
-/// The guest's console, kept for telling why a VM died.
-pub fn console_of(dir: &Path) -> PathBuf {
-    dir.join("console.log")
+/// The descriptor set QEMU is handed its console's pipe in (`-add-fd`), which its serial
+/// port's chardev opens as `/dev/fdset/N`.
+const CONSOLE_FDSET: u32 = 1;
+
+/// The arguments that send the guest's serial console to descriptor `fd`: a `file`
+/// chardev on the descriptor set it is handed in, appending (a pipe cannot be truncated).
+fn console_args(fd: i32) -> Vec<String> {
+    vec![
+        "-add-fd".into(),
+        format!("fd={fd},set={CONSOLE_FDSET}"),
+        "-chardev".into(),
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+        "-serial".into(),
+        "chardev:console".into(),
+    ]
+}
+
+/// The firmware a `microvm` machine may load: its BIOS (SeaBIOS built for it, or qboot
+/// where it has no ACPI) and the option ROMs that boot a kernel given by `-kernel` (a
+/// bzImage, or a PVH ELF).
+const MICROVM_FIRMWARE: [&str; 5] = [
+    "bios-microvm.bin",
+    "qboot.rom",
+    "linuxboot_dma.bin",
+    "linuxboot.bin",
+    "pvh.bin",
+];
+
+/// Where QEMU `qemu` finds each of the firmware a `microvm` loads that it has: in the first
+/// of its firmware directories (`-L help`, in the order it searches them) that holds it.
+/// These go in the root of its own a confined QEMU runs in, at those paths. Asked of each
+/// QEMU binary once.
+pub fn firmware_of(qemu: &Path) -> Vec<PathBuf> {
+    type Known = Vec<(PathBuf, Vec<PathBuf>)>;
+    static KNOWN: Mutex<Known> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, found)) = known.iter().find(|(p, _)| p == qemu) {
+        return found.clone();
+    }
+    let dirs = Command::new(qemu)
+        .args(["-L", "help"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    let found: Vec<PathBuf> = MICROVM_FIRMWARE
+        .iter()
+        .filter_map(|name| {
+            dirs.lines()
+                .map(|dir| Path::new(dir.trim()).join(name))
+                .find(|path| path.is_absolute() && path.is_file())
+        })
+        .collect();
+    known.push((qemu.to_path_buf(), found.clone()));
+    found
 }
 
 /// The TSC rate the guest is told (kHz): under TCG its TSC runs at the host's, and a guest
@@ -153,7 +210,8 @@ fn tsc_khz() -> Option<u64> {
 }
 
 impl Machine<'_> {
-    /// QEMU's arguments for this machine.
+    /// QEMU's arguments for this machine, but its console's ([`Machine::start`] adds them:
+    /// they name the descriptor of a pipe made as QEMU starts).
     pub fn args(&self) -> Vec<String> {
         self.args_with(&[])
     }
@@ -227,25 +285,12 @@ impl Machine<'_> {
             format!("{}M", self.memory_mib),
             "-smp".into(),
             self.cpus.to_string(),
-        ]);
-        // A machine restored from a snapshot boots nothing: its kernel is in the snapshot's
-        // RAM. Given one, QEMU would keep the kernel's image in its own memory for the
-        // firmware to load (14 MiB of Debian's, in every restored VM).
-        if !self.incoming {
-            args.extend([
-                "-kernel".into(),
-                self.kernel.display().to_string(),
-                "-initrd".into(),
-                self.initramfs.display().to_string(),
-                "-append".into(),
-                append.join(" "),
-            ]);
-        }
-        args.extend([
-            "-chardev".into(),
-            format!("file,id=console,path={}", console_of(self.dir).display()),
-            "-serial".into(),
-            "chardev:console".into(),
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-initrd".into(),
+            self.initramfs.display().to_string(),
+            "-append".into(),
+            append.join(" "),
             "-drive".into(),
             format!(
                 "file={},format=raw,if=none,id=root,readonly=on,cache=unsafe",
@@ -306,43 +351,41 @@ impl Machine<'_> {
         more: &[&str],
         confinement: Option<&Confinement>,
     ) -> std::io::Result<Started> {
+        // Where this process reaches the directory QEMU reaches at `dir`.
+        let host_dir = confinement.map_or_else(|| self.dir.to_path_buf(), |c| c.host_dir());
         let listen = |path: PathBuf| {
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path)
         };
         let mut ports = Vec::new();
         for n in 0..=SESSION_PORTS {
-            ports.push(listen(socket_of(self.dir, &port_name(n)))?);
+            ports.push(listen(socket_of(&host_dir, &port_name(n)))?);
         }
         let qmp = match self.memory {
             Memory::Anonymous => None,
-            _ => Some(listen(qmp_socket_of(self.dir))?),
+            _ => Some(listen(qmp_socket_of(&host_dir))?),
         };
-        // A confined QEMU makes nothing in its directory: what it writes is there first.
-        std::fs::File::create(console_of(self.dir))?;
+        let (console, writer) = Console::open()?;
         let mut command = Command::new(self.qemu);
         command
             .args(self.args_with(more))
+            .args(console_args(writer.as_raw_fd()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if self.incoming {
-            // A restored VM's own memory is what it changed of the snapshot's RAM and the
-            // translation cache it fills anew: worth counting in pages of 4 KiB. Left to
-            // the host's huge pages, which QEMU asks for, each 2 MiB of the cache and of
-            // the firmware's RAM (a few KiB of it used) is taken whole at its first write:
-            // 2.4 MiB more per idle VM, measured. (The snapshot's RAM, a file mapped
-            // private, has none either way.)
-            // SAFETY: prctl is async-signal-safe and touches no memory of this process's.
-            unsafe {
-                command.pre_exec(|| match libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
-        }
-        let child = crate::confine::spawn(command, confinement)?;
-        Ok(Started { child, ports, qmp })
+        let firmware = firmware_of(self.qemu);
+        let mut files: Vec<&Path> = firmware.iter().map(PathBuf::as_path).collect();
+        files.extend(self.network.host_files());
+        let child =
+            crate::confine::spawn_handing(command, confinement, &[writer.as_raw_fd()], &files)?;
+        // QEMU holds the pipe's write end now; once it is gone the console reads its end.
+        drop(writer);
+        Ok(Started {
+            child,
+            ports,
+            qmp,
+            console,
+        })
     }
 }
 
@@ -448,7 +491,7 @@ impl Qemu {
             monitor: None,
             agent: None,
             memory: spec.snapshot_memory.map(Path::to_path_buf),
-            dir: spec.dir.to_path_buf(),
+            console: started.console,
             stderr: None,
         })
     }
@@ -468,7 +511,8 @@ pub struct QemuVm {
     agent: Option<UnixStream>,
     /// The file its RAM is in, for a machine booted to be snapshotted.
     memory: Option<PathBuf>,
-    dir: PathBuf,
+    /// The guest's serial console, its last 64 KiB as upstream keeps it.
+    console: Console,
     /// QEMU's standard error, once it exited.
     stderr: Option<String>,
 }
@@ -594,8 +638,8 @@ impl Vm for QemuVm {
         }
     }
 
-    fn console(&self) -> PathBuf {
-        console_of(&self.dir)
+    fn console(&self) -> &Console {
+        &self.console
     }
 
     fn last_words(&mut self) -> String {

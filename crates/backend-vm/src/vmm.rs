@@ -191,8 +191,8 @@ pub trait Vm: Send + std::fmt::Debug {
     /// Runs a paused guest on.
     fn resume(&mut self) -> Result<(), VmmError>;
 
-    /// Where the guest's console is written.
-    fn console(&self) -> PathBuf;
+    /// The guest's console, as upstream keeps it ([`crate::console`]: its last 64 KiB).
+    fn console(&self) -> &crate::console::Console;
 
     /// What the VMM itself said last (its log, its standard error), for a VM that stopped.
     fn last_words(&mut self) -> String;

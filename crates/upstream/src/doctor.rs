@@ -128,12 +128,17 @@ fn vm() -> Line {
              devices through ACPI); $UPSTREAM_VMM=qemu runs QEMU instead"
         }
     };
+    // What the VM's monitor is not held to here, said as a sandbox's `unenforced` says it.
+    let unconfined: String = upstream_backend_vm::confine::unconfined_here()
+        .iter()
+        .map(|gap| format!("; {gap}"))
+        .collect();
     match upstream_backend_vm::probe(&config) {
         Ok(took) => Line {
             name,
             ok: true,
             detail: format!(
-                "{what}: a guest booted and powered off in {:.1} s; {}",
+                "{what}: a guest booted and powered off in {:.1} s{unconfined}; {}",
                 took.as_secs_f64(),
                 host_disk(&config)
             ),

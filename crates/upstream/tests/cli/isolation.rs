@@ -260,13 +260,23 @@ fn files_in(dir: &Path) -> Vec<(PathBuf, blake3::Hash, std::time::SystemTime)> {
 /// under `runtime` holds on `root_disk`, and on a sandbox's `scratch.ext4`, seen until
 /// `done`.
 fn disk_modes(root_disk: &Path, runtime: &Path, done: &AtomicBool) -> (Vec<i32>, Vec<i32>) {
+    use std::os::unix::fs::MetadataExt;
     let (mut root, mut scratch) = (Vec::new(), Vec::new());
+    let file_of = |m: &fs::Metadata| (m.dev(), m.ino());
+    let root_file = file_of(&fs::metadata(root_disk).unwrap());
     while !done.load(Ordering::SeqCst) {
+        // The sandboxes' disks now: a QEMU in a root of its own names its files by paths
+        // of that root, so they are told by the files its descriptors lead to.
+        let scratch_files: Vec<(u64, u64)> = fs::read_dir(runtime.join("vm/sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|dir| fs::metadata(dir.path().join("scratch.ext4")).ok())
+            .map(|m| file_of(&m))
+            .collect();
         for process in fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = fs::read(process.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            // A confined QEMU names its files by descriptor (`/proc/self/fd/N`): this test's
-            // are told by what its descriptors lead to, below.
             if !cmdline.contains("qemu") {
                 continue;
             }
@@ -274,12 +284,12 @@ fn disk_modes(root_disk: &Path, runtime: &Path, done: &AtomicBool) -> (Vec<i32>,
                 continue;
             };
             for fd in fds.flatten() {
-                let Ok(target) = fs::read_link(fd.path()) else {
+                let Ok(meta) = fs::metadata(fd.path()) else {
                     continue;
                 };
-                let into = if target == root_disk {
+                let into = if file_of(&meta) == root_file {
                     &mut root
-                } else if target.starts_with(runtime) && target.ends_with("scratch.ext4") {
+                } else if scratch_files.contains(&file_of(&meta)) {
                     &mut scratch
                 } else {
                     continue;
@@ -1082,6 +1092,278 @@ mod vm {
             "{err}\n{second}"
         );
         assert!(took < Duration::from_secs(120), "{took:?}");
+        t.assert_a_new_sandbox_works();
+    }
+
+    /// The QEMU processes running a machine whose parent is `run` (not those asked what
+    /// they have: `-version`, `-L help`), once there is one; what `run` said if it ends first.
+    fn vmms_of(run: &mut std::process::Child) -> Vec<u32> {
+        let parent = run.id();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let found: Vec<u32> = fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    let ppid = stat
+                        .rfind(')')
+                        .and_then(|at| stat[at + 2..].split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<u32>().ok());
+                    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    comm.starts_with("qemu-system")
+                        && ppid == Some(parent)
+                        && String::from_utf8_lossy(&cmdline).contains("microvm")
+                })
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+            if let Some(status) = run.try_wait().unwrap() {
+                let mut said = String::new();
+                use std::io::Read;
+                let _ = run.stderr.take().map(|mut e| e.read_to_string(&mut said));
+                panic!("upstream ended ({status}) before its VM ran: {said}");
+            }
+            assert!(Instant::now() < deadline, "upstream started no QEMU");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every path below `root` (a process's `/proc/<pid>/root`), without following links,
+    /// as that process names it, and whether it is a directory.
+    fn tree_of(root: &Path) -> Vec<(PathBuf, bool)> {
+        let mut found = Vec::new();
+        let mut left = vec![root.to_path_buf()];
+        while let Some(dir) = left.pop() {
+            for entry in fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let is_dir = entry.file_type().unwrap().is_dir();
+                if is_dir {
+                    left.push(path.clone());
+                }
+                found.push((
+                    Path::new("/").join(path.strip_prefix(root).unwrap()),
+                    is_dir,
+                ));
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// A guest that broke into its VMM would find none of the host's files: the QEMU of a
+    /// running VM has a root of its own that holds its program, its libraries, its firmware,
+    /// its devices, the files it reads and its own directory, and nothing else — not
+    /// `/etc/passwd`, not a file any user may read in `/tmp`, no `/proc`, `/home`, `/root`.
+    /// With the host's network it has the resolver's configuration too. Seen from the host
+    /// through `/proc/<qemu>/root` while the VM runs, the control being the same look at
+    /// its own files there, and at the same host paths through this process's own root.
+    #[test]
+    fn the_vmm_finds_none_of_the_hosts_files() {
+        let Some(t) = Target::new(Isolation::Vm) else {
+            return;
+        };
+        let public_dir = tempfile::Builder::new()
+            .prefix("upstream-vmm-root-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(public_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let public = public_dir.path().join("public");
+        fs::write(&public, "anyone may read this\n").unwrap();
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+        let host_files = [
+            Path::new("/etc/passwd"),
+            public.as_path(),
+            public_dir.path(),
+            Path::new("/home"),
+            Path::new("/root"),
+            Path::new("/proc/1"),
+            Path::new("/sys/kernel"),
+            Path::new("/tmp"),
+            Path::new("/var"),
+        ];
+        let own_files = [
+            Path::new("/vm/scratch.ext4"),
+            Path::new("/vm/upstream.0.sock"),
+            Path::new("/dev/null"),
+            Path::new("/dev/urandom"),
+        ];
+        for network in ["none", "host"] {
+            let text = format!(
+                "---\n{}\n---\n# Wait\n```bash\nsleep 6\n```\n",
+                t.front_matter(&format!("network: {network}")).trim_end()
+            );
+            t.env.write("wait.md", text);
+            let mut run = t
+                .command()
+                .args(["run", "wait.md"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let vmm = vmms_of(&mut run)[0];
+            let root = PathBuf::from(format!("/proc/{vmm}/root"));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !root.join("vm/upstream.0.sock").exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "no /vm/upstream.0.sock in its root"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Looked at while it runs: a root that is gone has nothing in it.
+            let seen = |path: &Path| {
+                root.join(path.strip_prefix("/").unwrap())
+                    .symlink_metadata()
+                    .is_ok()
+            };
+            let host_seen: Vec<bool> = host_files.iter().map(|p| seen(p)).collect();
+            let own_seen: Vec<bool> = own_files.iter().map(|p| seen(p)).collect();
+            let listed = tree_of(&root);
+            let still_running = seen(Path::new("/vm/upstream.0.sock"));
+            let _ = run.wait();
+            assert!(still_running, "the VM ended while its root was looked at");
+            let tree: Vec<PathBuf> = listed.iter().map(|(p, _)| p.clone()).collect();
+            // The control: its own files are there, by the same look.
+            for (own, seen) in own_files.iter().zip(own_seen) {
+                assert!(seen, "{} is not in its root", own.display());
+                assert!(
+                    tree.contains(&own.to_path_buf()),
+                    "{} in {tree:#?}",
+                    own.display()
+                );
+            }
+            assert!(
+                tree.iter().filter(|p| p.starts_with("/reached")).count() >= 3,
+                "the kernel, the initramfs and the image's disk: {tree:#?}"
+            );
+            assert!(
+                tree.iter().any(|p| p.ends_with("qemu-system-x86_64")),
+                "{tree:#?}"
+            );
+            // Nothing of the host's but what QEMU runs on.
+            for (path, seen) in host_files.iter().zip(host_seen) {
+                assert!(!seen, "{} is in the VMM's root", path.display());
+                assert!(
+                    !tree.contains(&path.to_path_buf()),
+                    "{} in {tree:#?}",
+                    path.display()
+                );
+            }
+            let runs_on = |p: &Path| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.contains(".so")
+                    || name.starts_with("qemu-system")
+                    || name.ends_with(".bin")
+                    || name.ends_with(".rom")
+            };
+            let resolver = Path::new("/etc/resolv.conf");
+            for (path, is_dir) in &listed {
+                if *is_dir {
+                    continue;
+                }
+                let expected = path.starts_with("/vm")
+                    || path.starts_with("/reached")
+                    || ["/dev/null", "/dev/urandom", "/dev/kvm", "/etc/ld.so.cache"]
+                        .iter()
+                        .any(|p| path == Path::new(p))
+                    || (network == "host" && path == resolver)
+                    || runs_on(path);
+                assert!(expected, "{} in the VMM's root: {tree:#?}", path.display());
+            }
+            assert_eq!(
+                tree.contains(&resolver.to_path_buf()),
+                network == "host" && resolver.is_file(),
+                "the resolver's configuration with network: {network}"
+            );
+            // The control: the same host paths, through this process's own root, are there.
+            for path in [
+                Path::new("/etc/passwd"),
+                public.as_path(),
+                Path::new("/proc/1"),
+            ] {
+                assert!(
+                    Path::new("/proc/self/root")
+                        .join(path.strip_prefix("/").unwrap())
+                        .exists(),
+                    "{}",
+                    path.display()
+                );
+            }
+        }
+        assert!(t.leftover_sandboxes().is_empty());
+    }
+
+    /// Root in the guest writes its console far past what the host keeps of it (64 KiB),
+    /// then crashes its kernel: none of it lands in a file on the host (no file of the
+    /// sandbox's directory but its disk grows while it writes), and the step still says the
+    /// kernel panicked, from the end of the console the host kept. The control: the end of
+    /// the flood is in what the step says the console ended with, so it reached the host.
+    #[test]
+    fn a_console_flood_fills_no_host_file_and_the_panic_is_still_told() {
+        let Some(t) = Target::new(Isolation::Vm) else {
+            return;
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let largest = {
+            let done = done.clone();
+            let sandboxes = t.env.runtime.join("vm/sandboxes");
+            std::thread::spawn(move || {
+                use std::os::unix::fs::MetadataExt;
+                let mut largest = (0u64, PathBuf::new());
+                while !done.load(Ordering::SeqCst) {
+                    for dir in fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+                        for file in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                            let Ok(meta) = file.metadata() else {
+                                continue;
+                            };
+                            let name = file.file_name().to_string_lossy().into_owned();
+                            // What it takes on disk (a disk is sparse, and bounded by `disk:`).
+                            let used = meta.blocks() * 512;
+                            if meta.is_file() && !name.contains(".ext4") && used > largest.0 {
+                                largest = (used, file.path());
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                largest
+            })
+        };
+        // Its last line looks like its init's, which what the host tells of a VM's end
+        // names first: so it shows whether the flood's end reached the host.
+        let flood = "{ yes 'the guest floods its console' || true; } | head -c 4194304 > /dev/ttyS0\n\
+                     printf '\\nupstream: the end of the flood\\n' > /dev/ttyS0\n\
+                     echo flooded";
+        let crash = "echo c > /proc/sysrq-trigger\necho UNREACHED";
+        let (code, doc, err) = t.run_steps("network: none", &[flood, crash]);
+        done.store(true, Ordering::SeqCst);
+        let largest = largest.join().unwrap();
+        let first = result_block(&doc, 1);
+        assert!(
+            first.contains("exit 0") && first.contains("flooded"),
+            "{first}\n{err}"
+        );
+        assert!(
+            largest.0 < 64 << 10,
+            "{} takes {} bytes",
+            largest.1.display(),
+            largest.0
+        );
+        let second = result_block(&doc, 2);
+        assert_ne!(code, 0, "{err}");
+        assert!(!second.contains("UNREACHED"), "{second}");
+        assert!(
+            second.contains("its kernel panicked (sysrq triggered crash)"),
+            "{second}\n{err}"
+        );
+        assert!(
+            second.contains("its console ended with: upstream: the end of the flood"),
+            "the control: {second}"
+        );
         t.assert_a_new_sandbox_works();
     }
 

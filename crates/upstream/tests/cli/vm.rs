@@ -306,6 +306,8 @@ fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
     );
     assert!(line.contains("vmlinuz-"), "{line}");
     assert!(line.contains("a guest booted and powered off"), "{line}");
+    // As root the VM's monitor has a root of its own: nothing is said to be unconfined.
+    assert!(!line.contains("sees the host's files"), "{line}");
     // Control: a "kernel" that is no kernel boots nothing, and doctor says so.
     let not_a_kernel = env.write("vmlinuz-not", "not a kernel");
     let out = env
@@ -320,6 +322,45 @@ fn doctor_names_the_vmm_accelerator_and_kernel_and_boots_a_guest() {
         .find(|l| l.split_whitespace().nth(1) == Some("vm"))
         .unwrap_or_else(|| panic!("no vm line in:\n{text}"));
     assert!(line.starts_with("no"), "{line}");
+}
+
+/// Without root the VM's monitor keeps the host's root (a mount namespace of its own needs
+/// root): `upstream doctor` still boots a guest, and says the monitor sees the host's files
+/// as upstream's user does. The control is the root doctor's line above, which does not.
+#[test]
+fn doctor_says_a_vm_monitor_without_root_sees_the_hosts_files() {
+    crate::require_root_sandbox!();
+    require_vm!();
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let nobody = 65534;
+    let work = env.path("nobody");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(nobody), Some(nobody)).unwrap();
+    let out = std::process::Command::new(crate::util::binary_for_nobody(&env))
+        .arg("doctor")
+        .current_dir(&work)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", &work)
+        .env("UPSTREAM_RUNTIME_DIR", work.join("runtime"))
+        .uid(nobody)
+        .gid(nobody)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("vm"))
+        .unwrap_or_else(|| panic!("no vm line in:\n{text}\n{}", stderr(&out)));
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("a guest booted and powered off"), "{line}");
+    assert!(
+        line.contains(
+            "the VM's monitor sees the host's files as upstream's user does: a root of its own needs upstream to run as root"
+        ),
+        "{line}"
+    );
 }
 
 /// A daemon's pool of VMs is filled by restoring a snapshot of one booted guest; what it
@@ -830,7 +871,7 @@ fn a_guest_finds_its_disks_by_mode_and_stops_by_reboot_as_under_firecracker() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    let console = std::fs::read_to_string(vm.console()).unwrap_or_default();
+    let console = vm.console().tail_once_closed(Duration::from_secs(2));
     assert!(
         console.contains("reboot: Restarting system"),
         "no reboot on the console: {console}"
