@@ -245,6 +245,28 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A VM's kernel, initramfs, image disk, own disk and directory as its VMM reaches them:
+/// through the confinement that holds it (`reached`), else at the host's paths (`host`, in
+/// that order).
+fn as_reached(
+    reached: Option<&confine::Reached>,
+    host: [&PathBuf; 5],
+) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    match reached {
+        Some(r) => (
+            r.kernel.clone(),
+            r.initramfs.clone(),
+            r.root_disk.clone(),
+            r.scratch_disk.clone(),
+            r.dir.clone(),
+        ),
+        None => {
+            let [kernel, initramfs, root_disk, scratch_disk, dir] = host.map(PathBuf::clone);
+            (kernel, initramfs, root_disk, scratch_disk, dir)
+        }
+    }
+}
+
 /// The VM backend.
 #[derive(Debug)]
 pub struct VmBackend {
@@ -416,22 +438,16 @@ impl VmBackend {
             }
             VmmKind::Firecracker => None,
         };
-        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
-            Some(r) => (
-                r.kernel.clone(),
-                r.initramfs.clone(),
-                r.root_disk.clone(),
-                r.scratch_disk.clone(),
-                r.dir.clone(),
-            ),
-            None => (
-                shape.kernel.clone(),
-                shape.initramfs.clone(),
-                shape.root_disk.clone(),
-                scratch.clone(),
-                dir.clone(),
-            ),
-        };
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = as_reached(
+            reached.as_ref(),
+            [
+                &shape.kernel,
+                &shape.initramfs,
+                &shape.root_disk,
+                &scratch,
+                &dir,
+            ],
+        );
         let (snapshot_memory, snapshot) = match ram {
             Ram::Anonymous => (None, None),
             Ram::Snapshotted => (Some(vmm_dir.join(TEMPLATE_MEMORY)), None),
@@ -1559,22 +1575,10 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             network::Network::None,
         );
         cmdline.push(guest::POWER_OFF_AT_ONCE.to_string());
-        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = match &reached {
-            Some(r) => (
-                r.kernel.clone(),
-                r.initramfs.clone(),
-                r.root_disk.clone(),
-                r.scratch_disk.clone(),
-                r.dir.clone(),
-            ),
-            None => (
-                boot.kernel.clone(),
-                boot.initramfs.clone(),
-                root.clone(),
-                scratch.clone(),
-                dir.clone(),
-            ),
-        };
+        let (kernel, initramfs, root_disk, scratch_disk, vmm_dir) = as_reached(
+            reached.as_ref(),
+            [&boot.kernel, &boot.initramfs, &root, &scratch, &dir],
+        );
         let machine = MachineSpec {
             kernel: &kernel,
             initramfs: &initramfs,
