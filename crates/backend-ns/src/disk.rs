@@ -57,7 +57,10 @@ pub fn template(dir: &Path, size: u64) -> Result<PathBuf, DiskError> {
         return Ok(path);
     }
     fs::create_dir_all(dir).map_err(io_err("create the directory of disk templates"))?;
-    let temp = dir.join(format!("{size}.ext4.tmp-{}", std::process::id()));
+    let temp = dir.join(format!(
+        "{size}.ext4.tmp-{}",
+        upstream_sandbox::runtime::unique_name()
+    ));
     let made = format(&temp, size)
         .and_then(|()| fs::rename(&temp, &path).map_err(io_err("put a disk template in place")));
     if let Err(e) = made {

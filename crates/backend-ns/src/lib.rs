@@ -115,7 +115,10 @@ impl NamespaceBackend {
         let rootless = !Uid::effective().is_root();
         let skeleton = runtime_dir.join(SKELETON_DIR);
         if !skeleton.is_dir() {
-            let temp = runtime_dir.join(format!("{SKELETON_DIR}.tmp-{}", std::process::id()));
+            let temp = runtime_dir.join(format!(
+                "{SKELETON_DIR}.tmp-{}",
+                upstream_sandbox::runtime::unique_name()
+            ));
             let made = mounts::make_skeleton(&temp).and_then(|()| fs::rename(&temp, &skeleton));
             if made.is_err() {
                 let _ = sandboxfs::remove_all(&temp);

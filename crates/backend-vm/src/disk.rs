@@ -31,7 +31,10 @@ pub fn root_disk(cache: &Path, rootfs: &Path) -> io::Result<PathBuf> {
     let (bytes, inodes) = usage(rootfs)?;
     // Half as much again as the files, and an inode for each with as many to spare.
     let size = (bytes + bytes / 2 + ROOT_SLACK).div_ceil(1 << 20) << 20;
-    let temp = cache.join(format!("{name}.{}.tmp", std::process::id()));
+    let temp = cache.join(format!(
+        "{name}.{}.tmp",
+        upstream_sandbox::runtime::unique_name()
+    ));
     let result = mke2fs(
         &temp,
         size,
@@ -69,7 +72,7 @@ pub fn scratch_disk_from(cache: &Path, path: &Path, size: u64) -> io::Result<()>
         let temp = cache.join(format!(
             "scratch-{}.ext4.{}.tmp",
             size >> 20,
-            std::process::id()
+            upstream_sandbox::runtime::unique_name()
         ));
         let made = scratch_disk(&temp, size).and_then(|()| fs::rename(&temp, &template));
         if made.is_err() {
@@ -214,6 +217,59 @@ fn usage(dir: &Path) -> io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Threads of one process (a daemon's, a test's) that need the same image's disk at
+    /// once each get it whole: none writes over another's half-made disk or renames it
+    /// away. The control: the disk is checked whole, holding the image's file.
+    #[test]
+    fn threads_making_the_same_root_disk_at_once_all_get_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("etc")).unwrap();
+        for n in 0..200 {
+            fs::write(rootfs.join(format!("etc/file-{n}")), vec![b'x'; 4096]).unwrap();
+        }
+        std::os::unix::fs::symlink("usr/bin", rootfs.join("bin")).unwrap();
+        let cache = dir.path().join("cache");
+        let made: Vec<_> = (0..4)
+            .map(|_| {
+                let (cache, rootfs) = (cache.clone(), rootfs.clone());
+                std::thread::spawn(move || root_disk(&cache, &rootfs))
+            })
+            .collect();
+        let paths: Vec<PathBuf> = made
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert!(paths.iter().all(|p| p == &paths[0]), "{paths:?}");
+        let out = Command::new("e2fsck")
+            .args(["-n", "-f"])
+            .arg(&paths[0])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let listed = Command::new("debugfs")
+            .args(["-R", "ls /etc"])
+            .arg(&paths[0])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&listed.stdout).contains("file-199"),
+            "{}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        // Nothing half-made is left beside it.
+        let left: Vec<_> = fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
 
     #[test]
     fn a_scratch_disk_from_its_template_is_a_whole_sparse_filesystem() {

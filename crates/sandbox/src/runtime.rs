@@ -19,6 +19,19 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};
 
+/// A part for the name of a file being made before it is renamed into place, which no
+/// other maker uses, in this process or another: the pid and a counter (threads of one
+/// process, a daemon's or a test's, make the same cached disk or template at once).
+pub fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// Errors finding or making the runtime directory.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeDirError {
