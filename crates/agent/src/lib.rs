@@ -6,6 +6,7 @@
 
 mod files;
 pub mod net;
+pub mod ports;
 pub mod protocol;
 pub mod renew;
 pub mod sandboxfs;
@@ -13,4 +14,4 @@ mod server;
 pub mod tree;
 pub mod vsock;
 
-pub use server::{AgentError, Ended, PORTS_DIR, Sessions, serve, serve_with};
+pub use server::{AgentError, Ended, Sessions, serve, serve_with};

@@ -290,7 +290,7 @@ pub enum Ended {
 /// Where the helpers a host asks for with [`Request::Attach`] are served from.
 #[derive(Debug, Clone, Copy)]
 pub enum Sessions<'a> {
-    /// The VM's virtio ports, by name in [`PORTS_DIR`].
+    /// The VM's virtio ports, by the names the host gave them ([`crate::ports`]).
     Ports,
     /// Connections to this vsock listener ([`crate::vsock::SESSION_PORT`]), attached by
     /// the name [`crate::vsock::ATTACH_NAME`].
@@ -390,10 +390,8 @@ fn receive_socket(conn: &Conn) -> io::Result<OwnedFd> {
     }
 }
 
-/// Where a VM's guest finds its virtio ports by name (made by its init: there is no udev).
-pub const PORTS_DIR: &str = "/dev/virtio-ports";
-
-/// Opens the virtio port named `name` for a helper to serve ([`Request::Attach`]).
+/// Opens the virtio port named `name` for a helper to serve ([`Request::Attach`]), once the
+/// kernel has added it ([`crate::ports`]).
 fn open_port(name: &str) -> io::Result<OwnedFd> {
     let plain = !name.is_empty()
         && name.len() <= 64
@@ -407,13 +405,7 @@ fn open_port(name: &str) -> io::Result<OwnedFd> {
             "a port's name is letters, digits, `.`, `-` and `_`",
         ));
     }
-    let path = format!("{PORTS_DIR}/{name}");
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&path)?;
-    Ok(file.into())
+    crate::ports::open(&crate::ports::wait_for(name, crate::ports::APPEAR_WITHIN)?)
 }
 
 /// Forks a helper that serves `socket` (a socket or a port) and exits when it is done.
@@ -1929,8 +1921,8 @@ mod tests {
                     other => panic!("{name}: {other:?}"),
                 }
             }
-            // A plain name that is no port here: refused by the open, and the connection
-            // still serves.
+            // A plain name that is no port here (a machine without virtio ports): refused,
+            // and the connection still serves.
             match one(
                 conn,
                 &Request::Attach {
@@ -1938,7 +1930,10 @@ mod tests {
                 },
             ) {
                 Response::Error { message } => {
-                    assert!(message.contains("No such file"), "{message}")
+                    assert!(
+                        message.contains("no virtio port named upstream.9"),
+                        "{message}"
+                    )
                 }
                 other => panic!("{other:?}"),
             }

@@ -249,6 +249,7 @@ impl Host {
             unenforced,
             ids,
             limits: *limits,
+            network: true,
         })
     }
 }
@@ -293,9 +294,25 @@ pub struct Confinement {
     /// As root, the id range whose first id is the VMM's uid and gid.
     ids: Option<IdRange>,
     limits: VmmLimits,
+    /// The VMM keeps the host's network (a guest on user-mode NAT needs it); else, in a
+    /// root of its own, it gets an empty network namespace.
+    network: bool,
 }
 
 impl Confinement {
+    /// The VMM's guest has no network device: its VMM, in a root of its own, runs in a
+    /// network namespace of its own with no interface, so a guest that broke into it can
+    /// reach no address, the host's loopback included. (Its sockets are files: they work
+    /// across namespaces.) Not as root, it keeps upstream's network, which its sandbox's
+    /// `unenforced` says.
+    pub fn without_network(&mut self) {
+        self.network = false;
+        if !self.jailed {
+            self.unenforced
+                .push("the VM's monitor shares upstream's network namespace".into());
+        }
+    }
+
     /// The VMM's directory as the VMM reaches it: [`jail::DIR`] in a root of its own, else
     /// through the descriptor of it this process holds at the same number.
     pub fn dir(&self) -> PathBuf {
@@ -464,10 +481,15 @@ impl Confinement {
             .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
             .collect();
         let jail = match self.jailed {
-            true => Some(
-                self.jail(&command, files)
-                    .map_err(|e| io::Error::other(e.to_string()))?,
-            ),
+            true => {
+                let jail = self
+                    .jail(&command, files)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                Some(match self.network {
+                    true => jail,
+                    false => jail.without_network(),
+                })
+            }
             false => None,
         };
         // In a root of its own the VMM reaches its files by their paths there.

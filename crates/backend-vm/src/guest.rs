@@ -125,7 +125,7 @@ pub fn main() -> ! {
 /// How the host reaches this guest's agent.
 enum Transport {
     /// The virtio port [`AGENT_PORT`], at this device.
-    Port(String),
+    Port(std::path::PathBuf),
     /// virtio-vsock: the agent listens ([`upstream_agent::vsock`]).
     Vsock,
 }
@@ -138,7 +138,11 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     // which a failure on the way is told, is taken as soon as it comes.
     let mut vsock = None;
     match wait_for_transport(Duration::from_secs(20))? {
-        Transport::Port(agent) => *port = Some(open_port(&agent)?),
+        Transport::Port(agent) => {
+            let opened = upstream_agent::ports::open(&agent)
+                .map_err(|e| format!("cannot open {}: {e}", agent.display()))?;
+            *port = Some(opened);
+        }
         Transport::Vsock => {
             use upstream_agent::vsock::{AGENT_PORT, SESSION_PORT, accept, listen_on};
             let listen =
@@ -171,7 +175,6 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
     mount_dir("overlay", NEW_ROOT, "overlay", MsFlags::empty(), &layers)?;
     mount_kernel_filesystems(NEW_ROOT)?;
     limit(NEW_ROOT, &options)?;
-    name_ports(NEW_ROOT)?;
     nix::unistd::sethostname(&options.hostname).map_err(|e| format!("sethostname: {e}"))?;
     upstream_agent::net::loopback_up().map_err(|e| format!("cannot bring up loopback: {e}"))?;
     let network = GuestNetwork::from_cmdline(&cmdline)?;
@@ -215,14 +218,8 @@ fn start(port: &mut Option<OwnedFd>) -> Result<(), String> {
 fn wait_for_transport(within: Duration) -> Result<Transport, String> {
     let until = Instant::now() + within;
     loop {
-        if let Some(device) = ports()
-            .into_iter()
-            .find(|(n, _)| n == AGENT_PORT)
-            .map(|(_, d)| d)
-        {
-            if Path::new(&device).exists() {
-                return Ok(Transport::Port(device));
-            }
+        if let Some(device) = upstream_agent::ports::find(AGENT_PORT) {
+            return Ok(Transport::Port(device));
         }
         let devices = virtio_devices();
         if devices.contains(&VIRTIO_VSOCK) && !devices.contains(&VIRTIO_CONSOLE) {
@@ -434,51 +431,6 @@ fn load_modules(list: &str) -> Result<(), String> {
                 return Err(format!("cannot load the kernel module {name}: {e}"));
             }
         }
-    }
-    Ok(())
-}
-
-/// Every named virtio port: its name and device.
-fn ports() -> Vec<(String, String)> {
-    let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = fs::read_to_string(entry.path().join("name")).ok()?;
-            let name = name.trim();
-            (!name.is_empty()).then(|| {
-                (
-                    name.to_string(),
-                    format!("/dev/{}", entry.file_name().to_string_lossy()),
-                )
-            })
-        })
-        .collect()
-}
-
-fn open_port(device: &str) -> Result<OwnedFd, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(device)
-        .map_err(|e| format!("cannot open {device}: {e}"))?;
-    Ok(file.into())
-}
-
-/// Links each port by name in `<root>/dev/virtio-ports`, as udev would, for the agent to
-/// find the ports a host attaches sessions to.
-fn name_ports(root: &str) -> Result<(), String> {
-    let dir = format!("{root}{}", upstream_agent::PORTS_DIR);
-    fs::create_dir_all(&dir).map_err(|e| format!("cannot make {dir}: {e}"))?;
-    for (name, device) in ports() {
-        let link = format!("{dir}/{name}");
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&device, &link)
-            .map_err(|e| format!("cannot link {link}: {e}"))?;
     }
     Ok(())
 }

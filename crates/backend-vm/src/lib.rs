@@ -424,7 +424,10 @@ impl VmBackend {
         };
         let mut reached = match self.config.vmm.kind() {
             VmmKind::Qemu => {
-                let confined = self.host().confine(&dir, &limits).and_then(|c| {
+                let confined = self.host().confine(&dir, &limits).and_then(|mut c| {
+                    if network == network::Network::None {
+                        c.without_network();
+                    }
                     confine::Reached::of(
                         c,
                         self.config.vmm.uses_kvm(),
@@ -511,7 +514,9 @@ impl VmBackend {
             disk_limit: shape.disk,
             vmm: self.config.vmm.kind(),
             ports: Arc::new(Ports {
-                free: Mutex::new((1..=vm.session_channels()).collect()),
+                // Taken from the end: the lowest first, so a QEMU machine adds a port only
+                // when those it has are all in use.
+                free: Mutex::new((1..=vm.session_channels()).rev().collect()),
             }),
             vm: Some(vm),
             confinement,
@@ -1553,7 +1558,8 @@ pub fn probe(config: &VmConfig) -> Result<Duration, String> {
             VmmKind::Qemu => {
                 let reached = host
                     .confine(&dir, &limits)
-                    .and_then(|c| {
+                    .and_then(|mut c| {
+                        c.without_network();
                         confine::Reached::of(
                             c,
                             config.vmm.uses_kvm(),

@@ -3,8 +3,12 @@
 //! The machine is QEMU's `microvm` (virtio-mmio devices only, no PCI, no firmware tables to
 //! walk): under TCG it reaches the guest's init a fifth sooner than `q35`. It has no
 //! network device unless asked, a read-only disk for the image and a writable one of the
-//! sandbox's own, and one virtio-serial device whose ports are the agent's connections:
-//! `upstream.0` for the agent's first connection, the others for sessions. Each port's
+//! sandbox's own, and two virtio-serial devices whose ports are the agent's connections:
+//! the first holds only `upstream.0`, the agent's first connection, the second the
+//! sessions' ports. The guest's kernel names a device's ports only once it has added them
+//! all, one by one, slowly under TCG; alone on a device of its own the agent's port is named
+//! at once, and the guest starts while its kernel goes on adding the sessions' (the agent
+//! waits for a session's port to appear: `upstream_agent::ports`). Each port's
 //! chardev connects, as a client, to a socket this side listened on before QEMU started (so
 //! no side waits for the other's socket to appear), and connects again when this side
 //! closes it (a session ended). The guest's serial console goes to a pipe upstream reads
@@ -71,11 +75,54 @@ impl Accel {
 pub const TCG_CACHE_MIB: u64 = 128;
 
 /// Ports for sessions, beside the agent's: as many sessions (and file connections) at once.
-pub const SESSION_PORTS: usize = 15;
+pub const SESSION_PORTS: usize = 31;
+
+/// The sessions' ports a machine boots with; the others are added while it runs, as
+/// sessions take them ([`QemuVm::connect_session`]). The guest's kernel takes tens of
+/// milliseconds of an emulated CPU to add each port, so a guest boots with few: the two a
+/// sandbox's files take and one for a session.
+pub const BOOT_SESSION_PORTS: usize = 3;
+
+/// The virtio-serial device of the sessions' ports, and the number of its port `n` (from 1).
+const SESSIONS_BUS: &str = "ports.0";
 
 /// The name of session port `n` (from 1).
 pub fn port_name(n: usize) -> String {
     format!("upstream.{n}")
+}
+
+/// How soon a port's chardev connects again after this side closed it (a session ended).
+const RECONNECT_MS: u32 = 50;
+
+/// Port `n` of a machine (0: the agent's) as QEMU is told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// The name the guest knows it by.
+    pub name: String,
+    pub chardev: String,
+    /// The socket its chardev connects to, as QEMU reaches it.
+    pub socket: PathBuf,
+    /// Its virtio-serial device and its number there: the agent's alone on a device of its
+    /// own, the sessions' on the other.
+    pub bus: &'static str,
+    pub nr: usize,
+}
+
+impl Port {
+    pub fn of(dir: &Path, n: usize) -> Port {
+        let name = port_name(n);
+        let (bus, nr) = match n {
+            0 => ("agent.0", 1),
+            n => (SESSIONS_BUS, n),
+        };
+        Port {
+            socket: socket_of(dir, &name),
+            chardev: format!("port{n}"),
+            name,
+            bus,
+            nr,
+        }
+    }
 }
 
 /// What a sandbox's VM is made of.
@@ -271,15 +318,19 @@ impl Machine<'_> {
             }
         }
         if self.memory != Memory::Anonymous {
-            args.extend([
-                "-machine".into(),
-                "memory-backend=ram".into(),
-                "-chardev".into(),
-                format!("socket,id=qmp,path={}", qmp_socket_of(self.dir).display()),
-                "-mon".into(),
-                "chardev=qmp,mode=control".into(),
-            ]);
+            args.extend(["-machine".into(), "memory-backend=ram".into()]);
         }
+        // Every machine has a monitor: a snapshot is taken and loaded through it, and the
+        // sessions' ports past the first few are added through it.
+        args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=qmp,path={},reconnect-ms=50",
+                qmp_socket_of(self.dir).display()
+            ),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ]);
         if self.incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
@@ -321,25 +372,27 @@ impl Machine<'_> {
                 guest::SCRATCH_SERIAL
             ),
             "-device".into(),
+            "virtio-serial-device,id=agent,max_ports=2".into(),
+            "-device".into(),
             format!(
                 "virtio-serial-device,id=ports,max_ports={}",
-                SESSION_PORTS + 2
+                SESSION_PORTS + 1
             ),
         ]);
         args.extend(self.network.qemu_args());
-        for n in 0..=SESSION_PORTS {
-            let name = port_name(n);
-            let id = format!("port{n}");
+        for n in 0..=BOOT_SESSION_PORTS {
+            let port = Port::of(self.dir, n);
             args.extend([
                 "-chardev".into(),
                 format!(
-                    "socket,id={id},path={},reconnect-ms=50",
-                    socket_of(self.dir, &name).display()
+                    "socket,id={},path={},reconnect-ms={RECONNECT_MS}",
+                    port.chardev,
+                    port.socket.display()
                 ),
                 "-device".into(),
                 format!(
-                    "virtserialport,bus=ports.0,nr={},chardev={id},name={name}",
-                    n + 1
+                    "virtserialport,bus={},nr={},chardev={},name={}",
+                    port.bus, port.nr, port.chardev, port.name
                 ),
             ]);
         }
@@ -369,14 +422,13 @@ impl Machine<'_> {
             let _ = std::fs::remove_file(&path);
             UnixListener::bind(&path)
         };
+        // Every port's socket, those added later too: made now, they are given to the VMM
+        // with its directory.
         let mut ports = Vec::new();
         for n in 0..=SESSION_PORTS {
             ports.push(listen(socket_of(&host_dir, &port_name(n)))?);
         }
-        let qmp = match self.memory {
-            Memory::Anonymous => None,
-            _ => Some(listen(qmp_socket_of(&host_dir))?),
-        };
+        let qmp = Some(listen(qmp_socket_of(&host_dir))?);
         let (console, writer) = Console::open()?;
         let mut command = Command::new(self.qemu);
         command
@@ -514,6 +566,8 @@ impl Qemu {
         Ok(QemuVm {
             child: started.child,
             listeners: started.ports,
+            plugged: BOOT_SESSION_PORTS,
+            dir: spec.dir.to_path_buf(),
             qmp: started.qmp,
             monitor: None,
             agent: None,
@@ -528,8 +582,12 @@ impl Qemu {
 #[derive(Debug)]
 pub struct QemuVm {
     child: Child,
-    /// Port `n`'s listener at `n`.
+    /// Port `n`'s listener at `n`, for every port it may have.
     listeners: Vec<UnixListener>,
+    /// The sessions' ports the machine has: those it booted with and those added since.
+    plugged: usize,
+    /// Its directory as QEMU reaches it, where the sockets of the ports it is given are.
+    dir: PathBuf,
     /// The listener of its monitor, for a machine whose RAM is a file, and the monitor once
     /// QEMU connected.
     qmp: Option<UnixListener>,
@@ -556,14 +614,29 @@ impl QemuVm {
         self.accept_on(&listener, until)
     }
 
+    /// Adds session port `n` to the running machine: its chardev, connecting to the socket
+    /// made for it at the start, then the port on the sessions' device, which the guest's
+    /// kernel adds and names.
+    fn plug(&mut self, n: usize, until: Instant) -> Result<(), VmmError> {
+        if self.monitor.is_none() {
+            let monitor = self.monitor(until)?;
+            self.monitor = Some(monitor);
+        }
+        let port = Port::of(&self.dir, n);
+        let Some(monitor) = self.monitor.as_mut() else {
+            return Err(VmmError::Setup("the VM has no monitor".into()));
+        };
+        monitor
+            .add_port(&port, RECONNECT_MS)
+            .map_err(|e| VmmError::Setup(format!("cannot add the VM's port {n}: {e}")))?;
+        self.plugged = n;
+        Ok(())
+    }
+
     /// The machine's monitor, greeted, once QEMU connected to it.
     fn monitor(&mut self, until: Instant) -> Result<Monitor, VmmError> {
         let Some(listener) = self.qmp.as_ref() else {
-            return Err(VmmError::Unsupported(
-                "a QEMU machine booted with its RAM anonymous has no snapshot: it is taken of \
-                 one whose RAM is a file"
-                    .into(),
-            ));
+            return Err(VmmError::Setup("the VM has no monitor".into()));
         };
         let listener = listener
             .try_clone()
@@ -633,10 +706,25 @@ impl Vm for QemuVm {
         n: usize,
         until: Instant,
     ) -> Result<(UnixStream, String), VmmError> {
+        if !(1..=SESSION_PORTS).contains(&n) {
+            return Err(VmmError::Setup(format!("the VM has no session port {n}")));
+        }
+        while self.plugged < n {
+            self.plug(self.plugged + 1, until)?;
+        }
         Ok((self.accept(n, until)?, port_name(n)))
     }
 
     fn snapshot(&mut self, to: &Snapshot) -> Result<(), VmmError> {
+        // A machine restored from the snapshot is started with the ports it booted with:
+        // its devices must be those it was saved with.
+        if self.plugged != BOOT_SESSION_PORTS {
+            return Err(VmmError::Unsupported(format!(
+                "a QEMU machine is snapshotted with the {BOOT_SESSION_PORTS} session ports it \
+                 booted with, and this one was given {} more",
+                self.plugged - BOOT_SESSION_PORTS
+            )));
+        }
         if self.memory.as_deref() != Some(to.memory.as_path()) {
             return Err(VmmError::Unsupported(format!(
                 "a QEMU machine's snapshot keeps its RAM where the machine has it ({}), not at {}",
@@ -723,6 +811,50 @@ mod tests {
             assert!(args.iter().any(|a| a == flag), "{flag} missing: {args:?}");
         }
         assert!(!args.iter().any(|a| a == "-incoming"), "{args:?}");
+    }
+
+    #[test]
+    fn the_agents_port_has_a_device_of_its_own_and_a_machine_boots_with_few_sessions_ports() {
+        let args = machine(Path::new("/vm"), false, Memory::Anonymous).args();
+        let ports: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("virtserialport,"))
+            .collect();
+        assert_eq!(ports.len(), 1 + BOOT_SESSION_PORTS, "{ports:?}");
+        assert_eq!(
+            ports[0],
+            "virtserialport,bus=agent.0,nr=1,chardev=port0,name=upstream.0"
+        );
+        for (n, port) in ports.iter().enumerate().skip(1) {
+            assert_eq!(
+                **port,
+                format!("virtserialport,bus=ports.0,nr={n},chardev=port{n},name=upstream.{n}")
+            );
+        }
+        let devices: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("virtio-serial-device,"))
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "virtio-serial-device,id=agent,max_ports=2",
+                &format!(
+                    "virtio-serial-device,id=ports,max_ports={}",
+                    SESSION_PORTS + 1
+                )
+            ]
+        );
+        // The monitor the rest are added through.
+        assert!(
+            args.iter().any(|a| a == "chardev=qmp,mode=control"),
+            "{args:?}"
+        );
+        // A port added later is told of as one the machine booted with is.
+        let later = Port::of(Path::new("/vm"), SESSION_PORTS);
+        assert_eq!(later.bus, "ports.0");
+        assert_eq!(later.nr, SESSION_PORTS);
+        assert_eq!(later.socket, Path::new("/vm/upstream.31.sock"));
     }
 
     #[test]

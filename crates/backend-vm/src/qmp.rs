@@ -1,8 +1,8 @@
-//! QEMU's monitor (QMP), for what a snapshot needs: pausing a machine and writing its state
-//! to a file, and loading that state into a machine started to receive it.
+//! QEMU's monitor (QMP): for a snapshot, pausing a machine and writing its state to a file,
+//! and loading that state into a machine started to receive it; and adding a sessions' port
+//! to a running machine.
 //!
-//! QEMU connects to a socket this side listened on before it started, as for the ports; a
-//! machine under QMP is one whose RAM is a file ([`crate::qemu::Memory`]).
+//! QEMU connects to a socket this side listened on before it started, as for the ports.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -92,6 +92,44 @@ impl Monitor {
         Ok(())
     }
 
+    /// Adds `port` to the running machine: a chardev connecting to its socket as a client
+    /// that connects again `reconnect_ms` after the socket's end is closed, then the port on
+    /// its virtio-serial device.
+    pub fn add_port(&mut self, port: &crate::qemu::Port, reconnect_ms: u32) -> io::Result<()> {
+        let socket = port
+            .socket
+            .to_str()
+            .ok_or_else(|| io::Error::other(format!("{} is not UTF-8", port.socket.display())))?;
+        self.execute(
+            "chardev-add",
+            &ChardevAdd {
+                id: port.chardev.clone(),
+                backend: serde_json::json!({
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": socket}},
+                        "server": false,
+                        "reconnect-ms": reconnect_ms,
+                    },
+                }),
+            },
+        )?;
+        self.execute(
+            "device_add",
+            &qmp::device_add::new(
+                "virtserialport",
+                None,
+                Some(port.bus.to_string()),
+                [
+                    ("nr".to_string(), serde_json::json!(port.nr)),
+                    ("chardev".to_string(), serde_json::json!(port.chardev)),
+                    ("name".to_string(), serde_json::json!(port.name)),
+                ],
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Runs a paused machine on.
     pub fn resume(&mut self) -> io::Result<()> {
         self.execute("cont", &qmp::cont {})?;
@@ -119,4 +157,19 @@ impl Monitor {
             }
         }
     }
+}
+
+/// QMP's `chardev-add` with a backend given as JSON: the schema this side is built with
+/// knows a socket's `reconnect` in seconds only, and a session's port must connect again
+/// within milliseconds of the last session's end (`reconnect-ms`, QEMU 9.2 and later).
+#[derive(Debug, serde::Serialize)]
+struct ChardevAdd {
+    id: String,
+    backend: serde_json::Value,
+}
+
+impl qapi::Command for ChardevAdd {
+    type Ok = serde_json::Value;
+    const NAME: &'static str = "chardev-add";
+    const ALLOW_OOB: bool = false;
 }

@@ -92,6 +92,8 @@ pub struct Jail {
     /// The directories of the stage to make, parents first.
     dirs: Vec<CString>,
     mounts: Vec<Mount>,
+    /// The namespaces the VMM gets of its own besides its mount namespace.
+    namespaces: libc::c_int,
 }
 
 /// A piece's copy, and where on the stage it goes.
@@ -135,7 +137,15 @@ impl Jail {
         Ok(Jail {
             dirs: dirs.iter().map(|d| staged(d)).collect::<Result<_, _>>()?,
             mounts,
+            namespaces: libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
         })
+    }
+
+    /// The VMM gets a network namespace of its own too, empty (not even loopback up): for a
+    /// guest without a network device, whose VMM reaches nothing but its files and sockets.
+    pub fn without_network(mut self) -> Jail {
+        self.namespaces |= libc::CLONE_NEWNET;
+        self
     }
 
     /// Makes this process's root the jail's. To be called between fork and exec, as root:
@@ -156,7 +166,7 @@ impl Jail {
         // SAFETY: system calls on strings made before the fork (NUL-terminated constants and
         // CStrings) and descriptors this process holds; each is async-signal-safe.
         unsafe {
-            fail(libc::unshare(libc::CLONE_NEWNS).into())?;
+            fail(libc::unshare(libc::CLONE_NEWNS | self.namespaces).into())?;
             fail(
                 libc::mount(
                     std::ptr::null(),

@@ -1161,6 +1161,10 @@ mod vm {
     /// With the host's network it has the resolver's configuration too. Seen from the host
     /// through `/proc/<qemu>/root` while the VM runs, the control being the same look at
     /// its own files there, and at the same host paths through this process's own root.
+    /// Nor does it share the host's IPC or host-name namespaces, nor, without a network,
+    /// its network: a connection from its network namespace to a listener on the host's
+    /// loopback fails, the control being the same connection with `network: host` (and
+    /// from this process).
     #[test]
     fn the_vmm_finds_none_of_the_hosts_files() {
         let Some(t) = Target::new(Isolation::Vm) else {
@@ -1191,6 +1195,7 @@ mod vm {
             Path::new("/dev/null"),
             Path::new("/dev/urandom"),
         ];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         for network in ["none", "host"] {
             let text = format!(
                 "---\n{}\n---\n# Wait\n```bash\nsleep 6\n```\n",
@@ -1223,9 +1228,33 @@ mod vm {
             let host_seen: Vec<bool> = host_files.iter().map(|p| seen(p)).collect();
             let own_seen: Vec<bool> = own_files.iter().map(|p| seen(p)).collect();
             let listed = tree_of(&root);
+            let reaches_listener = reaches_from_network_of(vmm, &listener);
+            let namespaces = ["net", "ipc", "uts"].map(|ns| {
+                let of = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+                (ns, of(&vmm.to_string()) == of("self"))
+            });
             let still_running = seen(Path::new("/vm/upstream.0.sock"));
             let _ = run.wait();
             assert!(still_running, "the VM ended while its root was looked at");
+            // Without a network device its QEMU has no network: the host's loopback
+            // listener, which this process reaches (the control, below), is out of reach.
+            // With user-mode NAT it keeps the host's, which the NAT dials from.
+            for (ns, shared) in namespaces {
+                let expected = ns == "net" && network == "host";
+                assert_eq!(
+                    shared, expected,
+                    "the VMM shares the host's {ns} namespace with network: {network}"
+                );
+            }
+            assert_eq!(
+                reaches_listener,
+                network == "host",
+                "the VMM reached a host loopback listener with network: {network}"
+            );
+            assert!(
+                std::net::TcpStream::connect(listener.local_addr().unwrap()).is_ok(),
+                "the listener is there from the host's network"
+            );
             let tree: Vec<PathBuf> = listed.iter().map(|(p, _)| p.clone()).collect();
             // The control: its own files are there, by the same look.
             for (own, seen) in own_files.iter().zip(own_seen) {
@@ -1295,6 +1324,19 @@ mod vm {
             }
         }
         assert!(t.leftover_sandboxes().is_empty());
+    }
+
+    /// Whether a connection made from the network namespace of process `pid` reaches
+    /// `listener` (on the host's loopback): tried from a thread that joined that namespace.
+    fn reaches_from_network_of(pid: u32, listener: &std::net::TcpListener) -> bool {
+        let at = listener.local_addr().unwrap();
+        let ns = fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpStream::connect_timeout(&at, Duration::from_secs(2)).is_ok()
+        })
+        .join()
+        .unwrap()
     }
 
     /// Root in the guest writes its console far past what the host keeps of it (64 KiB),

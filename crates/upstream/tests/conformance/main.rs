@@ -42,6 +42,7 @@ macro_rules! conformance {
             limits::a_command_over_the_memory_limit_is_out_of_memory,
             limits::a_fork_bomb_stays_within_the_process_limit,
             sessions::sessions_run_commands_alongside_the_sandbox_and_each_other,
+            sessions::many_sessions_are_open_at_once_and_taken_again,
             files::small_files_move_in_and_out_with_their_metadata,
             files::a_gibibyte_streams_in_and_out_in_flat_memory,
             files::links_and_dot_dot_never_lead_out_of_the_sandbox,

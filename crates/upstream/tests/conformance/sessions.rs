@@ -51,3 +51,41 @@ pub fn sessions_run_commands_alongside_the_sandbox_and_each_other(bench: &Bench)
     let ran = exec_in(first.as_mut(), &sh("exit 4")).unwrap();
     assert_eq!(ran.outcome.status, ExitStatus::Code(4));
 }
+
+/// A sandbox holds many sessions at once, each running a command while all the others are
+/// open: more than a VM boots with ports for (its QEMU adds the rest as they are taken), and
+/// those of sessions that ended are taken again.
+pub fn many_sessions_are_open_at_once_and_taken_again(bench: &Bench) {
+    const AT_ONCE: usize = 8;
+    let mut sandbox = bench.default_sandbox();
+    for round in 0..2 {
+        let mut sessions: Vec<_> = (0..AT_ONCE).map(|_| sandbox.session().unwrap()).collect();
+        // Every command waits until all have started: none ends before each session ran one.
+        let runs: Vec<_> = sessions
+            .drain(..)
+            .enumerate()
+            .map(|(n, mut session)| {
+                let mut request = sh(&format!(
+                    "touch /tmp/started-{round}-{n}; \
+                     while [ $(ls /tmp | grep -c '^started-{round}-') -lt {AT_ONCE} ]; do sleep 0.01; done; \
+                     echo session {n}"
+                ));
+                request.timeout_ms = Some(60_000);
+                std::thread::spawn(move || {
+                    let ran = exec_in(session.as_mut(), &request).unwrap();
+                    (session, ran)
+                })
+            })
+            .collect();
+        for (n, run) in runs.into_iter().enumerate() {
+            let (_session, ran) = run.join().unwrap();
+            assert!(
+                !ran.outcome.timed_out,
+                "session {n} of round {round} waited out"
+            );
+            assert_eq!(ran.stdout(), format!("session {n}\n"));
+        }
+    }
+    // The sandbox's own connection still serves.
+    assert_eq!(check(sandbox.as_mut(), "echo still"), "still\n");
+}
