@@ -876,6 +876,18 @@ fn jailed_vms_run_as_users_of_their_own_in_cgroups_sized_for_their_guests() {
         // In the keeper's pid namespace, not upstream's: its pid there is another.
         let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
         assert_ne!(ns(&pid.to_string()), ns("self"));
+        // Nor upstream's network, IPC or host-name namespace (its guest has no network);
+        // the control: its mount namespace is the jailer's, which a fake jailer does not
+        // change, so the same look tells a shared namespace.
+        for kind in ["net", "ipc", "uts", "mnt"] {
+            let of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+            let shared = of(&pid.to_string()) == of("self");
+            assert_eq!(
+                shared,
+                kind == "mnt",
+                "the jailed VM shares upstream's {kind}"
+            );
+        }
         let nspid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let nspid = nspid.lines().find(|l| l.starts_with("NSpid:")).unwrap();
         assert_eq!(nspid.split_whitespace().count(), 3, "{nspid}");

@@ -164,7 +164,7 @@ fn host_disk(config: &upstream_backend_vm::VmConfig) -> String {
             size(taken)
         ),
         Ok(DiskState::Unmade { bytes, older }) => format!(
-            "the next `image: host` VM first makes a disk of the host's /usr and /etc ({}              to copy, minutes){}",
+            "the next `image: host` VM first makes a disk of the host's /usr and /etc ({} to copy, minutes){}",
             size(bytes),
             if older {
                 ": the host's files changed since the last one"

@@ -125,8 +125,11 @@ pub fn keep() -> Result<(), KeeperError> {
 }
 
 /// Starts `command` (the jailer) in the keeper's pid namespace, in `confinement`'s cgroups
-/// (if it has one), with an empty environment, no new privileges, no core dumps and SIGKILL
-/// as its parent-death signal until the jailer's drop to its uid clears it.
+/// (if it has one), with network, IPC and host-name namespaces of its own (an empty network
+/// namespace: Firecracker's guest has no network device, and its API and vsock sockets are
+/// files, which reach across namespaces), an empty environment, no new privileges, no core
+/// dumps and SIGKILL as its parent-death signal until the jailer's drop to its uid clears
+/// it.
 pub(crate) fn spawn(
     mut command: Command,
     confinement: Option<&Confinement>,
@@ -141,11 +144,14 @@ pub(crate) fn spawn(
     command.env_clear();
     // SAFETY: the closure runs between fork and exec in a multi-threaded process: it makes
     // only async-signal-safe system calls (open, write, close, close_range, fcntl, setrlimit,
-    // prctl) and allocates nothing: its strings were made before the fork.
+    // prctl, unshare) and allocates nothing: its strings were made before the fork.
     unsafe {
         command.pre_exec(move || {
             for file in &procs {
                 crate::confine::join_cgroup(file)?;
+            }
+            if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) < 0 {
+                return Err(io::Error::last_os_error());
             }
             crate::confine::hand_over(&[])?;
             crate::confine::no_core_no_new_privileges()?;
