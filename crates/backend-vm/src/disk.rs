@@ -214,6 +214,33 @@ fn usage(dir: &Path) -> io::Result<(u64, u64)> {
     Ok((bytes, entries))
 }
 
+/// The disk at `path` is a whole ext4 filesystem, as `e2fsck` checks it without changing it.
+#[cfg(test)]
+pub(crate) fn assert_whole(path: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// What `debugfs` prints for `request` on the disk at `path`.
+#[cfg(test)]
+pub(crate) fn debugfs(path: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,26 +269,9 @@ mod tests {
             .map(|t| t.join().unwrap().unwrap())
             .collect();
         assert!(paths.iter().all(|p| p == &paths[0]), "{paths:?}");
-        let out = Command::new("e2fsck")
-            .args(["-n", "-f"])
-            .arg(&paths[0])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let listed = Command::new("debugfs")
-            .args(["-R", "ls /etc"])
-            .arg(&paths[0])
-            .output()
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&listed.stdout).contains("file-199"),
-            "{}",
-            String::from_utf8_lossy(&listed.stderr)
-        );
+        assert_whole(&paths[0]);
+        let listed = debugfs(&paths[0], "ls /etc");
+        assert!(listed.contains("file-199"), "{listed}");
         // Nothing half-made is left beside it.
         let left: Vec<_> = fs::read_dir(&cache)
             .unwrap()
@@ -283,16 +293,7 @@ mod tests {
             "{} bytes taken",
             meta.blocks() * 512
         );
-        let out = Command::new("e2fsck")
-            .args(["-n", "-f"])
-            .arg(&disk)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_whole(&disk);
         // A second from the same template.
         let two = dir.path().join("two.ext4");
         scratch_disk_from(&dir.path().join("cache"), &two, 1 << 30).unwrap();

@@ -577,7 +577,7 @@ impl HostDisks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use crate::disk::debugfs;
 
     /// A host's root in small: programs in /usr, /bin a link into it and /sbin a directory
     /// of its own, /etc with a file anyone may read, one only root may, and a directory
@@ -615,15 +615,6 @@ mod tests {
     }
 
     /// What debugfs says of `path` in `disk` (`cat`, `stat`, `ls -l`).
-    fn debugfs(disk: &Path, request: &str) -> String {
-        let out = Command::new("debugfs")
-            .args(["-R", request])
-            .arg(disk)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     #[test]
     fn the_fingerprint_follows_the_host_files_but_not_compiled_python() {
         let dir = tempfile::tempdir().unwrap();
@@ -742,16 +733,7 @@ mod tests {
             let stat = debugfs(&disk, &format!("stat {sub}"));
             assert!(stat.contains(&format!("Mode:  {mode}")), "{sub}: {stat}");
         }
-        let out = Command::new("e2fsck")
-            .args(["-n", "-f"])
-            .arg(&disk)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        crate::disk::assert_whole(&disk);
     }
 
     #[test]

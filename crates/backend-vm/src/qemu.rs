@@ -170,13 +170,13 @@ pub fn qmp_socket_of(dir: &Path) -> PathBuf {
     dir.join("qmp.sock")
 }
 
-/// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and,
-/// for a machine whose RAM is a file, of its QMP monitor, and its guest's console.
+/// A started QEMU, the listeners of its ports (the agent's first, then the sessions') and of
+/// its QMP monitor, and its guest's console.
 #[derive(Debug)]
 pub struct Started {
     pub child: Child,
     pub ports: Vec<UnixListener>,
-    pub qmp: Option<UnixListener>,
+    pub qmp: UnixListener,
     pub console: Console,
 }
 
@@ -428,7 +428,7 @@ impl Machine<'_> {
         for n in 0..=SESSION_PORTS {
             ports.push(listen(socket_of(&host_dir, &port_name(n)))?);
         }
-        let qmp = Some(listen(qmp_socket_of(&host_dir))?);
+        let qmp = listen(qmp_socket_of(&host_dir))?;
         let (console, writer) = Console::open()?;
         let mut command = Command::new(self.qemu);
         command
@@ -588,9 +588,8 @@ pub struct QemuVm {
     plugged: usize,
     /// Its directory as QEMU reaches it, where the sockets of the ports it is given are.
     dir: PathBuf,
-    /// The listener of its monitor, for a machine whose RAM is a file, and the monitor once
-    /// QEMU connected.
-    qmp: Option<UnixListener>,
+    /// The listener of its monitor, and the monitor once QEMU connected.
+    qmp: UnixListener,
     monitor: Option<Monitor>,
     /// The agent's connection, taken before a restored guest ran.
     agent: Option<UnixStream>,
@@ -635,10 +634,8 @@ impl QemuVm {
 
     /// The machine's monitor, greeted, once QEMU connected to it.
     fn monitor(&mut self, until: Instant) -> Result<Monitor, VmmError> {
-        let Some(listener) = self.qmp.as_ref() else {
-            return Err(VmmError::Setup("the VM has no monitor".into()));
-        };
-        let listener = listener
+        let listener = self
+            .qmp
             .try_clone()
             .map_err(|e| VmmError::Setup(format!("cannot use the VM's monitor: {e}")))?;
         let stream = self.accept_on(&listener, until)?;
