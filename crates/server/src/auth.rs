@@ -1,4 +1,5 @@
-//! Who is asking: a bearer API key on TCP (each key belongs to a tenant), nobody on the
+//! Who is asking: an API key on TCP (a bearer key, or E2B's `X-API-Key`; each key belongs to
+//! a tenant), nobody on the
 //! local socket (whose 0600 mode admits only the daemon's user) — that is the local tenant.
 //!
 //! The local socket is the operator's door. Only the daemon's own user can connect to it,
@@ -50,18 +51,26 @@ pub async fn require_key(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
+    let headers = request.headers();
+    // A bearer key, or E2B's `X-API-Key` (its SDKs send no other).
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .map(str::to_string);
+    // E2B's calls are answered as E2B answers, so that its SDKs raise their own errors.
+    let e2b = crate::e2b::is_e2b_path(request.uri().path());
+    let refuse = |message: &str| match e2b {
+        true => crate::e2b::E2bError::unauthorized(message).into_response(),
+        false => ApiError::unauthorized(message).into_response(),
+    };
     let Some(secret) = presented else {
-        return ApiError::unauthorized(
-            "send an API key as `Authorization: Bearer <key>`; `upstream keys create` makes one",
-        )
-        .into_response();
+        return refuse(
+            "send an API key as `Authorization: Bearer <key>` (or `X-API-Key: <key>`); \
+             `upstream keys create` makes one",
+        );
     };
     let owner = {
         let keys = daemon.keys.lock().unwrap_or_else(|e| e.into_inner());
@@ -73,10 +82,9 @@ pub async fn require_key(
             request.extensions_mut().insert(tenant.clone());
             counted(&tenant, next.run(request).await)
         }
-        Ok(None) => ApiError::unauthorized(
+        Ok(None) => refuse(
             "the API key is not valid (revoked, or not of this daemon); `upstream keys ls` lists the keys",
-        )
-        .into_response(),
+        ),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }

@@ -510,6 +510,20 @@ impl Live {
         times.last_used = Instant::now();
     }
 
+    /// Sets when it is torn down whatever it does, counted from now (`None`: never).
+    pub fn set_lifetime(&self, lifetime: Option<Duration>) {
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times.deadline = lifetime.and_then(|l| Instant::now().checked_add(l));
+    }
+
+    /// Its lifetime left, from now: `None` if it has none (it lives until deleted or idle).
+    pub fn lifetime_left(&self) -> Option<Duration> {
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
     /// When it will be torn down if nothing uses it, as seconds from now.
     pub fn expires_in(&self) -> Option<f64> {
         let times = self.times.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,6 +15,7 @@ mod api;
 mod auth;
 mod bounds;
 pub mod daemon;
+pub mod e2b;
 mod error;
 mod files;
 pub mod metrics;
@@ -87,7 +88,9 @@ fn app(daemon: &Arc<Daemon>, local: bool) -> (Router, utoipa::openapi::OpenApi) 
         tracing::error!("the OpenAPI document cannot be written; /v1/openapi.json is empty: {e}");
         String::new()
     });
-    let guarded = api.route("/metrics", get(metrics_text));
+    let guarded = api
+        .route("/metrics", get(metrics_text))
+        .merge(e2b::router());
     let guarded = if local {
         guarded.layer(axum::middleware::from_fn(auth::local))
     } else {

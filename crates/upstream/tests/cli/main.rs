@@ -11,6 +11,7 @@ mod util;
 mod bad_input;
 mod context;
 mod document;
+mod e2b;
 mod exec;
 mod history;
 mod host_boundaries;
