@@ -41,10 +41,15 @@ pub fn all() -> Vec<(String, PathBuf)> {
 
 /// The device of the port named `name`, once it is there (its device node too).
 pub fn find(name: &str) -> Option<PathBuf> {
-    all()
-        .into_iter()
+    named(&all(), name)
+}
+
+/// The device of the port named `name` among `ports`, if its device node is there.
+fn named(ports: &[(String, PathBuf)], name: &str) -> Option<PathBuf> {
+    ports
+        .iter()
         .find(|(n, device)| n == name && device.exists())
-        .map(|(_, device)| device)
+        .map(|(_, device)| device.clone())
 }
 
 /// [`find`], waiting up to `within` for the port to appear on a machine that has virtio
@@ -52,12 +57,13 @@ pub fn find(name: &str) -> Option<PathBuf> {
 pub fn wait_for(name: &str, within: Duration) -> io::Result<PathBuf> {
     let until = Instant::now() + within;
     loop {
-        if let Some(device) = find(name) {
+        let ports = all();
+        if let Some(device) = named(&ports, name) {
             return Ok(device);
         }
         // The agent's own port is there before it serves: a machine with none at all is
         // not a VM's guest, and waiting would not bring one.
-        if all().is_empty() {
+        if ports.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no virtio port named {name}: this machine has no virtio ports"),

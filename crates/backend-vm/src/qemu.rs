@@ -83,7 +83,7 @@ pub const SESSION_PORTS: usize = 31;
 /// sandbox's files take and one for a session.
 pub const BOOT_SESSION_PORTS: usize = 3;
 
-/// The virtio-serial device of the sessions' ports, and the number of its port `n` (from 1).
+/// The virtio-serial device of the sessions' ports (session port `n` is its port `n`).
 const SESSIONS_BUS: &str = "ports.0";
 
 /// The name of session port `n` (from 1).
@@ -325,7 +325,7 @@ impl Machine<'_> {
         args.extend([
             "-chardev".into(),
             format!(
-                "socket,id=qmp,path={},reconnect-ms=50",
+                "socket,id=qmp,path={},reconnect-ms={RECONNECT_MS}",
                 qmp_socket_of(self.dir).display()
             ),
             "-mon".into(),
@@ -617,19 +617,22 @@ impl QemuVm {
     /// made for it at the start, then the port on the sessions' device, which the guest's
     /// kernel adds and names.
     fn plug(&mut self, n: usize, until: Instant) -> Result<(), VmmError> {
-        if self.monitor.is_none() {
-            let monitor = self.monitor(until)?;
-            self.monitor = Some(monitor);
-        }
         let port = Port::of(&self.dir, n);
-        let Some(monitor) = self.monitor.as_mut() else {
-            return Err(VmmError::Setup("the VM has no monitor".into()));
-        };
-        monitor
+        self.connected_monitor(until)?
             .add_port(&port, RECONNECT_MS)
             .map_err(|e| VmmError::Setup(format!("cannot add the VM's port {n}: {e}")))?;
         self.plugged = n;
         Ok(())
+    }
+
+    /// The machine's monitor, connected and greeted the first time it is asked for.
+    fn connected_monitor(&mut self, until: Instant) -> Result<&mut Monitor, VmmError> {
+        if self.monitor.is_none() {
+            self.monitor = Some(self.monitor(until)?);
+        }
+        self.monitor
+            .as_mut()
+            .ok_or_else(|| VmmError::Setup("the VM has no monitor".into()))
     }
 
     /// The machine's monitor, greeted, once QEMU connected to it.
@@ -731,14 +734,7 @@ impl Vm for QemuVm {
                 to.memory.display()
             )));
         }
-        if self.monitor.is_none() {
-            let monitor = self.monitor(Instant::now() + CONNECT_WITHIN)?;
-            self.monitor = Some(monitor);
-        }
-        let Some(monitor) = self.monitor.as_mut() else {
-            return Err(VmmError::Setup("the VM has no monitor".into()));
-        };
-        monitor
+        self.connected_monitor(Instant::now() + CONNECT_WITHIN)?
             .save(&to.state)
             .map_err(|e| VmmError::Setup(e.to_string()))
     }

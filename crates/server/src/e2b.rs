@@ -342,11 +342,13 @@ async fn kill(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
-    find(&daemon, &tenant, &id)?;
     daemon
         .delete(&tenant.0, &id)
         .await
-        .map_err(|_| E2bError::not_found(&id))?;
+        .map_err(|e| match e.status {
+            StatusCode::NOT_FOUND => E2bError::not_found(&id),
+            _ => E2bError::from(e),
+        })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -481,7 +483,8 @@ fn listed(daemon: &Daemon, tenant: &Tenant, query: &ListQuery) -> Result<Vec<Arc
         Some(text) => metadata_filter(text)?,
         None => Vec::new(),
     };
-    let mut sandboxes: Vec<Arc<Live>> = daemon
+    // Oldest first, as the daemon lists them.
+    let sandboxes: Vec<Arc<Live>> = daemon
         .list(&tenant.0)
         .into_iter()
         .filter(|l| l.ended().is_none())
@@ -491,7 +494,6 @@ fn listed(daemon: &Daemon, tenant: &Tenant, query: &ListQuery) -> Result<Vec<Arc
                 .all(|(k, v)| l.metadata.get(k).is_some_and(|m| m == v))
         })
         .collect();
-    sandboxes.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(sandboxes)
 }
 
